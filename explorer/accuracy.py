@@ -1,0 +1,208 @@
+"""Accuracy measured for real: ONNX Runtime runs a (rewritten) model on validation data.
+
+- labels present: top-1 accuracy;
+- no labels, classifier output (N, C): agreement with the uncompressed model's top-1;
+- no labels, other outputs: mean cosine similarity with the uncompressed model's outputs.
+
+The *sensitivity table* holds the accuracy drop of compressing one layer alone at one rung and
+precision, all else untouched; it is the additive accuracy estimate of the solver (DeepX's RLC
+estimator). It is measured once per model + data + ladder and cached under runs/.
+Without data nothing is measured: ranks are limited by a reconstruction-error bound instead, and
+every output says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from explorer.cache import atomic_write_json, digest, read_json
+from explorer.compress import Compressor, Rung, decision_for, full_rank_plan
+from explorer.data import Dataset
+from explorer.errors import ExplorerError
+from explorer.graph import LayerGraph
+from explorer.paths import cache_dir
+from explorer.precision import PRECISIONS, calibration_ranges, session_options
+
+NOT_MEASURED = "accuracy not measured (no validation data): ranks limited by a reconstruction-error bound"
+DEFAULT_ERROR_BOUND = 0.35  # relative Frobenius error allowed per layer when there is no data
+CALIBRATION_SAMPLES = 128
+SENSITIVITY_VERSION = 1  # bump when the table's meaning changes, to invalidate caches
+
+
+def inference_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session whose int8 QDQ nodes compute exactly what the model says."""
+    try:
+        return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for invalid models
+        raise ExplorerError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def run_model(model: onnx.ModelProto | ort.InferenceSession, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    """First output of the model on inputs x, computed in batches (a fixed batch size is respected)."""
+    session = model if isinstance(model, ort.InferenceSession) else inference_session(model)
+    declared = session.get_inputs()[0].shape[0]
+    fixed = declared if isinstance(declared, int) and declared > 0 else None
+    step = fixed or batch
+    name = session.get_inputs()[0].name
+    outputs = []
+    for start in range(0, len(x), step):
+        chunk = x[start:start + step]
+        count = len(chunk)
+        if fixed and count < fixed:  # pad the last chunk of a fixed-batch model
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - count, axis=0)])
+        outputs.append(session.run(None, {name: chunk})[0][:count])
+    return np.concatenate(outputs)
+
+
+@dataclass(frozen=True)
+class AccuracyResult:
+    """An accuracy value, how it was measured, and on how many samples."""
+
+    value: float | None
+    metric: str  # top1 | agreement | similarity | not measured
+    samples: int = 0
+
+    @property
+    def measured(self) -> bool:
+        return self.value is not None
+
+    def describe(self) -> str:
+        if not self.measured:
+            return NOT_MEASURED
+        return f"{self.metric} {100 * self.value:.2f}% on {self.samples} samples"
+
+
+class AccuracyScorer:
+    """Scores rewritten models against the reference model on one dataset."""
+
+    def __init__(self, reference: onnx.ModelProto, dataset: Dataset | None):
+        self.dataset = dataset
+        self.reference_outputs: np.ndarray | None = None
+        if dataset is None:
+            self.metric = "not measured"
+            self.baseline = AccuracyResult(None, self.metric)
+            return
+        self.reference_outputs = run_model(reference, dataset.x)
+        classifier = self.reference_outputs.ndim == 2 and self.reference_outputs.shape[1] > 1
+        if dataset.y is not None and not classifier:
+            raise ExplorerError("the data has labels but the model's output is not (N, classes): drop `y` from the npz")
+        self.metric = "top1" if dataset.y is not None else ("agreement" if classifier else "similarity")
+        self.baseline = self._score_outputs(self.reference_outputs)
+
+    @property
+    def measured(self) -> bool:
+        return self.dataset is not None
+
+    def data_digest(self) -> str:
+        """Identifies the dataset in cache keys."""
+        if self.dataset is None:
+            return "no-data"
+        y = self.dataset.y.tobytes() if self.dataset.y is not None else b""
+        return digest(self.dataset.x.tobytes(), y)
+
+    def score(self, model: onnx.ModelProto) -> AccuracyResult:
+        """Accuracy of a model on the dataset (unmeasured result without data)."""
+        if self.dataset is None:
+            return self.baseline
+        return self._score_outputs(run_model(model, self.dataset.x))
+
+    def drop(self, result: AccuracyResult) -> float | None:
+        """Accuracy lost against the reference model, as a fraction (0.01 = one point)."""
+        if not result.measured:
+            return None
+        return self.baseline.value - result.value
+
+    def _score_outputs(self, outputs: np.ndarray) -> AccuracyResult:
+        n = len(outputs)
+        if self.metric == "top1":
+            return AccuracyResult(float(np.mean(outputs.argmax(1) == self.dataset.y)), "top1", n)
+        if self.metric == "agreement":
+            return AccuracyResult(float(np.mean(outputs.argmax(1) == self.reference_outputs.argmax(1))), "agreement", n)
+        a = outputs.reshape(n, -1).astype(np.float64)
+        b = self.reference_outputs.reshape(n, -1).astype(np.float64)
+        cosine = np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+        return AccuracyResult(float(np.mean(cosine)), "similarity", n)
+
+
+def calibration_inputs(graph: LayerGraph, dataset: Dataset | None, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Inputs for int8 calibration and where they come from (synthetic when there is no data)."""
+    if dataset is not None:
+        rng = np.random.default_rng(seed)
+        index = rng.choice(len(dataset.x), size=min(CALIBRATION_SAMPLES, len(dataset.x)), replace=False)
+        return dataset.x[np.sort(index)], f"{len(index)} validation samples"
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in graph.input_shape][1:]
+    x = np.random.default_rng(seed).standard_normal((16, *shape)).astype(np.float32)
+    return x, "16 synthetic standard-normal inputs (no data given: int8 ranges are a guess)"
+
+
+@dataclass
+class SensitivityTable:
+    """Accuracy drop of each (layer, rung, precision) applied alone; fractions (0.01 = one point)."""
+
+    metric: str
+    baseline: float | None
+    drops: dict[str, float] = field(default_factory=dict)  # key: "layer|method|rank|precision"
+    from_cache: bool = False
+
+    @staticmethod
+    def key(layer: str, method: str, rank: int | None, precision: str) -> str:
+        return f"{layer}|{method}|{rank}|{precision}"
+
+    def drop(self, layer: str, method: str, rank: int | None, precision: str) -> float:
+        """Measured drop of one layer's choice (0 for the uncompressed fp32 layer)."""
+        if method == "full" and precision == "fp32":
+            return 0.0
+        return self.drops[self.key(layer, method, rank, precision)]
+
+    def to_json(self) -> dict:
+        return {"version": SENSITIVITY_VERSION, "metric": self.metric, "baseline": self.baseline, "drops": self.drops}
+
+
+def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: AccuracyScorer,
+                      precisions: tuple[str, ...] = PRECISIONS,
+                      progress: Callable[[int, int], None] | None = None) -> SensitivityTable:
+    """Measure (or load from cache) the drop of every layer x rung x precision applied alone."""
+    if not scorer.measured:
+        raise ExplorerError("the sensitivity table needs validation data: pass --data val.npz (x and optional y)")
+    ladder_spec = repr((compressor.fractions, compressor.multiple, precisions, SENSITIVITY_VERSION))
+    key = digest(graph.fingerprint(), scorer.data_digest(), ladder_spec)
+    path = cache_dir("sensitivity") / f"{key}.json"
+    cached = read_json(path)
+    if cached and cached.get("version") == SENSITIVITY_VERSION:
+        return SensitivityTable(cached["metric"], cached["baseline"], cached["drops"], from_cache=True)
+    table = SensitivityTable(scorer.metric, scorer.baseline.value)
+    x_calibration, _ = calibration_inputs(graph, scorer.dataset)
+    base_plan = full_rank_plan(graph)
+    jobs = [(layer.name, rung, precision) for layer in graph.layers for rung in compressor.ladder(layer.name)
+            for precision in precisions if not (rung.method == "full" and precision == "fp32")]
+    ranges_by_rung: dict[tuple, dict] = {}
+    for done, (layer_name, rung, precision) in enumerate(jobs):
+        plan = base_plan.with_decision(layer_name, decision_for(rung, precision))
+        model = compressor.rewrite(plan, x_calibration, ranges=_ranges(compressor, ranges_by_rung, base_plan,
+                                                                       layer_name, rung, x_calibration, precision))
+        table.drops[table.key(layer_name, rung.method, rung.rank, precision)] = scorer.drop(scorer.score(model))
+        if progress:
+            progress(done + 1, len(jobs))
+    atomic_write_json(path, table.to_json())
+    return table
+
+
+def _ranges(compressor: Compressor, cache: dict, base_plan, layer_name: str, rung: Rung,
+            x_calibration: np.ndarray, precision: str) -> dict | None:
+    """int8 calibration ranges of the fp32 model factorised at this rung (computed once per rung)."""
+    if precision != "int8":
+        return None
+    key = ("*", "full", None) if rung.method == "full" else (layer_name, rung.method, rung.rank)
+    if key not in cache:
+        fp32 = compressor.rewrite(base_plan.with_decision(layer_name, decision_for(rung)))
+        cache[key] = calibration_ranges(fp32, x_calibration)
+    return cache[key]
+
+
+def rungs_within_bound(compressor: Compressor, layer_name: str, bound: float = DEFAULT_ERROR_BOUND) -> list[Rung]:
+    """Without data: the rungs whose relative reconstruction error is at most `bound`."""
+    return [r for r in compressor.ladder_with_errors(layer_name) if r.rel_error <= bound]

@@ -1,0 +1,216 @@
+"""The `explorer` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from explorer.errors import ExplorerError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+# ---- shared helpers -------------------------------------------------------------------------------
+def _fmt_count(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def _load(args: argparse.Namespace):
+    """LayerGraph, dataset (or None) and a description of the data for --model/--data."""
+    from explorer.data import load_npz_dataset
+    from explorer.graph import load_graph
+    from explorer.zoo import ZOO, zoo_validation_data
+
+    graph = load_graph(args.model)
+    data_path = getattr(args, "data", None)
+    if data_path:
+        dataset = load_npz_dataset(data_path, graph.input_shape)
+    elif args.model in ZOO:
+        dataset = zoo_validation_data(args.model)
+    else:
+        dataset = None
+    return graph, dataset
+
+
+def _zoo_note(model_name: str) -> None:
+    from explorer.zoo import ZOO
+
+    entry = ZOO.get(model_name)
+    if entry is not None and not entry.trained:
+        console.print(f"[yellow]note:[/] {entry.name}: {entry.note}")
+
+
+# ---- commands -------------------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> None:
+    from explorer.zoo import ZOO
+
+    table = Table(title="Built-in model zoo")
+    for column in ("name", "input", "trained", "description", "note"):
+        table.add_column(column, overflow="fold")
+    for entry in ZOO.values():
+        table.add_row(entry.name, "x".join(map(str, entry.input_shape)), "yes" if entry.trained else "no",
+                      entry.description, entry.note)
+    console.print(table)
+    console.print("Your own model: --model path/to/model.onnx --data val.npz (arrays x and optional integer labels y)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from explorer.compress import Compressor
+
+    started = time.perf_counter()
+    graph, _ = _load(args)
+    compressor = Compressor(graph)
+    table = Table(title=f"{graph.source}: {len(graph.layers)} decision layers, "
+                        f"{_fmt_count(graph.total_flops)}FLOPs, {_fmt_count(graph.total_params)} params (batch 1)")
+    for column in ("#", "layer", "op", "input", "output", "weight", "FLOPs", "params", "travels with", "offered rungs"):
+        table.add_column(column, overflow="fold")
+    for layer in graph.layers:
+        rungs = compressor.ladder_with_errors(layer.name) if args.errors else compressor.ladder(layer.name)
+        offered = ", ".join(r.label() + (f" ({r.rel_error:.2f})" if args.errors and r.method != "full" else "")
+                            for r in rungs[1:]) or ("kept (grouped)" if not layer.factorisable else "none saves")
+        attached = [graph.node_by_name[n].op_type for n in layer.node_names if n != layer.name]
+        table.add_row(str(layer.index), layer.name, layer.op_type, "x".join(map(str, layer.input_shape)),
+                      "x".join(map(str, layer.output_shape)), "x".join(map(str, layer.weight_shape)),
+                      _fmt_count(layer.flops), _fmt_count(layer.params), " ".join(attached), offered)
+    console.print(table)
+    if args.errors:
+        console.print("rung (x.xx) = relative Frobenius reconstruction error of the layer's weights")
+    _zoo_note(args.model)
+    console.print(f"inspected in {time.perf_counter() - started:.1f} s")
+
+
+def cmd_rewrite(args: argparse.Namespace) -> None:
+    import onnx
+
+    from explorer.accuracy import AccuracyScorer, calibration_inputs
+    from explorer.compress import Compressor
+    from explorer.plan import Plan
+
+    graph, dataset = _load(args)
+    plan = Plan.load(args.plan)
+    x_calibration, calibration_source = calibration_inputs(graph, dataset)
+    model = Compressor(graph).rewrite(plan, x_calibration)
+    onnx.save(model, args.out)
+    console.print(f"wrote {args.out}")
+    if any(d.precision == "int8" for _, d in plan.decisions):
+        console.print(f"int8 calibrated on {calibration_source}")
+    scorer = AccuracyScorer(graph.model, dataset)
+    result = scorer.score(model)
+    if result.measured:
+        console.print(f"accuracy: {result.describe()} (uncompressed: {100 * scorer.baseline.value:.2f}%, "
+                      f"drop {100 * scorer.drop(result):.2f} points)")
+    else:
+        console.print(f"[yellow]{result.describe()}[/]")
+    _zoo_note(args.model)
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    from rich.progress import Progress
+
+    from explorer.accuracy import AccuracyScorer, sensitivity_table
+    from explorer.compress import Compressor
+
+    graph, dataset = _load(args)
+    if dataset is None:
+        raise ExplorerError(f"{args.model} has no validation data: pass --data val.npz (arrays x and optional y)")
+    started = time.perf_counter()
+    compressor = Compressor(graph)
+    scorer = AccuracyScorer(graph.model, dataset)
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("measuring sensitivity", total=None)
+        table = sensitivity_table(graph, compressor, scorer,
+                                  progress=lambda done, total: progress.update(task, completed=done, total=total))
+    view = Table(title=f"Accuracy drop (points of {table.metric}) when one layer alone is compressed; "
+                       f"uncompressed {100 * table.baseline:.2f}% on {dataset.source}")
+    view.add_column("layer")
+    view.add_column("rung")
+    for precision in ("fp32", "fp16", "int8"):
+        view.add_column(precision, justify="right")
+    for layer in graph.layers:
+        for rung in compressor.ladder(layer.name):
+            cells = [f"{100 * table.drop(layer.name, rung.method, rung.rank, p):+.2f}" for p in ("fp32", "fp16", "int8")]
+            view.add_row(layer.name, rung.label(), *cells)
+    console.print(view)
+    source = "cache" if table.from_cache else "measured now"
+    console.print(f"{len(table.drops)} entries ({source}) in {time.perf_counter() - started:.1f} s")
+
+
+def cmd_zoo_train(args: argparse.Namespace) -> None:
+    from explorer.paths import ZOO_DATA_DIR
+    from explorer.zoo import train_vgg
+
+    if args.name != "vgg":
+        raise ExplorerError(f"only 'vgg' is trained from the zoo (vgg16-imagenet has untrained weights by design), not {args.name!r}")
+    out = Path(args.out) if args.out else ZOO_DATA_DIR
+    metrics = train_vgg(out, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir)
+    for key, value in metrics.items():
+        console.print(f"{key}: {value}")
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from explorer.zoo import VGG_EPOCHS, VGG_SEED
+
+    parser = argparse.ArgumentParser(prog="explorer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="vgg", help="zoo name (see `explorer models`) or path to an .onnx file")
+        p.add_argument("--data", help=".npz validation data with array x and optional integer labels y")
+
+    p = sub.add_parser("models", help="list the built-in model zoo")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("inspect", help="per-layer table: op, shapes, FLOPs, params, offered compression rungs")
+    model_options(p)
+    p.add_argument("--errors", action="store_true", help="also compute each rung's reconstruction error (SVD of every layer)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("rewrite", help="write the model rewritten for a plan (ranks and precisions) and score its accuracy")
+    model_options(p)
+    p.add_argument("--plan", required=True, help="plan.json")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("sensitivity", help="measure (or show the cached) per-layer accuracy sensitivity table")
+    model_options(p)
+    p.set_defaults(func=cmd_sensitivity)
+
+    zoo = sub.add_parser("zoo", help="reproduce the zoo's trained artifacts")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    p = zoo_sub.add_parser("train", help="train a zoo model and write its ONNX file and validation subset")
+    p.add_argument("name", help="zoo model to train (vgg)")
+    p.add_argument("--epochs", type=int, default=VGG_EPOCHS)
+    p.add_argument("--seed", type=int, default=VGG_SEED)
+    p.add_argument("--out", help="output folder (default: the package's zoo_data, replacing the shipped files)")
+    p.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST idx .gz files "
+                                                  "(default: /usr/share/datasets/fashion-mnist)")
+    p.set_defaults(func=cmd_zoo_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run one command; user errors print one line and exit 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ExplorerError as exc:
+        err_console.print(f"[bold red]explorer: error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("explorer: interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Runtime Layer Compression (RLC): low-rank factorisation of decision layers, and plan rewrites.
+
+- Fully connected (Gemm, MatMul): W (out x in) ~ (U_r S_r) V_r^T, one layer becomes two.
+- Convolution (Cout, Cin, kh, kw), two decompositions:
+  - ``channel``: a kh x kw convolution Cin -> r, then a 1x1 convolution r -> Cout;
+  - ``spatial``: a kh x 1 convolution Cin -> r, then a 1 x kw convolution r -> Cout.
+Each layer has a *rank ladder*: rungs at fractions of the rank where the factorisation stops
+saving, rounded to multiples of 8, offered only when they reduce FLOPs or parameters. Full rank
+is always rung 0 and leaves the layer as it is.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+import scipy.linalg
+from onnx import helper, numpy_helper
+
+from explorer.errors import ExplorerError
+from explorer.graph import Layer, LayerGraph
+from explorer.plan import Decision, Plan
+from explorer.precision import PRECISIONS, apply_precisions
+
+RANK_MULTIPLE = 8
+RUNG_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
+_GRAM_THRESHOLD = 1024  # above this smaller dimension, factorise through the Gram matrix (much faster)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One compression level of a layer: its method, rank and what it costs."""
+
+    method: str  # full | svd | channel | spatial
+    rank: int | None
+    params: int
+    flops: int
+    rel_error: float  # relative Frobenius reconstruction error of the layer's weights
+
+    def label(self) -> str:
+        return "full" if self.method == "full" else f"{self.method}:{self.rank}"
+
+
+@dataclass
+class _Factors:
+    """Truncated SVD of a layer's weight matrix (top singular triplets up to the largest rung)."""
+
+    left: np.ndarray  # (rows, k)  U_k
+    singular: np.ndarray  # (min(rows, cols),) all singular values
+    right: np.ndarray  # (k, cols) V_k^T
+
+
+class Compressor:
+    """Rank ladders of a LayerGraph's layers and rewrites of the model for any Plan."""
+
+    def __init__(self, graph: LayerGraph, fractions: tuple[float, ...] = RUNG_FRACTIONS,
+                 multiple: int = RANK_MULTIPLE):
+        self.graph = graph
+        self.fractions = fractions
+        self.multiple = multiple
+        self._factors: dict[tuple[str, str], _Factors] = {}
+        self._ladders: dict[str, list[Rung]] = {}
+
+    # ---- ladders ------------------------------------------------------------------------------
+    def candidate_ranks(self, layer: Layer, method: str) -> list[int]:
+        """Ranks offered for one method: multiples of `multiple` below the break-even rank."""
+        break_even = self._break_even_rank(layer, method)
+        limit = min(self._matrix(layer, method, shape_only=True))
+        ranks = []
+        for fraction in self.fractions:
+            rank = max(self.multiple, int(round(fraction * break_even / self.multiple)) * self.multiple)
+            if rank < limit and self._saves(layer, method, rank) and rank not in ranks:
+                ranks.append(rank)
+        return ranks
+
+    def methods(self, layer: Layer) -> list[str]:
+        """Factorisation methods that apply to a layer."""
+        if not layer.factorisable or not self._plain(layer):
+            return []
+        if layer.op_type == "Conv":
+            kh, kw = layer.weight_shape[2:]
+            return ["channel", "spatial"] if kh > 1 and kw > 1 else ["channel"]
+        return ["svd"]
+
+    def ladder(self, layer_name: str) -> list[Rung]:
+        """All rungs of a layer, full rank first."""
+        if layer_name not in self._ladders:
+            layer = self.graph.layer_by_name[layer_name]
+            rungs = [Rung("full", None, layer.params, layer.flops, 0.0)]
+            for method in self.methods(layer):
+                for rank in self.candidate_ranks(layer, method):
+                    params, flops = self._cost(layer, method, rank)
+                    rungs.append(Rung(method, rank, params, flops, math.nan))
+            self._ladders[layer_name] = rungs
+        return self._ladders[layer_name]
+
+    def rung(self, layer_name: str, method: str, rank: int | None) -> Rung:
+        """The rung of a layer with this method and rank (ExplorerError if it is not offered)."""
+        for rung in self.ladder(layer_name):
+            if rung.method == method and rung.rank == rank:
+                return rung
+        offered = ", ".join(r.label() for r in self.ladder(layer_name))
+        raise ExplorerError(f"layer {layer_name}: rung {method}:{rank} is not offered (offered: {offered})")
+
+    def rel_error(self, layer_name: str, method: str, rank: int | None) -> float:
+        """Relative Frobenius reconstruction error of a layer's weights at a rung (0 at full rank)."""
+        if method == "full":
+            return 0.0
+        self.rung(layer_name, method, rank)
+        singular = self._svd(self.graph.layer_by_name[layer_name], method).singular.astype(np.float64)
+        total = float(np.sum(singular**2))
+        return float(math.sqrt(max(total - float(np.sum(singular[:rank] ** 2)), 0.0) / total)) if total else 0.0
+
+    def ladder_with_errors(self, layer_name: str) -> list[Rung]:
+        """The ladder with reconstruction errors filled in (computes the layer's SVD)."""
+        return [Rung(r.method, r.rank, r.params, r.flops, self.rel_error(layer_name, r.method, r.rank))
+                for r in self.ladder(layer_name)]
+
+    # ---- rewriting ----------------------------------------------------------------------------
+    def compute_nodes(self, plan: Plan) -> dict[str, list[str]]:
+        """Names of the compute nodes each layer becomes in the rewritten model."""
+        result = {}
+        for name, decision in plan.decisions:
+            result[name] = [name] if decision.method == "full" else [f"{name}.factor1", f"{name}.factor2"]
+        return result
+
+    def rewrite(self, plan: Plan, calibration_inputs: np.ndarray | None = None,
+                ranges: Mapping[str, tuple[float, float]] | None = None) -> onnx.ModelProto:
+        """The model with every layer factorised and set to the precision its decision says.
+
+        int8 layers need `calibration_inputs`, or `ranges` from precision.calibration_ranges of the
+        factorised fp32 model.
+        """
+        self._check_plan(plan)
+        model = onnx.ModelProto()
+        model.CopyFrom(self.graph.model)
+        graph = model.graph
+        replaced_weights: set[str] = set()
+        new_nodes, new_initializers = [], []
+        decisions = plan.as_dict()
+        for node in graph.node:
+            decision = decisions.get(node.name)
+            if decision is None or decision.method == "full":
+                new_nodes.append(node)
+                continue
+            layer = self.graph.layer_by_name[node.name]
+            nodes, initializers = self._factorised_nodes(layer, node, decision)
+            new_nodes.extend(nodes)
+            new_initializers.extend(initializers)
+            replaced_weights.add(layer.weight_name)
+        still_used = {name for node in new_nodes for name in node.input}
+        kept = [t for t in graph.initializer if t.name not in replaced_weights or t.name in still_used]
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        del graph.initializer[:]
+        graph.initializer.extend(kept + new_initializers)
+        del graph.value_info[:]
+        precisions = {node: decisions[layer].precision
+                      for layer, nodes in self.compute_nodes(plan).items() for node in nodes
+                      if decisions[layer].precision != "fp32"}
+        if precisions:
+            model = apply_precisions(model, precisions, calibration_inputs, ranges)
+        return model
+
+    def _check_plan(self, plan: Plan) -> None:
+        names = [name for name, _ in plan.decisions]
+        expected = [layer.name for layer in self.graph.layers]
+        if sorted(names) != sorted(expected):
+            missing = sorted(set(expected) - set(names))
+            extra = sorted(set(names) - set(expected))
+            raise ExplorerError(f"plan does not match the model's decision layers (missing: {missing[:5]}, unknown: {extra[:5]}): "
+                                "make the plan for this model")
+        for name, decision in plan.decisions:
+            if decision.precision not in PRECISIONS:
+                raise ExplorerError(f"layer {name}: unknown precision {decision.precision!r} (choose from {', '.join(PRECISIONS)})")
+            self.rung(name, decision.method, decision.rank)
+
+    def _factorised_nodes(self, layer: Layer, node: onnx.NodeProto, decision: Decision):
+        rank = decision.rank
+        factors = self._svd(layer, decision.method)
+        sqrt_s = np.sqrt(factors.singular[:rank]).astype(np.float32)
+        first = (factors.left[:, :rank] * sqrt_s).astype(np.float32)  # (rows, r)
+        second = (sqrt_s[:, None] * factors.right[:rank]).astype(np.float32)  # (r, cols)
+        name = layer.name
+        hidden = f"{name}.lowrank"
+        w1, w2 = f"{name}.factor1.weight", f"{name}.factor2.weight"
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        bias = list(node.input[2:3])
+        if decision.method == "svd" and node.op_type == "Gemm":
+            # W_out_in = first @ second: y = x @ second^T @ first^T
+            n1 = helper.make_node("Gemm", [node.input[0], w1 + ""], [hidden], name=f"{name}.factor1", transB=1)
+            extra = {k: v for k, v in attrs.items() if k in ("alpha", "beta")}
+            n2 = helper.make_node("Gemm", [hidden, w2] + bias, list(node.output), name=f"{name}.factor2", transB=1, **extra)
+            return [n1, n2], [numpy_helper.from_array(second, w1), numpy_helper.from_array(first, w2)]
+        if decision.method == "svd":  # MatMul x (.., in) @ W (in, out); matrix is W^T (out x in)
+            n1 = helper.make_node("MatMul", [node.input[0], w1], [hidden], name=f"{name}.factor1")
+            n2 = helper.make_node("MatMul", [hidden, w2], list(node.output), name=f"{name}.factor2")
+            return [n1, n2], [numpy_helper.from_array(np.ascontiguousarray(second.T), w1),
+                              numpy_helper.from_array(np.ascontiguousarray(first.T), w2)]
+        c_out, c_in, kh, kw = layer.weight_shape
+        strides = attrs.get("strides", [1, 1])
+        pads = attrs.get("pads", [0, 0, 0, 0])
+        dilations = attrs.get("dilations", [1, 1])
+        if decision.method == "channel":
+            k1 = second.reshape(rank, c_in, kh, kw)
+            k2 = first.reshape(c_out, rank, 1, 1)
+            n1 = helper.make_node("Conv", [node.input[0], w1], [hidden], name=f"{name}.factor1",
+                                  kernel_shape=[kh, kw], strides=strides, pads=pads, dilations=dilations)
+            n2 = helper.make_node("Conv", [hidden, w2] + bias, list(node.output), name=f"{name}.factor2", kernel_shape=[1, 1])
+        else:  # spatial: rows index (ci, y), columns index (co, x)
+            k1 = first.reshape(c_in, kh, rank).transpose(2, 0, 1)[..., None]  # (r, Cin, kh, 1)
+            k2 = second.reshape(rank, c_out, kw).transpose(1, 0, 2)[:, :, None, :]  # (Cout, r, 1, kw)
+            n1 = helper.make_node("Conv", [node.input[0], w1], [hidden], name=f"{name}.factor1", kernel_shape=[kh, 1],
+                                  strides=[strides[0], 1], pads=[pads[0], 0, pads[2], 0], dilations=[dilations[0], 1])
+            n2 = helper.make_node("Conv", [hidden, w2] + bias, list(node.output), name=f"{name}.factor2", kernel_shape=[1, kw],
+                                  strides=[1, strides[1]], pads=[0, pads[1], 0, pads[3]], dilations=[1, dilations[1]])
+        return [n1, n2], [numpy_helper.from_array(np.ascontiguousarray(k1), w1),
+                          numpy_helper.from_array(np.ascontiguousarray(k2), w2)]
+
+    # ---- matrices, costs, SVD -----------------------------------------------------------------
+    def _plain(self, layer: Layer) -> bool:
+        """Whether the node's attributes are ones the rewrite reproduces exactly."""
+        node = self.graph.node_by_name[layer.name]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if layer.op_type == "Gemm":
+            return not attrs.get("transA", 0)
+        if layer.op_type == "Conv":
+            auto_pad = attrs.get("auto_pad", b"NOTSET")
+            return auto_pad in (b"NOTSET", "NOTSET", b"VALID", "VALID")
+        return len(layer.input_shape) >= 2
+
+    def _matrix(self, layer: Layer, method: str, shape_only: bool = False):
+        """The 2-D matrix the method factorises (or just its shape)."""
+        shape = layer.weight_shape
+        if layer.op_type == "Conv":
+            c_out, c_in, kh, kw = shape
+            dims = (c_out, c_in * kh * kw) if method == "channel" else (c_in * kh, c_out * kw)
+        elif layer.op_type == "Gemm":
+            trans_b = next((a.i for a in self.graph.node_by_name[layer.name].attribute if a.name == "transB"), 0)
+            dims = shape if trans_b else shape[::-1]
+        else:
+            dims = shape[::-1]
+        if shape_only:
+            return dims
+        weight = self.graph.constant_array(layer.weight_name).astype(np.float32)
+        if layer.op_type == "Conv":
+            return weight.reshape(dims) if method == "channel" else weight.transpose(1, 2, 0, 3).reshape(dims)
+        if layer.op_type == "Gemm":
+            return weight if trans_b else weight.T
+        return weight.T
+
+    def _cost(self, layer: Layer, method: str, rank: int) -> tuple[int, int]:
+        """(params, FLOPs at batch 1) of a layer factorised at a rank, bias included."""
+        bias = layer.params - int(np.prod(layer.weight_shape))
+        if layer.op_type != "Conv":
+            rows, cols = self._matrix(layer, method, shape_only=True)
+            positions = layer.flops // (2 * rows * cols)
+            return rank * (rows + cols) + bias, 2 * positions * rank * (rows + cols)
+        c_out, c_in, kh, kw = layer.weight_shape
+        out_positions = int(np.prod(layer.output_shape[2:]))
+        if method == "channel":
+            return rank * (c_in * kh * kw + c_out) + bias, 2 * out_positions * rank * (c_in * kh * kw + c_out)
+        # the kh x 1 convolution keeps every input column; the 1 x kw one produces the output columns
+        vertical_positions = layer.output_shape[2] * layer.input_shape[3]
+        flops = 2 * rank * (c_in * kh * vertical_positions + c_out * kw * out_positions)
+        return rank * (c_in * kh + c_out * kw) + bias, flops
+
+    def _saves(self, layer: Layer, method: str, rank: int) -> bool:
+        params, flops = self._cost(layer, method, rank)
+        return params < layer.params or flops < layer.flops
+
+    def _break_even_rank(self, layer: Layer, method: str) -> float:
+        """The rank at which the factorised layer costs as many parameters as the original."""
+        per_rank_params = self._cost(layer, method, 1)[0] - (layer.params - int(np.prod(layer.weight_shape)))
+        return int(np.prod(layer.weight_shape)) / per_rank_params
+
+    def _svd(self, layer: Layer, method: str) -> _Factors:
+        key = (layer.name, method)
+        if key not in self._factors:
+            matrix = self._matrix(layer, method)
+            keep = max(self.candidate_ranks(layer, method), default=1)
+            self._factors[key] = truncated_svd(matrix, keep)
+        return self._factors[key]
+
+
+def truncated_svd(matrix: np.ndarray, keep: int) -> _Factors:
+    """Top-`keep` singular triplets and all singular values of a matrix.
+
+    Large matrices go through the eigen-decomposition of the smaller Gram matrix (float64), which is
+    several times faster than a full SVD on 2 cores and exact to float32 precision for the kept part.
+    """
+    rows, cols = matrix.shape
+    if min(rows, cols) < _GRAM_THRESHOLD:
+        left, singular, right = scipy.linalg.svd(matrix, full_matrices=False, check_finite=False)
+        return _Factors(left[:, :keep].copy(), singular, right[:keep].copy())
+    wide = rows <= cols
+    gram = (matrix @ matrix.T) if wide else (matrix.T @ matrix)
+    eigenvalues, vectors = np.linalg.eigh(gram.astype(np.float64))
+    order = np.argsort(eigenvalues)[::-1]
+    singular = np.sqrt(np.clip(eigenvalues[order], 0.0, None))
+    top = vectors[:, order[:keep]].astype(np.float32)
+    scale = np.where(singular[:keep] > 0, 1.0 / np.maximum(singular[:keep], 1e-30), 0.0).astype(np.float32)
+    if wide:  # matrix = U S V^T with U = top
+        return _Factors(top, singular.astype(np.float32), (scale[:, None] * (top.T @ matrix)).astype(np.float32))
+    return _Factors(((matrix @ top) * scale).astype(np.float32), singular.astype(np.float32), top.T.copy())
+
+
+def full_rank_plan(graph: LayerGraph) -> Plan:
+    """The uncompressed fp32 plan of a model."""
+    return Plan.uniform([layer.name for layer in graph.layers])
+
+
+def decision_for(rung: Rung, precision: str = "fp32", processor: str | None = None) -> Decision:
+    """A Decision that takes a rung at a precision."""
+    return Decision(rung.method, rung.rank, precision, processor)
+

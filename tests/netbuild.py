@@ -1,0 +1,97 @@
+"""Small ONNX networks built by the tests: an MLP, a plain CNN and a residual CNN (fixed seeds)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class _Builder:
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def weight(self, shape, fan_in: int) -> str:
+        name = f"w{len(self.initializers)}"
+        value = (self.rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        self.initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    def bias(self, size: int) -> str:
+        name = f"b{len(self.initializers)}"
+        self.initializers.append(numpy_helper.from_array((0.1 * self.rng.standard_normal(size)).astype(np.float32), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        self.count += 1
+        out = f"t{self.count}"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=f"{op.lower()}{self.count}", **attrs))
+        return out
+
+    def conv(self, x: str, c_in: int, c_out: int, k: int = 3, stride: int = 1, group: int = 1) -> str:
+        w = self.weight((c_out, c_in // group, k, k), c_in // group * k * k)
+        pad = k // 2
+        return self.node("Conv", [x, w, self.bias(c_out)], kernel_shape=[k, k], pads=[pad] * 4,
+                         strides=[stride, stride], group=group)
+
+    def model(self, x_shape, output: str, out_shape) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "net",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *x_shape[1:]])],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", *out_shape[1:]])],
+            self.initializers,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 9
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def mlp(seed: int = 0, sizes=(64, 96, 80, 10)) -> onnx.ModelProto:
+    """Gemm-ReLU-MatMul+Add-ReLU-Gemm classifier on a flat input."""
+    b = _Builder(seed)
+    x = "input"
+    x = b.node("Relu", [b.node("Gemm", [x, b.weight((sizes[1], sizes[0]), sizes[0]), b.bias(sizes[1])], transB=1)])
+    x = b.node("Relu", [b.node("Add", [b.node("MatMul", [x, b.weight((sizes[1], sizes[2]), sizes[1])]), b.bias(sizes[2])])])
+    out = b.node("Gemm", [x, b.weight((sizes[2], sizes[3]), sizes[2]), b.bias(sizes[3])])  # transB=0
+    return b.model((1, sizes[0]), out, (1, sizes[3]))
+
+
+def small_cnn(seed: int = 0, channels: int = 16) -> onnx.ModelProto:
+    """Conv stack with pooling, a strided conv, a depthwise conv and two fully connected layers."""
+    b = _Builder(seed)
+    c = channels
+    x = b.node("Relu", [b.conv("input", 3, c)])
+    x = b.node("Relu", [b.conv(x, c, 2 * c)])
+    x = b.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = b.node("Relu", [b.conv(x, 2 * c, 2 * c, group=2 * c)])  # depthwise: kept as it is
+    x = b.node("Relu", [b.conv(x, 2 * c, 4 * c, stride=2)])
+    x = b.node("Flatten", [x])
+    x = b.node("Relu", [b.node("Gemm", [x, b.weight((96, 4 * c * 16), 4 * c * 16), b.bias(96)], transB=1)])
+    out = b.node("Gemm", [x, b.weight((10, 96), 96), b.bias(10)], transB=1)
+    return b.model((1, 3, 16, 16), out, (1, 10))
+
+
+def residual_cnn(seed: int = 0, channels: int = 16) -> onnx.ModelProto:
+    """Two residual blocks (Add) and a Concat branch, then global pooling and a classifier."""
+    b = _Builder(seed)
+    c = channels
+    x = b.node("Relu", [b.conv("input", 3, c)])
+    for _ in range(2):
+        y = b.node("Relu", [b.conv(x, c, c)])
+        y = b.conv(y, c, c)
+        x = b.node("Relu", [b.node("Add", [x, y])])
+    left = b.conv(x, c, c, k=1)
+    right = b.conv(x, c, c)
+    x = b.node("Concat", [left, right], axis=1)
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])])
+    out = b.node("Gemm", [x, b.weight((10, 2 * c), 2 * c), b.bias(10)], transB=1)
+    return b.model((1, 3, 16, 16), out, (1, 10))
+
+
+def random_inputs(model: onnx.ModelProto, count: int, seed: int = 1) -> np.ndarray:
+    """Standard-normal inputs of the model's input shape."""
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+    return np.random.default_rng(seed).standard_normal((count, *dims)).astype(np.float32)

@@ -1,0 +1,102 @@
+"""Accuracy scoring (top-1, agreement, similarity), the cached sensitivity table, the no-data mode."""
+import numpy as np
+import pytest
+
+from explorer.accuracy import (NOT_MEASURED, AccuracyScorer, run_model, rungs_within_bound,
+                               sensitivity_table)
+from explorer.compress import Compressor, decision_for, full_rank_plan
+from explorer.data import Dataset
+from explorer.errors import ExplorerError
+from explorer.graph import LayerGraph
+from netbuild import mlp, random_inputs, small_cnn
+
+
+def _labelled(model, count=200, seed=1):
+    """Inputs labelled by the model itself, with 10% of the labels flipped (so top-1 is 0.9)."""
+    x = random_inputs(model, count, seed)
+    y = run_model(model, x).argmax(1)
+    flip = np.arange(0, count, 10)
+    y[flip] = (y[flip] + 1) % 10
+    return Dataset(x, y, "test data")
+
+
+def test_top1_agreement_and_similarity_metrics():
+    model = small_cnn()
+    labelled = _labelled(model)
+    scorer = AccuracyScorer(model, labelled)
+    assert scorer.metric == "top1" and scorer.baseline.value == pytest.approx(0.9)
+    unlabelled = AccuracyScorer(model, Dataset(labelled.x, None, "x only"))
+    assert unlabelled.metric == "agreement" and unlabelled.baseline.value == 1.0
+    regressor = mlp(sizes=(64, 32, 16, 1))
+    similarity = AccuracyScorer(regressor, Dataset(random_inputs(regressor, 50), None, "x only"))
+    assert similarity.metric == "similarity" and similarity.baseline.value == pytest.approx(1.0)
+
+
+def test_compression_lowers_measured_accuracy():
+    model = small_cnn()
+    graph = LayerGraph(model)
+    compressor = Compressor(graph)
+    scorer = AccuracyScorer(graph.model, _labelled(graph.model))
+    layer = graph.layers[4]  # the large fully connected layer
+    lowest = compressor.ladder(layer.name)[1]
+    compressed = compressor.rewrite(full_rank_plan(graph).with_decision(layer.name, decision_for(lowest)))
+    result = scorer.score(compressed)
+    assert result.measured and scorer.drop(result) > 0.05
+    assert "top1" in result.describe()
+
+
+def test_no_data_mode_says_accuracy_was_not_measured():
+    graph = LayerGraph(small_cnn())
+    scorer = AccuracyScorer(graph.model, None)
+    result = scorer.score(graph.model)
+    assert not result.measured and result.describe() == NOT_MEASURED and scorer.drop(result) is None
+    compressor = Compressor(graph)
+    with pytest.raises(ExplorerError, match="needs validation data"):
+        sensitivity_table(graph, compressor, scorer)
+    layer = graph.layers[4].name
+    allowed = rungs_within_bound(compressor, layer, bound=0.7)
+    assert allowed[0].method == "full"
+    assert all(r.rel_error <= 0.7 for r in allowed)
+    assert len(allowed) < len(compressor.ladder(layer))
+
+
+def test_run_model_respects_a_fixed_batch_size():
+    model = small_cnn()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 4
+    x = random_inputs(model, 10)
+    out = run_model(model, x)
+    assert out.shape == (10, 10)
+    np.testing.assert_allclose(out[:4], run_model(model, x[:4]), rtol=1e-5)
+
+
+def test_sensitivity_table_is_cached_and_keyed_by_data():
+    graph = LayerGraph(mlp())
+    compressor = Compressor(graph)
+    data = _labelled(graph.model, 300)
+    scorer = AccuracyScorer(graph.model, data)
+    calls = []
+    table = sensitivity_table(graph, compressor, scorer, progress=lambda done, total: calls.append((done, total)))
+    expected = sum(len(compressor.ladder(layer.name)) * 3 - 1 for layer in graph.layers)
+    assert not table.from_cache and len(table.drops) == expected and calls[-1] == (expected, expected)
+    layer = graph.layers[0]
+    lowest = compressor.ladder(layer.name)[1]
+    assert table.drop(layer.name, lowest.method, lowest.rank, "fp32") > 0.0
+    assert table.drop(layer.name, "full", None, "fp32") == 0.0
+    again = sensitivity_table(graph, compressor, scorer)
+    assert again.from_cache and again.drops == table.drops
+    other = AccuracyScorer(graph.model, _labelled(graph.model, 300, seed=7))
+    assert not sensitivity_table(graph, compressor, other).from_cache
+
+
+def test_cache_survives_a_corrupt_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPLORER_RUNS", str(tmp_path))
+    graph = LayerGraph(mlp())
+    compressor = Compressor(graph)
+    scorer = AccuracyScorer(graph.model, _labelled(graph.model, 100))
+    sensitivity_table(graph, compressor, scorer)
+    [path] = (tmp_path / "cache" / "sensitivity").glob("*.json")
+    path.write_text('{"version": 1, "metr')  # as if a writer had been killed mid-way without atomic rename
+    table = sensitivity_table(graph, compressor, scorer)
+    assert not table.from_cache and table.drops
+    assert sensitivity_table(graph, compressor, scorer).from_cache
