@@ -211,10 +211,8 @@ def _locate(name_or_path: str) -> tuple[Path, str | None]:
 def _type_name(value: object) -> str:
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
+    if isinstance(value, (int, float)):
+        return f"{'integer' if isinstance(value, int) else 'number'} {value:g}"
     if isinstance(value, str):
         return f"string '{value}'"
     if isinstance(value, list):
@@ -233,11 +231,11 @@ class _Table:
         if not isinstance(data, dict):
             self.fail(None, f"expected a table, got {_type_name(data)}; {_SCHEMA_HINT}")
         self.data: dict[str, Any] = data
-        for key in data if allowed is not None else ():
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                self.fail(key, f"unknown {what} '{key}'; {hint}allowed: {', '.join(allowed)}")
+        unknown = [key for key in data if key not in allowed] if allowed is not None else []
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], allowed, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            self.fail(unknown[0], f"unknown {what} '{unknown[0]}'; {hint}allowed: {', '.join(allowed)}")
 
     def at(self, key: str | None) -> str:
         """The dotted key path of `key` in this table."""
@@ -284,23 +282,26 @@ class _Table:
 
     def number(self, key: str, *, zero_ok: bool = False, at_most: tuple[float, str] | None = None,
                default: float | None = None) -> float:
-        """A finite number > 0 (>= 0 with zero_ok; <= at_most's (limit, what it is)); integers accepted."""
+        """A finite number > 0 (>= 0 with zero_ok; <= at_most = (limit, what it is)); integers accepted."""
         if default is not None and key not in self.data:
             return default
         value = self.raw(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(key, f"expected a number, got {_type_name(value)}")
+        if not math.isfinite(value):
+            self.fail(key, f"must be a finite number, got {value}")
         if value < 0 or (value == 0 and not zero_ok):
-            self.fail(key, f"must be {'zero or more' if zero_ok else 'more than zero'}, got {value}")
+            self.fail(key, f"must be {'zero or more' if zero_ok else 'more than zero'}, got {value:g}")
         if at_most is not None and value > at_most[0]:
-            self.fail(key, f"must be at most {at_most[1]} ({at_most[0]:g}), got {value}")
+            self.fail(key, f"must be at most {at_most[0]:g} ({at_most[1]}), got {value:g}")
         return float(value)
 
     def names(self, key: str, choices: tuple[str, ...], what: str) -> tuple[str, ...]:
         """A non-empty array of distinct strings, each one of `choices`."""
         value = self.raw(key)
         if not isinstance(value, list) or not value:
-            self.fail(key, f"expected a non-empty array of {what} names, got {_type_name(value)}")
+            got = "an empty array" if value == [] else _type_name(value)
+            self.fail(key, f"expected a non-empty array of {what} names, got {got}")
         for item in value:
             if item not in choices:
                 shown = item if isinstance(item, str) else _type_name(item)
@@ -342,15 +343,19 @@ def _parse_board(file: Path, data: dict[str, Any], digest: str, expected_name: s
 
 def _parse_memory(t: _Table) -> Memory:
     size = t.number("size_mb")
-    return Memory(size_mb=size, available_mb=t.number("available_mb", at_most=(size, "memory.size_mb")),
-                  bandwidth_gbps=t.number("bandwidth_gbps"), shared=t.boolean("shared"),
-                  energy_nj_per_byte=t.number("energy_nj_per_byte", zero_ok=True),
-                  transfer_latency_us=t.number("transfer_latency_us", zero_ok=True))
+    return Memory(
+        size_mb=size, available_mb=t.number("available_mb", at_most=(size, "memory.size_mb")),
+        bandwidth_gbps=t.number("bandwidth_gbps"), shared=t.boolean("shared"),
+        energy_nj_per_byte=t.number("energy_nj_per_byte", zero_ok=True),
+        transfer_latency_us=t.number("transfer_latency_us", zero_ok=True),
+    )
 
 
 def _parse_network(t: _Table) -> Network:
-    return Network(description=t.string("description"), bandwidth_mbit_s=t.number("bandwidth_mbit_s"),
-                   rtt_ms=t.number("rtt_ms", zero_ok=True), radio_power_w=t.number("radio_power_w", zero_ok=True))
+    return Network(
+        description=t.string("description"), bandwidth_mbit_s=t.number("bandwidth_mbit_s"),
+        rtt_ms=t.number("rtt_ms", zero_ok=True), radio_power_w=t.number("radio_power_w", zero_ok=True),
+    )
 
 
 def _parse_processor(procs: _Table, pid: str, memory: Memory) -> Processor:
@@ -360,7 +365,6 @@ def _parse_processor(procs: _Table, pid: str, memory: Memory) -> Processor:
     kind = t.string("kind")
     if kind not in KINDS:
         t.fail("kind", f"unknown kind '{kind}'; use one of {', '.join(KINDS)}")
-    shared = memory.shared and kind != "remote"  # its memory is the board's shared DRAM
     precisions = t.names("precisions", PRECISIONS, "precision")
     peaks = t.table("peak_gflops", PRECISIONS, "precision")
     for listed in peaks.data:
@@ -374,7 +378,6 @@ def _parse_processor(procs: _Table, pid: str, memory: Memory) -> Processor:
     cores, threads = t.integer("cores"), t.integer("threads")
     if kind in ("cpu", "lpc") and threads > cores:
         t.fail("threads", f"{threads} threads on {cores} cores; use at most {cores}")
-    active = t.number("active_power_w", zero_ok=True)
     options = t.table("provider_options", None) if t.has("provider_options") else None
     for key, value in (options.data if options else {}).items():
         if not isinstance(value, str):
@@ -383,15 +386,19 @@ def _parse_processor(procs: _Table, pid: str, memory: Memory) -> Processor:
     if not provider.endswith("ExecutionProvider"):
         t.fail("provider", f"'{provider}' is not an ONNX Runtime execution provider name; use e.g. "
                            "CPUExecutionProvider, CUDAExecutionProvider, QNNExecutionProvider")
+    in_shared_dram = memory.shared and kind != "remote"
+    memory_limit = (memory.available_mb, "memory.available_mb") if in_shared_dram else None
+    bandwidth_limit = (memory.bandwidth_gbps, "memory.bandwidth_gbps") if in_shared_dram else None
+    active = t.number("active_power_w", zero_ok=True)
     return Processor(
         id=pid, kind=kind, description=t.string("description"), cores=cores,
         clock_ghz=t.number("clock_ghz"), cache_kb=t.integer("cache_kb"), precisions=precisions,
         peak_gflops={p: peaks.number(p) for p in precisions},
-        efficiency={k: efficiency.number(k, at_most=(1.0, "1, a fraction of peak")) for k in OP_KINDS},
-        memory_mb=t.number("memory_mb", at_most=(memory.available_mb, "memory.available_mb") if shared else None),
-        bandwidth_gbps=t.number("bandwidth_gbps",
-                                at_most=(memory.bandwidth_gbps, "memory.bandwidth_gbps") if shared else None),
-        active_power_w=active, idle_power_w=t.number("idle_power_w", zero_ok=True, at_most=(active, "active_power_w")),
+        efficiency={k: efficiency.number(k, at_most=(1.0, "a fraction of peak")) for k in OP_KINDS},
+        memory_mb=t.number("memory_mb", at_most=memory_limit),
+        bandwidth_gbps=t.number("bandwidth_gbps", at_most=bandwidth_limit),
+        active_power_w=active,
+        idle_power_w=t.number("idle_power_w", zero_ok=True, at_most=(active, "active_power_w")),
         launch_overhead_us=t.number("launch_overhead_us", zero_ok=True),
         ops=t.names("ops", OPS, "op"), provider=provider,
         provider_options=dict(options.data) if options else {}, threads=threads,

@@ -25,9 +25,7 @@ def atomic_write_json(path: Path, data) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a torn one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from explorer.errors import ExplorerError
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 
@@ -155,6 +155,95 @@ def cmd_zoo_train(args: argparse.Namespace) -> None:
         console.print(f"{key}: {value}")
 
 
+def cmd_boards(args: argparse.Namespace) -> None:
+    from explorer.boards import board_names, load_board
+
+    if not args.name:
+        table = Table(title="Board profiles (targets/*.toml)")
+        for column in ("name", "processors", "memory", "description"):
+            table.add_column(column, overflow="fold")
+        for name in board_names():
+            board = load_board(name)
+            table.add_row(name, ", ".join(f"{p.id} ({p.kind})" for p in board.processors.values()),
+                          f"{board.memory.size_mb:g} MB, {board.memory.bandwidth_gbps:g} GB/s", board.description)
+        console.print(table)
+        console.print("`explorer boards NAME` shows one; `explorer calibrate` measures this machine as board `host`")
+        return
+    board = load_board(args.name)
+    console.print(f"[bold]{board.name}[/]: {board.description}\n{board.path}")
+    table = Table(title="processors")
+    for column in ("id", "kind", "cores x GHz", "peak GFLOP/s", "efficiency", "memory", "power active/idle",
+                   "launch", "ONNX Runtime provider", "threads"):
+        table.add_column(column, overflow="fold")
+    for p in board.processors.values():
+        table.add_row(p.id, p.kind, f"{p.cores} x {p.clock_ghz:g}",
+                      " ".join(f"{k}={v:g}" for k, v in p.peak_gflops.items()),
+                      " ".join(f"{k}={v:g}" for k, v in p.efficiency.items()),
+                      f"{p.memory_mb:g} MB, {p.bandwidth_gbps:g} GB/s", f"{p.active_power_w:g} / {p.idle_power_w:g} W",
+                      f"{p.launch_overhead_us:g} us", p.provider, str(p.threads))
+    console.print(table)
+    links = Table(title="transfer paths")
+    for column in ("between", "via", "bandwidth", "latency", "energy"):
+        links.add_column(column)
+    for link in board.links:
+        links.add_row(" - ".join(link.between), link.via, f"{link.bandwidth_gbps:g} GB/s", f"{link.latency_us:g} us",
+                      f"{link.energy_nj_per_byte:g} nJ/B + {link.energy_uj_per_transfer:g} uJ")
+    console.print(links)
+
+
+def _problem(args: argparse.Namespace):
+    """Problem for the --model/--data/--board/--measure/constraint options."""
+    from explorer.accuracy import AccuracyScorer
+    from explorer.boards import load_board
+    from explorer.measure import make_measurer
+    from explorer.problem import Constraints, Objective, Problem
+
+    graph, dataset = _load(args)
+    board = load_board(args.board)
+    constraints = Constraints(latency_ms=args.latency_ms,
+                              max_accuracy_drop=args.max_accuracy_drop / 100 if args.max_accuracy_drop is not None else None,
+                              memory_mb=args.memory_mb)
+    return Problem(graph, board, make_measurer(args.measure, args.seed), AccuracyScorer(graph.model, dataset),
+                   constraints, Objective.parse(args.objective))
+
+
+def print_evaluation(evaluation, title: str) -> None:
+    """Per-block table and totals of one evaluation."""
+    table = Table(title=title)
+    for column in ("block", "processor", "layers", "latency ms", "spread ms", "transfer in ms", "energy mJ", "weights MB"):
+        table.add_column(column, overflow="fold")
+    for b in evaluation.blocks:
+        layers = b["layers"][0] if len(b["layers"]) == 1 else f"{b['layers'][0]} .. {b['layers'][-1]} ({len(b['layers'])})"
+        table.add_row(str(b["index"]), b["processor"], layers, f"{b['latency_ms']:.3f}", f"{b['spread_ms']:.3f}",
+                      f"{b['transfer_ms']:.3f}", f"{b['energy_mj']:.3f}", f"{b['weight_mb']:.3f}")
+    console.print(table)
+    console.print(f"latency {evaluation.latency_ms:.3f} ms (spread {evaluation.latency_spread_ms:.3f}), "
+                  f"energy {evaluation.energy_mj:.3f} mJ ({evaluation.energy_source}), weights {evaluation.memory_mb:.2f} MB"
+                  + (f", peak resident memory {evaluation.peak_memory_mb:.0f} MB" if evaluation.peak_memory_mb else ""))
+    console.print(f"accuracy: {evaluation.accuracy_text()}")
+    status = "[green]feasible[/]" if evaluation.feasible else "[red]infeasible:[/] " + "; ".join(evaluation.violations)
+    console.print(f"{status}\nmeasured by: {evaluation.measured_by}")
+
+
+def cmd_measure(args: argparse.Namespace) -> None:
+    from explorer.plan import Plan
+
+    problem = _problem(args)
+    plan = Plan.load(args.plan) if args.plan else problem.baseline_plan()
+    what = f"plan {args.plan}" if args.plan else "baseline: uncompressed fp32 on the best single processor"
+    evaluation = problem.evaluate(plan)
+    print_evaluation(evaluation, f"{problem.graph.source} on {problem.board.name} ({what})")
+    _zoo_note(args.model)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from explorer.calibrate import calibrate_host
+
+    path = calibrate_host(Path(args.out) if args.out else None, quick=args.quick,
+                          progress=lambda message: err_console.print(f"calibrate: {message}"))
+    console.print(f"wrote {path}: use it with --board host")
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from explorer.zoo import VGG_EPOCHS, VGG_SEED
@@ -165,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="vgg", help="zoo name (see `explorer models`) or path to an .onnx file")
         p.add_argument("--data", help=".npz validation data with array x and optional integer labels y")
+
+    def problem_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--board", default="tegra-k1", help="board profile name (see `explorer boards`) or path to a .toml")
+        p.add_argument("--measure", default="sim", help="sim (simulated board) or host (this machine, with --board host)")
+        p.add_argument("--objective", default="energy", help="energy, latency, memory, or a weighted sum like energy:0.7,latency:0.3")
+        p.add_argument("--latency-ms", type=float, default=5000.0, help="latency budget per inference (default 5000, as DeepX)")
+        p.add_argument("--max-accuracy-drop", type=float, default=5.0, help="accuracy drop limit in points (default 5)")
+        p.add_argument("--memory-mb", type=float, help="limit on total weight memory")
+        p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("models", help="list the built-in model zoo")
     p.set_defaults(func=cmd_models)
@@ -183,6 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sensitivity", help="measure (or show the cached) per-layer accuracy sensitivity table")
     model_options(p)
     p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("boards", help="list the board profiles, or show one")
+    p.add_argument("name", nargs="?", help="board to show")
+    p.set_defaults(func=cmd_boards)
+
+    p = sub.add_parser("measure", help="measure one plan (default: the baseline) on a board: per-block table and totals")
+    model_options(p)
+    problem_options(p)
+    p.add_argument("--plan", help="plan.json (default: uncompressed fp32 on the best single processor)")
+    p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("calibrate", help="measure this machine with ONNX Runtime and write the `host` board profile")
+    p.add_argument("--out", help="output TOML (default: targets/host.toml)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (seconds instead of a minute)")
+    p.set_defaults(func=cmd_calibrate)
 
     zoo = sub.add_parser("zoo", help="reproduce the zoo's trained artifacts")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)

@@ -19,67 +19,76 @@ from explorer.graph import LayerGraph
 from explorer.plan import Plan
 
 
+@dataclass(frozen=True)
+class BlockBoundary:
+    """Where a unit block sits: its layer range, processor and the tensors that cross its edges."""
+
+    start: int  # index of its first layer
+    end: int  # one past its last layer
+    processor: str | None
+    layer_names: tuple[str, ...]
+    inputs: tuple[str, ...]  # tensors crossing into the block (from earlier blocks or the graph input)
+    outputs: tuple[str, ...]  # tensors crossing out of it (to later blocks or the graph output)
+
+
 @dataclass
 class UnitBlock:
-    """Consecutive layers on one processor, as its own ONNX model."""
+    """A unit block with its own ONNX model."""
 
     index: int
-    processor: str | None
-    layer_names: list[str]
-    inputs: list[str]  # tensors crossing into the block
-    outputs: list[str]  # tensors crossing out of it
+    boundary: BlockBoundary
     model: onnx.ModelProto
 
-    def input_bytes(self, graph: LayerGraph) -> int:
-        """Bytes that must reach the block's processor before it runs (batch 1)."""
-        return sum(graph.tensor_bytes(name) for name in self.inputs)
+    @property
+    def processor(self) -> str | None:
+        return self.boundary.processor
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.boundary.inputs
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.boundary.outputs
 
 
-def block_ranges(plan: Plan) -> list[tuple[int, int, str | None]]:
-    """(first layer index, end index, processor) of each maximal same-processor run of a plan."""
-    ranges: list[tuple[int, int, str | None]] = []
-    for index, (_, decision) in enumerate(plan.decisions):
-        if ranges and ranges[-1][2] == decision.processor:
-            start, _, processor = ranges[-1]
-            ranges[-1] = (start, index + 1, processor)
-        else:
-            ranges.append((index, index + 1, decision.processor))
-    return ranges
+def block_boundaries(graph: LayerGraph, plan: Plan) -> list[BlockBoundary]:
+    """The plan's unit blocks: maximal runs of consecutive layers on one processor, with crossings.
 
-
-def unit_blocks(graph: LayerGraph, plan: Plan, model: onnx.ModelProto) -> list[UnitBlock]:
-    """Cut `model` (the graph rewritten for `plan`) into the plan's unit blocks."""
+    Computed from the LayerGraph alone (no ONNX rewrite), so simulators can call it cheaply.
+    """
     names = [name for name, _ in plan.decisions]
     if names != [layer.name for layer in graph.layers]:
         raise ExplorerError("plan layers are not the model's decision layers in order: make the plan for this model")
-    ranges = block_ranges(plan)
-    produced_before: list[set[str]] = []
-    produced: set[str] = set(graph.input_names)
-    for start, end, _ in ranges:
-        produced_before.append(set(produced))
-        for layer in graph.layers[start:end]:
-            for node_name in layer.node_names:
-                produced.update(graph.node_by_name[node_name].output)
-    needed_after: list[set[str]] = [set() for _ in ranges]
-    later_needs = set(graph.output_names)
-    for i in range(len(ranges) - 1, -1, -1):
-        needed_after[i] = set(later_needs)
-        start, end, _ = ranges[i]
-        for layer in graph.layers[start:end]:
-            later_needs |= set(layer.inputs)
-    blocks = []
-    for i, (start, end, processor) in enumerate(ranges):
-        layers = graph.layers[start:end]
-        produced_inside = [o for layer in layers for n in layer.node_names for o in graph.node_by_name[n].output]
-        inside = set(produced_inside)
-        inputs = list(dict.fromkeys(t for layer in layers for t in layer.inputs if t not in inside))
-        outputs = [t for t in produced_inside if t in needed_after[i]]
-        missing = set(inputs) - produced_before[i]
-        if missing:
-            raise ExplorerError(f"block {i} needs tensors no earlier block produces: {sorted(missing)[:3]}")
-        blocks.append(UnitBlock(i, processor, [layer.name for layer in layers], inputs, outputs,
-                                extract_submodel(model, inputs, outputs, graph, f"block{i}")))
-    return blocks
+    runs: list[list[int]] = []
+    for index, (_, decision) in enumerate(plan.decisions):
+        if runs and plan.decisions[runs[-1][0]][1].processor == decision.processor:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    needed_later: list[set[str]] = []
+    later = set(graph.output_names)
+    for run in reversed(runs):
+        needed_later.append(set(later))
+        for i in run:
+            later |= set(graph.layers[i].inputs)
+    needed_later.reverse()
+    boundaries = []
+    for run, needed in zip(runs, needed_later):
+        layers = [graph.layers[i] for i in run]
+        produced = [o for layer in layers for n in layer.node_names for o in graph.node_by_name[n].output]
+        inside = set(produced)
+        inputs = tuple(dict.fromkeys(t for layer in layers for t in layer.inputs if t not in inside))
+        outputs = tuple(t for t in produced if t in needed)
+        boundaries.append(BlockBoundary(run[0], run[-1] + 1, plan.decisions[run[0]][1].processor,
+                                        tuple(layer.name for layer in layers), inputs, outputs))
+    return boundaries
+
+
+def unit_blocks(graph: LayerGraph, plan: Plan, model: onnx.ModelProto) -> list[UnitBlock]:
+    """Cut `model` (the graph rewritten for `plan`) into the plan's unit blocks, each its own ONNX model."""
+    return [UnitBlock(i, b, extract_submodel(model, list(b.inputs), list(b.outputs), graph, f"block{i}"))
+            for i, b in enumerate(block_boundaries(graph, plan))]
 
 
 def extract_submodel(model: onnx.ModelProto, inputs: list[str], outputs: list[str],
@@ -136,6 +145,6 @@ def run_blocks(blocks: list[UnitBlock], feeds: dict[str, np.ndarray], sessions=N
     values = dict(feeds)
     for i, block in enumerate(blocks):
         session = sessions[i] if sessions else inference_session(block.model)
-        results = session.run(block.outputs, {name: values[name] for name in block.inputs})
+        results = session.run(list(block.outputs), {name: values[name] for name in block.inputs})
         values.update(zip(block.outputs, results))
     return values

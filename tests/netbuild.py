@@ -95,3 +95,16 @@ def random_inputs(model: onnx.ModelProto, count: int, seed: int = 1) -> np.ndarr
     """Standard-normal inputs of the model's input shape."""
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
     return np.random.default_rng(seed).standard_normal((count, *dims)).astype(np.float32)
+
+
+def branchy_cnn(seed: int = 0, channels: int = 32) -> onnx.ModelProto:
+    """A stem, then a one-layer and a two-layer branch joined by Concat, then a classifier."""
+    b = _Builder(seed)
+    c = channels
+    x = b.node("Relu", [b.conv("input", 3, c)])
+    left = b.node("Relu", [b.conv(x, c, c)])
+    right = b.node("Relu", [b.conv(x, c, c)])
+    right = b.node("Relu", [b.conv(right, c, c)])
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [b.node("Concat", [left, right], axis=1)])])
+    out = b.node("Gemm", [x, b.weight((10, 2 * c), 2 * c), b.bias(10)], transB=1)
+    return b.model((1, 3, 32, 32), out, (1, 10))

@@ -93,7 +93,8 @@ def test_default_link_is_a_copy_through_shared_dram():
 def test_transfer_time_and_energy():
     link = load_board("tegra-k1").link("cpu", "gpu")
     nbytes = 7e6  # 1 ms at 7 GB/s
-    assert link.transfer_time_s(nbytes) == pytest.approx(link.latency_us * 1e-6 + nbytes / (link.bandwidth_gbps * 1e9))
+    expected_s = link.latency_us * 1e-6 + nbytes / (link.bandwidth_gbps * 1e9)
+    assert link.transfer_time_s(nbytes) == pytest.approx(expected_s)
     assert link.transfer_energy_j(nbytes) == pytest.approx(nbytes * link.energy_nj_per_byte * 1e-9)
     assert link.transfer_time_s(0) == 0 and link.transfer_energy_j(0) == 0
 
@@ -280,7 +281,8 @@ BAD = [
     ("link-to-remote", "+", REMOTE + NETWORK + '[[links]]\nbetween = ["cpu", "cloud"]\nbandwidth_gbps = 1.0\n'
      "latency_us = 1.0\nenergy_nj_per_byte = 1.0\n", "links[1].between"),
     ("provider-option-not-string", 'provider = "CUDAExecutionProvider"',
-     'provider = "CUDAExecutionProvider"\nprovider_options = { device_id = 0 }', "processors.gpu.provider_options.device_id"),
+     'provider = "CUDAExecutionProvider"\nprovider_options = { device_id = 0 }',
+     "processors.gpu.provider_options.device_id"),
 ]
 
 
@@ -304,7 +306,8 @@ def test_the_good_profile_loads(tmp_path):
     assert remote.link("gpu", "cloud").via == "network"
 
 
-@pytest.mark.parametrize(("old", "new", "fragment"), [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+@pytest.mark.parametrize(("old", "new", "fragment"), [case[1:] for case in BAD],
+                         ids=[case[0] for case in BAD])
 def test_bad_profile_names_file_and_key_path(tmp_path, old, new, fragment):
     if old == "+":
         text = GOOD + new

@@ -1,0 +1,654 @@
+"""`explorer calibrate`: measure this machine with ONNX Runtime and write the board profile `host`.
+
+What is measured (medians of timed repeats after warm-up, each session built like explorer's own:
+CPU execution provider, :func:`explorer.precision.session_options`):
+
+- throughput (GFLOP/s; int8 in GOP/s) of single-op ONNX models, square GEMMs, a batch-1 fc layer
+  (GEMV) and 3x3 convolutions, at fp32 and at the fp16 and int8 rewrites of
+  :func:`explorer.precision.apply_precisions`. A processor's peak per precision is the best it
+  reaches; its efficiency per op kind is a typical op's throughput over the fp32 peak
+  (``conv``: the first convolution size, ``fc``: the batch-1 fc layer);
+- sustained memory bandwidth: a large numpy copy split over the processor's threads (bytes read +
+  bytes written per second, as STREAM counts a copy);
+- per-op overhead: a chain of tiny Add ops, (time(N ops) - time(1 op)) / (N - 1);
+- package power from RAPL (``/sys/class/powercap/intel-rapl:0/energy_uj``) when it is readable;
+  otherwise documented estimates;
+- cache size, core count, clock and memory are read from sysfs and /proc.
+
+The profile has two processors: ``cpu`` (every core this process may use, as many ONNX Runtime
+threads) and ``cpu1`` (one thread: the single-core analogue of a "little" processor), so that plans
+on the host can have several unit blocks. Every number in the file carries a comment saying how it
+was measured or why it is an estimate. The file is written atomically (temporary file, validated by
+:func:`explorer.boards.load_board`, then ``os.replace``): an interrupted or failed calibration never
+leaves a broken profile and keeps the previous one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import re
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from explorer import precision
+from explorer.boards import HOST, PRECISIONS, load_board
+from explorer.errors import ExplorerError
+from explorer.paths import TARGETS_DIR
+
+Progress = Callable[[str], None]
+
+PROVIDER = "CPUExecutionProvider"
+OPSET = 17
+RAPL_DIR = Path("/sys/class/powercap/intel-rapl:0")
+CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
+CPUFREQ_MAX = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+
+#: Estimates used where nothing can be measured here (each is explained where it is written).
+ESTIMATED_CORE_ACTIVE_W = 4.0  # a server core's share of package TDP: 225-280 W / 64 cores, 205 W / 40 cores
+ESTIMATED_CORE_IDLE_W = 0.5  # a core in a C-state plus its share of the uncore
+DRAM_NJ_PER_BYTE = 0.16  # Horowitz, ISSCC 2014: ~640 pJ per 32-bit DRAM access
+FALLBACK_CLOCK_GHZ = 2.5  # a typical server core's base clock
+FALLBACK_CACHE_KB = 1024
+OS_RESERVE_FRACTION = 0.9  # share of MemAvailable a model may use; the rest stays with the OS and ORT
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """How much to measure: the full calibration or the quick one (tests, smoke runs)."""
+
+    gemm_sizes: tuple[int, ...]  # square GEMMs n x n x n
+    gemv: tuple[int, int]  # batch-1 fc layer: K inputs -> N outputs
+    convs: tuple[tuple[int, int, int], ...]  # 3x3 convolutions (in channels, out channels, height = width)
+    warmup: int
+    min_repeats: int
+    max_repeats: int
+    target_s: float  # timed runs per measurement stop after about this long (at least min_repeats)
+    copy_mb: int  # array size of the bandwidth copy
+    chain: int  # tiny ops in the overhead chain
+    power_window_s: float  # RAPL sampling window
+    load_window_s: float  # window in which other processes' CPU use is sampled
+
+
+FULL = _Settings(gemm_sizes=(256, 512, 1024), gemv=(4096, 1024), convs=((64, 64, 56), (128, 128, 28)),
+                 warmup=2, min_repeats=5, max_repeats=50, target_s=0.8, copy_mb=256, chain=100,
+                 power_window_s=1.0, load_window_s=0.5)
+QUICK = _Settings(gemm_sizes=(512,), gemv=(4096, 1024), convs=((128, 128, 28),),
+                  warmup=1, min_repeats=3, max_repeats=10, target_s=0.08, copy_mb=64, chain=50,
+                  power_window_s=0.3, load_window_s=0.2)
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One single-op benchmark model."""
+
+    key: str  # e.g. gemm512, gemv, conv64x56
+    kind: str  # fc | conv
+    label: str  # for comments and progress
+    flops: float  # 2 x multiply-accumulates
+    model: onnx.ModelProto
+    x: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """A processor of the profile as measured: its id and ONNX Runtime thread count."""
+
+    id: str
+    threads: int
+
+
+@dataclass
+class _Measured:
+    """Everything the profile is written from."""
+
+    units: tuple[_Unit, ...]
+    settings: _Settings
+    gflops: dict[str, dict[str, dict[str, float]]]  # unit -> precision -> op key -> GFLOP/s
+    ops: dict[str, _Op]  # op key -> op (model and label)
+    fp16_in_fp32: bool | None  # ORT computes the fp16 nodes in fp32 behind casts (None: unknown)
+    bandwidth_gbps: dict[str, float]  # unit -> sustained copy GB/s
+    overhead_us: dict[str, float]  # unit -> per-op overhead
+    run_call_us: float  # session.run of a one-op graph on a tiny tensor
+    power: dict[str, tuple[float, float]] | None  # unit -> (active W, idle W) from RAPL; None: no RAPL
+    power_detail: str  # how the power figures were obtained
+    background_cores: float  # other processes' CPU use before calibrating (cores)
+
+
+# ---- public API -----------------------------------------------------------------------------------
+def calibrate_host(out_path: Path | None = None, quick: bool = False,
+                   progress: Progress | None = None) -> Path:
+    """Measure this machine and write the board profile `host`; return the path written.
+
+    `out_path` defaults to ``targets/host.toml`` (what ``load_board("host")`` reads). `quick` measures
+    fewer sizes with fewer repeats (a few seconds; for tests). `progress` is called with one
+    message per step. The previous profile is replaced only by a complete profile that loads.
+    """
+    out = Path(out_path) if out_path is not None else TARGETS_DIR / f"{HOST}.toml"
+    settings = QUICK if quick else FULL
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    system = _system_info()
+    say(f"host: {system['cpu_model']}, {system['cores']} cores, ONNX Runtime {ort.__version__}")
+    background = busy_cores(settings.load_window_s)
+    if background > 0.25:
+        say(f"warning: other processes use about {background:.1f} cores; measurements will be low and noisy")
+    measured = _measure(system, settings, background, say)
+    elapsed = time.perf_counter() - started
+    text = _render(system, measured, elapsed, quick)
+    say(f"writing {out}")
+    _write_atomically(out, text)
+    return out
+
+
+def busy_cores(window_s: float = 0.3) -> float:
+    """CPU use of the whole machine, in cores, over a window in which this process sleeps (/proc/stat).
+
+    Calibration results are low and noisy when this is well above zero. 0.0 where /proc/stat is absent.
+    """
+    first = _cpu_times()
+    if first is None:
+        return 0.0
+    time.sleep(window_s)
+    second = _cpu_times()
+    if second is None:
+        return 0.0
+    total = sum(second) - sum(first)
+    idle = (second[3] + second[4]) - (first[3] + first[4])  # idle + iowait
+    online = max(1, os.cpu_count() or 1)
+    return max(0.0, (total - idle) / total * online) if total > 0 else 0.0
+
+
+# ---- measurement ----------------------------------------------------------------------------------
+def _measure(system: dict, settings: _Settings, background: float, say: Progress) -> _Measured:
+    cores = system["cores"]
+    units = (_Unit("cpu", cores), _Unit("cpu1", 1))
+    ops = _benchmark_ops(settings)
+    gflops: dict[str, dict[str, dict[str, float]]] = {u.id: {p: {} for p in PRECISIONS} for u in units}
+    for op in ops.values():
+        say(f"{op.label}: building fp32, fp16 and int8 variants")
+        variants = _variants(op)
+        for unit in units:
+            for prec, model in variants.items():
+                seconds = _time_model(model, {"x": op.x}, unit.threads, settings)
+                gflops[unit.id][prec][op.key] = op.flops / seconds / 1e9
+            summary = ", ".join(f"{p} {gflops[unit.id][p][op.key]:.1f}" for p in PRECISIONS)
+            say(f"{op.label} on {unit.id} ({unit.threads} thread{'s' if unit.threads > 1 else ''}): "
+                f"{summary} GFLOP/s")
+    fp16_in_fp32 = _fp16_computed_in_fp32()
+    overhead: dict[str, float] = {}
+    run_call_us = math.inf
+    for unit in units:
+        say(f"per-op overhead on {unit.id}: a chain of {settings.chain} tiny Add ops")
+        overhead[unit.id], one_op_us = _op_overhead_us(unit.threads, settings)
+        say(f"per-op overhead on {unit.id}: {overhead[unit.id]:.2f} us")
+        run_call_us = min(run_call_us, one_op_us)
+    say(f"memory bandwidth: copy of {settings.copy_mb} MB over "
+        + " and ".join(f"{u.threads} thread{'s' if u.threads > 1 else ''} ({u.id})" for u in units))
+    copies = _copy_bandwidth_gbps(settings.copy_mb, [u.threads for u in units], settings)
+    bandwidth = {unit.id: gbps for unit, gbps in zip(units, copies)}
+    say("memory bandwidth: " + ", ".join(f"{uid} {gbps:.1f} GB/s" for uid, gbps in bandwidth.items()))
+    say("power: " + ("RAPL package energy counter" if _rapl_counter() else "no readable RAPL counter; estimates"))
+    power, power_detail = _measure_power(units, ops, settings)
+    return _Measured(units=units, settings=settings, gflops=gflops, ops=ops, fp16_in_fp32=fp16_in_fp32,
+                     bandwidth_gbps=bandwidth, overhead_us=overhead, run_call_us=run_call_us,
+                     power=power, power_detail=power_detail, background_cores=background)
+
+
+def _benchmark_ops(settings: _Settings) -> dict[str, _Op]:
+    rng = np.random.default_rng(0)
+    ops = [_gemm_op(f"gemm{n}", n, n, n, f"GEMM {n}x{n}x{n}", rng) for n in settings.gemm_sizes]
+    k, n = settings.gemv
+    ops.append(_gemm_op("gemv", 1, k, n, f"batch-1 fc 1x{k} -> {n} (GEMV)", rng))
+    ops += [_conv_op(cin, cout, hw, rng) for cin, cout, hw in settings.convs]
+    return {op.key: op for op in ops}
+
+
+def _model(node: onnx.NodeProto, x_shape: list[int], y_shape: list[int],
+           initializers: list[onnx.TensorProto]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [node], "calibrate",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9
+    return model
+
+
+def _gemm_op(key: str, m: int, k: int, n: int, label: str, rng: np.random.Generator) -> _Op:
+    weight = (rng.standard_normal((n, k)) / math.sqrt(k)).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.zeros(n, np.float32), "B")]
+    node = helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="op", transB=1)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    return _Op(key, "fc", label, 2.0 * m * k * n, _model(node, [m, k], [m, n], inits), x)
+
+
+def _conv_op(cin: int, cout: int, hw: int, rng: np.random.Generator) -> _Op:
+    weight = (rng.standard_normal((cout, cin, 3, 3)) / math.sqrt(9 * cin)).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.zeros(cout, np.float32), "B")]
+    node = helper.make_node("Conv", ["x", "W", "B"], ["y"], name="op", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    x = rng.standard_normal((1, cin, hw, hw)).astype(np.float32)
+    model = _model(node, [1, cin, hw, hw], [1, cout, hw, hw], inits)
+    return _Op(f"conv{cin}x{hw}", "conv", f"3x3 conv {cin}->{cout} at {hw}x{hw}",
+               2.0 * cout * cin * 9 * hw * hw, model, x)
+
+
+def _variants(op: _Op) -> dict[str, onnx.ModelProto]:
+    """The op at each precision, rewritten as explorer rewrites layers (int8 calibrated on op.x)."""
+    return {
+        "fp32": op.model,
+        "fp16": precision.apply_precisions(op.model, {"op": "fp16"}),
+        "int8": precision.apply_precisions(op.model, {"op": "int8"}, calibration_inputs=op.x),
+    }
+
+
+def _session(model: onnx.ModelProto, threads: int,
+             optimized_path: str | None = None) -> ort.InferenceSession:
+    options = precision.session_options()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = optimized_path
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(model.SerializeToString(), options, providers=[PROVIDER])
+
+
+def _time_runs(run: Callable[[], object], settings: _Settings) -> float:
+    """Median seconds of `run` after warm-up; repeats until about settings.target_s has passed."""
+    for _ in range(settings.warmup):
+        run()
+    times: list[float] = []
+    deadline = time.perf_counter() + settings.target_s
+    while len(times) < settings.max_repeats and (len(times) < settings.min_repeats
+                                                 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _time_model(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int,
+                settings: _Settings) -> float:
+    session = _session(model, threads)
+    try:
+        return _time_runs(lambda: session.run(None, feed), settings)
+    finally:
+        del session
+
+
+def _fp16_computed_in_fp32() -> bool | None:
+    """Whether ORT's CPU provider runs an fp16 Gemm in fp32 behind Casts it inserts (its optimised graph)."""
+    rng = np.random.default_rng(1)
+    model = precision.apply_precisions(_gemm_op("probe", 8, 8, 8, "probe", rng).model, {"op": "fp16"})
+    try:
+        with tempfile.TemporaryDirectory(prefix="explorer-calibrate-") as tmp:
+            path = str(Path(tmp, "optimized.onnx"))
+            _session(model, 1, optimized_path=path)
+            optimized = onnx.load(path)
+    except Exception:  # ORT's own exception types; the answer is then unknown
+        return None
+    producers = {out: node for node in optimized.graph.node for out in node.output}
+    for node in optimized.graph.node:
+        if node.op_type == "Gemm":
+            for tensor in node.input:
+                cast = producers.get(tensor)
+                if cast is not None and cast.op_type == "Cast" and any(
+                        a.name == "to" and a.i == TensorProto.FLOAT for a in cast.attribute):
+                    return True
+            return False
+    return None
+
+
+def _op_overhead_us(threads: int, settings: _Settings) -> tuple[float, float]:
+    """(per-op overhead, whole run of a one-op graph) in microseconds, on a 1x8 tensor."""
+    x = np.ones((1, 8), np.float32)
+    times = {}
+    for n in (1, settings.chain):
+        nodes, previous = [], "x"
+        for i in range(n):
+            out = "y" if i == n - 1 else f"t{i}"
+            nodes.append(helper.make_node("Add", [previous, "c"], [out], name=f"add{i}"))
+            previous = out
+        graph = helper.make_graph(
+            nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+            [numpy_helper.from_array(np.full((1, 8), 1e-3, np.float32), "c")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = 9
+        tiny = dataclasses.replace(settings, warmup=max(settings.warmup, 5),
+                                   min_repeats=max(settings.min_repeats, 20), max_repeats=2000)
+        times[n] = _time_model(model, {"x": x}, threads, tiny)
+    per_op = max(0.0, (times[settings.chain] - times[1]) / (settings.chain - 1))
+    return per_op * 1e6, times[1] * 1e6
+
+
+def _copy_bandwidth_gbps(size_mb: int, thread_counts: list[int], settings: _Settings) -> list[float]:
+    """Sustained copy bandwidth per thread count: bytes read + written per second, the array split over threads."""
+    n = size_mb * 2**20 // 8
+    source = np.ones(n, np.float64)
+    target = np.zeros_like(source)  # touched: no page faults in the timed copies
+    timing = dataclasses.replace(settings, warmup=1, min_repeats=max(3, settings.min_repeats // 2))
+    results = []
+    for threads in thread_counts:
+        bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+
+        def part(i: int, bounds: list[tuple[int, int]] = bounds) -> None:
+            lo, hi = bounds[i]
+            np.copyto(target[lo:hi], source[lo:hi])
+
+        with ThreadPoolExecutor(threads) as pool:
+            seconds = _time_runs(lambda: list(pool.map(part, range(threads))), timing)
+        results.append(2 * source.nbytes / seconds / 1e9)
+    return results
+
+
+# ---- power ----------------------------------------------------------------------------------------
+def _rapl_counter() -> Callable[[], float] | None:
+    """A reader of the package energy counter in joules (wrap-around handled by the caller), or None."""
+    energy = RAPL_DIR / "energy_uj"
+    try:
+        int(energy.read_text())
+    except (OSError, ValueError):
+        return None
+    return lambda: int(energy.read_text()) * 1e-6
+
+
+def _rapl_wrap_j() -> float:
+    try:
+        return int((RAPL_DIR / "max_energy_range_uj").read_text()) * 1e-6
+    except (OSError, ValueError):
+        return 2.0**32 * 1e-6
+
+
+def _average_power_w(read: Callable[[], float], work: Callable[[], object], window_s: float) -> float:
+    """Average package power while `work` is repeated for about window_s seconds."""
+    start_j, start = read(), time.perf_counter()
+    while time.perf_counter() - start < window_s:
+        work()
+    used = read() - start_j
+    if used < 0:
+        used += _rapl_wrap_j()
+    return used / (time.perf_counter() - start)
+
+
+def _measure_power(units: tuple[_Unit, ...], ops: dict[str, _Op],
+                   settings: _Settings) -> tuple[dict[str, tuple[float, float]] | None, str]:
+    """Per unit (active W, idle W) from RAPL, or None and why not."""
+    read = _rapl_counter()
+    if read is None:
+        return None, f"no readable RAPL energy counter ({RAPL_DIR}/energy_uj) on this machine"
+    op = max((o for o in ops.values() if o.kind == "fc"), key=lambda o: o.flops)
+    idle = _average_power_w(read, lambda: time.sleep(0.05), settings.power_window_s)
+    cores = max(u.threads for u in units)
+    power = {}
+    for unit in units:
+        session = _session(op.model, unit.threads)
+        busy = _average_power_w(read, lambda: session.run(None, {"x": op.x}), settings.power_window_s)
+        del session
+        idle_share = idle * unit.threads / cores
+        power[unit.id] = (max(busy - idle + idle_share, idle_share), idle_share)
+    detail = (f"RAPL package energy ({RAPL_DIR}/energy_uj) over {settings.power_window_s:g} s: idle package "
+              f"{idle:.1f} W (sleeping), busy while running {op.label} fp32")
+    return power, detail
+
+
+# ---- system information ---------------------------------------------------------------------------
+def _cpu_times() -> list[int] | None:
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    return [int(v) for v in fields[1:9]] + [0] * max(0, 9 - len(fields)) if fields[:1] == ["cpu"] else None
+
+
+def _read(path: Path | str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def _cpuinfo_field(name: str) -> list[str]:
+    text = _read("/proc/cpuinfo") or ""
+    return [line.split(":", 1)[1].strip() for line in text.splitlines()
+            if line.split(":", 1)[0].strip() == name and ":" in line]
+
+
+def _system_info() -> dict:
+    """Cores, CPU model, clock, last-level cache and memory, each with where it came from."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    model = (_cpuinfo_field("model name") or [platform.processor() or platform.machine() or "unknown CPU"])[0]
+    info = {"cores": cores, "cpu_model": _clean(model), "hostname": _clean(socket.gethostname())}
+    info["clock_ghz"], info["clock_source"] = _clock()
+    info["cache_kb"], info["cache_source"], info["cache_shared"] = _last_level_cache()
+    meminfo = {}
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        key, _, rest = line.partition(":")
+        if rest.strip().endswith("kB"):
+            meminfo[key] = int(rest.split()[0]) / 1024
+    if "MemTotal" in meminfo:
+        info["size_mb"], info["size_source"] = meminfo["MemTotal"], "read: /proc/meminfo MemTotal"
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+        info["size_mb"], info["size_source"] = total, "read: sysconf page size x physical pages"
+    available = meminfo.get("MemAvailable", info["size_mb"] * 0.5)
+    info["available_mb"] = min(info["size_mb"], available * OS_RESERVE_FRACTION)
+    info["available_source"] = (
+        f"measured: {OS_RESERVE_FRACTION:.0%} of /proc/meminfo MemAvailable at calibration time "
+        "(the rest stays with the OS and ONNX Runtime)" if "MemAvailable" in meminfo
+        else "estimate: half of the installed memory (no MemAvailable in /proc/meminfo)")
+    return info
+
+
+def _clock() -> tuple[float, str]:
+    text = _read(CPUFREQ_MAX)
+    if text and text.strip().isdigit() and int(text) > 0:
+        return int(text) / 1e6, f"read: {CPUFREQ_MAX} (maximum clock)"
+    mhz = [float(v) for v in _cpuinfo_field("cpu MHz") if re.fullmatch(r"[\d.]+", v)]
+    if mhz and max(mhz) > 0:
+        return max(mhz) / 1e3, "read: /proc/cpuinfo 'cpu MHz' (the clock the kernel reports; no cpufreq here)"
+    match = re.search(r"@\s*([\d.]+)\s*GHz", " ".join(_cpuinfo_field("model name")))
+    if match:
+        return float(match.group(1)), "read: the nominal clock in the CPU model name"
+    return FALLBACK_CLOCK_GHZ, (f"estimate: {FALLBACK_CLOCK_GHZ} GHz, a typical server core's base clock "
+                                "(no clock in cpufreq or /proc/cpuinfo here)")
+
+
+def _last_level_cache() -> tuple[int, str, str]:
+    """(size in KB, where it came from, which CPUs share it) of cpu0's highest-level data/unified cache."""
+    best: tuple[int, int, str] | None = None
+    for index in sorted(CACHE_DIR.glob("index*")):
+        level, kind, size = (_read(index / name) for name in ("level", "type", "size"))
+        if not (level and kind and size) or kind.strip() == "Instruction":
+            continue
+        match = re.fullmatch(r"(\d+)([KMG]?)", size.strip())
+        if not match:
+            continue
+        kb = int(match.group(1)) * {"": 1 / 1024, "K": 1, "M": 1024, "G": 1024**2}[match.group(2)]
+        shared = (_read(index / "shared_cpu_list") or "?").strip()
+        if best is None or int(level) > best[0]:
+            best = (int(level), max(1, int(kb)), shared)
+    if best is None:
+        return FALLBACK_CACHE_KB, "estimate: 1 MB (no cache sizes in sysfs here)", "?"
+    return best[1], f"read: {CACHE_DIR}, L{best[0]} (last level), shared by CPUs {best[2]}", best[2]
+
+
+def _clean(text: str) -> str:
+    """A one-line string safe inside a TOML basic string and a comment."""
+    return re.sub(r'[^\x20-\x7e]|["\\]', "", " ".join(text.split()))[:120] or "unknown"
+
+
+# ---- rendering and writing ------------------------------------------------------------------------
+def _f(value: float, digits: int = 2) -> str:
+    """A TOML float with a decimal point, never zero for a positive value."""
+    rounded = round(value, digits)
+    if value > 0 and rounded <= 0:
+        rounded = 10.0**-digits
+    return f"{rounded:.{digits}f}"
+
+
+def _line(code: str, comment: str) -> str:
+    return f"{code:<34} # {comment}" if len(code) < 34 else f"{code}   # {comment}"
+
+
+def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
+    cores = system["cores"]
+    size_mb, available_mb = system["size_mb"], system["available_mb"]
+    memory_bw = max(m.bandwidth_gbps.values())
+    best_unit = max(m.bandwidth_gbps, key=m.bandwidth_gbps.get)
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    mode = "quick mode: fewer sizes and repeats" if quick else "full mode"
+    lines = [
+        f"# Board profile of this machine, written by `explorer calibrate` ({mode}) on {now}.",
+        f"# Host {system['hostname']}: {system['cpu_model']}, {cores} cores available to this process,",
+        f"# ONNX Runtime {ort.__version__} ({PROVIDER}), onnx {onnx.__version__}, numpy {np.__version__}, "
+        f"Python {platform.python_version()}; calibration took {elapsed_s:.1f} s.",
+        "# Numbers marked 'measured' are medians of timed repeats after warm-up on this machine, 'read' come",
+        "# from sysfs or /proc, 'estimate' could not be measured here (the reason follows).",
+        "# Re-run `explorer calibrate` after a hardware, driver or ONNX Runtime change.",
+    ]
+    if m.background_cores > 0.25:
+        lines.append(f"# WARNING: other processes used about {m.background_cores:.1f} cores when calibration "
+                     "started: the measurements are lower and noisier than on an idle machine.")
+    lines += [
+        "",
+        "[board]",
+        f'name = "{HOST}"',
+        f'description = "This machine ({system["cpu_model"]}, {cores} cores) as measured with ONNX Runtime '
+        f'{ort.__version__}"',
+        "",
+        "[memory]",
+        _line(f"size_mb = {_f(size_mb, 1)}", system["size_source"]),
+        _line(f"available_mb = {_f(available_mb, 1)}", system["available_source"]),
+        _line(f"bandwidth_gbps = {_f(memory_bw, 2)}",
+              f"measured: the best sustained copy bandwidth ({best_unit}); a DRAM datasheet peak is not "
+              "readable here, so this is the sustained figure"),
+        "shared = true                      # one memory for every processor of this machine",
+        _line(f"energy_nj_per_byte = {_f(DRAM_NJ_PER_BYTE, 3)}",
+              "estimate: ~640 pJ per 32-bit DRAM access (Horowitz, ISSCC 2014); no DRAM energy counter is "
+              "read here"),
+        _line(f"transfer_latency_us = {_f(m.run_call_us, 1)}",
+              "measured: median ONNX Runtime session.run() of a one-Add graph on a 1x8 tensor, the fixed "
+              "cost of handing a tensor to another session in the same memory"),
+    ]
+    for unit in m.units:
+        lines += [""] + _render_unit(unit, system, m, memory_bw, available_mb)
+    return "\n".join(lines) + "\n"
+
+
+def _render_unit(unit: _Unit, system: dict, m: _Measured, memory_bw: float, available_mb: float) -> list[str]:
+    s = m.settings
+    cores = system["cores"]
+    threads = unit.threads
+    thread_text = f"{threads} ONNX Runtime thread{'s' if threads > 1 else ''}"
+    gflops = m.gflops[unit.id]
+    peaks = {p: max(gflops[p].values()) for p in PRECISIONS}
+    best = {p: m.ops[max(gflops[p], key=gflops[p].get)].label for p in PRECISIONS}
+    typical = {"conv": next(o for o in m.ops.values() if o.kind == "conv"), "fc": m.ops["gemv"]}
+    efficiency = {kind: min(1.0, gflops["fp32"][op.key] / peaks["fp32"]) for kind, op in typical.items()}
+    reps = f"median of {s.min_repeats}-{s.max_repeats} runs after {s.warmup} warm-up"
+    lines = [f"# {unit.id}: measured throughput, GFLOP/s (int8: GOP/s), {thread_text}, {reps}:"]
+    for key, op in m.ops.items():
+        values = ", ".join(f"{p} {gflops[p][key]:.1f}" for p in PRECISIONS)
+        lines.append(f"#   {op.label}: {values}")
+    if m.fp16_in_fp32:
+        fp16_note = ("ORT's CPU provider has no fp16 kernel for these ops here: it inserts Casts and "
+                     "computes in fp32 (seen in its optimised graph), so this is the fp32 rate (differences "
+                     "from fp32 are cast cost and noise); fp16 halves weight bytes, not time")
+    elif m.fp16_in_fp32 is False:
+        fp16_note = "ORT computes these fp16 nodes with fp16 kernels here (seen in its optimised graph)"
+    else:
+        fp16_note = "whether ORT computes fp16 natively could not be determined"
+    int8_note = ("int8 is the QDQ rewrite run with precision.session_options() (QDQ fusion off: "
+                 "DequantizeLinear, fp32 kernel, QuantizeLinear), as explorer runs int8 models")
+    peak_comment = (f"measured: best of the sizes above per precision (fp32: {best['fp32']}; fp16: "
+                    f"{best['fp16']}; int8: {best['int8']}), {thread_text}; fp16: {fp16_note}; {int8_note}")
+    other = "; ".join(
+        f"{kind} {p} would be {min(1.0, gflops[p][op.key] / peaks[p]):.2f}"
+        for kind, op in typical.items() for p in ("fp16", "int8"))
+    efficiency_comment = (f"measured: fp32 throughput of a typical op over the fp32 peak: conv = "
+                          f"{typical['conv'].label}, fc = {typical['fc'].label}; per precision: {other}")
+    if m.power is not None:
+        active, idle = m.power[unit.id]
+        active_comment = (f"measured: {m.power_detail} on {thread_text}, less the idle share of the cores "
+                          "it leaves idle")
+        idle_comment = f"measured: {m.power_detail}; idle package power x {threads}/{cores} of the cores"
+    else:
+        active = ESTIMATED_CORE_ACTIVE_W * threads
+        idle = ESTIMATED_CORE_IDLE_W * threads
+        active_comment = (f"estimate: {ESTIMATED_CORE_ACTIVE_W:g} W per busy core x {threads}, a server core's "
+                          "share of package TDP (225-280 W / 64 cores for AMD EPYC 7003, 205 W / 40 cores for "
+                          f"Xeon 8380): {m.power_detail}")
+        idle_comment = (f"estimate: {ESTIMATED_CORE_IDLE_W:g} W per core x {threads} (C-state plus uncore share): "
+                        f"{m.power_detail}")
+    idle = min(idle, active)
+    description = (f"All {cores} cores of {system['cpu_model']}" if unit.id == "cpu"
+                   else f"One core of {system['cpu_model']} (single-thread, the little-processor analogue)")
+    cache_comment = system["cache_source"]
+    if threads < cores:
+        cache_comment += "; a single core can use all of it"
+    return lines + [
+        _line(f"[processors.{unit.id}]", "all the cores this process may use" if unit.id == "cpu"
+              else "one core: ONNX Runtime with a single thread"),
+        'kind = "cpu"',
+        f'description = "{description}, ONNX Runtime {threads} thread{"s" if threads > 1 else ""}"',
+        _line(f"cores = {threads}",
+              "read: os.sched_getaffinity (cores this process may use)" if unit.id == "cpu"
+              else "one core: this processor runs ONNX Runtime with one thread"),
+        _line(f"clock_ghz = {_f(system['clock_ghz'], 3)}", system["clock_source"]),
+        _line(f"cache_kb = {system['cache_kb']}", cache_comment),
+        'precisions = ["fp32", "fp16", "int8"]',
+        _line("peak_gflops = { " + ", ".join(f"{p} = {_f(peaks[p])}" for p in PRECISIONS) + " }", peak_comment),
+        _line(f"efficiency = {{ conv = {_f(efficiency['conv'], 3)}, fc = {_f(efficiency['fc'], 3)} }}",
+              efficiency_comment),
+        _line(f"memory_mb = {_f(available_mb, 1)}", "measured: all of memory.available_mb (one shared memory)"),
+        _line(f"bandwidth_gbps = {_f(min(m.bandwidth_gbps[unit.id], memory_bw))}",
+              f"measured: median numpy copy of {s.copy_mb} MB split over {threads} thread(s), bytes read + "
+              "written per second"),
+        _line(f"active_power_w = {_f(active)}", active_comment),
+        _line(f"idle_power_w = {_f(idle)}", idle_comment),
+        _line(f"launch_overhead_us = {_f(m.overhead_us[unit.id])}",
+              f"measured: (time of {s.chain} chained Add ops - time of 1) / {s.chain - 1} on a 1x8 tensor, "
+              f"{thread_text}"),
+        'ops = ["Conv", "Gemm", "MatMul"]',
+        f'provider = "{PROVIDER}"',
+        _line(f"threads = {threads}", "ONNX Runtime intra-op threads used for every measurement above"),
+    ]
+
+
+def _write_atomically(out: Path, text: str) -> None:
+    """Write `text` next to `out`, check it loads as a board, then replace `out` in one step."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp makes the file private (0600); a profile is as readable as the one it replaces
+        os.chmod(temporary, out.stat().st_mode & 0o777 if out.exists() else 0o644)
+        try:
+            load_board(Path(temporary).resolve())
+        except ExplorerError as exc:
+            raise ExplorerError(f"calibration produced a profile that does not load ({exc}); "
+                                f"{out} was left unchanged") from None
+        os.replace(temporary, out)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+

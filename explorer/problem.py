@@ -1,0 +1,290 @@
+"""The one seam: `Problem.evaluate(plan) -> Evaluation`.
+
+Every agent, the environment, the benchmarks and the CLI evaluate plans through this call, so
+validation, caching (memory and disk), accuracy scoring and feasibility live in one place.
+Accuracy depends only on ranks and precisions, never on placement, and is cached that way.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from explorer.accuracy import NOT_MEASURED, AccuracyResult, AccuracyScorer, calibration_inputs, rungs_within_bound
+from explorer.boards import Board
+from explorer.cache import atomic_write_json, digest, read_json
+from explorer.compress import Compressor, Rung
+from explorer.cost import CostModel
+from explorer.errors import ExplorerError
+from explorer.graph import Layer, LayerGraph
+from explorer.measure import Measurement, Measurer
+from explorer.paths import cache_dir
+from explorer.plan import Decision, Plan
+
+OBJECTIVES = ("energy", "latency", "memory")
+DEFAULT_LATENCY_MS = 5000.0  # DeepX: one inference never longer than 5 s
+DEFAULT_MAX_ACCURACY_DROP = 0.05  # DeepX: compression limited to about a 5 % accuracy fall
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Limits a feasible plan respects (None: no limit)."""
+
+    latency_ms: float | None = DEFAULT_LATENCY_MS
+    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP  # fraction: 0.01 = one point
+    memory_mb: float | None = None  # total weight memory
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Minimise one metric, or a weighted sum of metrics each relative to the baseline plan."""
+
+    weights: tuple[tuple[str, float], ...] = (("energy", 1.0),)
+
+    @classmethod
+    def parse(cls, text: str) -> "Objective":
+        """'energy', 'latency', 'memory', or a weighted sum like 'energy:0.7,latency:0.3'."""
+        weights = []
+        for part in text.split(","):
+            name, _, weight = part.strip().partition(":")
+            if name not in OBJECTIVES:
+                raise ExplorerError(f"unknown objective {name!r}: use one of {', '.join(OBJECTIVES)} or a weighted sum like energy:0.7,latency:0.3")
+            try:
+                weights.append((name, float(weight) if weight else 1.0))
+            except ValueError:
+                raise ExplorerError(f"objective weight {weight!r} is not a number (e.g. energy:0.7,latency:0.3)") from None
+        return cls(tuple(weights))
+
+    @property
+    def single(self) -> str | None:
+        return self.weights[0][0] if len(self.weights) == 1 else None
+
+    def describe(self) -> str:
+        return self.single or " + ".join(f"{w:g} x {n}/baseline" for n, w in self.weights)
+
+
+def metric_value(name: str, latency_ms: float, energy_mj: float, memory_mb: float) -> float:
+    return {"energy": energy_mj, "latency": latency_ms, "memory": memory_mb}[name]
+
+
+@dataclass
+class Evaluation:
+    """Everything known about one plan: measured cost, accuracy, feasibility, objective."""
+
+    plan_digest: str
+    latency_ms: float
+    latency_spread_ms: float
+    energy_mj: float
+    energy_source: str
+    memory_mb: float  # total weight memory
+    memory_mb_by_processor: dict[str, float]
+    accuracy: float | None
+    accuracy_metric: str
+    accuracy_drop: float | None
+    feasible: bool
+    violations: list[str]
+    objective: float
+    measured_by: str
+    blocks: list[dict] = field(default_factory=list)
+    peak_memory_mb: float | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def accuracy_text(self) -> str:
+        if self.accuracy is None:
+            return NOT_MEASURED
+        return f"{100 * self.accuracy:.2f}% {self.accuracy_metric} (drop {100 * self.accuracy_drop:+.2f} points)"
+
+
+class Problem:
+    """A model, a board, a measurer, validation data, constraints and an objective."""
+
+    def __init__(self, graph: LayerGraph, board: Board, measurer: Measurer, scorer: AccuracyScorer,
+                 constraints: Constraints = Constraints(), objective: Objective = Objective(),
+                 compressor: Compressor | None = None, use_disk_cache: bool = True):
+        self.graph = graph
+        self.board = board
+        self.measurer = measurer
+        self.scorer = scorer
+        self.constraints = constraints
+        self.objective = objective
+        self.compressor = compressor or Compressor(graph)
+        self.cost_model = CostModel(board, graph, self.compressor)
+        self.use_disk_cache = use_disk_cache
+        self.calibration_inputs, self.calibration_source = calibration_inputs(graph, scorer.dataset)
+        self.evaluations = 0  # measured (not cached) evaluations
+        self._memory_cache: dict[str, Evaluation] = {}
+        self._accuracy_cache: dict[str, AccuracyResult] = {}
+        self._baseline: Evaluation | None = None
+        self._key = digest(graph.fingerprint(), scorer.data_digest(), board.digest, measurer.identity(board))
+        self._accuracy_key = digest(graph.fingerprint(), scorer.data_digest(), "accuracy-v1")
+
+    # ---- the design space ---------------------------------------------------------------------
+    def rungs(self, layer: Layer) -> list[Rung]:
+        """Rungs offered for a layer (limited by the reconstruction-error bound without data)."""
+        if self.scorer.measured:
+            return self.compressor.ladder(layer.name)
+        return rungs_within_bound(self.compressor, layer.name)
+
+    def choices(self, layer: Layer) -> list[Decision]:
+        """Every valid decision for a layer: offered rung x supported precision x capable processor."""
+        options = []
+        for rung in self.rungs(layer):
+            for pid, processor in self.board.processors.items():
+                for precision in processor.precisions:
+                    if layer.op_type in processor.ops:
+                        options.append(Decision(rung.method, rung.rank, precision, pid))
+        return options
+
+    def validate(self, plan: Plan) -> None:
+        """ExplorerError naming the first decision that is not in the design space."""
+        names = [name for name, _ in plan.decisions]
+        if names != [layer.name for layer in self.graph.layers]:
+            raise ExplorerError("the plan's layers are not this model's decision layers: make the plan for this model")
+        for (name, decision), layer in zip(plan.decisions, self.graph.layers):
+            if decision.processor is None:
+                raise ExplorerError(f"layer {name} has no processor: every decision needs one of {', '.join(self.board.processor_ids)}")
+            processor = self.board.processor(decision.processor)
+            if decision.precision not in processor.precisions:
+                raise ExplorerError(f"layer {name}: {decision.processor} of {self.board.name} does not run {decision.precision} "
+                                    f"(it runs {', '.join(processor.precisions)})")
+            if layer.op_type not in processor.ops:
+                raise ExplorerError(f"layer {name}: {decision.processor} does not run {layer.op_type}")
+            rung = self.compressor.rung(name, decision.method, decision.rank)
+            if not self.scorer.measured and rung not in self.rungs(layer):
+                raise ExplorerError(f"layer {name}: rung {rung.label()} exceeds the reconstruction-error bound used without data")
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, plan: Plan) -> Evaluation:
+        """Measure (or recall) a plan and score it; the only path agents use."""
+        evaluation = self._measured(plan)
+        if math.isnan(evaluation.objective):
+            evaluation.objective = self.objective_value(evaluation)
+        return evaluation
+
+    def _measured(self, plan: Plan) -> Evaluation:
+        """The plan's evaluation before the objective is filled in (cached in memory and on disk)."""
+        plan_digest = plan.digest()
+        cached = self._memory_cache.get(plan_digest)
+        if cached is not None:
+            return cached
+        self.validate(plan)
+        path = self.cache_folder() / f"{plan_digest}.json" if self.use_disk_cache else None
+        stored = read_json(path) if path else None
+        if stored is not None:
+            measurement = Measurement.from_json(stored)
+        else:
+            measurement = self.measurer.measure(self.graph, self.compressor, self.board, plan, self.calibration_inputs)
+            self.evaluations += 1
+            if path:
+                atomic_write_json(path, measurement.to_json())
+        evaluation = self._score(plan, plan_digest, measurement)
+        self._memory_cache[plan_digest] = evaluation
+        return evaluation
+
+    def cache_folder(self) -> Path:
+        """Where measurements of this model + data + board + measurer are cached on disk."""
+        return cache_dir("evaluations") / self._key
+
+    def accuracy(self, plan: Plan) -> AccuracyResult:
+        """Accuracy of the plan's ranks and precisions (placement does not matter), cached."""
+        key = digest(*(f"{n}|{d.method}|{d.rank}|{d.precision}" for n, d in plan.decisions))
+        if key in self._accuracy_cache:
+            return self._accuracy_cache[key]
+        path = cache_dir("accuracy") / self._accuracy_key / f"{key}.json" if self.use_disk_cache else None
+        stored = read_json(path) if path and self.scorer.measured else None
+        if stored is not None:
+            result = AccuracyResult(stored["value"], stored["metric"], stored["samples"])
+        else:
+            if self.scorer.measured:
+                result = self.scorer.score(self.compressor.rewrite(plan, self.calibration_inputs))
+                if path:
+                    atomic_write_json(path, asdict(result))
+            else:
+                result = self.scorer.baseline
+        self._accuracy_cache[key] = result
+        return result
+
+    def _score(self, plan: Plan, plan_digest: str, m: Measurement) -> Evaluation:
+        accuracy = self.accuracy(plan)
+        drop = self.scorer.drop(accuracy)
+        memory_mb = sum(m.memory_mb_by_processor.values())
+        violations = []
+        c = self.constraints
+        if c.latency_ms is not None and m.latency_ms > c.latency_ms:
+            violations.append(f"latency {m.latency_ms:.3f} ms > budget {c.latency_ms:g} ms")
+        if c.max_accuracy_drop is not None and drop is not None and drop > c.max_accuracy_drop:
+            violations.append(f"accuracy drop {100 * drop:.2f} points > limit {100 * c.max_accuracy_drop:g}")
+        if c.memory_mb is not None and memory_mb > c.memory_mb:
+            violations.append(f"weight memory {memory_mb:.2f} MB > limit {c.memory_mb:g} MB")
+        local = 0.0
+        for pid, mb in m.memory_mb_by_processor.items():
+            processor = self.board.processor(pid)
+            if mb > processor.memory_mb:
+                violations.append(f"{pid} holds {mb:.1f} MB of weights > its {processor.memory_mb:g} MB")
+            if not processor.is_remote:
+                local += mb
+        if local > self.board.memory.available_mb:
+            violations.append(f"weights {local:.1f} MB > the board's available {self.board.memory.available_mb:g} MB")
+        evaluation = Evaluation(
+            plan_digest=plan_digest, latency_ms=m.latency_ms, latency_spread_ms=m.latency_spread_ms,
+            energy_mj=m.energy_mj, energy_source=m.energy_source, memory_mb=memory_mb,
+            memory_mb_by_processor=m.memory_mb_by_processor, accuracy=accuracy.value,
+            accuracy_metric=accuracy.metric, accuracy_drop=drop, feasible=not violations, violations=violations,
+            objective=math.nan, measured_by=m.measured_by, blocks=[asdict(b) for b in m.blocks],
+            peak_memory_mb=m.peak_memory_mb,
+        )
+        return evaluation
+
+    def objective_value(self, e: Evaluation) -> float:
+        """The scalar to minimise (single metric as is; weighted sums relative to the baseline)."""
+        if self.objective.single:
+            return metric_value(self.objective.single, e.latency_ms, e.energy_mj, e.memory_mb)
+        base = self.baseline()
+        return sum(w * metric_value(n, e.latency_ms, e.energy_mj, e.memory_mb)
+                   / max(metric_value(n, base.latency_ms, base.energy_mj, base.memory_mb), 1e-12)
+                   for n, w in self.objective.weights)
+
+    # ---- reference plans ----------------------------------------------------------------------
+    def uniform_plan(self, processor: str, precision: str = "fp32") -> Plan:
+        """Every layer uncompressed at one precision on one processor."""
+        return Plan.uniform([layer.name for layer in self.graph.layers], Decision(precision=precision, processor=processor))
+
+    def baseline_plan(self) -> Plan:
+        """The uncompressed fp32 model on the best single processor (by the objective, feasible first)."""
+        return self.baseline_candidates()[0][0]
+
+    def baseline_candidates(self) -> list[tuple[Plan, Evaluation]]:
+        """Uncompressed fp32 on each processor that can run every layer, best first.
+
+        Ranked by feasibility, then by the objective's first metric (a weighted objective is
+        relative to this baseline, so it cannot rank it).
+        """
+        first = self.objective.weights[0][0]
+        candidates = []
+        for pid, processor in self.board.processors.items():
+            if "fp32" in processor.precisions and all(layer.op_type in processor.ops for layer in self.graph.layers):
+                plan = self.uniform_plan(pid)
+                candidates.append((plan, self._measured(plan)))
+        if not candidates:
+            raise ExplorerError(f"no processor of {self.board.name} runs the whole model in fp32: there is no baseline")
+        candidates.sort(key=lambda pe: (not pe[1].feasible, metric_value(first, pe[1].latency_ms, pe[1].energy_mj, pe[1].memory_mb)))
+        return candidates
+
+    def baseline(self) -> Evaluation:
+        """Evaluation of the baseline plan."""
+        if self._baseline is None:
+            self._baseline = self._measured(self.baseline_plan())  # set first: a weighted objective needs it
+            self.evaluate(self.baseline_plan())
+        return self._baseline
+
+    def random_plan(self, rng: np.random.Generator) -> Plan:
+        """A uniformly random valid plan (for tests, benchmarks and the random agent)."""
+        decisions = {}
+        for layer in self.graph.layers:
+            options = self.choices(layer)
+            decisions[layer.name] = options[int(rng.integers(len(options)))]
+        return Plan.from_dict(decisions)

@@ -1,0 +1,151 @@
+"""Tests for explorer.calibrate: the host profile it writes loads, is complete and commented, and an
+interrupted or failed calibration leaves the previous profile untouched."""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+
+from explorer import calibrate
+from explorer.boards import PRECISIONS, load_board
+from explorer.errors import ExplorerError
+
+
+@pytest.fixture(scope="module")
+def quick_profile(tmp_path_factory):
+    """One quick calibration for the module: (path, progress messages, other processes' load before it)."""
+    background = calibrate.busy_cores(0.3)
+    messages: list[str] = []
+    path = calibrate.calibrate_host(tmp_path_factory.mktemp("host") / "host.toml", quick=True,
+                                    progress=messages.append)
+    return path, messages, background
+
+
+def test_quick_calibration_writes_a_profile_that_loads(quick_profile):
+    path, messages, _ = quick_profile
+    board = load_board(path)
+    assert board.name == "host"
+    assert board.processor_ids == ("cpu", "cpu1")
+    assert board.memory.shared
+    cores = len(os.sched_getaffinity(0))
+    for pid, threads in (("cpu", cores), ("cpu1", 1)):
+        proc = board.processor(pid)
+        assert proc.kind == "cpu" and proc.provider == "CPUExecutionProvider"
+        assert proc.threads == threads and proc.cores == threads
+        assert proc.precisions == PRECISIONS
+        assert set(proc.ops) == {"Conv", "Gemm", "MatMul"}
+        assert all(proc.peak_gflops[p] > 0 for p in PRECISIONS)
+        assert all(0 < proc.efficiency[k] <= 1 for k in ("conv", "fc"))
+        assert 0 < proc.bandwidth_gbps <= board.memory.bandwidth_gbps
+        assert 0 <= proc.idle_power_w <= proc.active_power_w
+        assert proc.launch_overhead_us >= 0 and proc.cache_kb > 0 and proc.clock_ghz > 0
+    assert board.link("cpu", "cpu1").via == "memory"
+    assert path.stat().st_mode & 0o777 == 0o644  # not the temporary file's private mode
+    assert messages and any("GEMM" in m for m in messages) and messages[-1].startswith("writing")
+
+
+def test_every_number_in_the_profile_has_a_comment(quick_profile):
+    path, _, _ = quick_profile
+    text = path.read_text()
+    assert text.startswith("# Board profile of this machine")
+    missing = []
+    for number, line in enumerate(text.splitlines(), 1):
+        code, _, comment = re.sub(r'"[^"]*"', '""', line).partition("#")
+        if re.search(r"\d", code) and len(comment.strip()) < 3:
+            missing.append(f"{number}: {line}")
+        if re.search(r"\d", code) and "=" in code:  # a value: says where it comes from
+            assert re.match(r"\s*(measured|read|estimate|one |ONNX Runtime)", comment), line
+    assert not missing, "numbers without a comment:\n" + "\n".join(missing)
+    assert "ONNX Runtime" in text.splitlines()[2]
+
+
+def test_all_cores_are_faster_than_one(quick_profile):
+    path, _, background = quick_profile
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: nothing to compare")
+    if background > 0.5:
+        pytest.skip(f"other processes used {background:.1f} cores: multi-thread throughput is not comparable")
+    board = load_board(path)
+    assert board.processor("cpu").peak_gflops["fp32"] > 1.2 * board.processor("cpu1").peak_gflops["fp32"]
+
+
+def test_interrupted_calibration_keeps_the_previous_profile(quick_profile, tmp_path, monkeypatch):
+    target = tmp_path / "host.toml"
+    target.write_bytes(quick_profile[0].read_bytes())
+    before = target.read_bytes()
+    calls = []
+    real = calibrate._time_model
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # mid-way through the throughput measurements
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "_time_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.calibrate_host(target, quick=True)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["host.toml"]
+
+
+def test_interrupt_while_writing_keeps_the_previous_profile(tmp_path, monkeypatch):
+    target = tmp_path / "host.toml"
+    target.write_text("old profile\n")
+
+    def interrupt(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate, "load_board", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate._write_atomically(target, "[board]\n")
+    assert target.read_text() == "old profile\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["host.toml"]
+
+
+def test_a_profile_that_does_not_load_is_not_written(tmp_path):
+    target = tmp_path / "host.toml"
+    target.write_text("old profile\n")
+    with pytest.raises(ExplorerError, match="does not load.*left unchanged"):
+        calibrate._write_atomically(target, '[board]\nname = "host"\n')
+    assert target.read_text() == "old profile\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["host.toml"]
+
+
+def test_power_is_measured_from_rapl_when_readable(monkeypatch):
+    """With a (simulated) package energy counter, power comes from it instead of estimates."""
+    watts = {"now": 5.0}
+    energy = {"j": 0.0, "t": time.perf_counter()}
+
+    def counter() -> float:  # integrates the current power: 5 W sleeping, 20 W computing
+        now = time.perf_counter()
+        energy["j"] += watts["now"] * (now - energy["t"])
+        energy["t"] = now
+        return energy["j"]
+
+    real_sleep = time.sleep
+
+    def sleep(seconds):  # integrate up to each change of power
+        counter()
+        watts["now"] = 5.0
+        real_sleep(seconds)
+        counter()
+        watts["now"] = 20.0
+
+    monkeypatch.setattr(calibrate, "_rapl_counter", lambda: counter)
+    monkeypatch.setattr(calibrate.time, "sleep", sleep)
+    settings = calibrate.QUICK
+    ops = {"gemv": calibrate._gemm_op("gemv", 1, 64, 64, "fc", calibrate.np.random.default_rng(0))}
+    units = (calibrate._Unit("cpu", 2), calibrate._Unit("cpu1", 1))
+    power, detail = calibrate._measure_power(units, ops, settings)
+    assert "RAPL" in detail
+    active, idle = power["cpu"]
+    assert idle == pytest.approx(5.0, rel=0.3) and active == pytest.approx(20.0, rel=0.3)
+    active1, idle1 = power["cpu1"]
+    assert idle1 == pytest.approx(2.5, rel=0.3) and 0 <= idle1 <= active1
+
+
+def test_busy_cores_is_a_fraction_of_the_machine():
+    assert 0.0 <= calibrate.busy_cores(0.05) <= (os.cpu_count() or 1) + 1e-9
