@@ -91,7 +91,7 @@ class AccuracyScorer:
         if dataset.y is not None and not classifier:
             raise ExplorerError("the data has labels but the model's output is not (N, classes): drop `y` from the npz")
         self.metric = "top1" if dataset.y is not None else ("agreement" if classifier else "similarity")
-        self.baseline = self._score_outputs(self.reference_outputs)
+        self.baseline = self.score_outputs(self.reference_outputs)
 
     @property
     def measured(self) -> bool:
@@ -108,7 +108,7 @@ class AccuracyScorer:
         """Accuracy of a model on the dataset (unmeasured result without data)."""
         if self.dataset is None:
             return self.baseline
-        return self._score_outputs(run_model(model, self.dataset.x))
+        return self.score_outputs(run_model(model, self.dataset.x))
 
     def drop(self, result: AccuracyResult) -> float | None:
         """Accuracy lost against the reference model, as a fraction (0.01 = one point)."""
@@ -116,7 +116,8 @@ class AccuracyScorer:
             return None
         return self.baseline.value - result.value
 
-    def _score_outputs(self, outputs: np.ndarray) -> AccuracyResult:
+    def score_outputs(self, outputs: np.ndarray) -> AccuracyResult:
+        """Accuracy of model outputs on the dataset, in this scorer's metric."""
         n = len(outputs)
         if self.metric == "top1":
             return AccuracyResult(float(np.mean(outputs.argmax(1) == self.dataset.y)), "top1", n)
@@ -177,18 +178,56 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     table = SensitivityTable(scorer.metric, scorer.baseline.value)
     x_calibration, _ = calibration_inputs(graph, scorer.dataset)
     base_plan = full_rank_plan(graph)
-    jobs = [(layer.name, rung, precision) for layer in graph.layers for rung in compressor.ladder(layer.name)
+    jobs = [(layer, rung, precision) for layer in graph.layers for rung in compressor.ladder(layer.name)
             for precision in precisions if not (rung.method == "full" and precision == "fp32")]
+    suffixes = _SuffixRunner(graph, scorer.dataset.x)
     ranges_by_rung: dict[tuple, dict] = {}
-    for done, (layer_name, rung, precision) in enumerate(jobs):
-        plan = base_plan.with_decision(layer_name, decision_for(rung, precision))
+    for done, (layer, rung, precision) in enumerate(jobs):
+        plan = base_plan.with_decision(layer.name, decision_for(rung, precision))
         model = compressor.rewrite(plan, x_calibration, ranges=_ranges(compressor, ranges_by_rung, base_plan,
-                                                                       layer_name, rung, x_calibration, precision))
-        table.drops[table.key(layer_name, rung.method, rung.rank, precision)] = scorer.drop(scorer.score(model))
+                                                                       layer.name, rung, x_calibration, precision))
+        result = scorer.score_outputs(suffixes.run(model, layer.index))
+        table.drops[table.key(layer.name, rung.method, rung.rank, precision)] = scorer.drop(result)
         if progress:
             progress(done + 1, len(jobs))
     atomic_write_json(path, table.to_json())
     return table
+
+
+class _SuffixRunner:
+    """Runs only the layers from a given one on: the earlier layers are the reference model's, so
+    their outputs are computed once (one pass with every layer boundary as an extra output)."""
+
+    def __init__(self, graph: LayerGraph, x: np.ndarray):
+        from explorer.partition import run_inputs
+
+        self.graph = graph
+        self.inputs = [run_inputs(graph, i, len(graph.layers)) for i in range(len(graph.layers))]
+        needed = list(dict.fromkeys(t for names in self.inputs for t in names if t not in graph.input_names))
+        model = onnx.ModelProto()
+        model.CopyFrom(graph.model)
+        known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
+        model.graph.output.extend(known[t] for t in needed if t not in graph.output_names)
+        session = inference_session(model)
+        names = [o.name for o in session.get_outputs()]
+        values: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for start in range(0, len(x), 500):
+            for name, value in zip(names, session.run(names, {graph.input_names[0]: x[start:start + 500]})):
+                values[name].append(value)
+        self.activations = {name: np.concatenate(parts) for name, parts in values.items()}
+        self.activations[graph.input_names[0]] = x
+
+    def run(self, model: onnx.ModelProto, start: int) -> np.ndarray:
+        """The model's first output, computing only layers start.. from the reference activations."""
+        from explorer.partition import extract_submodel
+
+        inputs = list(self.inputs[start])
+        suffix = extract_submodel(model, inputs, self.graph.output_names[:1], self.graph, f"from_layer{start}")
+        session = inference_session(suffix)
+        count = len(self.activations[inputs[0]])
+        outputs = [session.run(None, {name: self.activations[name][s:s + 500] for name in inputs})[0]
+                   for s in range(0, count, 500)]
+        return np.concatenate(outputs)
 
 
 def _ranges(compressor: Compressor, cache: dict, base_plan, layer_name: str, rung: Rung,

@@ -84,7 +84,7 @@ class _Settings:
 
 
 FULL = _Settings(gemm_sizes=(256, 512, 1024), gemv=(4096, 1024), convs=((64, 64, 56), (128, 128, 28)),
-                 warmup=2, min_repeats=5, max_repeats=50, target_s=0.8, copy_mb=256, chain=100,
+                 warmup=2, min_repeats=5, max_repeats=50, target_s=1.0, copy_mb=256, chain=100,
                  power_window_s=1.0, load_window_s=0.5)
 QUICK = _Settings(gemm_sizes=(512,), gemv=(4096, 1024), convs=((128, 128, 28),),
                   warmup=1, min_repeats=3, max_repeats=10, target_s=0.08, copy_mb=64, chain=50,
@@ -126,6 +126,7 @@ class _Measured:
     power: dict[str, tuple[float, float]] | None  # unit -> (active W, idle W) from RAPL; None: no RAPL
     power_detail: str  # how the power figures were obtained
     background_cores: float  # other processes' CPU use before calibrating (cores)
+    others_during: float | None = None  # other processes' average CPU use while measuring (cores)
 
 
 # ---- public API -----------------------------------------------------------------------------------
@@ -146,7 +147,12 @@ def calibrate_host(out_path: Path | None = None, quick: bool = False,
     background = busy_cores(settings.load_window_s)
     if background > 0.25:
         say(f"warning: other processes use about {background:.1f} cores; measurements will be low and noisy")
+    machine_before, own_before, wall_before = _cpu_times(), time.process_time(), time.perf_counter()
     measured = _measure(system, settings, background, say)
+    measured.others_during = _others_cores(machine_before, own_before, wall_before)
+    if measured.others_during is not None and measured.others_during > 0.25:
+        say(f"warning: other processes used about {measured.others_during:.1f} cores while measuring; "
+            "the profile says so")
     elapsed = time.perf_counter() - started
     text = _render(system, measured, elapsed, quick)
     say(f"writing {out}")
@@ -170,6 +176,17 @@ def busy_cores(window_s: float = 0.3) -> float:
     idle = (second[3] + second[4]) - (first[3] + first[4])  # idle + iowait
     online = max(1, os.cpu_count() or 1)
     return max(0.0, (total - idle) / total * online) if total > 0 else 0.0
+
+
+def _others_cores(machine_before: list[int] | None, own_before: float, wall_before: float) -> float | None:
+    """Average CPU use of other processes since the given snapshot, in cores (None without /proc/stat)."""
+    machine_after, own = _cpu_times(), time.process_time() - own_before
+    wall = time.perf_counter() - wall_before
+    if machine_before is None or machine_after is None or wall <= 0:
+        return None
+    busy = (sum(machine_after) - machine_after[3] - machine_after[4]) - (
+        sum(machine_before) - machine_before[3] - machine_before[4])
+    return max(0.0, busy / os.sysconf("SC_CLK_TCK") - own) / wall
 
 
 # ---- measurement ----------------------------------------------------------------------------------
@@ -301,16 +318,14 @@ def _fp16_computed_in_fp32() -> bool | None:
             optimized = onnx.load(path)
     except Exception:  # ORT's own exception types; the answer is then unknown
         return None
-    producers = {out: node for node in optimized.graph.node for out in node.output}
+    # element type of the Gemm's weight input: a Cast's target or a (possibly constant-folded) initializer
+    types = {init.name: init.data_type for init in optimized.graph.initializer}
     for node in optimized.graph.node:
-        if node.op_type == "Gemm":
-            for tensor in node.input:
-                cast = producers.get(tensor)
-                if cast is not None and cast.op_type == "Cast" and any(
-                        a.name == "to" and a.i == TensorProto.FLOAT for a in cast.attribute):
-                    return True
-            return False
-    return None
+        if node.op_type == "Cast":
+            types.update({out: a.i for a in node.attribute if a.name == "to" for out in node.output})
+    gemm = next((node for node in optimized.graph.node if node.op_type == "Gemm"), None)
+    weight_type = types.get(gemm.input[1]) if gemm is not None else None
+    return {TensorProto.FLOAT: True, TensorProto.FLOAT16: False}.get(weight_type)
 
 
 def _op_overhead_us(threads: int, settings: _Settings) -> tuple[float, float]:
@@ -522,9 +537,13 @@ def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
         "# from sysfs or /proc, 'estimate' could not be measured here (the reason follows).",
         "# Re-run `explorer calibrate` after a hardware, driver or ONNX Runtime change.",
     ]
-    if m.background_cores > 0.25:
+    others = max(m.background_cores, m.others_during or 0.0)
+    if others > 0.25:
         lines.append(f"# WARNING: other processes used about {m.background_cores:.1f} cores when calibration "
-                     "started: the measurements are lower and noisier than on an idle machine.")
+                     f"started and {m.others_during or 0.0:.1f} on average while it measured: the")
+        lines.append("# measurements are lower and noisier than on an idle machine; re-run when it is idle.")
+    else:
+        lines.append(f"# Other processes used {others:.2f} cores on average during calibration (an idle machine).")
     lines += [
         "",
         "[board]",

@@ -1,8 +1,8 @@
 """The additive analytic cost model the solver needs: per layer x rung x precision x processor.
 
 Roofline-style: a layer takes max(FLOPs / (peak x efficiency), bytes / bandwidth) plus a fixed
-overhead per op it launches; its energy is that time at the processor's active power plus the DRAM
-energy of the bytes it moves. A cut between two processors costs the transfer of the tensors that
+overhead per op it launches; its energy is that time at the processor's active power plus the idle
+power of the local processors that wait, plus the DRAM energy of the bytes it moves. A cut between two processors costs the transfer of the tensors that
 cross it over the board's link. Weight memory is parameters x bytes per element.
 
 It is deliberately simple and additive, so that it is exact inside a mixed-integer program. It can
@@ -81,7 +81,8 @@ class CostModel:
         latency = max(compute_s, memory_s) + ops * processor.launch_overhead_us * 1e-6
         latency *= self.factors.get((processor_id, layer.kind, precision), 1.0)
         dram_j = 0.0 if processor.is_remote else (weight_bytes + activation_bytes) * self.board.memory.energy_nj_per_byte * 1e-9
-        return LayerCost(latency, latency * processor.active_power_w + dram_j, weight_bytes)
+        waiting_w = sum(p.idle_power_w for pid, p in self.board.processors.items() if pid != processor_id and not p.is_remote)
+        return LayerCost(latency, latency * (processor.active_power_w + waiting_w) + dram_j, weight_bytes)
 
     def transfer(self, layer: Layer, from_processor: str, to_processor: str) -> tuple[float, float]:
         """(seconds, joules) to move a layer's outgoing tensors to the next layer's processor."""

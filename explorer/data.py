@@ -19,6 +19,7 @@ FASHION_MNIST_CLASSES = (
 # mean and standard deviation over the 60,000 training images (0.21900, 0.33181).
 FASHION_MNIST_MEAN = 0.2190
 FASHION_MNIST_STD = 0.3318
+_SAVE_HINT = "save it with numpy.savez(path, x=inputs, y=labels)"
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -90,9 +91,9 @@ def load_npz_dataset(path: Path | str, input_shape: tuple | list | None) -> Data
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise ExplorerError(f"{path} is not a readable .npz file ({exc}): save it with numpy.savez(path, x=..., y=...)") from None
+        raise ExplorerError(f"{path} is not a readable .npz file ({exc}): {_SAVE_HINT}") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ExplorerError(f"{path} is a single array, not an .npz: save it with numpy.savez(path, x=..., y=...)")
+        raise ExplorerError(f"{path} is a single array, not an .npz: {_SAVE_HINT}")
     try:
         with loaded:
             arrays = {name: loaded[name] for name in loaded.files}
@@ -102,14 +103,15 @@ def load_npz_dataset(path: Path | str, input_shape: tuple | list | None) -> Data
         found = ", ".join(sorted(arrays)) or "none"
         raise ExplorerError(f"{path} has no array named 'x' (arrays found: {found}): save inputs as x=...")
     x = arrays["x"]
+    if x.ndim == 0:
+        raise ExplorerError(f"{path}: x is a scalar; it must hold a batch of inputs, shape (N, ...)")
     if input_shape is not None:
         expected = tuple(input_shape)[1:]
         got = x.shape[1:]
-        matches = len(expected) == len(got) and all(
-            not isinstance(e, int) or e <= 0 or e == g for e, g in zip(expected, got)
-        )
+        fixed = [isinstance(e, (int, np.integer)) and e > 0 for e in expected]
+        matches = len(expected) == len(got) and all(not f or e == g for f, e, g in zip(fixed, expected, got))
         if not matches:
-            shown = ", ".join(str(e) if isinstance(e, int) and e > 0 else "?" for e in expected)
+            shown = ", ".join(str(e) if f else "?" for f, e in zip(fixed, expected))
             raise ExplorerError(
                 f"{path}: x has shape {x.shape}, which does not match the model input: "
                 f"expected (N, {shown}), got per-sample shape {got}"
@@ -123,7 +125,9 @@ def load_npz_dataset(path: Path | str, input_shape: tuple | list | None) -> Data
         if not np.issubdtype(y.dtype, np.integer):
             raise ExplorerError(f"{path}: y has dtype {y.dtype}; class labels must be integers")
         if y.ndim != 1 or len(y) != len(x):
-            raise ExplorerError(f"{path}: y has shape {y.shape} but x has {len(x)} samples; need one label per sample")
+            raise ExplorerError(
+                f"{path}: y has shape {y.shape} but x has {len(x)} samples; need one label per sample"
+            )
         y = y.astype(np.int64, copy=False)
     source = f"{path.name} ({len(x)} samples, {'labelled' if y is not None else 'unlabelled'})"
     return Dataset(x=x, y=y, source=source)

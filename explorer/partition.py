@@ -77,12 +77,17 @@ def block_boundaries(graph: LayerGraph, plan: Plan) -> list[BlockBoundary]:
     for run, needed in zip(runs, needed_later):
         layers = [graph.layers[i] for i in run]
         produced = [o for layer in layers for n in layer.node_names for o in graph.node_by_name[n].output]
-        inside = set(produced)
-        inputs = tuple(dict.fromkeys(t for layer in layers for t in layer.inputs if t not in inside))
         outputs = tuple(t for t in produced if t in needed)
         boundaries.append(BlockBoundary(run[0], run[-1] + 1, plan.decisions[run[0]][1].processor,
-                                        tuple(layer.name for layer in layers), inputs, outputs))
+                                        tuple(layer.name for layer in layers), run_inputs(graph, run[0], run[-1] + 1), outputs))
     return boundaries
+
+
+def run_inputs(graph: LayerGraph, start: int, end: int) -> tuple[str, ...]:
+    """Tensors that layers start..end-1 consume from earlier layers or the graph input."""
+    layers = graph.layers[start:end]
+    inside = {o for layer in layers for n in layer.node_names for o in graph.node_by_name[n].output}
+    return tuple(dict.fromkeys(t for layer in layers for t in layer.inputs if t not in inside))
 
 
 def unit_blocks(graph: LayerGraph, plan: Plan, model: onnx.ModelProto) -> list[UnitBlock]:

@@ -20,13 +20,13 @@ description = "test core"
 cores = {threads}      # test
 clock_ghz = 1.0      # test
 cache_kb = {cache_kb}  # test
-precisions = ["fp32", "fp16", "int8"]
-peak_gflops = {{ fp32 = {peak}, fp16 = {peak}, int8 = {peak} }}   # test
+precisions = [{precisions}]
+peak_gflops = {{ {peak_entries} }}   # test
 efficiency = {{ conv = 1.0, fc = 1.0 }}   # test
 memory_mb = 1000     # test
 bandwidth_gbps = {dram_gbps}  # test
-active_power_w = 1.0 # test
-idle_power_w = 0.5   # test
+active_power_w = {active} # test
+idle_power_w = 0.1   # test
 launch_overhead_us = 0.0   # test
 ops = ["Conv", "Gemm", "MatMul"]
 provider = "CPUExecutionProvider"
@@ -41,12 +41,17 @@ energy_nj_per_byte = 0.0  # test
 """
 
 
-def write_board(path: Path, processors: list[str], dram_gbps: float = 10.0, peak_gflops: float = 10.0,
-                cache_kb: int = 256, link_gbps: float | None = None, threads: list[int] | None = None) -> Path:
-    """A shared-memory board of identical CPU-provider processors (runnable by the host measurer)."""
+def write_board(path: Path, processors: list[str], dram_gbps: float = 10.0, peak_gflops: float | list[float] = 10.0,
+                cache_kb: int = 256, link_gbps: float | None = None, threads: list[int] | None = None,
+                active_power_w: list[float] | None = None, precisions: str = '"fp32", "fp16", "int8"') -> Path:
+    """A shared-memory board of CPU-provider processors (runnable by the host measurer)."""
     text = BOARD.format(name=Path(path).stem, dram_gbps=dram_gbps)
-    for pid, count in zip(processors, threads or [1] * len(processors)):
-        text += PROCESSOR.format(pid=pid, threads=count, cache_kb=cache_kb, peak=peak_gflops, dram_gbps=dram_gbps)
+    peaks = peak_gflops if isinstance(peak_gflops, list) else [peak_gflops] * len(processors)
+    for i, pid in enumerate(processors):
+        peak_entries = ", ".join(f"{p.strip(chr(34))} = {peaks[i]}" for p in precisions.split(", "))
+        text += PROCESSOR.format(pid=pid, threads=(threads or [1] * len(processors))[i], cache_kb=cache_kb,
+                                 peak_entries=peak_entries, dram_gbps=dram_gbps, precisions=precisions,
+                                 active=(active_power_w or [1.0] * len(processors))[i])
     if link_gbps is not None:
         for i, a in enumerate(processors):
             for b in processors[i + 1:]:

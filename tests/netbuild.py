@@ -108,3 +108,17 @@ def branchy_cnn(seed: int = 0, channels: int = 32) -> onnx.ModelProto:
     x = b.node("Flatten", [b.node("GlobalAveragePool", [b.node("Concat", [left, right], axis=1)])])
     out = b.node("Gemm", [x, b.weight((10, 2 * c), 2 * c), b.bias(10)], transB=1)
     return b.model((1, 3, 32, 32), out, (1, 10))
+
+
+def redundant_mlp(seed: int = 0, inputs: int = 64, hidden: int = 1024, narrow: int = 32, true_rank: int = 8) -> onnx.ModelProto:
+    """A large fully connected layer that is nearly low-rank (as trained large FC layers are), then a
+    smaller full-rank one and a classifier."""
+    b = _Builder(seed)
+    low = (b.rng.standard_normal((hidden, true_rank)) @ b.rng.standard_normal((true_rank, inputs))) / np.sqrt(inputs)
+    low += 0.001 * b.rng.standard_normal(low.shape)
+    name = "w_big"
+    b.initializers.append(numpy_helper.from_array(low.astype(np.float32), name))
+    x = b.node("Relu", [b.node("Gemm", ["input", name, b.bias(hidden)], transB=1)])
+    x = b.node("Relu", [b.node("Gemm", [x, b.weight((narrow, hidden), hidden), b.bias(narrow)], transB=1)])
+    out = b.node("Gemm", [x, b.weight((10, narrow), narrow), b.bias(10)], transB=1)
+    return b.model((1, inputs), out, (1, 10))

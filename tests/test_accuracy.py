@@ -100,3 +100,23 @@ def test_cache_survives_a_corrupt_file(tmp_path, monkeypatch):
     table = sensitivity_table(graph, compressor, scorer)
     assert not table.from_cache and table.drops
     assert sensitivity_table(graph, compressor, scorer).from_cache
+
+
+def test_sensitivity_entries_equal_whole_model_scores():
+    """The table runs only the layers after the compressed one; that must not change any number."""
+    graph = LayerGraph(small_cnn())
+    compressor = Compressor(graph)
+    data = _labelled(graph.model, 300)
+    scorer = AccuracyScorer(graph.model, data)
+    table = sensitivity_table(graph, compressor, scorer)
+    from explorer.accuracy import calibration_inputs
+    from explorer.precision import calibration_ranges
+    x_calibration, _ = calibration_inputs(graph, data)
+    for layer in graph.layers[1::2]:
+        for rung in compressor.ladder(layer.name)[:2]:
+            for precision in ("fp16", "int8"):
+                plan = full_rank_plan(graph).with_decision(layer.name, decision_for(rung, precision))
+                fp32 = compressor.rewrite(full_rank_plan(graph).with_decision(layer.name, decision_for(rung)))
+                model = compressor.rewrite(plan, ranges=calibration_ranges(fp32, x_calibration))
+                whole = scorer.drop(scorer.score(model))
+                assert table.drop(layer.name, rung.method, rung.rank, precision) == pytest.approx(whole, abs=1e-9)

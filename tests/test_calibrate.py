@@ -3,6 +3,7 @@ interrupted or failed calibration leaves the previous profile untouched."""
 from __future__ import annotations
 
 import os
+import platform
 import re
 import time
 
@@ -65,8 +66,8 @@ def test_all_cores_are_faster_than_one(quick_profile):
     path, _, background = quick_profile
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: nothing to compare")
-    if background > 0.5:
-        pytest.skip(f"other processes used {background:.1f} cores: multi-thread throughput is not comparable")
+    if background > 0.5 or "# WARNING: other processes" in path.read_text():
+        pytest.skip("other processes used the cores while calibrating: multi-thread throughput is not comparable")
     board = load_board(path)
     assert board.processor("cpu").peak_gflops["fp32"] > 1.2 * board.processor("cpu1").peak_gflops["fp32"]
 
@@ -149,3 +150,10 @@ def test_power_is_measured_from_rapl_when_readable(monkeypatch):
 
 def test_busy_cores_is_a_fraction_of_the_machine():
     assert 0.0 <= calibrate.busy_cores(0.05) <= (os.cpu_count() or 1) + 1e-9
+
+
+def test_fp16_probe_sees_what_onnx_runtime_does():
+    found = calibrate._fp16_computed_in_fp32()
+    assert found in (True, False, None)
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert found is True  # ORT's CPU provider has no fp16 Gemm kernel on x86: Casts, then fp32

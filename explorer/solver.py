@@ -1,0 +1,320 @@
+"""The analytic DAD/RLC solver: an exact mixed-integer program over rank, processor and precision.
+
+Variables: a binary x[l, c] per layer l and choice c = (rung, precision, processor); exactly one
+per layer. Transfers between consecutive layers are linearised exactly with flow variables
+y[l, p, q] >= 0 (sum over q of y[l, p, q] = placement of layer l on p, sum over p = placement of
+layer l + 1 on q), which equal the product of the two placements at any integer point. The input
+comes from, and the output returns to, the board's first processor.
+
+Objective: energy, latency, weight memory, or a weighted sum (each relative to the baseline).
+Constraints: latency <= budget, the additive accuracy-drop estimate from the sensitivity table
+<= limit, weights per processor <= its memory, local weights <= the board's available memory,
+total weights <= an optional limit; an optional incumbent value bounds the objective from above.
+Solved exactly with SciPy's HiGHS (`scipy.optimize.milp`). Exact on its model, which is the
+additive cost model: the measured (or simulated) result of its plan differs, which is what the
+search agents are for.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
+
+from explorer.errors import ExplorerError
+from explorer.plan import Decision, Plan
+
+METRICS = ("energy", "latency", "memory")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One option of one layer with its additive costs."""
+
+    decision: Decision
+    latency_s: float
+    energy_j: float
+    weight_bytes: float
+    accuracy_drop: float  # estimate from the sensitivity table (0 when not measured)
+
+
+@dataclass
+class Instance:
+    """What the integer program needs, independent of where the numbers came from."""
+
+    layer_names: list[str]
+    choices: list[list[Choice]]
+    processors: list[str]
+    transfer: list[dict[tuple[str, str], tuple[float, float]]]  # per boundary l -> l+1: (s, J) for p != q
+    entry: dict[str, tuple[float, float]]  # (s, J) to bring the input to the first layer's processor
+    exit: dict[str, tuple[float, float]]  # (s, J) to bring the output back
+    capacity_bytes: dict[str, float]  # per processor
+    local: set[str] = field(default_factory=set)  # processors that share the board's memory
+    local_capacity_bytes: float = float("inf")
+    latency_budget_s: float | None = None
+    accuracy_limit: float | None = None
+    memory_limit_bytes: float | None = None
+    weights: dict[str, float] = field(default_factory=lambda: {"energy": 1.0})  # metric -> weight / scale
+
+
+@dataclass
+class Solution:
+    """The optimal plan on the model, its predicted metrics and how the solve went."""
+
+    plan: Plan | None
+    status: str  # optimal | infeasible | time limit
+    objective: float
+    latency_s: float
+    energy_j: float
+    weight_bytes: float
+    accuracy_drop: float
+    seconds: float
+    message: str = ""
+
+    @property
+    def optimal(self) -> bool:
+        return self.status == "optimal"
+
+
+def predicted(instance: Instance, picks: list[int]) -> dict[str, float]:
+    """Additive metrics of a choice index per layer (the model the solver optimises)."""
+    chosen = [instance.choices[l][c] for l, c in enumerate(picks)]
+    procs = [c.decision.processor for c in chosen]
+    latency = sum(c.latency_s for c in chosen) + instance.entry[procs[0]][0] + instance.exit[procs[-1]][0]
+    energy = sum(c.energy_j for c in chosen) + instance.entry[procs[0]][1] + instance.exit[procs[-1]][1]
+    for l in range(len(procs) - 1):
+        if procs[l] != procs[l + 1]:
+            seconds, joules = instance.transfer[l][(procs[l], procs[l + 1])]
+            latency, energy = latency + seconds, energy + joules
+    memory = sum(c.weight_bytes for c in chosen)
+    drop = sum(c.accuracy_drop for c in chosen)
+    value = {"energy": energy, "latency": latency, "memory": memory}
+    objective = sum(w * value[m] for m, w in instance.weights.items())
+    return {"latency": latency, "energy": energy, "memory": memory, "accuracy_drop": drop, "objective": objective}
+
+
+def solve(instance: Instance, incumbent_objective: float | None = None, time_limit_s: float = 60.0) -> Solution:
+    """Solve the instance exactly; `incumbent_objective` (if given) bounds the objective from above."""
+    started = time.perf_counter()
+    program = _Program(instance)
+    rows = program.constraints(include_latency=True, include_accuracy=True, include_memory=True)
+    if incumbent_objective is not None:
+        rows.append((program.objective_row(), -np.inf, incumbent_objective * (1 + 1e-9) + 1e-12))
+    result = program.run(program.objective_row(), rows, time_limit_s)
+    seconds = time.perf_counter() - started
+    if result.status == 2 or result.x is None:
+        message = _diagnose(instance, program, incumbent_objective, time_limit_s) if result.status == 2 else result.message
+        return Solution(None, "infeasible" if result.status == 2 else "time limit", np.inf, np.nan, np.nan, np.nan,
+                        np.nan, seconds, message)
+    picks = program.picks(result.x)
+    metrics = predicted(instance, picks)
+    plan = Plan(tuple((name, instance.choices[l][c].decision) for l, (name, c) in enumerate(zip(instance.layer_names, picks))))
+    status = "optimal" if result.status == 0 else "time limit"
+    return Solution(plan, status, metrics["objective"], metrics["latency"], metrics["energy"], metrics["memory"],
+                    metrics["accuracy_drop"], seconds, result.message)
+
+
+class _Program:
+    """Variable layout and rows of the mixed-integer program."""
+
+    def __init__(self, instance: Instance):
+        self.instance = instance
+        self.procs = instance.processors
+        self.offsets = np.cumsum([0] + [len(c) for c in instance.choices])
+        self.n_x = int(self.offsets[-1])
+        n_layers = len(instance.choices)
+        p = len(self.procs)
+        self.n_y = (n_layers - 1) * p * p
+        self.n = self.n_x + self.n_y
+        self.proc_index = {q: i for i, q in enumerate(self.procs)}
+
+    def x(self, layer: int, choice: int) -> int:
+        return int(self.offsets[layer] + choice)
+
+    def y(self, boundary: int, p: int, q: int) -> int:
+        k = len(self.procs)
+        return self.n_x + boundary * k * k + p * k + q
+
+    def metric_row(self, metric: str) -> np.ndarray:
+        """Coefficients of one additive metric (seconds, joules or bytes) over all variables."""
+        inst = self.instance
+        row = np.zeros(self.n)
+        attribute = {"latency": "latency_s", "energy": "energy_j", "memory": "weight_bytes"}[metric]
+        position = {"latency": 0, "energy": 1}.get(metric)
+        for l, choices in enumerate(inst.choices):
+            for c, choice in enumerate(choices):
+                value = getattr(choice, attribute)
+                if position is not None:
+                    proc = choice.decision.processor
+                    if l == 0:
+                        value += inst.entry[proc][position]
+                    if l == len(inst.choices) - 1:
+                        value += inst.exit[proc][position]
+                row[self.x(l, c)] = value
+        if position is not None:
+            for l, costs in enumerate(inst.transfer):
+                for (a, b), pair in costs.items():
+                    row[self.y(l, self.proc_index[a], self.proc_index[b])] = pair[position]
+        return row
+
+    def objective_row(self) -> np.ndarray:
+        return sum(w * self.metric_row(m) for m, w in self.instance.weights.items())
+
+    def constraints(self, include_latency: bool, include_accuracy: bool, include_memory: bool) -> list:
+        inst = self.instance
+        rows: list[tuple[np.ndarray, float, float]] = []
+        n_layers = len(inst.choices)
+        structure = lil_matrix((n_layers + 2 * (n_layers - 1) * len(self.procs), self.n))
+        r = 0
+        for l, choices in enumerate(inst.choices):  # exactly one choice per layer
+            for c in range(len(choices)):
+                structure[r, self.x(l, c)] = 1.0
+            r += 1
+        for l in range(n_layers - 1):  # flow: y sums to the placements on both sides of the boundary
+            for pi, p in enumerate(self.procs):
+                for c, choice in enumerate(inst.choices[l]):
+                    if choice.decision.processor == p:
+                        structure[r, self.x(l, c)] = -1.0
+                for q in range(len(self.procs)):
+                    structure[r, self.y(l, pi, q)] = 1.0
+                r += 1
+                for c, choice in enumerate(inst.choices[l + 1]):
+                    if choice.decision.processor == p:
+                        structure[r, self.x(l + 1, c)] = -1.0
+                for q in range(len(self.procs)):
+                    structure[r, self.y(l, q, pi)] = 1.0
+                r += 1
+        self.structure = LinearConstraint(structure.tocsr(), 1.0 * np.r_[np.ones(n_layers), np.zeros(r - n_layers)],
+                                          np.r_[np.ones(n_layers), np.zeros(r - n_layers)])
+        if include_latency and inst.latency_budget_s is not None:
+            rows.append((self.metric_row("latency"), -np.inf, inst.latency_budget_s))
+        if include_accuracy and inst.accuracy_limit is not None:
+            row = np.zeros(self.n)
+            for l, choices in enumerate(inst.choices):
+                for c, choice in enumerate(choices):
+                    row[self.x(l, c)] = choice.accuracy_drop
+            rows.append((row, -np.inf, inst.accuracy_limit))
+        if include_memory:
+            for proc, capacity in inst.capacity_bytes.items():
+                rows.append((self._weights_on({proc}), -np.inf, capacity))
+            if inst.local and np.isfinite(inst.local_capacity_bytes):
+                rows.append((self._weights_on(inst.local), -np.inf, inst.local_capacity_bytes))
+            if inst.memory_limit_bytes is not None:
+                rows.append((self.metric_row("memory"), -np.inf, inst.memory_limit_bytes))
+        return rows
+
+    def _weights_on(self, procs: set[str]) -> np.ndarray:
+        row = np.zeros(self.n)
+        for l, choices in enumerate(self.instance.choices):
+            for c, choice in enumerate(choices):
+                if choice.decision.processor in procs:
+                    row[self.x(l, c)] = choice.weight_bytes
+        return row
+
+    def run(self, objective: np.ndarray, rows: list, time_limit_s: float):
+        constraints = [self.structure]
+        if rows:
+            constraints.append(LinearConstraint(np.array([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows]))
+        integrality = np.r_[np.ones(self.n_x), np.zeros(self.n_y)]
+        upper = np.ones(self.n)
+        return milp(objective, constraints=constraints, integrality=integrality, bounds=Bounds(np.zeros(self.n), upper),
+                    options={"time_limit": time_limit_s, "mip_rel_gap": 0.0, "presolve": True})
+
+    def picks(self, x: np.ndarray) -> list[int]:
+        return [int(np.argmax(x[self.offsets[l]:self.offsets[l + 1]])) for l in range(len(self.instance.choices))]
+
+
+def _diagnose(instance: Instance, program: _Program, incumbent: float | None, time_limit_s: float) -> str:
+    """Name the constraint that cannot be met and the best value reachable for it."""
+    reasons = []
+    checks = [("latency", instance.latency_budget_s, lambda v: f"the fastest plan takes {v * 1e3:.3f} ms; the budget is {instance.latency_budget_s * 1e3:g} ms"),
+              ("memory", instance.memory_limit_bytes, lambda v: f"the smallest plan needs {v / 2**20:.2f} MB of weights; the limit is {instance.memory_limit_bytes / 2**20:g} MB")]
+    for metric, limit, text in checks:
+        if limit is None:
+            continue
+        rows = program.constraints(include_latency=False, include_accuracy=metric != "accuracy", include_memory=metric != "memory")
+        best = program.run(program.metric_row(metric), rows, time_limit_s)
+        if best.status == 0 and best.fun > limit * (1 + 1e-9):
+            reasons.append(text(best.fun))
+    if not reasons:
+        rows = program.constraints(include_latency=False, include_accuracy=False, include_memory=True)
+        alone = program.run(program.metric_row("latency"), rows, time_limit_s)
+        if alone.status == 2:
+            reasons.append("the model's weights do not fit in the processors' memory at any rank and precision")
+    if not reasons and incumbent is not None:
+        reasons.append(f"no plan beats the incumbent's objective {incumbent:g}")
+    if not reasons:
+        reasons.append("the latency, accuracy and memory constraints cannot all be met together: loosen one "
+                       "(--latency-ms, --max-accuracy-drop, --memory-mb)")
+    return "; ".join(reasons)
+
+
+def instance_for(problem, cost_model=None, sensitivity=None) -> Instance:
+    """The integer program of a Problem: its design space priced by the (calibrated) cost model,
+    accuracy drops from the sensitivity table (clipped at 0: a measured gain is treated as noise)."""
+    from explorer.accuracy import sensitivity_table
+
+    cost_model = cost_model or problem.cost_model
+    graph, board = problem.graph, problem.board
+    if sensitivity is None and problem.scorer.measured:
+        sensitivity = sensitivity_table(graph, problem.compressor, problem.scorer)
+    choices = []
+    for layer in graph.layers:
+        options = []
+        for decision in problem.choices(layer):
+            rung = problem.compressor.rung(layer.name, decision.method, decision.rank)
+            cost = cost_model.layer_cost(layer, rung, decision.precision, decision.processor)
+            drop = max(0.0, sensitivity.drop(layer.name, rung.method, rung.rank, decision.precision)) if sensitivity else 0.0
+            options.append(Choice(decision, cost.latency_s, cost.energy_j, cost.weight_bytes, drop))
+        choices.append(options)
+    processors = list(board.processor_ids)
+    host = processors[0]
+    transfer = [{(a, b): cost_model.transfer(layer, a, b) for a in processors for b in processors if a != b}
+                for layer in graph.layers[:-1]]
+    entry, exit_ = {}, {}
+    in_bytes = sum(graph.tensor_bytes(t) for t in graph.input_names)
+    out_bytes = sum(graph.tensor_bytes(t) for t in graph.output_names)
+    for p in processors:
+        link = board.link(host, p)
+        entry[p] = (link.transfer_time_s(in_bytes), link.transfer_energy_j(in_bytes))
+        exit_[p] = (link.transfer_time_s(out_bytes), link.transfer_energy_j(out_bytes))
+    c = problem.constraints
+    instance = Instance(
+        layer_names=[layer.name for layer in graph.layers], choices=choices, processors=processors,
+        transfer=transfer, entry=entry, exit=exit_,
+        capacity_bytes={p: proc.memory_mb * 2**20 for p, proc in board.processors.items()},
+        local={p for p, proc in board.processors.items() if not proc.is_remote},
+        local_capacity_bytes=board.memory.available_mb * 2**20,
+        latency_budget_s=c.latency_ms / 1e3 if c.latency_ms is not None else None,
+        accuracy_limit=c.max_accuracy_drop if sensitivity is not None else None,
+        memory_limit_bytes=c.memory_mb * 2**20 if c.memory_mb is not None else None,
+    )
+    weights = dict(problem.objective.weights)
+    if len(weights) > 1:  # relative to the baseline plan's predicted metrics
+        baseline = problem.baseline_plan()
+        picks = [next(i for i, ch in enumerate(options) if ch.decision == d)
+                 for options, (_, d) in zip(choices, baseline.decisions)]
+        base = predicted(instance, picks)
+        weights = {m: w / max(base[m], 1e-30) for m, w in weights.items()}
+    instance.weights = weights
+    return instance
+
+
+def solve_problem(problem, incumbent: Plan | None = None, cost_model=None, time_limit_s: float = 60.0) -> Solution:
+    """Solve a Problem on its (calibrated) cost model; an incumbent plan bounds the objective.
+
+    Raises ExplorerError with the diagnosis when no plan satisfies the constraints.
+    """
+    instance = instance_for(problem, cost_model)
+    bound = None
+    if incumbent is not None:
+        picks = [next((i for i, ch in enumerate(options) if ch.decision == d), None)
+                 for options, (_, d) in zip(instance.choices, incumbent.decisions)]
+        if None not in picks:
+            bound = predicted(instance, picks)["objective"]
+    solution = solve(instance, bound, time_limit_s)
+    if solution.status == "infeasible":
+        raise ExplorerError(f"no plan meets the constraints: {solution.message}")
+    return solution

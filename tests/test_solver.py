@@ -1,0 +1,160 @@
+"""The DAD/RLC integer program: exact against brute force, sensible placements, clear infeasibility."""
+import numpy as np
+import pytest
+
+from explorer.accuracy import AccuracyScorer
+from explorer.boards import load_board
+from explorer.data import Dataset
+from explorer.errors import ExplorerError
+from explorer.graph import LayerGraph
+from explorer.measure import SimMeasurer
+from explorer.plan import Decision
+from explorer.problem import Constraints, Objective, Problem
+from explorer.solver import Choice, Instance, predicted, solve, solve_problem
+from boardbuild import write_board
+from netbuild import mlp, random_inputs, redundant_mlp, small_cnn
+
+PROCESSORS = ["cpu", "gpu", "dsp"]
+
+
+def _random_instance(rng: np.random.Generator, layers=4, rungs=3, precisions=("fp32", "int8")) -> Instance:
+    speed = {p: rng.uniform(0.5, 2.0) for p in PROCESSORS}
+    power = {p: rng.uniform(0.5, 3.0) for p in PROCESSORS}
+    choices = []
+    for _ in range(layers):
+        base = rng.uniform(1e-3, 5e-3)
+        options = []
+        for r in range(rungs):
+            for p in PROCESSORS:
+                for precision in precisions:
+                    shrink = (1 - 0.3 * r) * (0.6 if precision == "int8" else 1.0)
+                    latency = base * shrink / speed[p] * rng.uniform(0.8, 1.2)
+                    options.append(Choice(Decision("svd" if r else "full", 8 * r or None, precision, p), latency,
+                                          latency * power[p], 1e6 * shrink, (0.01 * r + (0.005 if precision == "int8" else 0)) * rng.uniform(0.5, 1.5)))
+        choices.append(options)
+    transfer = [{(a, b): (rng.uniform(0, 2e-3), rng.uniform(0, 4e-3)) for a in PROCESSORS for b in PROCESSORS if a != b}
+                for _ in range(layers - 1)]
+    entry = {p: (0.0, 0.0) if p == "cpu" else (rng.uniform(0, 1e-3), rng.uniform(0, 1e-3)) for p in PROCESSORS}
+    exit_ = {p: (0.0, 0.0) if p == "cpu" else (rng.uniform(0, 1e-3), rng.uniform(0, 1e-3)) for p in PROCESSORS}
+    metric = rng.choice(["energy", "latency", "memory"])
+    return Instance(
+        layer_names=[f"l{i}" for i in range(layers)], choices=choices, processors=PROCESSORS, transfer=transfer,
+        entry=entry, exit=exit_, capacity_bytes={p: rng.uniform(1.5e6, 4e6) for p in PROCESSORS},
+        local=set(PROCESSORS), local_capacity_bytes=rng.uniform(2.5e6, 4.5e6),
+        latency_budget_s=rng.uniform(4e-3, 2e-2), accuracy_limit=rng.uniform(0.005, 0.06),
+        memory_limit_bytes=rng.uniform(2e6, 4e6) if rng.random() < 0.5 else None, weights={str(metric): 1.0},
+    )
+
+
+def _brute_force(instance: Instance) -> float:
+    """Best feasible objective by enumerating every combination (vectorised over the grid)."""
+    layers = len(instance.choices)
+    pidx = {p: i for i, p in enumerate(instance.processors)}
+
+    def grid(values, l):  # put layer l's per-choice values on axis l
+        shape = [1] * layers
+        shape[l] = len(values)
+        return np.asarray(values, dtype=float).reshape(shape)
+
+    def total(attr):
+        return sum(grid([getattr(c, attr) for c in instance.choices[l]], l) for l in range(layers))
+
+    procs = [grid([pidx[c.decision.processor] for c in instance.choices[l]], l).astype(int) for l in range(layers)]
+    metrics = {"latency": total("latency_s"), "energy": total("energy_j"), "memory": total("weight_bytes")}
+    for position, metric in ((0, "latency"), (1, "energy")):
+        for table, l in ((instance.entry, 0), (instance.exit, layers - 1)):
+            metrics[metric] = metrics[metric] + grid([table[c.decision.processor][position] for c in instance.choices[l]], l)
+        for l in range(layers - 1):
+            matrix = np.zeros((len(pidx), len(pidx)))
+            for (a, b), pair in instance.transfer[l].items():
+                matrix[pidx[a], pidx[b]] = pair[position]
+            metrics[metric] = metrics[metric] + matrix[procs[l], procs[l + 1]]
+    drop = total("accuracy_drop")
+    feasible = (metrics["latency"] <= instance.latency_budget_s + 1e-12) & (drop <= instance.accuracy_limit + 1e-12)
+    feasible &= metrics["memory"] <= instance.local_capacity_bytes + 1e-6
+    if instance.memory_limit_bytes is not None:
+        feasible &= metrics["memory"] <= instance.memory_limit_bytes + 1e-6
+    for p, capacity in instance.capacity_bytes.items():
+        on_p = sum(grid([c.weight_bytes * (c.decision.processor == p) for c in instance.choices[l]], l) for l in range(layers))
+        feasible &= on_p <= capacity + 1e-6
+    objective = sum(w * metrics[m] for m, w in instance.weights.items())
+    return float(np.min(np.where(feasible, objective, np.inf)))
+
+
+def test_solver_matches_brute_force_on_random_instances():
+    rng = np.random.default_rng(2024)
+    infeasible = 0
+    for trial in range(50):
+        instance = _random_instance(rng)
+        expected = _brute_force(instance)
+        solution = solve(instance)
+        if not np.isfinite(expected):
+            infeasible += 1
+            assert solution.status == "infeasible", trial
+        else:
+            assert solution.optimal, trial
+            assert solution.objective == pytest.approx(expected, rel=1e-6, abs=1e-12), trial
+    assert 0 < infeasible < 50  # both outcomes were exercised
+
+
+def test_incumbent_bounds_the_objective():
+    instance = _random_instance(np.random.default_rng(7))
+    instance.latency_budget_s, instance.accuracy_limit, instance.memory_limit_bytes = 1.0, 1.0, None
+    optimum = solve(instance)
+    assert solve(instance, incumbent_objective=optimum.objective).objective == pytest.approx(optimum.objective)
+    assert solve(instance, incumbent_objective=optimum.objective * 0.9).status == "infeasible"
+
+
+def _problem(board, model=None, **constraints):
+    graph = LayerGraph(model or small_cnn())
+    scorer = AccuracyScorer(graph.model, Dataset(random_inputs(graph.model, 200), None, "random inputs"))
+    return Problem(graph, board, SimMeasurer(), scorer, Constraints(**constraints))
+
+
+def test_loose_budget_places_work_where_the_profile_makes_it_cheapest(tmp_path):
+    # "big" is 10x faster but draws 20x the power: energy goes to "little", latency to "big"
+    path = write_board(tmp_path / "biglittle.toml", ["big", "little"], peak_gflops=[100.0, 10.0],
+                       active_power_w=[20.0, 1.0], precisions='"fp32"', dram_gbps=1000.0)
+    board = load_board(str(path))
+    graph = LayerGraph(small_cnn())
+    scorer = AccuracyScorer(graph.model, Dataset(random_inputs(graph.model, 200), None, "random inputs"))
+    for objective, expected in (("energy", "little"), ("latency", "big")):
+        problem = Problem(graph, board, SimMeasurer(), scorer, Constraints(latency_ms=1e4, max_accuracy_drop=0.0),
+                          Objective.parse(objective))
+        plan = solve_problem(problem).plan
+        assert {d.processor for _, d in plan.decisions} == {expected}, objective
+
+
+def test_tight_memory_compresses_the_largest_fully_connected_layer_first(tmp_path):
+    """DeepX: under a memory limit the large, redundant fully connected layer is compressed, not the
+    small full-rank one, because the sensitivity table shows it costs no accuracy."""
+    path = write_board(tmp_path / "single.toml", ["cpu"], precisions='"fp32"')
+    graph = LayerGraph(redundant_mlp())
+    scorer = AccuracyScorer(graph.model, Dataset(random_inputs(graph.model, 400), None, "random inputs"))
+    total_mb = graph.total_params * 4 / 2**20
+    problem = Problem(graph, load_board(str(path)), SimMeasurer(), scorer,
+                      Constraints(latency_ms=1e4, max_accuracy_drop=0.02, memory_mb=0.8 * total_mb), Objective.parse("energy"))
+    plan = solve_problem(problem).plan
+    big, small, _ = graph.layers
+    assert big.params > 2 * small.params
+    assert plan[big.name].method != "full" and plan[small.name].method == "full"
+    assert problem.evaluate(plan).feasible
+
+
+def test_infeasible_budget_names_the_fastest_plan():
+    problem = _problem(load_board("tegra-k1"), latency_ms=1e-3)
+    with pytest.raises(ExplorerError, match=r"the fastest plan takes [0-9.]+ ms; the budget is 0.001 ms"):
+        solve_problem(problem)
+
+
+def test_calibration_factors_move_work_off_a_slower_than_modelled_processor():
+    problem = _problem(load_board("tegra-k1"), model=mlp(sizes=(2048, 1024, 1024, 10)), latency_ms=1e4, max_accuracy_drop=1.0)
+    problem.objective = Objective.parse("latency")
+    first = solve_problem(problem).plan
+    used = {d.processor for _, d in first.decisions}
+    slowed = problem.cost_model
+    for proc in used:
+        slowed = slowed.calibrated([(proc, kind, precision, 1.0, 1000.0)
+                                    for kind in ("fc", "conv") for precision in ("fp32", "fp16", "int8")])
+    second = solve_problem(problem, cost_model=slowed).plan
+    assert not ({d.processor for _, d in second.decisions} & used)
