@@ -30,7 +30,7 @@ from explorer.precision import PRECISIONS, calibration_ranges, session_options
 NOT_MEASURED = "accuracy not measured (no validation data): ranks limited by a reconstruction-error bound"
 DEFAULT_ERROR_BOUND = 0.35  # relative Frobenius error allowed per layer when there is no data
 CALIBRATION_SAMPLES = 128
-SENSITIVITY_VERSION = 1  # bump when the table's meaning changes, to invalidate caches
+SENSITIVITY_VERSION = 2  # bump when the table's meaning changes, to invalidate caches
 
 
 def inference_session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -142,11 +142,18 @@ def calibration_inputs(graph: LayerGraph, dataset: Dataset | None, seed: int = 0
 
 @dataclass
 class SensitivityTable:
-    """Accuracy drop of each (layer, rung, precision) applied alone; fractions (0.01 = one point)."""
+    """Accuracy drop of each (layer, rung, precision) applied alone; fractions (0.01 = one point).
+
+    For classifiers it also holds the *flip rate*: the share of samples whose top-1 class changes.
+    A layer's accuracy drop can never exceed its flip rate, and flip rates add up (to first order)
+    when layers are combined, while measured drops do not (they can even be negative on a finite
+    sample), so the flip rate is the solver's conservative additive estimate.
+    """
 
     metric: str
     baseline: float | None
     drops: dict[str, float] = field(default_factory=dict)  # key: "layer|method|rank|precision"
+    flips: dict[str, float] = field(default_factory=dict)  # same keys; empty for non-classifiers
     from_cache: bool = False
 
     @staticmethod
@@ -159,8 +166,17 @@ class SensitivityTable:
             return 0.0
         return self.drops[self.key(layer, method, rank, precision)]
 
+    def estimate(self, layer: str, method: str, rank: int | None, precision: str) -> float:
+        """Additive accuracy-loss estimate of one layer's choice: its flip rate for classifiers,
+        else its measured drop clipped at 0."""
+        if method == "full" and precision == "fp32":
+            return 0.0
+        key = self.key(layer, method, rank, precision)
+        return self.flips[key] if self.flips else max(0.0, self.drops[key])
+
     def to_json(self) -> dict:
-        return {"version": SENSITIVITY_VERSION, "metric": self.metric, "baseline": self.baseline, "drops": self.drops}
+        return {"version": SENSITIVITY_VERSION, "metric": self.metric, "baseline": self.baseline,
+                "drops": self.drops, "flips": self.flips}
 
 
 def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: AccuracyScorer,
@@ -174,7 +190,7 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     path = cache_dir("sensitivity") / f"{key}.json"
     cached = read_json(path)
     if cached and cached.get("version") == SENSITIVITY_VERSION:
-        return SensitivityTable(cached["metric"], cached["baseline"], cached["drops"], from_cache=True)
+        return SensitivityTable(cached["metric"], cached["baseline"], cached["drops"], cached["flips"], from_cache=True)
     table = SensitivityTable(scorer.metric, scorer.baseline.value)
     x_calibration, _ = calibration_inputs(graph, scorer.dataset)
     base_plan = full_rank_plan(graph)
@@ -186,8 +202,11 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
         plan = base_plan.with_decision(layer.name, decision_for(rung, precision))
         model = compressor.rewrite(plan, x_calibration, ranges=_ranges(compressor, ranges_by_rung, base_plan,
                                                                        layer.name, rung, x_calibration, precision))
-        result = scorer.score_outputs(suffixes.run(model, layer.index))
-        table.drops[table.key(layer.name, rung.method, rung.rank, precision)] = scorer.drop(result)
+        outputs = suffixes.run(model, layer.index)
+        key = table.key(layer.name, rung.method, rung.rank, precision)
+        table.drops[key] = scorer.drop(scorer.score_outputs(outputs))
+        if scorer.metric in ("top1", "agreement"):
+            table.flips[key] = float(np.mean(outputs.argmax(1) != scorer.reference_outputs.argmax(1)))
         if progress:
             progress(done + 1, len(jobs))
     atomic_write_json(path, table.to_json())

@@ -236,6 +236,64 @@ def cmd_measure(args: argparse.Namespace) -> None:
     _zoo_note(args.model)
 
 
+def print_plan(problem, plan, title: str) -> None:
+    """Per-layer table of a plan: rung, precision, processor, params and reconstruction error."""
+    table = Table(title=title)
+    for column in ("#", "layer", "op", "rung", "precision", "processor", "params", "FLOPs"):
+        table.add_column(column)
+    for (name, decision), layer in zip(plan.decisions, problem.graph.layers):
+        rung = problem.compressor.rung(name, decision.method, decision.rank)
+        table.add_row(str(layer.index), name, layer.op_type, rung.label(), decision.precision, decision.processor,
+                      _fmt_count(rung.params), _fmt_count(rung.flops))
+    console.print(table)
+
+
+def print_comparison(rows: list[tuple[str, object]]) -> None:
+    """Side-by-side metrics of several evaluations: (name, Evaluation)."""
+    table = Table(title="evaluated through Problem.evaluate")
+    for column in ("plan", "latency ms", "energy mJ", "weights MB", "accuracy", "feasible", "objective"):
+        table.add_column(column)
+    for name, e in rows:
+        accuracy = "not measured" if e.accuracy is None else f"{100 * e.accuracy:.2f}% ({100 * e.accuracy_drop:+.2f})"
+        table.add_row(name, f"{e.latency_ms:.3f}", f"{e.energy_mj:.3f}", f"{e.memory_mb:.3f}", accuracy,
+                      "yes" if e.feasible else "no: " + "; ".join(e.violations), f"{e.objective:.4g}")
+    console.print(table)
+
+
+def cmd_solve(args: argparse.Namespace) -> None:
+    from explorer.solver import solve_measured
+
+    problem = _problem(args)
+    if problem.scorer.measured:
+        with err_console.status("sensitivity table (measured once per model and data, then cached)"):
+            from explorer.accuracy import sensitivity_table
+
+            sensitivity_table(problem.graph, problem.compressor, problem.scorer)
+    with err_console.status("solving the integer program (HiGHS), evaluating, re-solving"):
+        result = solve_measured(problem)
+    solution = next(s for s, e in result.rounds if s.plan == result.plan)
+    print_plan(problem, result.plan, f"solver plan for {problem.graph.source} on {problem.board.name} "
+                                     f"(objective: {problem.objective.describe()})")
+    console.print(f"predicted by the cost model: latency {solution.latency_s * 1e3:.3f} ms, energy {solution.energy_j * 1e3:.3f} mJ, "
+                  f"weights {solution.weight_bytes / 2**20:.3f} MB, estimated accuracy drop {100 * solution.accuracy_drop:.2f} points; "
+                  f"{solution.status} in {solution.seconds:.2f} s")
+    baseline_plan = problem.baseline_plan()
+    rows = [(f"baseline (fp32 on {baseline_plan.decisions[0][1].processor})", problem.baseline())]
+    rows += [(f"solver round {i + 1}" + (" (chosen)" if s.plan == result.plan else ""), e) for i, (s, e) in enumerate(result.rounds)]
+    print_comparison(rows)
+    evaluation = result.evaluation
+    if not result.feasible:
+        console.print("[red]no solver round was feasible when evaluated[/]: the additive model is too optimistic here; "
+                      "loosen the constraints or let a search agent take over")
+    console.print(f"measured by: {evaluation.measured_by}")
+    if not problem.scorer.measured:
+        console.print(f"[yellow]{evaluation.accuracy_text()}[/]")
+    if args.out:
+        result.plan.save(Path(args.out))
+        console.print(f"wrote {args.out}")
+    _zoo_note(args.model)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from explorer.calibrate import calibrate_host
 
@@ -291,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     problem_options(p)
     p.add_argument("--plan", help="plan.json (default: uncompressed fp32 on the best single processor)")
     p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("solve", help="the analytic DAD/RLC plan (exact integer program on the cost model), evaluated")
+    model_options(p)
+    problem_options(p)
+    p.add_argument("--out", help="write the plan to this JSON file")
+    p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("calibrate", help="measure this machine with ONNX Runtime and write the `host` board profile")
     p.add_argument("--out", help="output TOML (default: targets/host.toml)")

@@ -253,7 +253,7 @@ def _diagnose(instance: Instance, program: _Program, incumbent: float | None, ti
 
 def instance_for(problem, cost_model=None, sensitivity=None) -> Instance:
     """The integer program of a Problem: its design space priced by the (calibrated) cost model,
-    accuracy drops from the sensitivity table (clipped at 0: a measured gain is treated as noise)."""
+    accuracy loss estimated additively from the sensitivity table (SensitivityTable.estimate)."""
     from explorer.accuracy import sensitivity_table
 
     cost_model = cost_model or problem.cost_model
@@ -266,7 +266,7 @@ def instance_for(problem, cost_model=None, sensitivity=None) -> Instance:
         for decision in problem.choices(layer):
             rung = problem.compressor.rung(layer.name, decision.method, decision.rank)
             cost = cost_model.layer_cost(layer, rung, decision.precision, decision.processor)
-            drop = max(0.0, sensitivity.drop(layer.name, rung.method, rung.rank, decision.precision)) if sensitivity else 0.0
+            drop = sensitivity.estimate(layer.name, rung.method, rung.rank, decision.precision) if sensitivity else 0.0
             options.append(Choice(decision, cost.latency_s, cost.energy_j, cost.weight_bytes, drop))
         choices.append(options)
     processors = list(board.processor_ids)
@@ -308,13 +308,85 @@ def solve_problem(problem, incumbent: Plan | None = None, cost_model=None, time_
     Raises ExplorerError with the diagnosis when no plan satisfies the constraints.
     """
     instance = instance_for(problem, cost_model)
-    bound = None
-    if incumbent is not None:
-        picks = [next((i for i, ch in enumerate(options) if ch.decision == d), None)
-                 for options, (_, d) in zip(instance.choices, incumbent.decisions)]
-        if None not in picks:
-            bound = predicted(instance, picks)["objective"]
+    bound = _objective_of(instance, incumbent) if incumbent is not None else None
     solution = solve(instance, bound, time_limit_s)
     if solution.status == "infeasible":
         raise ExplorerError(f"no plan meets the constraints: {solution.message}")
     return solution
+
+
+@dataclass
+class MeasuredSolve:
+    """Rounds of solve -> evaluate -> feed the measurement back -> re-solve."""
+
+    plan: Plan  # the best plan found (feasible when any round was)
+    evaluation: object  # its Evaluation
+    rounds: list[tuple[Solution, object]]  # (solution, evaluation) per round
+    cost_model: object  # the cost model after recalibration
+
+    @property
+    def feasible(self) -> bool:
+        return self.evaluation.feasible
+
+
+def solve_measured(problem, rounds: int = 6, incumbent: Plan | None = None, cost_model=None,
+                   time_limit_s: float = 60.0) -> MeasuredSolve:
+    """Solve, evaluate the plan through Problem.evaluate, and let the measurement correct the model.
+
+    The additive model misjudges real effects (accuracy drops compound, overheads and contention
+    the cost model lacks), so while the evaluated plan violates a constraint the solver re-solves:
+    latency - the cost model is recalibrated per (processor, op kind, precision) from the measured
+    blocks; accuracy - the additive accuracy budget shrinks by the estimated/measured ratio.
+    Returns the best feasible plan seen (or the least bad one) and every round.
+    """
+    from explorer.accuracy import sensitivity_table
+
+    cost_model = cost_model or problem.cost_model
+    sensitivity = sensitivity_table(problem.graph, problem.compressor, problem.scorer) if problem.scorer.measured else None
+    accuracy_scale = 1.0
+    history: list[tuple[Solution, object]] = []
+    for _ in range(rounds):
+        instance = instance_for(problem, cost_model, sensitivity)
+        if instance.accuracy_limit is not None:
+            instance.accuracy_limit *= accuracy_scale
+        bound = _objective_of(instance, incumbent) if incumbent is not None else None
+        solution = solve(instance, bound, time_limit_s)
+        if solution.plan is None:
+            if not history:
+                raise ExplorerError(f"no plan meets the constraints: {solution.message}")
+            break
+        evaluation = problem.evaluate(solution.plan)
+        history.append((solution, evaluation))
+        if evaluation.feasible:
+            break
+        if evaluation.accuracy_drop is not None and evaluation.accuracy_drop > (problem.constraints.max_accuracy_drop or np.inf):
+            ratio = solution.accuracy_drop / max(evaluation.accuracy_drop, 1e-9)
+            accuracy_scale *= float(np.clip(ratio, 0.1, 0.8))
+        if problem.constraints.latency_ms is not None and evaluation.latency_ms > problem.constraints.latency_ms:
+            cost_model = cost_model.calibrated(_block_observations(problem, cost_model, solution.plan, evaluation))
+    feasible = [(s, e) for s, e in history if e.feasible]
+    best_solution, best = min(feasible, key=lambda se: se[1].objective) if feasible else history[-1]
+    return MeasuredSolve(best_solution.plan, best, history, cost_model)
+
+
+def _objective_of(instance: Instance, plan: Plan) -> float | None:
+    picks = [next((i for i, ch in enumerate(options) if ch.decision == d), None)
+             for options, (_, d) in zip(instance.choices, plan.decisions)]
+    return None if None in picks else predicted(instance, picks)["objective"]
+
+
+def _block_observations(problem, cost_model, plan: Plan, evaluation) -> list[tuple[str, str, str, float, float]]:
+    """(processor, op kind, precision, predicted s, measured s) per layer, from measured blocks
+    (a block's measured/predicted ratio is shared by its layers)."""
+    observations = []
+    layers = problem.graph.layer_by_name
+    for block in evaluation.blocks:
+        costs = []
+        for name in block["layers"]:
+            decision = plan[name]
+            rung = problem.compressor.rung(name, decision.method, decision.rank)
+            costs.append((layers[name], decision, cost_model.layer_cost(layers[name], rung, decision.precision, decision.processor).latency_s))
+        predicted_s = sum(c for _, _, c in costs)
+        ratio = (block["latency_ms"] / 1e3) / max(predicted_s, 1e-12)
+        observations += [(d.processor, layer.kind, d.precision, c, c * ratio) for layer, d, c in costs]
+    return observations
