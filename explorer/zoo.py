@@ -233,7 +233,7 @@ def train_vgg(
         import torch
         from torch import nn
     except ImportError:
-        raise ExplorerError("training needs torch: pip install 'explorer[train]'") from None
+        raise ExplorerError("training needs torch: run bash .ci/setup (it installs torch==2.13.0)") from None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
