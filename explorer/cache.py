@@ -37,3 +37,51 @@ def read_json(path: Path):
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+class AppendOnlyCache:
+    """A key -> JSON value cache in one append-only JSON-lines file.
+
+    Each entry is one line written with a single O_APPEND write, so concurrent writers do not
+    overwrite each other and an interrupted write can only leave a torn last line, which the reader
+    skips. Much cheaper per entry than a file per entry (no temporary file, no rename).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._entries: dict[str, object] | None = None
+        self._torn_tail = False  # the file ends without a newline (an interrupted write)
+
+    def _load(self) -> dict[str, object]:
+        if self._entries is None:
+            self._entries = {}
+            try:
+                with open(self.path, encoding="utf-8", errors="replace") as handle:
+                    line = ""
+                    for line in handle:
+                        try:
+                            entry = json.loads(line)
+                            self._entries[entry["key"]] = entry["value"]
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            continue  # a torn line from an interrupted write
+                    self._torn_tail = bool(line) and not line.endswith("\n")
+            except OSError:
+                pass
+        return self._entries
+
+    def get(self, key: str):
+        """The cached value, or None."""
+        return self._load().get(key)
+
+    def put(self, key: str, value) -> None:
+        """Store a value (appended to the file at once)."""
+        self._load()[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps({"key": key, "value": value}, separators=(",", ":")) + "\n").encode()
+        if self._torn_tail:  # start on a fresh line after a torn one
+            line, self._torn_tail = b"\n" + line, False
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)

@@ -11,7 +11,9 @@ is always rung 0 and leaves the layer as it is.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -21,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from explorer.errors import ExplorerError
 from explorer.graph import Layer, LayerGraph
+from explorer.paths import cache_dir
 from explorer.plan import Decision, Plan
 from explorer.precision import PRECISIONS, apply_precisions
 
@@ -61,6 +64,7 @@ class Compressor:
         self.fractions = fractions
         self.multiple = multiple
         self._factors: dict[tuple[str, str], _Factors] = {}
+        self._singular: dict[tuple[str, str], np.ndarray] = {}
         self._ladders: dict[str, list[Rung]] = {}
 
     # ---- ladders ------------------------------------------------------------------------------
@@ -109,9 +113,25 @@ class Compressor:
         if method == "full":
             return 0.0
         self.rung(layer_name, method, rank)
-        singular = self._svd(self.graph.layer_by_name[layer_name], method).singular.astype(np.float64)
+        singular = self.singular_values(layer_name, method).astype(np.float64)
         total = float(np.sum(singular**2))
         return float(math.sqrt(max(total - float(np.sum(singular[:rank] ** 2)), 0.0) / total)) if total else 0.0
+
+    def singular_values(self, layer_name: str, method: str) -> np.ndarray:
+        """All singular values of the matrix a method factorises (cached on disk per model)."""
+        key = (layer_name, method)
+        if key in self._factors:
+            return self._factors[key].singular
+        if key not in self._singular:
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in layer_name)
+            path = cache_dir("svd") / self.graph.fingerprint() / f"{safe}--{method}.npy"
+            try:
+                values = np.load(path)
+            except (OSError, ValueError):
+                values = singular_values(self._matrix(self.graph.layer_by_name[layer_name], method))
+                _atomic_save(path, values)
+            self._singular[key] = values
+        return self._singular[key]
 
     def ladder_with_errors(self, layer_name: str) -> list[Rung]:
         """The ladder with reconstruction errors filled in (computes the layer's SVD)."""
@@ -283,6 +303,23 @@ class Compressor:
             keep = max(self.candidate_ranks(layer, method), default=1)
             self._factors[key] = truncated_svd(matrix, keep)
         return self._factors[key]
+
+
+def singular_values(matrix: np.ndarray) -> np.ndarray:
+    """All singular values, largest first (through the smaller Gram matrix for large matrices)."""
+    if min(matrix.shape) < _GRAM_THRESHOLD:
+        return scipy.linalg.svdvals(matrix, check_finite=False)
+    gram = (matrix @ matrix.T) if matrix.shape[0] <= matrix.shape[1] else (matrix.T @ matrix)
+    eigenvalues = scipy.linalg.eigvalsh(gram.astype(np.float64), check_finite=False)
+    return np.sqrt(np.clip(eigenvalues[::-1], 0.0, None)).astype(np.float32)
+
+
+def _atomic_save(path: Path, values: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, values)
+    os.replace(tmp, path)
 
 
 def truncated_svd(matrix: np.ndarray, keep: int) -> _Factors:

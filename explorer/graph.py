@@ -67,6 +67,7 @@ class LayerGraph:
         self.source = source
         self.model = _prepared(model, source)
         self._fingerprint: str | None = None
+        self._tensor_bytes: dict[str, int] = {}
         graph = self.model.graph
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
         self.constants: set[str] = set(self.initializers) | {
@@ -158,11 +159,13 @@ class LayerGraph:
 
     def tensor_bytes(self, tensor: str) -> int:
         """Bytes of one tensor at batch 1 (0 if its shape is unknown)."""
-        shape = self.shapes.get(tensor)
-        if shape is None:
-            return 0
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(self.dtypes.get(tensor, onnx.TensorProto.FLOAT)).itemsize
-        return int(np.prod(shape, dtype=np.int64)) * itemsize
+        cached = self._tensor_bytes.get(tensor)
+        if cached is None:
+            shape = self.shapes.get(tensor)
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(self.dtypes.get(tensor, onnx.TensorProto.FLOAT)).itemsize
+            cached = 0 if shape is None else int(np.prod(shape, dtype=np.int64)) * itemsize
+            self._tensor_bytes[tensor] = cached
+        return cached
 
     def constant_shape(self, name: str) -> tuple[int, ...]:
         """Shape of an initializer or Constant-node output (without converting its data)."""

@@ -91,7 +91,7 @@ class SimMeasurer:
         return f"sim (simulated {board.name}: a model of the board, not a hardware measurement)"
 
     def measure(self, graph, compressor, board, plan, calibration_inputs=None) -> Measurement:
-        result = simulate(board, graph, compressor, plan, seed=self.seed)
+        result = simulate(board, graph, compressor, plan, seed=self.seed, plan_digest=plan.digest())
         blocks = [BlockReport(b.index, b.processor, list(b.layers), b.latency_s * 1e3, 0.0, b.transfer_in_s * 1e3,
                               b.energy_j * 1e3, b.weight_bytes / 2**20) for b in result.blocks]
         return Measurement(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from explorer.errors import ExplorerError
@@ -60,7 +60,8 @@ class Plan:
     def to_json(self) -> dict:
         return {
             "schema_version": PLAN_SCHEMA_VERSION,
-            "decisions": [{"layer": name, **asdict(d)} for name, d in self.decisions],
+            "decisions": [{"layer": name, "method": d.method, "rank": d.rank, "precision": d.precision,
+                           "processor": d.processor} for name, d in self.decisions],
         }
 
     def digest(self) -> str:

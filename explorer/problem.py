@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from explorer.accuracy import NOT_MEASURED, AccuracyResult, AccuracyScorer, calibration_inputs, rungs_within_bound
+from explorer.accuracy import (DEFAULT_ERROR_BOUND, NOT_MEASURED, AccuracyResult, AccuracyScorer, calibration_inputs,
+                               rungs_within_bound)
 from explorer.boards import Board
-from explorer.cache import atomic_write_json, digest, read_json
+from explorer.cache import AppendOnlyCache, atomic_write_json, digest, read_json
 from explorer.compress import Compressor, Rung
 from explorer.cost import CostModel
 from explorer.errors import ExplorerError
@@ -104,7 +105,8 @@ class Problem:
 
     def __init__(self, graph: LayerGraph, board: Board, measurer: Measurer, scorer: AccuracyScorer,
                  constraints: Constraints = Constraints(), objective: Objective = Objective(),
-                 compressor: Compressor | None = None, use_disk_cache: bool = True):
+                 compressor: Compressor | None = None, use_disk_cache: bool = True,
+                 error_bound: float | None = DEFAULT_ERROR_BOUND):
         self.graph = graph
         self.board = board
         self.measurer = measurer
@@ -114,6 +116,7 @@ class Problem:
         self.compressor = compressor or Compressor(graph)
         self.cost_model = CostModel(board, graph, self.compressor)
         self.use_disk_cache = use_disk_cache
+        self.error_bound = error_bound  # without data: max relative reconstruction error per layer (None: no bound)
         self.calibration_inputs, self.calibration_source = calibration_inputs(graph, scorer.dataset)
         self.evaluations = 0  # measured (not cached) evaluations
         self._memory_cache: dict[str, Evaluation] = {}
@@ -121,13 +124,14 @@ class Problem:
         self._baseline: Evaluation | None = None
         self._key = digest(graph.fingerprint(), scorer.data_digest(), board.digest, measurer.identity(board))
         self._accuracy_key = digest(graph.fingerprint(), scorer.data_digest(), "accuracy-v1")
+        self._measurements = AppendOnlyCache(self.cache_file())
 
     # ---- the design space ---------------------------------------------------------------------
     def rungs(self, layer: Layer) -> list[Rung]:
         """Rungs offered for a layer (limited by the reconstruction-error bound without data)."""
-        if self.scorer.measured:
+        if self.scorer.measured or self.error_bound is None:
             return self.compressor.ladder(layer.name)
-        return rungs_within_bound(self.compressor, layer.name)
+        return rungs_within_bound(self.compressor, layer.name, self.error_bound)
 
     def choices(self, layer: Layer) -> list[Decision]:
         """Every valid decision for a layer: offered rung x supported precision x capable processor."""
@@ -154,7 +158,7 @@ class Problem:
             if layer.op_type not in processor.ops:
                 raise ExplorerError(f"layer {name}: {decision.processor} does not run {layer.op_type}")
             rung = self.compressor.rung(name, decision.method, decision.rank)
-            if not self.scorer.measured and rung not in self.rungs(layer):
+            if rung not in self.rungs(layer):
                 raise ExplorerError(f"layer {name}: rung {rung.label()} exceeds the reconstruction-error bound used without data")
 
     # ---- evaluation ---------------------------------------------------------------------------
@@ -172,22 +176,21 @@ class Problem:
         if cached is not None:
             return cached
         self.validate(plan)
-        path = self.cache_folder() / f"{plan_digest}.json" if self.use_disk_cache else None
-        stored = read_json(path) if path else None
+        stored = self._measurements.get(plan_digest) if self.use_disk_cache else None
         if stored is not None:
             measurement = Measurement.from_json(stored)
         else:
             measurement = self.measurer.measure(self.graph, self.compressor, self.board, plan, self.calibration_inputs)
             self.evaluations += 1
-            if path:
-                atomic_write_json(path, measurement.to_json())
+            if self.use_disk_cache:
+                self._measurements.put(plan_digest, measurement.to_json())
         evaluation = self._score(plan, plan_digest, measurement)
         self._memory_cache[plan_digest] = evaluation
         return evaluation
 
-    def cache_folder(self) -> Path:
+    def cache_file(self) -> Path:
         """Where measurements of this model + data + board + measurer are cached on disk."""
-        return cache_dir("evaluations") / self._key
+        return cache_dir("evaluations") / f"{self._key}.jsonl"
 
     def accuracy(self, plan: Plan) -> AccuracyResult:
         """Accuracy of the plan's ranks and precisions (placement does not matter), cached."""
@@ -234,7 +237,7 @@ class Problem:
             energy_mj=m.energy_mj, energy_source=m.energy_source, memory_mb=memory_mb,
             memory_mb_by_processor=m.memory_mb_by_processor, accuracy=accuracy.value,
             accuracy_metric=accuracy.metric, accuracy_drop=drop, feasible=not violations, violations=violations,
-            objective=math.nan, measured_by=m.measured_by, blocks=[asdict(b) for b in m.blocks],
+            objective=math.nan, measured_by=m.measured_by, blocks=[dict(vars(b)) for b in m.blocks],
             peak_memory_mb=m.peak_memory_mb,
         )
         return evaluation

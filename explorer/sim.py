@@ -92,8 +92,9 @@ def layer_time(processor: Processor, kind: str, precision: str, flops: float, nb
 
 
 def simulate(board: Board, graph: LayerGraph, compressor: Compressor, plan: Plan, seed: int = 0,
-             repeats: int = REPEATS, dram_bandwidth_gbps: float | None = None) -> SimResult:
+             repeats: int = REPEATS, dram_bandwidth_gbps: float | None = None, plan_digest: str | None = None) -> SimResult:
     """Simulate one inference of the plan on the board (median of `repeats` noisy runs)."""
+    plan_digest = (plan_digest or plan.digest())[:12]
     work = layer_work(graph, compressor, plan)
     boundaries = block_boundaries(graph, plan)
     decisions = [d for _, d in plan.decisions]
@@ -109,100 +110,103 @@ def simulate(board: Board, graph: LayerGraph, compressor: Compressor, plan: Plan
             dram_bytes += nbytes
             weight_bytes += weights
         blocks.append((boundary, processor, compute_s, memory_s, dram_bytes, int(weight_bytes)))
-    rng = np.random.default_rng([seed, int(plan.digest()[:12], 16)])
-    runs = [_schedule(board, graph, blocks, host, rng.lognormal(0.0, NOISE_SIGMA, len(blocks)), dram_bandwidth_gbps)
-            for _ in range(repeats)]
-    totals = [run[0] for run in runs]
-    median_index = int(np.argsort(totals)[len(totals) // 2])
-    latency, energy, sim_blocks = runs[median_index]
+    transfers = [_incoming(board, graph, blocks, index, host) for index in range(len(blocks))]
+    rng = np.random.default_rng([seed, int(plan_digest, 16)])
+    dram = (dram_bandwidth_gbps or board.memory.bandwidth_gbps) * 1e9
+    last_processor = blocks[-1][1].id
+    out_link = board.link(last_processor, host)
+    out_bytes = sum(graph.tensor_bytes(t) for t in graph.output_names)
+    timelines = [_timeline(blocks, transfers, rng.lognormal(0.0, NOISE_SIGMA, len(blocks)), dram) for _ in range(repeats)]
+    totals = [max(finish) + out_link.transfer_time_s(out_bytes) for _, finish in timelines]
+    median = int(np.argsort(totals)[len(totals) // 2])
+    start, finish = timelines[median]
+    latency = totals[median]
+    energy = out_link.transfer_energy_j(out_bytes)
+    sim_blocks = []
+    busy: dict[str, float] = {}
+    for i, (boundary, processor, _c, _m, dram_bytes, weight_bytes) in enumerate(blocks):
+        duration = finish[i] - start[i]
+        block_energy = duration * processor.active_power_w + transfers[i][1]
+        if not processor.is_remote:
+            block_energy += dram_bytes * board.memory.energy_nj_per_byte * 1e-9
+        busy[processor.id] = busy.get(processor.id, 0.0) + duration
+        energy += block_energy
+        sim_blocks.append(SimBlock(i, processor.id, boundary.layer_names, duration, transfers[i][0],
+                                   block_energy, weight_bytes, start[i]))
+    for pid, processor in board.processors.items():  # waiting processors draw idle power
+        if not processor.is_remote:
+            energy += max(0.0, latency - busy.get(pid, 0.0)) * processor.idle_power_w
     weights_by_processor: dict[str, int] = {}
     for block in sim_blocks:
         weights_by_processor[block.processor] = weights_by_processor.get(block.processor, 0) + block.weight_bytes
     return SimResult(latency, max(totals) - min(totals), energy, weights_by_processor, sim_blocks)
 
 
-def _schedule(board: Board, graph: LayerGraph, blocks, host: str, noise: np.ndarray,
-              dram_bandwidth_gbps: float | None):
-    """Fluid-model schedule of the blocks: returns (latency, energy, SimBlocks)."""
-    dram = (dram_bandwidth_gbps or board.memory.bandwidth_gbps) * 1e9
-    producer = {}
-    for index, (boundary, *_rest) in enumerate(blocks):
-        for tensor in boundary.outputs:
-            producer[tensor] = index
-    finish: dict[int, float] = {}
-    ready_at: list[float] = []
-    transfer_s: list[float] = []
-    transfer_j: list[float] = []
-    for index, (boundary, processor, *_rest) in enumerate(blocks):
-        ready, seconds, joules = 0.0, 0.0, 0.0
-        for tensor in boundary.inputs:
-            source = blocks[producer[tensor]][1].id if tensor in producer else host
-            link = board.link(source, processor.id)
-            nbytes = graph.tensor_bytes(tensor)
-            seconds += link.transfer_time_s(nbytes)
-            joules += link.transfer_energy_j(nbytes)
-        ready_at.append(seconds)  # plus the producers' finish times, added when they are known
-        transfer_s.append(seconds)
-        transfer_j.append(joules)
-    # remaining standalone seconds of each block; progress is slowed when DRAM is oversubscribed
-    remaining = [(c + m) * n if True else 0.0 for (_, _, c, m, _, _), n in zip(blocks, noise)]
-    demand = [d / max(r, 1e-12) if not blocks[i][1].is_remote else 0.0
-              for i, ((_, _, _, _, d, _), r) in enumerate(zip(blocks, remaining))]
+def _incoming(board: Board, graph: LayerGraph, blocks, index: int, host: str) -> tuple[float, float, list[int]]:
+    """(seconds, joules, producing blocks) of the tensors a block receives over links."""
+    boundary, processor = blocks[index][0], blocks[index][1]
+    seconds = joules = 0.0
+    producers = []
+    for tensor in boundary.inputs:
+        source = next((i for i in range(index) if tensor in blocks[i][0].outputs), None)
+        link = board.link(blocks[source][1].id if source is not None else host, processor.id)
+        nbytes = graph.tensor_bytes(tensor)
+        seconds += link.transfer_time_s(nbytes)
+        joules += link.transfer_energy_j(nbytes)
+        if source is not None:
+            producers.append(source)
+    return seconds, joules, producers
+
+
+def _timeline(blocks, transfers, noise: np.ndarray, dram: float) -> tuple[list[float], list[float]]:
+    """Start and finish time of every block: a dependency-driven fluid schedule in which blocks
+    running at the same time on different processors share the DRAM bandwidth."""
+    durations = [(c + m) * n for (_, _, c, m, _, _), n in zip(blocks, noise)]
+    depends = [t[2] for t in transfers]
+    if all(i - 1 in depends[i] for i in range(1, len(blocks))):  # a chain: nothing can overlap
+        start, finish, now = [], [], 0.0
+        for i, duration in enumerate(durations):
+            now += transfers[i][0]
+            start.append(now)
+            now += duration
+            finish.append(now)
+        return start, finish
+    remaining = list(durations)
+    demand = [0.0 if b[1].is_remote else b[4] / max(r, 1e-12) for b, r in zip(blocks, remaining)]
     memory_share = [m / max(c + m, 1e-12) for (_, _, c, m, _, _) in blocks]
-    depends = [{producer[t] for t in b.inputs if t in producer} for b, *_ in blocks]
-    start: dict[int, float] = {}
-    busy_until: dict[str, float] = {}
+    start_at: dict[int, float] = {}
+    finish_at: dict[int, float] = {}
     now = 0.0
     running: set[int] = set()
     pending = set(range(len(blocks)))
+
+    def ready_time(i: int) -> float | None:
+        if not all(d in finish_at for d in depends[i]):
+            return None
+        return max((finish_at[d] for d in depends[i]), default=0.0) + transfers[i][0]
+
     while pending or running:
+        busy = {blocks[r][1].id for r in running}
         for i in sorted(pending):
-            if depends[i] <= set(finish):
-                earliest = max([finish[d] for d in depends[i]] + [0.0]) + ready_at[i]
-                pid = blocks[i][1].id
-                if earliest <= now + 1e-15 and busy_until.get(pid, 0.0) <= now + 1e-15 and \
-                        all(blocks[r][1].id != pid for r in running):
-                    running.add(i)
-                    start[i] = now
-                    pending.discard(i)
+            ready = ready_time(i)
+            if ready is not None and ready <= now + 1e-15 and blocks[i][1].id not in busy:
+                running.add(i)
+                busy.add(blocks[i][1].id)
+                start_at[i] = now
+                pending.discard(i)
+        upcoming = [t for t in (ready_time(i) for i in pending) if t is not None and t > now + 1e-15]
         if not running:  # jump to the next time something becomes ready
-            candidates = [max([finish[d] for d in depends[i]] + [0.0]) + ready_at[i]
-                          for i in pending if depends[i] <= set(finish)]
-            now = max(now, min(candidates))
+            now = min(upcoming)
             continue
-        local_demand = sum(demand[i] for i in running)
-        squeeze = max(1.0, local_demand / dram)
+        squeeze = max(1.0, sum(demand[i] for i in running) / dram)
         rates = {i: 1.0 / (1.0 + memory_share[i] * (squeeze - 1.0)) for i in running}
         step = min(remaining[i] / rates[i] for i in running)
-        next_ready = [max([finish[d] for d in depends[i]] + [0.0]) + ready_at[i]
-                      for i in pending if depends[i] <= set(finish)]
-        later = [t - now for t in next_ready if t > now + 1e-15]
-        if later:
-            step = min(step, min(later))
+        if upcoming:
+            step = min(step, min(upcoming) - now)
         now += step
         for i in list(running):
             remaining[i] -= step * rates[i]
             if remaining[i] <= 1e-15:
                 running.discard(i)
-                finish[i] = now
-                busy_until[blocks[i][1].id] = now
-    last = max(range(len(blocks)), key=lambda i: finish[i])
-    out_link = board.link(blocks[last][1].id, host)
-    out_bytes = sum(graph.tensor_bytes(t) for t in graph.output_names)
-    latency = finish[last] + out_link.transfer_time_s(out_bytes)
-    energy = out_link.transfer_energy_j(out_bytes)
-    sim_blocks = []
-    busy: dict[str, float] = {}
-    for i, (boundary, processor, _c, _m, dram_bytes, weight_bytes) in enumerate(blocks):
-        duration = finish[i] - start[i]
-        block_energy = duration * processor.active_power_w + transfer_j[i]
-        if not processor.is_remote:
-            block_energy += dram_bytes * board.memory.energy_nj_per_byte * 1e-9
-        busy[processor.id] = busy.get(processor.id, 0.0) + duration
-        energy += block_energy
-        sim_blocks.append(SimBlock(i, processor.id, boundary.layer_names, duration, transfer_s[i],
-                                   block_energy, weight_bytes, start[i]))
-    for pid, processor in board.processors.items():  # waiting processors draw idle power
-        if not processor.is_remote:
-            energy += max(0.0, latency - busy.get(pid, 0.0)) * processor.idle_power_w
-    return latency, energy, sim_blocks
+                finish_at[i] = now
+    return [start_at[i] for i in range(len(blocks))], [finish_at[i] for i in range(len(blocks))]

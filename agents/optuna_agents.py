@@ -1,0 +1,261 @@
+"""Optuna search agents: TPE on the problem's objective, NSGA-II on a four-metric Pareto front.
+
+Search space: one categorical parameter per decision layer, the index into
+`Problem.choices(layer)`, so every sampled plan is valid. A new study starts with the solver's
+cost-model plan (`solve_problem`, no measurement) enqueued as its first trial.
+
+Constraints: before Optuna is told a trial's values, `Trial.set_constraint` records one value per
+entry of CONSTRAINTS (<= 0 when satisfied; Optuna 5 deprecates the samplers' `constraints_func` for
+this): latency, accuracy drop and memory (the worst of the weight-memory limit, a processor's
+capacity and the board's memory), each relative to its limit, and "other", 1 when the Problem
+reports a violation the others do not explain. The Problem's verdict is the authority: a feasible
+plan never gets a positive value. TPE then models every feasible trial as better than every
+infeasible one (infeasible ones ranked by total violation); NSGA-II uses constrained domination.
+
+Storage and resume: studies live in an Optuna storage (default: SQLite `runs/optuna.db`; any
+Optuna storage URL, an Optuna storage object or "memory"), under a name derived from the model,
+board, objective, agent, seed and a hash of the remaining settings (constraints, measurer, data,
+board file). An existing study is resumed: its complete trials are replayed in order through the
+BudgetedProblem (their measurements come from the Problem's caches; only a plan whose cache is gone
+is measured again) and count toward the budget, so the study ends with `budget` distinct evaluated
+plans and the result covers the whole study.
+
+Duplicates: a sampler may propose a plan already evaluated; the BudgetedProblem returns it free,
+Optuna is still told its values (marked with the user attribute duplicate=True), and it does not
+count. The search stops when the budget is spent, when every plan of the design space has been
+evaluated, or after `asks_per_trial` x budget asks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
+from optuna.trial import TrialState
+
+from agents.base import BudgetedProblem, BudgetExhausted, SearchResult, Trial, TrialCallback
+from explorer.cache import digest
+from explorer.errors import ExplorerError
+from explorer.paths import runs_dir
+from explorer.plan import Plan
+from explorer.problem import Evaluation, Problem
+from explorer.solver import solve_problem
+
+PARETO_METRICS = ("latency_ms", "energy_mj", "memory_mb", "accuracy_drop")
+CONSTRAINTS = ("latency", "accuracy_drop", "memory", "other")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParetoSearchResult(SearchResult):
+    """A SearchResult with the Pareto front of the feasible trials."""
+
+    pareto: list[Trial] = field(default_factory=list)
+
+
+def constraint_values(problem: Problem, evaluation: Evaluation) -> list[float]:
+    """One value per entry of CONSTRAINTS, <= 0 when satisfied, consistent with evaluation.feasible."""
+    c = problem.constraints
+    latency = (evaluation.latency_ms - c.latency_ms) / max(c.latency_ms, 1e-12) if c.latency_ms is not None else 0.0
+    accuracy = 0.0
+    if c.max_accuracy_drop is not None and evaluation.accuracy_drop is not None:
+        accuracy = 100.0 * (evaluation.accuracy_drop - c.max_accuracy_drop)  # in accuracy points
+    memory = [(evaluation.memory_mb - c.memory_mb) / max(c.memory_mb, 1e-12)] if c.memory_mb is not None else []
+    local = 0.0
+    for pid, mb in evaluation.memory_mb_by_processor.items():
+        processor = problem.board.processor(pid)
+        memory.append((mb - processor.memory_mb) / max(processor.memory_mb, 1e-12))
+        local += 0.0 if processor.is_remote else mb
+    available = problem.board.memory.available_mb
+    memory.append((local - available) / max(available, 1e-12))
+    values = [latency, accuracy, max(memory)]
+    if evaluation.feasible:
+        return [min(v, 0.0) for v in values] + [0.0]
+    return values + [0.0 if max(values) > 0 else 1.0]
+
+
+def pareto_front(trials: list[Trial]) -> list[Trial]:
+    """The feasible trials that no other feasible trial dominates on PARETO_METRICS (all minimised)."""
+    feasible = [t for t in trials if t.evaluation.feasible]
+    if not feasible:
+        return []
+    points = np.array([_pareto_point(t.evaluation) for t in feasible])
+    front = []
+    for trial, point in zip(feasible, points):
+        dominated = np.any(np.all(points <= point, axis=1) & np.any(points < point, axis=1))
+        if not dominated:
+            front.append(trial)
+    return front
+
+
+def _pareto_point(evaluation: Evaluation) -> list[float]:
+    return [evaluation.latency_ms, evaluation.energy_mj, evaluation.memory_mb, evaluation.accuracy_drop or 0.0]
+
+
+class DesignSpace:
+    """Plans as Optuna parameters: one categorical index into Problem.choices per layer."""
+
+    def __init__(self, problem: Problem):
+        self.layer_names = [layer.name for layer in problem.graph.layers]
+        self.choices = [problem.choices(layer) for layer in problem.graph.layers]
+        self.distributions = {name: CategoricalDistribution(list(range(len(options))))
+                              for name, options in zip(self.layer_names, self.choices)}
+        self.size = math.prod(len(options) for options in self.choices)
+
+    def plan(self, params: dict, study_name: str) -> Plan:
+        try:
+            return Plan.from_dict({name: options[params[name]] for name, options in zip(self.layer_names, self.choices)})
+        except (KeyError, IndexError, TypeError):
+            raise ExplorerError(f"Optuna study {study_name!r} was made for another model or design space: "
+                                "give another study name or storage") from None
+
+    def params(self, plan: Plan) -> dict[str, int]:
+        return {name: options.index(plan[name]) for name, options in zip(self.layer_names, self.choices)}
+
+
+def default_study_name(problem: Problem, agent: str, seed: int) -> str:
+    """agent-model-board-objective-seed-settings: a study is resumed only under the same settings."""
+    objective = problem.objective.single or "+".join(f"{name}{weight:g}" for name, weight in problem.objective.weights)
+    settings = digest(repr(problem.constraints), problem.board.digest, problem.measurer.identity(problem.board),
+                      problem.scorer.data_digest())
+    return f"{agent}-{problem.graph.fingerprint()[:12]}-{problem.board.name}-{objective}-seed{seed}-{settings[:8]}"
+
+
+def open_storage(storage: str | BaseStorage | None) -> BaseStorage:
+    """None: SQLite runs/optuna.db; "memory": in memory (nothing to resume); else an Optuna storage URL."""
+    if storage is None:
+        return RDBStorage(f"sqlite:///{(runs_dir() / 'optuna.db').resolve()}")
+    if isinstance(storage, BaseStorage):
+        return storage
+    if storage == "memory":
+        return InMemoryStorage()
+    try:
+        return RDBStorage(storage)
+    except Exception as error:  # SQLAlchemy raises several types for a bad URL
+        raise ExplorerError(f"cannot open the Optuna storage {storage!r} ({error}): give a database URL "
+                            "like sqlite:///runs/optuna.db or postgresql://user@host/db") from None
+
+
+class _OptunaAgent:
+    """The ask/evaluate/tell loop shared by the TPE and NSGA-II agents."""
+
+    name = ""
+    source = ""  # Trial.source of sampled plans
+    directions: list[str] = []
+
+    def __init__(self, storage: str | BaseStorage | None = None, study_name: str | None = None,
+                 asks_per_trial: int = 20, sampler_options: dict | None = None):
+        self.storage = storage
+        self.study_name = study_name
+        self.asks_per_trial = asks_per_trial
+        self.sampler_options = sampler_options or {}
+        self.study: optuna.Study | None = None  # the last search's study
+
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        raise NotImplementedError
+
+    def values(self, evaluation: Evaluation) -> list[float]:
+        raise NotImplementedError
+
+    def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
+        budgeted = BudgetedProblem(problem, budget, self.name, callback)
+        space = DesignSpace(problem)
+        study_name = self.study_name or default_study_name(problem, self.name, seed)
+        self.study = optuna.create_study(storage=open_storage(self.storage), study_name=study_name,
+                                         sampler=self.sampler(seed), directions=self.directions, load_if_exists=True)
+        study = self.study
+        trials = budgeted.result.trials
+        target = min(budget, space.size)
+        try:
+            self._replay(study, budgeted, space)
+            if not study.trials:
+                self._enqueue_solver_plan(study, problem, space)
+            for _ in range(self.asks_per_trial * budget):
+                if len(trials) >= target:
+                    break
+                self._step(study, budgeted, space, problem)
+        except KeyboardInterrupt:
+            budgeted.result.interrupted = True
+        return budgeted.result
+
+    def _step(self, study: optuna.Study, budgeted: BudgetedProblem, space: DesignSpace, problem: Problem) -> None:
+        """Ask for a plan, evaluate it through the budget, tell Optuna its values and constraints."""
+        trial = study.ask(space.distributions)
+        try:
+            plan = space.plan(trial.params, study.study_name)
+            source = trial.user_attrs.get("source", self.source)
+            before = len(budgeted.result.trials)
+            evaluation = budgeted.evaluate(plan, source)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        trial.set_user_attr("source", source)
+        trial.set_user_attr("plan_digest", plan.digest())
+        trial.set_user_attr("duplicate", len(budgeted.result.trials) == before)
+        for key, value in zip(CONSTRAINTS, constraint_values(problem, evaluation)):
+            trial.set_constraint(key, value)
+        study.tell(trial, self.values(evaluation))
+
+    def _replay(self, study: optuna.Study, budgeted: BudgetedProblem, space: DesignSpace) -> None:
+        """Count a resumed study's complete trials, in order, as this search's first trials."""
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if done:
+            log.info("resuming Optuna study %s: %d complete trials", study.study_name, len(done))
+        for frozen in done:
+            try:
+                budgeted.evaluate(space.plan(frozen.params, study.study_name), frozen.user_attrs.get("source", self.source))
+            except BudgetExhausted:
+                return
+
+    def _enqueue_solver_plan(self, study: optuna.Study, problem: Problem, space: DesignSpace) -> None:
+        try:
+            plan = solve_problem(problem).plan
+        except ExplorerError as error:
+            log.warning("no solver plan to start from (%s)", error)
+            return
+        study.enqueue_trial(space.params(plan), user_attrs={"source": "solver"})
+
+
+class OptunaTPEAgent(_OptunaAgent):
+    """Tree-structured Parzen estimator on the problem's objective; infeasible plans rank last."""
+
+    name = "optuna-tpe"
+    source = "tpe"
+    directions = ["minimize"]
+
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(seed=seed, **self.sampler_options)
+
+    def values(self, evaluation: Evaluation) -> list[float]:
+        return [evaluation.objective]
+
+
+class OptunaNSGA2Agent(_OptunaAgent):
+    """NSGA-II over latency, energy, weight memory and accuracy drop, with constrained domination.
+
+    The result's best trial is the best feasible by the problem's objective; `pareto` holds the
+    Pareto front of the feasible trials. The population defaults to 20 (not Optuna's 50): a
+    measurement budget of a few hundred then still spans many generations.
+    """
+
+    name = "optuna-nsga2"
+    source = "nsga2"
+    directions = ["minimize"] * len(PARETO_METRICS)
+
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        options = {"population_size": 20, **self.sampler_options}
+        return optuna.samplers.NSGAIISampler(seed=seed, **options)
+
+    def values(self, evaluation: Evaluation) -> list[float]:
+        return _pareto_point(evaluation)
+
+    def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> ParetoSearchResult:
+        result = super().search(problem, budget, seed, callback)
+        return ParetoSearchResult(**{f.name: getattr(result, f.name) for f in fields(SearchResult)},
+                                  pareto=pareto_front(result.trials))

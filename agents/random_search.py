@@ -1,0 +1,43 @@
+"""Random search: uniformly random valid plans, distinct, until the budget is spent.
+
+Each layer's decision is drawn uniformly from `Problem.choices(layer)`, seeded. A plan already
+evaluated is drawn again at no cost; the search stops when the budget is spent, when every plan of
+the design space has been evaluated, or after `attempts_per_trial` x budget draws (a design space
+much smaller than the budget cannot make it loop for long).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from agents.base import BudgetedProblem, SearchResult, TrialCallback
+from explorer.problem import Problem
+
+
+def design_space_size(problem: Problem) -> int:
+    """How many distinct plans the problem has (exact, may be astronomically large)."""
+    return math.prod(len(problem.choices(layer)) for layer in problem.graph.layers)
+
+
+class RandomAgent:
+    """Uniformly random valid plans."""
+
+    name = "random"
+
+    def __init__(self, attempts_per_trial: int = 20):
+        self.attempts_per_trial = attempts_per_trial
+
+    def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
+        budgeted = BudgetedProblem(problem, budget, self.name, callback)
+        trials = budgeted.result.trials
+        target = min(budget, design_space_size(problem))
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(self.attempts_per_trial * budget):
+                if len(trials) >= target:
+                    break
+                budgeted.evaluate(problem.random_plan(rng))
+        except KeyboardInterrupt:
+            budgeted.result.interrupted = True
+        return budgeted.result

@@ -1,0 +1,482 @@
+"""DeployEnv: decide a network's deployment one decision layer at a time (Gymnasium API).
+
+Episode: one step per decision layer, in layer order; the episode ends after the last layer, when
+the whole plan is evaluated through `problem.evaluate(plan)` (measured, cached by the Problem).
+
+Action: ``MultiDiscrete([max rungs, processors, 3 precisions])`` over the union of every layer's
+options: a rung index into the layer's ladder (`Problem.rungs`), a processor index
+(`Board.processor_ids`) and a precision index (`explorer.boards.PRECISIONS`: fp32, fp16, int8).
+
+Masks (`action_masks()`, sb3-contrib's MultiDiscrete format: the three boolean masks concatenated)
+are per dimension, so they describe a *rectangle* R x P x Q of the layer's options, and every
+combination inside it is a valid decision that fits memory:
+
+- precision depends on the processor, and a rectangle cannot express "int8 on the CPU but not on
+  a GPU without int8" (masking int8 whenever such a GPU is on offer would remove int8 on Tegra K1
+  altogether). So a processor runs a requested precision it lacks at its *nearest* precision (by
+  bytes per element, the wider on a tie: int8 on the Kepler GPU runs as fp16). Q holds the
+  precisions that at least one processor of P runs;
+- R: rungs offered for the layer; P: processors that run the layer's op;
+- memory: a decision is admissible when its weights fit the processor, the board's shared memory and
+  the optional total limit, *and* the later layers can still be completed at their smallest option
+  (all on one processor, or on the solver suggestion's processors). That completion argument holds
+  from step to step, so a mask is never empty. When memory binds, the rectangle of admissible
+  decisions with the most distinct decisions is offered (one holding the suggestion if possible).
+  Only a board whose memory no completion fits at all (no suggestion, no single processor holding
+  the smallest model) drops the memory part; its plans then evaluate infeasible.
+
+An action outside the masks (e.g. a random `action_space.sample()` of an env checker) is projected
+onto the rectangle dimension by dimension (nearest rung index, nearest processor index, nearest
+precision by bytes), so every step yields a valid decision; `info["projected"]` says when it did.
+
+Observation (Box float32 in [0, 10], fixed size for a model and board): static features of the
+layer (op one-hot, log FLOPs, log parameters, log input and output activation bytes, position,
+rungs offered), running totals of the cost model and sensitivity table (predicted latency so far /
+budget, predicted energy so far / the baseline's, estimated accuracy loss / limit, weights per
+processor / its capacity, local weights / the board's available memory), the previous layer's
+processor (one-hot; the input's host processor before the first layer) and the solver's suggestion
+for the layer (rung index normalised, processor one-hot, precision one-hot; zeros without one).
+
+Reward: 0 until the last step; then, from the measured Evaluation, ``reference / objective`` for a
+feasible plan (> 0; the reference is the cost model's prediction of the uncompressed fp32 baseline,
+so no measurement is spent outside the agent's budget) and ``-1 - log(1 + violation)`` for an
+infeasible one (<= -1), violation being the sum of the relative excesses over the latency budget,
+accuracy limit and memory capacities. Every infeasible plan scores below every feasible one.
+``info`` of the last step carries the `evaluation` and the `plan`.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from explorer.accuracy import AccuracyScorer, SensitivityTable, sensitivity_table
+from explorer.boards import PRECISIONS, load_board
+from explorer.cost import BYTES_PER_ELEMENT, CostModel
+from explorer.data import Dataset, load_npz_dataset
+from explorer.errors import ExplorerError
+from explorer.graph import DECISION_OPS, load_graph
+from explorer.measure import make_measurer
+from explorer.plan import Decision, Plan
+from explorer.problem import DEFAULT_LATENCY_MS, DEFAULT_MAX_ACCURACY_DROP, Constraints, Evaluation, Objective, Problem
+
+OBSERVATION_HIGH = 10.0  # running ratios are clipped here (10x a budget is far outside anything useful)
+SOLVER = "solver"  # `suggestion=` default: solve the integer program on the cost model
+
+
+def make_problem(model: str = "vgg", board: str = "tegra-k1", objective: str = "energy",
+                 latency_ms: float | None = DEFAULT_LATENCY_MS, max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
+                 memory_mb: float | None = None, seed: int = 0, measure: str = "sim", data: str | None = None,
+                 data_samples: int | None = None) -> Problem:
+    """A Problem from picklable names: a zoo name or ONNX path, a board name or TOML path, and
+    validation data (an .npz path; default: the zoo model's shipped data, none for other models).
+
+    `max_accuracy_drop` is a fraction (0.01 = one point); `data_samples` keeps the first N samples.
+    """
+    graph = load_graph(model)
+    if data is not None:
+        dataset = load_npz_dataset(data, graph.input_shape)
+    else:
+        from explorer.zoo import ZOO, zoo_validation_data
+
+        dataset = zoo_validation_data(model) if model in ZOO else None
+    if dataset is not None and data_samples is not None:
+        y = dataset.y[:data_samples] if dataset.y is not None else None
+        dataset = Dataset(dataset.x[:data_samples], y, f"{dataset.source}, first {data_samples} samples")
+    return Problem(graph, load_board(board), make_measurer(measure, seed), AccuracyScorer(graph.model, dataset),
+                   Constraints(latency_ms=latency_ms, max_accuracy_drop=max_accuracy_drop, memory_mb=memory_mb),
+                   Objective.parse(objective))
+
+
+def resolve_precision(requested: str, supported: tuple[str, ...]) -> str:
+    """The precision a processor runs when `requested` is asked: itself, else the nearest by bytes
+    per element (the wider on a tie)."""
+    if requested in supported:
+        return requested
+    want = BYTES_PER_ELEMENT[requested]
+    return min(supported, key=lambda p: (abs(BYTES_PER_ELEMENT[p] - want), -BYTES_PER_ELEMENT[p]))
+
+
+def violation(problem, evaluation: Evaluation) -> float:
+    """Sum of relative excesses over the constraints the evaluation breaks (0 when feasible)."""
+    c = problem.constraints
+    excess = 0.0
+    if c.latency_ms is not None:
+        excess += max(0.0, evaluation.latency_ms / c.latency_ms - 1)
+    if c.max_accuracy_drop is not None and evaluation.accuracy_drop is not None:
+        excess += max(0.0, evaluation.accuracy_drop - c.max_accuracy_drop) / max(c.max_accuracy_drop, 1e-3)
+    if c.memory_mb is not None:
+        excess += max(0.0, evaluation.memory_mb / c.memory_mb - 1)
+    local = 0.0
+    for pid, mb in evaluation.memory_mb_by_processor.items():
+        processor = problem.board.processor(pid)
+        excess += max(0.0, mb / processor.memory_mb - 1)
+        local += 0.0 if processor.is_remote else mb
+    return excess + max(0.0, local / problem.board.memory.available_mb - 1)
+
+
+def plan_reward(problem, evaluation: Evaluation, reference: float) -> float:
+    """Feasible: reference / objective (> 0). Infeasible: -1 - log(1 + violation) (<= -1)."""
+    if evaluation.feasible:
+        return float(reference / max(evaluation.objective, 1e-12))
+    return float(-1.0 - math.log1p(violation(problem, evaluation)))
+
+
+@dataclass
+class _Episode:
+    """The running state of one episode."""
+
+    host: str
+    decisions: list[Decision] = field(default_factory=list)
+    latency_s: float = 0.0
+    energy_j: float = 0.0
+    accuracy_loss: float = 0.0
+    weight_bytes: dict[str, float] = field(default_factory=dict)
+    evaluation: Evaluation | None = None
+
+    @property
+    def previous(self) -> str:
+        return self.decisions[-1].processor if self.decisions else self.host
+
+
+class DeployEnv(gym.Env):
+    """One step per decision layer: (rung, processor, precision); measured reward at the end.
+
+    Build it from names (`model`, `board`, ... as `make_problem` takes them; picklable, so it works
+    in subprocess vector environments) or from an existing `problem` (a Problem or an agent's
+    BudgetedProblem; the names are then ignored). `suggestion`: "solver" (solve the integer program
+    on the cost model, no measurement), a Plan, or None. `cost_model`: the model behind the running
+    totals (default: the problem's).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, model: str = "vgg", board: str = "tegra-k1", objective: str = "energy",
+                 latency_ms: float | None = DEFAULT_LATENCY_MS,
+                 max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP, memory_mb: float | None = None,
+                 seed: int = 0, measure: str = "sim", data: str | None = None, data_samples: int | None = None,
+                 problem=None, suggestion: Plan | str | None = SOLVER, cost_model: CostModel | None = None):
+        super().__init__()
+        if problem is None:
+            problem = make_problem(model, board, objective, latency_ms, max_accuracy_drop, memory_mb, seed, measure,
+                                   data, data_samples)
+        self.problem = problem
+        self.graph = problem.graph
+        self.board = problem.board
+        self.layers = list(problem.graph.layers)
+        self.processor_ids = list(problem.board.processor_ids)
+        self.host = self.processor_ids[0]
+        self.rungs = [problem.rungs(layer) for layer in self.layers]
+        self.max_rungs = max(len(r) for r in self.rungs)
+        self.sensitivity: SensitivityTable | None = (
+            sensitivity_table(problem.graph, problem.compressor, problem.scorer) if problem.scorer.measured else None)
+        self.cost_model = cost_model or problem.cost_model
+        self._pending_cost_model: CostModel | None = None
+        self._capacity = np.array([problem.board.processor(p).memory_mb * 2**20 for p in self.processor_ids])
+        self._local = np.array([not problem.board.processor(p).is_remote for p in self.processor_ids])
+        self._local_capacity = problem.board.memory.available_mb * 2**20
+        limit = problem.constraints.memory_mb
+        self._total_capacity = limit * 2**20 if limit is not None else math.inf
+        self._capable = [[layer.op_type in problem.board.processor(p).ops for p in self.processor_ids]
+                         for layer in self.layers]
+        self._precisions = [problem.board.processor(p).precisions for p in self.processor_ids]
+        self._static = self._static_features()
+        baseline = self._baseline_cost()
+        self.reference = self._reference_objective(baseline)
+        self._reference_latency_s = max(baseline.latency_s, 1e-12)
+        self._reference_energy_j = max(baseline.energy_j, 1e-12)
+        self.suggestion = self._initial_suggestion(suggestion)
+        self._pending_suggestion: Plan | None = None
+        self._completions = self._completion_needs()
+        self.action_space = spaces.MultiDiscrete([self.max_rungs, len(self.processor_ids), len(PRECISIONS)])
+        n = len(self.processor_ids)
+        size = self._static.shape[1] + (3 + n + 1) + n + (1 + n + len(PRECISIONS))
+        self.observation_space = spaces.Box(0.0, OBSERVATION_HIGH, (size,), np.float32)
+        self._episode = _Episode(self.host)
+        self._rectangle = self._offer(self._episode)
+
+    # ---- public API -------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if self._pending_suggestion is not None:
+            self.suggestion, self._pending_suggestion = self._pending_suggestion, None
+            self._completions = self._completion_needs()
+        if self._pending_cost_model is not None:
+            self.cost_model, self._pending_cost_model = self._pending_cost_model, None
+        self._episode = _Episode(self.host)
+        self._rectangle = self._offer(self._episode)
+        return self._observation(self._episode), {}
+
+    def step(self, action):
+        episode = self._episode
+        if len(episode.decisions) == len(self.layers):
+            raise ExplorerError("the episode is over: call reset() before step()")
+        decision, projected = self.decode(action, self._rectangle, len(episode.decisions))
+        self._advance(episode, decision)
+        info: dict = {"decision": decision, "projected": projected}
+        reward = 0.0
+        terminated = len(episode.decisions) == len(self.layers)
+        if terminated:
+            plan = self.plan_of(episode)
+            episode.evaluation = self.problem.evaluate(plan)
+            reward = plan_reward(self.problem, episode.evaluation, self.reference)
+            info.update(plan=plan, evaluation=episode.evaluation)
+        else:
+            self._rectangle = self._offer(episode)
+        return self._observation(episode), reward, terminated, False, info
+
+    def action_masks(self) -> np.ndarray:
+        """Concatenated boolean masks (rungs, processors, precisions) for the current layer."""
+        rungs, procs, precs = self._rectangle
+        mask = np.zeros(self.max_rungs + len(self.processor_ids) + len(PRECISIONS), dtype=bool)
+        mask[list(rungs)] = True
+        mask[[self.max_rungs + p for p in procs]] = True
+        mask[[self.max_rungs + len(self.processor_ids) + q for q in precs]] = True
+        return mask
+
+    def set_suggestion(self, plan: Plan | None) -> None:
+        """Use `plan` as the solver's suggestion from the next reset on."""
+        self._pending_suggestion = plan
+
+    def set_cost_model(self, cost_model: CostModel) -> None:
+        """Use a (recalibrated) cost model for the running totals from the next reset on."""
+        self._pending_cost_model = cost_model
+
+    def encode(self, layer_index: int, decision: Decision) -> np.ndarray:
+        """The action that chooses `decision` at layer `layer_index`."""
+        rung = next(i for i, r in enumerate(self.rungs[layer_index])
+                    if (r.method, r.rank) == (decision.method, decision.rank))
+        return np.array([rung, self.processor_ids.index(decision.processor), PRECISIONS.index(decision.precision)])
+
+    def demonstration(self, plan: Plan, suggestion: Plan | None = None,
+                      labels: Plan | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(observation, masks, action) at every layer while `plan` is played, without evaluating it.
+
+        The observations carry `suggestion` (default: the current one); the actions are those of
+        `labels` (default: the plan itself), so a demonstration can also say "go back to the labels'
+        decision" along a trajectory that strayed from them. The episode in progress is left
+        untouched; a step whose labelled action falls outside the masks is left out.
+        """
+        labels = labels or plan
+        saved = self.suggestion, self._completions, self._rectangle
+        if suggestion is not None:
+            self.suggestion = suggestion
+            self._completions = self._completion_needs()
+        try:
+            episode = _Episode(self.host)
+            steps = []
+            for index, ((_, decision), (_, label)) in enumerate(zip(plan.decisions, labels.decisions)):
+                self._rectangle = self._offer(episode)
+                action = self.encode(index, label)
+                if self.decode(action, self._rectangle, index) == (label, False):
+                    steps.append((self._observation(episode), self.action_masks(), action))
+                self._advance(episode, decision)
+            return steps
+        finally:
+            self.suggestion, self._completions, self._rectangle = saved
+
+    def plan_of(self, episode: _Episode) -> Plan:
+        return Plan(tuple((layer.name, d) for layer, d in zip(self.layers, episode.decisions)))
+
+    # ---- decisions --------------------------------------------------------------------------
+    def decode(self, action, rectangle, layer_index: int) -> tuple[Decision, bool]:
+        """The decision an action takes at a layer, and whether it had to be projected onto the masks."""
+        rungs, procs, precs = rectangle
+        r, p, q = (int(a) for a in action)
+        projected = r not in rungs or p not in procs or q not in precs
+        r = r if r in rungs else min(rungs, key=lambda i: (abs(i - r), i))
+        p = p if p in procs else min(procs, key=lambda i: (abs(i - p), i))
+        if q not in precs:
+            want = BYTES_PER_ELEMENT[PRECISIONS[q]]
+            q = min(precs, key=lambda i: (abs(BYTES_PER_ELEMENT[PRECISIONS[i]] - want), -BYTES_PER_ELEMENT[PRECISIONS[i]]))
+        rung = self.rungs[layer_index][r]
+        precision = resolve_precision(PRECISIONS[q], self._precisions[p])
+        return Decision(rung.method, rung.rank, precision, self.processor_ids[p]), projected
+
+    def _advance(self, episode: _Episode, decision: Decision) -> None:
+        index = len(episode.decisions)
+        layer = self.layers[index]
+        rung = self.problem.compressor.rung(layer.name, decision.method, decision.rank)
+        cost = self.cost_model.layer_cost(layer, rung, decision.precision, decision.processor)
+        if index == 0:
+            seconds, joules = self.cost_model.input_transfer(decision.processor, self.host)
+        else:
+            seconds, joules = self.cost_model.transfer(self.layers[index - 1], episode.previous, decision.processor)
+        episode.latency_s += cost.latency_s + seconds
+        episode.energy_j += cost.energy_j + joules
+        if self.sensitivity is not None:
+            episode.accuracy_loss += self.sensitivity.estimate(layer.name, rung.method, rung.rank, decision.precision)
+        episode.weight_bytes[decision.processor] = episode.weight_bytes.get(decision.processor, 0.0) + cost.weight_bytes
+        episode.decisions.append(decision)
+
+    def _offer(self, episode: _Episode) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """The rectangle (rung, processor, precision indices) offered at the episode's next layer."""
+        index = len(episode.decisions)
+        if index == len(self.layers):
+            return tuple(range(self.max_rungs)), tuple(range(len(self.processor_ids))), tuple(range(len(PRECISIONS)))
+        n_rungs, n_procs = len(self.rungs[index]), len(self.processor_ids)
+        capable = [p for p in range(n_procs) if self._capable[index][p]]
+        if not capable:
+            raise ExplorerError(f"no processor of {self.board.name} runs layer {self.layers[index].name} "
+                                f"({self.layers[index].op_type}): add the op to a processor's `ops`")
+        admissible = self._admissible(episode, index)  # [rung, processor, precision actually run]
+        decoded = np.zeros((n_rungs, n_procs, len(PRECISIONS)), dtype=bool)
+        for p in capable:
+            for q, name in enumerate(PRECISIONS):
+                decoded[:, p, q] = admissible[:, p, PRECISIONS.index(resolve_precision(name, self._precisions[p]))]
+        total = int(admissible.sum())
+        best, best_score = None, None
+        suggested = self._suggested_indices(index)
+        for size in range(len(capable), 0, -1):
+            for procs in itertools.combinations(capable, size):
+                runnable = sorted({PRECISIONS.index(q) for p in procs for q in self._precisions[p]})
+                for qsize in range(len(runnable), 0, -1):
+                    for precs in itertools.combinations(runnable, qsize):
+                        rungs = tuple(np.flatnonzero(decoded[:, list(procs)][:, :, list(precs)].all(axis=(1, 2))))
+                        if not rungs:
+                            continue
+                        distinct = sum(len({resolve_precision(PRECISIONS[q], self._precisions[p]) for q in precs})
+                                       for p in procs) * len(rungs)
+                        holds = suggested is not None and suggested[0] in rungs and suggested[1] in procs and suggested[2] in precs
+                        score = (holds, distinct)
+                        if best_score is None or score > best_score:
+                            best, best_score = (rungs, procs, precs), score
+                        if distinct == total:
+                            return best  # the whole admissible set is a rectangle
+        if best is None:
+            raise ExplorerError(f"layer {self.layers[index].name}: no admissible decision")  # _admissible never allows this
+        return best
+
+    def _admissible(self, episode: _Episode, index: int) -> np.ndarray:
+        """[rung, processor, precision]: valid decisions whose weights fit now and leave room to finish."""
+        n_procs = len(self.processor_ids)
+        params = np.array([r.params for r in self.rungs[index]], dtype=float)
+        valid = np.zeros((len(params), n_procs, len(PRECISIONS)), dtype=bool)
+        weights = np.zeros_like(valid, dtype=float)
+        for p in range(n_procs):
+            if self._capable[index][p]:
+                for q, name in enumerate(PRECISIONS):
+                    if name in self._precisions[p]:
+                        valid[:, p, q] = True
+                        weights[:, p, q] = params * BYTES_PER_ELEMENT[name]
+        used = np.array([episode.weight_bytes.get(p, 0.0) for p in self.processor_ids])
+        after = used[None, None, None, :] + weights[..., None] * np.eye(n_procs)[None, :, None, :]  # [r, p, q, proc]
+        fits_now = self._fits(after)
+        need = self._completions[:, index + 1] if self._completions.size else np.zeros((0, n_procs))
+        completes = np.zeros_like(valid)
+        for row in need:  # one completion candidate: bytes per processor the later layers need
+            completes |= self._fits(after + row)
+        for admissible in (valid & completes, valid & fits_now, valid):  # never empty: see the module docstring
+            if admissible.any():
+                return admissible
+        return valid
+
+    def _fits(self, weights: np.ndarray) -> np.ndarray:
+        """Whether weights per processor (last axis) respect every capacity."""
+        local = (weights * self._local).sum(-1)
+        return ((weights <= self._capacity).all(-1) & (local <= self._local_capacity)
+                & (weights.sum(-1) <= self._total_capacity))
+
+    def _completion_needs(self) -> np.ndarray:
+        """[candidate, layer, processor]: bytes the layers from `layer` on need at their smallest
+        option, for each completion candidate (all on one processor; the suggestion's placement)."""
+        n_layers, n_procs = len(self.layers), len(self.processor_ids)
+        smallest = np.full((n_layers, n_procs), math.inf)
+        for l, rungs in enumerate(self.rungs):
+            for p in range(n_procs):
+                if self._capable[l][p]:
+                    smallest[l, p] = min(r.params for r in rungs) * min(BYTES_PER_ELEMENT[q] for q in self._precisions[p])
+        placements = [[p] * n_layers for p in range(n_procs)]
+        if self.suggestion is not None:
+            placements.append([self.processor_ids.index(d.processor) for _, d in self.suggestion.decisions])
+        candidates = []
+        for placement in placements:
+            need = np.zeros((n_layers + 1, n_procs))
+            for l in range(n_layers - 1, -1, -1):
+                need[l] = need[l + 1]
+                need[l, placement[l]] += smallest[l, placement[l]]
+            if np.isfinite(need).all():
+                candidates.append(need)
+        return np.array(candidates) if candidates else np.zeros((0, n_layers + 1, n_procs))
+
+    def _suggested_indices(self, index: int) -> tuple[int, int, int] | None:
+        if self.suggestion is None:
+            return None
+        return tuple(int(a) for a in self.encode(index, self.suggestion.decisions[index][1]))
+
+    def _initial_suggestion(self, suggestion: Plan | str | None) -> Plan | None:
+        if suggestion != SOLVER:
+            return suggestion
+        from explorer.solver import solve_problem
+
+        try:
+            return solve_problem(self.problem).plan
+        except ExplorerError:  # the model finds nothing feasible: no suggestion
+            return None
+
+    # ---- observation ------------------------------------------------------------------------
+    def _static_features(self) -> np.ndarray:
+        """Per layer: op one-hot, log FLOPs, log params, log activation bytes in/out, position, rungs."""
+        def scaled(values):
+            logs = np.log1p(np.asarray(values, dtype=float))
+            return logs / max(logs.max(), 1e-12)
+
+        layers = self.layers
+        onehot = np.array([[layer.op_type == op for op in DECISION_OPS] for layer in layers], dtype=float)
+        activation_in = [4 * math.prod(layer.input_shape or (0,)) for layer in layers]
+        activation_out = [4 * math.prod(layer.output_shape or (0,)) for layer in layers]
+        position = np.arange(len(layers)) / max(len(layers) - 1, 1)
+        offered = np.array([len(r) for r in self.rungs]) / self.max_rungs
+        return np.column_stack([onehot, scaled([l.flops for l in layers]), scaled([l.params for l in layers]),
+                                scaled(activation_in), scaled(activation_out), position, offered])
+
+    def _baseline_cost(self):
+        """The cost model's view of the baseline: the uncompressed fp32 model on the single processor
+        the objective's first metric prefers (no measurement, so nothing is spent outside a budget)."""
+        first = self.problem.objective.weights[0][0]
+        costs = [self.cost_model.plan_cost(self.problem.uniform_plan(pid)) for p, pid in enumerate(self.processor_ids)
+                 if "fp32" in self._precisions[p] and all(capable[p] for capable in self._capable)]
+        if not costs:
+            raise ExplorerError(f"no processor of {self.board.name} runs the whole model in fp32: there is no baseline")
+        return min(costs, key=lambda cost: _metrics(cost)[first])
+
+    def _reference_objective(self, baseline) -> float:
+        """The baseline's predicted objective in the Evaluation's units (a weighted objective is
+        already relative to the baseline: its weights' sum)."""
+        objective = self.problem.objective
+        if not objective.single:
+            return float(sum(w for _, w in objective.weights))
+        return max(_metrics(baseline)[objective.single], 1e-12)
+
+    def _observation(self, episode: _Episode) -> np.ndarray:
+        index = len(episode.decisions)
+        n = len(self.processor_ids)
+        static = self._static[index] if index < len(self.layers) else np.zeros(self._static.shape[1])
+        if index == len(self.layers):
+            static[-2] = 1.0  # position: past the last layer
+        c = self.problem.constraints
+        budget_s = c.latency_ms / 1e3 if c.latency_ms is not None else self._reference_latency_s
+        limit = c.max_accuracy_drop if c.max_accuracy_drop is not None else DEFAULT_MAX_ACCURACY_DROP
+        weights = np.array([episode.weight_bytes.get(p, 0.0) for p in self.processor_ids])
+        totals = [episode.latency_s / budget_s, episode.energy_j / self._reference_energy_j,
+                  episode.accuracy_loss / max(limit, 1e-6)]
+        local = (weights * self._local).sum() / self._local_capacity
+        previous = np.eye(n)[self.processor_ids.index(episode.previous)]
+        suggestion = np.zeros(1 + n + len(PRECISIONS))
+        if self.suggestion is not None and index < len(self.layers):
+            r, p, q = self._suggested_indices(index)
+            suggestion[0] = r / max(self.max_rungs - 1, 1)
+            suggestion[1 + p] = 1.0
+            suggestion[1 + n + q] = 1.0
+        features = np.concatenate([static, totals, weights / self._capacity, [local], previous, suggestion])
+        return np.clip(features, 0.0, OBSERVATION_HIGH).astype(np.float32)
+
+
+def _metrics(cost) -> dict[str, float]:
+    """A PlanCost in the Evaluation's units: mJ, ms, MB."""
+    return {"energy": cost.energy_j * 1e3, "latency": cost.latency_s * 1e3,
+            "memory": sum(cost.weight_bytes_by_processor.values()) / 2**20}

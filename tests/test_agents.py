@@ -1,0 +1,182 @@
+"""The non-RL search agents and the registry: budgets, feasibility, determinism, TPE's solver start,
+NSGA-II's Pareto front, resuming an Optuna study, tiny design spaces."""
+import math
+
+import numpy as np
+import pytest
+
+from agents import AGENTS, make_agent
+from agents.optuna_agents import CONSTRAINTS, PARETO_METRICS, constraint_values, default_study_name
+from agents.random_search import design_space_size
+from explorer.accuracy import AccuracyScorer
+from explorer.boards import load_board
+from explorer.data import Dataset
+from explorer.errors import ExplorerError
+from explorer.graph import LayerGraph
+from explorer.measure import SimMeasurer
+from explorer.problem import Constraints, Objective, Problem
+from explorer.solver import solve_problem
+from boardbuild import write_board
+from netbuild import mlp, random_inputs
+
+SEARCH_AGENTS = ("random", "optuna-tpe", "optuna-nsga2")  # budget-filling agents
+BUDGET = 12
+
+
+def _problem(board=None, use_disk_cache=True, latency_ms=0.3, max_accuracy_drop=0.05) -> Problem:
+    graph = LayerGraph(mlp())
+    scorer = AccuracyScorer(graph.model, Dataset(random_inputs(graph.model, 200), None, "random inputs"))
+    return Problem(graph, board or load_board("tegra-k1"), SimMeasurer(seed=0), scorer,
+                   Constraints(latency_ms=latency_ms, max_accuracy_drop=max_accuracy_drop), Objective.parse("energy"),
+                   use_disk_cache=use_disk_cache)
+
+
+@pytest.fixture(scope="module")
+def problem() -> Problem:
+    return _problem()
+
+
+def _agent(name: str, **options):
+    if name.startswith("optuna"):
+        options.setdefault("storage", "memory")
+    return make_agent(name, **options)
+
+
+def _check_result(result, problem: Problem, budget: int) -> None:
+    digests = [t.plan.digest() for t in result.trials]
+    assert len(set(digests)) == len(digests)
+    assert [t.number for t in result.trials] == list(range(len(result.trials)))
+    assert len(result.best_so_far) == len(result.trials) <= budget
+    assert all(a >= b for a, b in zip(result.best_so_far, result.best_so_far[1:]))
+    feasible = [t.evaluation.objective for t in result.trials if t.evaluation.feasible]
+    if feasible:
+        assert result.best.feasible and result.best.objective == min(feasible) == result.best_so_far[-1]
+    else:
+        assert result.best_trial is None and result.best_so_far[-1] == math.inf
+    for trial in result.trials:
+        assert trial.evaluation is problem.evaluate(trial.plan)  # the one seam, same cached evaluation
+
+
+@pytest.mark.parametrize("name", SEARCH_AGENTS)
+def test_search_agents_spend_the_budget_exactly_and_never_report_an_infeasible_best(problem, name):
+    result = _agent(name).search(problem, BUDGET, seed=0)
+    assert result.agent == name and not result.interrupted
+    assert len(result.trials) == BUDGET
+    _check_result(result, problem, BUDGET)
+    if name.startswith("optuna"):  # they start from the solver's plan, feasible on this problem
+        assert result.best is not None
+
+
+def test_solver_agent_is_the_measured_solver_loop_within_the_budget(problem):
+    result = make_agent("solver").search(problem, BUDGET, seed=0)
+    _check_result(result, problem, BUDGET)
+    assert 1 <= len(result.trials) <= 6 and {t.source for t in result.trials} == {"solver"}
+    assert result.trials[0].plan == solve_problem(problem).plan
+    assert result.best_trial is result.trials[-1] or not result.trials[-1].evaluation.feasible
+    two_rounds = _problem(latency_ms=0.35)  # the first plan runs 0.357 ms: a second round is needed
+    assert len(make_agent("solver").search(two_rounds, BUDGET, seed=0).trials) == 2
+    assert len(make_agent("solver").search(two_rounds, 1, seed=0).trials) == 1
+
+
+@pytest.mark.parametrize("name", SEARCH_AGENTS)
+def test_same_seed_gives_the_same_search_and_another_seed_another(problem, name):
+    first, again = (_agent(name).search(problem, BUDGET, seed=3) for _ in range(2))
+    assert [t.plan for t in first.trials] == [t.plan for t in again.trials]
+    assert first.best_so_far == again.best_so_far
+    other = _agent(name).search(problem, BUDGET, seed=4)
+    assert [t.plan for t in other.trials] != [t.plan for t in first.trials]
+
+
+def test_tpe_starts_from_the_solver_plan_and_tells_optuna_the_constraints(problem):
+    agent = _agent("optuna-tpe")
+    result = agent.search(problem, BUDGET, seed=0)
+    assert result.trials[0].plan == solve_problem(problem).plan and result.trials[0].source == "solver"
+    assert {t.source for t in result.trials[1:]} == {"tpe"}
+    told = [t for t in agent.study.trials if not t.user_attrs["duplicate"]]
+    assert len(told) == BUDGET
+    for frozen, trial in zip(told, result.trials):
+        assert frozen.user_attrs["plan_digest"] == trial.plan.digest()
+        assert frozen.value == trial.evaluation.objective
+        assert set(frozen.constraints) == set(CONSTRAINTS)
+        assert (max(frozen.constraints.values()) <= 0) == trial.evaluation.feasible
+
+
+def test_constraint_values_agree_with_the_problems_feasibility(problem):
+    result = _agent("optuna-tpe").search(problem, 30, seed=1)
+    assert 0 < result.feasible_count < 30
+    for trial in result.trials:
+        values = constraint_values(problem, trial.evaluation)
+        assert len(values) == len(CONSTRAINTS)
+        assert (max(values) <= 0) == trial.evaluation.feasible
+        if trial.evaluation.latency_ms > problem.constraints.latency_ms:
+            assert values[0] > 0
+
+
+def test_nsga2_reports_a_non_dominated_pareto_front(problem):
+    result = _agent("optuna-nsga2").search(problem, 30, seed=0)
+    assert result.trials[0].source == "solver"
+    front = result.pareto
+    assert front and all(t.evaluation.feasible for t in front)
+
+    def point(trial):
+        return np.array([getattr(trial.evaluation, m) for m in PARETO_METRICS])
+
+    def dominates(a, b):
+        return bool(np.all(point(a) <= point(b)) and np.any(point(a) < point(b)))
+
+    assert not any(dominates(a, b) for a in front for b in front)
+    for trial in result.trials:
+        if trial.evaluation.feasible and trial not in front:
+            assert any(dominates(f, trial) for f in front)
+    assert result.best.objective == min(t.evaluation.objective for t in front)  # the energy optimum is on the front
+
+
+def test_tpe_study_resumes_from_its_storage(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPLORER_RUNS", str(tmp_path))
+    problem = _problem(use_disk_cache=False)
+    first = make_agent("optuna-tpe").search(problem, 6, seed=0)  # default storage: runs/optuna.db
+    assert (tmp_path / "optuna.db").exists() and problem.evaluations == 6
+    resumed_agent = make_agent("optuna-tpe")
+    resumed = resumed_agent.search(problem, 10, seed=0)
+    assert [t.plan for t in resumed.trials[:6]] == [t.plan for t in first.trials]
+    assert len(resumed.trials) == 10 and problem.evaluations == 10  # 4 new measurements, not 10
+    _check_result(resumed, problem, 10)
+    assert resumed_agent.study.study_name == default_study_name(problem, "optuna-tpe", 0)
+    digests = {t.user_attrs["plan_digest"] for t in resumed_agent.study.trials}
+    assert digests == {t.plan.digest() for t in resumed.trials}
+    again = make_agent("optuna-tpe").search(problem, 10, seed=0)  # complete: nothing left to do
+    assert [t.plan for t in again.trials] == [t.plan for t in resumed.trials] and problem.evaluations == 10
+    other_seed = make_agent("optuna-tpe").search(problem, 3, seed=1)  # another study, started afresh
+    assert len(other_seed.trials) == 3 and other_seed.trials[0].source == "solver"
+
+
+@pytest.mark.parametrize("name", SEARCH_AGENTS)
+def test_a_design_space_smaller_than_the_budget_is_evaluated_once_and_the_search_ends(tmp_path, name):
+    board = load_board(str(write_board(tmp_path / "single.toml", ["cpu"], precisions='"fp32"')))
+    problem = _problem(board, latency_ms=None, max_accuracy_drop=None)
+    size = design_space_size(problem)
+    assert size < 40
+    result = _agent(name).search(problem, 40, seed=0)
+    assert len(result.trials) == size
+    _check_result(result, problem, 40)
+
+
+def test_make_agent_builds_agents_by_name_and_suggests_the_closest_name():
+    for name in AGENTS[1:]:
+        assert make_agent(name).name == name
+    assert make_agent("random", attempts_per_trial=3).attempts_per_trial == 3
+    with pytest.raises(ExplorerError, match="did you mean 'optuna-tpe'"):
+        make_agent("optuna-tp")
+    with pytest.raises(ExplorerError, match="did you mean 'random'"):
+        make_agent("randon")
+    with pytest.raises(ExplorerError, match="unknown agent 'zzz': choose one of ppo"):
+        make_agent("zzz")
+    with pytest.raises(ExplorerError, match="does not take these options.*attempts_per_trial"):
+        make_agent("random", population=3)
+
+
+@pytest.mark.slow
+def test_ppo_through_the_registry_spends_its_budget(problem):
+    result = make_agent("ppo").search(problem, BUDGET, seed=0)
+    assert result.agent == "ppo" and len(result.trials) == BUDGET
+    _check_result(result, problem, BUDGET)
