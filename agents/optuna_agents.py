@@ -147,6 +147,7 @@ class _OptunaAgent:
 
     name = ""
     source = ""  # Trial.source of sampled plans
+    anytime = True  # proposals do not depend on the budget: best_so_far[n - 1] is the result at budget n
     directions: list[str] = []
 
     def __init__(self, storage: str | BaseStorage | None = None, study_name: str | None = None,

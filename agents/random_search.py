@@ -24,6 +24,7 @@ class RandomAgent:
     """Uniformly random valid plans."""
 
     name = "random"
+    anytime = True  # proposals do not depend on the budget: best_so_far[n - 1] is the result at budget n
 
     def __init__(self, attempts_per_trial: int = 20):
         self.attempts_per_trial = attempts_per_trial

@@ -15,6 +15,7 @@ class SolverAgent:
     """Rounds of the exact integer program on the (recalibrated) additive cost model."""
 
     name = "solver"
+    anytime = True  # proposals do not depend on the budget: best_so_far[n - 1] is the result at budget n
 
     def __init__(self, rounds: int = 6, time_limit_s: float = 60.0):
         self.rounds = rounds

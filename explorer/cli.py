@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from rich.table import Table
 
 from explorer.errors import ExplorerError
 
+DEFAULT_BUDGET = 300
 console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True)
+err_DEFAULT_BUDGET = 300
+console = Console(stderr=True)
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
@@ -294,6 +297,109 @@ def cmd_solve(args: argparse.Namespace) -> None:
     _zoo_note(args.model)
 
 
+def cmd_search(args: argparse.Namespace) -> None:
+    """The main job: search, track every trial in MLflow, summarise, say how to export."""
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from agents import make_agent
+    from explorer.solver import solve_measured
+    from explorer.tracking import SearchTracker, convergence_plot, default_tracking_uri, pareto_plot, ui_command
+
+    problem = _problem(args)
+    agent = make_agent(args.agent, **({"storage": args.storage} if args.storage and args.agent.startswith("optuna") else {}))
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    experiment = f"{Path(problem.graph.source).stem} @ {problem.board.name}"
+    params = {"model": problem.graph.source, "board": problem.board.name, "agent": args.agent, "budget": args.budget,
+              "objective": problem.objective.describe(), "latency_ms": args.latency_ms,
+              "max_accuracy_drop_points": args.max_accuracy_drop, "memory_mb": args.memory_mb, "measure": args.measure,
+              "measured_by": problem.measurer.label(problem.board),
+              "seed": args.seed, "data": problem.scorer.dataset.source if problem.scorer.dataset else "none (accuracy not measured)"}
+    if problem.scorer.measured:
+        with err_console.status("sensitivity table (measured once per model and data, then cached)"):
+            from explorer.accuracy import sensitivity_table
+
+            sensitivity_table(problem.graph, problem.compressor, problem.scorer)
+    with err_console.status("baseline: uncompressed fp32 on each processor"):
+        baseline = problem.baseline()
+    state = {"result": None}
+    with SearchTracker(tracking_uri, experiment, f"{args.agent} seed {args.seed}", params, resume_run_id=args.resume) as tracker, \
+            Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                     TextColumn("{task.fields[status]}"), console=err_console) as progress:
+        task = progress.add_task(f"{args.agent} search", total=args.budget, status="")
+
+        def on_trial(trial, result) -> None:
+            state["result"] = result
+            tracker.log_trial(trial, result)
+            best = f"best {problem.objective.describe()} {result.best.objective:.4g}" if result.best else "no feasible plan yet"
+            progress.update(task, completed=len(result.trials), status=f"{best} | feasible {result.feasible_count}")
+
+        try:
+            result = agent.search(problem, args.budget, args.seed, on_trial)
+        except KeyboardInterrupt:
+            tracker.mark_killed()
+            progress.stop()
+            result = state["result"]
+            best = result.best if result else None
+            err_console.print(f"[yellow]interrupted[/] after {len(result.trials) if result else 0} evaluations; "
+                              f"the MLflow run {tracker.run_id} is marked KILLED and keeps every logged trial")
+            if best:
+                err_console.print(f"best so far: {problem.objective.describe()} {best.objective:.4g} "
+                                  f"(latency {best.latency_ms:.3f} ms, energy {best.energy_mj:.3f} mJ)")
+            err_console.print(f"resume with: explorer search {' '.join(_resume_args(args, tracker.run_id))}")
+            raise SystemExit(130) from None
+        progress.stop()
+        solver = solve_measured(problem).evaluation
+        rows = [("baseline (uncompressed fp32, best single processor)", baseline), ("solver plan (DAD/RLC)", solver)]
+        if result.best:
+            rows.append((f"best found by {args.agent}", result.best))
+        print_comparison(rows)
+        if result.best_plan is None:
+            console.print("[red]no feasible plan found[/]: loosen --latency-ms, --max-accuracy-drop or --memory-mb, or raise --budget")
+        else:
+            print_plan(problem, result.best_plan, f"best plan ({len(result.trials)} evaluations, {result.feasible_count} feasible)")
+        console.print(f"measured by: {(result.best or solver).measured_by}")
+        summary = _summary_markdown(problem, rows, result, args)
+        plots_dir = Path(tempfile.mkdtemp(prefix="explorer-plots-"))
+        plots = {"convergence.png": convergence_plot(result, plots_dir / "convergence.png"),
+                 "pareto.png": pareto_plot(result, plots_dir / "pareto.png")}
+        best_json = result.best_plan.to_json() if result.best_plan else {}
+        tracker.finish(result, best_json, summary, plots)
+        run_id = tracker.run_id
+    console.print(f"MLflow run: {run_id} (experiment {experiment!r})")
+    console.print(f"open the MLflow UI: {ui_command(tracking_uri)}")
+    if result.best_plan is not None:
+        console.print(f"export the best plan: explorer export --run {run_id} --out runs/bundles/{Path(problem.graph.source).stem}-{problem.board.name}"
+                      + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""))
+
+
+def _resume_args(args: argparse.Namespace, run_id: str) -> list[str]:
+    """The command-line arguments that continue an interrupted search."""
+    parts = ["--board", args.board, "--model", args.model, "--agent", args.agent, "--budget", str(args.budget),
+             "--objective", args.objective, "--latency-ms", f"{args.latency_ms:g}", "--max-accuracy-drop", f"{args.max_accuracy_drop:g}",
+             "--measure", args.measure, "--seed", str(args.seed), "--resume", run_id]
+    for flag, value in (("--data", args.data), ("--memory-mb", args.memory_mb), ("--tracking-uri", args.tracking_uri),
+                        ("--storage", args.storage)):
+        if value is not None:
+            parts += [flag, str(value)]
+    return parts
+
+
+def _summary_markdown(problem, rows, result, args) -> str:
+    """The search summary logged to MLflow as summary.md."""
+    lines = [f"# {args.agent} search: {problem.graph.source} on {problem.board.name}", "",
+             f"Objective: minimise {problem.objective.describe()}; latency <= {args.latency_ms:g} ms, "
+             f"accuracy drop <= {args.max_accuracy_drop:g} points" + (f", weights <= {args.memory_mb:g} MB" if args.memory_mb else "") + ".",
+             f"{len(result.trials)} measured evaluations, {result.feasible_count} feasible.", "",
+             "| plan | latency ms | energy mJ | weights MB | accuracy | feasible | measured by |", "|---|---|---|---|---|---|---|"]
+    for name, e in rows:
+        lines.append(f"| {name} | {e.latency_ms:.3f} | {e.energy_mj:.3f} | {e.memory_mb:.3f} | {e.accuracy_text()} | "
+                     f"{'yes' if e.feasible else 'no'} | {e.measured_by} |")
+    if result.best_plan is not None:
+        lines += ["", "| layer | decision |", "|---|---|"] + [f"| {n} | {d.label()} |" for n, d in result.best_plan.decisions]
+    return "\n".join(lines) + "\n"
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from explorer.calibrate import calibrate_host
 
@@ -355,6 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
     problem_options(p)
     p.add_argument("--out", help="write the plan to this JSON file")
     p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("search", help="the main job: search the best plan, track every trial in MLflow")
+    model_options(p)
+    problem_options(p)
+    p.add_argument("--agent", default="ppo", help="ppo (default), optuna-tpe, optuna-nsga2, random or solver")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help=f"measured evaluations (default {DEFAULT_BUDGET})")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under runs/)")
+    p.add_argument("--storage", help="Optuna storage URL for the optuna agents (default: SQLite under runs/)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted search (its MLflow parent run id)")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("calibrate", help="measure this machine with ONNX Runtime and write the `host` board profile")
     p.add_argument("--out", help="output TOML (default: targets/host.toml)")

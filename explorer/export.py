@@ -73,17 +73,14 @@ def export_bundle(problem, plan: Plan, out_dir: Path | str, evaluation=None, pre
     replacing = _check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     model = problem.compressor.rewrite(plan, problem.calibration_inputs)
-    if model.ByteSize() >= _PROTOBUF_LIMIT:
-        raise ExplorerError(f"the compressed model is {model.ByteSize() / 2**30:.1f} GB: ONNX files hold at most 2 GB, "
-                            "so this model cannot be bundled; compress it more (lower ranks, fp16 or int8)")
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
     try:
-        files = {MODEL_FILE: _write_file(staging / MODEL_FILE, model.SerializeToString())}
+        files = {MODEL_FILE: _write_file(staging / MODEL_FILE, _serialised(model))}
         blocks = []
         for index, boundary in enumerate(block_boundaries(problem.graph, plan)):
             block = extract_submodel(model, list(boundary.inputs), list(boundary.outputs), problem.graph, f"block{index}")
             name = block_file(index)
-            files[name] = _write_file(staging / name, block.SerializeToString())
+            files[name] = _write_file(staging / name, _serialised(block))
             del block
             processor = problem.board.processor(boundary.processor)
             blocks.append({
@@ -158,6 +155,19 @@ def _manifest(problem, plan: Plan, model: onnx.ModelProto, blocks: list[dict], f
         "mlflow_run_id": run_id,
         "files": files,
     }
+
+
+def _serialised(model: onnx.ModelProto) -> bytes:
+    """The model's protobuf bytes; ExplorerError past protobuf's 2 GB limit."""
+    too_big = ExplorerError("the compressed model is over 2 GB, the most one ONNX file holds, so it cannot be "
+                            "bundled; compress it more (lower ranks, fp16 or int8)")
+    try:
+        data = model.SerializeToString()
+    except ValueError:  # protobuf refuses to serialise messages over 2 GB
+        raise too_big from None
+    if len(data) >= _PROTOBUF_LIMIT:
+        raise too_big
+    return data
 
 
 def _write_file(path: Path, data: bytes) -> str:

@@ -71,6 +71,9 @@ class Measurer(Protocol):
     def identity(self, board: Board) -> str:
         """What the cache key needs to know about this measurer (changes invalidate cached results)."""
 
+    def label(self, board: Board) -> str:
+        """Who measures, in words (shown with every result)."""
+
     def measure(self, graph: LayerGraph, compressor: Compressor, board: Board, plan: Plan,
                 calibration_inputs: np.ndarray | None) -> Measurement:
         """Measure one plan."""
@@ -114,6 +117,9 @@ class HostMeasurer:
 
     def identity(self, board: Board) -> str:
         return f"host-v1:{ort.__version__}:w{self.warmup}:r{self.repeats}:b{self.batch}"
+
+    def label(self, board: Board) -> str:
+        return f"host (ONNX Runtime {ort.__version__} on this machine, median of {self.repeats})"
 
     def measure(self, graph, compressor, board, plan, calibration_inputs=None) -> Measurement:
         available = set(ort.get_available_providers())
@@ -167,7 +173,7 @@ class HostMeasurer:
             energy_mj = sum(r.energy_mj for r in reports)
             source = "modelled from the host profile's active power (no energy counter readable here)"
         return Measurement(latency_ms, float(q75 - q25), float(energy_mj), source, memory, reports,
-                           measured_by=f"host (ONNX Runtime {ort.__version__} on this machine, median of {self.repeats})",
+                           measured_by=self.label(board),
                            peak_memory_mb=peak_mb)
 
     @staticmethod

@@ -1,0 +1,286 @@
+"""Search quality: every agent side by side on the same problems at equal measured-evaluation budgets.
+
+    .venv/bin/python benchmarks/search_quality.py [--budgets 100 300 1000] [--seeds 5]
+        [--agents ppo optuna-tpe ...] [--reference-budget N] [--json out.json]
+
+Problems: vgg (Fashion-MNIST, the full 2000-image validation set) on tegra-k1 and snapdragon-800,
+measured on the simulated boards, minimising energy under a latency budget (by default the
+baseline's measured latency: no slower than the uncompressed fp32 model on its best processor,
+which rules out the slow low-power placements that would save energy) and a 1-point accuracy limit.
+
+Table: per agent and budget, the median over seeds of the best feasible objective, relative to the
+best plan known: the best of all agents at the reference budget (default 10x the largest budget;
+seed 0, cached under runs/benchmarks/) or anything better found by the runs themselves. "x/n
+feasible" marks budgets where not every seed found a feasible plan (a seed without one counts as
+infinitely bad in the median).
+
+An agent whose proposals do not depend on the budget (its `anytime` attribute: solver, random,
+Optuna) runs once per seed at the largest budget and is read off its best-so-far curve at each
+budget, which is what a separate run with that budget would return; other agents (ppo) run once per
+budget. All searches on one board share one Problem, so a plan measured by one search is recalled
+by the next from the cache; each search still counts it against its own budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+from agents import AGENTS, make_agent
+from agents.base import SearchResult, Trial
+from explorer.accuracy import AccuracyScorer
+from explorer.boards import load_board
+from explorer.cache import atomic_write_json, digest, read_json
+from explorer.graph import load_graph
+from explorer.measure import SimMeasurer
+from explorer.paths import runs_dir
+from explorer.problem import Constraints, Objective, Problem
+from explorer.zoo import zoo_validation_data
+
+AGENT_OPTIONS = {"optuna-tpe": {"storage": "memory"}, "optuna-nsga2": {"storage": "memory"}}  # fresh studies
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Run:
+    """One search of one agent with one seed (at one budget, or at the largest for anytime agents)."""
+
+    agent: str
+    seed: int
+    budget: int
+    anytime: bool  # may be read at any smaller budget
+    result: SearchResult
+    seconds: float
+
+    def serves(self, budget: int) -> bool:
+        return self.budget == budget or (self.anytime and self.budget >= budget)
+
+    def best_at(self, budget: int) -> float:
+        """Best feasible objective after `budget` measured evaluations (inf when none yet)."""
+        curve = self.result.best_so_far
+        return curve[min(budget, len(curve)) - 1] if curve else math.inf
+
+
+@dataclass
+class BoardReport:
+    board: str
+    problem: Problem
+    latency_budget_ms: float
+    baseline: dict
+    runs: list[Run] = field(default_factory=list)
+    reference: dict | None = None
+
+
+def build_problem(graph, scorer, board_name: str, args) -> tuple[Problem, float, dict]:
+    """The board's Problem with its latency budget (explicit, or a factor of the baseline's latency)."""
+    board = load_board(board_name)
+    objective = Objective.parse(args.objective)
+    unconstrained = Problem(graph, board, SimMeasurer(seed=0), scorer, Constraints(latency_ms=None, max_accuracy_drop=None),
+                            objective)
+    base = unconstrained.baseline()
+    budget = args.latency_ms if args.latency_ms is not None else args.latency_factor * base.latency_ms
+    problem = Problem(graph, board, SimMeasurer(seed=0), scorer,
+                      Constraints(latency_ms=budget, max_accuracy_drop=args.max_accuracy_drop), objective)
+    baseline = {"processor": unconstrained.baseline_plan().decisions[0][1].processor, "latency_ms": base.latency_ms,
+                "energy_mj": base.energy_mj, "memory_mb": base.memory_mb}
+    return problem, budget, baseline
+
+
+def new_agent(name: str):
+    return make_agent(name, **AGENT_OPTIONS.get(name, {}))
+
+
+def search(agent_name: str, problem: Problem, budget: int, seed: int, label: str) -> Run:
+    agent = new_agent(agent_name)
+    step = max(1, budget // 10)
+
+    def report(trial: Trial, result: SearchResult) -> None:
+        if (trial.number + 1) % step == 0:
+            progress(f"  {label}: {trial.number + 1}/{budget} evaluations, best {result.best_so_far[-1]:.4g}")
+
+    started = time.perf_counter()
+    result = agent.search(problem, budget, seed, callback=report)
+    seconds = time.perf_counter() - started
+    best = f"{result.best.objective:.4g}" if result.best else "none feasible"
+    progress(f"  {label}: done, {len(result.trials)} evaluations, best {best}, {seconds:.0f} s")
+    return Run(agent_name, seed, budget, bool(getattr(agent, "anytime", False)), result, seconds)
+
+
+def problem_key(problem: Problem) -> str:
+    return digest(problem.graph.fingerprint(), problem.scorer.data_digest(), problem.board.digest,
+                  problem.measurer.identity(problem.board), repr(problem.constraints), repr(problem.objective))
+
+
+class ReferenceCache:
+    """Best plan per agent at a reference budget (seed 0), per problem, in runs/benchmarks/."""
+
+    def __init__(self, problem: Problem, budget: int):
+        self.path = runs_dir() / "benchmarks" / "search_quality_reference.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.cache = read_json(self.path) or {}
+        self.entries = self.cache.setdefault(problem_key(problem), {})
+        self.budget = budget
+
+    def get(self, agent: str) -> dict | None:
+        return self.entries.get(f"{agent}@{self.budget}")
+
+    def store(self, run: Run) -> None:
+        """The run's best feasible plan within the reference budget."""
+        feasible = [t for t in run.result.trials[:self.budget] if t.evaluation.feasible]
+        best = min(feasible, key=lambda t: t.evaluation.objective) if feasible else None
+        self.entries[f"{run.agent}@{self.budget}"] = _summary(run.agent, self.budget, best)
+        atomic_write_json(self.path, self.cache)
+
+
+def _summary(agent: str, budget: int, best: Trial | None) -> dict:
+    e = best.evaluation if best else None
+    return {"agent": agent, "budget": budget, "objective": e.objective if e else None,
+            "latency_ms": e.latency_ms if e else None, "energy_mj": e.energy_mj if e else None,
+            "accuracy_drop": e.accuracy_drop if e else None, "plan": best.plan.to_json() if best else None}
+
+
+def best_known(report: BoardReport, references: ReferenceCache, agents: list[str]) -> dict | None:
+    """The best of the agents' reference searches and of every run (a run may beat the reference)."""
+    candidates = [references.get(a) for a in agents]
+    candidates += [_summary(r.agent, r.budget, r.result.best_trial) for r in report.runs]
+    candidates = [c for c in candidates if c and c["objective"] is not None]
+    return min(candidates, key=lambda c: c["objective"]) if candidates else None
+
+
+def binding_evidence(report: BoardReport) -> dict | None:
+    """A plan seen by the runs that beats the reference on the objective and fails only the latency
+    budget: its existence shows that the budget binds."""
+    best = None
+    for run in report.runs:
+        for trial in run.result.trials:
+            e = trial.evaluation
+            if (not e.feasible and all(v.startswith("latency") for v in e.violations)
+                    and e.objective < report.reference["objective"] and (best is None or e.objective < best.objective)):
+                best = e
+    return None if best is None else {"objective": best.objective, "latency_ms": best.latency_ms}
+
+
+def medians(report: BoardReport, agents: list[str], budgets: list[int]) -> dict:
+    """agent -> budget -> (median ratio to the best known, seeds with a feasible plan, seeds)."""
+    table = {}
+    for agent in agents:
+        table[agent] = {}
+        for budget in budgets:
+            values = [r.best_at(budget) / report.reference["objective"] for r in report.runs
+                      if r.agent == agent and r.serves(budget)]
+            table[agent][budget] = (statistics.median(values), sum(math.isfinite(v) for v in values), len(values))
+    return table
+
+
+def markdown(reports: list[BoardReport], agents: list[str], budgets: list[int], seeds: list[int], args) -> str:
+    lines = [f"Median over {len(seeds)} seeds of the best feasible {args.objective} relative to the best plan known "
+             f"(1.000 = the best known; lower is better).", ""]
+    for report in reports:
+        reference = report.reference
+        evidence = binding_evidence(report)
+        binds = (f"binds: a plan of {evidence['latency_ms']:.3f} ms reaches {evidence['objective']:.4g}" if evidence
+                 else "no plan seen that the budget alone excludes and that beats the reference")
+        lines += [f"### vgg on {report.board} (sim): latency <= {report.latency_budget_ms:.3f} ms, accuracy drop <= "
+                  f"{100 * args.max_accuracy_drop:g} point",
+                  "",
+                  f"Baseline (fp32 on {report.baseline['processor']}): {report.baseline['latency_ms']:.3f} ms, "
+                  f"{report.baseline['energy_mj']:.4g} mJ. Best known: {reference['objective']:.4g} "
+                  f"({reference['agent']}, budget {reference['budget']}, {reference['latency_ms']:.3f} ms, "
+                  f"drop {100 * reference['accuracy_drop']:.2f} points). Latency budget {binds}.",
+                  "",
+                  "| agent | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+        table = medians(report, agents, budgets)
+        for agent in agents:
+            cells = []
+            for budget in budgets:
+                ratio, feasible, total = table[agent][budget]
+                cell = f"{ratio:.3f}" if math.isfinite(ratio) else "none"
+                if feasible < total:
+                    cell += f" ({feasible}/{total} feasible)"
+                cells.append(cell)
+            lines.append(f"| {agent} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def dump(reports: list[BoardReport], agents: list[str], budgets: list[int], seeds: list[int], args) -> dict:
+    boards = {}
+    for report in reports:
+        table = medians(report, agents, budgets)
+        boards[report.board] = {
+            "latency_budget_ms": report.latency_budget_ms, "baseline": report.baseline, "reference": report.reference,
+            "latency_budget_binds": binding_evidence(report),
+            "median_ratio": {a: {str(b): table[a][b][0] if math.isfinite(table[a][b][0]) else None for b in budgets} for a in agents},
+            "feasible_seeds": {a: {str(b): table[a][b][1] for b in budgets} for a in agents},
+            "runs": [{"agent": r.agent, "seed": r.seed, "budget": r.budget, "evaluations": len(r.result.trials),
+                      "feasible": r.result.feasible_count, "seconds": r.seconds,
+                      "best_at": {str(b): (r.best_at(b) if math.isfinite(r.best_at(b)) else None) for b in budgets if b <= r.budget},
+                      "best_plan_digest": r.result.best_plan.digest() if r.result.best_plan else None}
+                     for r in report.runs],
+        }
+    return {"settings": {"model": "vgg", "measurer": "sim", "objective": args.objective, "budgets": budgets,
+                         "seeds": seeds, "agents": agents, "reference_budget": args.reference_budget,
+                         "max_accuracy_drop": args.max_accuracy_drop, "latency_factor": args.latency_factor,
+                         "latency_ms": args.latency_ms},
+            "boards": boards}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", nargs="+", default=list(AGENTS), choices=AGENTS)
+    parser.add_argument("--budgets", nargs="+", type=int, default=[100, 300, 1000])
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0, 1, ...)")
+    parser.add_argument("--reference-budget", type=int, help="budget of the reference searches (default 10x the largest)")
+    parser.add_argument("--boards", nargs="+", default=["tegra-k1", "snapdragon-800"])
+    parser.add_argument("--objective", default="energy")
+    parser.add_argument("--latency-factor", type=float, default=1.0, help="latency budget = factor x the baseline's latency")
+    parser.add_argument("--latency-ms", type=float, help="explicit latency budget (overrides --latency-factor)")
+    parser.add_argument("--max-accuracy-drop", type=float, default=0.01)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    budgets = sorted(set(args.budgets))
+    seeds = list(range(args.seeds))
+    args.reference_budget = args.reference_budget or 10 * budgets[-1]
+
+    graph = load_graph("vgg")
+    scorer = AccuracyScorer(graph.model, zoo_validation_data("vgg"))
+    reports = []
+    for board_name in args.boards:
+        problem, latency_budget, baseline = build_problem(graph, scorer, board_name, args)
+        report = BoardReport(board_name, problem, latency_budget, baseline)
+        references = ReferenceCache(problem, args.reference_budget)
+        progress(f"{board_name}: latency budget {latency_budget:.3f} ms (baseline {baseline['latency_ms']:.3f} ms on "
+                 f"{baseline['processor']})")
+        for agent in args.agents:
+            anytime = bool(getattr(new_agent(agent), "anytime", False))
+            for seed in seeds:
+                label = f"{board_name} {agent} seed {seed}"
+                if anytime:  # one run read at every budget; seed 0 runs on to the reference budget if needed
+                    longest = max(budgets[-1], args.reference_budget) if seed == 0 and references.get(agent) is None else budgets[-1]
+                    report.runs.append(search(agent, problem, longest, seed, label))
+                else:
+                    report.runs += [search(agent, problem, budget, seed, f"{label} budget {budget}") for budget in budgets]
+            if references.get(agent) is None:
+                reference_run = next((r for r in report.runs if r.agent == agent and r.seed == 0 and r.serves(args.reference_budget)), None)
+                references.store(reference_run or search(agent, problem, args.reference_budget, 0, f"{board_name} {agent} reference"))
+        report.reference = best_known(report, references, args.agents)
+        if report.reference is None:
+            progress(f"{board_name}: no agent found a feasible plan; loosen the constraints")
+            continue
+        reports.append(report)
+    print(markdown(reports, args.agents, budgets, seeds, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dump(reports, args.agents, budgets, seeds, args), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
