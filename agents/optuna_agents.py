@@ -1,8 +1,10 @@
 """Optuna search agents: TPE on the problem's objective, NSGA-II on a four-metric Pareto front.
 
 Search space: one categorical parameter per decision layer, the index into
-`Problem.choices(layer)`, so every sampled plan is valid. A new study starts with the solver's
-cost-model plan (`solve_problem`, no measurement) enqueued as its first trial.
+`Problem.choices(layer)`, so every sampled plan is valid. A new study starts with two enqueued
+trials: the solver's cost-model plan (`solve_problem`, no measurement) and the baseline plan (the
+uncompressed fp32 model on the best single processor), so that the samplers have a feasible anchor
+even when the additive model's plan misses a constraint once measured.
 
 Constraints: before Optuna is told a trial's values, `Trial.set_constraint` records one value per
 entry of CONSTRAINTS (<= 0 when satisfied; Optuna 5 deprecates the samplers' `constraints_func` for
@@ -18,7 +20,8 @@ board, objective, agent, seed and a hash of the remaining settings (constraints,
 board file). An existing study is resumed: its complete trials are replayed in order through the
 BudgetedProblem (their measurements come from the Problem's caches; only a plan whose cache is gone
 is measured again) and count toward the budget, so the study ends with `budget` distinct evaluated
-plans and the result covers the whole study.
+plans and the result covers the whole study. The resumed sampler is seeded with seed + the study's
+trial count (deterministic, but not a replay of the first session's random stream).
 
 Duplicates: a sampler may propose a plan already evaluated; the BudgetedProblem returns it free,
 Optuna is still told its values (marked with the user attribute duplicate=True), and it does not
@@ -171,12 +174,14 @@ class _OptunaAgent:
         self.study = optuna.create_study(storage=open_storage(self.storage), study_name=study_name,
                                          sampler=self.sampler(seed), directions=self.directions, load_if_exists=True)
         study = self.study
+        if study.trials:  # resumed: a fresh random stream, or the sampler would redraw its first proposals
+            study.sampler = self.sampler(seed + len(study.trials))
         trials = budgeted.result.trials
         target = min(budget, space.size)
         try:
             self._replay(study, budgeted, space)
             if not study.trials:
-                self._enqueue_solver_plan(study, problem, space)
+                self._enqueue_start_plans(study, problem, space)
             for _ in range(self.asks_per_trial * budget):
                 if len(trials) >= target:
                     break
@@ -214,13 +219,13 @@ class _OptunaAgent:
             except BudgetExhausted:
                 return
 
-    def _enqueue_solver_plan(self, study: optuna.Study, problem: Problem, space: DesignSpace) -> None:
+    def _enqueue_start_plans(self, study: optuna.Study, problem: Problem, space: DesignSpace) -> None:
+        """The solver's cost-model plan first, then the baseline (feasible whenever anything simple is)."""
         try:
-            plan = solve_problem(problem).plan
+            study.enqueue_trial(space.params(solve_problem(problem).plan), user_attrs={"source": "solver"})
         except ExplorerError as error:
             log.warning("no solver plan to start from (%s)", error)
-            return
-        study.enqueue_trial(space.params(plan), user_attrs={"source": "solver"})
+        study.enqueue_trial(space.params(problem.baseline_plan()), user_attrs={"source": "baseline"}, skip_if_exists=True)
 
 
 class OptunaTPEAgent(_OptunaAgent):

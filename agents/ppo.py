@@ -55,7 +55,7 @@ class PPOAgent:
 
     def __init__(self, episodes_per_update: int = 8, minibatches: int = 2, epochs: int = 4,
                  learning_rate: float = 3e-4, entropy_coef: float = 0.01, clip_range: float = 0.2,
-                 hidden: tuple[int, ...] = (64, 64), bc_steps: int = 300, bc_learning_rate: float = 1e-3,
+                 hidden: tuple[int, ...] = (64, 64), bc_steps: int = 300, bc_learning_rate: float = 3e-3,
                  strays: int = 4, alternative_weight: float = 0.1, recalibrate_every: int = 16,
                  episodes_per_evaluation: int = 20):
         self.episodes_per_update = episodes_per_update

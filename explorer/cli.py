@@ -13,9 +13,11 @@ from rich.table import Table
 from explorer.errors import ExplorerError
 
 DEFAULT_BUDGET = 300
+#: Defaults of the options that define a Problem (DeepX: 5 s per inference, about 5 points of accuracy).
+PARSER_DEFAULTS = {"model": "vgg", "board": "tegra-k1", "measure": "sim", "objective": "energy", "latency_ms": 5000.0,
+                   "max_accuracy_drop": 5.0, "memory_mb": None, "seed": 0, "data": None}
 console = Console(width=None if sys.stdout.isatty() else 140)
-err_DEFAULT_BUDGET = 300
-console = Console(stderr=True)
+err_console = Console(stderr=True)
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
@@ -400,6 +402,42 @@ def _summary_markdown(problem, rows, result, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a plan (from a search's MLflow run, or a plan.json) as a runnable bundle."""
+    from explorer.export import export_bundle
+    from explorer.plan import Plan
+
+    if bool(args.run) == bool(args.plan):
+        raise ExplorerError("give exactly one of --run RUN_ID (a search's MLflow run) or --plan plan.json")
+    run_id = None
+    if args.run:
+        from explorer.tracking import default_tracking_uri, search_run_settings
+
+        settings, plan_json = search_run_settings(args.tracking_uri or default_tracking_uri(), args.run)
+        for key, value in settings.items():  # the search's own settings, unless given here
+            if getattr(args, key, None) in (None, PARSER_DEFAULTS.get(key)):
+                setattr(args, key, value)
+        plan, run_id = Plan.from_json(plan_json), args.run
+    else:
+        plan = Plan.load(args.plan)
+    problem = _problem(args)
+    with err_console.status("evaluating the plan and writing the bundle"):
+        evaluation = problem.evaluate(plan)
+        path = export_bundle(problem, plan, Path(args.out), evaluation=evaluation, run_id=run_id, overwrite=args.overwrite)
+    console.print(f"wrote bundle {path} ({len(evaluation.blocks)} unit blocks; {evaluation.measured_by})")
+    console.print(f"run it: explorer run {path} --input x.npy [--output y.npy] [--timing]")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """Run an exported bundle on an input with ONNX Runtime."""
+    from explorer.runtime import format_run_summary, run_bundle_cli
+
+    summary = run_bundle_cli(args.bundle, args.input, args.output, strict=args.strict, timing=args.timing)
+    console.print(format_run_summary(summary), highlight=False)
+    for message in summary.get("fallbacks", []):
+        err_console.print(f"[yellow]warning:[/] {message}")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from explorer.calibrate import calibrate_host
 
@@ -416,17 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default="vgg", help="zoo name (see `explorer models`) or path to an .onnx file")
+        p.add_argument("--model", default=PARSER_DEFAULTS["model"], help="zoo name (see `explorer models`) or path to an .onnx file")
         p.add_argument("--data", help=".npz validation data with array x and optional integer labels y")
 
     def problem_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--board", default="tegra-k1", help="board profile name (see `explorer boards`) or path to a .toml")
-        p.add_argument("--measure", default="sim", help="sim (simulated board) or host (this machine, with --board host)")
-        p.add_argument("--objective", default="energy", help="energy, latency, memory, or a weighted sum like energy:0.7,latency:0.3")
-        p.add_argument("--latency-ms", type=float, default=5000.0, help="latency budget per inference (default 5000, as DeepX)")
-        p.add_argument("--max-accuracy-drop", type=float, default=5.0, help="accuracy drop limit in points (default 5)")
+        p.add_argument("--board", default=PARSER_DEFAULTS["board"], help="board profile name (see `explorer boards`) or path to a .toml")
+        p.add_argument("--measure", default=PARSER_DEFAULTS["measure"], help="sim (simulated board) or host (this machine, with --board host)")
+        p.add_argument("--objective", default=PARSER_DEFAULTS["objective"], help="energy, latency, memory, or a weighted sum like energy:0.7,latency:0.3")
+        p.add_argument("--latency-ms", type=float, default=PARSER_DEFAULTS["latency_ms"], help="latency budget per inference (default 5000, as DeepX)")
+        p.add_argument("--max-accuracy-drop", type=float, default=PARSER_DEFAULTS["max_accuracy_drop"], help="accuracy drop limit in points (default 5)")
         p.add_argument("--memory-mb", type=float, help="limit on total weight memory")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=PARSER_DEFAULTS["seed"])
 
     p = sub.add_parser("models", help="list the built-in model zoo")
     p.set_defaults(func=cmd_models)
@@ -471,6 +509,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL for the optuna agents (default: SQLite under runs/)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted search (its MLflow parent run id)")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="export a plan as a bundle the runtime executes (plan.json, model.onnx, one ONNX per block)")
+    model_options(p)
+    problem_options(p)
+    p.add_argument("--run", help="MLflow run id of a search: export its best plan with its settings")
+    p.add_argument("--plan", help="plan.json to export (with --model/--board)")
+    p.add_argument("--out", required=True, help="bundle folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI of the run (default: SQLite under runs/)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="run an exported bundle with ONNX Runtime (checksums verified, one session per block)")
+    p.add_argument("bundle", help="bundle folder written by `explorer export`")
+    p.add_argument("--input", required=True, help=".npy input (or .npz with x)")
+    p.add_argument("--output", help="write the output to this .npy file")
+    p.add_argument("--strict", action="store_true", help="fail instead of falling back to the CPU when a provider is missing")
+    p.add_argument("--timing", action="store_true", help="per-block timing")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("calibrate", help="measure this machine with ONNX Runtime and write the `host` board profile")
     p.add_argument("--out", help="output TOML (default: targets/host.toml)")

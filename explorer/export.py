@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 from onnx import helper
 
 from explorer.errors import ExplorerError
@@ -71,6 +72,7 @@ def export_bundle(problem, plan: Plan, out_dir: Path | str, evaluation=None, pre
     if evaluation is not None and evaluation.plan_digest != plan.digest():
         raise ExplorerError("the evaluation given is of another plan: pass the evaluation of the plan you export")
     replacing = _check_target(out_dir, overwrite)
+    manifest = _manifest(problem, plan, evaluation, predicted, run_id)  # before any work: fails fast
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     model = problem.compressor.rewrite(plan, problem.calibration_inputs)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
@@ -89,9 +91,9 @@ def export_bundle(problem, plan: Plan, out_dir: Path | str, evaluation=None, pre
                 "threads": processor.threads, "layers": list(boundary.layer_names),
                 "inputs": list(boundary.inputs), "outputs": list(boundary.outputs),
             })
-        manifest = _manifest(problem, plan, model, blocks, files, evaluation, predicted, run_id)
         del model
-        text = json.dumps(_json_ready(manifest), indent=2, allow_nan=False) + "\n"
+        manifest.update(blocks=blocks, files=files)
+        text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
         _write_file(staging / MANIFEST_FILE, text.encode())
         _sync_directory(staging)
         _move_into_place(staging, out_dir, replacing)
@@ -116,17 +118,17 @@ def _check_target(out_dir: Path, overwrite: bool) -> bool:
     return True
 
 
-def _manifest(problem, plan: Plan, model: onnx.ModelProto, blocks: list[dict], files: dict[str, str],
-              evaluation, predicted: dict | None, run_id: str | None) -> dict[str, Any]:
+def _manifest(problem, plan: Plan, evaluation, predicted: dict | None, run_id: str | None) -> dict[str, Any]:
+    """plan.json without its blocks and files (JSON-ready)."""
     graph, board, dataset = problem.graph, problem.board, problem.scorer.dataset
-    model_input = next(v for v in model.graph.input if v.name == graph.input_names[0])
+    model_input = next(v for v in graph.model.graph.input if v.name == graph.input_names[0])
     elem_type = model_input.type.tensor_type.elem_type
     accuracy = None
     if evaluation is not None and evaluation.accuracy is not None:
         accuracy = {"value": evaluation.accuracy, "metric": evaluation.accuracy_metric,
                     "drop": evaluation.accuracy_drop,
                     "samples": len(dataset.x) if dataset is not None else 0}
-    return {
+    return _json_ready({
         "format": BUNDLE_FORMAT,
         "schema_version": BUNDLE_SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -148,13 +150,13 @@ def _manifest(problem, plan: Plan, model: onnx.ModelProto, blocks: list[dict], f
             "calibration": problem.calibration_source,
         },
         "plan": {**plan.to_json(), "digest": plan.digest()},
-        "blocks": blocks,
+        "blocks": [],
         "predicted": predicted,
         "measured": evaluation.to_json() if evaluation is not None else None,
         "accuracy": accuracy,
         "mlflow_run_id": run_id,
-        "files": files,
-    }
+        "files": {},
+    })
 
 
 def _serialised(model: onnx.ModelProto) -> bytes:
@@ -163,7 +165,7 @@ def _serialised(model: onnx.ModelProto) -> bytes:
                             "bundled; compress it more (lower ranks, fp16 or int8)")
     try:
         data = model.SerializeToString()
-    except ValueError:  # protobuf refuses to serialise messages over 2 GB
+    except (EncodeError, ValueError):  # protobuf refuses to serialise messages over 2 GB
         raise too_big from None
     if len(data) >= _PROTOBUF_LIMIT:
         raise too_big
@@ -191,7 +193,13 @@ def _sync_directory(path: Path) -> None:
 def _move_into_place(staging: Path, out_dir: Path, replacing: bool) -> None:
     """Rename the complete bundle `staging` to `out_dir`, swapping out the old bundle if `replacing`."""
     if not replacing:
-        os.replace(staging, out_dir)  # out_dir is absent or an empty folder (checked before)
+        try:
+            os.replace(staging, out_dir)  # out_dir is absent or an empty folder (checked before)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise ExplorerError(f"{out_dir} was written by something else during the export: export again "
+                                "(with --overwrite to replace it)") from None
     elif _exchange(staging, out_dir):
         shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old bundle
     else:  # no atomic exchange on this system: park the old bundle, move the new one, restore on failure

@@ -81,8 +81,9 @@ class Bundle:
         """
         root = Path(path).expanduser()
         manifest = _read_manifest(root)
+        block_files = {b["file"] for b in manifest["blocks"]}  # hashed below, from the bytes the session reads
         for name, expected in manifest["files"].items():
-            if name not in {b["file"] for b in manifest["blocks"]}:
+            if name not in block_files:
                 _check_sha256(name, _file_sha256(_bundle_file(root, name)), expected)
         blocks, fallbacks = [], []
         for entry in manifest["blocks"]:
@@ -154,9 +155,7 @@ class Bundle:
                                     f"convert it (x.astype('{self.input_dtype}')) after the model's preprocessing")
             x = x.astype(self.input_dtype)
         dims = self.input_shape
-        fits = x.ndim == len(dims) and all(not (isinstance(d, int) and d > 0) or d == n
-                                           for d, n in zip(dims[1:], x.shape[1:]))
-        if not fits or len(x) == 0:
+        if x.ndim != len(dims) or not _fits(dims[1:], x.shape[1:]) or len(x) == 0:
             raise ExplorerError(f"input of shape {_shape_text(x.shape)} does not fit the model input "
                                 f"{self.input_name!r} of shape {_shape_text(dims)} (batch first): reshape it")
         return x
@@ -328,6 +327,11 @@ def _check_block_io(block: BlockSession) -> None:
                             f"{list(block.inputs)} and {list(block.outputs)}: {_EXPORT_AGAIN}")
 
 
+def _fits(dims: list, shape: tuple[int, ...]) -> bool:
+    """Whether an array shape matches declared dimensions (named or unknown ones match any size)."""
+    return len(dims) == len(shape) and all(not (isinstance(d, int) and d > 0) or d == n for d, n in zip(dims, shape))
+
+
 def _shape_text(shape) -> str:
     """'batchx1x32x32': named dimensions by name, unknown ones as '?'."""
     return "x".join("?" if isinstance(d, int) and d <= 0 else str(d) for d in shape) or "scalar"
@@ -362,18 +366,18 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
                    strict: bool = False, timing: bool = False) -> dict[str, Any]:
     """Load a bundle, run it on the input file, optionally save the output (.npy); returns a summary.
 
-    A single sample without the batch axis runs as a batch of one. With `timing`, one warm-up run
-    on the first sample precedes the timed run. :func:`format_run_summary` renders the summary.
+    A single sample without the batch axis runs as a batch of one. With `timing`, one untimed
+    warm-up run on the same input precedes the timed run. :func:`format_run_summary` renders the summary.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProviderFallbackWarning)  # reported in the summary instead
         bundle = Bundle.load(bundle_dir, strict=strict)
     x = read_input(input_path)
-    added_batch_axis = x.ndim == len(bundle.input_shape) - 1
+    added_batch_axis = _fits(bundle.input_shape[1:], x.shape)
     if added_batch_axis:
         x = x[None]
     if timing:
-        bundle.run_all(x[:1])
+        bundle.run_all(x)  # warm-up at the same shape: the first run of a shape allocates and plans
     outputs, block_ms = bundle.run_all(x, timing=True)
     output = outputs[bundle.output_names[0]]
     if output_path is not None:

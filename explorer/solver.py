@@ -333,37 +333,47 @@ def solve_measured(problem, rounds: int = 6, incumbent: Plan | None = None, cost
                    time_limit_s: float = 60.0) -> MeasuredSolve:
     """Solve, evaluate the plan through Problem.evaluate, and let the measurement correct the model.
 
-    The additive model misjudges real effects (accuracy drops compound, overheads and contention
-    the cost model lacks), so while the evaluated plan violates a constraint the solver re-solves:
-    latency - the cost model is recalibrated per (processor, op kind, precision) from the measured
-    blocks; accuracy - the additive accuracy budget shrinks by the estimated/measured ratio.
-    Returns the best feasible plan seen (or the least bad one) and every round.
+    The additive model misjudges real effects (accuracy drops compound; overheads, shapes and
+    contention it lacks), so after every evaluated round the cost model is recalibrated per
+    (processor, op kind, precision) from the measured blocks, and while the evaluated plan is
+    infeasible (accuracy: the additive budget shrinks by the estimated/measured ratio) or no better
+    than the best plan measured so far (the baseline, the incumbent, earlier rounds), the solver
+    re-solves with that best plan's predicted objective as the bound. Stops at the first feasible
+    plan that beats the best measured one, or when the model predicts nothing better.
+    Returns the best feasible round (or the last one) and every round.
     """
     from explorer.accuracy import sensitivity_table
 
     cost_model = cost_model or problem.cost_model
     sensitivity = sensitivity_table(problem.graph, problem.compressor, problem.scorer) if problem.scorer.measured else None
+    known = [problem.baseline_plan()] + ([incumbent] if incumbent is not None else [])
+    best_known = min((problem.evaluate(plan), plan) for plan in known if problem.evaluate(plan).feasible)[1] \
+        if any(problem.evaluate(plan).feasible for plan in known) else None
     accuracy_scale = 1.0
     history: list[tuple[Solution, object]] = []
     for _ in range(rounds):
         instance = instance_for(problem, cost_model, sensitivity)
         if instance.accuracy_limit is not None:
             instance.accuracy_limit *= accuracy_scale
-        bound = _objective_of(instance, incumbent) if incumbent is not None else None
+        bound = _objective_of(instance, best_known) if best_known is not None else None
         solution = solve(instance, bound, time_limit_s)
         if solution.plan is None:
-            if not history:
+            if not history and bound is None:
                 raise ExplorerError(f"no plan meets the constraints: {solution.message}")
-            break
+            break  # the (recalibrated) model predicts nothing better than the best measured plan
         evaluation = problem.evaluate(solution.plan)
         history.append((solution, evaluation))
+        cost_model = cost_model.calibrated(_block_observations(problem, cost_model, solution.plan, evaluation))
         if evaluation.feasible:
-            break
+            if best_known is None or evaluation.objective < problem.evaluate(best_known).objective:
+                break
+            continue
         if evaluation.accuracy_drop is not None and evaluation.accuracy_drop > (problem.constraints.max_accuracy_drop or np.inf):
             ratio = solution.accuracy_drop / max(evaluation.accuracy_drop, 1e-9)
             accuracy_scale *= float(np.clip(ratio, 0.1, 0.8))
-        if problem.constraints.latency_ms is not None and evaluation.latency_ms > problem.constraints.latency_ms:
-            cost_model = cost_model.calibrated(_block_observations(problem, cost_model, solution.plan, evaluation))
+    if not history:
+        raise ExplorerError("the solver's model predicts nothing better than the baseline plan: "
+                            f"{problem.baseline_plan().decisions[0][1].processor} in fp32, uncompressed")
     feasible = [(s, e) for s, e in history if e.feasible]
     best_solution, best = min(feasible, key=lambda se: se[1].objective) if feasible else history[-1]
     return MeasuredSolve(best_solution.plan, best, history, cost_model)

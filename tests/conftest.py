@@ -1,13 +1,9 @@
-"""Test configuration: tests import their network builders from this folder, and caches go to a temp dir."""
+"""Test configuration: tests import their helpers from this folder, and every cache goes to a
+temporary runs folder for the whole session (never the repository's runs/)."""
+import os
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-@pytest.fixture(autouse=True)
-def _isolated_runs(tmp_path_factory, monkeypatch):
-    """Each test session writes caches into its own runs folder, never the repository's."""
-    monkeypatch.setenv("EXPLORER_RUNS", str(tmp_path_factory.getbasetemp() / "runs"))
+os.environ["EXPLORER_RUNS"] = tempfile.mkdtemp(prefix="explorer-test-runs-")

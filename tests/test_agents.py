@@ -42,6 +42,10 @@ def _agent(name: str, **options):
     return make_agent(name, **options)
 
 
+def name_is_anytime(name: str) -> bool:
+    return getattr(_agent(name), "anytime", False)
+
+
 def _check_result(result, problem: Problem, budget: int) -> None:
     digests = [t.plan.digest() for t in result.trials]
     assert len(set(digests)) == len(digests)
@@ -83,15 +87,18 @@ def test_same_seed_gives_the_same_search_and_another_seed_another(problem, name)
     first, again = (_agent(name).search(problem, BUDGET, seed=3) for _ in range(2))
     assert [t.plan for t in first.trials] == [t.plan for t in again.trials]
     assert first.best_so_far == again.best_so_far
+    shorter = _agent(name).search(problem, 5, seed=3)  # `anytime`: a smaller budget gives a prefix
+    assert name_is_anytime(name) and [t.plan for t in shorter.trials] == [t.plan for t in first.trials[:5]]
     other = _agent(name).search(problem, BUDGET, seed=4)
     assert [t.plan for t in other.trials] != [t.plan for t in first.trials]
 
 
-def test_tpe_starts_from_the_solver_plan_and_tells_optuna_the_constraints(problem):
+def test_tpe_starts_from_the_solver_plan_and_the_baseline_and_tells_optuna_the_constraints(problem):
     agent = _agent("optuna-tpe")
     result = agent.search(problem, BUDGET, seed=0)
     assert result.trials[0].plan == solve_problem(problem).plan and result.trials[0].source == "solver"
-    assert {t.source for t in result.trials[1:]} == {"tpe"}
+    assert result.trials[1].plan == problem.baseline_plan() and result.trials[1].source == "baseline"
+    assert {t.source for t in result.trials[2:]} == {"tpe"}
     told = [t for t in agent.study.trials if not t.user_attrs["duplicate"]]
     assert len(told) == BUDGET
     for frozen, trial in zip(told, result.trials):
@@ -132,20 +139,21 @@ def test_nsga2_reports_a_non_dominated_pareto_front(problem):
 
 
 def test_tpe_study_resumes_from_its_storage(tmp_path, monkeypatch):
-    monkeypatch.setenv("EXPLORER_RUNS", str(tmp_path))
-    problem = _problem(use_disk_cache=False)
-    first = make_agent("optuna-tpe").search(problem, 6, seed=0)  # default storage: runs/optuna.db
-    assert (tmp_path / "optuna.db").exists() and problem.evaluations == 6
-    resumed_agent = make_agent("optuna-tpe")
-    resumed = resumed_agent.search(problem, 10, seed=0)
+    monkeypatch.setenv("EXPLORER_RUNS", str(tmp_path))  # default storage runs/optuna.db, fresh caches
+    first = make_agent("optuna-tpe").search(_problem(), 6, seed=0)
+    assert (tmp_path / "optuna.db").exists()
+    problem = _problem()  # as in a new process: earlier measurements come back from the disk cache
+    agent = make_agent("optuna-tpe")
+    resumed = agent.search(problem, 10, seed=0)
     assert [t.plan for t in resumed.trials[:6]] == [t.plan for t in first.trials]
-    assert len(resumed.trials) == 10 and problem.evaluations == 10  # 4 new measurements, not 10
+    assert len(resumed.trials) == 10 and problem.evaluations == 4  # 4 new measurements, not 10
     _check_result(resumed, problem, 10)
-    assert resumed_agent.study.study_name == default_study_name(problem, "optuna-tpe", 0)
-    digests = {t.user_attrs["plan_digest"] for t in resumed_agent.study.trials}
-    assert digests == {t.plan.digest() for t in resumed.trials}
+    assert agent.study.study_name == default_study_name(problem, "optuna-tpe", 0)
+    counted = [t.user_attrs["plan_digest"] for t in agent.study.trials if not t.user_attrs["duplicate"]]
+    assert counted == [t.plan.digest() for t in resumed.trials]  # one study of 10 distinct plans, not 6 + 10
+    problem = _problem()
     again = make_agent("optuna-tpe").search(problem, 10, seed=0)  # complete: nothing left to do
-    assert [t.plan for t in again.trials] == [t.plan for t in resumed.trials] and problem.evaluations == 10
+    assert [t.plan for t in again.trials] == [t.plan for t in resumed.trials] and problem.evaluations == 0
     other_seed = make_agent("optuna-tpe").search(problem, 3, seed=1)  # another study, started afresh
     assert len(other_seed.trials) == 3 and other_seed.trials[0].source == "solver"
 

@@ -142,6 +142,9 @@ def test_strict_refuses_a_missing_provider(exported, cpu_only):
 def test_fp32_bundle_equals_the_compressed_model(exported, tmp_path, cpu_only):
     problem, _, _, _ = exported
     plan = _plan(FP32)
+    with pytest.raises(ExplorerError, match="JSON-ready"):
+        export_bundle(problem, plan, tmp_path / "fp32", predicted={"when": object()})
+    assert not (tmp_path / "fp32").exists()
     path = export_bundle(problem, plan, tmp_path / "fp32")
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     assert manifest["measured"] is None and manifest["accuracy"] is None and manifest["mlflow_run_id"] is None
@@ -192,7 +195,7 @@ def test_an_invalid_manifest_is_refused(exported, tmp_path):
         Bundle.load(tmp_path)
 
 
-def test_reexport_refuses_without_overwrite_and_replaces_with_it(exported, tmp_path):
+def test_reexport_refuses_without_overwrite_and_replaces_with_it(exported, tmp_path, monkeypatch):
     problem, plan, evaluation, _ = exported
     fp32_plan = _plan(FP32)
     path = export_bundle(problem, fp32_plan, tmp_path / "bundle")
@@ -205,6 +208,11 @@ def test_reexport_refuses_without_overwrite_and_replaces_with_it(exported, tmp_p
     assert manifest["plan"]["digest"] == plan.digest() and len(manifest["blocks"]) == 6
     assert sorted(os.listdir(path)) == sorted([MANIFEST_FILE, MODEL_FILE] + [f"block_{i}.onnx" for i in range(6)])
     assert os.listdir(tmp_path) == ["bundle"]  # no temporary or parked folders left
+    monkeypatch.setattr(explorer.export, "_exchange", lambda a, b: False)  # a system without atomic exchange
+    export_bundle(problem, fp32_plan, path, overwrite=True)
+    assert json.loads((path / MANIFEST_FILE).read_text())["plan"]["digest"] == fp32_plan.digest()
+    assert sorted(os.listdir(path)) == sorted([MANIFEST_FILE, MODEL_FILE] + [f"block_{i}.onnx" for i in range(3)])
+    assert os.listdir(tmp_path) == ["bundle"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     with pytest.raises(ExplorerError, match="not a bundle"):
