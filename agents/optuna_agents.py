@@ -67,8 +67,8 @@ def constraint_values(problem: Problem, evaluation: Evaluation) -> list[float]:
     c = problem.constraints
     latency = (evaluation.latency_ms - c.latency_ms) / max(c.latency_ms, 1e-12) if c.latency_ms is not None else 0.0
     accuracy = 0.0
-    if c.max_accuracy_drop is not None and evaluation.accuracy_drop is not None:
-        accuracy = 100.0 * (evaluation.accuracy_drop - c.max_accuracy_drop)  # in accuracy points
+    if c.max_accuracy_drop is not None and evaluation.accuracy_drop is not None:  # a zero limit counts as 0.1 point
+        accuracy = (evaluation.accuracy_drop - c.max_accuracy_drop) / max(c.max_accuracy_drop, 1e-3)
     memory = [(evaluation.memory_mb - c.memory_mb) / max(c.memory_mb, 1e-12)] if c.memory_mb is not None else []
     local = 0.0
     for pid, mb in evaluation.memory_mb_by_processor.items():

@@ -1,23 +1,28 @@
 """PPO agent: sb3-contrib's MaskablePPO on DeployEnv, seeded by the solver and extending it.
 
 Seeded by the solver:
-1. the measured solver plan (`solve_measured`, its evaluations counted in the budget) is the first
-   trial, so the best-so-far is never worse than the solver's;
-2. the policy is warm-started by behaviour cloning: the integer program is solved on the cost model
-   for several accuracy limits and latency budgets (no measurement), each plan is replayed through
-   the environment, and the policy's masked action distribution is fitted by cross-entropy to the
-   (observation, action) pairs, once with the solver plan as the observation's suggestion (so the
-   policy spreads over the solver's alternatives) and once with each plan as its own suggestion
-   (so it learns to follow the suggestion when it changes);
-3. the solver's suggestion for each layer is part of the observation.
-Extending it: PPO optimises the *measured* reward, and every `recalibrate_every` measured trials the
-measurements recalibrate the cost model (per processor, op kind and precision, from the measured
-blocks) and the accuracy budget the solver uses (the measured/estimated accuracy-loss ratio of the
-trials), the solver re-solves with the best measured plan as incumbent, its plan is evaluated, and
-the best measured plan becomes the suggestion.
+1. the measured solver (`solve_measured`: the baseline plan, then solve -> measure -> recalibrate
+   rounds; every evaluation counted in the budget) goes first, so the best-so-far is never worse
+   than the solver's measured plan;
+2. the policy is warm-started by behaviour cloning (weighted cross-entropy of its masked action
+   distribution, Adam, full batch) on trajectories replayed through the environment without
+   measuring them: the integer program solved on the cost model for several accuracy limits and
+   latency budgets gives a few distinct plans; each is imitated with itself as the observation's
+   suggestion (so the policy learns to follow the suggestion), trajectories that strayed from the
+   suggestion at a few random layers are labelled with the suggestion (so it finds its way back),
+   and with a small weight the alternatives are imitated under the suggestion (so its deviations
+   go where the solver's trade-offs are);
+3. the suggestion for each layer is part of the observation.
+Extending it: PPO optimises the *measured* reward; every `recalibrate_every` measured trials, and
+whenever `stuck_episodes` episodes in a row repeated known plans, the measurements recalibrate the
+cost model (per processor, op kind and precision, from the measured blocks) and the solver's accuracy
+budget (the measured/estimated accuracy-loss ratio of the trials), the solver re-solves with the best
+measured plan as incumbent, its plan is evaluated, the best measured plan becomes the suggestion and
+the policy is re-anchored on it by a short behaviour cloning (the best measured plans are then the
+alternatives).
 
-The budget counts distinct plans: an episode that repeats a plan is free, so the number of episodes
-is capped too (`episodes_per_evaluation` x budget). Learning stops exactly at the budget.
+The budget counts distinct plans: an episode that repeats a plan is free, so episodes are capped
+too (`episodes_per_evaluation` x budget). Learning stops exactly at the budget.
 """
 from __future__ import annotations
 
@@ -45,77 +50,7 @@ LATENCY_SCALES = (1.0, 0.7)  # latency budgets of those plans, x the solver plan
 ACCURACY_SCALE_RANGE = (0.5, 3.0)  # how far measurements may move the solver's accuracy budget
 RATIO_QUANTILE = 0.9  # conservative measured/estimated accuracy-loss ratio
 SOLVE_SECONDS = 20.0
-
-
-class PPOAgent:
-    """MaskablePPO seeded by the solver (first trial, behaviour cloning, suggestion in the
-    observation), recalibrating the cost model and re-solving as it measures."""
-
-    name = "ppo"
-
-    def __init__(self, episodes_per_update: int = 8, minibatches: int = 2, epochs: int = 4,
-                 learning_rate: float = 3e-4, entropy_coef: float = 0.01, clip_range: float = 0.2,
-                 hidden: tuple[int, ...] = (64, 64), bc_steps: int = 300, bc_learning_rate: float = 3e-3,
-                 strays: int = 4, alternative_weight: float = 0.1, recalibrate_every: int = 16,
-                 episodes_per_evaluation: int = 20):
-        self.episodes_per_update = episodes_per_update
-        self.minibatches = minibatches
-        self.epochs = epochs
-        self.learning_rate = learning_rate
-        self.entropy_coef = entropy_coef
-        self.clip_range = clip_range
-        self.hidden = hidden
-        self.bc_steps = bc_steps
-        self.bc_learning_rate = bc_learning_rate
-        self.strays = strays
-        self.alternative_weight = alternative_weight
-        self.recalibrate_every = recalibrate_every
-        self.episodes_per_evaluation = episodes_per_evaluation
-
-    def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
-        """Search within `budget` measured evaluations (distinct plans), deterministic for a seed."""
-        budgeted = BudgetedProblem(problem, budget, self.name, callback)
-        with _single_thread():
-            try:
-                self._search(budgeted, seed)
-            except BudgetExhausted:
-                pass
-        return budgeted.result
-
-    def _search(self, budgeted: BudgetedProblem, seed: int) -> None:
-        set_random_seed(seed)
-        budgeted.source = "solver"
-        try:
-            start = solve_measured(budgeted)
-        except ExplorerError:  # the cost model finds no feasible plan: PPO searches unseeded
-            start = None
-        guide = SolverGuide(budgeted, start, self.recalibrate_every)
-        env = DeployEnv(problem=budgeted, suggestion=guide.suggestion, cost_model=guide.cost_model)
-        guide.env = env
-        layers = len(env.layers)
-        n_steps = layers * self.episodes_per_update
-        model = MaskablePPO("MlpPolicy", DummyVecEnv([lambda: env]), learning_rate=self.learning_rate,
-                            n_steps=n_steps, batch_size=max(n_steps // self.minibatches, 1), n_epochs=self.epochs,
-                            gamma=1.0, gae_lambda=0.95, clip_range=self.clip_range, ent_coef=self.entropy_coef,
-                            policy_kwargs={"net_arch": list(self.hidden)}, seed=seed, device="cpu", verbose=0)
-        if guide.suggestion is not None:
-            behaviour_clone(model, env, self._demonstrations(env, guide, seed), self.bc_steps, self.bc_learning_rate)
-        budgeted.source = "policy"
-        episodes = self.episodes_per_evaluation * budgeted.budget
-        model.learn(total_timesteps=episodes * layers, callback=_SearchProgress(budgeted, guide, episodes))
-
-
-    def _demonstrations(self, env: DeployEnv, guide: "SolverGuide", seed: int) -> list[Demonstration]:
-        """Follow the suggestion (each solver plan as its own suggestion, and strayed trajectories
-        of the solver plan labelled with it), and, with a small weight, its alternatives."""
-        suggestion = guide.suggestion
-        alternatives = guide.alternatives()
-        rng = np.random.default_rng(seed)
-        demonstrations = [Demonstration(plan, plan, plan, 1.0) for plan in alternatives]
-        for _ in range(self.strays * len(alternatives)):
-            demonstrations.append(Demonstration(_stray(env, suggestion, rng), suggestion, suggestion, 1.0))
-        demonstrations += [Demonstration(plan, suggestion, plan, self.alternative_weight) for plan in alternatives[1:]]
-        return demonstrations
+BEST_ALTERNATIVES = 4  # best measured plans imitated (lightly) when re-anchoring
 
 
 @dataclass(frozen=True)
@@ -129,10 +64,91 @@ class Demonstration:
     weight: float
 
 
+class PPOAgent:
+    """MaskablePPO seeded by the solver (first trials, behaviour cloning, suggestion in the
+    observation), recalibrating the cost model and re-solving as it measures."""
+
+    name = "ppo"
+
+    def __init__(self, episodes_per_update: int = 8, parallel_episodes: int = 4, minibatches: int = 2,
+                 epochs: int = 4, learning_rate: float = 3e-4, entropy_coef: float = 0.01, clip_range: float = 0.2,
+                 hidden: tuple[int, ...] = (64, 64), bc_steps: int = 300, anchor_steps: int = 100,
+                 bc_learning_rate: float = 3e-3, smoothing: float = 0.02, strays: int = 4, alternative_weight: float = 0.1,
+                 recalibrate_every: int = 16, stuck_episodes: int = 32, episodes_per_evaluation: int = 20):
+        self.episodes_per_update = episodes_per_update  # episodes per PPO update, over all parallel ones
+        self.parallel_episodes = parallel_episodes  # environments stepped together (one batched forward pass)
+        self.minibatches = minibatches
+        self.epochs = epochs
+        self.learning_rate = learning_rate
+        self.entropy_coef = entropy_coef
+        self.clip_range = clip_range
+        self.hidden = hidden
+        self.bc_steps = bc_steps  # behaviour cloning before PPO
+        self.anchor_steps = anchor_steps  # behaviour cloning on the best plan at each refresh
+        self.bc_learning_rate = bc_learning_rate
+        self.smoothing = smoothing  # label smoothing of behaviour cloning: the exploration it leaves
+        self.strays = strays  # strayed trajectories per imitated plan
+        self.alternative_weight = alternative_weight
+        self.recalibrate_every = recalibrate_every  # measured trials between refreshes
+        self.stuck_episodes = stuck_episodes  # episodes without a new plan that force a refresh
+        self.episodes_per_evaluation = episodes_per_evaluation
+
+    def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
+        """Search within `budget` measured evaluations (distinct plans), deterministic for a seed."""
+        budgeted = BudgetedProblem(problem, budget, self.name, callback)
+        with _fast_torch():
+            try:
+                self._search(budgeted, seed)
+            except BudgetExhausted:
+                pass
+        return budgeted.result
+
+    def _search(self, budgeted: BudgetedProblem, seed: int) -> None:
+        set_random_seed(seed)
+        budgeted.source = "solver"
+        try:
+            start = solve_measured(budgeted)
+        except ExplorerError:  # the cost model predicts no feasible plan: PPO searches unseeded
+            start = None
+        guide = SolverGuide(budgeted, start)
+        envs = [DeployEnv(problem=budgeted, suggestion=guide.suggestion, cost_model=guide.cost_model)
+                for _ in range(self.parallel_episodes)]
+        layers = len(envs[0].layers)
+        n_steps = layers * max(self.episodes_per_update // self.parallel_episodes, 1)
+        model = MaskablePPO("MlpPolicy", DummyVecEnv([lambda e=e: e for e in envs]),  # in-process: one budget
+                            learning_rate=self.learning_rate, n_steps=n_steps,
+                            batch_size=max(n_steps * self.parallel_episodes // self.minibatches, 1),
+                            n_epochs=self.epochs, gamma=1.0, gae_lambda=0.95, clip_range=self.clip_range,
+                            ent_coef=self.entropy_coef, policy_kwargs={"net_arch": list(self.hidden)}, seed=seed,
+                            device="cpu", verbose=0)
+        rng = np.random.default_rng(seed)
+        alternatives = guide.alternatives() if guide.suggestion is not None else []
+        if guide.suggestion is not None:
+            behaviour_clone(model, envs[0], self._demonstrations(envs[0], guide.suggestion, alternatives, rng),
+                            self.bc_steps, self.bc_learning_rate, self.smoothing)
+        budgeted.source = "policy"
+        episodes = self.episodes_per_evaluation * budgeted.budget
+        progress = _SearchProgress(self, budgeted, guide, envs, rng, episodes)
+        model.learn(total_timesteps=episodes * layers, callback=progress)
+
+    def _demonstrations(self, env: DeployEnv, suggestion: Plan, alternatives: list[Plan],
+                        rng: np.random.Generator) -> list[Demonstration]:
+        """Follow the suggestion (each plan as its own suggestion; strayed trajectories labelled
+        with the suggestion) and, with a small weight, deviate towards the alternatives."""
+        plans = [suggestion] + [plan for plan in alternatives if plan != suggestion]
+        demonstrations = [Demonstration(plan, plan, plan, 1.0) for plan in plans]
+        demonstrations += [Demonstration(_stray(env, suggestion, rng), suggestion, suggestion, 1.0)
+                           for _ in range(self.strays * len(plans))]
+        demonstrations += [Demonstration(plan, suggestion, plan, self.alternative_weight) for plan in plans[1:]]
+        return demonstrations
+
+
 def behaviour_clone(model: MaskablePPO, env: DeployEnv, demonstrations: list[Demonstration], steps: int,
-                    learning_rate: float) -> float:
-    """Fit the policy's masked action distribution to the demonstrations by weighted
-    cross-entropy (full batch, Adam); returns the final loss."""
+                    learning_rate: float, smoothing: float) -> float:
+    """Fit the policy's masked action distribution to the demonstrations: weighted cross-entropy
+    with label smoothing (each sub-action's target puts `smoothing` uniformly on its unmasked
+    values, so however long it trains the policy keeps that much exploration), full batch, Adam.
+    Returns the final loss."""
     observations, masks, actions, weights = [], [], [], []
     for demo in demonstrations:
         for observation, mask, action in env.demonstration(demo.plan, demo.suggestion, demo.labels):
@@ -141,16 +157,23 @@ def behaviour_clone(model: MaskablePPO, env: DeployEnv, demonstrations: list[Dem
             actions.append(action)
             weights.append(demo.weight)
     observations_t = torch.as_tensor(np.array(observations))
-    actions_t = torch.as_tensor(np.array(actions))
+    actions_t = torch.as_tensor(np.array(actions), dtype=torch.long)
     weights_t = torch.as_tensor(np.array(weights, dtype=np.float32))
     masks_np = np.array(masks)
+    masks_t = torch.split(torch.as_tensor(masks_np, dtype=torch.float32), list(env.action_space.nvec), dim=1)
     policy = model.policy
     policy.set_training_mode(True)
     optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
     loss = torch.zeros(())
     for _ in range(steps):
-        log_prob = policy.get_distribution(observations_t, action_masks=masks_np).log_prob(actions_t)
-        loss = -(weights_t * log_prob).sum() / weights_t.sum()
+        distribution = policy.get_distribution(observations_t, action_masks=masks_np)
+        per_sample = torch.zeros(len(weights_t))
+        for dim, (categorical, mask) in enumerate(zip(distribution.distributions, masks_t)):
+            log_probs = categorical.logits  # normalised; masked values are very negative
+            chosen = log_probs.gather(1, actions_t[:, dim:dim + 1]).squeeze(1)
+            uniform = (log_probs * mask).sum(1) / mask.sum(1)
+            per_sample = per_sample - (1 - smoothing) * chosen - smoothing * uniform
+        loss = (weights_t * per_sample).sum() / weights_t.sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -170,29 +193,22 @@ def _stray(env: DeployEnv, plan: Plan, rng: np.random.Generator, layers: int = 2
 class SolverGuide:
     """The solver's side of the search: its plans, recalibrated from the measurements."""
 
-    def __init__(self, problem: BudgetedProblem, start: MeasuredSolve | None, every: int):
+    def __init__(self, problem: BudgetedProblem, start: MeasuredSolve | None):
         self.problem = problem
-        self.every = every
         self.base_model = start.cost_model if start else problem.cost_model
         self.cost_model = self.base_model
         self.sensitivity = sensitivity_table(problem.graph, problem.compressor, problem.scorer) if problem.scorer.measured else None
-        self.suggestion: Plan | None = start.plan if start else None
+        self.suggestion: Plan | None = start.plan if start else problem.result.best_plan
         self.start_latency_s = next((s.latency_s for s, _ in start.rounds if s.plan == start.plan), None) if start else None
-        self.env: DeployEnv | None = None
-        self.refreshed_at = len(problem.result.trials)
         self._observations: list[tuple] = []  # block observations of the trials, by the base model
         self._accuracy_pairs: list[tuple[float, float]] = []  # (estimated, measured) accuracy loss per trial
-        self._seen = 0
-
-    @property
-    def due(self) -> bool:
-        return len(self.problem.result.trials) - self.refreshed_at >= self.every
+        self._absorbed = 0
 
     def alternatives(self) -> list[Plan]:
         """Distinct plans of the integer program for several accuracy limits and latency budgets
-        (no measurement): the solver plan first."""
+        (on the cost model: no measurement)."""
         instance = instance_for(self.problem, self.cost_model, self.sensitivity)
-        plans = [self.suggestion]
+        plans: list[Plan] = []
         for latency_scale in LATENCY_SCALES:
             for accuracy_scale in ACCURACY_SCALES:
                 variant = copy.copy(instance)
@@ -206,10 +222,9 @@ class SolverGuide:
                     plans.append(solution.plan)
         return plans
 
-    def refresh(self) -> None:
+    def refresh(self) -> Plan | None:
         """Recalibrate from every trial so far, re-solve with the best measured plan as incumbent,
-        evaluate the solver's plan and make the best measured plan the suggestion."""
-        self.refreshed_at = len(self.problem.result.trials)
+        evaluate the solver's plan; the suggestion becomes the best measured plan (returned)."""
         self._absorb_trials()
         self.cost_model = self.base_model.calibrated(self._observations)
         instance = instance_for(self.problem, self.cost_model, self.sensitivity)
@@ -224,8 +239,7 @@ class SolverGuide:
             finally:
                 self.problem.source = "policy"
         self.suggestion = self.problem.result.best_plan or solution.plan or self.suggestion
-        self.env.set_suggestion(self.suggestion)
-        self.env.set_cost_model(self.cost_model)
+        return self.suggestion
 
     def accuracy_scale(self) -> float:
         """Factor on the accuracy limit the solver uses: 1 / (a high quantile of the measured over
@@ -239,12 +253,13 @@ class SolverGuide:
         return float(np.clip(1.0 / max(ratio, 1e-9), *ACCURACY_SCALE_RANGE))
 
     def _absorb_trials(self) -> None:
-        for trial in self.problem.result.trials[self._seen:]:
+        for trial in self.problem.result.trials[self._absorbed:]:
             self._observations += _block_observations(self.problem, self.base_model, trial.plan, trial.evaluation)
             if self.sensitivity is not None and trial.evaluation.accuracy_drop is not None:
-                estimate = sum(self.sensitivity.estimate(name, d.method, d.rank, d.precision) for name, d in trial.plan.decisions)
+                estimate = sum(self.sensitivity.estimate(name, d.method, d.rank, d.precision)
+                               for name, d in trial.plan.decisions)
                 self._accuracy_pairs.append((estimate, trial.evaluation.accuracy_drop))
-        self._seen = len(self.problem.result.trials)
+        self._absorbed = len(self.problem.result.trials)
 
 
 def _predicted_objective(instance: Instance, plan: Plan) -> float | None:
@@ -259,28 +274,59 @@ def _predicted_objective(instance: Instance, plan: Plan) -> float | None:
 
 
 class _SearchProgress(BaseCallback):
-    """Stops learning at the budget or the episode cap; lets the solver guide refresh when due."""
+    """Stops learning at the budget or the episode cap; refreshes the solver's side and re-anchors
+    the policy between rollouts when due (so every rollout is collected by one policy)."""
 
-    def __init__(self, problem: BudgetedProblem, guide: SolverGuide, max_episodes: int):
+    def __init__(self, agent: PPOAgent, problem: BudgetedProblem, guide: SolverGuide, envs: list[DeployEnv],
+                 rng: np.random.Generator, max_episodes: int):
         super().__init__()
+        self.agent = agent
         self.problem = problem
         self.guide = guide
+        self.envs = envs
+        self.rng = rng
         self.max_episodes = max_episodes
         self.episodes = 0
+        self.episodes_without_new_plan = 0
+        self.trials_at_refresh = len(problem.result.trials)
+        self.known_trials = len(problem.result.trials)
 
     def _on_step(self) -> bool:
-        self.episodes += sum("evaluation" in info for info in self.locals["infos"])
-        if self.problem.remaining > 0 and self.guide.due:
-            self.guide.refresh()
+        trials = len(self.problem.result.trials)
+        finished = sum("evaluation" in info for info in self.locals["infos"])
+        self.episodes += finished
+        self.episodes_without_new_plan = 0 if trials > self.known_trials else self.episodes_without_new_plan + finished
+        self.known_trials = trials
         return self.problem.remaining > 0 and self.episodes < self.max_episodes
+
+    def _on_rollout_start(self) -> None:
+        due = len(self.problem.result.trials) - self.trials_at_refresh >= self.agent.recalibrate_every
+        if self.problem.remaining <= 0 or not (due or self.episodes_without_new_plan >= self.agent.stuck_episodes):
+            return
+        suggestion = self.guide.refresh()
+        self.trials_at_refresh = len(self.problem.result.trials)
+        self.episodes_without_new_plan = 0
+        for env in self.envs:
+            env.set_suggestion(suggestion)
+            env.set_cost_model(self.guide.cost_model)
+        if suggestion is not None:
+            feasible = sorted((t for t in self.problem.result.trials if t.evaluation.feasible),
+                              key=lambda t: t.evaluation.objective)
+            best = [t.plan for t in feasible[:BEST_ALTERNATIVES + 1]]
+            demonstrations = self.agent._demonstrations(self.envs[0], suggestion, best, self.rng)
+            behaviour_clone(self.model, self.envs[0], demonstrations, self.agent.anchor_steps, self.agent.bc_learning_rate,
+                            self.agent.smoothing)
 
 
 @contextmanager
-def _single_thread():
-    """Small networks train fastest, and reproducibly, on one thread."""
-    threads = torch.get_num_threads()
+def _fast_torch():
+    """Small networks train fastest, and reproducibly, on one thread; the masked distributions'
+    argument validation costs more than the network itself."""
+    threads, validate = torch.get_num_threads(), torch.distributions.Distribution._validate_args
     torch.set_num_threads(1)
+    torch.distributions.Distribution.set_default_validate_args(False)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        torch.distributions.Distribution.set_default_validate_args(validate)

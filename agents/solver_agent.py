@@ -1,14 +1,20 @@
-"""The analytic DAD/RLC plan alone: solve, measure, recalibrate and re-solve until feasible.
+"""The analytic DAD/RLC plan alone: solve, measure, recalibrate and re-solve.
 
-Its measured rounds (`explorer.solver.solve_measured`) are its trials; it stops when a round is
-feasible, when the rounds run out or at the budget, whichever comes first, so it may use fewer
-evaluations than the budget. Deterministic: the seed is not used.
+Its trials are what `explorer.solver.solve_measured` evaluates: the baseline plan (the bound the
+solver must beat), then one plan per round. It stops when a round beats the best measured plan,
+when the model predicts nothing better, when the rounds run out or at the budget, whichever comes
+first, so it may use fewer evaluations than the budget. Deterministic: the seed is not used.
 """
 from __future__ import annotations
 
+import logging
+
 from agents.base import BudgetedProblem, BudgetExhausted, SearchResult, TrialCallback
+from explorer.errors import ExplorerError
 from explorer.problem import Problem
 from explorer.solver import solve_measured
+
+log = logging.getLogger(__name__)
 
 
 class SolverAgent:
@@ -27,6 +33,10 @@ class SolverAgent:
             solve_measured(budgeted, rounds=self.rounds, time_limit_s=self.time_limit_s)
         except BudgetExhausted:
             pass
+        except ExplorerError as error:  # nothing (better) on the model: the measured plans are the result
+            if not budgeted.result.trials:
+                raise
+            log.warning("solver: %s", error)
         except KeyboardInterrupt:
             budgeted.result.interrupted = True
         return budgeted.result

@@ -13,9 +13,10 @@ combination inside it is a valid decision that fits memory:
 
 - precision depends on the processor, and a rectangle cannot express "int8 on the CPU but not on
   a GPU without int8" (masking int8 whenever such a GPU is on offer would remove int8 on Tegra K1
-  altogether). So a processor runs a requested precision it lacks at its *nearest* precision (by
-  bytes per element, the wider on a tie: int8 on the Kepler GPU runs as fp16). Q holds the
-  precisions that at least one processor of P runs;
+  altogether). So a processor runs a requested precision it lacks at the narrowest precision it
+  has that is at least as wide (never less accurate than asked: int8 on the Kepler GPU runs as
+  fp16, fp16 on the Hexagon DSP as fp32). Q holds the precisions that at least one processor of P
+  runs;
 - R: rungs offered for the layer; P: processors that run the layer's op;
 - memory: a decision is admissible when its weights fit the processor, the board's shared memory and
   the optional total limit, *and* the later layers can still be completed at their smallest option
@@ -26,8 +27,8 @@ combination inside it is a valid decision that fits memory:
   the smallest model) drops the memory part; its plans then evaluate infeasible.
 
 An action outside the masks (e.g. a random `action_space.sample()` of an env checker) is projected
-onto the rectangle dimension by dimension (nearest rung index, nearest processor index, nearest
-precision by bytes), so every step yields a valid decision; `info["projected"]` says when it did.
+onto the rectangle dimension by dimension (nearest rung index, nearest processor index, precision
+as above), so every step yields a valid decision; `info["projected"]` says when it did.
 
 Observation (Box float32 in [0, 10], fixed size for a model and board): static features of the
 layer (op one-hot, log FLOPs, log parameters, log input and output activation bytes, position,
@@ -93,12 +94,14 @@ def make_problem(model: str = "vgg", board: str = "tegra-k1", objective: str = "
 
 
 def resolve_precision(requested: str, supported: tuple[str, ...]) -> str:
-    """The precision a processor runs when `requested` is asked: itself, else the nearest by bytes
-    per element (the wider on a tie)."""
+    """The precision a processor runs when `requested` is asked: itself, else the narrowest one it
+    supports that is at least as wide (never less accurate than asked), else its widest."""
     if requested in supported:
         return requested
-    want = BYTES_PER_ELEMENT[requested]
-    return min(supported, key=lambda p: (abs(BYTES_PER_ELEMENT[p] - want), -BYTES_PER_ELEMENT[p]))
+    wide_enough = [p for p in supported if BYTES_PER_ELEMENT[p] >= BYTES_PER_ELEMENT[requested]]
+    if wide_enough:
+        return min(wide_enough, key=lambda p: BYTES_PER_ELEMENT[p])
+    return max(supported, key=lambda p: BYTES_PER_ELEMENT[p])
 
 
 def violation(problem, evaluation: Evaluation) -> float:
@@ -136,7 +139,6 @@ class _Episode:
     energy_j: float = 0.0
     accuracy_loss: float = 0.0
     weight_bytes: dict[str, float] = field(default_factory=dict)
-    evaluation: Evaluation | None = None
 
     @property
     def previous(self) -> str:
@@ -165,7 +167,6 @@ class DeployEnv(gym.Env):
             problem = make_problem(model, board, objective, latency_ms, max_accuracy_drop, memory_mb, seed, measure,
                                    data, data_samples)
         self.problem = problem
-        self.graph = problem.graph
         self.board = problem.board
         self.layers = list(problem.graph.layers)
         self.processor_ids = list(problem.board.processor_ids)
@@ -192,6 +193,7 @@ class DeployEnv(gym.Env):
         self.suggestion = self._initial_suggestion(suggestion)
         self._pending_suggestion: Plan | None = None
         self._completions = self._completion_needs()
+        self._unbounded_rectangles = self._rectangles_without_memory_limits()
         self.action_space = spaces.MultiDiscrete([self.max_rungs, len(self.processor_ids), len(PRECISIONS)])
         n = len(self.processor_ids)
         size = self._static.shape[1] + (3 + n + 1) + n + (1 + n + len(PRECISIONS))
@@ -222,9 +224,9 @@ class DeployEnv(gym.Env):
         terminated = len(episode.decisions) == len(self.layers)
         if terminated:
             plan = self.plan_of(episode)
-            episode.evaluation = self.problem.evaluate(plan)
-            reward = plan_reward(self.problem, episode.evaluation, self.reference)
-            info.update(plan=plan, evaluation=episode.evaluation)
+            evaluation = self.problem.evaluate(plan)
+            reward = plan_reward(self.problem, evaluation, self.reference)
+            info.update(plan=plan, evaluation=evaluation)
         else:
             self._rectangle = self._offer(episode)
         return self._observation(episode), reward, terminated, False, info
@@ -280,6 +282,7 @@ class DeployEnv(gym.Env):
             self.suggestion, self._completions, self._rectangle = saved
 
     def plan_of(self, episode: _Episode) -> Plan:
+        """The plan of an episode's decisions."""
         return Plan(tuple((layer.name, d) for layer, d in zip(self.layers, episode.decisions)))
 
     # ---- decisions --------------------------------------------------------------------------
@@ -291,8 +294,7 @@ class DeployEnv(gym.Env):
         r = r if r in rungs else min(rungs, key=lambda i: (abs(i - r), i))
         p = p if p in procs else min(procs, key=lambda i: (abs(i - p), i))
         if q not in precs:
-            want = BYTES_PER_ELEMENT[PRECISIONS[q]]
-            q = min(precs, key=lambda i: (abs(BYTES_PER_ELEMENT[PRECISIONS[i]] - want), -BYTES_PER_ELEMENT[PRECISIONS[i]]))
+            q = PRECISIONS.index(resolve_precision(PRECISIONS[q], tuple(PRECISIONS[i] for i in precs)))
         rung = self.rungs[layer_index][r]
         precision = resolve_precision(PRECISIONS[q], self._precisions[p])
         return Decision(rung.method, rung.rank, precision, self.processor_ids[p]), projected
@@ -318,11 +320,10 @@ class DeployEnv(gym.Env):
         index = len(episode.decisions)
         if index == len(self.layers):
             return tuple(range(self.max_rungs)), tuple(range(len(self.processor_ids))), tuple(range(len(PRECISIONS)))
+        if self._unbounded_rectangles is not None:
+            return self._unbounded_rectangles[index]
         n_rungs, n_procs = len(self.rungs[index]), len(self.processor_ids)
         capable = [p for p in range(n_procs) if self._capable[index][p]]
-        if not capable:
-            raise ExplorerError(f"no processor of {self.board.name} runs layer {self.layers[index].name} "
-                                f"({self.layers[index].op_type}): add the op to a processor's `ops`")
         admissible = self._admissible(episode, index)  # [rung, processor, precision actually run]
         decoded = np.zeros((n_rungs, n_procs, len(PRECISIONS)), dtype=bool)
         for p in capable:
@@ -347,9 +348,22 @@ class DeployEnv(gym.Env):
                             best, best_score = (rungs, procs, precs), score
                         if distinct == total:
                             return best  # the whole admissible set is a rectangle
-        if best is None:
-            raise ExplorerError(f"layer {self.layers[index].name}: no admissible decision")  # _admissible never allows this
-        return best
+        return best  # not None: _admissible offers at least one valid decision
+
+    def _rectangles_without_memory_limits(self) -> list[tuple] | None:
+        """Per layer, every valid option, when even the largest options of all layers on any one
+        processor fit every capacity (memory can never bind); None otherwise."""
+        rectangles = []
+        for index, layer in enumerate(self.layers):
+            capable = tuple(p for p in range(len(self.processor_ids)) if self._capable[index][p])
+            if not capable:
+                raise ExplorerError(f"no processor of {self.board.name} runs layer {layer.name} ({layer.op_type}): "
+                                    "add the op to a processor's `ops`")
+            runnable = tuple(sorted({PRECISIONS.index(q) for p in capable for q in self._precisions[p]}))
+            rectangles.append((tuple(range(len(self.rungs[index]))), capable, runnable))
+        largest = sum(max(r.params for r in rungs) for rungs in self.rungs) * max(BYTES_PER_ELEMENT.values())
+        fits = (largest <= self._capacity.min() and largest <= self._local_capacity and largest <= self._total_capacity)
+        return rectangles if fits else None
 
     def _admissible(self, episode: _Episode, index: int) -> np.ndarray:
         """[rung, processor, precision]: valid decisions whose weights fit now and leave room to finish."""
@@ -370,10 +384,8 @@ class DeployEnv(gym.Env):
         completes = np.zeros_like(valid)
         for row in need:  # one completion candidate: bytes per processor the later layers need
             completes |= self._fits(after + row)
-        for admissible in (valid & completes, valid & fits_now, valid):  # never empty: see the module docstring
-            if admissible.any():
-                return admissible
-        return valid
+        # completable, else fitting now, else valid (see the module docstring): never empty
+        return next((a for a in (valid & completes, valid & fits_now) if a.any()), valid)
 
     def _fits(self, weights: np.ndarray) -> np.ndarray:
         """Whether weights per processor (last axis) respect every capacity."""

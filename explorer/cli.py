@@ -312,11 +312,11 @@ def cmd_search(args: argparse.Namespace) -> None:
     agent = make_agent(args.agent, **({"storage": args.storage} if args.storage and args.agent.startswith("optuna") else {}))
     tracking_uri = args.tracking_uri or default_tracking_uri()
     experiment = f"{Path(problem.graph.source).stem} @ {problem.board.name}"
-    params = {"model": problem.graph.source, "board": problem.board.name, "agent": args.agent, "budget": args.budget,
-              "objective": problem.objective.describe(), "latency_ms": args.latency_ms,
-              "max_accuracy_drop_points": args.max_accuracy_drop, "memory_mb": args.memory_mb, "measure": args.measure,
-              "measured_by": problem.measurer.label(problem.board),
-              "seed": args.seed, "data": problem.scorer.dataset.source if problem.scorer.dataset else "none (accuracy not measured)"}
+    # the settings under their option names (so `explorer export --run` can rebuild the problem), and what they mean
+    params = {key: getattr(args, key) for key in PARSER_DEFAULTS}
+    params.update({"agent": args.agent, "budget": args.budget, "objective_meaning": problem.objective.describe(),
+                   "measured_by": problem.measurer.label(problem.board),
+                   "data_source": problem.scorer.dataset.source if problem.scorer.dataset else "none (accuracy not measured)"})
     if problem.scorer.measured:
         with err_console.status("sensitivity table (measured once per model and data, then cached)"):
             from explorer.accuracy import sensitivity_table
@@ -329,10 +329,12 @@ def cmd_search(args: argparse.Namespace) -> None:
             Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                      TextColumn("{task.fields[status]}"), console=err_console) as progress:
         task = progress.add_task(f"{args.agent} search", total=args.budget, status="")
+        already_logged = tracker.logged_digests  # resuming: the agent replays these from the caches
 
         def on_trial(trial, result) -> None:
             state["result"] = result
-            tracker.log_trial(trial, result)
+            if trial.plan.digest() not in already_logged:
+                tracker.log_trial(trial, result)
             best = f"best {problem.objective.describe()} {result.best.objective:.4g}" if result.best else "no feasible plan yet"
             progress.update(task, completed=len(result.trials), status=f"{best} | feasible {result.feasible_count}")
 

@@ -158,7 +158,7 @@ class Problem:
             if layer.op_type not in processor.ops:
                 raise ExplorerError(f"layer {name}: {decision.processor} does not run {layer.op_type}")
             rung = self.compressor.rung(name, decision.method, decision.rank)
-            if rung not in self.rungs(layer):
+            if (rung.method, rung.rank) not in {(r.method, r.rank) for r in self.rungs(layer)}:
                 raise ExplorerError(f"layer {name}: rung {rung.label()} exceeds the reconstruction-error bound used without data")
 
     # ---- evaluation ---------------------------------------------------------------------------

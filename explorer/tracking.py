@@ -7,20 +7,20 @@ Layout in the tracking store (any MLflow tracking URI; default SQLite under runs
   count as metric series (step = trial number), the best plan's metrics at the end, and artifacts
   `best_plan.json`, `convergence.png`, `pareto.png`, `summary.md`;
 - one **child run per trial** ("trial N", tag `mlflow.parentRunId`): one param per decision layer
-  holding `Decision.label()` (e.g. `conv1_1 = spatial:16/int8@gpu`), metrics latency_ms, energy_mj,
-  memory_mb, accuracy, accuracy_drop, objective, feasible (0/1), eval_seconds, and tags trial,
-  source, agent, measured_by, energy_source, plan_digest, violations.
+  holding `Decision.label()` (e.g. `conv1_1 = spatial:16/int8@gpu`); metrics latency_ms,
+  latency_spread_ms, energy_mj, memory_mb, accuracy, accuracy_drop (when measured), objective,
+  feasible (0/1), eval_seconds; tags trial, source, measured_by, plan_digest, violations (if any).
 
 Logging never makes the search wait: `log_trial` only puts the trial on a queue, and a worker
-thread writes what has accumulated as one batch. MLflow's client API costs tens of milliseconds per
-child run (three calls, each its own transaction), which would dominate a simulated search at about
-a millisecond per evaluation; so on a SQL store (the default) the worker inserts a whole batch of
-finished child runs in one transaction through MLflow's own table definitions. Other stores (an
-MLflow tracking server, the file store) get the client API from the worker thread.
+thread writes what has gathered as one batch. Through MLflow's API a child run costs three calls,
+each its own transaction: tens of milliseconds, which would dominate a simulated search at a few
+milliseconds per evaluation. So on a SQL store (the default) the worker inserts a whole batch of
+finished child runs in one transaction with MLflow's own table definitions (about half a
+millisecond of CPU per trial, most of it inside SQLite). Other stores (an MLflow tracking server,
+the file store) get the store's API from a few worker threads.
 """
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import math
@@ -34,30 +34,39 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_USER
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from explorer.errors import ExplorerError
 from explorer.paths import runs_dir
 
-if TYPE_CHECKING:  # agents build on explorer, not the other way round
+if TYPE_CHECKING:  # agents build on explorer, not the other way round; the SQL store is slow to import
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
     from agents.base import SearchResult, Trial
 
 log = logging.getLogger(__name__)
 
 DATABASE_FILE = "mlflow.db"
 ARTIFACTS_FOLDER = "mlartifacts"
-SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+BEST_PLAN_ARTIFACT = "best_plan.json"
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_CALL = 100
 MAX_PARAM_LENGTH = 6000
+MAX_TAG_LENGTH = 8000
+STORE_THREADS = 4  # child runs written at once through a store's API (a server answers in parallel)
 QUEUE_SIZE = 10_000  # trials waiting to be written before log_trial blocks
+BATCH_SECONDS = 0.5  # the worker gathers trials this long before writing them in one go
+_FLUSH, _STOP = "flush", "stop"  # queue markers for the worker
 TRIAL_METRICS = ("latency_ms", "latency_spread_ms", "energy_mj", "memory_mb", "peak_memory_mb",
                  "accuracy", "accuracy_drop", "objective")
 
@@ -166,50 +175,72 @@ def read_search(tracking_uri: str | None, run_id: str) -> TrackedSearch:
     return TrackedSearch(parent, children)
 
 
-class _ClientWriter:
-    """Writes child runs through the MLflow client API: works with every store, ~3 calls a trial."""
+def search_run_settings(tracking_uri: str | None, run_id: str) -> tuple[dict, dict]:
+    """A search's settings (its parent run's params, JSON values decoded) and its best plan JSON."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ExplorerError(f"no MLflow run {run_id} in {uri}: give a search's run id (open the store with: "
+                            f"{ui_command(uri)})") from None
+    parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+    if parent:
+        raise ExplorerError(f"MLflow run {run_id} is one trial of the search run {parent}: give the search's run id")
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            plan_json = json.loads(Path(client.download_artifacts(run_id, BEST_PLAN_ARTIFACT, folder)).read_text())
+        except (MlflowException, OSError):
+            raise ExplorerError(f"MLflow run {run_id} has no {BEST_PLAN_ARTIFACT}: its search found no feasible plan "
+                                f"or did not finish; export another run, or a plan file with --plan") from None
+    return {key: _param_value(text) for key, text in run.data.params.items()}, plan_json
 
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str):
-        self.client = client
+
+class _StoreWriter:
+    """Writes child runs through the tracking store's interface: works with every store (a server,
+    the file store, SQL), three calls a trial."""
+
+    def __init__(self, store: AbstractStore, experiment_id: str, parent_run_id: str):
+        self.store = store
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
+        self.user = store.get_run(parent_run_id).info.user_id
 
     def write(self, children: list[_ChildRun], parent_metrics: list[Metric]) -> None:
-        for child in children:
-            run = self.client.create_run(self.experiment_id, start_time=child.start_ms, tags=child.tags,
-                                         run_name=child.name)
-            run_id = run.info.run_id
-            params = [Param(k, v) for k, v in child.params.items()]
-            metrics = [Metric(k, v, child.end_ms, 0) for k, v in child.metrics.items()]
-            for start in range(0, max(len(params), 1), MAX_PARAMS_PER_CALL):
-                self.client.log_batch(run_id, metrics=metrics if start == 0 else [],
-                                      params=params[start:start + MAX_PARAMS_PER_CALL])
-            self.client.set_terminated(run_id, "FINISHED", end_time=child.end_ms)
-        self.write_parent_metrics(parent_metrics)
+        with ThreadPoolExecutor(STORE_THREADS) as pool:
+            list(pool.map(self._write_child, children))
+        for start in range(0, len(parent_metrics), MAX_METRICS_PER_CALL):
+            self.store.log_batch(self.parent_run_id, metrics=parent_metrics[start:start + MAX_METRICS_PER_CALL],
+                                 params=[], tags=[])
 
-    def write_parent_metrics(self, metrics: list[Metric]) -> None:
-        for start in range(0, len(metrics), MAX_METRICS_PER_CALL):
-            self.client.log_batch(self.parent_run_id, metrics=metrics[start:start + MAX_METRICS_PER_CALL])
+    def _write_child(self, child: _ChildRun) -> None:
+        run = self.store.create_run(self.experiment_id, self.user, child.start_ms,
+                                    [RunTag(k, v) for k, v in child.tags.items()], child.name)
+        run_id = run.info.run_id
+        params = [Param(k, v) for k, v in child.params.items()]
+        metrics = [Metric(k, v, child.end_ms, 0) for k, v in child.metrics.items()]
+        for start in range(0, max(len(params), 1), MAX_PARAMS_PER_CALL):
+            self.store.log_batch(run_id, metrics=metrics if start == 0 else [],
+                                 params=params[start:start + MAX_PARAMS_PER_CALL], tags=[])
+        self.store.update_run_info(run_id, RunStatus.FINISHED, child.end_ms, None)
 
 
-class _SqlBulkWriter(_ClientWriter):
-    """Inserts a batch of finished child runs in one transaction (SQL stores only).
+class _SqlBulkWriter(_StoreWriter):
+    """Inserts a batch of finished child runs and the parent's metric points in one transaction.
 
-    It uses the store's own session factory and MLflow's own table definitions, so the rows are
-    exactly what `create_run` + `log_batch` + `set_terminated` would write, at a fraction of a
-    millisecond per trial instead of tens of milliseconds.
+    SQL stores only. It uses the store's own session factory, MLflow's own table definitions and
+    its rule for a run's latest metric values, so the rows are what `create_run` + `log_batch` +
+    `set_terminated` would write, for about half a millisecond per trial instead of tens.
     """
 
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, store):
-        super().__init__(client, experiment_id, parent_run_id)
+    def __init__(self, store: SqlAlchemyStore, experiment_id: str, parent_run_id: str):
+        super().__init__(store, experiment_id, parent_run_id)
         from mlflow.store.tracking.dbmodels import models
         self.models = models
-        self.store = store
-        self.artifact_root = client.get_experiment(experiment_id).artifact_location
+        self.artifact_root = store.get_experiment(experiment_id).artifact_location
 
     def write(self, children: list[_ChildRun], parent_metrics: list[Metric]) -> None:
         from mlflow.utils.uri import append_to_uri_path
-        from sqlalchemy import insert
 
         m = self.models
         runs, tags, params, metrics = [], [], [], []
@@ -217,7 +248,7 @@ class _SqlBulkWriter(_ClientWriter):
             run_id = uuid.uuid4().hex
             runs.append({
                 "run_uuid": run_id, "name": child.name, "source_type": "UNKNOWN", "source_name": "",
-                "entry_point_name": "", "user_id": child.tags.get(MLFLOW_USER, "unknown"),
+                "entry_point_name": "", "user_id": self.user,
                 "status": "FINISHED", "start_time": child.start_ms, "end_time": child.end_ms,
                 "deleted_time": None, "source_version": "", "lifecycle_stage": "active",
                 "artifact_uri": append_to_uri_path(self.artifact_root, run_id, "artifacts"),
@@ -227,12 +258,29 @@ class _SqlBulkWriter(_ClientWriter):
             params += [{"run_uuid": run_id, "key": k, "value": v} for k, v in child.params.items()]
             metrics += [{"run_uuid": run_id, "key": k, "value": v, "timestamp": child.end_ms, "step": 0, "is_nan": False}
                         for k, v in child.metrics.items()]
+        parent_rows = [{"run_uuid": self.parent_run_id, "key": p.key, "value": p.value, "timestamp": p.timestamp,
+                        "step": p.step, "is_nan": False} for p in parent_metrics]
+        latest = {row["key"]: row for row in parent_rows}  # points come in step order
         with self.store.ManagedSessionMaker(read_only=False) as session:
-            session.execute(insert(m.SqlRun), runs)
-            for table, rows in ((m.SqlTag, tags), (m.SqlParam, params), (m.SqlMetric, metrics), (m.SqlLatestMetric, metrics)):
-                if rows:
-                    session.execute(insert(table), rows)
-        self.write_parent_metrics(parent_metrics)
+            connection = session.connection()
+            for table, rows in ((m.SqlRun, runs), (m.SqlTag, tags), (m.SqlParam, params), (m.SqlMetric, metrics),
+                                (m.SqlLatestMetric, metrics), (m.SqlMetric, parent_rows)):
+                _insert_many(connection, table.__table__, rows)
+            self.store._update_latest_metrics_if_necessary([m.SqlMetric(**row) for row in latest.values()], session)
+
+
+def _insert_many(connection, table, rows: list[dict]) -> None:
+    """INSERT rows with the database driver's executemany.
+
+    SQLAlchemy's own executemany spends as much time building each row's parameters as the
+    database spends storing it; these rows are plain strings and numbers, so the statement is
+    compiled once for the dialect and the rows go to the driver as they are.
+    """
+    if not rows:
+        return
+    statement = table.insert().compile(dialect=connection.dialect, column_keys=list(rows[0]))
+    values = list(map(itemgetter(*statement.positiontup), rows)) if statement.positional else rows
+    connection.exec_driver_sql(str(statement), values)
 
 
 class SearchTracker:
@@ -265,9 +313,10 @@ class SearchTracker:
             self._writer = self._make_writer()
         except MlflowException as exc:
             raise ExplorerError(f"MLflow tracking at {self.tracking_uri} failed: {exc.message.splitlines()[0]}") from None
-        self._user = getpass.getuser()
         self._layer_keys: list[str] | None = None
-        self._queue: queue.Queue[_QueuedTrial | None] = queue.Queue(QUEUE_SIZE)
+        self._logged = 0  # trials logged by this tracker (numbered after the resumed run's)
+        self._queue: queue.Queue[_QueuedTrial | str] = queue.Queue(QUEUE_SIZE)
+        self._wake = threading.Event()
         self._worker = threading.Thread(target=self._drain, name="mlflow-tracking", daemon=True)
         self._worker.start()
 
@@ -296,66 +345,90 @@ class SearchTracker:
         return run.info.run_id
 
     def _reopen(self, run_id: str, params: dict) -> tuple[str, int, float, int]:
-        """Set a parent run RUNNING again; return where its trial numbering and metrics stand."""
+        """Set a parent run RUNNING again; return its next trial number, best so far and feasible count."""
         try:
-            done = read_search(self.tracking_uri, run_id)
+            parent = self.client.get_run(run_id)
         except MlflowException:
             raise ExplorerError(f"no MLflow run {run_id} in {self.tracking_uri}: resume a run id this store shows "
                                 f"(open it with: {ui_command(self.tracking_uri)})") from None
-        if done.parent.info.experiment_id != self.experiment_id:
+        if parent.info.experiment_id != self.experiment_id:
             raise ExplorerError(f"MLflow run {run_id} belongs to another experiment (another model or board)")
         self.client.update_run(run_id, status="RUNNING")
-        logged = done.parent.data.params
+        logged = parent.data.params
         new = {mlflow_key(k): _param_text(v) for k, v in params.items()}
         self._log_params(run_id, {k: v for k, v in new.items() if k not in logged})
         changed = {k: v for k, v in new.items() if k in logged and logged[k] != v}
-        resumes = int(done.parent.data.tags.get("resumes", "0")) + 1
+        resumes = int(parent.data.tags.get("resumes", "0")) + 1
         self.client.set_tag(run_id, "resumes", str(resumes))
-        if changed:
+        if changed:  # params cannot change in MLflow: keep the new values as a tag
             self.client.set_tag(run_id, f"resume_{resumes}_params", json.dumps(changed))
-        offset = 1 + max((int(run.data.tags["trial"]) for run in done.trials if "trial" in run.data.tags), default=-1)
-        metrics = done.parent.data.metrics
-        return run_id, offset, metrics.get("best_so_far", math.inf), int(metrics.get("feasible_count", 0))
+        steps = [point.step for point in self.client.get_metric_history(run_id, "feasible_count")]
+        metrics = parent.data.metrics
+        return run_id, 1 + max(steps, default=-1), metrics.get("best_so_far", math.inf), int(metrics.get("feasible_count", 0))
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_CALL):
             self.client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_CALL])
 
-    def _make_writer(self) -> _ClientWriter:
+    def _make_writer(self) -> _StoreWriter:
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
         store = self.client._tracking_client.store  # MLflow exposes no public accessor for the store
         if isinstance(store, SqlAlchemyStore):
-            return _SqlBulkWriter(self.client, self.experiment_id, self.run_id, store)
-        return _ClientWriter(self.client, self.experiment_id, self.run_id)
+            return _SqlBulkWriter(store, self.experiment_id, self.run_id)
+        return _StoreWriter(store, self.experiment_id, self.run_id)
 
     # ---- logging trials -----------------------------------------------------------------------
+    @property
+    def logged_digests(self) -> set[str]:
+        """Plan digests of the trials the run already had when it was resumed (empty for a new run)."""
+        if not self._offset:
+            return set()
+        return {run.data.tags.get("plan_digest") for run in read_search(self.tracking_uri, self.run_id).trials}
+
     def log_trial(self, trial: Trial, result: SearchResult) -> None:
         """Queue one trial for logging (an `agents.base.TrialCallback`); returns at once."""
+        if self._ended:
+            raise RuntimeError(f"MLflow run {self.run_id} has ended: log trials before finish()/close()")
         if self._failure is not None:
             raise ExplorerError(f"MLflow logging to {self.tracking_uri} failed: {self._failure}")
         if trial.evaluation.feasible:
             self._feasible += 1
             self._best = min(self._best, trial.evaluation.objective)
-        self._queue.put(_QueuedTrial(trial, self._offset + trial.number, self._best, self._feasible,
+        self._queue.put(_QueuedTrial(trial, self._offset + self._logged, self._best, self._feasible,
                                      int(time.time() * 1000)))
+        self._logged += 1
 
     def flush(self) -> None:
         """Wait until every queued trial is written."""
-        self._queue.join()
+        self._signal(_FLUSH)
         if self._failure is not None:
             raise ExplorerError(f"MLflow logging to {self.tracking_uri} failed: {self._failure}")
 
+    def _signal(self, marker: str) -> None:
+        """Hand the worker a marker, wake it and wait until it has written everything before it."""
+        if self._worker.is_alive():
+            self._queue.put(marker)
+            self._wake.set()
+            self._queue.join()
+
     def _drain(self) -> None:
-        """Worker thread: write whatever has accumulated as one batch, until the None sentinel."""
+        """Worker thread: after the first trial of a batch, sleep BATCH_SECONDS (or until flushed),
+        then write everything queued as one batch; end at the _STOP marker.
+
+        Sleeping on an event rather than on the queue means one wake-up per batch, not per trial.
+        """
         while True:
             batch = [self._queue.get()]
-            while batch[-1] is not None:
+            if isinstance(batch[0], _QueuedTrial):
+                self._wake.wait(BATCH_SECONDS)
+            self._wake.clear()
+            while True:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            trials = [item for item in batch if item is not None]
+            trials = [item for item in batch if isinstance(item, _QueuedTrial)]
             try:
                 if trials and self._failure is None:
                     self._writer.write([self._child(item) for item in trials], self._parent_points(trials))
@@ -365,7 +438,7 @@ class SearchTracker:
             finally:
                 for _ in batch:
                     self._queue.task_done()
-            if batch[-1] is None:
+            if _STOP in batch:
                 return
 
     def _child(self, item: _QueuedTrial) -> _ChildRun:
@@ -383,11 +456,9 @@ class SearchTracker:
             end_ms=item.end_ms,
             params={key: decision.label() for key, (_, decision) in zip(self._layer_keys, trial.plan.decisions)},
             metrics=metrics,
-            tags={MLFLOW_RUN_NAME: name, MLFLOW_PARENT_RUN_ID: self.run_id, MLFLOW_USER: self._user,
-                  "trial": str(item.number), "agent": trial.agent, "source": trial.source,
-                  "measured_by": e.measured_by, "energy_source": e.energy_source,
-                  "accuracy_metric": e.accuracy_metric if e.accuracy is not None else "not measured",
-                  "plan_digest": e.plan_digest, "violations": "; ".join(e.violations)[:MAX_PARAM_LENGTH] or "none"},
+            tags={MLFLOW_RUN_NAME: name, MLFLOW_PARENT_RUN_ID: self.run_id, "trial": str(item.number),
+                  "source": trial.source, "measured_by": e.measured_by, "plan_digest": e.plan_digest}
+            | ({"violations": "; ".join(e.violations)[:MAX_TAG_LENGTH]} if e.violations else {}),
         )
 
     @staticmethod
@@ -404,13 +475,16 @@ class SearchTracker:
                plots: dict[str, Path] | None = None, latency_budget_ms: float | None = None) -> None:
         """Flush, log the best plan's metrics and the artifacts, and end the parent run.
 
-        Artifacts: best_plan.json, convergence.png, pareto.png, summary.md, and every extra plot
-        in `plots` (artifact file name -> local file). The run ends KILLED when the search was
-        interrupted, else FINISHED.
+        Artifacts: best_plan.json (unless `best_plan_json` is empty: no feasible plan), summary.md,
+        every plot in `plots` (artifact file name -> local file), and convergence.png and pareto.png
+        drawn here unless `plots` has them. The run ends KILLED when the search was
+        interrupted, else FINISHED. After a resume, the best_* metrics, the plots and the artifacts
+        describe `result` (pass one that covers the whole search), while the best_so_far series and
+        the feasible count carry on from the trials logged before.
         """
         self.flush()
         best = result.best
-        final = {"trials": float(self._offset + len(result.trials)), "feasible_count": float(self._feasible)}
+        final = {"trials": float(self._offset + self._logged)}
         if best is not None:
             final |= {"best_objective": best.objective, "best_latency_ms": best.latency_ms,
                       "best_energy_mj": best.energy_mj, "best_memory_mb": best.memory_mb,
@@ -419,18 +493,23 @@ class SearchTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in _finite_metrics(final).items()])
         with tempfile.TemporaryDirectory() as folder:
-            files = {"convergence.png": Path(folder) / "convergence.png", "pareto.png": Path(folder) / "pareto.png"}
-            convergence_plot(result, files["convergence.png"])
-            pareto_plot(result, files["pareto.png"], latency_budget_ms)
-            for name, path in (plots or {}).items():
-                if not Path(path).is_file():
+            files = {name: Path(path) for name, path in (plots or {}).items()}
+            for name, path in files.items():
+                if not path.is_file():
                     raise ExplorerError(f"plot {path} does not exist: write the file before finish()")
-                files[name] = Path(folder) / name
-                files[name].write_bytes(Path(path).read_bytes())
-            for path in files.values():
-                self.client.log_artifact(self.run_id, str(path))
-        if best_plan_json is not None:
-            self.client.log_dict(self.run_id, best_plan_json, "best_plan.json")
+            if "convergence.png" not in files:
+                files["convergence.png"] = convergence_plot(result, Path(folder) / "convergence.png")
+            if "pareto.png" not in files:
+                files["pareto.png"] = pareto_plot(result, Path(folder) / "pareto.png", latency_budget_ms)
+            for name, path in files.items():
+                if path.name == name:
+                    self.client.log_artifact(self.run_id, str(path))
+                else:  # the artifact takes the name it is given
+                    renamed = Path(folder) / name
+                    renamed.write_bytes(path.read_bytes())
+                    self.client.log_artifact(self.run_id, str(renamed))
+        if best_plan_json:
+            self.client.log_dict(self.run_id, best_plan_json, BEST_PLAN_ARTIFACT)
         self.client.log_text(self.run_id, summary_markdown, "summary.md")
         self._end("KILLED" if result.interrupted else "FINISHED")
 
@@ -446,9 +525,8 @@ class SearchTracker:
         self._ended = True
 
     def _stop_worker(self) -> None:
-        if self._worker.is_alive():
-            self._queue.put(None)
-            self._worker.join()
+        self._signal(_STOP)
+        self._worker.join()
 
     def close(self, status: str = "FINISHED") -> None:
         """Write every queued trial and end the parent run (no-op if already ended)."""
@@ -473,8 +551,17 @@ class SearchTracker:
 
 
 def _param_text(value) -> str:
+    """A setting as an MLflow param: strings as they are, anything else as JSON."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text[:MAX_PARAM_LENGTH]
+
+
+def _param_value(text: str):
+    """A param read back: the JSON value where it is JSON (numbers, null, lists...), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -492,6 +579,7 @@ def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 def convergence_plot(result: SearchResult, path: Path) -> Path:
     """Best-so-far objective against measured evaluations, with every trial's objective (PNG)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(7, 4.5), dpi=110)
     axes = figure.add_subplot()
@@ -504,12 +592,13 @@ def convergence_plot(result: SearchResult, path: Path) -> Path:
     curve = [(n, b) for n, b in zip(evaluations, result.best_so_far) if math.isfinite(b)]
     if curve:
         axes.step(*zip(*curve), where="post", color="tab:red", linewidth=2, label="best feasible so far")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("measured evaluations")
     axes.set_ylabel("objective (lower is better)")
     axes.set_title(f"{result.agent}: convergence")
     axes.grid(alpha=0.3)
     if evaluations:
-        axes.legend(loc="upper right")
+        axes.legend(loc="best")
     figure.tight_layout()
     figure.savefig(path)
     return Path(path)
@@ -549,7 +638,7 @@ def pareto_plot(result: SearchResult, path: Path, latency_budget_ms: float | Non
     axes.set_title(f"{result.agent}: {len(result.trials)} trials")
     axes.grid(alpha=0.3)
     if result.trials:
-        axes.legend(loc="upper right")
+        axes.legend(loc="best")
     figure.tight_layout()
     figure.savefig(path)
     return Path(path)

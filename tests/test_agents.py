@@ -1,5 +1,5 @@
-"""The non-RL search agents and the registry: budgets, feasibility, determinism, TPE's solver start,
-NSGA-II's Pareto front, resuming an Optuna study, tiny design spaces."""
+"""The non-RL search agents and the registry: budgets, feasibility, determinism, TPE's start plans,
+NSGA-II's Pareto front, resuming an Optuna study, tiny design spaces (PPO once, marked slow)."""
 import math
 
 import numpy as np
@@ -42,10 +42,6 @@ def _agent(name: str, **options):
     return make_agent(name, **options)
 
 
-def name_is_anytime(name: str) -> bool:
-    return getattr(_agent(name), "anytime", False)
-
-
 def _check_result(result, problem: Problem, budget: int) -> None:
     digests = [t.plan.digest() for t in result.trials]
     assert len(set(digests)) == len(digests)
@@ -67,19 +63,22 @@ def test_search_agents_spend_the_budget_exactly_and_never_report_an_infeasible_b
     assert result.agent == name and not result.interrupted
     assert len(result.trials) == BUDGET
     _check_result(result, problem, BUDGET)
-    if name.startswith("optuna"):  # they start from the solver's plan, feasible on this problem
+    if name.startswith("optuna"):  # they start from the solver's plan and the baseline, feasible here
         assert result.best is not None
 
 
 def test_solver_agent_is_the_measured_solver_loop_within_the_budget(problem):
     result = make_agent("solver").search(problem, BUDGET, seed=0)
     _check_result(result, problem, BUDGET)
-    assert 1 <= len(result.trials) <= 6 and {t.source for t in result.trials} == {"solver"}
-    assert result.trials[0].plan == solve_problem(problem).plan
-    assert result.best_trial is result.trials[-1] or not result.trials[-1].evaluation.feasible
-    two_rounds = _problem(latency_ms=0.35)  # the first plan runs 0.357 ms: a second round is needed
-    assert len(make_agent("solver").search(two_rounds, BUDGET, seed=0).trials) == 2
-    assert len(make_agent("solver").search(two_rounds, 1, seed=0).trials) == 1
+    assert 2 <= len(result.trials) <= 7 and {t.source for t in result.trials} == {"solver"}
+    baseline = problem.baseline_plan()
+    assert result.trials[0].plan == baseline  # the measured plan the solver has to beat
+    assert result.trials[1].plan == solve_problem(problem, incumbent=baseline).plan
+    two_rounds = _problem(latency_ms=0.35)  # the first solver plan runs 0.357 ms: a second round is needed
+    full = make_agent("solver").search(two_rounds, BUDGET, seed=0)
+    assert [t.evaluation.feasible for t in full.trials] == [True, False, True]
+    cut = make_agent("solver").search(two_rounds, 2, seed=0)  # stops at the budget
+    assert [t.plan for t in cut.trials] == [t.plan for t in full.trials[:2]]
 
 
 @pytest.mark.parametrize("name", SEARCH_AGENTS)
@@ -88,7 +87,7 @@ def test_same_seed_gives_the_same_search_and_another_seed_another(problem, name)
     assert [t.plan for t in first.trials] == [t.plan for t in again.trials]
     assert first.best_so_far == again.best_so_far
     shorter = _agent(name).search(problem, 5, seed=3)  # `anytime`: a smaller budget gives a prefix
-    assert name_is_anytime(name) and [t.plan for t in shorter.trials] == [t.plan for t in first.trials[:5]]
+    assert _agent(name).anytime and [t.plan for t in shorter.trials] == [t.plan for t in first.trials[:5]]
     other = _agent(name).search(problem, BUDGET, seed=4)
     assert [t.plan for t in other.trials] != [t.plan for t in first.trials]
 
@@ -184,7 +183,9 @@ def test_make_agent_builds_agents_by_name_and_suggests_the_closest_name():
 
 
 @pytest.mark.slow
-def test_ppo_through_the_registry_spends_its_budget(problem):
+def test_ppo_through_the_registry_respects_its_budget(problem):
+    """PPO may stop short of the budget (its episodes are capped when they keep repeating plans)."""
     result = make_agent("ppo").search(problem, BUDGET, seed=0)
-    assert result.agent == "ppo" and len(result.trials) == BUDGET
+    assert result.agent == "ppo" and 1 <= len(result.trials) <= BUDGET
+    assert result.trials[0].source == "solver"
     _check_result(result, problem, BUDGET)

@@ -117,3 +117,15 @@ def test_host_measurement_refuses_boards_it_cannot_run():
     problem = _problem(measurer=HostMeasurer())
     with pytest.raises(ExplorerError, match="CUDAExecutionProvider"):
         problem.evaluate(problem.uniform_plan("gpu"))
+
+
+def test_without_data_compressed_rungs_within_the_error_bound_are_valid():
+    graph = LayerGraph(small_cnn())
+    problem = Problem(graph, load_board("tegra-k1"), SimMeasurer(), AccuracyScorer(graph.model, None), error_bound=0.9)
+    layer = graph.layers[4]
+    allowed = problem.rungs(layer)
+    assert len(allowed) > 1
+    plan = problem.uniform_plan("cpu").with_decision(layer.name, decision_for(allowed[1], "fp32", "cpu"))
+    evaluation = problem.evaluate(plan)
+    assert evaluation.accuracy is None and "not measured" in evaluation.accuracy_text()
+    problem.random_plan(np.random.default_rng(0))

@@ -1,0 +1,74 @@
+"""The PPO agent on vgg / tegra-k1: exact budget, never worse than the measured solver plan,
+deterministic for a seed, behaviour cloning that reproduces the solver's plan."""
+import numpy as np
+import pytest
+from sb3_contrib import MaskablePPO
+
+from agents.base import BudgetedProblem
+from agents.ppo import Demonstration, PPOAgent, behaviour_clone
+from envs import DeployEnv, make_problem
+from explorer.solver import solve_measured
+
+BUDGET = 30
+VGG = {"model": "vgg", "board": "tegra-k1", "objective": "energy", "latency_ms": 250.0, "max_accuracy_drop": 0.01,
+       "data_samples": 300}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem(**VGG)
+
+
+@pytest.fixture(scope="module")
+def solver_objective(problem) -> float:
+    """The measured solver plan's objective (what PPO's first trials evaluate)."""
+    measured = solve_measured(BudgetedProblem(problem, 100, "solver"))
+    assert measured.feasible
+    return measured.evaluation.objective
+
+
+@pytest.fixture(scope="module")
+def runs(problem):
+    return [PPOAgent().search(problem, BUDGET, seed=0) for _ in range(2)]
+
+
+def test_spends_exactly_the_budget_on_distinct_plans(runs, problem):
+    result = runs[0]
+    assert result.agent == "ppo" and len(result.trials) == BUDGET == len(result.best_so_far)
+    assert len({t.plan.digest() for t in result.trials}) == BUDGET
+    assert {t.source for t in result.trials} == {"solver", "policy"}
+    for trial in result.trials:
+        problem.validate(trial.plan)
+
+
+def test_best_is_feasible_and_never_worse_than_the_solver(runs, solver_objective):
+    result = runs[0]
+    assert result.best.feasible
+    assert result.best.objective <= solver_objective
+    assert result.best_so_far[-1] == result.best.objective
+    assert all(a >= b for a, b in zip(result.best_so_far, result.best_so_far[1:]))
+
+
+def test_same_seed_same_search(runs):
+    first, second = runs
+    assert first.best_so_far == second.best_so_far
+    assert [t.plan.digest() for t in first.trials] == [t.plan.digest() for t in second.trials]
+
+
+def test_a_budget_smaller_than_the_solver_needs_stops_exactly(problem):
+    result = PPOAgent().search(problem, 2, seed=0)
+    assert len(result.trials) == 2 and {t.source for t in result.trials} == {"solver"}
+
+
+def test_behaviour_cloning_reproduces_the_suggested_plan(problem):
+    """After cloning, the policy's most likely actions replay the solver plan it was shown."""
+    env = DeployEnv(problem=problem)
+    model = MaskablePPO("MlpPolicy", env, n_steps=16, batch_size=16, seed=0, device="cpu")
+    suggestion = env.suggestion
+    loss = behaviour_clone(model, env, [Demonstration(suggestion, suggestion, suggestion, 1.0)], 200, 3e-3, 0.0)
+    chosen = []
+    for observation, masks, _ in env.demonstration(suggestion):
+        action, _ = model.predict(observation, action_masks=masks, deterministic=True)
+        chosen.append(list(action))
+    assert chosen == [list(env.encode(i, d)) for i, (_, d) in enumerate(suggestion.decisions)]
+    assert np.isfinite(loss) and loss < 0.2

@@ -1,0 +1,252 @@
+"""MLflow tracking: a real tracking server on loopback, the default SQLite store, kill/resume, speed."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from agents.base import BudgetedProblem, SearchResult, Trial
+from explorer.accuracy import AccuracyScorer
+from explorer.boards import load_board
+from explorer.data import Dataset
+from explorer.errors import ExplorerError
+from explorer.graph import LayerGraph
+from explorer.measure import SimMeasurer
+from explorer.paths import runs_dir
+from explorer.problem import Constraints, Objective, Problem
+from explorer.tracking import (SearchTracker, default_tracking_uri, experiment_name, pareto_front, read_search,
+                               search_run_settings, ui_command)
+from netbuild import random_inputs, small_cnn
+
+EXPERIMENT = experiment_name("small_cnn", "tegra-k1")
+SETTINGS = {"model": "small_cnn", "board": "tegra-k1", "agent": "random", "budget": 12, "objective": "energy",
+            "constraints": {"latency_ms": 1.2, "max_accuracy_drop": None}, "measurer": "sim", "seed": 0,
+            "data": "64 random inputs"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def problem():
+    graph = LayerGraph(small_cnn())
+    scorer = AccuracyScorer(graph.model, Dataset(random_inputs(graph.model, 64), None, "random inputs"))
+    return Problem(graph, load_board("tegra-k1"), SimMeasurer(seed=0), scorer,
+                   Constraints(latency_ms=1.2, max_accuracy_drop=None), Objective.parse("energy"))
+
+
+def random_search(problem, budget: int, seed: int, callback) -> SearchResult:
+    """A real search: random plans through the budgeted evaluator, every trial to the callback."""
+    budgeted = BudgetedProblem(problem, budget, "random", callback)
+    rng = np.random.default_rng(seed)
+    while budgeted.remaining:
+        budgeted.evaluate(problem.random_plan(rng))
+    return budgeted.result
+
+
+def summary_of(result: SearchResult) -> str:
+    return f"# random search\n\n{len(result.trials)} trials, {result.feasible_count} feasible\n"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a free loopback port, artifacts proxied by the server; stopped afterwards."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"),
+        env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no background job runner
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.25)
+        yield uri
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def check_tracked_search(uri: str, run_id: str, result: SearchResult, first_trial: int = 0, previous_best: float = math.inf):
+    """Everything the tracker promises, read back through the public MLflow client.
+
+    `first_trial` and `previous_best`: where a resumed run stood before `result` was logged.
+    """
+    tracked = read_search(uri, run_id)
+    parent = tracked.parent
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "random seed 0"
+    assert {k: parent.data.params[k] for k in ("model", "board", "agent", "budget", "measurer")} == \
+        {"model": "small_cnn", "board": "tegra-k1", "agent": "random", "budget": "12", "measurer": "sim"}
+    assert json.loads(parent.data.params["constraints"]) == SETTINGS["constraints"]
+
+    trials = tracked.trials[first_trial:]
+    assert len(trials) == len(result.trials)
+    for run, trial in zip(trials, result.trials):
+        e = trial.evaluation
+        number = first_trial + trial.number
+        assert run.info.run_name == f"trial {number}" and run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == run_id and run.data.tags["trial"] == str(number)
+        assert run.data.tags["source"] == "random" and run.data.tags["measured_by"] == e.measured_by
+        assert run.data.tags["plan_digest"] == trial.plan.digest()
+        assert ("violations" in run.data.tags) == (not e.feasible)
+        assert run.data.params == {name: d.label() for name, d in trial.plan.decisions}
+        metrics = run.data.metrics
+        assert metrics["feasible"] == float(e.feasible)
+        for key in ("latency_ms", "energy_mj", "memory_mb", "accuracy", "accuracy_drop", "objective"):
+            assert metrics[key] == pytest.approx(getattr(e, key), rel=1e-12)
+
+    client = MlflowClient(uri)
+    feasible_counts = client.get_metric_history(run_id, "feasible_count")
+    assert [p.step for p in sorted(feasible_counts, key=lambda p: p.step)] == list(range(first_trial + len(result.trials)))
+    best_curve = sorted(client.get_metric_history(run_id, "best_so_far"), key=lambda p: p.step)
+    new_points = [(p.step, p.value) for p in best_curve if p.step >= first_trial]
+    expected = [(first_trial + n, min(previous_best, b)) for n, b in enumerate(result.best_so_far)]
+    assert new_points == [(step, pytest.approx(b)) for step, b in expected if math.isfinite(b)]
+    assert parent.data.metrics["best_objective"] == pytest.approx(result.best.objective)
+    assert parent.data.metrics["best_energy_mj"] == pytest.approx(result.best.energy_mj)
+    assert parent.data.metrics["feasible_count"] == sum(run.data.metrics["feasible"] for run in tracked.trials)
+
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"best_plan.json", "convergence.png", "pareto.png", "summary.md"} <= artifacts
+    folder = Path(client.download_artifacts(run_id, ""))
+    assert json.loads((folder / "best_plan.json").read_text()) == result.best_plan.to_json()
+    assert (folder / "summary.md").read_text() == summary_of(result)
+    assert (folder / "convergence.png").read_bytes().startswith(PNG_MAGIC)
+    assert (folder / "pareto.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_search_logged_to_a_tracking_server(mlflow_server, problem):
+    with SearchTracker(mlflow_server, EXPERIMENT, "random seed 0", SETTINGS) as tracker:
+        result = random_search(problem, 12, seed=0, callback=tracker.log_trial)
+        assert 0 < result.feasible_count < 12, "the test needs feasible and infeasible trials"
+        tracker.finish(result, result.best_plan.to_json(), summary_of(result), latency_budget_ms=1.2)
+    check_tracked_search(mlflow_server, tracker.run_id, result)
+    assert MlflowClient(mlflow_server).get_experiment_by_name(EXPERIMENT).artifact_location.startswith("mlflow-artifacts:")
+    assert ui_command(mlflow_server).endswith(mlflow_server)
+
+
+def test_default_store_is_sqlite_under_runs_and_works_offline(problem, monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with SearchTracker(None, EXPERIMENT, "random seed 0", SETTINGS) as tracker:
+        result = random_search(problem, 12, seed=0, callback=tracker.log_trial)
+        extra = tmp_path / "agents.png"
+        extra.write_bytes(PNG_MAGIC)
+        tracker.finish(result, result.best_plan.to_json(), summary_of(result), plots={"agents.png": extra})
+    uri = default_tracking_uri()
+    assert tracker.tracking_uri == uri == f"sqlite:///{(runs_dir() / 'mlflow.db').resolve()}"
+    check_tracked_search(uri, tracker.run_id, result)
+    client = MlflowClient(uri)
+    assert "agents.png" in {a.path for a in client.list_artifacts(tracker.run_id)}
+    location = client.get_experiment_by_name(EXPERIMENT).artifact_location
+    assert location == (runs_dir() / "mlartifacts").resolve().as_uri()
+    command = ui_command(None)
+    assert command.startswith("mlflow ui --backend-store-uri sqlite:///") and "--default-artifact-root" in command
+
+    settings, plan_json = search_run_settings(None, tracker.run_id)  # what `explorer export --run` reads
+    assert settings == SETTINGS and plan_json == result.best_plan.to_json()
+    trial_run = read_search(None, tracker.run_id).trials[0].info.run_id
+    with pytest.raises(ExplorerError, match=f"one trial of the search run {tracker.run_id}"):
+        search_run_settings(None, trial_run)
+
+
+def test_interrupted_search_is_killed_and_resumes_the_same_run(problem):
+    uri = default_tracking_uri()  # a fresh SQLite file costs seconds of schema migrations: share the default one
+    with pytest.raises(KeyboardInterrupt):
+        with SearchTracker(uri, EXPERIMENT, "random seed 0", SETTINGS) as tracker:
+            def stop_after_five(trial: Trial, result: SearchResult):
+                tracker.log_trial(trial, result)
+                if trial.number == 4:
+                    raise KeyboardInterrupt
+            random_search(problem, 12, seed=0, callback=stop_after_five)
+    run_id = tracker.run_id
+    killed = read_search(uri, run_id)
+    assert killed.parent.info.status == "KILLED" and len(killed.trials) == 5
+    best_before = min((run.data.metrics["objective"] for run in killed.trials if run.data.metrics["feasible"]), default=math.inf)
+    with pytest.raises(ExplorerError, match="has no best_plan.json"):
+        search_run_settings(uri, run_id)
+
+    resumed = SearchTracker(uri, EXPERIMENT, "ignored on resume", SETTINGS | {"budget": 7}, resume_run_id=run_id)
+    assert resumed.run_id == run_id and MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
+    result = random_search(problem, 7, seed=0, callback=resumed.log_trial)
+    resumed.finish(result, result.best_plan.to_json(), summary_of(result))
+    check_tracked_search(uri, run_id, result, first_trial=5, previous_best=best_before)
+    after = read_search(uri, run_id)
+    assert [int(run.data.tags["trial"]) for run in after.trials] == list(range(12))
+    assert after.parent.data.params["budget"] == "12"  # MLflow params are immutable
+    assert after.parent.data.tags["resumes"] == "1" and json.loads(after.parent.data.tags["resume_1_params"]) == {"budget": "7"}
+    best = min(run.data.metrics["objective"] for run in after.trials if run.data.metrics["feasible"])
+    assert after.parent.data.metrics["best_so_far"] == pytest.approx(best)
+
+    again = SearchTracker(uri, EXPERIMENT, "random seed 0", SETTINGS, resume_run_id=run_id)
+    again.mark_killed()
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
+
+def test_logging_is_fast_and_never_blocks_the_search(problem):
+    sample = random_search(problem, 12, seed=0, callback=None).trials
+    trials = [Trial(n, sample[n % 12].plan, sample[n % 12].evaluation, "random", "random", 0.001) for n in range(300)]
+    uri = default_tracking_uri()
+    tracker = SearchTracker(uri, EXPERIMENT, "speed", SETTINGS)
+    result = SearchResult("random")
+    started = time.perf_counter()
+    slowest_call = 0.0
+    for trial in trials:
+        result.trials.append(trial)
+        result.best_so_far.append(1.0)
+        call = time.perf_counter()
+        tracker.log_trial(trial, result)
+        slowest_call = max(slowest_call, time.perf_counter() - call)
+    tracker.flush()
+    elapsed = time.perf_counter() - started
+    tracker.close()
+    print(f"300 trials logged in {elapsed:.2f} s ({1000 * elapsed / 300:.2f} ms per trial); slowest log_trial call {1000 * slowest_call:.2f} ms")
+    assert elapsed < 20 and slowest_call < 0.5
+    assert len(read_search(uri, tracker.run_id).trials) == 300
+
+
+def test_file_store_goes_through_the_client_api(problem, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store in maintenance mode
+    uri = (tmp_path / "mlruns").as_uri()
+    with SearchTracker(uri, EXPERIMENT, "random seed 0", SETTINGS) as tracker:
+        result = random_search(problem, 12, seed=0, callback=tracker.log_trial)
+        tracker.finish(result, result.best_plan.to_json(), summary_of(result))
+    check_tracked_search(uri, tracker.run_id, result)
+    assert ui_command(uri).startswith("MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri file://")
+
+
+def test_unreachable_server_fails_at_once_with_a_fix():
+    started = time.perf_counter()
+    with pytest.raises(ExplorerError, match="no MLflow tracking server answers"):
+        SearchTracker(f"http://127.0.0.1:{free_port()}", EXPERIMENT, "x", {})
+    assert time.perf_counter() - started < 10
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(1.0, 5.0), (2.0, 3.0), (2.5, 4.0), (3.0, 1.0), (4.0, 1.0), (1.0, 6.0)]
+    assert pareto_front(points) == [(1.0, 5.0), (2.0, 3.0), (3.0, 1.0)]
