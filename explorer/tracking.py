@@ -40,14 +40,18 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.store.tracking.abstract_store import AbstractStore
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars in CLI output
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
-from explorer.errors import ExplorerError
-from explorer.paths import runs_dir
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.store.tracking.abstract_store import AbstractStore  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
+
+from explorer.errors import ExplorerError  # noqa: E402
+from explorer.paths import runs_dir  # noqa: E402
 
 if TYPE_CHECKING:  # agents build on explorer, not the other way round; the SQL store is slow to import
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
