@@ -43,7 +43,7 @@ from explorer.accuracy import sensitivity_table
 from explorer.errors import ExplorerError
 from explorer.plan import Plan
 from explorer.problem import Problem
-from explorer.solver import Instance, MeasuredSolve, _block_observations, instance_for, predicted, solve, solve_measured
+from explorer.solver import Instance, MeasuredSolve, block_observations, instance_for, predicted, solve, solve_measured
 
 ACCURACY_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)  # accuracy limits of the behaviour-cloning plans, x the limit
 LATENCY_SCALES = (1.0, 0.7)  # latency budgets of those plans, x the solver plan's predicted latency
@@ -73,7 +73,8 @@ class PPOAgent:
     def __init__(self, episodes_per_update: int = 8, parallel_episodes: int = 4, minibatches: int = 2,
                  epochs: int = 4, learning_rate: float = 3e-4, entropy_coef: float = 0.01, clip_range: float = 0.2,
                  hidden: tuple[int, ...] = (64, 64), bc_steps: int = 300, anchor_steps: int = 100,
-                 bc_learning_rate: float = 3e-3, smoothing: float = 0.02, strays: int = 4, alternative_weight: float = 0.1,
+                 bc_learning_rate: float = 3e-3, smoothing: float = 0.02, strays: int = 4,
+                 alternative_weight: float = 0.1,
                  recalibrate_every: int = 16, stuck_episodes: int = 32, episodes_per_evaluation: int = 20):
         self.episodes_per_update = episodes_per_update  # episodes per PPO update, over all parallel ones
         self.parallel_episodes = parallel_episodes  # environments stepped together (one batched forward pass)
@@ -122,16 +123,15 @@ class PPOAgent:
                             ent_coef=self.entropy_coef, policy_kwargs={"net_arch": list(self.hidden)}, seed=seed,
                             device="cpu", verbose=0)
         rng = np.random.default_rng(seed)
-        alternatives = guide.alternatives() if guide.suggestion is not None else []
         if guide.suggestion is not None:
-            behaviour_clone(model, envs[0], self._demonstrations(envs[0], guide.suggestion, alternatives, rng),
-                            self.bc_steps, self.bc_learning_rate, self.smoothing)
+            demonstrations = self.demonstrations(envs[0], guide.suggestion, guide.alternatives(), rng)
+            behaviour_clone(model, envs[0], demonstrations, self.bc_steps, self.bc_learning_rate, self.smoothing)
         budgeted.source = "policy"
         episodes = self.episodes_per_evaluation * budgeted.budget
         progress = _SearchProgress(self, budgeted, guide, envs, rng, episodes)
         model.learn(total_timesteps=episodes * layers, callback=progress)
 
-    def _demonstrations(self, env: DeployEnv, suggestion: Plan, alternatives: list[Plan],
+    def demonstrations(self, env: DeployEnv, suggestion: Plan, alternatives: list[Plan],
                         rng: np.random.Generator) -> list[Demonstration]:
         """Follow the suggestion (each plan as its own suggestion; strayed trajectories labelled
         with the suggestion) and, with a small weight, deviate towards the alternatives."""
@@ -165,18 +165,19 @@ def behaviour_clone(model: MaskablePPO, env: DeployEnv, demonstrations: list[Dem
     policy.set_training_mode(True)
     optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
     loss = torch.zeros(())
-    for _ in range(steps):
-        distribution = policy.get_distribution(observations_t, action_masks=masks_np)
-        per_sample = torch.zeros(len(weights_t))
-        for dim, (categorical, mask) in enumerate(zip(distribution.distributions, masks_t)):
-            log_probs = categorical.logits  # normalised; masked values are very negative
-            chosen = log_probs.gather(1, actions_t[:, dim:dim + 1]).squeeze(1)
-            uniform = (log_probs * mask).sum(1) / mask.sum(1)
-            per_sample = per_sample - (1 - smoothing) * chosen - smoothing * uniform
-        loss = (weights_t * per_sample).sum() / weights_t.sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    with _fast_torch():
+        for _ in range(steps):
+            distribution = policy.get_distribution(observations_t, action_masks=masks_np)
+            per_sample = torch.zeros(len(weights_t))
+            for dim, (categorical, mask) in enumerate(zip(distribution.distributions, masks_t)):
+                log_probs = categorical.logits  # normalised; masked values are very negative
+                chosen = log_probs.gather(1, actions_t[:, dim:dim + 1]).squeeze(1)
+                uniform = (log_probs * mask).sum(1) / mask.sum(1)
+                per_sample = per_sample - (1 - smoothing) * chosen - smoothing * uniform
+            loss = (weights_t * per_sample).sum() / weights_t.sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     policy.set_training_mode(False)
     return float(loss.detach())
 
@@ -197,9 +198,11 @@ class SolverGuide:
         self.problem = problem
         self.base_model = start.cost_model if start else problem.cost_model
         self.cost_model = self.base_model
-        self.sensitivity = sensitivity_table(problem.graph, problem.compressor, problem.scorer) if problem.scorer.measured else None
+        self.sensitivity = (sensitivity_table(problem.graph, problem.compressor, problem.scorer)
+                            if problem.scorer.measured else None)
         self.suggestion: Plan | None = start.plan if start else problem.result.best_plan
-        self.start_latency_s = next((s.latency_s for s, _ in start.rounds if s.plan == start.plan), None) if start else None
+        self.start_latency_s = (next((s.latency_s for s, _ in start.rounds if s.plan == start.plan), None)
+                                if start else None)
         self._observations: list[tuple] = []  # block observations of the trials, by the base model
         self._accuracy_pairs: list[tuple[float, float]] = []  # (estimated, measured) accuracy loss per trial
         self._absorbed = 0
@@ -254,7 +257,7 @@ class SolverGuide:
 
     def _absorb_trials(self) -> None:
         for trial in self.problem.result.trials[self._absorbed:]:
-            self._observations += _block_observations(self.problem, self.base_model, trial.plan, trial.evaluation)
+            self._observations += block_observations(self.problem, self.base_model, trial.plan, trial.evaluation)
             if self.sensitivity is not None and trial.evaluation.accuracy_drop is not None:
                 estimate = sum(self.sensitivity.estimate(name, d.method, d.rank, d.precision)
                                for name, d in trial.plan.decisions)
@@ -313,9 +316,9 @@ class _SearchProgress(BaseCallback):
             feasible = sorted((t for t in self.problem.result.trials if t.evaluation.feasible),
                               key=lambda t: t.evaluation.objective)
             best = [t.plan for t in feasible[:BEST_ALTERNATIVES + 1]]
-            demonstrations = self.agent._demonstrations(self.envs[0], suggestion, best, self.rng)
-            behaviour_clone(self.model, self.envs[0], demonstrations, self.agent.anchor_steps, self.agent.bc_learning_rate,
-                            self.agent.smoothing)
+            demonstrations = self.agent.demonstrations(self.envs[0], suggestion, best, self.rng)
+            behaviour_clone(self.model, self.envs[0], demonstrations, self.agent.anchor_steps,
+                            self.agent.bc_learning_rate, self.agent.smoothing)
 
 
 @contextmanager

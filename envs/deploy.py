@@ -14,9 +14,9 @@ combination inside it is a valid decision that fits memory:
 - precision depends on the processor, and a rectangle cannot express "int8 on the CPU but not on
   a GPU without int8" (masking int8 whenever such a GPU is on offer would remove int8 on Tegra K1
   altogether). So a processor runs a requested precision it lacks at the narrowest precision it
-  has that is at least as wide (never less accurate than asked: int8 on the Kepler GPU runs as
-  fp16, fp16 on the Hexagon DSP as fp32). Q holds the precisions that at least one processor of P
-  runs;
+  has that is at least as wide (never less accurate than asked where it can be: int8 on the Kepler
+  GPU runs as fp16, fp16 on the Hexagon DSP as fp32). Q holds the precisions that at least one
+  processor of P runs;
 - R: rungs offered for the layer; P: processors that run the layer's op;
 - memory: a decision is admissible when its weights fit the processor, the board's shared memory and
   the optional total limit, *and* the later layers can still be completed at their smallest option
@@ -43,7 +43,10 @@ feasible plan (> 0; the reference is the cost model's prediction of the uncompre
 so no measurement is spent outside the agent's budget) and ``-1 - log(1 + violation)`` for an
 infeasible one (<= -1), violation being the sum of the relative excesses over the latency budget,
 accuracy limit and memory capacities. Every infeasible plan scores below every feasible one.
-``info`` of the last step carries the `evaluation` and the `plan`.
+``info`` of the last step carries the `evaluation` and the `plan`; every step's ``info`` its
+`decision`. `set_suggestion` and `set_cost_model` (an agent's re-solves and recalibrations) take
+effect at the next reset; `demonstration(plan)` replays a plan's (observation, masks, action) pairs
+without measuring it (behaviour cloning).
 """
 from __future__ import annotations
 
@@ -70,7 +73,8 @@ SOLVER = "solver"  # `suggestion=` default: solve the integer program on the cos
 
 
 def make_problem(model: str = "vgg", board: str = "tegra-k1", objective: str = "energy",
-                 latency_ms: float | None = DEFAULT_LATENCY_MS, max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
+                 latency_ms: float | None = DEFAULT_LATENCY_MS,
+                 max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
                  memory_mb: float | None = None, seed: int = 0, measure: str = "sim", data: str | None = None,
                  data_samples: int | None = None) -> Problem:
     """A Problem from picklable names: a zoo name or ONNX path, a board name or TOML path, and
@@ -342,7 +346,8 @@ class DeployEnv(gym.Env):
                             continue
                         distinct = sum(len({resolve_precision(PRECISIONS[q], self._precisions[p]) for q in precs})
                                        for p in procs) * len(rungs)
-                        holds = suggested is not None and suggested[0] in rungs and suggested[1] in procs and suggested[2] in precs
+                        holds = suggested is not None and (suggested[0] in rungs and suggested[1] in procs
+                                                           and suggested[2] in precs)
                         score = (holds, distinct)
                         if best_score is None or score > best_score:
                             best, best_score = (rungs, procs, precs), score
@@ -401,7 +406,8 @@ class DeployEnv(gym.Env):
         for l, rungs in enumerate(self.rungs):
             for p in range(n_procs):
                 if self._capable[l][p]:
-                    smallest[l, p] = min(r.params for r in rungs) * min(BYTES_PER_ELEMENT[q] for q in self._precisions[p])
+                    narrowest = min(BYTES_PER_ELEMENT[q] for q in self._precisions[p])
+                    smallest[l, p] = min(r.params for r in rungs) * narrowest
         placements = [[p] * n_layers for p in range(n_procs)]
         if self.suggestion is not None:
             placements.append([self.processor_ids.index(d.processor) for _, d in self.suggestion.decisions])

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from explorer.errors import ExplorerError
 
-DEFAULT_BUDGET = 300
+DEFAULT_BUDGET = 200
 #: Defaults of the options that define a Problem (DeepX: 5 s per inference, about 5 points of accuracy).
 PARSER_DEFAULTS = {"model": "vgg", "board": "tegra-k1", "measure": "sim", "objective": "energy", "latency_ms": 5000.0,
                    "max_accuracy_drop": 5.0, "memory_mb": None, "seed": 0, "data": None}

@@ -363,7 +363,7 @@ def solve_measured(problem, rounds: int = 6, incumbent: Plan | None = None, cost
             break  # the (recalibrated) model predicts nothing better than the best measured plan
         evaluation = problem.evaluate(solution.plan)
         history.append((solution, evaluation))
-        cost_model = cost_model.calibrated(_block_observations(problem, cost_model, solution.plan, evaluation))
+        cost_model = cost_model.calibrated(block_observations(problem, cost_model, solution.plan, evaluation))
         if evaluation.feasible:
             if best_known is None or evaluation.objective < problem.evaluate(best_known).objective:
                 break
@@ -385,7 +385,7 @@ def _objective_of(instance: Instance, plan: Plan) -> float | None:
     return None if None in picks else predicted(instance, picks)["objective"]
 
 
-def _block_observations(problem, cost_model, plan: Plan, evaluation) -> list[tuple[str, str, str, float, float]]:
+def block_observations(problem, cost_model, plan: Plan, evaluation) -> list[tuple[str, str, str, float, float]]:
     """(processor, op kind, precision, predicted s, measured s) per layer, from measured blocks
     (a block's measured/predicted ratio is shared by its layers)."""
     observations = []

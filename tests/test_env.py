@@ -75,10 +75,14 @@ def tight_env(tmp_path_factory) -> DeployEnv:
     return DeployEnv(problem=_cnn_problem(board, Constraints(latency_ms=None, max_accuracy_drop=None)))
 
 
+def _split_masks(env: DeployEnv) -> list[np.ndarray]:
+    """The masks of the rung, processor and precision sub-actions."""
+    return np.split(env.action_masks(), np.cumsum(env.action_space.nvec)[:-1])
+
+
 def _masked_action(env: DeployEnv, rng: np.random.Generator) -> np.ndarray:
     """A uniformly random action among the unmasked values of each sub-action."""
-    masks = np.split(env.action_masks(), np.cumsum(env.action_space.nvec)[:-1])
-    return np.array([rng.choice(np.flatnonzero(mask)) for mask in masks])
+    return np.array([rng.choice(np.flatnonzero(mask)) for mask in _split_masks(env)])
 
 
 def _rollout(env: DeployEnv, rng: np.random.Generator, unmasked_share: float = 0.0):
@@ -140,24 +144,26 @@ def test_masks_follow_memory_precisions_and_ops(tight_env):
     for _ in range(20):
         tight_env.reset()
         for layer_index, layer in enumerate(tight_env.layers):
-            rungs, procs, precs = tight_env._rectangle
+            rungs, procs, precs = (tuple(np.flatnonzero(m)) for m in _split_masks(tight_env))
             capable = [i for i, p in enumerate(tight_env.processor_ids) if layer.op_type in TIGHT[p][2]]
             assert set(procs) <= set(capable)  # the dsp never gets a Gemm
             narrowed += len(rungs) < len(tight_env.rungs[layer_index]) or len(procs) < len(capable)
             for r in rungs:
                 for p in procs:
                     for q in precs:
-                        decision, projected = tight_env.decode((r, p, q), tight_env._rectangle, layer_index)
+                        decision, projected = tight_env.decode((r, p, q), (rungs, procs, precs), layer_index)
                         assert not projected and decision.precision in TIGHT[decision.processor][1]
             tight_env.step(_masked_action(tight_env, rng))
     assert narrowed > 0
-    assert resolve_precision("int8", ("fp32", "fp16")) == "fp16" and resolve_precision("fp16", ("fp32", "int8")) == "fp32"
+    assert resolve_precision("int8", ("fp32", "fp16")) == "fp16"
+    assert resolve_precision("fp16", ("fp32", "int8")) == "fp32"
     assert resolve_precision("fp32", ("int8",)) == "int8"
 
 
 def test_infeasible_plans_score_below_every_feasible_plan():
     unconstrained = _cnn_problem(load_board("tegra-k1"), Constraints(latency_ms=None, max_accuracy_drop=None))
-    latencies = [unconstrained.evaluate(unconstrained.random_plan(np.random.default_rng(i))).latency_ms for i in range(6)]
+    plans = [unconstrained.random_plan(np.random.default_rng(i)) for i in range(6)]
+    latencies = [unconstrained.evaluate(plan).latency_ms for plan in plans]
     env = DeployEnv(problem=_cnn_problem(load_board("tegra-k1"),
                                          Constraints(latency_ms=float(np.median(latencies)), max_accuracy_drop=None)))
     rng = np.random.default_rng(1)
@@ -177,14 +183,20 @@ def test_infeasible_plans_score_below_every_feasible_plan():
 
 
 def test_demonstration_replays_without_measuring(vgg_env):
+    suggestion = vgg_env.suggestion
     vgg_env.reset(seed=0)
-    vgg_env.step(vgg_env.encode(0, vgg_env.suggestion.decisions[0][1]))
+    vgg_env.step(vgg_env.encode(0, suggestion.decisions[0][1]))
     measured = vgg_env.problem.evaluations
     plan = vgg_env.problem.random_plan(np.random.default_rng(3))
-    steps = vgg_env.demonstration(plan, labels=vgg_env.suggestion)
+    steps = vgg_env.demonstration(plan, labels=suggestion)
     assert len(steps) == len(vgg_env.layers) and vgg_env.problem.evaluations == measured
-    assert [list(a) for _, _, a in steps] == [list(vgg_env.encode(i, d)) for i, (_, d) in enumerate(vgg_env.suggestion.decisions)]
-    assert len(vgg_env._episode.decisions) == 1  # the episode in progress is untouched
+    labels = [list(vgg_env.encode(i, d)) for i, (_, d) in enumerate(suggestion.decisions)]
+    assert [list(a) for _, _, a in steps] == labels
+    followed = [o for o, _, _ in vgg_env.demonstration(suggestion)]
+    assert any(not np.array_equal(o, f) for (o, _, _), f in zip(steps, followed))  # the states are `plan`'s
+    for index, (_, decision) in enumerate(suggestion.decisions[1:], start=1):  # the episode in progress goes on
+        _, _, _, _, info = vgg_env.step(vgg_env.encode(index, decision))
+    assert info["plan"] == suggestion
 
 
 def test_budgeted_problem_counts_distinct_plans(vgg_env):
