@@ -341,9 +341,12 @@ def cmd_search(args: argparse.Namespace) -> None:
         try:
             result = agent.search(problem, args.budget, args.seed, on_trial)
         except KeyboardInterrupt:
+            result = state["result"]
+            if result is not None:
+                result.interrupted = True
+        if result is None or result.interrupted:  # Ctrl-C (some agents catch it and return what they have)
             tracker.mark_killed()
             progress.stop()
-            result = state["result"]
             best = result.best if result else None
             err_console.print(f"[yellow]interrupted[/] after {len(result.trials) if result else 0} evaluations; "
                               f"the MLflow run {tracker.run_id} is marked KILLED and keeps every logged trial")
@@ -351,7 +354,7 @@ def cmd_search(args: argparse.Namespace) -> None:
                 err_console.print(f"best so far: {problem.objective.describe()} {best.objective:.4g} "
                                   f"(latency {best.latency_ms:.3f} ms, energy {best.energy_mj:.3f} mJ)")
             err_console.print(f"resume with: explorer search {' '.join(_resume_args(args, tracker.run_id))}")
-            raise SystemExit(130) from None
+            raise SystemExit(130)
         progress.stop()
         solver = solve_measured(problem).evaluation
         rows = [("baseline (uncompressed fp32, best single processor)", baseline), ("solver plan (DAD/RLC)", solver)]
@@ -560,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("explorer: interrupted")
         return 130
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
     return 0
 
 

@@ -1,0 +1,59 @@
+"""The user's flow end to end through the CLI: search (interrupted, then resumed), MLflow, export, run."""
+import numpy as np
+
+import agents
+from explorer.cli import main
+from explorer.runtime import Bundle
+from explorer.tracking import default_tracking_uri, read_search
+from explorer.zoo import zoo_validation_data
+
+
+class _InterruptedAgent:
+    """The random agent, with Ctrl-C pressed after a few trials."""
+
+    name = "random"
+
+    def __init__(self, inner, after: int):
+        self.inner = inner
+        self.after = after
+
+    def search(self, problem, budget, seed, callback=None):
+        def pressed_ctrl_c(trial, result):
+            callback(trial, result)
+            if len(result.trials) == self.after:
+                raise KeyboardInterrupt
+
+        return self.inner.search(problem, budget, seed, pressed_ctrl_c)
+
+
+def _run_id(out: str) -> str:
+    return next(line.split()[2] for line in out.splitlines() if line.startswith("MLflow run:"))
+
+
+def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
+    argv = ["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "8", "--seed", "3",
+            "--max-accuracy-drop", "100"]  # every random plan is feasible, so there is a best to export
+    real_make_agent = agents.make_agent
+    monkeypatch.setattr(agents, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), after=5))
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after 5 evaluations" in err and "KILLED" in err
+    run_id = err.split("--resume ")[1].split()[0]
+    killed = read_search(default_tracking_uri(), run_id)
+    assert killed.parent.info.status == "KILLED" and len(killed.trials) == 5
+
+    monkeypatch.setattr(agents, "make_agent", real_make_agent)
+    assert main(argv + ["--resume", run_id]) == 0
+    out = capsys.readouterr().out
+    assert _run_id(out) == run_id
+    search = read_search(default_tracking_uri(), run_id)
+    assert search.parent.info.status == "FINISHED" and len(search.trials) == 8
+    digests = [t.data.tags["plan_digest"] for t in search.trials]
+    assert len(set(digests)) == 8  # the replayed trials were not logged twice
+    metrics = search.parent.data.metrics
+
+    bundle_dir = tmp_path / "bundle"
+    assert main(["export", "--run", run_id, "--out", str(bundle_dir)]) == 0
+    data = zoo_validation_data("vgg")
+    top1 = float(np.mean(Bundle.load(bundle_dir).run(data.x).argmax(1) == data.y))
+    assert top1 == metrics["best_accuracy"]  # the bundle reproduces the accuracy logged in MLflow
