@@ -51,7 +51,7 @@ class _Factors:
     """Truncated SVD of a layer's weight matrix (top singular triplets up to the largest rung)."""
 
     left: np.ndarray  # (rows, k)  U_k
-    singular: np.ndarray  # (min(rows, cols),) all singular values
+    singular: np.ndarray  # (k,) the top k singular values
     right: np.ndarray  # (k, cols) V_k^T
 
 
@@ -120,8 +120,6 @@ class Compressor:
     def singular_values(self, layer_name: str, method: str) -> np.ndarray:
         """All singular values of the matrix a method factorises (cached on disk per model)."""
         key = (layer_name, method)
-        if key in self._factors:
-            return self._factors[key].singular
         if key not in self._singular:
             safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in layer_name)
             path = cache_dir("svd") / self.graph.fingerprint() / f"{safe}--{method}.npy"
@@ -323,26 +321,28 @@ def _atomic_save(path: Path, values: np.ndarray) -> None:
 
 
 def truncated_svd(matrix: np.ndarray, keep: int) -> _Factors:
-    """Top-`keep` singular triplets and all singular values of a matrix.
+    """The top-`keep` singular triplets of a matrix (`singular` holds those `keep` values).
 
-    Large matrices go through the eigen-decomposition of the smaller Gram matrix (float64), which is
-    several times faster than a full SVD on 2 cores and exact to float32 precision for the kept part.
+    Large matrices go through the smaller Gram matrix (float64), of which only the top `keep`
+    eigenpairs are computed: several times faster than a full SVD on 2 cores, and exact to float32
+    precision for the kept part.
     """
     rows, cols = matrix.shape
     if min(rows, cols) < _GRAM_THRESHOLD:
         left, singular, right = scipy.linalg.svd(matrix, full_matrices=False, check_finite=False)
-        return _Factors(left[:, :keep].copy(), singular, right[:keep].copy())
+        return _Factors(left[:, :keep].copy(), singular[:keep].copy(), right[:keep].copy())
     wide = rows <= cols
-    gram = (matrix @ matrix.T) if wide else (matrix.T @ matrix)
-    eigenvalues, vectors = np.linalg.eigh(gram.astype(np.float64))
+    gram = ((matrix @ matrix.T) if wide else (matrix.T @ matrix)).astype(np.float64)
+    size = gram.shape[0]
+    eigenvalues, vectors = scipy.linalg.eigh(gram, subset_by_index=[size - keep, size - 1], driver="evr",
+                                             overwrite_a=True, check_finite=False)
     order = np.argsort(eigenvalues)[::-1]
     singular = np.sqrt(np.clip(eigenvalues[order], 0.0, None))
-    top = vectors[:, order[:keep]].astype(np.float32)
-    scale = np.where(singular[:keep] > 0, 1.0 / np.maximum(singular[:keep], 1e-30), 0.0).astype(np.float32)
+    top = vectors[:, order].astype(np.float32)
+    scale = np.where(singular > 0, 1.0 / np.maximum(singular, 1e-30), 0.0).astype(np.float32)
     if wide:  # matrix = U S V^T with U = top
         return _Factors(top, singular.astype(np.float32), (scale[:, None] * (top.T @ matrix)).astype(np.float32))
     return _Factors(((matrix @ top) * scale).astype(np.float32), singular.astype(np.float32), top.T.copy())
-
 
 def full_rank_plan(graph: LayerGraph) -> Plan:
     """The uncompressed fp32 plan of a model."""

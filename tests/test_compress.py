@@ -156,3 +156,17 @@ def test_vgg_precision_at_full_rank_keeps_top1_agreement(vgg, precision):
     onnx.checker.check_model(rewritten, full_check=True)
     agreement = np.mean(run_model(rewritten, x).argmax(1) == run_model(graph.model, x).argmax(1))
     assert agreement >= 0.99
+
+
+def test_truncated_svd_through_the_gram_matrix_matches_a_full_svd():
+    from explorer.compress import singular_values, truncated_svd
+
+    rng = np.random.default_rng(0)
+    matrix = (rng.standard_normal((1100, 40)) @ rng.standard_normal((40, 1300)) + 0.1 * rng.standard_normal((1100, 1300))).astype(np.float32)
+    left, singular, right = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
+    factors = truncated_svd(matrix, 32)  # min dimension >= 1024: the Gram path
+    np.testing.assert_allclose(factors.singular, singular[:32], rtol=1e-4)
+    reconstruction = (factors.left * factors.singular) @ factors.right
+    expected = (left[:, :32] * singular[:32]) @ right[:32]
+    assert np.max(np.abs(reconstruction - expected)) <= 1e-3 * np.max(np.abs(expected))
+    np.testing.assert_allclose(singular_values(matrix)[:50], singular[:50], rtol=1e-4)
