@@ -323,16 +323,16 @@ def _atomic_save(path: Path, values: np.ndarray) -> None:
 def truncated_svd(matrix: np.ndarray, keep: int) -> _Factors:
     """The top-`keep` singular triplets of a matrix (`singular` holds those `keep` values).
 
-    Large matrices go through the smaller Gram matrix (float64), of which only the top `keep`
-    eigenpairs are computed: several times faster than a full SVD on 2 cores, and exact to float32
-    precision for the kept part.
+    Large matrices go through the smaller Gram matrix, of which only the top `keep` eigenpairs
+    are computed (in float32: the kept part is the well-conditioned top of the spectrum): several
+    times faster than a full SVD on 2 cores.
     """
     rows, cols = matrix.shape
     if min(rows, cols) < _GRAM_THRESHOLD:
         left, singular, right = scipy.linalg.svd(matrix, full_matrices=False, check_finite=False)
         return _Factors(left[:, :keep].copy(), singular[:keep].copy(), right[:keep].copy())
     wide = rows <= cols
-    gram = ((matrix @ matrix.T) if wide else (matrix.T @ matrix)).astype(np.float64)
+    gram = (matrix @ matrix.T) if wide else (matrix.T @ matrix)
     size = gram.shape[0]
     eigenvalues, vectors = scipy.linalg.eigh(gram, subset_by_index=[size - keep, size - 1], driver="evr",
                                              overwrite_a=True, check_finite=False)
