@@ -309,7 +309,7 @@ class DeployEnv(gym.Env):
         rung = self.problem.compressor.rung(layer.name, decision.method, decision.rank)
         cost = self.cost_model.layer_cost(layer, rung, decision.precision, decision.processor)
         if index == 0:
-            seconds, joules = self.cost_model.input_transfer(decision.processor, self.host)
+            seconds, joules = self.cost_model.input_transfer(decision.processor)
         else:
             seconds, joules = self.cost_model.transfer(self.layers[index - 1], episode.previous, decision.processor)
         episode.latency_s += cost.latency_s + seconds

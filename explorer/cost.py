@@ -92,17 +92,32 @@ class CostModel:
         nbytes = sum(self.graph.tensor_bytes(t) for t in layer.outputs)
         return link.transfer_time_s(nbytes), link.transfer_energy_j(nbytes)
 
-    def input_transfer(self, processor_id: str, host: str) -> tuple[float, float]:
-        """(seconds, joules) to bring the model input from the host processor to the first layer's."""
-        if processor_id == host:
+    @property
+    def host(self) -> str:
+        """The processor the input comes from and the output returns to: the board's first."""
+        return self.board.processor_ids[0]
+
+    def input_transfer(self, processor_id: str) -> tuple[float, float]:
+        """(seconds, joules) to bring the model input from the host to the first layer's processor."""
+        return self._host_transfer(processor_id, self.graph.input_names)
+
+    def output_transfer(self, processor_id: str) -> tuple[float, float]:
+        """(seconds, joules) to bring the model output from the last layer's processor to the host."""
+        return self._host_transfer(processor_id, self.graph.output_names)
+
+    def _host_transfer(self, processor_id: str, tensors: list[str]) -> tuple[float, float]:
+        if processor_id == self.host:
             return 0.0, 0.0
-        link = self.board.link(host, processor_id)
-        nbytes = sum(self.graph.tensor_bytes(t) for t in self.graph.input_names)
+        link = self.board.link(self.host, processor_id)
+        nbytes = sum(self.graph.tensor_bytes(t) for t in tensors)
         return link.transfer_time_s(nbytes), link.transfer_energy_j(nbytes)
 
     def plan_cost(self, plan: Plan) -> PlanCost:
-        """Additive totals of a plan: layers plus transfers at every change of processor."""
-        latency = energy = transfer = 0.0
+        """Additive totals of a plan: layers, transfers at every change of processor, and bringing the
+        input from / the output back to the host (what the solver optimises)."""
+        first, last = plan.decisions[0][1].processor, plan.decisions[-1][1].processor
+        (in_s, in_j), (out_s, out_j) = self.input_transfer(first), self.output_transfer(last)
+        latency, energy, transfer = in_s + out_s, in_j + out_j, in_s + out_s
         weights: dict[str, int] = {}
         layer_latency = []
         previous = None

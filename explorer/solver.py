@@ -270,16 +270,10 @@ def instance_for(problem, cost_model=None, sensitivity=None) -> Instance:
             options.append(Choice(decision, cost.latency_s, cost.energy_j, cost.weight_bytes, drop))
         choices.append(options)
     processors = list(board.processor_ids)
-    host = processors[0]
     transfer = [{(a, b): cost_model.transfer(layer, a, b) for a in processors for b in processors if a != b}
                 for layer in graph.layers[:-1]]
-    entry, exit_ = {}, {}
-    in_bytes = sum(graph.tensor_bytes(t) for t in graph.input_names)
-    out_bytes = sum(graph.tensor_bytes(t) for t in graph.output_names)
-    for p in processors:
-        link = board.link(host, p)
-        entry[p] = (link.transfer_time_s(in_bytes), link.transfer_energy_j(in_bytes))
-        exit_[p] = (link.transfer_time_s(out_bytes), link.transfer_energy_j(out_bytes))
+    entry = {p: cost_model.input_transfer(p) for p in processors}
+    exit_ = {p: cost_model.output_transfer(p) for p in processors}
     c = problem.constraints
     instance = Instance(
         layer_names=[layer.name for layer in graph.layers], choices=choices, processors=processors,

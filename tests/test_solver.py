@@ -158,3 +158,13 @@ def test_calibration_factors_move_work_off_a_slower_than_modelled_processor():
                                     for kind in ("fc", "conv") for precision in ("fp32", "fp16", "int8")])
     second = solve_problem(problem, cost_model=slowed).plan
     assert not ({d.processor for _, d in second.decisions} & used)
+
+
+def test_solver_prediction_equals_the_cost_models_plan_cost():
+    """One additive model: the MILP's predicted metrics are the cost model's plan_cost."""
+    problem = _problem(load_board("tegra-k1-cloud"), latency_ms=1e4, max_accuracy_drop=1.0)
+    solution = solve_problem(problem)
+    cost = problem.cost_model.plan_cost(solution.plan)
+    assert solution.latency_s == pytest.approx(cost.latency_s) and solution.energy_j == pytest.approx(cost.energy_j)
+    offloaded = problem.uniform_plan("cloud")
+    assert problem.cost_model.plan_cost(offloaded).latency_s > load_board("tegra-k1-cloud").network.rtt_ms / 1e3
