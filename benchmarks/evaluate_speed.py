@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from benchmarks.common import markdown_table, write_json, zoo_problem
-from explorer.plan import Decision, Plan
+from explorer.plan import Plan
 
 
 def run(seed: int, plans: int, disk_cache: bool) -> float:

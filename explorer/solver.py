@@ -341,8 +341,8 @@ def solve_measured(problem, rounds: int = 6, incumbent: Plan | None = None, cost
     cost_model = cost_model or problem.cost_model
     sensitivity = sensitivity_table(problem.graph, problem.compressor, problem.scorer) if problem.scorer.measured else None
     known = [problem.baseline_plan()] + ([incumbent] if incumbent is not None else [])
-    best_known = min((problem.evaluate(plan), plan) for plan in known if problem.evaluate(plan).feasible)[1] \
-        if any(problem.evaluate(plan).feasible for plan in known) else None
+    feasible_known = [(problem.evaluate(plan).objective, plan) for plan in known if problem.evaluate(plan).feasible]
+    best_known = min(feasible_known, key=lambda pair: pair[0])[1] if feasible_known else None
     accuracy_scale = 1.0
     history: list[tuple[Solution, object]] = []
     for _ in range(rounds):

@@ -1,7 +1,6 @@
 """Unit blocks: maximal same-processor runs, valid ONNX each, chained they reproduce the model."""
 import numpy as np
 import onnx
-import pytest
 
 from explorer.accuracy import run_model
 from explorer.compress import Compressor, decision_for

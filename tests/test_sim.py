@@ -1,5 +1,4 @@
 """The simulated board: deterministic for a seed, and richer than the additive cost model."""
-import numpy as np
 import pytest
 
 from explorer.boards import load_board
@@ -34,9 +33,8 @@ def test_low_rank_on_the_gpu_pays_launch_overhead_and_poor_utilisation():
     graph = LayerGraph(small_cnn(channels=64))
     compressor = Compressor(graph)
     board = load_board("tegra-k1")
-    layer = graph.layers[1]  # 64 -> 128 channels at 16x16
     full_plan = _plan(graph, ["gpu"] * len(graph.layers))
-    low_plan = _plan(graph, ["gpu"] * len(graph.layers), rungs={1: 1})
+    low_plan = _plan(graph, ["gpu"] * len(graph.layers), rungs={1: 1})  # layer 1: 64 -> 128 channels at 16x16
     model = CostModel(board, graph, compressor)
     additive_saving = model.plan_cost(full_plan).latency_s - model.plan_cost(low_plan).latency_s
     simulated_saving = (simulate(board, graph, compressor, full_plan, repeats=1).latency_s

@@ -10,7 +10,7 @@ from explorer.graph import LayerGraph
 from explorer.measure import SimMeasurer
 from explorer.plan import Decision
 from explorer.problem import Constraints, Objective, Problem
-from explorer.solver import Choice, Instance, predicted, solve, solve_problem
+from explorer.solver import Choice, Instance, solve, solve_problem
 from boardbuild import write_board
 from netbuild import mlp, random_inputs, redundant_mlp, small_cnn
 
@@ -168,3 +168,12 @@ def test_solver_prediction_equals_the_cost_models_plan_cost():
     assert solution.latency_s == pytest.approx(cost.latency_s) and solution.energy_j == pytest.approx(cost.energy_j)
     offloaded = problem.uniform_plan("cloud")
     assert problem.cost_model.plan_cost(offloaded).latency_s > load_board("tegra-k1-cloud").network.rtt_ms / 1e3
+
+
+def test_measured_solve_accepts_an_incumbent():
+    from explorer.solver import solve_measured
+
+    problem = _problem(load_board("tegra-k1"), latency_ms=1e4, max_accuracy_drop=1.0)
+    first = solve_measured(problem)
+    again = solve_measured(problem, incumbent=first.plan)  # baseline and incumbent both feasible: compared by objective
+    assert again.rounds and all(e.feasible or e.violations for _, e in again.rounds)
