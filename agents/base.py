@@ -29,7 +29,13 @@ class Trial:
     evaluation: Evaluation
     agent: str
     source: str  # what proposed it: e.g. "solver", "policy", "tpe", "random"
-    seconds: float  # wall time of the evaluation
+    seconds: float  # wall time of the evaluation (of its batch, shared out, when measured in parallel)
+    study_trial: int | None = None  # the trial's number in a shared Optuna study (distributed search)
+
+    @property
+    def failed(self) -> bool:
+        """The measurement failed (no agent could measure the plan): counted, never best."""
+        return self.evaluation.failed
 
 
 @dataclass
@@ -82,18 +88,40 @@ class BudgetedProblem:
     def remaining(self) -> int:
         return self.budget - len(self.result.trials)
 
-    def evaluate(self, plan: Plan, source: str | None = None) -> Evaluation:
+    def evaluate(self, plan: Plan, source: str | None = None, study_trial: int | None = None) -> Evaluation:
         """Evaluate a plan; a new plan beyond the budget raises BudgetExhausted."""
         key = plan.digest()
         if key in self._seen:
             return self._seen[key]
         if self.remaining <= 0:
             raise BudgetExhausted
+        return self.evaluate_many([plan], [source], [study_trial])[0]
+
+    def evaluate_many(self, plans: list[Plan], sources: list[str | None] | None = None,
+                      study_trials: list[int | None] | None = None) -> list[Evaluation | None]:
+        """Evaluate several plans at once (in parallel where the measurer can); a new plan beyond the
+        budget gets None. Plans already evaluated in this search are free (a failed one is not:
+        it is measured again)."""
+        sources = sources or [None] * len(plans)
+        study_trials = study_trials or [None] * len(plans)
+        new: dict[str, tuple[Plan, str | None, int | None]] = {}
+        for plan, source, number in zip(plans, sources, study_trials):
+            key = plan.digest()
+            if key not in self._seen and key not in new and len(new) < self.remaining:
+                new[key] = (plan, source, number)
         started = time.perf_counter()
-        evaluation = self.problem.evaluate(plan)
-        trial = Trial(len(self.result.trials), plan, evaluation, self.result.agent, source or self.source,
-                      time.perf_counter() - started)
-        self._seen[key] = evaluation
+        evaluations = self.problem.evaluate_many([plan for plan, _, _ in new.values()]) if new else []
+        seconds = (time.perf_counter() - started) / max(1, len(new))
+        fresh = {}
+        for (key, (plan, source, number)), evaluation in zip(new.items(), evaluations):
+            self._record(plan, evaluation, source, seconds, number)
+            fresh[key] = evaluation
+        return [self._seen.get(plan.digest()) or fresh.get(plan.digest()) for plan in plans]
+
+    def _record(self, plan: Plan, evaluation: Evaluation, source: str | None, seconds: float, study_trial: int | None) -> None:
+        trial = Trial(len(self.result.trials), plan, evaluation, self.result.agent, source or self.source, seconds, study_trial)
+        if not evaluation.failed:
+            self._seen[plan.digest()] = evaluation
         result = self.result
         result.trials.append(trial)
         if evaluation.feasible and (result.best_trial is None or evaluation.objective < result.best_trial.evaluation.objective):
@@ -101,7 +129,6 @@ class BudgetedProblem:
         result.best_so_far.append(result.best_trial.evaluation.objective if result.best_trial else math.inf)
         if self.callback:
             self.callback(trial, result)
-        return evaluation
 
 
 class Agent(Protocol):

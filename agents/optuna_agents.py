@@ -23,6 +23,11 @@ is measured again) and count toward the budget, so the study ends with `budget` 
 plans and the result covers the whole study. The resumed sampler is seeded with seed + the study's
 trial count (deterministic, but not a replay of the first session's random stream).
 
+Distributed search (`shared=True`): several processes or machines add trials to one study (an
+Optuna RDB storage such as PostgreSQL). Each counts only its own trials against its budget, samples
+with its own seed (TPE with constant_liar, so running trials elsewhere are not proposed again) and
+records each trial's study number; the study's start plans are enqueued once, by whoever creates it.
+
 Duplicates: a sampler may propose a plan already evaluated; the BudgetedProblem returns it free,
 Optuna is still told its values (marked with the user attribute duplicate=True), and it does not
 count. The search stops when the budget is spent, when every plan of the design space has been
@@ -130,18 +135,33 @@ def default_study_name(problem: Problem, agent: str, seed: int) -> str:
     return f"{agent}-{problem.graph.fingerprint()[:12]}-{problem.board.name}-{objective}-seed{seed}-{settings[:8]}"
 
 
+def default_storage_url() -> str:
+    """The default Optuna storage: SQLite runs/optuna.db."""
+    return f"sqlite:///{(runs_dir() / 'optuna.db').resolve()}"
+
+
+def measured_trial_count(study: optuna.Study) -> int:
+    """Trials of the study that spent a measurement: complete and not a repeat, or failed measuring."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+               if (t.state == TrialState.COMPLETE and not t.user_attrs.get("duplicate")) or "error" in t.user_attrs)
+
+
 def open_storage(storage: str | BaseStorage | None) -> BaseStorage:
-    """None: SQLite runs/optuna.db; "memory": in memory (nothing to resume); else an Optuna storage URL."""
+    """None: SQLite runs/optuna.db; "memory": in memory (nothing to resume); else an Optuna storage URL
+    (postgresql://user@host/db for many workers or machines). SQLite waits up to a minute for a
+    lock, so a few local workers can share one file."""
     if storage is None:
-        return RDBStorage(f"sqlite:///{(runs_dir() / 'optuna.db').resolve()}")
+        storage = default_storage_url()
     if isinstance(storage, BaseStorage):
         return storage
     if storage == "memory":
         return InMemoryStorage()
+    engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
     try:
-        return RDBStorage(storage)
+        return RDBStorage(storage, engine_kwargs=engine_kwargs)
     except Exception as error:  # SQLAlchemy raises several types for a bad URL
-        raise ExplorerError(f"cannot open the Optuna storage {storage!r} ({error}): give a database URL "
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ExplorerError(f"cannot open the Optuna storage {storage!r} ({first_line}): give a database URL "
                             "like sqlite:///runs/optuna.db or postgresql://user@host/db") from None
 
 
@@ -154,9 +174,10 @@ class _OptunaAgent:
     directions: list[str] = []
 
     def __init__(self, storage: str | BaseStorage | None = None, study_name: str | None = None,
-                 asks_per_trial: int = 20, sampler_options: dict | None = None):
+                 asks_per_trial: int = 20, sampler_options: dict | None = None, shared: bool = False):
         self.storage = storage
         self.study_name = study_name
+        self.shared = shared  # other workers add to the same study: count only this search's trials
         self.asks_per_trial = asks_per_trial
         self.sampler_options = sampler_options or {}
         self.study: optuna.Study | None = None  # the last search's study
@@ -170,43 +191,72 @@ class _OptunaAgent:
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
         budgeted = BudgetedProblem(problem, budget, self.name, callback)
         space = DesignSpace(problem)
-        study_name = self.study_name or default_study_name(problem, self.name, seed)
-        self.study = optuna.create_study(storage=open_storage(self.storage), study_name=study_name,
-                                         sampler=self.sampler(seed), directions=self.directions, load_if_exists=True)
-        study = self.study
-        if study.trials:  # resumed: a fresh random stream, or the sampler would redraw its first proposals
+        study = self.open_study(problem, seed)
+        resumed = any(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+        if resumed and not self.shared:  # resumed: a fresh random stream, or the sampler would redraw its first proposals
             study.sampler = self.sampler(seed + len(study.trials))
         trials = budgeted.result.trials
         target = min(budget, space.size)
         try:
-            self._replay(study, budgeted, space)
-            if not study.trials:
-                self._enqueue_start_plans(study, problem, space)
-            for _ in range(self.asks_per_trial * budget):
+            if not self.shared:
+                self._replay(study, budgeted, space)
+            batch = max(1, problem.parallelism)  # plans measured at once (remote agents)
+            for _ in range(self.asks_per_trial * budget // batch + 1):
                 if len(trials) >= target:
                     break
-                self._step(study, budgeted, space, problem)
+                self._step(study, budgeted, space, problem, min(batch, target - len(trials)))
         except KeyboardInterrupt:
             budgeted.result.interrupted = True
         return budgeted.result
 
-    def _step(self, study: optuna.Study, budgeted: BudgetedProblem, space: DesignSpace, problem: Problem) -> None:
-        """Ask for a plan, evaluate it through the budget, tell Optuna its values and constraints."""
-        trial = study.ask(space.distributions)
+    def open_study(self, problem: Problem, seed: int) -> optuna.Study:
+        """Create (with the start plans enqueued) or load the study; also kept as `self.study`."""
+        study_name = self.study_name or default_study_name(problem, self.name, seed)
+        self.study = optuna.create_study(storage=open_storage(self.storage), study_name=study_name,
+                                         sampler=self.sampler(seed), directions=self.directions, load_if_exists=True)
+        if not self.study.trials:
+            self._enqueue_start_plans(self.study, problem, DesignSpace(problem))
+        return self.study
+
+    def study_result(self, problem: Problem, study: optuna.Study) -> SearchResult:
+        """Every measured trial of a (shared) study in trial-number order, as one search's result.
+        Their evaluations come from the Problem's caches (measured again only where a cache is gone)."""
+        measured = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not t.user_attrs.get("duplicate")]
+        budgeted = BudgetedProblem(problem, max(1, len(measured)), self.name)
+        space = DesignSpace(problem)
+        for frozen in sorted(measured, key=lambda t: t.number):
+            budgeted.evaluate(space.plan(frozen.params, study.study_name), frozen.user_attrs.get("source", self.source), frozen.number)
+        return budgeted.result
+
+    def _step(self, study: optuna.Study, budgeted: BudgetedProblem, space: DesignSpace, problem: Problem, size: int) -> None:
+        """Ask for `size` plans, evaluate them through the budget (together: in parallel where the
+        measurer can), tell Optuna each one's values and constraints; a failed measurement is a
+        FAIL trial."""
+        asked = [study.ask(space.distributions) for _ in range(size)]
         try:
-            plan = space.plan(trial.params, study.study_name)
-            source = trial.user_attrs.get("source", self.source)
-            before = len(budgeted.result.trials)
-            evaluation = budgeted.evaluate(plan, source)
+            plans = [space.plan(trial.params, study.study_name) for trial in asked]
+            sources = [trial.user_attrs.get("source", self.source) for trial in asked]
+            before = {t.plan.digest() for t in budgeted.result.trials}
+            evaluations = budgeted.evaluate_many(plans, sources, [trial.number for trial in asked])
         except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
+            for trial in asked:
+                study.tell(trial, state=TrialState.FAIL)
             raise
-        trial.set_user_attr("source", source)
-        trial.set_user_attr("plan_digest", plan.digest())
-        trial.set_user_attr("duplicate", len(budgeted.result.trials) == before)
-        for key, value in zip(CONSTRAINTS, constraint_values(problem, evaluation)):
-            trial.set_constraint(key, value)
-        study.tell(trial, self.values(evaluation))
+        for trial, plan, source, evaluation in zip(asked, plans, sources, evaluations):
+            if evaluation is None:  # beyond the budget: never evaluated
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            trial.set_user_attr("source", source)
+            trial.set_user_attr("plan_digest", plan.digest())
+            trial.set_user_attr("duplicate", plan.digest() in before)
+            before.add(plan.digest())
+            if evaluation.failed:
+                trial.set_user_attr("error", evaluation.error[:500])
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            for key, value in zip(CONSTRAINTS, constraint_values(problem, evaluation)):
+                trial.set_constraint(key, value)
+            study.tell(trial, self.values(evaluation))
 
     def _replay(self, study: optuna.Study, budgeted: BudgetedProblem, space: DesignSpace) -> None:
         """Count a resumed study's complete trials, in order, as this search's first trials."""
@@ -236,7 +286,8 @@ class OptunaTPEAgent(_OptunaAgent):
     directions = ["minimize"]
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.TPESampler(seed=seed, **self.sampler_options)
+        options = {"constant_liar": True} if self.shared else {}  # workers in parallel avoid each other's running trials
+        return optuna.samplers.TPESampler(seed=seed, **options, **self.sampler_options)
 
     def values(self, evaluation: Evaluation) -> list[float]:
         return [evaluation.objective]

@@ -34,11 +34,12 @@ class RandomAgent:
         trials = budgeted.result.trials
         target = min(budget, design_space_size(problem))
         rng = np.random.default_rng(seed)
+        batch = max(1, problem.parallelism)  # plans measured at once (remote agents)
         try:
-            for _ in range(self.attempts_per_trial * budget):
+            for _ in range(self.attempts_per_trial * budget // batch + 1):
                 if len(trials) >= target:
                     break
-                budgeted.evaluate(problem.random_plan(rng))
+                budgeted.evaluate_many([problem.random_plan(rng) for _ in range(min(batch, target - len(trials)))])
         except KeyboardInterrupt:
             budgeted.result.interrupted = True
         return budgeted.result

@@ -127,9 +127,12 @@ def violation(problem, evaluation: Evaluation) -> float:
 
 
 def plan_reward(problem, evaluation: Evaluation, reference: float) -> float:
-    """Feasible: reference / objective (> 0). Infeasible: -1 - log(1 + violation) (<= -1)."""
+    """Feasible: reference / objective (> 0). Infeasible: -1 - log(1 + violation) (<= -1). A failed
+    measurement (nothing known about the plan) scores -1: below every feasible plan, not a lesson."""
     if evaluation.feasible:
         return float(reference / max(evaluation.objective, 1e-12))
+    if evaluation.failed:
+        return -1.0
     return float(-1.0 - math.log1p(violation(problem, evaluation)))
 
 

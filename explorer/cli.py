@@ -301,33 +301,21 @@ def cmd_solve(args: argparse.Namespace) -> None:
 
 def cmd_search(args: argparse.Namespace) -> None:
     """The main job: search, track every trial in MLflow, summarise, say how to export."""
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from agents import make_agent
-    from explorer.solver import solve_measured
-    from explorer.tracking import SearchTracker, convergence_plot, default_tracking_uri, pareto_plot, ui_command
+    if args.workers < 1:
+        raise ExplorerError(f"--workers must be at least 1 (got {args.workers})")
+    if args.workers > 1:
+        return _search_distributed(args)
+    if args.parent_run:
+        return _search_worker(args)
+    from explorer.tracking import SearchTracker
 
     problem = _problem(args)
-    agent = make_agent(args.agent, **({"storage": args.storage} if args.storage and args.agent.startswith("optuna") else {}))
-    tracking_uri = args.tracking_uri or default_tracking_uri()
-    experiment = f"{Path(problem.graph.source).stem} @ {problem.board.name}"
-    # the settings under their option names (so `explorer export --run` can rebuild the problem), and what they mean
-    params = {key: getattr(args, key) for key in PARSER_DEFAULTS}
-    params.update({"agent": args.agent, "budget": args.budget, "objective_meaning": problem.objective.describe(),
-                   "measured_by": problem.measurer.label(problem.board),
-                   "data_source": problem.scorer.dataset.source if problem.scorer.dataset else "none (accuracy not measured)"})
-    if problem.scorer.measured:
-        with err_console.status("sensitivity table (measured once per model and data, then cached)"):
-            from explorer.accuracy import sensitivity_table
-
-            sensitivity_table(problem.graph, problem.compressor, problem.scorer)
-    with err_console.status("baseline: uncompressed fp32 on each processor"):
-        baseline = problem.baseline()
+    agent = _search_agent(args, shared=bool(args.study))
+    tracking_uri, experiment, params = _search_settings(problem, args)
+    baseline = _prepare(problem)
     state = {"result": None}
     with SearchTracker(tracking_uri, experiment, f"{args.agent} seed {args.seed}", params, resume_run_id=args.resume) as tracker, \
-            Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                     TextColumn("{task.fields[status]}"), console=err_console) as progress:
+            _progress() as progress:
         task = progress.add_task(f"{args.agent} search", total=args.budget, status="")
         already_logged = tracker.logged_digests  # resuming: the agent replays these from the caches
 
@@ -335,8 +323,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             state["result"] = result
             if trial.plan.digest() not in already_logged:
                 tracker.log_trial(trial, result)
-            best = f"best {problem.objective.describe()} {result.best.objective:.4g}" if result.best else "no feasible plan yet"
-            progress.update(task, completed=len(result.trials), status=f"{best} | feasible {result.feasible_count}")
+            progress.update(task, completed=len(result.trials), status=_progress_status(problem, result))
 
         try:
             result = agent.search(problem, args.budget, args.seed, on_trial)
@@ -353,26 +340,90 @@ def cmd_search(args: argparse.Namespace) -> None:
             if best:
                 err_console.print(f"best so far: {problem.objective.describe()} {best.objective:.4g} "
                                   f"(latency {best.latency_ms:.3f} ms, energy {best.energy_mj:.3f} mJ)")
-            err_console.print(f"resume with: explorer search {' '.join(_resume_args(args, tracker.run_id))}")
+            err_console.print(f"resume with: explorer search {' '.join(_search_args(args, resume=tracker.run_id))}")
             raise SystemExit(130)
         progress.stop()
-        solver = solve_measured(problem).evaluation
-        rows = [("baseline (uncompressed fp32, best single processor)", baseline), ("solver plan (DAD/RLC)", solver)]
-        if result.best:
-            rows.append((f"best found by {args.agent}", result.best))
-        print_comparison(rows)
-        if result.best_plan is None:
-            console.print("[red]no feasible plan found[/]: loosen --latency-ms, --max-accuracy-drop or --memory-mb, or raise --budget")
-        else:
-            print_plan(problem, result.best_plan, f"best plan ({len(result.trials)} evaluations, {result.feasible_count} feasible)")
-        console.print(f"measured by: {(result.best or solver).measured_by}")
-        summary = _summary_markdown(problem, rows, result, args)
-        plots_dir = Path(tempfile.mkdtemp(prefix="explorer-plots-"))
-        plots = {"convergence.png": convergence_plot(result, plots_dir / "convergence.png"),
-                 "pareto.png": pareto_plot(result, plots_dir / "pareto.png")}
-        best_json = result.best_plan.to_json() if result.best_plan else {}
-        tracker.finish(result, best_json, summary, plots)
-        run_id = tracker.run_id
+        _conclude_search(problem, tracker, result, baseline, args)
+    _say_next(problem, tracking_uri, tracker.run_id, experiment, result, args)
+
+
+def _search_agent(args: argparse.Namespace, shared: bool = False, **options):
+    """The --agent, with the Optuna options (--storage, --study) where it is an Optuna agent."""
+    from agents import make_agent
+
+    if args.agent.startswith("optuna"):
+        options = {"storage": args.storage, "study_name": args.study, "shared": shared} | options
+    elif args.storage or args.study or args.workers > 1:
+        raise ExplorerError(f"--storage, --study and --workers share an Optuna study; {args.agent} does not use one: "
+                            "use --agent optuna-tpe or optuna-nsga2")
+    return make_agent(args.agent, **options)
+
+
+def _search_settings(problem, args: argparse.Namespace) -> tuple[str, str, dict]:
+    """Tracking URI, experiment name and the parent run's params of a search."""
+    from explorer.tracking import resolve_tracking_uri
+
+    experiment = f"{Path(problem.graph.source).stem} @ {problem.board.name}"
+    # the settings under their option names (so `explorer export --run` can rebuild the problem), and what they mean
+    params = {key: getattr(args, key) for key in PARSER_DEFAULTS}
+    params.update({"agent": args.agent, "budget": args.budget, "objective_meaning": problem.objective.describe(),
+                   "measured_by": problem.measurer.label(problem.board),
+                   "data_source": problem.scorer.dataset.source if problem.scorer.dataset else "none (accuracy not measured)"})
+    return resolve_tracking_uri(args.tracking_uri), experiment, params
+
+
+def _prepare(problem):
+    """Measure (or recall) the sensitivity table and the baseline before a search; the baseline's Evaluation."""
+    if problem.scorer.measured:
+        with err_console.status("sensitivity table (measured once per model and data, then cached)"):
+            from explorer.accuracy import sensitivity_table
+
+            sensitivity_table(problem.graph, problem.compressor, problem.scorer)
+    with err_console.status("baseline: uncompressed fp32 on each processor"):
+        return problem.baseline()
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[status]}"), console=err_console)
+
+
+def _progress_status(problem, result) -> str:
+    best = f"best {problem.objective.describe()} {result.best.objective:.4g}" if result.best else "no feasible plan yet"
+    failed = sum(t.failed for t in result.trials)
+    return f"{best} | feasible {result.feasible_count}" + (f" | failed {failed}" if failed else "")
+
+
+def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespace) -> None:
+    """Compare with the baseline and the solver, show the best plan, log summary and plots, end the run."""
+    from explorer.solver import solve_measured
+    from explorer.tracking import convergence_plot, pareto_plot
+
+    solver = solve_measured(problem).evaluation
+    rows = [("baseline (uncompressed fp32, best single processor)", baseline), ("solver plan (DAD/RLC)", solver)]
+    if result.best:
+        rows.append((f"best found by {args.agent}", result.best))
+    print_comparison(rows)
+    failed = sum(t.failed for t in result.trials)
+    if failed:
+        console.print(f"[yellow]{failed} trial(s) failed[/]: no agent could measure them (see the FAILED child runs in MLflow)")
+    if result.best_plan is None:
+        console.print("[red]no feasible plan found[/]: loosen --latency-ms, --max-accuracy-drop or --memory-mb, or raise --budget")
+    else:
+        print_plan(problem, result.best_plan, f"best plan ({len(result.trials)} evaluations, {result.feasible_count} feasible)")
+    console.print(f"measured by: {(result.best or solver).measured_by}")
+    summary = _summary_markdown(problem, rows, result, args)
+    plots_dir = Path(tempfile.mkdtemp(prefix="explorer-plots-"))
+    plots = {"convergence.png": convergence_plot(result, plots_dir / "convergence.png"),
+             "pareto.png": pareto_plot(result, plots_dir / "pareto.png")}
+    tracker.finish(result, result.best_plan.to_json() if result.best_plan else {}, summary, plots)
+
+
+def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, args: argparse.Namespace) -> None:
+    from explorer.tracking import ui_command
+
     console.print(f"MLflow run: {run_id} (experiment {experiment!r})")
     console.print(f"open the MLflow UI: {ui_command(tracking_uri)}")
     if result.best_plan is not None:
@@ -380,15 +431,103 @@ def cmd_search(args: argparse.Namespace) -> None:
                       + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""))
 
 
-def _resume_args(args: argparse.Namespace, run_id: str) -> list[str]:
-    """The command-line arguments that continue an interrupted search."""
-    parts = ["--board", args.board, "--model", args.model, "--agent", args.agent, "--budget", str(args.budget),
-             "--objective", args.objective, "--latency-ms", f"{args.latency_ms:g}", "--max-accuracy-drop", f"{args.max_accuracy_drop:g}",
-             "--measure", args.measure, "--seed", str(args.seed), "--resume", run_id]
-    for flag, value in (("--data", args.data), ("--memory-mb", args.memory_mb), ("--tracking-uri", args.tracking_uri),
-                        ("--storage", args.storage)):
+def _search_worker(args: argparse.Namespace) -> None:
+    """One worker of a distributed search: its share of the budget on the shared study, trials logged
+    as child runs of the search's parent run."""
+    from explorer.tracking import SearchTracker
+
+    if not args.study or not args.agent.startswith("optuna"):
+        raise ExplorerError("--parent-run makes this process a worker of a distributed search: give the Optuna --agent, "
+                            "--study and --storage of that search too")
+    problem = _problem(args)
+    agent = _search_agent(args, shared=True)
+    tracking_uri, experiment, params = _search_settings(problem, args)
+    with SearchTracker(tracking_uri, experiment, "", params, attach_run_id=args.parent_run) as tracker:
+        result = agent.search(problem, args.budget, args.seed, tracker.log_trial)
+    failed = sum(t.failed for t in result.trials)
+    print(f"worker seed {args.seed}: {len(result.trials)} trials ({result.feasible_count} feasible, {failed} failed) "
+          f"in study {args.study}" + (", interrupted" if result.interrupted else ""), flush=True)
+    if result.interrupted:
+        raise SystemExit(130)
+
+
+def _search_distributed(args: argparse.Namespace) -> None:
+    """`--workers N`: N local worker processes share one Optuna study and one MLflow parent run."""
+    import signal
+    import subprocess
+
+    from agents.optuna_agents import default_storage_url, default_study_name, measured_trial_count
+    from explorer.paths import runs_dir
+    from explorer.tracking import SearchTracker
+
+    if not args.agent.startswith("optuna"):
+        raise ExplorerError(f"--workers {args.workers} starts Optuna workers on one shared study, and {args.agent} is not "
+                            "an Optuna agent: use --agent optuna-tpe or optuna-nsga2 (or leave --workers out)")
+    if args.parent_run or args.resume:
+        raise ExplorerError("--workers starts a new distributed search: leave out --parent-run and --resume "
+                            "(to add trials to its study, start `explorer search --study NAME --storage URL`)")
+    if args.workers > args.budget:
+        raise ExplorerError(f"--workers {args.workers} is more than --budget {args.budget}: every worker needs at least one trial")
+    problem = _problem(args)
+    tracking_uri, experiment, params = _search_settings(problem, args)
+    params["workers"] = args.workers
+    baseline = _prepare(problem)
+    storage = args.storage or default_storage_url()
+    with SearchTracker(tracking_uri, experiment, f"{args.agent} x{args.workers} workers seed {args.seed}", params) as tracker:
+        study_name = args.study or f"{default_study_name(problem, args.agent, args.seed)}-{tracker.run_id[:8]}"
+        tracker.client.set_tag(tracker.run_id, "optuna_study", study_name)
+        agent = _search_agent(args, shared=True, storage=storage, study_name=study_name)
+        study = agent.open_study(problem, args.seed)
+        already = measured_trial_count(study)
+        folder = runs_dir() / "workers" / tracker.run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        shares = [args.budget // args.workers + (i < args.budget % args.workers) for i in range(args.workers)]
+        workers = []
+        for i, share in enumerate(shares):
+            command = [sys.executable, "-m", "explorer.cli", "search",
+                       *_search_args(args, budget=share, seed=args.seed + i, study=study_name, storage=storage,
+                                     parent_run=tracker.run_id, tracking_uri=tracker.tracking_uri, workers=None)]
+            log_path = folder / f"worker-{i}.log"
+            with open(log_path, "w") as log_file:
+                workers.append((log_path, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)))
+        try:
+            with _progress() as progress:
+                task = progress.add_task(f"{args.agent} search, {args.workers} workers", total=args.budget, status="")
+                while any(process.poll() is None for _, process in workers):
+                    progress.update(task, completed=measured_trial_count(study) - already, status=f"study {study_name}")
+                    time.sleep(1.0)
+                progress.update(task, completed=measured_trial_count(study) - already)
+        except KeyboardInterrupt:
+            for _, process in workers:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGINT)
+            for _, process in workers:
+                process.wait()
+            tracker.mark_killed()
+            err_console.print(f"[yellow]interrupted[/]: the workers stopped; the study {study_name} and the MLflow run "
+                              f"{tracker.run_id} (KILLED) keep every finished trial")
+            raise SystemExit(130)
+        for log_path, process in workers:
+            if process.returncode != 0:
+                last = (log_path.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+                raise ExplorerError(f"a worker failed (exit {process.returncode}): {last} (log: {log_path})")
+        result = agent.study_result(problem, study)
+        tracker.log_curve(result)
+        _conclude_search(problem, tracker, result, baseline, args)
+    _say_next(problem, tracking_uri, tracker.run_id, experiment, result, args)
+
+
+def _search_args(args: argparse.Namespace, **overrides) -> list[str]:
+    """The command-line arguments of this search (with some replaced): to resume it or start workers."""
+    values = {"board": args.board, "model": args.model, "agent": args.agent, "budget": args.budget,
+              "objective": args.objective, "latency_ms": args.latency_ms, "max_accuracy_drop": args.max_accuracy_drop,
+              "measure": args.measure, "seed": args.seed, "data": args.data, "memory_mb": args.memory_mb,
+              "tracking_uri": args.tracking_uri, "storage": args.storage, "study": args.study,
+              "workers": args.workers if args.workers > 1 else None, "resume": None, "parent_run": None} | overrides
+    parts = []
+    for key, value in values.items():
         if value is not None:
-            parts += [flag, str(value)]
+            parts += ["--" + key.replace("_", "-"), f"{value:g}" if isinstance(value, float) else str(value)]
     return parts
 
 
@@ -464,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def problem_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--board", default=PARSER_DEFAULTS["board"], help="board profile name (see `explorer boards`) or path to a .toml")
-        p.add_argument("--measure", default=PARSER_DEFAULTS["measure"], help="sim (simulated board) or host (this machine, with --board host)")
+        p.add_argument("--measure", default=PARSER_DEFAULTS["measure"], help="sim (simulated board), host (this machine, with --board host) or "
+                       "remote://HOST:PORT[,HOST:PORT...] (boards running `explorer serve`; token in $EXPLORER_AGENT_TOKEN)")
         p.add_argument("--objective", default=PARSER_DEFAULTS["objective"], help="energy, latency, memory, or a weighted sum like energy:0.7,latency:0.3")
         p.add_argument("--latency-ms", type=float, default=PARSER_DEFAULTS["latency_ms"], help="latency budget per inference (default 5000, as DeepX)")
         p.add_argument("--max-accuracy-drop", type=float, default=PARSER_DEFAULTS["max_accuracy_drop"], help="accuracy drop limit in points (default 5)")
@@ -513,7 +653,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under runs/)")
     p.add_argument("--storage", help="Optuna storage URL for the optuna agents (default: SQLite under runs/)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted search (its MLflow parent run id)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes sharing one Optuna study (Optuna agents; "
+                   "default 1)")
+    p.add_argument("--study", help="Optuna study to share with other processes or machines (with --storage): this "
+                   "process adds --budget trials to it")
+    p.add_argument("--parent-run", help=argparse.SUPPRESS)  # set by --workers: log trials under this MLflow run
     p.set_defaults(func=cmd_search)
+
+    sub.add_parser("serve", help="run the measurement agent on a board (see `explorer serve --help`)", add_help=False)
 
     p = sub.add_parser("export", help="export a plan as a bundle the runtime executes (plan.json, model.onnx, one ONNX per block)")
     model_options(p)
@@ -553,6 +700,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one command; user errors print one line and exit 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the measurement agent parses its own options
+        from explorer.serve import main as serve_main
+
+        return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -8,14 +8,13 @@
 """
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
+from explorer.blockrun import BlockRunError, BlockSpec, BlockTimes, time_blocks
 from explorer.boards import Board
 from explorer.compress import Compressor
 from explorer.cost import BYTES_PER_ELEMENT
@@ -24,8 +23,6 @@ from explorer.graph import LayerGraph
 from explorer.partition import unit_blocks
 from explorer.plan import Plan
 from explorer.sim import simulate
-
-RAPL_ENERGY = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 
 
 @dataclass
@@ -83,6 +80,7 @@ class SimMeasurer:
     """The simulated board (a model, not hardware)."""
 
     name = "sim"
+    parallelism = 1  # plans measured at once
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -109,6 +107,7 @@ class HostMeasurer:
     """Real ONNX Runtime measurement of the plan's unit blocks on this machine."""
 
     name = "host"
+    parallelism = 1
 
     def __init__(self, warmup: int = 3, repeats: int = 15, batch: int = 1):
         self.warmup = warmup
@@ -130,91 +129,63 @@ class HostMeasurer:
                     f"host measurement runs on this machine, but layer {name} is placed on {decision.processor} of "
                     f"{board.name}, which needs {provider} (not available here): use --board host "
                     "(after `explorer calibrate`) or --measure sim")
-        model = compressor.rewrite(plan, calibration_inputs)
-        blocks = unit_blocks(graph, plan, model)
-        sessions = [self._session(block.model, board.processor(block.processor).threads) for block in blocks]
-        rng = np.random.default_rng(0)
-        shape = [self.batch] + [d if isinstance(d, int) and d > 0 else 1 for d in graph.input_shape[1:]]
-        values = {graph.input_names[0]: rng.standard_normal(shape).astype(np.float32)}
-        for block, session in zip(blocks, sessions):  # first pass: the inputs every block needs
-            values.update(zip(block.outputs, session.run(list(block.outputs), {n: values[n] for n in block.inputs})))
-        feeds = [{n: values[n] for n in block.inputs} for block in blocks]
-        _reset_peak_memory()
-        times = np.zeros((self.repeats, len(blocks)))
-        for _ in range(self.warmup):
-            for block, session, feed in zip(blocks, sessions, feeds):
-                session.run(list(block.outputs), feed)
-        energy_before = _rapl_uj()
-        for r in range(self.repeats):
-            for b, (block, session, feed) in enumerate(zip(blocks, sessions, feeds)):
-                started = time.perf_counter()
-                session.run(list(block.outputs), feed)
-                times[r, b] = time.perf_counter() - started
-        energy_after = _rapl_uj()
-        peak_mb = _peak_memory_mb()
-        block_ms = np.median(times, axis=0) * 1e3
-        totals_ms = times.sum(axis=1) * 1e3
-        q75, q25 = np.percentile(totals_ms, [75, 25])
-        memory: dict[str, float] = {}
-        reports = []
-        for b, block in enumerate(blocks):
-            processor = board.processor(block.processor)
-            weight_mb = sum(compressor.rung(n, plan[n].method, plan[n].rank).params * BYTES_PER_ELEMENT[plan[n].precision]
-                            for n in block.boundary.layer_names) / 2**20
-            memory[block.processor] = memory.get(block.processor, 0.0) + weight_mb
-            b75, b25 = np.percentile(times[:, b] * 1e3, [75, 25])
-            reports.append(BlockReport(b, block.processor, list(block.boundary.layer_names), float(block_ms[b]),
-                                       float(b75 - b25), 0.0, float(block_ms[b] * processor.active_power_w), weight_mb))
-        latency_ms = float(np.median(totals_ms))
-        if energy_before is not None and energy_after is not None and energy_after > energy_before:
-            energy_mj = (energy_after - energy_before) / 1e3 / self.repeats
-            source = "RAPL package counter (whole package, this machine)"
-        else:
-            energy_mj = sum(r.energy_mj for r in reports)
-            source = "modelled from the host profile's active power (no energy counter readable here)"
-        return Measurement(latency_ms, float(q75 - q25), float(energy_mj), source, memory, reports,
-                           measured_by=self.label(board),
-                           peak_memory_mb=peak_mb)
-
-    @staticmethod
-    def _session(model, threads: int) -> ort.InferenceSession:
-        from explorer.precision import session_options
-
-        options = session_options()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        blocks, specs, inputs = block_specs(graph, compressor, board, plan, calibration_inputs, self.batch)
+        specs = [replace(spec, provider="CPUExecutionProvider") for spec in specs]
+        try:
+            times = time_blocks(specs, inputs, self.warmup, self.repeats)
+        except BlockRunError as error:
+            raise ExplorerError(f"measuring the plan on this machine failed: {error}") from None
+        return measurement_from_times(times, blocks, compressor, board, plan, self.label(board), "this machine")
 
 
-def _rapl_uj() -> int | None:
-    try:
-        return int(RAPL_ENERGY.read_text())
-    except (OSError, ValueError):
-        return None
+def block_specs(graph: LayerGraph, compressor: Compressor, board: Board, plan: Plan, calibration_inputs: np.ndarray | None,
+                batch: int) -> tuple[list, list[BlockSpec], dict[str, np.ndarray]]:
+    """The plan's unit blocks, what to send to ONNX Runtime for each, and a random input (seed 0)."""
+    model = compressor.rewrite(plan, calibration_inputs)
+    blocks = unit_blocks(graph, plan, model)
+    specs = [BlockSpec(block.model.SerializeToString(), board.processor(block.processor).threads,
+                       board.processor(block.processor).provider) for block in blocks]
+    shape = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in graph.input_shape[1:]]
+    inputs = {graph.input_names[0]: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    return blocks, specs, inputs
 
 
-def _reset_peak_memory() -> None:
-    """Reset the kernel's resident-memory high-water mark of this process (Linux), if allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_memory_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+def measurement_from_times(times: BlockTimes, blocks: list, compressor: Compressor, board: Board, plan: Plan,
+                           measured_by: str, where: str) -> Measurement:
+    """A Measurement from timed unit blocks: medians, spreads, weight memory, energy (counter or modelled)."""
+    seconds = times.seconds
+    repeats = seconds.shape[0]
+    block_ms = np.median(seconds, axis=0) * 1e3
+    totals_ms = seconds.sum(axis=1) * 1e3
+    q75, q25 = np.percentile(totals_ms, [75, 25])
+    memory: dict[str, float] = {}
+    reports = []
+    for b, block in enumerate(blocks):
+        processor = board.processor(block.processor)
+        weight_mb = sum(compressor.rung(n, plan[n].method, plan[n].rank).params * BYTES_PER_ELEMENT[plan[n].precision]
+                        for n in block.boundary.layer_names) / 2**20
+        memory[block.processor] = memory.get(block.processor, 0.0) + weight_mb
+        b75, b25 = np.percentile(seconds[:, b] * 1e3, [75, 25])
+        reports.append(BlockReport(b, block.processor, list(block.boundary.layer_names), float(block_ms[b]),
+                                   float(b75 - b25), 0.0, float(block_ms[b] * processor.active_power_w), weight_mb))
+    if times.energy_uj is not None:
+        energy_mj = times.energy_uj / 1e3 / repeats
+        source = f"{times.energy_source}, {where}"
+    else:
+        energy_mj = sum(r.energy_mj for r in reports)
+        source = f"modelled from {board.name}'s active power (no energy counter readable on {where})"
+    return Measurement(float(np.median(totals_ms)), float(q75 - q25), float(energy_mj), source, memory, reports,
+                       measured_by=measured_by, peak_memory_mb=times.peak_memory_mb)
 
 
 def make_measurer(spec: str, seed: int = 0) -> Measurer:
-    """A measurer from its command-line name."""
+    """A measurer from its command-line name: sim, host or remote://HOST:PORT[,HOST:PORT...]."""
     if spec == "sim":
         return SimMeasurer(seed)
     if spec == "host":
         return HostMeasurer()
-    raise ExplorerError(f"unknown measurer {spec!r}: use --measure sim or --measure host")
+    if spec.startswith("remote://"):
+        from explorer.remote import RemoteMeasurer
+
+        return RemoteMeasurer(spec)
+    raise ExplorerError(f"unknown measurer {spec!r}: use --measure sim, host or remote://HOST:PORT[,HOST:PORT...]")

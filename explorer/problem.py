@@ -7,6 +7,7 @@ Accuracy depends only on ranks and precisions, never on placement, and is cached
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,11 @@ class Evaluation:
     measured_by: str
     blocks: list[dict] = field(default_factory=list)
     peak_memory_mb: float | None = None
+    error: str | None = None  # the measurement failed (a failed trial: infeasible, not cached)
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -162,31 +168,99 @@ class Problem:
                 raise ExplorerError(f"layer {name}: rung {rung.label()} exceeds the reconstruction-error bound used without data")
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, plan: Plan) -> Evaluation:
-        """Measure (or recall) a plan and score it; the only path agents use."""
-        evaluation = self._measured(plan)
-        if math.isnan(evaluation.objective):
-            evaluation.objective = self.objective_value(evaluation)
-        return evaluation
+    @property
+    def parallelism(self) -> int:
+        """How many plans the measurer measures at once (agents batch their proposals to match)."""
+        return getattr(self.measurer, "parallelism", 1)
 
-    def _measured(self, plan: Plan) -> Evaluation:
-        """The plan's evaluation before the objective is filled in (cached in memory and on disk)."""
+    def evaluate(self, plan: Plan) -> Evaluation:
+        """Measure (or recall) a plan and score it; the only path agents use.
+
+        A measurement that fails (MeasurementFailed: no remote agent could measure it) gives a
+        failed, infeasible Evaluation that is not cached, so the plan can be measured again later.
+        """
+        return self.evaluate_many([plan])[0]
+
+    def evaluate_many(self, plans: list[Plan]) -> list[Evaluation]:
+        """Evaluate several plans; those not cached are measured together (in parallel where the
+        measurer can: remote agents) while their accuracy is scored here."""
+        evaluations: list[Evaluation | None] = [self._recalled(plan) for plan in plans]
+        todo = {plan.digest(): plan for plan, e in zip(plans, evaluations) if e is None}
+        if todo:
+            measured = self._measure_new(list(todo.values()))
+            evaluations = [e if e is not None else measured[plan.digest()] for plan, e in zip(plans, evaluations)]
+        for evaluation in evaluations:
+            if math.isnan(evaluation.objective):
+                evaluation.objective = self.objective_value(evaluation)
+        return evaluations
+
+    def _recalled(self, plan: Plan) -> Evaluation | None:
+        """The plan's evaluation from memory or from the disk cache (None: it must be measured)."""
         plan_digest = plan.digest()
         cached = self._memory_cache.get(plan_digest)
         if cached is not None:
             return cached
         self.validate(plan)
         stored = self._measurements.get(plan_digest) if self.use_disk_cache else None
-        if stored is not None:
-            measurement = Measurement.from_json(stored)
+        if stored is None:
+            return None
+        evaluation = self._score(plan, plan_digest, Measurement.from_json(stored))
+        self._memory_cache[plan_digest] = evaluation
+        return evaluation
+
+    def _measure_new(self, plans: list[Plan]) -> dict[str, Evaluation]:
+        """Measure plans that no cache holds; accuracy is scored meanwhile. Failed ones are not cached."""
+        from explorer.remote import MeasurementFailed
+
+        def measure_all() -> list:
+            if len(plans) > 1 and hasattr(self.measurer, "measure_many"):
+                return self.measurer.measure_many(self.graph, self.compressor, self.board, plans, self.calibration_inputs)
+            results = []
+            for plan in plans:
+                try:
+                    results.append(self.measurer.measure(self.graph, self.compressor, self.board, plan, self.calibration_inputs))
+                except MeasurementFailed as error:
+                    results.append(error)
+            return results
+
+        if self.parallelism > 1:  # remote agents measure while the accuracy is scored here
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(measure_all)
+                for plan in plans:
+                    self.accuracy(plan)
+                measurements = pending.result()
         else:
-            measurement = self.measurer.measure(self.graph, self.compressor, self.board, plan, self.calibration_inputs)
+            measurements = measure_all()
+        evaluations = {}
+        for plan, measurement in zip(plans, measurements):
+            plan_digest = plan.digest()
+            if isinstance(measurement, MeasurementFailed):
+                evaluations[plan_digest] = self._failed(plan_digest, str(measurement))
+                continue
             self.evaluations += 1
             if self.use_disk_cache:
                 self._measurements.put(plan_digest, measurement.to_json())
-        evaluation = self._score(plan, plan_digest, measurement)
-        self._memory_cache[plan_digest] = evaluation
+            evaluation = self._score(plan, plan_digest, measurement)
+            self._memory_cache[plan_digest] = evaluation
+            evaluations[plan_digest] = evaluation
+        return evaluations
+
+    def _measured(self, plan: Plan) -> Evaluation:
+        """The plan's evaluation before the objective is filled in (cached in memory and on disk)."""
+        evaluation = self._recalled(plan)
+        if evaluation is None:
+            evaluation = self._measure_new([plan])[plan.digest()]
+            if evaluation.failed:
+                raise ExplorerError(f"measuring {plan.digest()[:12]} failed: {evaluation.error}")
         return evaluation
+
+    def _failed(self, plan_digest: str, error: str) -> Evaluation:
+        """A failed trial: nothing measured, infeasible, objective +inf."""
+        nan = math.nan
+        return Evaluation(plan_digest=plan_digest, latency_ms=nan, latency_spread_ms=nan, energy_mj=nan, energy_source="",
+                          memory_mb=nan, memory_mb_by_processor={}, accuracy=None, accuracy_metric="", accuracy_drop=None,
+                          feasible=False, violations=[f"measurement failed: {error}"], objective=math.inf,
+                          measured_by=self.measurer.label(self.board), error=error)
 
     def cache_file(self) -> Path:
         """Where measurements of this model + data + board + measurer are cached on disk."""

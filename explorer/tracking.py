@@ -143,6 +143,7 @@ class _ChildRun:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    status: str = "FINISHED"  # FAILED: the measurement failed
 
 
 @dataclass
@@ -226,7 +227,7 @@ class _StoreWriter:
         for start in range(0, max(len(params), 1), MAX_PARAMS_PER_CALL):
             self.store.log_batch(run_id, metrics=metrics if start == 0 else [],
                                  params=params[start:start + MAX_PARAMS_PER_CALL], tags=[])
-        self.store.update_run_info(run_id, RunStatus.FINISHED, child.end_ms, None)
+        self.store.update_run_info(run_id, RunStatus.from_string(child.status), child.end_ms, None)
 
 
 class _SqlBulkWriter(_StoreWriter):
@@ -253,7 +254,7 @@ class _SqlBulkWriter(_StoreWriter):
             runs.append({
                 "run_uuid": run_id, "name": child.name, "source_type": "UNKNOWN", "source_name": "",
                 "entry_point_name": "", "user_id": self.user,
-                "status": "FINISHED", "start_time": child.start_ms, "end_time": child.end_ms,
+                "status": child.status, "start_time": child.start_ms, "end_time": child.end_ms,
                 "deleted_time": None, "source_version": "", "lifecycle_stage": "active",
                 "artifact_uri": append_to_uri_path(self.artifact_root, run_id, "artifacts"),
                 "experiment_id": int(self.experiment_id),
@@ -297,11 +298,14 @@ class SearchTracker:
     ```
     Leaving the block with KeyboardInterrupt marks the parent run KILLED (trials logged so far are
     kept), with another exception FAILED, otherwise FINISHED. `resume_run_id` reopens a parent run
-    and numbers the new trials after the ones it already has.
+    and numbers the new trials after the ones it already has. `attach_run_id` makes this a worker of
+    a distributed search: its trials become child runs of that parent run (numbered by their shared
+    Optuna study), and the parent run is left to the process that started it.
     """
 
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str, params: dict,
-                 resume_run_id: str | None = None, tags: dict[str, str] | None = None):
+                 resume_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 attach_run_id: str | None = None):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         _check_reachable(self.tracking_uri)
         self.client = MlflowClient(self.tracking_uri)
@@ -309,7 +313,11 @@ class SearchTracker:
         self._ended = False
         try:
             self.experiment_id = self._experiment(experiment)
-            if resume_run_id:
+            self.attached = attach_run_id is not None
+            if attach_run_id:
+                self.run_id, self._offset, self._best, self._feasible = attach_run_id, 0, math.inf, 0
+                self._check_parent(attach_run_id)
+            elif resume_run_id:
                 self.run_id, self._offset, self._best, self._feasible = self._reopen(resume_run_id, params)
             else:
                 self.run_id = self._start(run_name, params, tags or {})
@@ -347,6 +355,15 @@ class SearchTracker:
         run = self.client.create_run(self.experiment_id, tags=resolve_tags(tags), run_name=run_name)
         self._log_params(run.info.run_id, {mlflow_key(k): _param_text(v) for k, v in params.items()})
         return run.info.run_id
+
+    def _check_parent(self, run_id: str) -> None:
+        try:
+            parent = self.client.get_run(run_id)
+        except MlflowException:
+            raise ExplorerError(f"no MLflow run {run_id} in {self.tracking_uri} to attach this worker to: give the "
+                                "parent run of the distributed search and the same --tracking-uri") from None
+        if parent.info.status != "RUNNING":
+            raise ExplorerError(f"MLflow run {run_id} has ended ({parent.info.status}): workers attach to a running search")
 
     def _reopen(self, run_id: str, params: dict) -> tuple[str, int, float, int]:
         """Set a parent run RUNNING again; return its next trial number, best so far and feasible count."""
@@ -435,7 +452,8 @@ class SearchTracker:
             trials = [item for item in batch if isinstance(item, _QueuedTrial)]
             try:
                 if trials and self._failure is None:
-                    self._writer.write([self._child(item) for item in trials], self._parent_points(trials))
+                    self._writer.write([self._child(item) for item in trials],
+                                       [] if self.attached else self._parent_points(trials))
             except Exception as exc:  # reported to the search thread by log_trial/flush
                 log.warning("MLflow logging failed: %s", exc)
                 self._failure = exc
@@ -453,16 +471,19 @@ class SearchTracker:
         metrics = _finite_metrics({name: getattr(e, name) for name in TRIAL_METRICS})
         metrics["feasible"] = float(e.feasible)
         metrics["eval_seconds"] = trial.seconds
-        name = f"trial {item.number}"
+        number = trial.study_trial if self.attached and trial.study_trial is not None else item.number
+        name = f"trial {number}"
         return _ChildRun(
             name=name,
             start_ms=item.end_ms - int(1000 * trial.seconds),
             end_ms=item.end_ms,
             params={key: decision.label() for key, (_, decision) in zip(self._layer_keys, trial.plan.decisions)},
             metrics=metrics,
-            tags={MLFLOW_RUN_NAME: name, MLFLOW_PARENT_RUN_ID: self.run_id, "trial": str(item.number),
+            tags={MLFLOW_RUN_NAME: name, MLFLOW_PARENT_RUN_ID: self.run_id, "trial": str(number),
                   "source": trial.source, "measured_by": e.measured_by, "plan_digest": e.plan_digest}
-            | ({"violations": "; ".join(e.violations)[:MAX_TAG_LENGTH]} if e.violations else {}),
+            | ({"violations": "; ".join(e.violations)[:MAX_TAG_LENGTH]} if e.violations else {})
+            | ({"failed": e.error[:MAX_TAG_LENGTH]} if e.failed else {}),
+            status="FAILED" if e.failed else "FINISHED",
         )
 
     @staticmethod
@@ -473,6 +494,20 @@ class SearchTracker:
                 points.append(Metric("best_so_far", item.best_so_far, item.end_ms, item.number))
             points.append(Metric("feasible_count", float(item.feasible_count), item.end_ms, item.number))
         return points
+
+    def log_curve(self, result: SearchResult) -> None:
+        """The parent run's best_so_far and feasible_count series for a result whose trials other
+        processes logged (the workers of a distributed search)."""
+        now = int(time.time() * 1000)
+        points, feasible = [], 0
+        for step, (trial, best) in enumerate(zip(result.trials, result.best_so_far)):
+            feasible += trial.evaluation.feasible
+            if math.isfinite(best):
+                points.append(Metric("best_so_far", best, now, step))
+            points.append(Metric("feasible_count", float(feasible), now, step))
+        for start in range(0, len(points), MAX_METRICS_PER_CALL):
+            self.client.log_batch(self.run_id, metrics=points[start:start + MAX_METRICS_PER_CALL])
+        self._logged = len(result.trials)
 
     # ---- the end of a search ------------------------------------------------------------------
     def finish(self, result: SearchResult, best_plan_json: dict | None, summary_markdown: str,
@@ -525,7 +560,8 @@ class SearchTracker:
         if self._ended:
             return
         self._stop_worker()
-        self.client.set_terminated(self.run_id, status)
+        if not self.attached:  # a worker leaves the parent run to the process that started the search
+            self.client.set_terminated(self.run_id, status)
         self._ended = True
 
     def _stop_worker(self) -> None:

@@ -1,0 +1,26 @@
+"""The `explorer` console script: `explorer serve` runs on the agent-only install (NumPy and ONNX
+Runtime); every other command needs the full install and is handed to explorer.cli."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `serve` without importing the search stack; everything else to explorer.cli."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from explorer.serve import main as serve_main
+
+        return serve_main(argv[1:])
+    try:
+        from explorer.cli import main as cli_main
+    except ImportError as error:
+        command = f"`explorer {argv[0]}`" if argv else "explorer"
+        print(f"explorer: error: {command} needs the full install (missing {error.name}): pip install 'explorer[full]'; "
+              "this install (explorer[agent]) runs only `explorer serve`", file=sys.stderr)
+        return 2
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

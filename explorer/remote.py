@@ -1,0 +1,262 @@
+"""`--measure remote://HOST:PORT[,HOST:PORT...]`: measurement on boards running `explorer serve`.
+
+The plan is rewritten and split into unit blocks here; each block's ONNX file is uploaded once per
+agent (content-addressed by SHA-256) and the agent times the chain. With several agents, plans are
+measured in parallel (`measure_many`), each taken by the next free agent. An agent that fails (down,
+too slow, an error) is set aside for a while and the plan goes to another; a plan that no agent
+could measure raises MeasurementFailed, which the Problem turns into a failed trial, never a failed
+search. Only ONNX and JSON cross the wire; the token comes from $EXPLORER_AGENT_TOKEN.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from explorer.blockrun import BlockTimes
+from explorer.boards import Board
+from explorer.cache import digest
+from explorer.errors import ExplorerError
+from explorer.measure import Measurement, block_specs, measurement_from_times
+from explorer.serve import PROTOCOL_VERSION, TOKEN_ENV
+
+log = logging.getLogger(__name__)
+SCHEME = "remote://"
+
+
+class MeasurementFailed(ExplorerError):
+    """No agent could measure a plan (every try failed); the trial fails, the search goes on."""
+
+
+class AgentError(Exception):
+    """One agent failed one request: `retry` says whether another agent may succeed."""
+
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
+
+
+@dataclass
+class AgentEndpoint:
+    """One agent: its address, what it reported about itself, and when it may be tried again."""
+
+    host: str
+    port: int
+    info: dict = field(default_factory=dict)
+    resting_until: float = 0.0  # monotonic time before which it is not tried (after a failure)
+    failures: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_endpoints(spec: str) -> list[AgentEndpoint]:
+    """remote://HOST:PORT[,HOST:PORT...] -> endpoints (ExplorerError naming what is wrong)."""
+    usage = "use --measure remote://HOST:PORT[,HOST:PORT...] (agents started with `explorer serve`)"
+    if not spec.startswith(SCHEME) or not spec[len(SCHEME):]:
+        raise ExplorerError(f"{spec!r} is not a remote measurer: {usage}")
+    endpoints = []
+    for part in spec[len(SCHEME):].split(","):
+        host, sep, port = part.strip().rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ExplorerError(f"agent address {part!r} needs HOST:PORT with a port 1-65535: {usage}")
+        if any(e.host == host and e.port == int(port) for e in endpoints):
+            raise ExplorerError(f"agent {part} is listed twice in {spec!r}")
+        endpoints.append(AgentEndpoint(host, int(port)))
+    return endpoints
+
+
+class RemoteMeasurer:
+    """Measures plans on `explorer serve` agents (real hardware, over the network)."""
+
+    name = "remote"
+
+    def __init__(self, spec: str, token: str | None = None, warmup: int = 3, repeats: int = 15, batch: int = 1,
+                 timeout_s: float = 600.0, rest_s: float = 30.0, tries: int | None = None):
+        self.spec = spec
+        self.endpoints = parse_endpoints(spec)
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        if not self.token:
+            raise ExplorerError(f"remote measurement needs the agents' token: set {TOKEN_ENV} (the agent prints or "
+                                "reads it at start)")
+        self.warmup, self.repeats, self.batch = warmup, repeats, batch
+        self.timeout_s = timeout_s
+        self.rest_s = rest_s
+        self.tries = tries or max(2, len(self.endpoints) + 1)
+        self._lock = threading.Lock()
+        self._free: queue.Queue[AgentEndpoint] = queue.Queue()
+        self._fingerprint: dict | None = None
+
+    @property
+    def parallelism(self) -> int:
+        """Plans measured at once: one per agent."""
+        return len(self.endpoints)
+
+    # ---- identity -----------------------------------------------------------------------------
+    def _connect(self) -> dict:
+        """Ask every agent for its fingerprint (once); they must be one kind of device."""
+        with self._lock:
+            if self._fingerprint is not None:
+                return self._fingerprint
+            reached = []
+            for endpoint in self.endpoints:
+                try:
+                    endpoint.info = self._request(endpoint, "GET", "/info", timeout_s=10.0)
+                    reached.append(endpoint)
+                except AgentError as error:
+                    log.warning("agent %s is not reachable now (%s); it will be tried again later", endpoint.address, error)
+                    endpoint.resting_until = time.monotonic() + self.rest_s
+                    endpoint.failures += 1
+            if not reached:
+                raise ExplorerError(f"no agent of {self.spec} answered: start them with `explorer serve` (and the same "
+                                    f"{TOKEN_ENV}) or check the addresses")
+            kinds = {_device_kind(e.info["fingerprint"]): e.address for e in reached}
+            if len(kinds) > 1:
+                raise ExplorerError("the agents are different kinds of device: " + "; ".join(f"{a}: {k}" for k, a in kinds.items())
+                                    + ": measure one board kind per search")
+            for endpoint in self.endpoints:
+                self._free.put(endpoint)
+            self._fingerprint = reached[0].info["fingerprint"]
+            if self._fingerprint.get("protocol") != PROTOCOL_VERSION:
+                raise ExplorerError(f"agent protocol {self._fingerprint.get('protocol')} differs from this client's "
+                                    f"{PROTOCOL_VERSION}: install the same explorer version on both sides")
+            return self._fingerprint
+
+    def identity(self, board: Board) -> str:
+        fp = self._connect()
+        return f"remote-v1:{digest(_device_kind(fp))}:w{self.warmup}:r{self.repeats}:b{self.batch}"
+
+    def label(self, board: Board) -> str:
+        fp = self._connect()
+        return (f"remote ({fp['cpu_model']}, ONNX Runtime {fp['onnxruntime']} via explorer serve at "
+                f"{', '.join(e.address for e in self.endpoints)}; median of {self.repeats})")
+
+    # ---- measuring ----------------------------------------------------------------------------
+    def measure(self, graph, compressor, board, plan, calibration_inputs=None) -> Measurement:
+        """Measure one plan on the next free agent (retried elsewhere when an agent fails)."""
+        fp = self._connect()
+        missing = sorted({board.processor(d.processor).provider for _, d in plan.decisions} - set(fp["providers"]))
+        if missing:
+            raise ExplorerError(f"the agents lack {', '.join(missing)}, which {board.name}'s processors in this plan need: "
+                                "measure a board whose providers the agents have (see the agent's start line)")
+        blocks, specs, inputs = block_specs(graph, compressor, board, plan, calibration_inputs, self.batch)
+        models = {hashlib.sha256(spec.model).hexdigest(): spec.model for spec in specs}
+        request = {"blocks": [{"model": hashlib.sha256(s.model).hexdigest(), "threads": s.threads, "provider": s.provider}
+                              for s in specs],
+                   "inputs": {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in inputs.items()},
+                   "warmup": self.warmup, "repeats": self.repeats, "seed": 0}
+        errors = []
+        for _ in range(self.tries):
+            endpoint = self._take()
+            try:
+                answer = self._measure_on(endpoint, models, request)
+            except AgentError as error:
+                errors.append(f"{endpoint.address}: {error}")
+                if error.retry:
+                    endpoint.failures += 1
+                    endpoint.resting_until = time.monotonic() + self.rest_s
+                    self._free.put(endpoint)
+                    continue
+                self._free.put(endpoint)
+                raise MeasurementFailed(f"the agent rejected the plan: {error}") from None
+            endpoint.failures = 0
+            self._free.put(endpoint)
+            times = BlockTimes.from_json(answer["times"])
+            return measurement_from_times(times, blocks, compressor, board, plan, self.label(board),
+                                          f"agent {endpoint.address}")
+        raise MeasurementFailed(f"no agent could measure the plan after {len(errors)} tries: " + "; ".join(errors))
+
+    def measure_many(self, graph, compressor, board, plans, calibration_inputs=None) -> list[Measurement | MeasurementFailed]:
+        """Measure plans in parallel, one per agent at a time; a plan that fails gives its MeasurementFailed."""
+        self._connect()
+
+        def one(plan):
+            try:
+                return self.measure(graph, compressor, board, plan, calibration_inputs)
+            except MeasurementFailed as error:
+                return error
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(plans), self.parallelism))) as pool:
+            return list(pool.map(one, plans))
+
+    def _take(self) -> AgentEndpoint:
+        """The next free agent that is not resting after a failure (waiting for one when none is)."""
+        deadline = time.monotonic() + self.timeout_s
+        held: list[AgentEndpoint] = []  # free but resting
+        try:
+            while True:
+                now = time.monotonic()
+                for endpoint in held:
+                    if endpoint.resting_until <= now:
+                        held.remove(endpoint)
+                        return endpoint
+                if now >= deadline:
+                    raise MeasurementFailed(f"no agent became free within {self.timeout_s:g} s")
+                wake = min([e.resting_until for e in held] + [deadline])
+                try:
+                    held.append(self._free.get(timeout=max(0.01, wake - now)))
+                except queue.Empty:
+                    pass
+        finally:
+            for endpoint in held:
+                self._free.put(endpoint)
+
+    def _measure_on(self, endpoint: AgentEndpoint, models: dict[str, bytes], request: dict) -> dict:
+        """Upload what the agent lacks, then measure (uploading again if the agent dropped a model meanwhile)."""
+        limit = endpoint.info.get("max_upload_bytes") if endpoint.info else None
+        for sha, data in models.items():
+            if limit is not None and len(data) > limit:
+                raise AgentError(f"a block is {len(data)} bytes, over the agent's upload limit of {limit} "
+                                 "(restart it with a larger --max-upload-mb)", retry=False)
+        for attempt in range(2):
+            for sha, data in models.items():
+                if self._request(endpoint, "HEAD", f"/models/{sha}", ok=(200, 404), timeout_s=30.0) is None:
+                    self._request(endpoint, "PUT", f"/models/{sha}", body=data, content_type="application/octet-stream")
+            try:
+                return self._request(endpoint, "POST", "/measure", body=json.dumps(request).encode())
+            except AgentError as error:
+                if "upload it first" not in str(error) or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _request(self, endpoint: AgentEndpoint, method: str, path: str, body: bytes | None = None,
+                 content_type: str = "application/json", ok: tuple[int, ...] = (200, 201),
+                 timeout_s: float | None = None) -> dict | None:
+        """One HTTP request; the JSON answer (None for a 404 that `ok` allows). AgentError otherwise."""
+        connection = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=timeout_s or self.timeout_s)
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            payload = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            raise AgentError(f"{type(error).__name__}: {error}") from None
+        finally:
+            connection.close()
+        if response.status == 404 and 404 in ok:
+            return None
+        if response.status in ok:
+            return json.loads(payload) if payload else {}
+        try:
+            message = json.loads(payload)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = payload[:200].decode(errors="replace")
+        if response.status == 401:
+            raise ExplorerError(f"agent {endpoint.address} refused the token: set {TOKEN_ENV} to the token the agent uses")
+        retry = response.status >= 500  # busy, timed out, broken: another agent may do; 4xx: the request is bad
+        raise AgentError(f"HTTP {response.status}: {message}", retry=retry)
+
+
+def _device_kind(fp: dict) -> str:
+    """What must match between agents of one search: CPU, cores, ONNX Runtime and its providers."""
+    return f"{fp.get('cpu_model')} x{fp.get('cpu_count')}, {fp.get('machine')}, ONNX Runtime {fp.get('onnxruntime')}, " \
+           f"{'+'.join(fp.get('providers', []))}"
