@@ -1,0 +1,58 @@
+"""Distributed search: worker processes share one Optuna study on PostgreSQL and one MLflow store.
+
+The PostgreSQL server comes from Debian's `postgresql` package (installed by .ci/setup) and is
+started for this module in a temporary folder. Without the package the tests are skipped, except
+under CI=true, where they fail.
+"""
+import os
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from explorer.cli import main
+from explorer.tracking import read_search
+from netbuild import small_cnn
+from pgserver import TemporaryPostgres, postgres_bin
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    if postgres_bin() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is not installed on CI: .ci/setup installs Debian's postgresql")
+        pytest.skip("PostgreSQL is not installed (bash .ci/setup installs it)")
+    with TemporaryPostgres() as server:
+        yield server
+
+
+def _run_id(out: str) -> str:
+    return next(line.split()[2] for line in out.splitlines() if line.startswith("MLflow run:"))
+
+
+def test_two_workers_share_one_study_with_exact_trials_all_in_mlflow(postgres, tmp_path, capsys):
+    optuna_url, mlflow_url = postgres.create_database("optuna"), postgres.create_database("mlflow")
+    model = tmp_path / "cnn.onnx"
+    model.write_bytes(small_cnn().SerializeToString())
+    budget = 13  # uneven on purpose: shares of 7 and 6
+    argv = ["search", "--model", str(model), "--board", "tegra-k1", "--agent", "optuna-tpe", "--budget", str(budget),
+            "--workers", "2", "--storage", optuna_url, "--tracking-uri", mlflow_url, "--seed", "5"]
+    assert main(argv) == 0
+    run_id = _run_id(capsys.readouterr().out)
+
+    search = read_search(mlflow_url, run_id)
+    assert search.parent.info.status == "FINISHED" and search.parent.data.metrics["trials"] == budget
+    study_name = search.parent.data.tags["optuna_study"]
+    study = optuna.load_study(study_name=study_name, storage=optuna_url)
+    measured = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs["duplicate"]]
+    assert len(measured) == budget  # exact: no trial lost, none extra
+    # every measured trial appears in MLflow exactly once, as a child of the search's parent run
+    logged = [int(run.data.tags["trial"]) for run in search.trials]
+    assert sorted(logged) == sorted(t.number for t in measured) and len(set(logged)) == budget
+    digests = {int(run.data.tags["trial"]): run.data.tags["plan_digest"] for run in search.trials}
+    assert all(digests[t.number] == t.user_attrs["plan_digest"] for t in measured)
+    # both workers took part, each with its share
+    sources = MlflowClient(mlflow_url).search_runs([search.parent.info.experiment_id],
+                                                   f"tags.mlflow.parentRunId = '{run_id}'", max_results=100)
+    assert len(sources) == budget
+    assert {t.user_attrs["source"] for t in measured} >= {"solver", "baseline", "tpe"}

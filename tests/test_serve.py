@@ -1,0 +1,246 @@
+"""The measurement agent (`explorer serve`) and the remote measurer, on loopback.
+
+Every agent here is started through tests/agent_only.py, where the search and training stack cannot
+be imported: the agent runs on the small `explorer[agent]` install.
+"""
+import hashlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agents import make_agent
+from explorer.accuracy import AccuracyScorer
+from explorer.boards import load_board
+from explorer.data import Dataset
+from explorer.errors import ExplorerError
+from explorer.graph import LayerGraph
+from explorer.measure import HostMeasurer
+from explorer.plan import Decision
+from explorer.problem import Constraints, Objective, Problem
+from explorer.remote import RemoteMeasurer, parse_endpoints
+from explorer.serve import TOKEN_ENV
+from boardbuild import write_board
+from netbuild import random_inputs, small_cnn
+
+TOKEN = "test-token-0123456789"
+AGENT_ONLY = Path(__file__).with_name("agent_only.py")
+
+
+class AgentProcess:
+    """An `explorer serve` subprocess on a free loopback port."""
+
+    def __init__(self, *options: str, token: str | None = TOKEN):
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | ({TOKEN_ENV: token} if token else {})
+        self.process = subprocess.Popen([sys.executable, str(AGENT_ONLY), "serve", "--port", "0", *options],
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                                        cwd=Path(__file__).parent.parent)
+        line = self.process.stdout.readline()
+        while line.startswith("no token given"):
+            line = self.process.stdout.readline()
+        assert "listening on" in line, line
+        self.port = int(line.split("listening on ")[1].split(" ")[0].rsplit(":", 1)[1])
+        self.address = f"127.0.0.1:{self.port}"
+
+    def request(self, method: str, path: str, body: bytes | None = None, token: str | None = TOKEN,
+                headers: dict | None = None) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        all_headers = ({"Authorization": f"Bearer {token}"} if token else {}) | (headers or {})
+        connection.request(method, path, body=body, headers=all_headers)
+        response = connection.getresponse()
+        payload = response.read()
+        connection.close()
+        return response.status, (json.loads(payload) if payload else {})
+
+    def upload(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        status, answer = self.request("PUT", f"/models/{sha}", data)
+        assert status == 201, answer
+        return sha
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.kill()
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def agent():
+    started = AgentProcess()
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def two_agents():
+    started = [AgentProcess(), AgentProcess()]
+    yield started
+    for a in started:
+        a.stop()
+
+
+@pytest.fixture
+def board(tmp_path):
+    return load_board(str(write_board(tmp_path / "cpuboard.toml", ["cpu", "cpu1"], threads=[1, 1])))
+
+
+def _problem(board, measurer, constraints=Constraints(latency_ms=None, max_accuracy_drop=None)) -> Problem:
+    graph = LayerGraph(small_cnn())
+    scorer = AccuracyScorer(graph.model, Dataset(random_inputs(graph.model, 50), None, "random inputs"))
+    return Problem(graph, board, measurer, scorer, constraints, Objective.parse("latency"), use_disk_cache=False)
+
+
+def _measure_request(sha: str, repeats: int = 5) -> bytes:
+    graph = LayerGraph(small_cnn())
+    shape = [1] + list(graph.input_shape[1:])
+    return json.dumps({"blocks": [{"model": sha, "threads": 1}], "inputs": {graph.input_names[0]: {"shape": shape, "dtype": "float32"}},
+                       "warmup": 1, "repeats": repeats}).encode()
+
+
+def test_remote_measurement_matches_the_host_measurement(agent, board, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    remote = _problem(board, RemoteMeasurer(f"remote://{agent.address}", warmup=2, repeats=15))
+    host = _problem(board, HostMeasurer(warmup=2, repeats=15))
+    plan = remote.uniform_plan("cpu").with_decision(remote.graph.layers[2].name, Decision(processor="cpu1"))
+    r, h = remote.evaluate(plan), host.evaluate(plan)
+    assert "remote" in r.measured_by and agent.address in r.measured_by and "ONNX Runtime" in r.measured_by
+    assert [b["layers"] for b in r.blocks] == [b["layers"] for b in h.blocks] and len(r.blocks) == 3
+    assert r.memory_mb_by_processor == h.memory_mb_by_processor and r.accuracy == h.accuracy
+    assert r.latency_ms > 0 and all(b["latency_ms"] > 0 for b in r.blocks)
+    # the same machine runs both: the medians agree within a factor of 3 (a busy machine varies)
+    assert h.latency_ms / 3 <= r.latency_ms <= 3 * h.latency_ms
+    assert f"agent {agent.address}" in r.energy_source or "RAPL" in r.energy_source
+    assert r.peak_memory_mb is None or r.peak_memory_mb > 10
+
+
+def test_agent_reports_a_fingerprint_and_refuses_missing_or_wrong_tokens(agent):
+    status, info = agent.request("GET", "/info")
+    assert status == 200
+    fp = info["fingerprint"]
+    assert fp["onnxruntime"] and "CPUExecutionProvider" in fp["providers"] and fp["cpu_model"] and fp["cpu_count"] >= 1
+    for token in (None, "wrong-token"):
+        status, answer = agent.request("GET", "/info", token=token)
+        assert status == 401 and "token" in answer["error"]
+        status, _ = agent.request("PUT", "/models/" + "0" * 64, b"x", token=token)
+        assert status == 401
+
+
+def test_remote_measurer_with_a_wrong_token_says_so(agent, board, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "not-the-token")
+    with pytest.raises(ExplorerError, match="refused the token"):
+        _problem(board, RemoteMeasurer(f"remote://{agent.address}"))
+
+
+def test_oversized_upload_gets_413_and_the_agent_keeps_serving(board):
+    small = AgentProcess("--max-upload-mb", "0.001")  # 1 KB
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", small.port, timeout=30)
+        connection.putrequest("PUT", "/models/" + "a" * 64)
+        connection.putheader("Authorization", f"Bearer {TOKEN}")
+        connection.putheader("Content-Length", str(10 * 2**20))
+        connection.endheaders()  # the body is never sent: the agent answers from the headers
+        response = connection.getresponse()
+        assert response.status == 413 and "limit" in json.loads(response.read())["error"]
+        connection.close()
+        assert small.request("GET", "/info")[0] == 200
+    finally:
+        small.stop()
+
+
+def test_malformed_onnx_and_inputs_get_400_and_the_agent_keeps_serving(agent):
+    garbage = agent.upload(b"this is not an ONNX model")
+    status, answer = agent.request("POST", "/measure", _measure_request(garbage))
+    assert status == 400 and "not a valid ONNX model" in answer["error"]
+    status, answer = agent.request("POST", "/measure", b"{not json")
+    assert status == 400 and "not JSON" in answer["error"]
+    status, answer = agent.request("POST", "/measure", json.dumps({"blocks": []}).encode())
+    assert status == 400 and "blocks" in answer["error"]
+    good = agent.upload(small_cnn().SerializeToString())
+    status, answer = agent.request("POST", "/measure", json.dumps({"blocks": [{"model": good}], "inputs": {}}).encode())
+    assert status == 400 and "needs input" in answer["error"]
+    status, answer = agent.request("POST", "/measure", _measure_request("f" * 64))
+    assert status == 404 and "upload it first" in answer["error"]
+    status, answer = agent.request("PUT", "/models/" + "0" * 64, b"bytes whose hash is not zero")
+    assert status == 400 and "SHA-256" in answer["error"]
+    # still serving, and measuring correctly
+    status, answer = agent.request("POST", "/measure", _measure_request(good, repeats=7))
+    assert status == 200
+    seconds = np.array(answer["times"]["seconds"])
+    assert seconds.shape == (7, 1) and (seconds > 0).all()
+
+
+def test_measurements_queue_one_at_a_time(agent):
+    sha = agent.upload(small_cnn().SerializeToString())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: agent.request("POST", "/measure", _measure_request(sha, repeats=200)), range(3)))
+    assert all(status == 200 for status, _ in answers)
+    # one at a time: the measurements do not overlap, so at least two of the three waited in line
+    waited = sorted(answer["queued_s"] for _, answer in answers)
+    assert waited[1] > 0.5 * min(answer["measure_s"] for _, answer in answers)
+
+
+def test_a_non_loopback_bind_needs_a_token():
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    done = subprocess.run([sys.executable, str(AGENT_ONLY), "serve", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "token" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_endpoint_list_is_checked():
+    assert [e.address for e in parse_endpoints("remote://a:1,b.example:9190")] == ["a:1", "b.example:9190"]
+    for bad in ("remote://", "remote://host", "remote://host:0", "remote://h:1,h:1", "http://h:1"):
+        with pytest.raises(ExplorerError):
+            parse_endpoints(bad)
+
+
+def test_parallel_agents_share_the_plans_and_a_killed_agent_means_retry_elsewhere(two_agents, board, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    measurer = RemoteMeasurer(",".join(["remote://" + two_agents[0].address, two_agents[1].address]), warmup=1,
+                              repeats=3, rest_s=60)
+    problem = _problem(board, measurer)
+    assert problem.parallelism == 2
+    killed = {}
+
+    def kill_one_midway(trial, result):
+        if len(result.trials) == 6 and not killed:
+            two_agents[0].kill()
+            killed["at"] = len(result.trials)
+
+    result = make_agent("random").search(problem, 16, seed=0, callback=kill_one_midway)
+    assert killed and len(result.trials) == 16
+    assert not any(t.failed for t in result.trials)  # every plan the dead agent had was measured by the other
+    status, info = two_agents[1].request("GET", "/info")
+    assert info["measurements"] >= 16 - killed["at"]
+
+
+def test_when_no_agent_can_measure_the_trial_fails_and_the_search_completes(agent, board, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    problem = _problem(board, RemoteMeasurer(f"remote://{agent.address}", warmup=1, repeats=3, rest_s=0.1),
+                       constraints=Constraints(latency_ms=None, max_accuracy_drop=None))
+    events = []
+
+    def kill_after_three(trial, result):
+        events.append(trial.failed)
+        if len(result.trials) == 3:
+            agent.kill()
+
+    result = make_agent("optuna-tpe", storage="memory").search(problem, 8, seed=0, callback=kill_after_three)
+    assert len(result.trials) == 8  # the budget is spent: failed trials count
+    assert events[:3] == [False, False, False] and all(events[3:])
+    assert result.best is not None and not result.best_trial.failed and result.best.feasible
+    failed = result.trials[-1].evaluation
+    assert not failed.feasible and "measurement failed" in failed.violations[0] and "no agent could measure" in failed.error
+    # failed plans are not cached: the plan is measured again once an agent is back
+    assert failed.plan_digest not in problem._memory_cache
