@@ -10,8 +10,10 @@ is always rung 0 and leaves the layer as it is.
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -28,6 +30,7 @@ from explorer.plan import Decision, Plan
 from explorer.precision import PRECISIONS, apply_precisions
 
 RANK_MULTIPLE = 8
+REWRITE_CACHE_BYTES = 256 * 2**20  # rewritten models kept by Compressor.rewrite_shared
 RUNG_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
 _GRAM_THRESHOLD = 1024  # above this smaller dimension, factorise through the Gram matrix (much faster)
 
@@ -66,6 +69,8 @@ class Compressor:
         self._factors: dict[tuple[str, str], _Factors] = {}
         self._singular: dict[tuple[str, str], np.ndarray] = {}
         self._ladders: dict[str, list[Rung]] = {}
+        self._rewritten: collections.OrderedDict[tuple, tuple[onnx.ModelProto, int, object]] = collections.OrderedDict()
+        self._rewritten_lock = threading.Lock()
 
     # ---- ladders ------------------------------------------------------------------------------
     def candidate_ranks(self, layer: Layer, method: str) -> list[int]:
@@ -180,6 +185,23 @@ class Compressor:
                       if decisions[layer].precision != "fp32"}
         if precisions:
             model = apply_precisions(model, precisions, calibration_inputs, ranges)
+        return model
+
+    def rewrite_shared(self, plan: Plan, calibration_inputs: np.ndarray | None = None) -> onnx.ModelProto:
+        """`rewrite`, remembered for the plan's ranks and precisions (placement does not change the
+        model), so scoring a plan's accuracy and measuring it rewrite once. The model is shared: read
+        it, do not modify it. At most REWRITE_CACHE_BYTES of models are kept (least recent out first)."""
+        key = (id(calibration_inputs),) + tuple((name, d.method, d.rank, d.precision) for name, d in plan.decisions)
+        with self._rewritten_lock:
+            hit = self._rewritten.get(key)
+            if hit is not None:
+                self._rewritten.move_to_end(key)
+                return hit[0]
+        model = self.rewrite(plan, calibration_inputs)
+        with self._rewritten_lock:
+            self._rewritten[key] = (model, model.ByteSize(), calibration_inputs)  # the array kept alive: its id stays unique
+            while sum(size for _, size, _ in self._rewritten.values()) > REWRITE_CACHE_BYTES and len(self._rewritten) > 1:
+                self._rewritten.popitem(last=False)
         return model
 
     def _check_plan(self, plan: Plan) -> None:

@@ -141,7 +141,7 @@ class HostMeasurer:
 def block_specs(graph: LayerGraph, compressor: Compressor, board: Board, plan: Plan, calibration_inputs: np.ndarray | None,
                 batch: int) -> tuple[list, list[BlockSpec], dict[str, np.ndarray]]:
     """The plan's unit blocks, what to send to ONNX Runtime for each, and a random input (seed 0)."""
-    model = compressor.rewrite(plan, calibration_inputs)
+    model = compressor.rewrite_shared(plan, calibration_inputs)  # the model the accuracy was scored on
     blocks = unit_blocks(graph, plan, model)
     specs = [BlockSpec(block.model.SerializeToString(), board.processor(block.processor).threads,
                        board.processor(block.processor).provider) for block in blocks]

@@ -277,7 +277,7 @@ class Problem:
             result = AccuracyResult(stored["value"], stored["metric"], stored["samples"])
         else:
             if self.scorer.measured:
-                result = self.scorer.score(self.compressor.rewrite(plan, self.calibration_inputs))
+                result = self.scorer.score(self.compressor.rewrite_shared(plan, self.calibration_inputs))
                 if path:
                     atomic_write_json(path, asdict(result))
             else:

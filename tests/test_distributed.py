@@ -56,3 +56,12 @@ def test_two_workers_share_one_study_with_exact_trials_all_in_mlflow(postgres, t
                                                    f"tags.mlflow.parentRunId = '{run_id}'", max_results=100)
     assert len(sources) == budget
     assert {t.user_attrs["source"] for t in measured} >= {"solver", "baseline", "tpe"}
+
+
+def test_workers_are_for_optuna_agents(capsys):
+    assert main(["search", "--agent", "ppo", "--workers", "2"]) == 2
+    assert "optuna-tpe" in capsys.readouterr().err
+    assert main(["search", "--agent", "optuna-tpe", "--workers", "5", "--budget", "3"]) == 2
+    assert "more than --budget" in capsys.readouterr().err
+    assert main(["search", "--agent", "random", "--study", "shared"]) == 2
+    assert "Optuna study" in capsys.readouterr().err

@@ -244,3 +244,21 @@ def test_when_no_agent_can_measure_the_trial_fails_and_the_search_completes(agen
     assert not failed.feasible and "measurement failed" in failed.violations[0] and "no agent could measure" in failed.error
     # failed plans are not cached: the plan is measured again once an agent is back
     assert failed.plan_digest not in problem._memory_cache
+
+
+def test_the_agent_only_install_runs_serve_and_explains_the_rest():
+    done = subprocess.run([sys.executable, str(AGENT_ONLY), "search"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "needs the full install" in done.stderr and "explorer[full]" in done.stderr
+
+
+def test_remote_measure_option_errors_are_one_line(capsys, monkeypatch):
+    from explorer.cli import main
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    assert main(["measure", "--model", "vgg", "--measure", "remote://nohost"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    assert main(["measure", "--model", "vgg", "--measure", "remote://127.0.0.1:9"]) == 2  # nothing listens on port 9
+    assert "no agent of remote://127.0.0.1:9 answered" in capsys.readouterr().err
+    monkeypatch.delenv(TOKEN_ENV)
+    assert main(["measure", "--model", "vgg", "--measure", "remote://127.0.0.1:9"]) == 2
+    assert TOKEN_ENV in capsys.readouterr().err

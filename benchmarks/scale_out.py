@@ -1,0 +1,186 @@
+"""Scaling out: evaluations per second with 1, 2 and 4 measurement agents, and with 1 and 2 Optuna workers.
+
+    .venv/bin/explorer calibrate --quick      # once: the `host` board the agents measure
+    .venv/bin/python benchmarks/scale_out.py [--agents 1 2 4] [--plans 24] [--workers 1 2] [--budget 40] [--seeds 3]
+
+Agents: `explorer serve` processes on loopback measure vgg plans for real (ONNX Runtime, the host
+board with one thread per processor, 3 warm-up runs and 15 timed repeats per plan); the random agent proposes the same plans (per seed)
+for every agent count, in batches of one plan per agent. Every plan's accuracy is scored and its
+model rewritten before timing (local work that agents do not share out: about 0.3 s per vgg plan
+here, which bounds a real search's rate whatever the number of agents), and the measurement cache is
+emptied before each run, so the table shows measurement throughput: splitting into unit blocks,
+uploads, and timing on the agents.
+
+Workers: `explorer search --agent optuna-tpe --workers N` (simulated tegra-k1, vgg with its
+accuracy measured) on a fresh runs folder each time (the sensitivity table and SVDs are copied in,
+the evaluation and accuracy caches are not); the time is the whole command's wall time.
+
+Each row is the median over seeds; ratios are to the first column. On a machine with C cores,
+more than C busy processes cannot run faster than C: the core count is printed with the table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "scale-out-benchmark"
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def start_agents(count: int) -> list[tuple[subprocess.Popen, str]]:
+    agents = []
+    for _ in range(count):
+        process = subprocess.Popen([sys.executable, "-m", "explorer.entry", "serve", "--port", "0"], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                   env=os.environ | {"EXPLORER_AGENT_TOKEN": TOKEN})
+        line = process.stdout.readline()
+        agents.append((process, line.split("listening on ")[1].split(" ")[0]))
+    return agents
+
+
+def single_threaded_host() -> Path:
+    """The host profile with every processor at one ONNX Runtime thread (a copy in a temporary folder):
+    N agents then need N cores, not 2N, and do not slow each other by oversubscription."""
+    import re
+
+    from explorer.paths import TARGETS_DIR
+
+    source = TARGETS_DIR / "host.toml"
+    if not source.is_file():
+        raise SystemExit("scale_out: no host board profile: run `.venv/bin/explorer calibrate --quick` first")
+    copy = Path(tempfile.mkdtemp(prefix="explorer-scale-out-board-")) / "host.toml"
+    copy.write_text(re.sub(r"(?m)^threads = \d+", "threads = 1", source.read_text()))
+    return copy
+
+
+def agent_rates(counts: list[int], plans: int, seeds: int) -> dict[int, list[float]]:
+    """Evaluations per second per agent count, one value per seed."""
+    os.environ["EXPLORER_AGENT_TOKEN"] = TOKEN
+    from agents import make_agent
+    from explorer.accuracy import AccuracyScorer
+    from explorer.boards import load_board
+    from explorer.errors import ExplorerError
+    from explorer.graph import load_graph
+    from explorer.problem import Constraints, Objective, Problem
+    from explorer.remote import RemoteMeasurer
+    from explorer.zoo import zoo_validation_data
+
+    try:
+        board = load_board(single_threaded_host())
+    except ExplorerError as error:
+        raise SystemExit(f"scale_out: {error}")
+    graph = load_graph("vgg")
+    scorer = AccuracyScorer(graph.model, zoo_validation_data("vgg"))
+    agents = start_agents(max(counts))
+    rates: dict[int, list[float]] = {count: [] for count in counts}
+    try:
+        for seed in range(seeds):
+            for count in counts:
+                spec = "remote://" + ",".join(address for _, address in agents[:count])
+                problem = Problem(graph, board, RemoteMeasurer(spec), scorer, Constraints(latency_ms=None, max_accuracy_drop=None),
+                                  Objective.parse("latency"))
+                for plan in _plans(problem, plans, seed):  # local work first: what agents do not share out
+                    problem.accuracy(plan)
+                    problem.compressor.rewrite_shared(plan, problem.calibration_inputs)  # (accuracy may come from disk)
+                problem.cache_file().unlink(missing_ok=True)
+                started = time.perf_counter()
+                result = make_agent("random").search(problem, plans, seed)
+                seconds = time.perf_counter() - started
+                assert len(result.trials) == plans and not any(t.failed for t in result.trials)
+                rates[count].append(plans / seconds)
+                progress(f"  agents {count}, seed {seed}: {plans} plans in {seconds:.1f} s ({plans / seconds:.2f}/s)")
+    finally:
+        for process, _ in agents:
+            process.terminate()
+            process.wait()
+    return rates
+
+
+def _plans(problem, count: int, seed: int):
+    """The plans the random agent proposes with this seed (the same for every agent count)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    seen, plans = set(), []
+    while len(plans) < count:
+        plan = problem.random_plan(rng)
+        if plan.digest() not in seen:
+            seen.add(plan.digest())
+            plans.append(plan)
+    return plans
+
+
+def worker_rates(counts: list[int], budget: int, seeds: int) -> dict[int, list[float]]:
+    """Evaluations per second of `explorer search --workers N` per worker count, one value per seed."""
+    base = Path(tempfile.mkdtemp(prefix="explorer-scale-out-"))
+    env = os.environ | {"EXPLORER_RUNS": str(base / "warm")}
+    progress("  sensitivity table (once, copied into every run)")
+    subprocess.run([sys.executable, "-m", "explorer.cli", "sensitivity", "--model", "vgg"], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    rates: dict[int, list[float]] = {count: [] for count in counts}
+    try:
+        for seed in range(seeds):
+            for count in counts:
+                runs = base / f"w{count}-s{seed}"
+                for folder in ("sensitivity", "svd"):
+                    if (base / "warm" / "cache" / folder).is_dir():
+                        shutil.copytree(base / "warm" / "cache" / folder, runs / "cache" / folder)
+                started = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "explorer.cli", "search", "--board", "tegra-k1", "--model", "vgg",
+                                "--agent", "optuna-tpe", "--budget", str(budget), "--workers", str(count), "--seed", str(seed)],
+                               cwd=ROOT, env=os.environ | {"EXPLORER_RUNS": str(runs)}, check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                seconds = time.perf_counter() - started
+                rates[count].append(budget / seconds)
+                progress(f"  workers {count}, seed {seed}: {budget} evaluations in {seconds:.1f} s ({budget / seconds:.2f}/s)")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return rates
+
+
+def table(title: str, what: str, rates: dict[int, list[float]]) -> str:
+    counts = sorted(rates)
+    medians = {c: statistics.median(rates[c]) for c in counts}
+    first = medians[counts[0]]
+    lines = [f"### {title}", "", "| " + what + " | " + " | ".join(str(c) for c in counts) + " |",
+             "|---|" + "---:|" * len(counts),
+             "| evaluations/s (median) | " + " | ".join(f"{medians[c]:.2f}" for c in counts) + " |",
+             f"| ratio to {counts[0]} | " + " | ".join(f"{medians[c] / first:.2f}" for c in counts) + " |", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--plans", type=int, default=24, help="plans measured per run (remote agents)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--budget", type=int, default=40, help="evaluations per search (Optuna workers)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--skip-agents", action="store_true")
+    parser.add_argument("--skip-workers", action="store_true")
+    args = parser.parse_args()
+    out = [f"{os.cpu_count()} cores on this machine; median over {args.seeds} seeds.", ""]
+    if not args.skip_agents:
+        progress("measurement agents on loopback (host board):")
+        out.append(table(f"Measurement agents (vgg on host, {args.plans} plans, warm-up 3, 15 repeats)", "agents",
+                         agent_rates(sorted(args.agents), args.plans, args.seeds)))
+    if not args.skip_workers:
+        progress("Optuna workers on one study (SQLite under runs/):")
+        out.append(table(f"Optuna workers (optuna-tpe, vgg on simulated tegra-k1, {args.budget} evaluations, whole command)",
+                         "workers", worker_rates(sorted(args.workers), args.budget, args.seeds)))
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
