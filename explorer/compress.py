@@ -70,6 +70,7 @@ class Compressor:
         self._singular: dict[tuple[str, str], np.ndarray] = {}
         self._ladders: dict[str, list[Rung]] = {}
         self._rewritten: collections.OrderedDict[tuple, tuple[onnx.ModelProto, int, object]] = collections.OrderedDict()
+        self._rewriting: dict[tuple, threading.Event] = {}  # rewrites in progress, by key
         self._rewritten_lock = threading.Lock()
 
     # ---- ladders ------------------------------------------------------------------------------
@@ -192,16 +193,27 @@ class Compressor:
         model), so scoring a plan's accuracy and measuring it rewrite once. The model is shared: read
         it, do not modify it. At most REWRITE_CACHE_BYTES of models are kept (least recent out first)."""
         key = (id(calibration_inputs),) + tuple((name, d.method, d.rank, d.precision) for name, d in plan.decisions)
-        with self._rewritten_lock:
-            hit = self._rewritten.get(key)
-            if hit is not None:
-                self._rewritten.move_to_end(key)
-                return hit[0]
-        model = self.rewrite(plan, calibration_inputs)
-        with self._rewritten_lock:
-            self._rewritten[key] = (model, model.ByteSize(), calibration_inputs)  # the array kept alive: its id stays unique
-            while sum(size for _, size, _ in self._rewritten.values()) > REWRITE_CACHE_BYTES and len(self._rewritten) > 1:
-                self._rewritten.popitem(last=False)
+        while True:
+            with self._rewritten_lock:
+                hit = self._rewritten.get(key)
+                if hit is not None:
+                    self._rewritten.move_to_end(key)
+                    return hit[0]
+                running = self._rewriting.get(key)
+                if running is None:  # this thread rewrites; others asking meanwhile wait for it
+                    running = self._rewriting[key] = threading.Event()
+                    break
+            running.wait()
+        try:
+            model = self.rewrite(plan, calibration_inputs)
+            with self._rewritten_lock:
+                self._rewritten[key] = (model, model.ByteSize(), calibration_inputs)  # the array kept alive: its id stays unique
+                while sum(size for _, size, _ in self._rewritten.values()) > REWRITE_CACHE_BYTES and len(self._rewritten) > 1:
+                    self._rewritten.popitem(last=False)
+        finally:
+            with self._rewritten_lock:
+                del self._rewriting[key]
+            running.set()
         return model
 
     def _check_plan(self, plan: Plan) -> None:

@@ -60,6 +60,10 @@ class Measurement:
         return cls(**{**data, "blocks": [BlockReport(**b) for b in data["blocks"]]})
 
 
+class MeasurementFailed(ExplorerError):
+    """A plan could not be measured (e.g. no remote agent could): the trial fails, the search goes on."""
+
+
 class Measurer(Protocol):
     """Measures a plan's latency, energy and memory on a board."""
 
@@ -73,7 +77,7 @@ class Measurer(Protocol):
 
     def measure(self, graph: LayerGraph, compressor: Compressor, board: Board, plan: Plan,
                 calibration_inputs: np.ndarray | None) -> Measurement:
-        """Measure one plan."""
+        """Measure one plan (MeasurementFailed when this plan cannot be measured now)."""
 
 
 class SimMeasurer:

@@ -21,7 +21,7 @@ from explorer.compress import Compressor, Rung
 from explorer.cost import CostModel
 from explorer.errors import ExplorerError
 from explorer.graph import Layer, LayerGraph
-from explorer.measure import Measurement, Measurer
+from explorer.measure import Measurement, MeasurementFailed, Measurer
 from explorer.paths import cache_dir
 from explorer.plan import Decision, Plan
 
@@ -210,8 +210,6 @@ class Problem:
 
     def _measure_new(self, plans: list[Plan]) -> dict[str, Evaluation]:
         """Measure plans that no cache holds; accuracy is scored meanwhile. Failed ones are not cached."""
-        from explorer.remote import MeasurementFailed
-
         def measure_all() -> list:
             if len(plans) > 1 and hasattr(self.measurer, "measure_many"):
                 return self.measurer.measure_many(self.graph, self.compressor, self.board, plans, self.calibration_inputs)

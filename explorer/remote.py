@@ -24,15 +24,11 @@ from explorer.blockrun import BlockTimes
 from explorer.boards import Board
 from explorer.cache import digest
 from explorer.errors import ExplorerError
-from explorer.measure import Measurement, block_specs, measurement_from_times
+from explorer.measure import Measurement, MeasurementFailed, block_specs, measurement_from_times
 from explorer.serve import PROTOCOL_VERSION, TOKEN_ENV
 
 log = logging.getLogger(__name__)
 SCHEME = "remote://"
-
-
-class MeasurementFailed(ExplorerError):
-    """No agent could measure a plan (every try failed); the trial fails, the search goes on."""
 
 
 class AgentError(Exception):

@@ -172,8 +172,8 @@ class Agent:
             shape = spec.get("shape") if isinstance(spec, dict) else None
             dtype = DTYPES.get(spec.get("dtype", "float32")) if isinstance(spec, dict) else None
             if (not isinstance(shape, list) or not all(isinstance(d, int) and 0 < d <= 1 << 20 for d in shape)
-                    or dtype is None or np.prod(shape, dtype=np.int64) > 1 << 28):
-                raise RequestError(bad, f"input {name!r}: give 'shape' as positive integers (at most 2^28 elements) and "
+                    or dtype is None or np.prod(shape, dtype=np.int64) > 1 << 26):
+                raise RequestError(bad, f"input {name!r}: give 'shape' as positive integers (at most 2^26 elements) and "
                                         f"'dtype' one of {', '.join(DTYPES)}")
             inputs[name] = rng.standard_normal(shape).astype(dtype)
         return blocks, inputs, warmup, repeats

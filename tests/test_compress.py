@@ -170,3 +170,23 @@ def test_truncated_svd_through_the_gram_matrix_matches_a_full_svd():
     expected = (left[:, :32] * singular[:32]) @ right[:32]
     assert np.max(np.abs(reconstruction - expected)) <= 1e-3 * np.max(np.abs(expected))
     np.testing.assert_allclose(singular_values(matrix)[:50], singular[:50], rtol=1e-4)
+
+
+def test_rewrite_shared_rewrites_each_rank_and_precision_choice_once(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    compressor = Compressor(LayerGraph(small_cnn()))
+    layers = [layer.name for layer in compressor.graph.layers]
+    rung = compressor.ladder(layers[1])[1]
+    on_cpu = Plan.uniform(layers, Decision(processor="cpu")).with_decision(
+        layers[1], Decision(rung.method, rung.rank, "fp32", "cpu"))
+    on_gpu = Plan.from_dict({name: Decision(d.method, d.rank, d.precision, "gpu") for name, d in on_cpu.decisions})
+    calls = []
+    real_rewrite = compressor.rewrite
+    monkeypatch.setattr(compressor, "rewrite", lambda *a, **k: calls.append(1) or real_rewrite(*a, **k))
+    with ThreadPoolExecutor(4) as pool:  # asked at once from several threads, as parallel measurement does
+        models = list(pool.map(lambda plan: compressor.rewrite_shared(plan), [on_cpu, on_gpu, on_cpu, on_gpu]))
+    assert len(calls) == 1 and all(m is models[0] for m in models)  # placement does not change the model
+    other = on_cpu.with_decision(layers[1], Decision(rung.method, rung.rank, "int8", "cpu"))
+    x = random_inputs(compressor.graph.model, 8)
+    assert compressor.rewrite_shared(other, x) is not models[0] and len(calls) == 2
