@@ -47,7 +47,6 @@ class AgentEndpoint:
     port: int
     info: dict = field(default_factory=dict)
     resting_until: float = 0.0  # monotonic time before which it is not tried (after a failure)
-    failures: int = 0
 
     @property
     def address(self) -> str:
@@ -111,10 +110,13 @@ class RemoteMeasurer:
                 except AgentError as error:
                     log.warning("agent %s is not reachable now (%s); it will be tried again later", endpoint.address, error)
                     endpoint.resting_until = time.monotonic() + self.rest_s
-                    endpoint.failures += 1
             if not reached:
                 raise ExplorerError(f"no agent of {self.spec} answered: start them with `explorer serve` (and the same "
                                     f"{TOKEN_ENV}) or check the addresses")
+            protocols = {e.info["fingerprint"].get("protocol") for e in reached}
+            if protocols != {PROTOCOL_VERSION}:
+                raise ExplorerError(f"agent protocol {', '.join(map(str, protocols))} differs from this client's "
+                                    f"{PROTOCOL_VERSION}: install the same explorer version on both sides")
             kinds = {_device_kind(e.info["fingerprint"]): e.address for e in reached}
             if len(kinds) > 1:
                 raise ExplorerError("the agents are different kinds of device: " + "; ".join(f"{a}: {k}" for k, a in kinds.items())
@@ -122,9 +124,6 @@ class RemoteMeasurer:
             for endpoint in self.endpoints:
                 self._free.put(endpoint)
             self._fingerprint = reached[0].info["fingerprint"]
-            if self._fingerprint.get("protocol") != PROTOCOL_VERSION:
-                raise ExplorerError(f"agent protocol {self._fingerprint.get('protocol')} differs from this client's "
-                                    f"{PROTOCOL_VERSION}: install the same explorer version on both sides")
             return self._fingerprint
 
     def identity(self, board: Board) -> str:
@@ -145,11 +144,11 @@ class RemoteMeasurer:
             raise ExplorerError(f"the agents lack {', '.join(missing)}, which {board.name}'s processors in this plan need: "
                                 "measure a board whose providers the agents have (see the agent's start line)")
         blocks, specs, inputs = block_specs(graph, compressor, board, plan, calibration_inputs, self.batch)
-        models = {hashlib.sha256(spec.model).hexdigest(): spec.model for spec in specs}
-        request = {"blocks": [{"model": hashlib.sha256(s.model).hexdigest(), "threads": s.threads, "provider": s.provider}
-                              for s in specs],
+        shas = [hashlib.sha256(spec.model).hexdigest() for spec in specs]
+        request = {"blocks": [{"model": sha, "threads": s.threads, "provider": s.provider} for sha, s in zip(shas, specs)],
                    "inputs": {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in inputs.items()},
                    "warmup": self.warmup, "repeats": self.repeats, "seed": 0}
+        models = {sha: spec.model for sha, spec in zip(shas, specs)}
         errors = []
         for _ in range(self.tries):
             endpoint = self._take()
@@ -157,18 +156,14 @@ class RemoteMeasurer:
                 answer = self._measure_on(endpoint, models, request)
             except AgentError as error:
                 errors.append(f"{endpoint.address}: {error}")
-                if error.retry:
-                    endpoint.failures += 1
-                    endpoint.resting_until = time.monotonic() + self.rest_s
-                    self._free.put(endpoint)
-                    continue
+                if not error.retry:
+                    raise MeasurementFailed(f"the agent rejected the plan: {error}") from None
+                endpoint.resting_until = time.monotonic() + self.rest_s  # down, busy or too slow: another one tries
+                continue
+            finally:
                 self._free.put(endpoint)
-                raise MeasurementFailed(f"the agent rejected the plan: {error}") from None
-            endpoint.failures = 0
-            self._free.put(endpoint)
-            times = BlockTimes.from_json(answer["times"])
-            return measurement_from_times(times, blocks, compressor, board, plan, self.label(board),
-                                          f"agent {endpoint.address}")
+            return measurement_from_times(BlockTimes.from_json(answer["times"]), blocks, compressor, board, plan,
+                                          self.label(board), f"agent {endpoint.address}")
         raise MeasurementFailed(f"no agent could measure the plan after {len(errors)} tries: " + "; ".join(errors))
 
     def measure_many(self, graph, compressor, board, plans, calibration_inputs=None) -> list[Measurement | MeasurementFailed]:
@@ -218,7 +213,10 @@ class RemoteMeasurer:
                 if self._request(endpoint, "HEAD", f"/models/{sha}", ok=(200, 404), timeout_s=30.0) is None:
                     self._request(endpoint, "PUT", f"/models/{sha}", body=data, content_type="application/octet-stream")
             try:
-                return self._request(endpoint, "POST", "/measure", body=json.dumps(request).encode())
+                answer = self._request(endpoint, "POST", "/measure", body=json.dumps(request).encode())
+                if _device_kind(answer["fingerprint"]) != _device_kind(self._fingerprint):  # e.g. it was down at start
+                    raise AgentError(f"it is another kind of device ({_device_kind(answer['fingerprint'])})")
+                return answer
             except AgentError as error:
                 if "upload it first" not in str(error) or attempt:
                     raise
