@@ -100,11 +100,11 @@ def _problem(board, measurer, constraints=Constraints(latency_ms=None, max_accur
     return Problem(graph, board, measurer, scorer, constraints, Objective.parse("latency"), use_disk_cache=False)
 
 
-def _measure_request(sha: str, repeats: int = 5) -> bytes:
+def _measure_request(sha: str, repeats: int = 5, warmup: int = 1) -> bytes:
     graph = LayerGraph(small_cnn())
     shape = [1] + list(graph.input_shape[1:])
     return json.dumps({"blocks": [{"model": sha, "threads": 1}], "inputs": {graph.input_names[0]: {"shape": shape, "dtype": "float32"}},
-                       "warmup": 1, "repeats": repeats}).encode()
+                       "warmup": warmup, "repeats": repeats}).encode()
 
 
 def test_remote_measurement_matches_the_host_measurement(agent, board, monkeypatch):
@@ -262,3 +262,16 @@ def test_remote_measure_option_errors_are_one_line(capsys, monkeypatch):
     monkeypatch.delenv(TOKEN_ENV)
     assert main(["measure", "--model", "vgg", "--measure", "remote://127.0.0.1:9"]) == 2
     assert TOKEN_ENV in capsys.readouterr().err
+
+
+def test_a_measurement_past_its_time_limit_is_stopped_with_504():
+    slow = AgentProcess("--measure-timeout", "0.2")
+    try:
+        sha = slow.upload(small_cnn().SerializeToString())
+        started = time.perf_counter()
+        status, answer = slow.request("POST", "/measure", _measure_request(sha, repeats=10_000, warmup=10_000))
+        assert status == 504 and "limit" in answer["error"] and time.perf_counter() - started < 10
+        status, answer = slow.request("POST", "/measure", _measure_request(sha, repeats=3))
+        assert status == 200  # the next measurement runs normally
+    finally:
+        slow.stop()
