@@ -366,6 +366,9 @@ def solve_measured(problem, rounds: int = 6, incumbent: Plan | None = None, cost
             ratio = solution.accuracy_drop / max(evaluation.accuracy_drop, 1e-9)
             accuracy_scale *= float(np.clip(ratio, 0.1, 0.8))
     if not history:
+        if best_known is not None and best_known == incumbent:
+            raise ExplorerError(f"the solver's model predicts nothing better than the incumbent plan "
+                                f"({problem.evaluate(incumbent).objective:.4g}, measured)")
         raise ExplorerError("the solver's model predicts nothing better than the baseline plan: "
                             f"{problem.baseline_plan().decisions[0][1].processor} in fp32, uncompressed")
     feasible = [(s, e) for s, e in history if e.feasible]

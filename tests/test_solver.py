@@ -177,3 +177,19 @@ def test_measured_solve_accepts_an_incumbent():
     first = solve_measured(problem)
     again = solve_measured(problem, incumbent=first.plan)  # baseline and incumbent both feasible: compared by objective
     assert again.rounds and all(e.feasible or e.violations for _, e in again.rounds)
+
+
+def test_measured_solve_names_the_bound_it_could_not_beat(monkeypatch):
+    import explorer.solver as solver_module
+    from explorer.solver import Solution, solve_measured
+
+    problem = _problem(load_board("tegra-k1"), latency_ms=1e4, max_accuracy_drop=1.0)
+    first = solve_measured(problem)
+    assert first.feasible and first.evaluation.objective < problem.baseline().objective  # the incumbent is the bound
+    nan = float("nan")
+    nothing = Solution(None, "infeasible", nan, nan, nan, nan, nan, 0.0, "nothing beats the bound")
+    monkeypatch.setattr(solver_module, "solve", lambda *args, **kwargs: nothing)
+    with pytest.raises(ExplorerError, match="nothing better than the incumbent plan"):
+        solve_measured(problem, incumbent=first.plan)
+    with pytest.raises(ExplorerError, match="nothing better than the baseline plan"):
+        solve_measured(problem)
