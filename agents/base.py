@@ -80,6 +80,7 @@ class BudgetedProblem:
         self.callback = callback
         self.source = agent
         self._seen: dict[str, Evaluation] = {}
+        self._failed_in_batch: dict[str, Evaluation] = {}  # failed plans of the last batch, not yet asked for again
 
     def __getattr__(self, name):
         return getattr(self.problem, name)
@@ -93,6 +94,8 @@ class BudgetedProblem:
         key = plan.digest()
         if key in self._seen:
             return self._seen[key]
+        if key in self._failed_in_batch:  # failed moments ago in a batch: that trial stands, no second one
+            return self._failed_in_batch.pop(key)
         if self.remaining <= 0:
             raise BudgetExhausted
         return self.evaluate_many([plan], [source], [study_trial])[0]
@@ -116,6 +119,7 @@ class BudgetedProblem:
         for (key, (plan, source, number)), evaluation in zip(new.items(), evaluations):
             self._record(plan, evaluation, source, seconds, number)
             fresh[key] = evaluation
+        self._failed_in_batch = {key: e for key, e in fresh.items() if e.failed} if len(new) > 1 else {}
         return [self._seen.get(plan.digest()) or fresh.get(plan.digest()) for plan in plans]
 
     def _record(self, plan: Plan, evaluation: Evaluation, source: str | None, seconds: float, study_trial: int | None) -> None:

@@ -116,7 +116,7 @@ class PPOAgent:
                 for _ in range(self.parallel_episodes)]
         layers = len(envs[0].layers)
         n_steps = layers * max(self.episodes_per_update // self.parallel_episodes, 1)
-        model = MaskablePPO("MlpPolicy", DummyVecEnv([lambda e=e: e for e in envs]),  # in-process: one budget
+        model = MaskablePPO("MlpPolicy", BatchedEvaluationVecEnv([lambda e=e: e for e in envs]),  # in-process: one budget
                             learning_rate=self.learning_rate, n_steps=n_steps,
                             batch_size=max(n_steps * self.parallel_episodes // self.minibatches, 1),
                             n_epochs=self.epochs, gamma=1.0, gae_lambda=0.95, clip_range=self.clip_range,
@@ -141,6 +141,21 @@ class PPOAgent:
                            for _ in range(self.strays * len(plans))]
         demonstrations += [Demonstration(plan, suggestion, plan, self.alternative_weight) for plan in plans[1:]]
         return demonstrations
+
+
+class BatchedEvaluationVecEnv(DummyVecEnv):
+    """DummyVecEnv whose environments end their episodes on the same step (one step per layer): when
+    the problem measures several plans at once (remote agents), the plans those steps complete are
+    evaluated together first, in environment order, and the environments then find them evaluated.
+    With one plan at a time it is DummyVecEnv."""
+
+    def step_wait(self):
+        problem = self.envs[0].problem
+        if problem.parallelism > 1:
+            plans = [plan for env, action in zip(self.envs, self.actions) if (plan := env.plan_if(action)) is not None]
+            if len(plans) > 1:
+                problem.evaluate_many(plans)
+        return super().step_wait()
 
 
 def behaviour_clone(model: MaskablePPO, env: DeployEnv, demonstrations: list[Demonstration], steps: int,

@@ -288,6 +288,14 @@ class DeployEnv(gym.Env):
         finally:
             self.suggestion, self._completions, self._rectangle = saved
 
+    def plan_if(self, action) -> Plan | None:
+        """The plan this action completes when it is the episode's last step, else None (nothing changes)."""
+        episode = self._episode
+        if len(episode.decisions) != len(self.layers) - 1:
+            return None
+        decision, _ = self.decode(action, self._rectangle, len(episode.decisions))
+        return Plan(tuple((layer.name, d) for layer, d in zip(self.layers, [*episode.decisions, decision])))
+
     def plan_of(self, episode: _Episode) -> Plan:
         """The plan of an episode's decisions."""
         return Plan(tuple((layer.name, d) for layer, d in zip(self.layers, episode.decisions)))

@@ -275,3 +275,17 @@ def test_a_measurement_past_its_time_limit_is_stopped_with_504():
         assert status == 200  # the next measurement runs normally
     finally:
         slow.stop()
+
+
+def test_ppo_measures_the_episodes_it_ends_together_on_several_agents(two_agents, board, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    spec = "remote://" + ",".join(a.address for a in two_agents)
+    problem = _problem(board, RemoteMeasurer(spec, warmup=1, repeats=3))
+    batches = []
+    evaluate_many = problem.evaluate_many
+    monkeypatch.setattr(problem, "evaluate_many", lambda plans: batches.append(len(plans)) or evaluate_many(plans))
+    result = make_agent("ppo").search(problem, 12, seed=0)
+    assert len(result.trials) == 12 and result.best is not None and not any(t.failed for t in result.trials)
+    assert max(batches) > 1  # episodes ending on one step were measured together
+    counts = [a.request("GET", "/info")[1]["measurements"] for a in two_agents]
+    assert all(c > 0 for c in counts) and sum(counts) >= 12  # both agents measured (the baselines come on top)
