@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 DATABASE_FILE = "mlflow.db"
 ARTIFACTS_FOLDER = "mlartifacts"
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
 BEST_PLAN_ARTIFACT = "best_plan.json"
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_CALL = 100
@@ -99,6 +100,16 @@ def _sqlite_folder(uri: str) -> Path | None:
     if _scheme(uri) != "sqlite" or not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
         return None
     return Path(uri.removeprefix("sqlite:///")).parent
+
+
+def _local_artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a SQLite file, under runs/ for another
+    database (MLflow's default there is ./mlruns in whatever folder the search ran from), or None
+    where the store decides (an MLflow server, a file store)."""
+    folder = _sqlite_folder(uri)
+    if folder is None and _scheme(uri) in DATABASE_SCHEMES:
+        folder = runs_dir()
+    return (folder / ARTIFACTS_FOLDER).resolve().as_uri() if folder is not None else None
 
 
 def ui_command(tracking_uri: str | None = None) -> str:
@@ -334,13 +345,11 @@ class SearchTracker:
 
     # ---- setup --------------------------------------------------------------------------------
     def _experiment(self, name: str) -> str:
-        """The experiment's id, creating it (with artifacts next to a SQLite file) if needed."""
+        """The experiment's id, creating it (artifacts where `_local_artifact_root` says) if needed."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            folder = _sqlite_folder(self.tracking_uri)
-            location = (folder / ARTIFACTS_FOLDER).resolve().as_uri() if folder else None
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(name, artifact_location=_local_artifact_root(self.tracking_uri))
             except MlflowException as exc:  # created meanwhile by another process
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise

@@ -11,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from explorer.cli import main
-from explorer.tracking import read_search
+from explorer.paths import runs_dir
+from explorer.tracking import read_search, search_run_settings
 from netbuild import small_cnn
 from pgserver import TemporaryPostgres, postgres_bin
 
@@ -56,6 +57,11 @@ def test_two_workers_share_one_study_with_exact_trials_all_in_mlflow(postgres, t
                                                    f"tags.mlflow.parentRunId = '{run_id}'", max_results=100)
     assert len(sources) == budget
     assert {t.user_attrs["source"] for t in measured} >= {"solver", "baseline", "tpe"}
+    # artifacts of a database store go under runs/, not into whatever folder the search ran from
+    artifact_root = MlflowClient(mlflow_url).get_experiment(search.parent.info.experiment_id).artifact_location
+    assert artifact_root == (runs_dir() / "mlartifacts").resolve().as_uri()
+    settings, best_plan = search_run_settings(mlflow_url, run_id)  # what `explorer export --run` reads
+    assert best_plan["decisions"] and settings["budget"] == budget
 
 
 def test_workers_are_for_optuna_agents(capsys):
