@@ -1,7 +1,7 @@
 """Search quality: every agent side by side on the same problems at equal measured-evaluation budgets.
 
     .venv/bin/python benchmarks/search_quality.py [--budgets 100 300 1000] [--seeds 5]
-        [--agents ppo optuna-tpe ...] [--reference-budget N] [--json out.json]
+        [--agents ppo optuna-tpe ...] [--reference-budget N] [--json out.json] [--plot out.png]
 
 Problems: vgg (Fashion-MNIST, the full 2000-image validation set) on tegra-k1 and snapdragon-800,
 measured on the simulated boards, minimising energy under a latency budget and a 1-point accuracy
@@ -21,6 +21,9 @@ Optuna) runs once per seed at the largest budget and is read off its best-so-far
 budget, which is what a separate run with that budget would return; other agents (ppo) run once per
 budget. All searches on one board share one Problem, so a plan measured by one search is recalled
 by the next from the cache; each search still counts it against its own budget.
+
+Plot (--plot): per board, the median over seeds of the best-so-far curve of each agent's longest run
+(relative to the best known, against measured evaluations), with the table's medians as markers.
 """
 from __future__ import annotations
 
@@ -46,6 +49,10 @@ from explorer.solver import solve_measured
 from explorer.zoo import zoo_validation_data
 
 AGENT_OPTIONS = {"optuna-tpe": {"storage": "memory"}, "optuna-nsga2": {"storage": "memory"}}  # fresh studies
+
+
+AGENT_COLOURS = {"ppo": "tab:red", "optuna-tpe": "tab:blue", "optuna-nsga2": "tab:green", "random": "tab:gray",
+                 "solver": "tab:purple"}
 
 
 def progress(text: str) -> None:
@@ -223,6 +230,44 @@ def markdown(reports: list[BoardReport], agents: list[str], budgets: list[int], 
     return "\n".join(lines)
 
 
+def median_curve(runs: list[Run], reference: float) -> list[float]:
+    """Median over runs of best-so-far / reference at each evaluation (NaN where most have none feasible)."""
+    length = min(len(r.result.best_so_far) for r in runs)
+    return [statistics.median(r.result.best_so_far[i] / reference for r in runs) for i in range(length)]
+
+
+def plot(reports: list[BoardReport], agents: list[str], budgets: list[int], path: str) -> None:
+    """One panel per board: median best-so-far curves and the table's medians (PNG)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.5 * len(reports), 4.5), dpi=110)
+    for index, report in enumerate(reports):
+        axes = figure.add_subplot(1, len(reports), index + 1)
+        table = medians(report, agents, budgets)
+        for agent in agents:
+            colour = AGENT_COLOURS.get(agent, "black")
+            runs = [r for r in report.runs if r.agent == agent]
+            longest = max((r.budget for r in runs), default=0)
+            curve = median_curve([r for r in runs if r.budget == longest], report.reference["objective"]) if runs else []
+            points = [(n + 1, v) for n, v in enumerate(curve) if math.isfinite(v)]
+            if len(points) > 1:
+                axes.step(*zip(*points), where="post", color=colour, label=agent)
+            marks = [(b, table[agent][b][0]) for b in budgets if math.isfinite(table[agent][b][0])]
+            if marks:
+                axes.plot(*zip(*marks), "o", color=colour, label=None if len(points) > 1 else agent)
+            elif not points:
+                axes.plot([], [], color=colour, linestyle=":", label=f"{agent} (none feasible)")
+        axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        axes.set_xscale("log")
+        axes.set_xlabel("measured evaluations")
+        axes.set_ylabel("best feasible energy / best known (median over seeds)")
+        axes.set_title(f"vgg on {report.board} (sim)")
+        axes.grid(alpha=0.3)
+        axes.legend(loc="best")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
 def dump(reports: list[BoardReport], agents: list[str], budgets: list[int], seeds: list[int], args) -> dict:
     boards = {}
     for report in reports:
@@ -235,6 +280,7 @@ def dump(reports: list[BoardReport], agents: list[str], budgets: list[int], seed
             "runs": [{"agent": r.agent, "seed": r.seed, "budget": r.budget, "evaluations": len(r.result.trials),
                       "feasible": r.result.feasible_count, "seconds": r.seconds,
                       "best_at": {str(b): (r.best_at(b) if math.isfinite(r.best_at(b)) else None) for b in budgets if b <= r.budget},
+                      "best_so_far": [v if math.isfinite(v) else None for v in r.result.best_so_far],
                       "best_plan_digest": r.result.best_plan.digest() if r.result.best_plan else None}
                      for r in report.runs],
         }
@@ -258,6 +304,7 @@ def main() -> None:
     parser.add_argument("--max-accuracy-drop", type=float, default=0.01)
     parser.add_argument("--recompute-reference", action="store_true", help="ignore the cached reference searches")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="write the convergence plot here (PNG)")
     args = parser.parse_args()
     budgets = sorted(set(args.budgets))
     seeds = list(range(args.seeds))
@@ -294,6 +341,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dump(reports, args.agents, budgets, seeds, args), f, indent=2)
+    if args.plot and reports:
+        plot(reports, args.agents, budgets, args.plot)
 
 
 if __name__ == "__main__":
