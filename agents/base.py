@@ -89,6 +89,10 @@ class BudgetedProblem:
     def remaining(self) -> int:
         return self.budget - len(self.result.trials)
 
+    def has_measured(self, plan: Plan) -> bool:
+        """Whether this search already measured the plan successfully (asking for it again is free)."""
+        return plan.digest() in self._seen
+
     def evaluate(self, plan: Plan, source: str | None = None, study_trial: int | None = None) -> Evaluation:
         """Evaluate a plan; a new plan beyond the budget raises BudgetExhausted."""
         key = plan.digest()

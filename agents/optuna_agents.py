@@ -236,7 +236,7 @@ class _OptunaAgent:
         try:
             plans = [space.plan(trial.params, study.study_name) for trial in asked]
             sources = [trial.user_attrs.get("source", self.source) for trial in asked]
-            before = {t.plan.digest() for t in budgeted.result.trials}
+            measured_before = {plan.digest() for plan in plans if budgeted.has_measured(plan)}
             evaluations = budgeted.evaluate_many(plans, sources, [trial.number for trial in asked])
         except BaseException:
             for trial in asked:
@@ -248,8 +248,8 @@ class _OptunaAgent:
                 continue
             trial.set_user_attr("source", source)
             trial.set_user_attr("plan_digest", plan.digest())
-            trial.set_user_attr("duplicate", plan.digest() in before)
-            before.add(plan.digest())
+            trial.set_user_attr("duplicate", plan.digest() in measured_before)  # left out of the study's result
+            measured_before.add(plan.digest())
             if evaluation.failed:
                 trial.set_user_attr("error", evaluation.error[:500])
                 study.tell(trial, state=TrialState.FAIL)
