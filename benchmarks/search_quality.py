@@ -51,8 +51,9 @@ from explorer.zoo import zoo_validation_data
 AGENT_OPTIONS = {"optuna-tpe": {"storage": "memory"}, "optuna-nsga2": {"storage": "memory"}}  # fresh studies
 
 
-AGENT_COLOURS = {"ppo": "tab:red", "optuna-tpe": "tab:blue", "optuna-nsga2": "tab:green", "random": "tab:gray",
-                 "solver": "tab:purple"}
+# colour, line style, width: a wide solid line under dashed ones, so agents with identical curves stay visible
+AGENT_STYLES = {"ppo": ("tab:red", "-", 2.0), "optuna-tpe": ("tab:blue", "-", 5.0), "optuna-nsga2": ("tab:green", "--", 2.5),
+                "random": ("tab:gray", ":", 2.0), "solver": ("tab:purple", "-.", 1.5)}
 
 
 def progress(text: str) -> None:
@@ -245,16 +246,16 @@ def plot(reports: list[BoardReport], agents: list[str], budgets: list[int], path
         axes = figure.add_subplot(1, len(reports), index + 1)
         table = medians(report, agents, budgets)
         for agent in agents:
-            colour = AGENT_COLOURS.get(agent, "black")
+            colour, style, width = AGENT_STYLES.get(agent, ("black", "-", 1.5))
             runs = [r for r in report.runs if r.agent == agent]
             longest = max((r.budget for r in runs), default=0)
             curve = median_curve([r for r in runs if r.budget == longest], report.reference["objective"]) if runs else []
             points = [(n + 1, v) for n, v in enumerate(curve) if math.isfinite(v)]
             if len(points) > 1:
-                axes.step(*zip(*points), where="post", color=colour, label=agent)
+                axes.step(*zip(*points), where="post", color=colour, linestyle=style, linewidth=width, label=agent)
             marks = [(b, table[agent][b][0]) for b in budgets if math.isfinite(table[agent][b][0])]
             if marks:
-                axes.plot(*zip(*marks), "o", color=colour, label=None if len(points) > 1 else agent)
+                axes.plot(*zip(*marks), "o", color=colour, markersize=3 + width, label=None if len(points) > 1 else agent)
             elif not points:
                 axes.plot([], [], color=colour, linestyle=":", label=f"{agent} (none feasible)")
         axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
