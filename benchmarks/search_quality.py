@@ -22,6 +22,9 @@ budget, which is what a separate run with that budget would return; other agents
 budget. All searches on one board share one Problem, so a plan measured by one search is recalled
 by the next from the cache; each search still counts it against its own budget.
 
+--from-json A.json B.json ...: no search; the table and the plot from earlier --json outputs, their
+runs merged per board (for example boards or agents run as separate processes side by side).
+
 Plot (--plot): per board, the median over seeds of the best-so-far curve of each agent's longest run
 (relative to the best known, against measured evaluations), with the table's medians as markers.
 """
@@ -83,7 +86,7 @@ class Run:
 @dataclass
 class BoardReport:
     board: str
-    problem: Problem
+    problem: Problem | None  # None when read back from --json
     latency_budget_ms: float
     baseline: dict
     runs: list[Run] = field(default_factory=list)
@@ -195,7 +198,8 @@ def medians(report: BoardReport, agents: list[str], budgets: list[int]) -> dict:
         for budget in budgets:
             values = [r.best_at(budget) / report.reference["objective"] for r in report.runs
                       if r.agent == agent and r.serves(budget)]
-            table[agent][budget] = (statistics.median(values), sum(math.isfinite(v) for v in values), len(values))
+            table[agent][budget] = ((statistics.median(values), sum(math.isfinite(v) for v in values), len(values)) if values
+                                    else (math.nan, 0, 0))  # not run on this board
     return table
 
 
@@ -204,6 +208,9 @@ def markdown(reports: list[BoardReport], agents: list[str], budgets: list[int], 
              f"(1.000 = the best known; lower is better).", ""]
     for report in reports:
         reference = report.reference
+        if reference is None:
+            lines += [f"### vgg on {report.board} (sim): no agent found a feasible plan", ""]
+            continue
         evidence = report.binds
         binds = (f"binds (a plan of {evidence['latency_ms']:.3f} ms reaches {evidence['objective']:.4g})" if evidence
                  else "not shown to bind (no plan seen that only the latency budget excludes and that beats the best known)")
@@ -222,6 +229,9 @@ def markdown(reports: list[BoardReport], agents: list[str], budgets: list[int], 
             cells = []
             for budget in budgets:
                 ratio, feasible, total = table[agent][budget]
+                if total == 0:
+                    cells.append("not run")
+                    continue
                 cell = f"{ratio:.3f}" if math.isfinite(ratio) else "none"
                 if feasible < total:
                     cell += f" ({feasible}/{total} feasible)"
@@ -242,15 +252,20 @@ def plot(reports: list[BoardReport], agents: list[str], budgets: list[int], path
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6.5 * len(reports), 4.5), dpi=110)
+    reports = [r for r in reports if r.reference is not None]
     for index, report in enumerate(reports):
         axes = figure.add_subplot(1, len(reports), index + 1)
         table = medians(report, agents, budgets)
         for agent in agents:
             colour, style, width = AGENT_STYLES.get(agent, ("black", "-", 1.5))
             runs = [r for r in report.runs if r.agent == agent]
+            if not runs:  # not run on this board
+                continue
             longest = max((r.budget for r in runs), default=0)
-            curve = median_curve([r for r in runs if r.budget == longest], report.reference["objective"]) if runs else []
+            curve = median_curve([r for r in runs if r.budget == longest], report.reference["objective"])
             points = [(n + 1, v) for n, v in enumerate(curve) if math.isfinite(v)]
+            if points and points[-1][0] < longest:  # an agent that stopped early (solver) keeps its best
+                points.append((longest, points[-1][1]))
             if len(points) > 1:
                 axes.step(*zip(*points), where="post", color=colour, linestyle=style, linewidth=width, label=agent)
             marks = [(b, table[agent][b][0]) for b in budgets if math.isfinite(table[agent][b][0])]
@@ -272,12 +287,12 @@ def plot(reports: list[BoardReport], agents: list[str], budgets: list[int], path
 def dump(reports: list[BoardReport], agents: list[str], budgets: list[int], seeds: list[int], args) -> dict:
     boards = {}
     for report in reports:
-        table = medians(report, agents, budgets)
+        table = medians(report, agents, budgets) if report.reference else None
         boards[report.board] = {
             "latency_budget_ms": report.latency_budget_ms, "baseline": report.baseline, "reference": report.reference,
             "latency_budget_binds": report.binds,
-            "median_ratio": {a: {str(b): table[a][b][0] if math.isfinite(table[a][b][0]) else None for b in budgets} for a in agents},
-            "feasible_seeds": {a: {str(b): table[a][b][1] for b in budgets} for a in agents},
+            "median_ratio": table and {a: {str(b): table[a][b][0] if math.isfinite(table[a][b][0]) else None for b in budgets} for a in agents},
+            "feasible_seeds": table and {a: {str(b): table[a][b][1] for b in budgets} for a in agents},
             "runs": [{"agent": r.agent, "seed": r.seed, "budget": r.budget, "evaluations": len(r.result.trials),
                       "feasible": r.result.feasible_count, "seconds": r.seconds,
                       "best_at": {str(b): (r.best_at(b) if math.isfinite(r.best_at(b)) else None) for b in budgets if b <= r.budget},
@@ -290,6 +305,53 @@ def dump(reports: list[BoardReport], agents: list[str], budgets: list[int], seed
                          "max_accuracy_drop": args.max_accuracy_drop, "latency_factor": args.latency_factor,
                          "latency_ms": args.latency_ms},
             "boards": boards}
+
+
+def load_reports(paths: list[str]) -> tuple[list[BoardReport], dict]:
+    """Board reports rebuilt from --json outputs, the runs of all files merged per board, and the
+    files' common settings. Exits with one line when a file cannot be read or does not fit."""
+    reports: dict[str, BoardReport] = {}
+    settings: dict | None = None
+    same = ("objective", "max_accuracy_drop", "latency_factor", "latency_ms")
+    for path in paths:
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            current, boards = saved["settings"], saved["boards"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"search_quality: cannot read {path} ({error}): give files written by --json")
+        if settings and any(settings[k] != current[k] for k in same):
+            raise SystemExit(f"search_quality: {path} was run with other settings than {paths[0]}; "
+                             f"{', '.join(same)} must match")
+        settings = settings or current
+        for name, board in boards.items():
+            report = reports.setdefault(name, BoardReport(name, None, board["latency_budget_ms"], board["baseline"]))
+            reference = board["reference"]
+            if reference and (report.reference is None or reference["objective"] < report.reference["objective"]):
+                report.reference = reference
+            report.binds = report.binds or board["latency_budget_binds"]
+            for run in board["runs"]:
+                if any((r.agent, r.seed, r.budget) == (run["agent"], run["seed"], run["budget"]) for r in report.runs):
+                    raise SystemExit(f"search_quality: {name} {run['agent']} seed {run['seed']} budget {run['budget']} "
+                                     f"is in more than one file; give each run once")
+                curve = [math.inf if v is None else v for v in run["best_so_far"]]
+                anytime = bool(getattr(new_agent(run["agent"]), "anytime", False))
+                report.runs.append(Run(run["agent"], run["seed"], run["budget"], anytime,
+                                       SearchResult(run["agent"], best_so_far=curve), run["seconds"]))
+    return list(reports.values()), settings
+
+
+def redraw(args) -> None:
+    """--from-json: the table (and --plot) from saved runs, without searching."""
+    reports, settings = load_reports(args.from_json)
+    for key in ("objective", "max_accuracy_drop"):
+        setattr(args, key, settings[key])
+    present = {r.agent for report in reports for r in report.runs}
+    agents = [a for a in AGENTS if a in present]
+    seeds = sorted({r.seed for report in reports for r in report.runs})
+    print(markdown(reports, agents, settings["budgets"], seeds, args))
+    if args.plot:
+        plot(reports, agents, settings["budgets"], args.plot)
 
 
 def main() -> None:
@@ -306,7 +368,10 @@ def main() -> None:
     parser.add_argument("--recompute-reference", action="store_true", help="ignore the cached reference searches")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write the convergence plot here (PNG)")
+    parser.add_argument("--from-json", nargs="+", metavar="JSON", help="no search: table and plot from earlier --json outputs")
     args = parser.parse_args()
+    if args.from_json:
+        return redraw(args)
     budgets = sorted(set(args.budgets))
     seeds = list(range(args.seeds))
     args.reference_budget = args.reference_budget or 10 * budgets[-1]
@@ -335,8 +400,8 @@ def main() -> None:
         report.reference = best_known(report, references, args.agents)
         if report.reference is None:
             progress(f"{board_name}: no agent found a feasible plan; loosen the constraints")
-            continue
-        report.binds = binding_evidence(report)
+        else:
+            report.binds = binding_evidence(report)
         reports.append(report)
     print(markdown(reports, args.agents, budgets, seeds, args))
     if args.json:
