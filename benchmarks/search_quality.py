@@ -113,6 +113,11 @@ def new_agent(name: str):
     return make_agent(name, **AGENT_OPTIONS.get(name, {}))
 
 
+def is_anytime(name: str) -> bool:
+    """Whether the agent's proposals do not depend on the budget (one run serves every smaller budget)."""
+    return bool(getattr(new_agent(name), "anytime", False))
+
+
 def search(agent_name: str, problem: Problem, budget: int, seed: int, label: str) -> Run:
     agent = new_agent(agent_name)
     step = max(1, budget // 10)
@@ -251,8 +256,8 @@ def plot(reports: list[BoardReport], agents: list[str], budgets: list[int], path
     """One panel per board: median best-so-far curves and the table's medians (PNG)."""
     from matplotlib.figure import Figure
 
+    reports = [r for r in reports if r.reference is not None]  # a board where nothing was feasible has no curve
     figure = Figure(figsize=(6.5 * len(reports), 4.5), dpi=110)
-    reports = [r for r in reports if r.reference is not None]
     for index, report in enumerate(reports):
         axes = figure.add_subplot(1, len(reports), index + 1)
         table = medians(report, agents, budgets)
@@ -312,6 +317,7 @@ def load_reports(paths: list[str]) -> tuple[list[BoardReport], dict]:
     files' common settings. Exits with one line when a file cannot be read or does not fit."""
     reports: dict[str, BoardReport] = {}
     settings: dict | None = None
+    anytime: dict[str, bool] = {}
     same = ("objective", "max_accuracy_drop", "latency_factor", "latency_ms")
     for path in paths:
         try:
@@ -335,8 +341,9 @@ def load_reports(paths: list[str]) -> tuple[list[BoardReport], dict]:
                     raise SystemExit(f"search_quality: {name} {run['agent']} seed {run['seed']} budget {run['budget']} "
                                      f"is in more than one file; give each run once")
                 curve = [math.inf if v is None else v for v in run["best_so_far"]]
-                anytime = bool(getattr(new_agent(run["agent"]), "anytime", False))
-                report.runs.append(Run(run["agent"], run["seed"], run["budget"], anytime,
+                agent = run["agent"]
+                anytime.setdefault(agent, is_anytime(agent))
+                report.runs.append(Run(agent, run["seed"], run["budget"], anytime[agent],
                                        SearchResult(run["agent"], best_so_far=curve), run["seconds"]))
     return list(reports.values()), settings
 
@@ -350,7 +357,7 @@ def redraw(args) -> None:
     agents = [a for a in AGENTS if a in present]
     seeds = sorted({r.seed for report in reports for r in report.runs})
     print(markdown(reports, agents, settings["budgets"], seeds, args))
-    if args.plot:
+    if args.plot and any(r.reference for r in reports):
         plot(reports, agents, settings["budgets"], args.plot)
 
 
@@ -386,7 +393,7 @@ def main() -> None:
         progress(f"{board_name}: latency budget {latency_budget:.3f} ms (baseline {baseline['latency_ms']:.3f} ms on "
                  f"{baseline['processor']})")
         for agent in args.agents:
-            anytime = bool(getattr(new_agent(agent), "anytime", False))
+            anytime = is_anytime(agent)
             for seed in seeds:
                 label = f"{board_name} {agent} seed {seed}"
                 if anytime:  # one run read at every budget; seed 0 runs on to the reference budget if needed
@@ -407,7 +414,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dump(reports, args.agents, budgets, seeds, args), f, indent=2)
-    if args.plot and reports:
+    if args.plot and any(r.reference for r in reports):
         plot(reports, args.agents, budgets, args.plot)
 
 
