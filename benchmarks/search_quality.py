@@ -253,10 +253,13 @@ def median_curve(runs: list[Run], reference: float) -> list[float]:
 
 
 def plot(reports: list[BoardReport], agents: list[str], budgets: list[int], path: str) -> None:
-    """One panel per board: median best-so-far curves and the table's medians (PNG)."""
+    """One panel per board: median best-so-far curves and the table's medians (PNG); nothing is
+    written when no board had a feasible plan."""
     from matplotlib.figure import Figure
 
     reports = [r for r in reports if r.reference is not None]  # a board where nothing was feasible has no curve
+    if not reports:
+        return
     figure = Figure(figsize=(6.5 * len(reports), 4.5), dpi=110)
     for index, report in enumerate(reports):
         axes = figure.add_subplot(1, len(reports), index + 1)
@@ -266,7 +269,7 @@ def plot(reports: list[BoardReport], agents: list[str], budgets: list[int], path
             runs = [r for r in report.runs if r.agent == agent]
             if not runs:  # not run on this board
                 continue
-            longest = max((r.budget for r in runs), default=0)
+            longest = max(r.budget for r in runs)
             curve = median_curve([r for r in runs if r.budget == longest], report.reference["objective"])
             points = [(n + 1, v) for n, v in enumerate(curve) if math.isfinite(v)]
             if points and points[-1][0] < longest:  # an agent that stopped early (solver) keeps its best
@@ -344,7 +347,7 @@ def load_reports(paths: list[str]) -> tuple[list[BoardReport], dict]:
                 agent = run["agent"]
                 anytime.setdefault(agent, is_anytime(agent))
                 report.runs.append(Run(agent, run["seed"], run["budget"], anytime[agent],
-                                       SearchResult(run["agent"], best_so_far=curve), run["seconds"]))
+                                       SearchResult(agent, best_so_far=curve), run["seconds"]))
     return list(reports.values()), settings
 
 
@@ -357,7 +360,7 @@ def redraw(args) -> None:
     agents = [a for a in AGENTS if a in present]
     seeds = sorted({r.seed for report in reports for r in report.runs})
     print(markdown(reports, agents, settings["budgets"], seeds, args))
-    if args.plot and any(r.reference for r in reports):
+    if args.plot:
         plot(reports, agents, settings["budgets"], args.plot)
 
 
@@ -414,7 +417,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dump(reports, args.agents, budgets, seeds, args), f, indent=2)
-    if args.plot and any(r.reference for r in reports):
+    if args.plot:
         plot(reports, args.agents, budgets, args.plot)
 
 
