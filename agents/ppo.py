@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from sb3_contrib import MaskablePPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -122,6 +123,7 @@ class PPOAgent:
                             n_epochs=self.epochs, gamma=1.0, gae_lambda=0.95, clip_range=self.clip_range,
                             ent_coef=self.entropy_coef, policy_kwargs={"net_arch": list(self.hidden)}, seed=seed,
                             device="cpu", verbose=0)
+        model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes an empty /tmp/SB3-* folder per search
         rng = np.random.default_rng(seed)
         if guide.suggestion is not None:
             demonstrations = self.demonstrations(envs[0], guide.suggestion, guide.alternatives(), rng)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -399,7 +398,6 @@ def _progress_status(problem, result) -> str:
 def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespace) -> None:
     """Compare with the baseline and the solver, show the best plan, log summary and plots, end the run."""
     from explorer.solver import solve_measured
-    from explorer.tracking import convergence_plot, pareto_plot
 
     solver = solve_measured(problem).evaluation
     rows = [("baseline (uncompressed fp32, best single processor)", baseline), ("solver plan (DAD/RLC)", solver)]
@@ -415,10 +413,8 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
         print_plan(problem, result.best_plan, f"best plan ({len(result.trials)} evaluations, {result.feasible_count} feasible)")
     console.print(f"measured by: {(result.best or solver).measured_by}")
     summary = _summary_markdown(problem, rows, result, args)
-    plots_dir = Path(tempfile.mkdtemp(prefix="explorer-plots-"))
-    plots = {"convergence.png": convergence_plot(result, plots_dir / "convergence.png"),
-             "pareto.png": pareto_plot(result, plots_dir / "pareto.png")}
-    tracker.finish(result, result.best_plan.to_json() if result.best_plan else {}, summary, plots)
+    tracker.finish(result, result.best_plan.to_json() if result.best_plan else {}, summary,
+                   latency_budget_ms=problem.constraints.latency_ms)  # draws the plots in a folder it removes
 
 
 def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, args: argparse.Namespace) -> None:

@@ -57,3 +57,17 @@ def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
     data = zoo_validation_data("vgg")
     top1 = float(np.mean(Bundle.load(bundle_dir).run(data.x).argmax(1) == data.y))
     assert top1 == metrics["best_accuracy"]  # the bundle reproduces the accuracy logged in MLflow
+
+
+def test_a_search_leaves_no_temporary_folders(capsys, monkeypatch, tmp_path):
+    """The plots are drawn in a folder that is removed, and PPO's logger writes nowhere (SB3's default
+    logger makes an empty SB3-<time> folder in the temporary directory on every learn()). Torch's
+    per-user compile cache (torchinductor_<user>) is shared by every process, not left by a search."""
+    import tempfile
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    assert main(["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "ppo", "--budget", "6", "--seed", "1"]) == 0
+    assert "MLflow run:" in capsys.readouterr().out
+    assert [p.name for p in temporary.iterdir() if not p.name.startswith("torchinductor_")] == []
