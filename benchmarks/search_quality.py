@@ -1,6 +1,6 @@
 """Search quality: every agent side by side on the same problems at equal measured-evaluation budgets.
 
-    .venv/bin/python benchmarks/search_quality.py [--budgets 100 300 1000] [--seeds 5]
+    .venv/bin/python benchmarks/search_quality.py [--budgets 100 300 1000] [--seeds 5] [--first-seed 0]
         [--agents ppo optuna-tpe ...] [--reference-budget N] [--json out.json] [--plot out.png]
 
 Problems: vgg (Fashion-MNIST, the full 2000-image validation set) on tegra-k1 and snapdragon-800,
@@ -129,6 +129,9 @@ def search(agent_name: str, problem: Problem, budget: int, seed: int, label: str
     started = time.perf_counter()
     result = agent.search(problem, budget, seed, callback=report)
     seconds = time.perf_counter() - started
+    if result.interrupted:  # a partial run must not be read as a whole one (nor stored as a reference)
+        raise SystemExit(f"search_quality: interrupted during {label} after {len(result.trials)} evaluations; nothing "
+                         f"was recorded for it (the evaluations are cached: a rerun recalls them quickly)")
     best = f"{result.best.objective:.4g}" if result.best else "none feasible"
     progress(f"  {label}: done, {len(result.trials)} evaluations, best {best}, {seconds:.0f} s")
     return Run(agent_name, seed, budget, bool(getattr(agent, "anytime", False)), result, seconds)
@@ -368,7 +371,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", nargs="+", default=list(AGENTS), choices=AGENTS)
     parser.add_argument("--budgets", nargs="+", type=int, default=[100, 300, 1000])
-    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0, 1, ...)")
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0, 1, ...); 0: only the reference searches")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds FIRST_SEED..SEEDS-1 only (to add seeds to earlier --json outputs)")
     parser.add_argument("--reference-budget", type=int, help="budget of the reference searches (default 10x the largest)")
     parser.add_argument("--boards", nargs="+", default=["tegra-k1", "snapdragon-800"])
     parser.add_argument("--objective", default="energy")
@@ -383,7 +388,10 @@ def main() -> None:
     if args.from_json:
         return redraw(args)
     budgets = sorted(set(args.budgets))
-    seeds = list(range(args.seeds))
+    if args.seeds < 0 or args.first_seed < 0 or (args.seeds and args.first_seed >= args.seeds):
+        raise SystemExit(f"search_quality: --seeds {args.seeds} --first-seed {args.first_seed}: give seeds >= 0 and a first "
+                         f"seed below it")
+    seeds = list(range(args.first_seed, args.seeds))
     args.reference_budget = args.reference_budget or 10 * budgets[-1]
 
     graph = load_graph("vgg")
