@@ -31,6 +31,7 @@ Plot (--plot): per board, the median over seeds of the best-so-far curve of each
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import statistics
@@ -143,14 +144,14 @@ def problem_key(problem: Problem) -> str:
 
 
 class ReferenceCache:
-    """Best plan per agent at a reference budget (seed 0), per problem, in runs/benchmarks/."""
+    """Best plan per agent at a reference budget (seed 0), per problem, in runs/benchmarks/.
+    Several benchmark processes may share the file: each store re-reads it under a lock."""
 
     def __init__(self, problem: Problem, budget: int, recompute: bool = False):
         self.path = runs_dir() / "benchmarks" / "search_quality_reference.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.cache = read_json(self.path) or {}
-        key = problem_key(problem)
-        self.entries = self.cache[key] = {} if recompute else self.cache.get(key, {})
+        self.key = problem_key(problem)
+        self.entries = {} if recompute else (read_json(self.path) or {}).get(self.key, {})
         self.budget = budget
 
     def get(self, agent: str) -> dict | None:
@@ -160,8 +161,13 @@ class ReferenceCache:
         """The run's best feasible plan within the reference budget."""
         feasible = [t for t in run.result.trials[:self.budget] if t.evaluation.feasible]
         best = min(feasible, key=lambda t: t.evaluation.objective) if feasible else None
-        self.entries[f"{run.agent}@{self.budget}"] = _summary(run.agent, self.budget, best)
-        atomic_write_json(self.path, self.cache)
+        name = f"{run.agent}@{self.budget}"
+        self.entries[name] = _summary(run.agent, self.budget, best)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released on close
+            cache = read_json(self.path) or {}
+            cache.setdefault(self.key, {})[name] = self.entries[name]
+            atomic_write_json(self.path, cache)
 
 
 def _summary(agent: str, budget: int, best: Trial | None) -> dict:
