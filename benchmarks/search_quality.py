@@ -22,6 +22,11 @@ budget, which is what a separate run with that budget would return; other agents
 budget. All searches on one board share one Problem, so a plan measured by one search is recalled
 by the next from the cache; each search still counts it against its own budget.
 
+--first-seed K runs seeds K..SEEDS-1 only, to add seeds to earlier outputs; --seeds 0 runs only the
+reference searches (the longest part, as processes of their own). An interrupted search stops the
+benchmark and records nothing for that run; its measurements are cached, so a rerun recalls them
+instead of measuring again (same seed, same plans).
+
 --from-json A.json B.json ...: no search; the table and the plot from earlier --json outputs, their
 runs merged per board (for example boards or agents run as separate processes side by side).
 
