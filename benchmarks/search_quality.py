@@ -128,16 +128,23 @@ def search(agent_name: str, problem: Problem, budget: int, seed: int, label: str
     agent = new_agent(agent_name)
     step = max(1, budget // 10)
 
+    measured = [0]
+
     def report(trial: Trial, result: SearchResult) -> None:
+        measured[0] = trial.number + 1
         if (trial.number + 1) % step == 0:
             progress(f"  {label}: {trial.number + 1}/{budget} evaluations, best {result.best_so_far[-1]:.4g}")
 
     started = time.perf_counter()
-    result = agent.search(problem, budget, seed, callback=report)
-    seconds = time.perf_counter() - started
-    if result.interrupted:  # a partial run must not be read as a whole one (nor stored as a reference)
-        raise SystemExit(f"search_quality: interrupted during {label} after {len(result.trials)} evaluations; nothing "
+    try:
+        result = agent.search(problem, budget, seed, callback=report)
+        interrupted = result.interrupted  # agents that catch Ctrl-C return what they have
+    except KeyboardInterrupt:  # ppo lets it through
+        interrupted = True
+    if interrupted:  # a partial run must not be read as a whole one (nor stored as a reference)
+        raise SystemExit(f"search_quality: interrupted during {label} after {measured[0]} evaluations; nothing "
                          f"was recorded for it (the evaluations are cached: a rerun recalls them quickly)")
+    seconds = time.perf_counter() - started
     best = f"{result.best.objective:.4g}" if result.best else "none feasible"
     progress(f"  {label}: done, {len(result.trials)} evaluations, best {best}, {seconds:.0f} s")
     return Run(agent_name, seed, budget, bool(getattr(agent, "anytime", False)), result, seconds)
