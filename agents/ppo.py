@@ -44,7 +44,8 @@ from explorer.accuracy import sensitivity_table
 from explorer.errors import ExplorerError
 from explorer.plan import Plan
 from explorer.problem import Problem
-from explorer.solver import Instance, MeasuredSolve, block_observations, instance_for, predicted, solve, solve_measured
+from explorer.solver import (Instance, MeasuredSolve, block_observations, instance_for, objective_of, picks_for, predicted,
+                             solve, solve_measured)
 
 ACCURACY_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)  # accuracy limits of the behaviour-cloning plans, x the limit
 LATENCY_SCALES = (1.0, 0.7)  # latency budgets of those plans, x the solver plan's predicted latency
@@ -52,6 +53,7 @@ ACCURACY_SCALE_RANGE = (0.5, 3.0)  # how far measurements may move the solver's 
 RATIO_QUANTILE = 0.9  # conservative measured/estimated accuracy-loss ratio
 SOLVE_SECONDS = 20.0
 BEST_ALTERNATIVES = 4  # best measured plans imitated (lightly) when re-anchoring
+LOCAL_RADIUS = 3  # layers a local proposal of the solver may change in the best measured plan
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class PPOAgent:
                  hidden: tuple[int, ...] = (64, 64), bc_steps: int = 300, anchor_steps: int = 100,
                  bc_learning_rate: float = 3e-3, smoothing: float = 0.02, strays: int = 4,
                  alternative_weight: float = 0.1,
-                 recalibrate_every: int = 16, stuck_episodes: int = 32, episodes_per_evaluation: int = 20):
+                 recalibrate_every: int = 16, stuck_episodes: int = 32, episodes_per_evaluation: int = 20,
+                 local_proposals: int = 2):
         self.episodes_per_update = episodes_per_update  # episodes per PPO update, over all parallel ones
         self.parallel_episodes = parallel_episodes  # environments stepped together (one batched forward pass)
         self.minibatches = minibatches
@@ -94,6 +97,7 @@ class PPOAgent:
         self.recalibrate_every = recalibrate_every  # measured trials between refreshes
         self.stuck_episodes = stuck_episodes  # episodes without a new plan that force a refresh
         self.episodes_per_evaluation = episodes_per_evaluation
+        self.local_proposals = local_proposals  # solver's plans near the best measured one, per refresh
 
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
         """Search within `budget` measured evaluations (distinct plans), deterministic for a seed."""
@@ -242,24 +246,53 @@ class SolverGuide:
                     plans.append(solution.plan)
         return plans
 
-    def refresh(self) -> Plan | None:
+    def refresh(self, local_proposals: int = 0) -> Plan | None:
         """Recalibrate from every trial so far, re-solve with the best measured plan as incumbent,
-        evaluate the solver's plan; the suggestion becomes the best measured plan (returned)."""
+        evaluate the solver's plan and up to `local_proposals` plans of `local_plan`; the suggestion
+        becomes the best measured plan (returned)."""
         self._absorb_trials()
         self.cost_model = self.base_model.calibrated(self._observations)
         instance = instance_for(self.problem, self.cost_model, self.sensitivity)
-        if instance.accuracy_limit is not None:
-            instance.accuracy_limit *= self.accuracy_scale()
+        scaled = copy.copy(instance)
+        if scaled.accuracy_limit is not None:
+            scaled.accuracy_limit *= self.accuracy_scale()
         best = self.problem.result.best_plan
-        solution = solve(instance, _predicted_objective(instance, best) if best else None, SOLVE_SECONDS)
-        if solution.plan is not None and self.problem.remaining > 0:
-            self.problem.source = "solver"
-            try:
-                self.problem.evaluate(solution.plan)
-            finally:
-                self.problem.source = "policy"
+        solution = solve(scaled, objective_of(scaled, best) if best else None, SOLVE_SECONDS)
+        self._evaluate(solution.plan, "solver")
+        for _ in range(local_proposals):
+            if not self._evaluate(self.local_plan(instance), "solver-local"):
+                break
         self.suggestion = self.problem.result.best_plan or solution.plan or self.suggestion
         return self.suggestion
+
+    def local_plan(self, instance: Instance) -> Plan | None:
+        """The plan the model predicts best among the unmeasured ones that change at most
+        LOCAL_RADIUS layers of the best measured plan and are predicted to beat it, the accuracy
+        estimate anchored at that plan's measured loss: its additive estimate plus the measured
+        headroom to the limit, scaled like the global budget (None if the model sees none)."""
+        best = self.problem.result.best
+        best_plan = self.problem.result.best_plan
+        best_picks = picks_for(instance, best_plan) if best_plan is not None else None
+        if best_picks is None:
+            return None
+        local = copy.copy(instance)
+        limit = self.problem.constraints.max_accuracy_drop
+        if local.accuracy_limit is not None and limit is not None and best.accuracy_drop is not None:
+            headroom = max(limit - best.accuracy_drop, 0.0)
+            local.accuracy_limit = predicted(local, best_picks)["accuracy_drop"] + headroom * self.accuracy_scale()
+        index = [{choice.decision: i for i, choice in enumerate(options)} for options in local.choices]
+        measured = [[index[l][d] for l, (_, d) in enumerate(trial.plan.decisions)] for trial in self.problem.result.trials]
+        nearby = [picks for picks in measured if sum(a != b for a, b in zip(picks, best_picks)) <= LOCAL_RADIUS]
+        solution = solve(local, predicted(local, best_picks)["objective"], SOLVE_SECONDS, exclude=nearby,
+                         near=(best_picks, LOCAL_RADIUS))
+        return solution.plan
+
+    def _evaluate(self, plan: Plan | None, source: str) -> bool:
+        """Measure a new plan of the solver's (if any and the budget allows); whether it was measured."""
+        if plan is None or self.problem.remaining <= 0 or self.problem.has_measured(plan):
+            return False
+        self.problem.evaluate(plan, source)
+        return True
 
     def accuracy_scale(self) -> float:
         """Factor on the accuracy limit the solver uses: 1 / (a high quantile of the measured over
@@ -280,17 +313,6 @@ class SolverGuide:
                                for name, d in trial.plan.decisions)
                 self._accuracy_pairs.append((estimate, trial.evaluation.accuracy_drop))
         self._absorbed = len(self.problem.result.trials)
-
-
-def _predicted_objective(instance: Instance, plan: Plan) -> float | None:
-    """The plan's objective on the instance's model (None if a decision is not among its choices)."""
-    picks = []
-    for options, (_, decision) in zip(instance.choices, plan.decisions):
-        index = next((i for i, choice in enumerate(options) if choice.decision == decision), None)
-        if index is None:
-            return None
-        picks.append(index)
-    return predicted(instance, picks)["objective"]
 
 
 class _SearchProgress(BaseCallback):
@@ -323,7 +345,7 @@ class _SearchProgress(BaseCallback):
         due = len(self.problem.result.trials) - self.trials_at_refresh >= self.agent.recalibrate_every
         if self.problem.remaining <= 0 or not (due or self.episodes_without_new_plan >= self.agent.stuck_episodes):
             return
-        suggestion = self.guide.refresh()
+        suggestion = self.guide.refresh(self.agent.local_proposals)
         self.trials_at_refresh = len(self.problem.result.trials)
         self.episodes_without_new_plan = 0
         for env in self.envs:

@@ -17,6 +17,7 @@ search agents are for.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,13 +96,21 @@ def predicted(instance: Instance, picks: list[int]) -> dict[str, float]:
     return {"latency": latency, "energy": energy, "memory": memory, "accuracy_drop": drop, "objective": objective}
 
 
-def solve(instance: Instance, incumbent_objective: float | None = None, time_limit_s: float = 60.0) -> Solution:
-    """Solve the instance exactly; `incumbent_objective` (if given) bounds the objective from above."""
+def solve(instance: Instance, incumbent_objective: float | None = None, time_limit_s: float = 60.0,
+          exclude: Sequence[Sequence[int]] = (), near: tuple[Sequence[int], int] | None = None) -> Solution:
+    """Solve the instance exactly; `incumbent_objective` (if given) bounds the objective from above.
+    `exclude`: plans (a choice index per layer, see `picks_for`) the solution must differ from;
+    `near` = (picks, radius): the solution differs from that plan in at most `radius` layers."""
     started = time.perf_counter()
     program = _Program(instance)
     rows = program.constraints(include_latency=True, include_accuracy=True, include_memory=True)
     if incumbent_objective is not None:
         rows.append((program.objective_row(), -np.inf, incumbent_objective * (1 + 1e-9) + 1e-12))
+    layers = len(instance.choices)
+    rows += [(program.selection_row(picks), -np.inf, layers - 1) for picks in exclude]
+    if near is not None:
+        picks, radius = near
+        rows.append((program.selection_row(picks), layers - radius, np.inf))
     result = program.run(program.objective_row(), rows, time_limit_s)
     seconds = time.perf_counter() - started
     if result.status == 2 or result.x is None:
@@ -157,6 +166,12 @@ class _Program:
             for l, costs in enumerate(inst.transfer):
                 for (a, b), pair in costs.items():
                     row[self.y(l, self.proc_index[a], self.proc_index[b])] = pair[position]
+        return row
+
+    def selection_row(self, picks: Sequence[int]) -> np.ndarray:
+        """Coefficients counting the layers whose choice is the one in `picks`."""
+        row = np.zeros(self.n)
+        row[[self.x(l, c) for l, c in enumerate(picks)]] = 1.0
         return row
 
     def objective_row(self) -> np.ndarray:
@@ -302,7 +317,7 @@ def solve_problem(problem, incumbent: Plan | None = None, cost_model=None, time_
     Raises ExplorerError with the diagnosis when no plan satisfies the constraints.
     """
     instance = instance_for(problem, cost_model)
-    bound = _objective_of(instance, incumbent) if incumbent is not None else None
+    bound = objective_of(instance, incumbent) if incumbent is not None else None
     solution = solve(instance, bound, time_limit_s)
     if solution.status == "infeasible":
         raise ExplorerError(f"no plan meets the constraints: {solution.message}")
@@ -349,7 +364,7 @@ def solve_measured(problem, rounds: int = 6, incumbent: Plan | None = None, cost
         instance = instance_for(problem, cost_model, sensitivity)
         if instance.accuracy_limit is not None:
             instance.accuracy_limit *= accuracy_scale
-        bound = _objective_of(instance, best_known) if best_known is not None else None
+        bound = objective_of(instance, best_known) if best_known is not None else None
         solution = solve(instance, bound, time_limit_s)
         if solution.plan is None:
             if not history and bound is None:
@@ -376,10 +391,17 @@ def solve_measured(problem, rounds: int = 6, incumbent: Plan | None = None, cost
     return MeasuredSolve(best_solution.plan, best, history, cost_model)
 
 
-def _objective_of(instance: Instance, plan: Plan) -> float | None:
+def picks_for(instance: Instance, plan: Plan) -> list[int] | None:
+    """The plan as a choice index per layer of the instance (None if a decision is not among its choices)."""
     picks = [next((i for i, ch in enumerate(options) if ch.decision == d), None)
              for options, (_, d) in zip(instance.choices, plan.decisions)]
-    return None if None in picks else predicted(instance, picks)["objective"]
+    return None if None in picks else picks
+
+
+def objective_of(instance: Instance, plan: Plan) -> float | None:
+    """The plan's objective on the instance's model (None if a decision is not among its choices)."""
+    picks = picks_for(instance, plan)
+    return None if picks is None else predicted(instance, picks)["objective"]
 
 
 def block_observations(problem, cost_model, plan: Plan, evaluation) -> list[tuple[str, str, str, float, float]]:

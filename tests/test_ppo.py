@@ -5,7 +5,7 @@ import pytest
 from sb3_contrib import MaskablePPO
 
 from agents.base import BudgetedProblem
-from agents.ppo import Demonstration, PPOAgent, behaviour_clone
+from agents.ppo import LOCAL_RADIUS, Demonstration, PPOAgent, behaviour_clone
 from envs import DeployEnv, make_problem
 from explorer.solver import solve_measured
 
@@ -36,9 +36,21 @@ def test_spends_exactly_the_budget_on_distinct_plans(runs, problem):
     result = runs[0]
     assert result.agent == "ppo" and len(result.trials) == BUDGET == len(result.best_so_far)
     assert len({t.plan.digest() for t in result.trials}) == BUDGET
-    assert {t.source for t in result.trials} == {"solver", "policy"}
+    assert {t.source for t in result.trials} == {"solver", "solver-local", "policy"}
     for trial in result.trials:
         problem.validate(trial.plan)
+
+
+def test_local_proposals_stay_near_the_best_measured_plan(runs):
+    """The solver's local proposals change at most LOCAL_RADIUS layers of the best plan measured before them."""
+    result = runs[0]
+    local = [t for t in result.trials if t.source == "solver-local"]
+    assert local
+    for trial in local:
+        earlier = [t for t in result.trials[:trial.number] if t.evaluation.feasible]
+        best = min(earlier, key=lambda t: t.evaluation.objective).plan
+        changed = sum(a != b for (_, a), (_, b) in zip(trial.plan.decisions, best.decisions))
+        assert 1 <= changed <= LOCAL_RADIUS
 
 
 def test_best_is_feasible_and_never_worse_than_the_solver(runs, solver_objective):

@@ -1,4 +1,6 @@
 """The DAD/RLC integer program: exact against brute force, sensible placements, clear infeasibility."""
+import itertools
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from explorer.graph import LayerGraph
 from explorer.measure import SimMeasurer
 from explorer.plan import Decision
 from explorer.problem import Constraints, Objective, Problem
-from explorer.solver import Choice, Instance, solve, solve_problem
+from explorer.solver import Choice, Instance, picks_for, predicted, solve, solve_problem
 from boardbuild import write_board
 from netbuild import mlp, random_inputs, redundant_mlp, small_cnn
 
@@ -103,6 +105,27 @@ def test_incumbent_bounds_the_objective():
     optimum = solve(instance)
     assert solve(instance, incumbent_objective=optimum.objective).objective == pytest.approx(optimum.objective)
     assert solve(instance, incumbent_objective=optimum.objective * 0.9).status == "infeasible"
+
+
+def test_excluded_plans_and_the_neighbourhood_bound_the_search():
+    """`exclude` removes plans, `near` keeps the solution within a Hamming radius of a plan: the
+    solver's answer is the brute-force best of what is left."""
+    rng = np.random.default_rng(11)
+    instance = _random_instance(rng, layers=3, rungs=2)
+    instance.latency_budget_s, instance.accuracy_limit, instance.memory_limit_bytes = 1.0, 1.0, None
+    instance.capacity_bytes = {p: 1e12 for p in PROCESSORS}
+    instance.local_capacity_bytes = 1e12
+    every = [list(picks) for picks in itertools.product(*(range(len(options)) for options in instance.choices))]
+    objective = {tuple(picks): predicted(instance, picks)["objective"] for picks in every}
+    ranked = sorted(every, key=lambda picks: objective[tuple(picks)])
+    anchor = ranked[len(ranked) // 2]
+    exclude = ranked[:5] + [anchor]
+    allowed = [picks for picks in ranked if picks not in exclude and sum(a != b for a, b in zip(picks, anchor)) <= 1]
+    solution = solve(instance, exclude=exclude, near=(anchor, 1))
+    assert solution.optimal and solution.plan is not None
+    assert picks_for(instance, solution.plan) == allowed[0]
+    assert solve(instance, exclude=exclude).objective == pytest.approx(objective[tuple(ranked[5])])
+    assert solve(instance, exclude=every).status == "infeasible"
 
 
 def _problem(board, model=None, **constraints):
