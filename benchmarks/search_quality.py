@@ -121,17 +121,21 @@ def new_agent(name: str):
 
 def is_anytime(name: str) -> bool:
     """Whether the agent's proposals do not depend on the budget (one run serves every smaller budget)."""
-    return bool(getattr(new_agent(name), "anytime", False))
+    return _anytime(new_agent(name))
+
+
+def _anytime(agent) -> bool:
+    return bool(getattr(agent, "anytime", False))
 
 
 def search(agent_name: str, problem: Problem, budget: int, seed: int, label: str) -> Run:
     agent = new_agent(agent_name)
     step = max(1, budget // 10)
-
-    measured = [0]
+    measured = 0
 
     def report(trial: Trial, result: SearchResult) -> None:
-        measured[0] = trial.number + 1
+        nonlocal measured
+        measured = trial.number + 1
         if (trial.number + 1) % step == 0:
             progress(f"  {label}: {trial.number + 1}/{budget} evaluations, best {result.best_so_far[-1]:.4g}")
 
@@ -142,12 +146,12 @@ def search(agent_name: str, problem: Problem, budget: int, seed: int, label: str
     except KeyboardInterrupt:  # ppo lets it through
         interrupted = True
     if interrupted:  # a partial run must not be read as a whole one (nor stored as a reference)
-        raise SystemExit(f"search_quality: interrupted during {label} after {measured[0]} evaluations; nothing "
+        raise SystemExit(f"search_quality: interrupted during {label} after {measured} evaluations; nothing "
                          f"was recorded for it (the evaluations are cached: a rerun recalls them quickly)")
     seconds = time.perf_counter() - started
     best = f"{result.best.objective:.4g}" if result.best else "none feasible"
     progress(f"  {label}: done, {len(result.trials)} evaluations, best {best}, {seconds:.0f} s")
-    return Run(agent_name, seed, budget, bool(getattr(agent, "anytime", False)), result, seconds)
+    return Run(agent_name, seed, budget, _anytime(agent), result, seconds)
 
 
 def problem_key(problem: Problem) -> str:
