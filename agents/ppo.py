@@ -227,6 +227,7 @@ class SolverGuide:
         self._observations: list[tuple] = []  # block observations of the trials, by the base model
         self._accuracy_pairs: list[tuple[float, float]] = []  # (estimated, measured) accuracy loss per trial
         self._absorbed = 0
+        self._picks: list[list[int]] = []  # choice indices of the trials' plans (see _measured_picks)
 
     def alternatives(self) -> list[Plan]:
         """Distinct plans of the integer program for several accuracy limits and latency budgets
@@ -280,12 +281,20 @@ class SolverGuide:
         if local.accuracy_limit is not None and limit is not None and best.accuracy_drop is not None:
             headroom = max(limit - best.accuracy_drop, 0.0)
             local.accuracy_limit = predicted(local, best_picks)["accuracy_drop"] + headroom * self.accuracy_scale()
-        index = [{choice.decision: i for i, choice in enumerate(options)} for options in local.choices]
-        measured = [[index[l][d] for l, (_, d) in enumerate(trial.plan.decisions)] for trial in self.problem.result.trials]
-        nearby = [picks for picks in measured if sum(a != b for a, b in zip(picks, best_picks)) <= LOCAL_RADIUS]
-        solution = solve(local, predicted(local, best_picks)["objective"], SOLVE_SECONDS, exclude=nearby,
+        measured = self._measured_picks(local)
+        nearby = measured[(measured != np.array(best_picks)).sum(axis=1) <= LOCAL_RADIUS]
+        solution = solve(local, predicted(local, best_picks)["objective"], SOLVE_SECONDS, exclude=nearby.tolist(),
                          near=(best_picks, LOCAL_RADIUS))
         return solution.plan
+
+    def _measured_picks(self, instance: Instance) -> np.ndarray:
+        """Every trial's plan as a row of choice indices (the choices' order is the problem's, whatever
+        the costs: converted once per trial)."""
+        trials = self.problem.result.trials
+        if len(self._picks) < len(trials):
+            index = [{choice.decision: i for i, choice in enumerate(options)} for options in instance.choices]
+            self._picks += [[index[l][d] for l, (_, d) in enumerate(trial.plan.decisions)] for trial in trials[len(self._picks):]]
+        return np.array(self._picks, dtype=int).reshape(len(self._picks), len(instance.choices))
 
     def _evaluate(self, plan: Plan | None, source: str) -> bool:
         """Measure a new plan of the solver's (if any and the budget allows); whether it was measured."""
