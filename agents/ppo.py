@@ -100,13 +100,16 @@ class PPOAgent:
         self.local_proposals = local_proposals  # solver's plans near the best measured one, per refresh
 
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
-        """Search within `budget` measured evaluations (distinct plans), deterministic for a seed."""
+        """Search within `budget` measured evaluations (distinct plans), deterministic for a seed;
+        Ctrl-C ends it early with the trials so far (`interrupted` set)."""
         budgeted = BudgetedProblem(problem, budget, self.name, callback)
         with _fast_torch():
             try:
                 self._search(budgeted, seed)
             except BudgetExhausted:
                 pass
+            except KeyboardInterrupt:  # like every agent: Ctrl-C returns what was measured, marked interrupted
+                budgeted.result.interrupted = True
         return budgeted.result
 
     def _search(self, budgeted: BudgetedProblem, seed: int) -> None:

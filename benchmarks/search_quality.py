@@ -142,8 +142,8 @@ def search(agent_name: str, problem: Problem, budget: int, seed: int, label: str
     started = time.perf_counter()
     try:
         result = agent.search(problem, budget, seed, callback=report)
-        interrupted = result.interrupted  # agents that catch Ctrl-C return what they have
-    except KeyboardInterrupt:  # ppo lets it through
+        interrupted = result.interrupted  # every agent catches Ctrl-C and returns what it has
+    except KeyboardInterrupt:  # one that arrives before the agent's own handler is in place
         interrupted = True
     if interrupted:  # a partial run must not be read as a whole one (nor stored as a reference)
         raise SystemExit(f"search_quality: interrupted during {label} after {measured} evaluations; nothing "

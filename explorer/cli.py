@@ -326,11 +326,11 @@ def cmd_search(args: argparse.Namespace) -> None:
 
         try:
             result = agent.search(problem, args.budget, args.seed, on_trial)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # before the agent's own handler is in place (agents return what they have)
             result = state["result"]
             if result is not None:
                 result.interrupted = True
-        if result is None or result.interrupted:  # Ctrl-C (some agents catch it and return what they have)
+        if result is None or result.interrupted:  # Ctrl-C
             tracker.mark_killed()
             progress.stop()
             best = result.best if result else None

@@ -67,6 +67,18 @@ def test_search_agents_spend_the_budget_exactly_and_never_report_an_infeasible_b
         assert result.best is not None
 
 
+@pytest.mark.parametrize("name", AGENTS)
+def test_ctrl_c_returns_the_trials_so_far_marked_interrupted(problem, name):
+    """Every agent catches KeyboardInterrupt the same way: what was measured comes back, flagged."""
+    def interrupt_after_two(trial, result) -> None:
+        if len(result.trials) == 2:
+            raise KeyboardInterrupt
+
+    result = _agent(name).search(problem, BUDGET, seed=0, callback=interrupt_after_two)
+    assert result.interrupted and len(result.trials) == 2
+    _check_result(result, problem, BUDGET)
+
+
 def test_solver_agent_is_the_measured_solver_loop_within_the_budget(problem):
     result = make_agent("solver").search(problem, BUDGET, seed=0)
     _check_result(result, problem, BUDGET)
