@@ -54,6 +54,7 @@ RATIO_QUANTILE = 0.9  # conservative measured/estimated accuracy-loss ratio
 SOLVE_SECONDS = 20.0
 BEST_ALTERNATIVES = 4  # best measured plans imitated (lightly) when re-anchoring
 LOCAL_RADIUS = 3  # layers a local proposal of the solver may change in the best measured plan
+LOCAL_RESOLVES = 16  # local solves per proposal, each excluding the measured plan the previous one returned
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ class SolverGuide:
         self._observations: list[tuple] = []  # block observations of the trials, by the base model
         self._accuracy_pairs: list[tuple[float, float]] = []  # (estimated, measured) accuracy loss per trial
         self._absorbed = 0
-        self._picks: list[list[int]] = []  # choice indices of the trials' plans (see _measured_picks)
+        self._cuts: list[list[int]] = []  # measured plans (choice indices) the local solves had to exclude
 
     def alternatives(self) -> list[Plan]:
         """Distinct plans of the integer program for several accuracy limits and latency budgets
@@ -284,20 +285,15 @@ class SolverGuide:
         if local.accuracy_limit is not None and limit is not None and best.accuracy_drop is not None:
             headroom = max(limit - best.accuracy_drop, 0.0)
             local.accuracy_limit = predicted(local, best_picks)["accuracy_drop"] + headroom * self.accuracy_scale()
-        measured = self._measured_picks(local)
-        nearby = measured[(measured != np.array(best_picks)).sum(axis=1) <= LOCAL_RADIUS]
-        solution = solve(local, predicted(local, best_picks)["objective"], SOLVE_SECONDS, exclude=nearby.tolist(),
-                         near=(best_picks, LOCAL_RADIUS))
-        return solution.plan
-
-    def _measured_picks(self, instance: Instance) -> np.ndarray:
-        """Every trial's plan as a row of choice indices (the choices' order is the problem's, whatever
-        the costs: converted once per trial)."""
-        trials = self.problem.result.trials
-        if len(self._picks) < len(trials):
-            index = [{choice.decision: i for i, choice in enumerate(options)} for options in instance.choices]
-            self._picks += [[index[l][d] for l, (_, d) in enumerate(trial.plan.decisions)] for trial in trials[len(self._picks):]]
-        return np.array(self._picks, dtype=int).reshape(len(self._picks), len(instance.choices))
+        bound = predicted(local, best_picks)["objective"]
+        cuts = [best_picks] + [picks for picks in self._cuts if sum(a != b for a, b in zip(picks, best_picks)) <= LOCAL_RADIUS]
+        for _ in range(LOCAL_RESOLVES):  # cuts added lazily: excluding every measured plan nearby slows HiGHS down
+            solution = solve(local, bound, SOLVE_SECONDS, exclude=cuts, near=(best_picks, LOCAL_RADIUS))
+            if solution.plan is None or not self.problem.has_measured(solution.plan):
+                return solution.plan
+            cuts.append(picks_for(local, solution.plan))
+            self._cuts.append(cuts[-1])
+        return None
 
     def _evaluate(self, plan: Plan | None, source: str) -> bool:
         """Measure a new plan of the solver's (if any and the budget allows); whether it was measured."""
