@@ -272,7 +272,7 @@ class SolverGuide:
 
     def local_plan(self, instance: Instance) -> Plan | None:
         """The plan the model predicts best among the unmeasured ones that change at most
-        LOCAL_RADIUS layers of the best measured plan and are predicted to beat it, the accuracy
+        LOCAL_RADIUS layers of the best measured plan and are predicted no worse than it, the accuracy
         estimate anchored at that plan's measured loss: its additive estimate plus the measured
         headroom to the limit, scaled like the global budget (None if the model sees none)."""
         best = self.problem.result.best

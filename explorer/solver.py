@@ -303,9 +303,7 @@ def instance_for(problem, cost_model=None, sensitivity=None) -> Instance:
     weights = dict(problem.objective.weights)
     if len(weights) > 1:  # relative to the baseline plan's predicted metrics
         baseline = problem.baseline_plan()
-        picks = [next(i for i, ch in enumerate(options) if ch.decision == d)
-                 for options, (_, d) in zip(choices, baseline.decisions)]
-        base = predicted(instance, picks)
+        base = predicted(instance, picks_for(instance, baseline))
         weights = {m: w / max(base[m], 1e-30) for m, w in weights.items()}
     instance.weights = weights
     return instance
