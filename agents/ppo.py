@@ -281,14 +281,14 @@ class SolverGuide:
         if best_picks is None:
             return None
         local = copy.copy(instance)
+        anchor = predicted(local, best_picks)
         limit = self.problem.constraints.max_accuracy_drop
         if local.accuracy_limit is not None and limit is not None and best.accuracy_drop is not None:
             headroom = max(limit - best.accuracy_drop, 0.0)
-            local.accuracy_limit = predicted(local, best_picks)["accuracy_drop"] + headroom * self.accuracy_scale()
-        bound = predicted(local, best_picks)["objective"]
+            local.accuracy_limit = anchor["accuracy_drop"] + headroom * self.accuracy_scale()
         cuts = [best_picks] + [picks for picks in self._cuts if sum(a != b for a, b in zip(picks, best_picks)) <= LOCAL_RADIUS]
         for _ in range(LOCAL_RESOLVES):  # cuts added lazily: excluding every measured plan nearby slows HiGHS down
-            solution = solve(local, bound, SOLVE_SECONDS, exclude=cuts, near=(best_picks, LOCAL_RADIUS))
+            solution = solve(local, anchor["objective"], SOLVE_SECONDS, exclude=cuts, near=(best_picks, LOCAL_RADIUS))
             if solution.plan is None or not self.problem.has_measured(solution.plan):
                 return solution.plan
             cuts.append(picks_for(local, solution.plan))
