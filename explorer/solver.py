@@ -16,8 +16,12 @@ search agents are for.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -234,11 +238,36 @@ class _Program:
             constraints.append(LinearConstraint(np.array([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows]))
         integrality = np.r_[np.ones(self.n_x), np.zeros(self.n_y)]
         upper = np.ones(self.n)
-        return milp(objective, constraints=constraints, integrality=integrality, bounds=Bounds(np.zeros(self.n), upper),
-                    options={"time_limit": time_limit_s, "mip_rel_gap": 0.0, "presolve": True})
+        with _highs_debug_prints_hidden():
+            return milp(objective, constraints=constraints, integrality=integrality, bounds=Bounds(np.zeros(self.n), upper),
+                        options={"time_limit": time_limit_s, "mip_rel_gap": 0.0, "presolve": True})
 
     def picks(self, x: np.ndarray) -> list[int]:
         return [int(np.argmax(x[self.offsets[l]:self.offsets[l + 1]])) for l in range(len(self.instance.choices))]
+
+
+_libc = ctypes.CDLL(None)
+
+
+@contextmanager
+def _highs_debug_prints_hidden() -> Iterator[None]:
+    """Discard what C code writes to stdout meanwhile: the HiGHS inside SciPy 1.17 prints a debugging line
+    ("HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();") with printf even when
+    its output is off (ERGO-Code/HiGHS#2783), which would land in the middle of a search's output."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout to protect
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        _libc.fflush(None)  # C's buffered stdout goes to /dev/null too, not out after the restore
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _diagnose(instance: Instance, program: _Program, incumbent: float | None, time_limit_s: float) -> str:

@@ -12,7 +12,7 @@ from explorer.graph import LayerGraph
 from explorer.measure import SimMeasurer
 from explorer.plan import Decision
 from explorer.problem import Constraints, Objective, Problem
-from explorer.solver import Choice, Instance, picks_for, predicted, solve, solve_problem
+from explorer.solver import Choice, Instance, _highs_debug_prints_hidden, _libc, picks_for, predicted, solve, solve_problem
 from boardbuild import write_board
 from netbuild import mlp, random_inputs, redundant_mlp, small_cnn
 
@@ -132,6 +132,16 @@ def _problem(board, model=None, **constraints):
     graph = LayerGraph(model or small_cnn())
     scorer = AccuracyScorer(graph.model, Dataset(random_inputs(graph.model, 200), None, "random inputs"))
     return Problem(graph, board, SimMeasurer(), scorer, Constraints(**constraints))
+
+
+def test_c_level_prints_during_a_solve_are_hidden_and_python_output_is_kept(capfd):
+    print("before", flush=True)
+    with _highs_debug_prints_hidden():
+        _libc.printf(b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")  # as HiGHS does
+    print("after", flush=True)
+    _libc.printf(b"C after\n")
+    _libc.fflush(None)
+    assert capfd.readouterr().out == "before\nafter\nC after\n"
 
 
 def test_loose_budget_places_work_where_the_profile_makes_it_cheapest(tmp_path):
