@@ -38,7 +38,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from agents.base import BudgetedProblem, BudgetExhausted, SearchResult, TrialCallback
+from agents.base import BudgetedProblem, BudgetExhausted, SearchResult, Trial, TrialCallback
 from envs.deploy import DeployEnv
 from explorer.accuracy import sensitivity_table
 from explorer.errors import ExplorerError
@@ -55,6 +55,7 @@ SOLVE_SECONDS = 20.0
 BEST_ALTERNATIVES = 4  # best measured plans imitated (lightly) when re-anchoring
 LOCAL_RADIUS = 3  # layers a local proposal of the solver may change in the best measured plan
 LOCAL_RESOLVES = 16  # local solves per proposal, each excluding the measured plan the previous one returned
+HEADROOM_FRACTION = 0.6  # every other refresh anchors at the best plan measured within this share of the accuracy limit
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,7 @@ class SolverGuide:
         self._accuracy_pairs: list[tuple[float, float]] = []  # (estimated, measured) accuracy loss per trial
         self._absorbed = 0
         self._cuts: list[list[int]] = []  # measured plans (choice indices) the local solves had to exclude
+        self._refreshes = 0
 
     def alternatives(self) -> list[Plan]:
         """Distinct plans of the integer program for several accuracy limits and latency budgets
@@ -253,8 +255,12 @@ class SolverGuide:
 
     def refresh(self, local_proposals: int = 0) -> Plan | None:
         """Recalibrate from every trial so far, re-solve with the best measured plan as incumbent,
-        evaluate the solver's plan and up to `local_proposals` plans of `local_plan`; the suggestion
-        becomes the best measured plan (returned)."""
+        evaluate the solver's plan and up to `local_proposals` plans of `local_plan` around the best
+        measured plan; the suggestion becomes the best measured plan (returned).
+
+        Every other refresh, local proposals and suggestion start instead from the best plan that
+        leaves accuracy headroom (`best_with_headroom`): a best plan at the accuracy limit has no
+        neighbour that compresses more, one with headroom does, so the search does not stall there."""
         self._absorb_trials()
         self.cost_model = self.base_model.calibrated(self._observations)
         instance = instance_for(self.problem, self.cost_model, self.sensitivity)
@@ -264,31 +270,40 @@ class SolverGuide:
         best = self.problem.result.best_plan
         solution = solve(scaled, objective_of(scaled, best) if best else None, SOLVE_SECONDS)
         self._evaluate(solution.plan, "solver")
+        roomy = self.best_with_headroom() if self._refreshes % 2 else None
+        self._refreshes += 1
+        anchor = roomy or self.problem.result.best_trial
         for _ in range(local_proposals):
-            if not self._evaluate(self.local_plan(instance), "solver-local"):
+            if anchor is None or not self._evaluate(self.local_plan(instance, anchor), "solver-local"):
                 break
-        self.suggestion = self.problem.result.best_plan or solution.plan or self.suggestion
+        self.suggestion = (roomy.plan if roomy else self.problem.result.best_plan) or solution.plan or self.suggestion
         return self.suggestion
 
-    def local_plan(self, instance: Instance) -> Plan | None:
+    def best_with_headroom(self) -> Trial | None:
+        """The best feasible trial whose measured accuracy loss is at most HEADROOM_FRACTION of the
+        limit (None without an accuracy limit or such a trial)."""
+        limit = self.problem.constraints.max_accuracy_drop
+        roomy = [t for t in self.problem.result.trials if limit and t.evaluation.feasible
+                 and t.evaluation.accuracy_drop is not None and t.evaluation.accuracy_drop <= HEADROOM_FRACTION * limit]
+        return min(roomy, key=lambda t: t.evaluation.objective, default=None)
+
+    def local_plan(self, instance: Instance, anchor: Trial) -> Plan | None:
         """The plan the model predicts best among the unmeasured ones that change at most
-        LOCAL_RADIUS layers of the best measured plan and are predicted no worse than it, the accuracy
+        LOCAL_RADIUS layers of the anchor's plan and are predicted no worse than it, the accuracy
         estimate anchored at that plan's measured loss: its additive estimate plus the measured
         headroom to the limit, scaled like the global budget (None if the model sees none)."""
-        best = self.problem.result.best
-        best_plan = self.problem.result.best_plan
-        best_picks = picks_for(instance, best_plan) if best_plan is not None else None
-        if best_picks is None:
+        anchor_picks = picks_for(instance, anchor.plan)
+        if anchor_picks is None:
             return None
         local = copy.copy(instance)
-        anchor = predicted(local, best_picks)
+        predicted_anchor = predicted(local, anchor_picks)
         limit = self.problem.constraints.max_accuracy_drop
-        if local.accuracy_limit is not None and limit is not None and best.accuracy_drop is not None:
-            headroom = max(limit - best.accuracy_drop, 0.0)
-            local.accuracy_limit = anchor["accuracy_drop"] + headroom * self.accuracy_scale()
-        cuts = [best_picks] + [picks for picks in self._cuts if sum(a != b for a, b in zip(picks, best_picks)) <= LOCAL_RADIUS]
+        if local.accuracy_limit is not None and limit is not None and anchor.evaluation.accuracy_drop is not None:
+            headroom = max(limit - anchor.evaluation.accuracy_drop, 0.0)
+            local.accuracy_limit = predicted_anchor["accuracy_drop"] + headroom * self.accuracy_scale()
+        cuts = [anchor_picks] + [picks for picks in self._cuts if sum(a != b for a, b in zip(picks, anchor_picks)) <= LOCAL_RADIUS]
         for _ in range(LOCAL_RESOLVES):  # cuts added lazily: excluding every measured plan nearby slows HiGHS down
-            solution = solve(local, anchor["objective"], SOLVE_SECONDS, exclude=cuts, near=(best_picks, LOCAL_RADIUS))
+            solution = solve(local, predicted_anchor["objective"], SOLVE_SECONDS, exclude=cuts, near=(anchor_picks, LOCAL_RADIUS))
             if solution.plan is None or not self.problem.has_measured(solution.plan):
                 return solution.plan
             cuts.append(picks_for(local, solution.plan))

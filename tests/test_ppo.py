@@ -5,7 +5,7 @@ import pytest
 from sb3_contrib import MaskablePPO
 
 from agents.base import BudgetedProblem
-from agents.ppo import LOCAL_RADIUS, Demonstration, PPOAgent, behaviour_clone
+from agents.ppo import HEADROOM_FRACTION, LOCAL_RADIUS, Demonstration, PPOAgent, SolverGuide, behaviour_clone
 from envs import DeployEnv, make_problem
 from explorer.solver import solve_measured
 
@@ -41,16 +41,47 @@ def test_spends_exactly_the_budget_on_distinct_plans(runs, problem):
         problem.validate(trial.plan)
 
 
-def test_local_proposals_stay_near_the_best_measured_plan(runs):
-    """The solver's local proposals change at most LOCAL_RADIUS layers of the best plan measured before them."""
+def _distance(a, b) -> int:
+    return sum(x != y for (_, x), (_, y) in zip(a.decisions, b.decisions))
+
+
+def test_local_proposals_stay_near_the_best_measured_plan_or_the_best_with_headroom(runs, problem):
+    """Each of the solver's local proposals changes 1 to LOCAL_RADIUS layers of a plan that was, before
+    it, the best measured plan or the best one with accuracy headroom."""
     result = runs[0]
+    limit = problem.constraints.max_accuracy_drop
     local = [t for t in result.trials if t.source == "solver-local"]
     assert local
     for trial in local:
-        earlier = [t for t in result.trials[:trial.number] if t.evaluation.feasible]
-        best = min(earlier, key=lambda t: t.evaluation.objective).plan
-        changed = sum(a != b for (_, a), (_, b) in zip(trial.plan.decisions, best.decisions))
-        assert 1 <= changed <= LOCAL_RADIUS
+        anchors, best, roomy = [], None, None
+        for earlier in result.trials[:trial.number]:
+            e = earlier.evaluation
+            if e.feasible and (best is None or e.objective < best.evaluation.objective):
+                best = earlier
+                anchors.append(earlier.plan)
+            if e.feasible and e.accuracy_drop <= HEADROOM_FRACTION * limit and (roomy is None or e.objective < roomy.evaluation.objective):
+                roomy = earlier
+                anchors.append(earlier.plan)
+        assert 1 <= min(_distance(trial.plan, anchor) for anchor in anchors) <= LOCAL_RADIUS
+
+
+def test_every_other_refresh_suggests_the_best_plan_with_accuracy_headroom(runs, problem, monkeypatch):
+    """Refreshes alternate the suggestion: the best measured plan, then the best one whose measured
+    accuracy loss is within HEADROOM_FRACTION of the limit (here the plans of a search, replayed; the
+    fraction lowered so that the search's best plan, 1 of the 300 images lost, has too little headroom)."""
+    monkeypatch.setattr("agents.ppo.HEADROOM_FRACTION", 0.2)
+    budgeted = BudgetedProblem(problem, BUDGET + 10, "ppo")
+    for trial in runs[0].trials:
+        budgeted.evaluate(trial.plan, trial.source)
+    limit = problem.constraints.max_accuracy_drop
+    roomy = [t for t in budgeted.result.trials if t.evaluation.feasible and t.evaluation.accuracy_drop <= 0.2 * limit]
+    expected = min(roomy, key=lambda t: t.evaluation.objective)
+    assert expected is not budgeted.result.best_trial  # the best plan uses more of the limit: the two differ
+    guide = SolverGuide(budgeted, None)
+    assert guide.best_with_headroom() is expected
+    assert guide.refresh() == budgeted.result.best_plan
+    assert guide.refresh() == guide.best_with_headroom().plan
+    assert guide.refresh() == budgeted.result.best_plan
 
 
 def test_best_is_feasible_and_never_worse_than_the_solver(runs, solver_objective):
