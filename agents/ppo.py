@@ -17,9 +17,11 @@ Extending it: PPO optimises the *measured* reward; every `recalibrate_every` mea
 whenever `stuck_episodes` episodes in a row repeated known plans, the measurements recalibrate the
 cost model (per processor, op kind and precision, from the measured blocks) and the solver's accuracy
 budget (the measured/estimated accuracy-loss ratio of the trials), the solver re-solves with the best
-measured plan as incumbent, its plan is evaluated, the best measured plan becomes the suggestion and
-the policy is re-anchored on it by a short behaviour cloning (the best measured plans are then the
-alternatives).
+measured plan as incumbent, its plan is evaluated, then up to `local_proposals` plans the solver
+predicts best within LOCAL_RADIUS layers of the best measured plan; the best measured plan becomes
+the suggestion and the policy is re-anchored on it by a short behaviour cloning (the best measured
+plans are then the alternatives). Every other refresh, the local plans and the suggestion start from
+the best measured plan with accuracy headroom instead (`SolverGuide.refresh`).
 
 The budget counts distinct plans: an episode that repeats a plan is free, so episodes are capped
 too (`episodes_per_evaluation` x budget). Learning stops exactly at the budget.
@@ -53,7 +55,7 @@ ACCURACY_SCALE_RANGE = (0.5, 3.0)  # how far measurements may move the solver's 
 RATIO_QUANTILE = 0.9  # conservative measured/estimated accuracy-loss ratio
 SOLVE_SECONDS = 20.0
 BEST_ALTERNATIVES = 4  # best measured plans imitated (lightly) when re-anchoring
-LOCAL_RADIUS = 3  # layers a local proposal of the solver may change in the best measured plan
+LOCAL_RADIUS = 3  # layers a local proposal of the solver may change in the plan it starts from
 LOCAL_RESOLVES = 16  # local solves per proposal, each excluding the measured plan the previous one returned
 HEADROOM_FRACTION = 0.6  # every other refresh anchors at the best plan measured within this share of the accuracy limit
 
