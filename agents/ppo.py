@@ -285,7 +285,9 @@ class SolverGuide:
         """The best feasible trial whose measured accuracy loss is at most HEADROOM_FRACTION of the
         limit (None without an accuracy limit or such a trial)."""
         limit = self.problem.constraints.max_accuracy_drop
-        roomy = [t for t in self.problem.result.trials if limit and t.evaluation.feasible
+        if not limit:
+            return None
+        roomy = [t for t in self.problem.result.trials if t.evaluation.feasible
                  and t.evaluation.accuracy_drop is not None and t.evaluation.accuracy_drop <= HEADROOM_FRACTION * limit]
         return min(roomy, key=lambda t: t.evaluation.objective, default=None)
 
