@@ -49,7 +49,7 @@ from agents.base import SearchResult, Trial
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.cache import atomic_write_json, digest, read_json
-from explorer.errors import ExplorerError
+from explorer.errors import ExplorerError, termination_as_interrupt
 from explorer.graph import load_graph
 from explorer.measure import SimMeasurer
 from explorer.paths import runs_dir
@@ -452,4 +452,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with termination_as_interrupt():  # `kill` stops a long run as Ctrl-C does: its measurements stay cached
+        main()

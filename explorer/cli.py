@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from explorer.errors import ExplorerError
+from explorer.errors import ExplorerError, termination_as_interrupt
 
 DEFAULT_BUDGET = 200
 #: Defaults of the options that define a Problem (DeepX: 5 s per inference, about 5 points of accuracy).
@@ -704,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        with termination_as_interrupt():
+            args.func(args)
     except ExplorerError as exc:
         err_console.print(f"[bold red]explorer: error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2

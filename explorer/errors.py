@@ -1,5 +1,32 @@
-"""The one exception type whose message is shown to the user as a single line (no traceback)."""
+"""How failures and interruptions reach the user: the one exception type whose message is shown as a
+single line (no traceback), and SIGTERM handled like Ctrl-C."""
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class ExplorerError(Exception):
     """Bad input or an unmet precondition: the message says what is wrong and how to fix it."""
+
+
+@contextmanager
+def termination_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (`kill`, `timeout`, a scheduler stopping a job) raises KeyboardInterrupt
+    as Ctrl-C does, so a search stops the same clean way: what was measured is kept, runs are marked
+    and resumable, temporary folders are removed. Outside the main thread (no signal handlers there)
+    nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

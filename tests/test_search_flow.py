@@ -1,4 +1,7 @@
 """The user's flow end to end through the CLI: search (interrupted, then resumed), MLflow, export, run."""
+import os
+import signal
+
 import numpy as np
 
 import agents
@@ -8,22 +11,27 @@ from explorer.tracking import default_tracking_uri, read_search
 from explorer.zoo import zoo_validation_data
 
 
+def _press_ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
 class _InterruptedAgent:
-    """The random agent, with Ctrl-C pressed after a few trials."""
+    """The random agent, interrupted after a few trials (by default Ctrl-C)."""
 
     name = "random"
 
-    def __init__(self, inner, after: int):
+    def __init__(self, inner, after: int, interrupt=_press_ctrl_c):
         self.inner = inner
         self.after = after
+        self.interrupt = interrupt
 
     def search(self, problem, budget, seed, callback=None):
-        def pressed_ctrl_c(trial, result):
+        def interrupted(trial, result):
             callback(trial, result)
             if len(result.trials) == self.after:
-                raise KeyboardInterrupt
+                self.interrupt()
 
-        return self.inner.search(problem, budget, seed, pressed_ctrl_c)
+        return self.inner.search(problem, budget, seed, interrupted)
 
 
 def _run_id(out: str) -> str:
@@ -57,6 +65,27 @@ def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
     data = zoo_validation_data("vgg")
     top1 = float(np.mean(Bundle.load(bundle_dir).run(data.x).argmax(1) == data.y))
     assert top1 == metrics["best_accuracy"]  # the bundle reproduces the accuracy logged in MLflow
+
+
+def test_sigterm_stops_a_search_as_ctrl_c_does(capsys, monkeypatch):
+    """`kill` or a scheduler's SIGTERM: the search stops cleanly (run KILLED, resumable), not mid-write."""
+    unhandled = []  # what the test's own handler sees: a SIGTERM that main() did not take over
+    outer_handler = lambda signum, frame: unhandled.append(signum)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, outer_handler)
+    try:
+        real_make_agent = agents.make_agent
+        send_sigterm = lambda: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+        monkeypatch.setattr(agents, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), 3, send_sigterm))
+        assert main(["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "6",
+                     "--seed", "4", "--max-accuracy-drop", "100"]) == 130
+        assert signal.getsignal(signal.SIGTERM) is outer_handler  # put back when the command ends
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert unhandled == []
+    err = capsys.readouterr().err
+    assert "interrupted after 3 evaluations" in err and "KILLED" in err
+    killed = read_search(default_tracking_uri(), err.split("--resume ")[1].split()[0])
+    assert killed.parent.info.status == "KILLED" and len(killed.trials) == 3
 
 
 def test_a_search_leaves_no_temporary_folders(capsys, monkeypatch, tmp_path):
