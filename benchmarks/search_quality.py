@@ -97,6 +97,7 @@ class BoardReport:
     baseline: dict
     runs: list[Run] = field(default_factory=list)
     reference: dict | None = None  # the best plan known
+    searched: dict[int, dict[str, dict]] = field(default_factory=dict)  # reference budget -> agent -> its search's best
     binds: dict | None = None  # a better plan that only the latency budget excludes
 
 
@@ -193,6 +194,25 @@ def _summary(agent: str, budget: int, best: Trial | None) -> dict:
             "accuracy_drop": e.accuracy_drop if e else None, "plan": best.plan.to_json() if best else None}
 
 
+def _better(summary: dict, other: dict) -> bool:
+    """Whether one search's best (objective None: none feasible) beats another's."""
+    return summary["objective"] is not None and (other["objective"] is None or summary["objective"] < other["objective"])
+
+
+def reference_line(report: BoardReport, agents: list[str]) -> str:
+    """Which agents' reference searches (seed 0, the largest reference budget) the best known is drawn
+    from, and which have not been run: the best known is only as strong as that list."""
+    if not report.searched:
+        return "Reference searches: none in these results."
+    budget = max(report.searched)
+    found = report.searched[budget]
+    done = [f"{agent} {'none feasible' if found[agent]['objective'] is None else format(found[agent]['objective'], '.4g')}"
+            for agent in AGENTS if agent in found]
+    missing = [agent for agent in agents if agent not in found]
+    return (f"Reference searches at {budget} evaluations (seed 0): {', '.join(done)}"
+            + (f"; not run: {', '.join(missing)}." if missing else "."))
+
+
 def best_known(report: BoardReport, references: ReferenceCache, agents: list[str]) -> dict | None:
     """The best of the agents' reference searches and of every run (a run may beat the reference)."""
     candidates = [references.get(a) for a in agents]
@@ -239,7 +259,7 @@ def markdown(reports: list[BoardReport], agents: list[str], budgets: list[int], 
     for report in reports:
         reference = report.reference
         if reference is None:
-            lines += [f"### vgg on {report.board} (sim): no agent found a feasible plan", ""]
+            lines += [f"### vgg on {report.board} (sim): no agent found a feasible plan", "", reference_line(report, agents), ""]
             continue
         evidence = report.binds
         binds = (f"binds (a plan of {evidence['latency_ms']:.3f} ms reaches {evidence['objective']:.4g})" if evidence
@@ -251,6 +271,8 @@ def markdown(reports: list[BoardReport], agents: list[str], budgets: list[int], 
                   f"{report.baseline['energy_mj']:.4g} mJ. Best known: {reference['objective']:.4g} "
                   f"({reference['agent']}, budget {reference['budget']}, {reference['latency_ms']:.3f} ms, "
                   f"drop {100 * reference['accuracy_drop']:.2f} points). Latency budget: {binds}.",
+                  "",
+                  reference_line(report, agents),
                   "",
                   "| agent | " + " | ".join(f"budget {b}" for b in budgets) + " |",
                   "|---|" + "---:|" * len(budgets)]
@@ -324,6 +346,7 @@ def dump(reports: list[BoardReport], agents: list[str], budgets: list[int], seed
         boards[report.board] = {
             "latency_budget_ms": report.latency_budget_ms, "baseline": report.baseline, "reference": report.reference,
             "latency_budget_binds": report.binds,
+            "reference_searches": {str(budget): found for budget, found in report.searched.items()},
             "median_ratio": table and {a: {str(b): table[a][b][0] if math.isfinite(table[a][b][0]) else None for b in budgets} for a in agents},
             "feasible_seeds": table and {a: {str(b): table[a][b][1] for b in budgets} for a in agents},
             "runs": [{"agent": r.agent, "seed": r.seed, "budget": r.budget, "evaluations": len(r.result.trials),
@@ -363,7 +386,14 @@ def load_reports(paths: list[str]) -> tuple[list[BoardReport], dict]:
             reference = board["reference"]
             if reference and (report.reference is None or reference["objective"] < report.reference["objective"]):
                 report.reference = reference
-            report.binds = report.binds or board["latency_budget_binds"]
+            evidence = board["latency_budget_binds"]
+            if evidence and (report.binds is None or evidence["objective"] < report.binds["objective"]):
+                report.binds = evidence
+            for budget, found in board.get("reference_searches", {}).items():
+                for agent, summary in found.items():
+                    earlier = report.searched.setdefault(int(budget), {}).get(agent)
+                    if earlier is None or _better(summary, earlier):
+                        report.searched[int(budget)][agent] = summary
             for run in board["runs"]:
                 if any((r.agent, r.seed, r.budget) == (run["agent"], run["seed"], run["budget"]) for r in report.runs):
                     raise SystemExit(f"search_quality: {name} {run['agent']} seed {run['seed']} budget {run['budget']} "
@@ -373,6 +403,9 @@ def load_reports(paths: list[str]) -> tuple[list[BoardReport], dict]:
                 anytime.setdefault(agent, is_anytime(agent))
                 report.runs.append(Run(agent, run["seed"], run["budget"], anytime[agent],
                                        SearchResult(agent, best_so_far=curve), run["seconds"]))
+    for report in reports.values():  # a file's evidence beat that file's best; it must beat the merged best
+        if report.binds and (report.reference is None or report.binds["objective"] >= report.reference["objective"]):
+            report.binds = None
     return list(reports.values()), settings
 
 
@@ -437,6 +470,7 @@ def main() -> None:
             if references.get(agent) is None:
                 reference_run = next((r for r in report.runs if r.agent == agent and r.seed == 0 and r.serves(args.reference_budget)), None)
                 references.store(reference_run or search(agent, problem, args.reference_budget, 0, f"{board_name} {agent} reference"))
+        report.searched[args.reference_budget] = {agent: references.get(agent) for agent in args.agents}
         report.reference = best_known(report, references, args.agents)
         if report.reference is None:
             progress(f"{board_name}: no agent found a feasible plan; loosen the constraints")
