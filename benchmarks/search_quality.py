@@ -194,9 +194,10 @@ def _summary(agent: str, budget: int, best: Trial | None) -> dict:
             "accuracy_drop": e.accuracy_drop if e else None, "plan": best.plan.to_json() if best else None}
 
 
-def _better(summary: dict, other: dict) -> bool:
-    """Whether one search's best (objective None: none feasible) beats another's."""
-    return summary["objective"] is not None and (other["objective"] is None or summary["objective"] < other["objective"])
+def _better(summary: dict, other: dict | None) -> bool:
+    """Whether a plan summary (objective None: none feasible) should replace another (None: nothing yet)."""
+    return other is None or (summary["objective"] is not None
+                             and (other["objective"] is None or summary["objective"] < other["objective"]))
 
 
 def reference_line(report: BoardReport, agents: list[str]) -> str:
@@ -384,15 +385,14 @@ def load_reports(paths: list[str]) -> tuple[list[BoardReport], dict]:
         for name, board in boards.items():
             report = reports.setdefault(name, BoardReport(name, None, board["latency_budget_ms"], board["baseline"]))
             reference = board["reference"]
-            if reference and (report.reference is None or reference["objective"] < report.reference["objective"]):
+            if reference and _better(reference, report.reference):
                 report.reference = reference
             evidence = board["latency_budget_binds"]
-            if evidence and (report.binds is None or evidence["objective"] < report.binds["objective"]):
+            if evidence and _better(evidence, report.binds):
                 report.binds = evidence
             for budget, found in board.get("reference_searches", {}).items():
                 for agent, summary in found.items():
-                    earlier = report.searched.setdefault(int(budget), {}).get(agent)
-                    if earlier is None or _better(summary, earlier):
+                    if _better(summary, report.searched.setdefault(int(budget), {}).get(agent)):
                         report.searched[int(budget)][agent] = summary
             for run in board["runs"]:
                 if any((r.agent, r.seed, r.budget) == (run["agent"], run["seed"], run["budget"]) for r in report.runs):
