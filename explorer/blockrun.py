@@ -6,16 +6,25 @@ measurement agent installs without the training and search stack.
 """
 from __future__ import annotations
 
+import functools
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
 RAPL_ENERGY = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 RAPL_SOURCE = "RAPL package counter (whole package)"
+# NVML's energy counter advances in steps (every 100 ms on an H200, measured: benchmarks/cuda_check.py), so it
+# is read over at least this long, from one step to another: the timed repeats, then untimed passes of the
+# whole chain until the window is full and the counter has stepped.
+NVML_WINDOW_S = 1.0
 
 
 class BlockRunError(Exception):
@@ -40,8 +49,8 @@ class BlockTimes:
     """What timing a chain of blocks gives: per-repeat, per-block seconds and the counters."""
 
     seconds: np.ndarray  # shape (repeats, blocks)
-    energy_uj: float | None  # from a real counter over all repeats, or None when none is readable
-    energy_source: str | None
+    energy_uj: float | None  # from real counters, scaled to `repeats` passes; None when they do not cover every block
+    energy_source: str | None  # the counters read, or (energy_uj None) why none was used
     peak_memory_mb: float | None  # resident high-water mark of this process during the timed runs
     providers: list[list[str]]  # the providers each block's session actually uses
 
@@ -74,14 +83,23 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 def open_session(spec: BlockSpec, index: int) -> ort.InferenceSession:
-    """A session for one block; BlockRunError when the bytes are not a model ONNX Runtime can load."""
-    providers = [spec.provider] + (["CPUExecutionProvider"] if spec.provider != "CPUExecutionProvider" else [])
-    providers = [p for p in providers if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
+    """A session for one block on its provider; BlockRunError when the bytes are not a model ONNX Runtime can
+    load or ONNX Runtime cannot run it on that provider here (never a silent fall-back to the CPU)."""
+    available = ort.get_available_providers()
+    if spec.provider not in available:
+        raise BlockRunError(f"block {index} needs {spec.provider}, which ONNX Runtime {ort.__version__} here lacks "
+                            f"(it has {', '.join(available)})")
+    providers = [spec.provider] + ([CPU_PROVIDER] if spec.provider != CPU_PROVIDER else [])
     try:
-        return ort.InferenceSession(spec.model, session_options(spec.threads), providers=providers)
+        session = ort.InferenceSession(spec.model, session_options(spec.threads), providers=providers)
     except Exception as error:  # ORT raises InvalidProtobuf, Fail, InvalidGraph, ... for bad models
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BlockRunError(f"block {index} is not a valid ONNX model ONNX Runtime can load: {first_line[:300]}") from None
+    if session.get_providers()[0] != spec.provider:  # ORT gave up on the provider (e.g. missing CUDA libraries)
+        raise BlockRunError(f"block {index} needs {spec.provider}, which ONNX Runtime here has but could not start "
+                            f"(it would run the block on {session.get_providers()[0]}); check the driver and the CUDA "
+                            "libraries ONNX Runtime's log names")
+    return session
 
 
 def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: int, repeats: int,
@@ -89,14 +107,18 @@ def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: 
     """Run the blocks in order (each block's inputs come from `inputs` or an earlier block's outputs):
     once to produce every block's inputs, `warmup` times untimed, then `repeats` times timed.
 
-    Energy comes from RAPL when it is readable (else None); peak memory is this process's resident
-    high-water mark (Linux). Past `timeout_s` the running session is terminated (MeasurementTimeout).
+    Energy comes from real counters when they cover every block's processor (RAPL for CPU blocks, NVML for
+    CUDA blocks; see `energy_counters`), else None with the reason in `energy_source`. Peak memory is this
+    process's resident high-water mark (Linux). Past `timeout_s` the running session is terminated
+    (MeasurementTimeout).
     """
     if not blocks:
         raise BlockRunError("no blocks to measure")
     if repeats < 1 or warmup < 0:
         raise BlockRunError(f"repeats must be >= 1 and warmup >= 0 (got {repeats} and {warmup})")
     sessions = [open_session(spec, i) for i, spec in enumerate(blocks)]
+    counters, why_none = energy_counters([spec.provider for spec in blocks])
+    window_s = max((counter.window_s for counter in counters), default=0.0)
     run_options = ort.RunOptions()
     timer = threading.Timer(timeout_s, _terminate, (run_options,)) if timeout_s else None
     if timer:
@@ -105,17 +127,31 @@ def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: 
     try:
         feeds, outputs = _chain(sessions, inputs, run_options)
         _reset_peak_memory()
-        for _ in range(warmup):
+
+        def run_pass() -> None:
             for session, feed, names in zip(sessions, feeds, outputs):
                 session.run(names, feed, run_options)
+
+        for _ in range(warmup):
+            run_pass()
+        coarse = [counter for counter in counters if counter.window_s > 0]
+        if coarse:  # start on a step of the coarse counter ...
+            _run_until_step(coarse[0], run_pass)
         seconds = np.zeros((repeats, len(sessions)))
-        energy_before = _rapl_uj()
+        energy_before = [counter.read() for counter in counters]
+        window_started = time.perf_counter()
         for r in range(repeats):
             for b, (session, feed, names) in enumerate(zip(sessions, feeds, outputs)):
                 started = time.perf_counter()
                 session.run(names, feed, run_options)
                 seconds[r, b] = time.perf_counter() - started
-        energy_after = _rapl_uj()
+        passes = repeats
+        while time.perf_counter() - window_started < window_s:  # fill its window with untimed passes ...
+            run_pass()
+            passes += 1
+        if coarse:  # ... and end on one, so the energy read is that of the passes counted
+            passes += _run_until_step(coarse[0], run_pass)
+        energy_after = [counter.read() for counter in counters]
     except Exception as error:
         if run_options.terminate:
             raise MeasurementTimeout(f"the measurement ran past its {timeout_s:g} s limit and was stopped") from None
@@ -125,9 +161,52 @@ def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: 
     finally:
         if timer:
             timer.cancel()
-    energy = energy_after - energy_before if energy_before is not None and energy_after is not None and energy_after > energy_before else None
-    return BlockTimes(seconds, None if energy is None else float(energy), RAPL_SOURCE if energy is not None else None,
-                      _peak_memory_mb(), [s.get_providers() for s in sessions])
+    used = [after - before if before is not None and after is not None and after > before else None
+            for before, after in zip(energy_before, energy_after)]
+    if counters and None not in used:
+        energy_uj, source = float(sum(used)) * repeats / passes, " + ".join(c.source for c in counters)
+    else:
+        energy_uj, source = None, why_none or "an energy counter gave no reading (or wrapped around) during the repeats"
+    return BlockTimes(seconds, energy_uj, source, _peak_memory_mb(), [s.get_providers() for s in sessions])
+
+
+@dataclass(frozen=True)
+class EnergyCounter:
+    """A cumulative energy counter: what it counts, its reader (microjoules, None when unreadable) and the
+    shortest window it is read over."""
+
+    source: str
+    read: Callable[[], float | None]
+    window_s: float = 0.0
+
+
+def energy_counters(providers: list[str]) -> tuple[list[EnergyCounter], str | None]:
+    """The counters that together cover blocks on these providers, or none and why not.
+
+    RAPL (the CPU package) is read whenever it is readable and must be for CPU blocks; NVML (the GPU of
+    CUDA device 0) must be readable for CUDA blocks. Blocks on any other provider have no counter here.
+    """
+    others = sorted(set(providers) - {CPU_PROVIDER, CUDA_PROVIDER})
+    if others:
+        return [], f"no energy counter for {', '.join(others)} here"
+    counters = [EnergyCounter(RAPL_SOURCE, _rapl_uj)] if _rapl_uj() is not None else []
+    if CPU_PROVIDER in providers and not counters:
+        return [], f"no readable RAPL counter ({RAPL_ENERGY}) for the CPU blocks"
+    if CUDA_PROVIDER in providers:
+        nvml = _nvml_counter()
+        if nvml is None:
+            return [], "no readable NVML energy counter for the CUDA blocks"
+        counters.append(nvml)
+    return counters, None
+
+
+def _run_until_step(counter: EnergyCounter, run_pass: Callable[[], None]) -> int:
+    """Run passes until `counter` advances (for at most its window); how many passes ran."""
+    first, started, passes = counter.read(), time.perf_counter(), 0
+    while counter.read() == first and time.perf_counter() - started < counter.window_s:
+        run_pass()
+        passes += 1
+    return passes
 
 
 def _terminate(run_options: ort.RunOptions) -> None:
@@ -163,6 +242,32 @@ def _rapl_uj() -> int | None:
         return int(RAPL_ENERGY.read_text())
     except (OSError, ValueError):
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def _nvml_counter() -> EnergyCounter | None:
+    """NVML's total-energy counter of the GPU that is CUDA device 0 here (CUDA_VISIBLE_DEVICES respected),
+    or None when NVML (nvidia-ml-py and the driver's library) or the counter is not there."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(first)) if first.isdigit()
+                  else pynvml.nvmlDeviceGetHandleByUUID(first))
+        name = pynvml.nvmlDeviceGetName(handle)
+        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    except Exception:  # ImportError, NVMLError_LibraryNotFound, NotSupported, ...: no counter
+        return None
+
+    def read_uj() -> float | None:
+        try:
+            return pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) * 1e3  # millijoules
+        except pynvml.NVMLError:
+            return None
+
+    return EnergyCounter(f"NVML GPU counter (whole {name if isinstance(name, str) else name.decode()}, "
+                         f"read over >= {NVML_WINDOW_S:g} s)", read_uj, NVML_WINDOW_S)
 
 
 def _reset_peak_memory() -> None:

@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import numpy as np
@@ -119,7 +119,7 @@ class HostMeasurer:
         self.batch = batch
 
     def identity(self, board: Board) -> str:
-        return f"host-v1:{ort.__version__}:w{self.warmup}:r{self.repeats}:b{self.batch}"
+        return f"host-v2:{ort.__version__}:w{self.warmup}:r{self.repeats}:b{self.batch}"
 
     def label(self, board: Board) -> str:
         return f"host (ONNX Runtime {ort.__version__} on this machine, median of {self.repeats})"
@@ -134,7 +134,6 @@ class HostMeasurer:
                     f"{board.name}, which needs {provider} (not available here): use --board host "
                     "(after `explorer calibrate`) or --measure sim")
         blocks, specs, inputs = block_specs(graph, compressor, board, plan, calibration_inputs, self.batch)
-        specs = [replace(spec, provider="CPUExecutionProvider") for spec in specs]
         try:
             times = time_blocks(specs, inputs, self.warmup, self.repeats)
         except BlockRunError as error:
@@ -177,7 +176,8 @@ def measurement_from_times(times: BlockTimes, blocks: list, compressor: Compress
         source = f"{times.energy_source}, {where}"
     else:
         energy_mj = sum(r.energy_mj for r in reports)
-        source = f"modelled from {board.name}'s active power (no energy counter readable on {where})"
+        why = times.energy_source or "no energy counter readable"  # an older agent sends no reason
+        source = f"modelled from {board.name}'s active power ({why} on {where})"
     return Measurement(float(np.median(totals_ms)), float(q75 - q25), float(energy_mj), source, memory, reports,
                        measured_by=measured_by, peak_memory_mb=times.peak_memory_mb)
 
