@@ -12,6 +12,7 @@ every output says so.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,10 +34,26 @@ CALIBRATION_SAMPLES = 128
 SENSITIVITY_VERSION = 2  # bump when the table's meaning changes, to invalidate caches
 
 
+SCORING_THREADS_VARIABLE = "EXPLORER_SCORING_THREADS"
+
+
+def scoring_threads() -> int:
+    """ONNX Runtime's intra-op threads for accuracy scoring: $EXPLORER_SCORING_THREADS, or 0 (its default,
+    one per core). 1 suits several searches sharing the cores; the outputs do not depend on it."""
+    value = os.environ.get(SCORING_THREADS_VARIABLE, "0").strip() or "0"
+    if not value.isdigit():
+        raise ExplorerError(f"{SCORING_THREADS_VARIABLE}={value!r} is not a whole number of threads: "
+                            "set it to 1, 2, ... or unset it for ONNX Runtime's default")
+    return int(value)
+
+
 def inference_session(model: onnx.ModelProto) -> ort.InferenceSession:
     """A CPU ONNX Runtime session whose int8 QDQ nodes compute exactly what the model says."""
+    options = session_options()
+    if scoring_threads():
+        options.intra_op_num_threads = scoring_threads()
     try:
-        return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for invalid models
         raise ExplorerError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
 

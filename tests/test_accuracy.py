@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from explorer.accuracy import (NOT_MEASURED, AccuracyScorer, run_model, rungs_within_bound,
+from explorer.accuracy import (NOT_MEASURED, AccuracyScorer, run_model, rungs_within_bound, scoring_threads,
                                sensitivity_table)
 from explorer.compress import Compressor, decision_for, full_rank_plan
 from explorer.data import Dataset
@@ -120,3 +120,15 @@ def test_sensitivity_entries_equal_whole_model_scores():
                 model = compressor.rewrite(plan, ranges=calibration_ranges(fp32, x_calibration))
                 whole = scorer.drop(scorer.score(model))
                 assert table.drop(layer.name, rung.method, rung.rank, precision) == pytest.approx(whole, abs=1e-9)
+
+
+def test_scoring_threads_come_from_the_environment_and_do_not_change_outputs(monkeypatch):
+    model = small_cnn()
+    x = random_inputs(model, 64)
+    default = run_model(model, x)
+    monkeypatch.setenv("EXPLORER_SCORING_THREADS", "1")
+    assert scoring_threads() == 1
+    assert np.array_equal(run_model(model, x), default)
+    monkeypatch.setenv("EXPLORER_SCORING_THREADS", "two")
+    with pytest.raises(ExplorerError, match="EXPLORER_SCORING_THREADS='two' is not a whole number"):
+        run_model(model, x)
