@@ -49,9 +49,9 @@ def scoring_threads() -> int:
 
 def inference_session(model: onnx.ModelProto) -> ort.InferenceSession:
     """A CPU ONNX Runtime session whose int8 QDQ nodes compute exactly what the model says."""
-    options = session_options()
-    if scoring_threads():
-        options.intra_op_num_threads = scoring_threads()
+    options, threads = session_options(), scoring_threads()
+    if threads:
+        options.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for invalid models

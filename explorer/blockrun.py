@@ -1,8 +1,9 @@
 """Timing a chain of ONNX unit blocks with ONNX Runtime: the measurement both the `host` measurer and
 the `explorer serve` agent run.
 
-Only NumPy and ONNX Runtime are imported here (and nothing from explorer that needs more), so the
-measurement agent installs without the training and search stack.
+Only NumPy and ONNX Runtime are imported here (nvidia-ml-py too, when a block runs on CUDA, for NVML's
+energy counter; nothing from explorer that needs more), so the measurement agent installs without the
+training and search stack.
 """
 from __future__ import annotations
 
