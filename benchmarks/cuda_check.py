@@ -12,12 +12,14 @@ It prints, as Markdown:
    on tegra-k1 the gpu runs on CUDAExecutionProvider, cpu and lpc on the CPU): every layer on the gpu in
    fp32, in fp16, every layer on the cpu in fp32, and the solver's plan (solved on sim for the issue-5
    setting: energy, latency <= 1.25 x the baseline, accuracy drop <= 1 point). Latency, energy and where
-   the energy figure comes from (a counter, or modelled, and why), accuracy drop, the providers used.
+   the energy figure comes from, accuracy drop. Energy is counted only when the counters cover every
+   provider the board maps (RAPL and NVML for tegra-k1), else modelled for every plan alike.
    The solver puts every layer on the cpu there, so a fifth plan splits it: convolutions on the gpu.
 3. That split plan exported as a bundle and run by the runtime with `strict` (no CPU fall-back): which
    provider each block ran on, and the largest difference from the same rewritten model run whole on
    the CPU over 256 validation images (and how many top-1 labels differ).
-With the CUDA provider it also measures the all-gpu fp32 plan 5 more times, fresh, to show the spread.
+With the CUDA provider it also times the all-gpu fp32 plan's blocks 5 more times, fresh, counting only
+their own provider's energy (NVML), to show what the counter gives and its spread.
 """
 from __future__ import annotations
 
@@ -54,23 +56,24 @@ def nvml_cadence(seconds: float = 3.0) -> str:
     session.run(None, feed)
     import pynvml
 
-    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-    changes, readings, powers = [], [], []
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)  # the power reading: NVML's first GPU, as on a 1-GPU machine
+    changes, powers = [], []  # (time, value) at each step of the counter; NVML's power readings
     start, last = time.perf_counter(), counter.read()
-    first = last
     while time.perf_counter() - start < seconds:
         session.run(None, feed)
         value = counter.read()
         if value != last:
-            changes.append(time.perf_counter())
+            changes.append((time.perf_counter(), value))
             last = value
-        readings.append(value)
         powers.append(pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3)
     elapsed = time.perf_counter() - start
-    steps = np.diff(changes) * 1e3 if len(changes) > 1 else np.array([float("nan")])
+    if len(changes) < 2:
+        return f"NVML energy counter ({counter.source}): advanced {len(changes)} times in {elapsed:.2f} s of MatMuls"
+    steps = np.diff([t for t, _ in changes]) * 1e3
+    (t0, e0), (t1, e1) = changes[0], changes[-1]
     return (f"NVML energy counter ({counter.source}): advanced {len(changes)} times in {elapsed:.2f} s of MatMuls "
             f"(median step {np.median(steps):.1f} ms, min {np.min(steps):.1f}, max {np.max(steps):.1f}); "
-            f"{(last - first) / 1e6 / elapsed:.0f} W from the counter, NVML power reading median "
+            f"{(e1 - e0) / 1e6 / (t1 - t0):.0f} W from the counter (first to last step), NVML power reading median "
             f"{statistics.median(powers):.0f} W")
 
 
@@ -117,18 +120,21 @@ def split_plan(problem, plan: Plan) -> Plan:
     return Plan.from_dict(decisions)
 
 
-def repeatability(host, plan: Plan, times: int = 5) -> str:
-    """The spread of `times` fresh host measurements of one plan (no cache): latency and energy."""
-    from explorer.measure import HostMeasurer
+def gpu_blocks_energy(host, plan: Plan, times: int = 5) -> str:
+    """`times` fresh timings of the plan's blocks counting only their own providers' energy (NVML alone for
+    an all-gpu plan): what the counter gives, outside a search's board-wide rule."""
+    from explorer.blockrun import time_blocks
+    from explorer.measure import block_specs
 
-    measurer = HostMeasurer()
-    results = [measurer.measure(host.graph, host.compressor, host.board, plan, host.calibration_inputs)
-               for _ in range(times)]
-    latency = [m.latency_ms for m in results]
-    energy = [m.energy_mj for m in results]
-    return (f"{times} fresh host measurements of the same plan: latency median {statistics.median(latency):.3f} ms "
-            f"(min {min(latency):.3f}, max {max(latency):.3f}), energy median {statistics.median(energy):.2f} mJ "
-            f"(min {min(energy):.2f}, max {max(energy):.2f}; {results[0].energy_source})")
+    _, specs, inputs = block_specs(host.graph, host.compressor, host.board, plan, host.calibration_inputs, 1)
+    runs = [time_blocks(specs, inputs, warmup=3, repeats=15) for _ in range(times)]
+    latency = [float(np.median(r.seconds.sum(axis=1))) * 1e3 for r in runs]
+    if any(r.energy_uj is None for r in runs):
+        return f"{times} timings: latency median {statistics.median(latency):.3f} ms; no energy: {runs[0].energy_source}"
+    energy = [r.energy_uj / 1e3 / 15 for r in runs]
+    return (f"{times} fresh timings of its blocks, energy of their own provider only: latency median "
+            f"{statistics.median(latency):.3f} ms (min {min(latency):.3f}, max {max(latency):.3f}), energy median "
+            f"{statistics.median(energy):.2f} mJ (min {min(energy):.2f}, max {max(energy):.2f}; {runs[0].energy_source})")
 
 
 def bundle_rows(host, plan: Plan, images: int = 256) -> list[list[object]]:
@@ -173,7 +179,7 @@ def main() -> int:
                           "measured by"], rows))
     if has_cuda:
         layers = [name for name, _ in split.decisions]
-        print("\nAll gpu fp32, " + repeatability(host, Plan.uniform(layers, Decision(processor="gpu"))))
+        print("\nAll gpu fp32, " + gpu_blocks_energy(host, Plan.uniform(layers, Decision(processor="gpu"))))
     print()
     print(markdown_table(["what", "blocks ran on", "max abs difference", "top-1 labels that differ", "ms per image"],
                          bundle_rows(host, split)))

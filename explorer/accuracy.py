@@ -41,10 +41,14 @@ def scoring_threads() -> int:
     """ONNX Runtime's intra-op threads for accuracy scoring: $EXPLORER_SCORING_THREADS, or 0 (its default,
     one per core). 1 suits several searches sharing the cores; the outputs do not depend on it."""
     value = os.environ.get(SCORING_THREADS_VARIABLE, "0").strip() or "0"
-    if not value.isdigit():
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = -1
+    if threads < 0:
         raise ExplorerError(f"{SCORING_THREADS_VARIABLE}={value!r} is not a whole number of threads: "
                             "set it to 1, 2, ... or unset it for ONNX Runtime's default")
-    return int(value)
+    return threads
 
 
 def inference_session(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -7,7 +7,6 @@ training and search stack.
 """
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import time
@@ -30,6 +29,10 @@ NVML_WINDOW_S = 1.0
 
 class BlockRunError(Exception):
     """The blocks or their inputs are malformed (the message says which and why)."""
+
+
+class ProviderUnavailable(BlockRunError):
+    """ONNX Runtime here has the provider a block needs but could not start it (a fault of this machine)."""
 
 
 class MeasurementTimeout(Exception):
@@ -95,22 +98,24 @@ def open_session(spec: BlockSpec, index: int) -> ort.InferenceSession:
         session = ort.InferenceSession(spec.model, session_options(spec.threads), providers=providers)
     except Exception as error:  # ORT raises InvalidProtobuf, Fail, InvalidGraph, ... for bad models
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BlockRunError(f"block {index} is not a valid ONNX model ONNX Runtime can load: {first_line[:300]}") from None
+        raise BlockRunError(f"ONNX Runtime could not load block {index} on {spec.provider}: {first_line[:300]}") from None
     if session.get_providers()[0] != spec.provider:  # ORT gave up on the provider (e.g. missing CUDA libraries)
-        raise BlockRunError(f"block {index} needs {spec.provider}, which ONNX Runtime here has but could not start "
-                            f"(it would run the block on {session.get_providers()[0]}); check the driver and the CUDA "
-                            "libraries ONNX Runtime's log names")
+        raise ProviderUnavailable(f"block {index} needs {spec.provider}, which ONNX Runtime here has but could not "
+                                  f"start (it would run the block on {session.get_providers()[0]}); check the driver "
+                                  "and the CUDA libraries ONNX Runtime's log names")
     return session
 
 
 def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: int, repeats: int,
-                timeout_s: float | None = None) -> BlockTimes:
+                timeout_s: float | None = None, energy_providers: list[str] | None = None) -> BlockTimes:
     """Run the blocks in order (each block's inputs come from `inputs` or an earlier block's outputs):
     once to produce every block's inputs, `warmup` times untimed, then `repeats` times timed.
 
-    Energy comes from real counters when they cover every block's processor (RAPL for CPU blocks, NVML for
-    CUDA blocks; see `energy_counters`), else None with the reason in `energy_source`. Peak memory is this
-    process's resident high-water mark (Linux). Past `timeout_s` the running session is terminated
+    Energy comes from real counters when they cover every provider in `energy_providers` (default: the
+    blocks'; RAPL for the CPU, NVML for CUDA; see `energy_counters`), else None with the reason in
+    `energy_source`. A measurer gives every provider its board maps, so that all plans of one search get
+    the same kind of energy figure, whichever processors they use. Peak memory is this process's
+    resident high-water mark (Linux). Past `timeout_s` the running session is terminated
     (MeasurementTimeout).
     """
     if not blocks:
@@ -118,7 +123,7 @@ def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: 
     if repeats < 1 or warmup < 0:
         raise BlockRunError(f"repeats must be >= 1 and warmup >= 0 (got {repeats} and {warmup})")
     sessions = [open_session(spec, i) for i, spec in enumerate(blocks)]
-    counters, why_none = energy_counters([spec.provider for spec in blocks])
+    counters, why_none = energy_counters(energy_providers or [spec.provider for spec in blocks])
     window_s = max((counter.window_s for counter in counters), default=0.0)
     run_options = ort.RunOptions()
     timer = threading.Timer(timeout_s, _terminate, (run_options,)) if timeout_s else None
@@ -162,41 +167,50 @@ def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: 
     finally:
         if timer:
             timer.cancel()
-    used = [after - before if before is not None and after is not None and after > before else None
-            for before, after in zip(energy_before, energy_after)]
+    used = [counter.used(before, after) for counter, before, after in zip(counters, energy_before, energy_after)]
     if counters and None not in used:
         energy_uj, source = float(sum(used)) * repeats / passes, " + ".join(c.source for c in counters)
     else:
-        energy_uj, source = None, why_none or "an energy counter gave no reading (or wrapped around) during the repeats"
+        energy_uj, source = None, why_none or ("an energy counter gave no reading over the repeats (unreadable, "
+                                              "unchanged, or wrapped around with no known range)")
     return BlockTimes(seconds, energy_uj, source, _peak_memory_mb(), [s.get_providers() for s in sessions])
 
 
 @dataclass(frozen=True)
 class EnergyCounter:
-    """A cumulative energy counter: what it counts, its reader (microjoules, None when unreadable) and the
-    shortest window it is read over."""
+    """A cumulative energy counter: what it counts, its reader (microjoules, None when unreadable), the
+    shortest window it is read over and where it wraps around (None: it does not)."""
 
     source: str
     read: Callable[[], float | None]
     window_s: float = 0.0
+    wraps_at_uj: float | None = None
+
+    def used(self, before: float | None, after: float | None) -> float | None:
+        """Microjoules between two readings (one wrap-around allowed), or None when they say nothing."""
+        if before is None or after is None or after == before:
+            return None
+        if after < before:
+            return after + self.wraps_at_uj - before if self.wraps_at_uj else None
+        return after - before
 
 
 def energy_counters(providers: list[str]) -> tuple[list[EnergyCounter], str | None]:
-    """The counters that together cover blocks on these providers, or none and why not.
+    """The counters that together cover these providers, or none and why not.
 
-    RAPL (the CPU package) is read whenever it is readable and must be for CPU blocks; NVML (the GPU of
-    CUDA device 0) must be readable for CUDA blocks. Blocks on any other provider have no counter here.
+    RAPL (the CPU package) is read whenever it is readable and must be for the CPU provider; NVML (the
+    GPU of CUDA device 0) must be readable for the CUDA provider. Other providers have no counter here.
     """
     others = sorted(set(providers) - {CPU_PROVIDER, CUDA_PROVIDER})
     if others:
         return [], f"no energy counter for {', '.join(others)} here"
-    counters = [EnergyCounter(RAPL_SOURCE, _rapl_uj)] if _rapl_uj() is not None else []
+    counters = [EnergyCounter(RAPL_SOURCE, _rapl_uj, wraps_at_uj=_rapl_range_uj())] if _rapl_uj() is not None else []
     if CPU_PROVIDER in providers and not counters:
-        return [], f"no readable RAPL counter ({RAPL_ENERGY}) for the CPU blocks"
+        return [], f"no readable RAPL counter ({RAPL_ENERGY}) for {CPU_PROVIDER}"
     if CUDA_PROVIDER in providers:
         nvml = _nvml_counter()
         if nvml is None:
-            return [], "no readable NVML energy counter for the CUDA blocks"
+            return [], f"no readable NVML energy counter for {CUDA_PROVIDER}"
         counters.append(nvml)
     return counters, None
 
@@ -245,10 +259,28 @@ def _rapl_uj() -> int | None:
         return None
 
 
-@functools.lru_cache(maxsize=1)
+def _rapl_range_uj() -> float | None:
+    try:
+        return float(RAPL_ENERGY.with_name("max_energy_range_uj").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def readable_counters() -> list[str]:
+    """The energy counters readable here, by name (what an agent reports)."""
+    nvml = _nvml_counter()
+    return (["RAPL"] if _rapl_uj() is not None else []) + ([nvml.source] if nvml else [])
+
+
+_NVML_COUNTER: list[EnergyCounter] = []  # the counter once found (a failed look is tried again next time)
+
+
 def _nvml_counter() -> EnergyCounter | None:
-    """NVML's total-energy counter of the GPU that is CUDA device 0 here (CUDA_VISIBLE_DEVICES respected),
-    or None when NVML (nvidia-ml-py and the driver's library) or the counter is not there."""
+    """NVML's total-energy counter of the GPU NVML lists first among CUDA_VISIBLE_DEVICES (an index or a
+    full UUID; set CUDA_DEVICE_ORDER=PCI_BUS_ID so that CUDA's device 0 is the same GPU on a machine with
+    several kinds), or None when NVML (nvidia-ml-py and the driver's library) or the counter is not there."""
+    if _NVML_COUNTER:
+        return _NVML_COUNTER[0]
     try:
         import pynvml
 
@@ -267,8 +299,9 @@ def _nvml_counter() -> EnergyCounter | None:
         except pynvml.NVMLError:
             return None
 
-    return EnergyCounter(f"NVML GPU counter (whole {name if isinstance(name, str) else name.decode()}, "
-                         f"read over >= {NVML_WINDOW_S:g} s)", read_uj, NVML_WINDOW_S)
+    _NVML_COUNTER.append(EnergyCounter(f"NVML GPU counter (whole {name if isinstance(name, str) else name.decode()}, "
+                                       f"read over >= {NVML_WINDOW_S:g} s)", read_uj, NVML_WINDOW_S))
+    return _NVML_COUNTER[0]
 
 
 def _reset_peak_memory() -> None:

@@ -135,10 +135,15 @@ class HostMeasurer:
                     "(after `explorer calibrate`) or --measure sim")
         blocks, specs, inputs = block_specs(graph, compressor, board, plan, calibration_inputs, self.batch)
         try:
-            times = time_blocks(specs, inputs, self.warmup, self.repeats)
+            times = time_blocks(specs, inputs, self.warmup, self.repeats, energy_providers=board_providers(board))
         except BlockRunError as error:
             raise ExplorerError(f"measuring the plan on this machine failed: {error}") from None
         return measurement_from_times(times, blocks, compressor, board, plan, self.label(board), "this machine")
+
+
+def board_providers(board: Board) -> list[str]:
+    """Every provider the board maps a processor to: what the energy counters must cover for every plan."""
+    return sorted({processor.provider for processor in board.processors.values()})
 
 
 def block_specs(graph: LayerGraph, compressor: Compressor, board: Board, plan: Plan, calibration_inputs: np.ndarray | None,

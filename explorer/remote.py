@@ -24,7 +24,7 @@ from explorer.blockrun import BlockTimes
 from explorer.boards import Board
 from explorer.cache import digest
 from explorer.errors import ExplorerError
-from explorer.measure import Measurement, MeasurementFailed, block_specs, measurement_from_times
+from explorer.measure import Measurement, MeasurementFailed, block_specs, board_providers, measurement_from_times
 from explorer.serve import PROTOCOL_VERSION, TOKEN_ENV
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class RemoteMeasurer:
 
     def identity(self, board: Board) -> str:
         fp = self._connect()
-        return f"remote-v1:{digest(_device_kind(fp))}:w{self.warmup}:r{self.repeats}:b{self.batch}"
+        return f"remote-v2:{digest(_device_kind(fp))}:w{self.warmup}:r{self.repeats}:b{self.batch}"
 
     def label(self, board: Board) -> str:
         fp = self._connect()
@@ -147,7 +147,8 @@ class RemoteMeasurer:
         shas = [hashlib.sha256(spec.model).hexdigest() for spec in specs]
         request = {"blocks": [{"model": sha, "threads": s.threads, "provider": s.provider} for sha, s in zip(shas, specs)],
                    "inputs": {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in inputs.items()},
-                   "warmup": self.warmup, "repeats": self.repeats, "seed": 0}
+                   "warmup": self.warmup, "repeats": self.repeats, "seed": 0,
+                   "energy_providers": board_providers(board)}
         models = {sha: spec.model for sha, spec in zip(shas, specs)}
         errors = []
         for _ in range(self.tries):
@@ -251,6 +252,6 @@ class RemoteMeasurer:
 
 
 def _device_kind(fp: dict) -> str:
-    """What must match between agents of one search: CPU, cores, ONNX Runtime and its providers."""
+    """What must match between agents of one search: CPU, cores, ONNX Runtime, its providers, energy counters."""
     return f"{fp.get('cpu_model')} x{fp.get('cpu_count')}, {fp.get('machine')}, ONNX Runtime {fp.get('onnxruntime')}, " \
-           f"{'+'.join(fp.get('providers', []))}"
+           f"{'+'.join(fp.get('providers', []))}, energy counters: {', '.join(fp.get('energy_counters', [])) or 'none'}"

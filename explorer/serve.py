@@ -2,9 +2,10 @@
 servers on its boards).
 
 It receives unit-block ONNX models and input shapes, runs them with ONNX Runtime (warm-up, repeats)
-and answers with per-repeat, per-block timings, the energy of a real counter where the board has
-one, the peak resident memory and a device fingerprint. It needs only NumPy and ONNX Runtime
-(`pip install "explorer[agent]"`): nothing here imports the training or search stack.
+and answers with per-repeat, per-block timings, the energy of real counters where they cover the
+providers asked for (RAPL, NVML), the peak resident memory and a device fingerprint. It needs only
+NumPy, ONNX Runtime and nvidia-ml-py (`pip install "explorer[agent]"`): nothing here imports the
+training or search stack.
 
 HTTP API (every request carries `Authorization: Bearer TOKEN`; answers are JSON):
 
@@ -13,8 +14,11 @@ HTTP API (every request carries `Authorization: Bearer TOKEN`; answers are JSON)
 - `PUT /models/SHA256`: upload one ONNX file (body); its SHA-256 must match. Kept in a bounded
   in-memory store (least recently used out first).
 - `POST /measure`: `{"blocks": [{"model": SHA256, "threads": N, "provider": "CPUExecutionProvider"}],
-  "inputs": {"name": {"shape": [...], "dtype": "float32"}}, "warmup": 3, "repeats": 15, "seed": 0}`.
-  Inputs are drawn on the agent (standard normal, `seed`); only ONNX and JSON cross the wire.
+  "inputs": {"name": {"shape": [...], "dtype": "float32"}}, "warmup": 3, "repeats": 15, "seed": 0,
+  "energy_providers": ["CPUExecutionProvider", ...]}` (the providers the energy counters must cover;
+  default: the blocks'). Inputs are drawn on the agent (standard normal, `seed`); only ONNX and JSON
+  cross the wire. A block whose provider ONNX Runtime here has but cannot start gets 503 (the client
+  tries another agent).
   One measurement runs at a time (the device is the shared resource); others wait in line up to
   the queue timeout (then 503), and a measurement past its time limit is stopped (504).
 
@@ -43,9 +47,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from explorer.blockrun import BlockRunError, BlockSpec, MeasurementTimeout, time_blocks
+from explorer.blockrun import (BlockRunError, BlockSpec, MeasurementTimeout, ProviderUnavailable, readable_counters,
+                               time_blocks)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: energy_providers in the request, energy counters (RAPL, NVML) in the fingerprint
 TOKEN_ENV = "EXPLORER_AGENT_TOKEN"
 MAX_JSON_BYTES = 1 << 20
 MAX_REPEATS = 10_000
@@ -79,7 +84,7 @@ def fingerprint() -> dict:
     return {"protocol": PROTOCOL_VERSION, "hostname": socket.gethostname(), "machine": platform.machine(),
             "system": platform.system(), "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "clocks": clocks,
             "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
-            "energy_counter": "RAPL" if Path("/sys/class/powercap/intel-rapl:0/energy_uj").exists() else None}
+            "energy_counters": readable_counters()}
 
 
 class ModelStore:
@@ -126,17 +131,20 @@ class Agent:
 
     def measure(self, request: dict) -> dict:
         """Check the request, wait for the device, time the blocks."""
-        blocks, inputs, warmup, repeats = self._parse(request)
+        blocks, inputs, warmup, repeats, energy_providers = self._parse(request)
         queued = time.perf_counter()
         if not self.device.acquire(timeout=self.queue_timeout_s):
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE,
                                f"the device stayed busy for {self.queue_timeout_s:g} s (queue timeout): try another agent or later")
         try:
             started = time.perf_counter()
-            times = time_blocks(blocks, inputs, warmup, repeats, timeout_s=self.measure_timeout_s)
+            times = time_blocks(blocks, inputs, warmup, repeats, timeout_s=self.measure_timeout_s,
+                                energy_providers=energy_providers)
             self.measurements += 1
         except MeasurementTimeout as error:
             raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, str(error)) from None
+        except ProviderUnavailable as error:  # this machine's fault: the client tries another agent
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(error)) from None
         except BlockRunError as error:
             raise RequestError(HTTPStatus.BAD_REQUEST, str(error)) from None
         finally:
@@ -144,7 +152,7 @@ class Agent:
         return {"times": times.to_json(), "fingerprint": self.fingerprint, "queued_s": started - queued,
                 "measure_s": time.perf_counter() - started}
 
-    def _parse(self, request: dict) -> tuple[list[BlockSpec], dict[str, np.ndarray], int, int]:
+    def _parse(self, request: dict) -> tuple[list[BlockSpec], dict[str, np.ndarray], int, int, list[str] | None]:
         bad = HTTPStatus.BAD_REQUEST
         if not isinstance(request, dict) or not isinstance(request.get("blocks"), list) or not request["blocks"]:
             raise RequestError(bad, "the request needs a non-empty list 'blocks'")
@@ -176,7 +184,11 @@ class Agent:
                 raise RequestError(bad, f"input {name!r}: give 'shape' as positive integers (at most 2^26 elements) and "
                                         f"'dtype' one of {', '.join(DTYPES)}")
             inputs[name] = rng.standard_normal(shape).astype(dtype)
-        return blocks, inputs, warmup, repeats
+        energy_providers = request.get("energy_providers")
+        if energy_providers is not None and not (isinstance(energy_providers, list)
+                                                 and all(isinstance(p, str) for p in energy_providers)):
+            raise RequestError(bad, "'energy_providers' must be a list of ONNX Runtime provider names")
+        return blocks, inputs, warmup, repeats, energy_providers
 
 
 class Handler(BaseHTTPRequestHandler):
