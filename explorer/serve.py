@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     host, port = server.server_address[:2]
     fp = agent.fingerprint
     print(f"explorer agent listening on {host}:{port} ({fp['cpu_model']}, ONNX Runtime {fp['onnxruntime']}, "
-          f"providers {', '.join(fp['providers'])})", flush=True)
+          f"providers {', '.join(fp['providers'])}; energy counters: {', '.join(fp['energy_counters']) or 'none'})",
+          flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
