@@ -204,7 +204,7 @@ def energy_counters(providers: list[str]) -> tuple[list[EnergyCounter], str | No
     others = sorted(set(providers) - {CPU_PROVIDER, CUDA_PROVIDER})
     if others:
         return [], f"no energy counter for {', '.join(others)} here"
-    counters = [EnergyCounter(RAPL_SOURCE, _rapl_uj, wraps_at_uj=_rapl_range_uj())] if _rapl_uj() is not None else []
+    counters = [EnergyCounter(RAPL_SOURCE, rapl_uj, wraps_at_uj=rapl_range_uj())] if rapl_uj() is not None else []
     if CPU_PROVIDER in providers and not counters:
         return [], f"no readable RAPL counter ({RAPL_ENERGY}) for {CPU_PROVIDER}"
     if CUDA_PROVIDER in providers:
@@ -252,14 +252,16 @@ def _chain(sessions: list[ort.InferenceSession], inputs: dict[str, np.ndarray],
     return feeds, outputs
 
 
-def _rapl_uj() -> int | None:
+def rapl_uj() -> int | None:
+    """RAPL's package energy counter in microjoules, or None when it is not readable here."""
     try:
         return int(RAPL_ENERGY.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _rapl_range_uj() -> float | None:
+def rapl_range_uj() -> float | None:
+    """Where RAPL's counter wraps around, in microjoules, or None when that is not readable."""
     try:
         return float(RAPL_ENERGY.with_name("max_energy_range_uj").read_text())
     except (OSError, ValueError):
@@ -269,7 +271,7 @@ def _rapl_range_uj() -> float | None:
 def readable_counters() -> list[str]:
     """The energy counters readable here, by name (what an agent reports)."""
     nvml = _nvml_counter()
-    return (["RAPL"] if _rapl_uj() is not None else []) + ([nvml.source] if nvml else [])
+    return (["RAPL"] if rapl_uj() is not None else []) + ([nvml.source] if nvml else [])
 
 
 _NVML_COUNTER: list[EnergyCounter] = []  # the counter once found (a failed look is tried again next time)

@@ -44,7 +44,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from explorer import precision
+from explorer import blockrun, precision
 from explorer.boards import HOST, PRECISIONS, load_board
 from explorer.errors import ExplorerError
 from explorer.paths import TARGETS_DIR
@@ -53,7 +53,6 @@ Progress = Callable[[str], None]
 
 PROVIDER = "CPUExecutionProvider"
 OPSET = 17
-RAPL_DIR = Path("/sys/class/powercap/intel-rapl:0")
 CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
 CPUFREQ_MAX = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
 
@@ -374,19 +373,13 @@ def _copy_bandwidth_gbps(size_mb: int, thread_counts: list[int], settings: _Sett
 # ---- power ----------------------------------------------------------------------------------------
 def _rapl_counter() -> Callable[[], float] | None:
     """A reader of the package energy counter in joules (wrap-around handled by the caller), or None."""
-    energy = RAPL_DIR / "energy_uj"
-    try:
-        int(energy.read_text())
-    except (OSError, ValueError):
+    if blockrun.rapl_uj() is None:
         return None
-    return lambda: int(energy.read_text()) * 1e-6
+    return lambda: blockrun.rapl_uj() * 1e-6
 
 
 def _rapl_wrap_j() -> float:
-    try:
-        return int((RAPL_DIR / "max_energy_range_uj").read_text()) * 1e-6
-    except (OSError, ValueError):
-        return 2.0**32 * 1e-6
+    return (blockrun.rapl_range_uj() or 2.0**32) * 1e-6
 
 
 def _average_power_w(read: Callable[[], float], work: Callable[[], object], window_s: float) -> float:
@@ -405,7 +398,7 @@ def _measure_power(units: tuple[_Unit, ...], ops: dict[str, _Op],
     """Per unit (active W, idle W) from RAPL, or None and why not."""
     read = _rapl_counter()
     if read is None:
-        return None, f"no readable RAPL energy counter ({RAPL_DIR}/energy_uj) on this machine"
+        return None, f"no readable RAPL energy counter ({blockrun.RAPL_ENERGY}) on this machine"
     op = max((o for o in ops.values() if o.kind == "fc"), key=lambda o: o.flops)
     idle = _average_power_w(read, lambda: time.sleep(0.05), settings.power_window_s)
     cores = max(u.threads for u in units)
@@ -416,7 +409,7 @@ def _measure_power(units: tuple[_Unit, ...], ops: dict[str, _Op],
         del session
         idle_share = idle * unit.threads / cores
         power[unit.id] = (max(busy - idle + idle_share, idle_share), idle_share)
-    detail = (f"RAPL package energy ({RAPL_DIR}/energy_uj) over {settings.power_window_s:g} s: idle package "
+    detail = (f"RAPL package energy ({blockrun.RAPL_ENERGY}) over {settings.power_window_s:g} s: idle package "
               f"{idle:.1f} W (sleeping), busy while running {op.label} fp32")
     return power, detail
 
