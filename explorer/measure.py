@@ -181,8 +181,7 @@ def measurement_from_times(times: BlockTimes, blocks: list, compressor: Compress
         source = f"{times.energy_source}, {where}"
     else:
         energy_mj = sum(r.energy_mj for r in reports)
-        why = times.energy_source or "no energy counter readable"  # an older agent sends no reason
-        source = f"modelled from {board.name}'s active power ({why} on {where})"
+        source = f"modelled from {board.name}'s active power ({times.energy_source} on {where})"
     return Measurement(float(np.median(totals_ms)), float(q75 - q25), float(energy_mj), source, memory, reports,
                        measured_by=measured_by, peak_memory_mb=times.peak_memory_mb)
 
