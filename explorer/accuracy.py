@@ -51,6 +51,15 @@ def scoring_threads() -> int:
     return threads
 
 
+def worker_environment(workers: int, cores: int | None = None) -> dict[str, str]:
+    """The environment for one of `workers` processes that share this machine's cores: the caller's, with
+    $EXPLORER_SCORING_THREADS set to an equal share of the cores unless the user set it already."""
+    environment = dict(os.environ)
+    if not environment.get(SCORING_THREADS_VARIABLE, "").strip():
+        environment[SCORING_THREADS_VARIABLE] = str(max(1, (cores or os.cpu_count() or 1) // workers))
+    return environment
+
+
 def inference_session(model: onnx.ModelProto) -> ort.InferenceSession:
     """A CPU ONNX Runtime session whose int8 QDQ nodes compute exactly what the model says."""
     options, threads = session_options(), scoring_threads()

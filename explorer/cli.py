@@ -453,6 +453,7 @@ def _search_distributed(args: argparse.Namespace) -> None:
     import subprocess
 
     from agents.optuna_agents import default_storage_url, default_study_name, measured_trial_count
+    from explorer.accuracy import worker_environment
     from explorer.paths import runs_dir
     from explorer.tracking import SearchTracker
 
@@ -485,7 +486,8 @@ def _search_distributed(args: argparse.Namespace) -> None:
                                      parent_run=tracker.run_id, tracking_uri=tracker.tracking_uri, workers=None)]
             log_path = folder / f"worker-{i}.log"
             with open(log_path, "w") as log_file:
-                workers.append((log_path, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)))
+                workers.append((log_path, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                                           env=worker_environment(args.workers))))
         try:
             with _progress() as progress:
                 task = progress.add_task(f"{args.agent} search, {args.workers} workers", total=args.budget, status="")

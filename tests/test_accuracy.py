@@ -1,9 +1,11 @@
 """Accuracy scoring (top-1, agreement, similarity), the cached sensitivity table, the no-data mode."""
+import os
+
 import numpy as np
 import pytest
 
 from explorer.accuracy import (NOT_MEASURED, AccuracyScorer, run_model, rungs_within_bound, scoring_threads,
-                               sensitivity_table)
+                               sensitivity_table, worker_environment)
 from explorer.compress import Compressor, decision_for, full_rank_plan
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
@@ -132,3 +134,13 @@ def test_scoring_threads_come_from_the_environment_and_do_not_change_outputs(mon
     monkeypatch.setenv("EXPLORER_SCORING_THREADS", "two")
     with pytest.raises(ExplorerError, match="EXPLORER_SCORING_THREADS='two' is not a whole number"):
         run_model(model, x)
+
+
+def test_workers_share_the_cores_for_scoring_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("EXPLORER_SCORING_THREADS", raising=False)
+    assert worker_environment(2, cores=8)["EXPLORER_SCORING_THREADS"] == "4"
+    assert worker_environment(3, cores=8)["EXPLORER_SCORING_THREADS"] == "2"
+    assert worker_environment(4, cores=2)["EXPLORER_SCORING_THREADS"] == "1"  # never 0 (0 means one per core)
+    assert "EXPLORER_SCORING_THREADS" not in os.environ  # the caller's environment is left as it was
+    monkeypatch.setenv("EXPLORER_SCORING_THREADS", "3")
+    assert worker_environment(2, cores=8)["EXPLORER_SCORING_THREADS"] == "3"
