@@ -36,14 +36,14 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from benchmarks.common import markdown_table, zoo_problem
-from explorer.blockrun import CUDA_PROVIDER, _nvml_counter
+from explorer.blockrun import CUDA_PROVIDER, nvml_counter
 from explorer.errors import ExplorerError
 from explorer.plan import Decision, Plan
 
 
 def nvml_cadence(seconds: float = 3.0) -> str:
     """How often NVML's energy counter advances while a 4096^2 MatMul runs on the GPU, and the power it implies."""
-    counter = _nvml_counter()
+    counter = nvml_counter()
     if counter is None:
         return "NVML energy counter: not readable here (nvidia-ml-py, the driver's libnvidia-ml, or the counter missing)"
     n = 4096

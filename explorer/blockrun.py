@@ -204,11 +204,12 @@ def energy_counters(providers: list[str]) -> tuple[list[EnergyCounter], str | No
     others = sorted(set(providers) - {CPU_PROVIDER, CUDA_PROVIDER})
     if others:
         return [], f"no energy counter for {', '.join(others)} here"
-    counters = [EnergyCounter(RAPL_SOURCE, rapl_uj, wraps_at_uj=rapl_range_uj())] if rapl_uj() is not None else []
+    rapl = rapl_counter()
+    counters = [rapl] if rapl is not None else []
     if CPU_PROVIDER in providers and not counters:
         return [], f"no readable RAPL counter ({RAPL_ENERGY}) for {CPU_PROVIDER}"
     if CUDA_PROVIDER in providers:
-        nvml = _nvml_counter()
+        nvml = nvml_counter()
         if nvml is None:
             return [], f"no readable NVML energy counter for {CUDA_PROVIDER}"
         counters.append(nvml)
@@ -270,19 +271,17 @@ def rapl_range_uj() -> float | None:
 
 def readable_counters() -> list[str]:
     """The energy counters readable here, by name (what an agent reports)."""
-    nvml = _nvml_counter()
+    nvml = nvml_counter()
     return (["RAPL"] if rapl_uj() is not None else []) + ([nvml.source] if nvml else [])
 
 
 _NVML_COUNTER: list[EnergyCounter] = []  # the counter once found (a failed look is tried again next time)
 
 
-def _nvml_counter() -> EnergyCounter | None:
-    """NVML's total-energy counter of the GPU NVML lists first among CUDA_VISIBLE_DEVICES (an index or a
-    full UUID; set CUDA_DEVICE_ORDER=PCI_BUS_ID so that CUDA's device 0 is the same GPU on a machine with
-    several kinds), or None when NVML (nvidia-ml-py and the driver's library) or the counter is not there."""
-    if _NVML_COUNTER:
-        return _NVML_COUNTER[0]
+def nvml_device() -> tuple[object, str] | None:
+    """NVML's handle and name of the GPU NVML lists first among CUDA_VISIBLE_DEVICES (an index or a full
+    UUID; set CUDA_DEVICE_ORDER=PCI_BUS_ID so that CUDA's device 0 is the same GPU on a machine with several
+    kinds), or None when NVML (nvidia-ml-py and the driver's library) or that GPU is not there."""
     try:
         import pynvml
 
@@ -291,8 +290,24 @@ def _nvml_counter() -> EnergyCounter | None:
         handle = (pynvml.nvmlDeviceGetHandleByIndex(int(first)) if first.isdigit()
                   else pynvml.nvmlDeviceGetHandleByUUID(first))
         name = pynvml.nvmlDeviceGetName(handle)
+    except Exception:  # ImportError, NVMLError_LibraryNotFound, NotFound, ...: no GPU for NVML
+        return None
+    return handle, name if isinstance(name, str) else name.decode()
+
+
+def nvml_counter() -> EnergyCounter | None:
+    """NVML's total-energy counter of :func:`nvml_device`'s GPU, or None when it is not readable there."""
+    if _NVML_COUNTER:
+        return _NVML_COUNTER[0]
+    device = nvml_device()
+    if device is None:
+        return None
+    import pynvml
+
+    handle, name = device
+    try:
         pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-    except Exception:  # ImportError, NVMLError_LibraryNotFound, NotSupported, ...: no counter
+    except pynvml.NVMLError:  # NotSupported on GPUs before Volta, ...
         return None
 
     def read_uj() -> float | None:
@@ -301,9 +316,14 @@ def _nvml_counter() -> EnergyCounter | None:
         except pynvml.NVMLError:
             return None
 
-    _NVML_COUNTER.append(EnergyCounter(f"NVML GPU counter (whole {name if isinstance(name, str) else name.decode()}, "
-                                       f"read over >= {NVML_WINDOW_S:g} s)", read_uj, NVML_WINDOW_S))
+    _NVML_COUNTER.append(EnergyCounter(f"NVML GPU counter (whole {name}, read over >= {NVML_WINDOW_S:g} s)",
+                                       read_uj, NVML_WINDOW_S))
     return _NVML_COUNTER[0]
+
+
+def rapl_counter() -> EnergyCounter | None:
+    """RAPL's package energy counter, or None when it is not readable here."""
+    return EnergyCounter(RAPL_SOURCE, rapl_uj, wraps_at_uj=rapl_range_uj()) if rapl_uj() is not None else None
 
 
 def _reset_peak_memory() -> None:

@@ -41,7 +41,7 @@ def test_a_block_on_a_provider_this_runtime_lacks_is_an_error_not_a_cpu_run():
 
 def test_counters_must_cover_every_block_or_none_is_used(monkeypatch):
     monkeypatch.setattr(blockrun, "rapl_uj", lambda: None)
-    monkeypatch.setattr(blockrun, "_nvml_counter", lambda: FAKE_NVML)
+    monkeypatch.setattr(blockrun, "nvml_counter", lambda: FAKE_NVML)
     assert energy_counters([CUDA]) == ([FAKE_NVML], None)
     counters, why = energy_counters([CPU, CUDA])
     assert counters == [] and "no readable RAPL counter" in why and why.endswith(f"for {CPU}")
@@ -49,7 +49,7 @@ def test_counters_must_cover_every_block_or_none_is_used(monkeypatch):
     assert times.energy_uj is None and "no readable RAPL counter" in times.energy_source
 
     monkeypatch.setattr(blockrun, "rapl_uj", lambda: 5)
-    monkeypatch.setattr(blockrun, "_nvml_counter", lambda: None)
+    monkeypatch.setattr(blockrun, "nvml_counter", lambda: None)
     assert [c.source for c in energy_counters([CPU])[0]] == [blockrun.RAPL_SOURCE]
     counters, why = energy_counters([CPU, CUDA])
     assert counters == [] and f"no readable NVML energy counter for {CUDA}" in why
@@ -77,7 +77,7 @@ def test_a_coarse_counter_is_read_over_its_window_and_scaled_back_to_the_repeats
 
 def test_energy_covers_the_providers_asked_for_not_only_the_plans(monkeypatch):
     monkeypatch.setattr(blockrun, "rapl_uj", lambda: 5)
-    monkeypatch.setattr(blockrun, "_nvml_counter", lambda: None)
+    monkeypatch.setattr(blockrun, "nvml_counter", lambda: None)
     board = load_board("tegra-k1")
     assert board_providers(board) == [CPU, CUDA]
     cpu_only = time_blocks([BlockSpec(_matmul_block())], INPUTS, warmup=0, repeats=2, energy_providers=board_providers(board))
