@@ -1,7 +1,7 @@
 """`explorer calibrate`: measure this machine with ONNX Runtime and write the board profile `host`.
 
 What is measured (medians of timed repeats after warm-up, each session built like explorer's own:
-CPU execution provider, :func:`explorer.precision.session_options`):
+its processor's execution provider, :func:`explorer.precision.session_options`):
 
 - throughput (GFLOP/s; int8 in GOP/s) of single-op ONNX models, square GEMMs, a batch-1 fc layer
   (GEMV) and 3x3 convolutions, at fp32 and at the fp16 and int8 rewrites of
@@ -13,12 +13,17 @@ CPU execution provider, :func:`explorer.precision.session_options`):
 - per-op overhead: a chain of tiny Add ops, (time(N ops) - time(1 op)) / (N - 1);
 - package power from RAPL (``/sys/class/powercap/intel-rapl:0/energy_uj``) when it is readable;
   otherwise documented estimates;
+- on a machine whose ONNX Runtime can run the CUDA execution provider, a ``gpu`` processor: the same
+  throughput and per-op overhead measurements on that provider (inputs copied in and outputs out, as
+  explorer's blocks run), its memory bandwidth (a tensor scaled in its own memory through ONNX Runtime's
+  I/O binding), the copies between it and the CPUs' memory (``[[links]]``), its name, cores, clock and
+  free memory from NVML, and its idle and busy power from NVML's energy counter;
 - cache size, core count, clock and memory are read from sysfs and /proc.
 
-The profile has two processors: ``cpu`` (every core this process may use, as many ONNX Runtime
+The profile has two CPU processors, ``cpu`` (every core this process may use, as many ONNX Runtime
 threads) and ``cpu1`` (one thread: the single-core analogue of a "little" processor), so that plans
-on the host can have several unit blocks. Every number in the file carries a comment saying how it
-was measured or why it is an estimate. The file is written atomically (temporary file, validated by
+on the host can have several unit blocks, and ``gpu`` where there is one. Every number in the file
+carries a comment saying how it was measured or why it is an estimate. The file is written atomically (temporary file, validated by
 :func:`explorer.boards.load_board`, then ``os.replace``): an interrupted or failed calibration never
 leaves a broken profile and keeps the previous one.
 """
@@ -51,7 +56,8 @@ from explorer.paths import TARGETS_DIR
 
 Progress = Callable[[str], None]
 
-PROVIDER = "CPUExecutionProvider"
+PROVIDER = blockrun.CPU_PROVIDER
+GPU_PROVIDER = blockrun.CUDA_PROVIDER  # a machine whose ONNX Runtime can run it gets a `gpu` processor
 OPSET = 17
 CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
 CPUFREQ_MAX = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
@@ -62,6 +68,10 @@ ESTIMATED_CORE_IDLE_W = 0.5  # a core in a C-state plus its share of the uncore
 DRAM_NJ_PER_BYTE = 0.16  # Horowitz, ISSCC 2014: ~640 pJ per 32-bit DRAM access
 FALLBACK_CLOCK_GHZ = 2.5  # a typical server core's base clock
 FALLBACK_CACHE_KB = 1024
+FALLBACK_GPU_CLOCK_GHZ = 1.5  # a data-centre GPU's boost clock (V100 1.53, A100 1.41, H100 1.98 GHz)
+ESTIMATED_GPU_CACHE_KB = 6144  # NVML does not report the L2; 6 MB is Volta's, the least of data-centre GPUs since
+ESTIMATED_GPU_ACTIVE_W = 250.0  # a data-centre GPU's board power under load (A100 PCIe 250 W; H100 SXM up to 700 W)
+ESTIMATED_GPU_IDLE_W = 50.0  # the same GPU idle (measured on an H200: about 80 W; benchmarks/results/cuda_check-h200.md)
 OS_RESERVE_FRACTION = 0.9  # share of MemAvailable a model may use; the rest stays with the OS and ORT
 
 
@@ -104,10 +114,29 @@ class _Op:
 
 @dataclass(frozen=True)
 class _Unit:
-    """A processor of the profile as measured: its id and ONNX Runtime thread count."""
+    """A processor of the profile as measured: its id, ONNX Runtime thread count, execution provider and kind."""
 
     id: str
     threads: int
+    provider: str = PROVIDER
+    kind: str = "cpu"  # cpu | gpu
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "gpu"
+
+
+@dataclass(frozen=True)
+class _Gpu:
+    """What NVML says of the GPU (each value with where it came from), and the path between it and the CPUs."""
+
+    name: str
+    cores: tuple[int, str]
+    clock_ghz: tuple[float, str]
+    memory_mb: tuple[float, str]
+    link_gbps: float  # host <-> device copy bandwidth, measured
+    link_latency_us: float  # one small copy, measured
+    link_detail: str  # how both were measured
 
 
 @dataclass
@@ -122,9 +151,10 @@ class _Measured:
     bandwidth_gbps: dict[str, float]  # unit -> sustained copy GB/s
     overhead_us: dict[str, float]  # unit -> per-op overhead
     run_call_us: float  # session.run of a one-op graph on a tiny tensor
-    power: dict[str, tuple[float, float]] | None  # unit -> (active W, idle W) from RAPL; None: no RAPL
-    power_detail: str  # how the power figures were obtained
+    power: dict[str, tuple[float, float, str]]  # unit -> (active W, idle W, how) for the units a counter covers
+    no_power: dict[str, str]  # unit -> why no counter covers it (its power is then an estimate)
     background_cores: float  # other processes' CPU use before calibrating (cores)
+    gpu: _Gpu | None = None
     others_during: float | None = None  # other processes' average CPU use while measuring (cores)
 
 
@@ -191,7 +221,8 @@ def _others_cores(machine_before: list[int] | None, own_before: float, wall_befo
 # ---- measurement ----------------------------------------------------------------------------------
 def _measure(system: dict, settings: _Settings, background: float, say: Progress) -> _Measured:
     cores = system["cores"]
-    units = (_Unit("cpu", cores), _Unit("cpu1", 1))
+    gpu_unit = _gpu_unit(say)
+    units = (_Unit("cpu", cores), _Unit("cpu1", 1)) + ((gpu_unit,) if gpu_unit else ())
     ops = _benchmark_ops(settings)
     gflops: dict[str, dict[str, dict[str, float]]] = {u.id: {p: {} for p in PRECISIONS} for u in units}
     for op in ops.values():
@@ -199,29 +230,59 @@ def _measure(system: dict, settings: _Settings, background: float, say: Progress
         variants = _variants(op)
         for unit in units:
             for prec, model in variants.items():
-                seconds = _time_model(model, {"x": op.x}, unit.threads, settings)
+                seconds = _time_model(model, {"x": op.x}, unit, settings)
                 gflops[unit.id][prec][op.key] = op.flops / seconds / 1e9
             summary = ", ".join(f"{p} {gflops[unit.id][p][op.key]:.1f}" for p in PRECISIONS)
-            say(f"{op.label} on {unit.id} ({unit.threads} thread{'s' if unit.threads > 1 else ''}): "
-                f"{summary} GFLOP/s")
+            say(f"{op.label} on {unit.id} ({_unit_text(unit)}): {summary} GFLOP/s")
     fp16_in_fp32 = _fp16_computed_in_fp32()
     overhead: dict[str, float] = {}
     run_call_us = math.inf
     for unit in units:
         say(f"per-op overhead on {unit.id}: a chain of {settings.chain} tiny Add ops")
-        overhead[unit.id], one_op_us = _op_overhead_us(unit.threads, settings)
+        overhead[unit.id], one_op_us = _op_overhead_us(unit, settings)
         say(f"per-op overhead on {unit.id}: {overhead[unit.id]:.2f} us")
-        run_call_us = min(run_call_us, one_op_us)
+        if not unit.is_gpu:
+            run_call_us = min(run_call_us, one_op_us)
+    cpus = [u for u in units if not u.is_gpu]
     say(f"memory bandwidth: copy of {settings.copy_mb} MB over "
-        + " and ".join(f"{u.threads} thread{'s' if u.threads > 1 else ''} ({u.id})" for u in units))
-    copies = _copy_bandwidth_gbps(settings.copy_mb, [u.threads for u in units], settings)
-    bandwidth = {unit.id: gbps for unit, gbps in zip(units, copies)}
+        + " and ".join(f"{u.threads} thread{'s' if u.threads > 1 else ''} ({u.id})" for u in cpus))
+    copies = _copy_bandwidth_gbps(settings.copy_mb, [u.threads for u in cpus], settings)
+    bandwidth = {unit.id: gbps for unit, gbps in zip(cpus, copies)}
+    gpu = None
+    if gpu_unit:
+        say(f"memory bandwidth of the gpu: a {settings.copy_mb} MB tensor scaled in its own memory")
+        bandwidth[gpu_unit.id] = _device_bandwidth_gbps(gpu_unit, settings)
+        say(f"transfers between the CPUs' memory and the gpu's: copies of {settings.copy_mb} MB and of 32 bytes")
+        gpu = _gpu_facts(gpu_unit, settings, system)
+        say(f"transfers: {gpu.link_gbps:.1f} GB/s, {gpu.link_latency_us:.1f} us per copy")
     say("memory bandwidth: " + ", ".join(f"{uid} {gbps:.1f} GB/s" for uid, gbps in bandwidth.items()))
-    say("power: " + ("RAPL package energy counter" if _rapl_counter() else "no readable RAPL counter; estimates"))
-    power, power_detail = _measure_power(units, ops, settings)
+    power, no_power = _measure_power(units, ops, settings, say)
     return _Measured(units=units, settings=settings, gflops=gflops, ops=ops, fp16_in_fp32=fp16_in_fp32,
                      bandwidth_gbps=bandwidth, overhead_us=overhead, run_call_us=run_call_us,
-                     power=power, power_detail=power_detail, background_cores=background)
+                     power=power, no_power=no_power, background_cores=background, gpu=gpu)
+
+
+def _unit_text(unit: _Unit) -> str:
+    """How a unit runs ONNX Runtime, for messages and comments."""
+    if unit.is_gpu:
+        return f"ONNX Runtime {unit.provider}"
+    return f"{unit.threads} ONNX Runtime thread{'s' if unit.threads > 1 else ''}"
+
+
+def _gpu_unit(say: Progress) -> _Unit | None:
+    """The `gpu` processor when ONNX Runtime here has GPU_PROVIDER and can run a model on it, else None."""
+    if GPU_PROVIDER not in ort.get_available_providers():
+        return None
+    unit = _Unit("gpu", 1, GPU_PROVIDER, "gpu")
+    probe = _gemm_op("probe", 8, 8, 8, "probe", np.random.default_rng(1))
+    try:
+        blockrun.open_session(blockrun.BlockSpec(probe.model.SerializeToString(), 1, GPU_PROVIDER), 0)
+    except blockrun.BlockRunError as error:
+        say(f"warning: ONNX Runtime has {GPU_PROVIDER} but cannot run a model on it ({error}); "
+            "the profile gets no gpu processor")
+        return None
+    say(f"gpu: ONNX Runtime {GPU_PROVIDER} runs here; the profile gets a `gpu` processor")
+    return unit
 
 
 def _benchmark_ops(settings: _Settings) -> dict[str, _Op]:
@@ -271,16 +332,17 @@ def _variants(op: _Op) -> dict[str, onnx.ModelProto]:
     }
 
 
-def _session(model: onnx.ModelProto, threads: int,
-             optimized_path: str | None = None) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, unit: _Unit, optimized_path: str | None = None) -> ort.InferenceSession:
     options = precision.session_options()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = unit.threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     if optimized_path is not None:
         options.optimized_model_filepath = optimized_path
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(model.SerializeToString(), options, providers=[PROVIDER])
+    # as explorer's blocks run: a node the provider lacks falls back to the CPU provider
+    providers = [unit.provider] + ([PROVIDER] if unit.provider != PROVIDER else [])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 
 def _time_runs(run: Callable[[], object], settings: _Settings) -> float:
@@ -297,9 +359,11 @@ def _time_runs(run: Callable[[], object], settings: _Settings) -> float:
     return statistics.median(times)
 
 
-def _time_model(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int,
+def _time_model(model: onnx.ModelProto, feed: dict[str, np.ndarray], unit: _Unit,
                 settings: _Settings) -> float:
-    session = _session(model, threads)
+    """Median seconds of session.run on `unit`, inputs and outputs in NumPy (on a gpu: copied in and out,
+    as explorer's blocks run)."""
+    session = _session(model, unit)
     try:
         return _time_runs(lambda: session.run(None, feed), settings)
     finally:
@@ -313,7 +377,7 @@ def _fp16_computed_in_fp32() -> bool | None:
     try:
         with tempfile.TemporaryDirectory(prefix="explorer-calibrate-") as tmp:
             path = str(Path(tmp, "optimized.onnx"))
-            _session(model, 1, optimized_path=path)
+            _session(model, _Unit("cpu1", 1), optimized_path=path)
             optimized = onnx.load(path)
     except Exception:  # ORT's own exception types; the answer is then unknown
         return None
@@ -327,7 +391,7 @@ def _fp16_computed_in_fp32() -> bool | None:
     return {TensorProto.FLOAT: True, TensorProto.FLOAT16: False}.get(weight_type)
 
 
-def _op_overhead_us(threads: int, settings: _Settings) -> tuple[float, float]:
+def _op_overhead_us(unit: _Unit, settings: _Settings) -> tuple[float, float]:
     """(per-op overhead, whole run of a one-op graph) in microseconds, on a 1x8 tensor."""
     x = np.ones((1, 8), np.float32)
     times = {}
@@ -345,7 +409,7 @@ def _op_overhead_us(threads: int, settings: _Settings) -> tuple[float, float]:
         model.ir_version = 9
         tiny = dataclasses.replace(settings, warmup=max(settings.warmup, 5),
                                    min_repeats=max(settings.min_repeats, 20), max_repeats=2000)
-        times[n] = _time_model(model, {"x": x}, threads, tiny)
+        times[n] = _time_model(model, {"x": x}, unit, tiny)
     per_op = max(0.0, (times[settings.chain] - times[1]) / (settings.chain - 1))
     return per_op * 1e6, times[1] * 1e6
 
@@ -370,48 +434,139 @@ def _copy_bandwidth_gbps(size_mb: int, thread_counts: list[int], settings: _Sett
     return results
 
 
+def _device_bandwidth_gbps(unit: _Unit, settings: _Settings) -> float:
+    """Sustained bandwidth of a gpu's own memory: a tensor of settings.copy_mb scaled by one (Mul) with input and
+    output bound in that memory (ONNX Runtime's I/O binding), bytes read + written per second."""
+    n = settings.copy_mb * 2**20 // 4
+    node = helper.make_node("Mul", ["x", "one"], ["y"], name="scale")
+    graph = helper.make_graph([node], "copy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])],
+                              [numpy_helper.from_array(np.ones((), np.float32), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9
+    session, device = _session(model, unit), _ort_device(unit)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(np.ones(n, np.float32), device, 0))
+    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, device, 0))
+    timing = dataclasses.replace(settings, warmup=1, min_repeats=max(3, settings.min_repeats // 2))
+    seconds = _time_runs(lambda: session.run_with_iobinding(binding), timing)
+    return 2 * n * 4 / seconds / 1e9
+
+
+def _ort_device(unit: _Unit) -> str:
+    """ONNX Runtime's device name for OrtValues in the unit's memory."""
+    return "cuda" if unit.provider == blockrun.CUDA_PROVIDER else "cpu"
+
+
+def _gpu_facts(unit: _Unit, settings: _Settings, system: dict) -> _Gpu:
+    """The gpu's name, cores, clock and free memory from NVML (estimates where NVML does not say), and the
+    measured copies between the CPUs' memory and the gpu's: a 32-byte one (latency) and a large one (bandwidth),
+    each way (an OrtValue updated from NumPy, then read back into NumPy, as explorer's blocks hand tensors over)."""
+    timing = dataclasses.replace(settings, warmup=1, min_repeats=max(3, settings.min_repeats // 2))
+    device = _ort_device(unit)
+    one_way: dict[int, float] = {}
+    for size in (8, settings.copy_mb * 2**20 // 4):
+        host = np.ones(size, np.float32)
+        value = ort.OrtValue.ortvalue_from_shape_and_type([size], np.float32, device, 0)
+        up = _time_runs(lambda: value.update_inplace(host), timing)
+        down = _time_runs(value.numpy, timing)
+        one_way[size] = (up + down) / 2
+    small, large = one_way.values()
+    large_bytes = settings.copy_mb * 2**20
+    link_gbps = large_bytes / max(large - small, 1e-9) / 1e9
+    detail = (f"median of {timing.min_repeats}-{timing.max_repeats} copies each way, NumPy <-> an OrtValue on "
+              f"{device}")
+    nvml = blockrun.nvml_device()
+    name = nvml[1] if nvml else "CUDA device 0"
+    cores = (1, "estimate: NVML is not readable here; the peak below is measured, not computed from cores")
+    clock = (FALLBACK_GPU_CLOCK_GHZ, f"estimate: NVML is not readable here; {FALLBACK_GPU_CLOCK_GHZ} GHz, a data-centre "
+                                     "GPU's boost clock (descriptive only: the peak below is measured)")
+    memory = (system["available_mb"], "estimate: NVML is not readable here; the CPUs' available memory")
+    if nvml:
+        import pynvml
+
+        handle = nvml[0]
+        try:
+            cores = (int(pynvml.nvmlDeviceGetNumGpuCores(handle)), "read: NVML nvmlDeviceGetNumGpuCores (CUDA cores)")
+        except (pynvml.NVMLError, AttributeError):  # not supported here, or an nvidia-ml-py without the call
+            pass
+        try:
+            mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM)
+            clock = (mhz / 1e3, "read: NVML nvmlDeviceGetMaxClockInfo (SM clock, maximum)")
+        except (pynvml.NVMLError, AttributeError):  # not supported here, or an nvidia-ml-py without the call
+            pass
+        try:
+            free_mb = pynvml.nvmlDeviceGetMemoryInfo(handle).free / 2**20
+            memory = (free_mb * OS_RESERVE_FRACTION, f"read: {OS_RESERVE_FRACTION:.0%} of the free GPU memory NVML "
+                                                     "reports at calibration time (the rest for ONNX Runtime's "
+                                                     "workspace)")
+        except (pynvml.NVMLError, AttributeError):  # not supported here, or an nvidia-ml-py without the call
+            pass
+    return _Gpu(name=_clean(name), cores=cores, clock_ghz=clock, memory_mb=memory, link_gbps=link_gbps,
+                link_latency_us=small * 1e6, link_detail=detail)
+
+
 # ---- power ----------------------------------------------------------------------------------------
-def _rapl_counter() -> Callable[[], float] | None:
-    """A reader of the package energy counter in joules (wrap-around handled by the caller), or None."""
-    if blockrun.rapl_uj() is None:
-        return None
-    return lambda: blockrun.rapl_uj() * 1e-6
-
-
-def _rapl_wrap_j() -> float:
-    return (blockrun.rapl_range_uj() or 2.0**32) * 1e-6
-
-
-def _average_power_w(read: Callable[[], float], work: Callable[[], object], window_s: float) -> float:
-    """Average package power while `work` is repeated for about window_s seconds."""
-    start_j, start = read(), time.perf_counter()
+def _average_power_w(counter: blockrun.EnergyCounter, work: Callable[[], object], window_s: float) -> float | None:
+    """Average power the counter sees while `work` is repeated for about window_s seconds (None: no reading)."""
+    before, start = counter.read(), time.perf_counter()
     while time.perf_counter() - start < window_s:
         work()
-    used = read() - start_j
-    if used < 0:
-        used += _rapl_wrap_j()
-    return used / (time.perf_counter() - start)
+    used = counter.used(before, counter.read())
+    return None if used is None else used * 1e-6 / (time.perf_counter() - start)
 
 
-def _measure_power(units: tuple[_Unit, ...], ops: dict[str, _Op],
-                   settings: _Settings) -> tuple[dict[str, tuple[float, float]] | None, str]:
-    """Per unit (active W, idle W) from RAPL, or None and why not."""
-    read = _rapl_counter()
-    if read is None:
-        return None, f"no readable RAPL energy counter ({blockrun.RAPL_ENERGY}) on this machine"
+def _measure_power(units: tuple[_Unit, ...], ops: dict[str, _Op], settings: _Settings, say: Progress
+                   ) -> tuple[dict[str, tuple[float, float, str, str]], dict[str, str]]:
+    """Per unit (active W, idle W, how active was measured, how idle was) where a counter covers it: RAPL's
+    package counter for the CPUs, NVML's for the gpu; and for the others why not."""
     op = max((o for o in ops.values() if o.kind == "fc"), key=lambda o: o.flops)
-    idle = _average_power_w(read, lambda: time.sleep(0.05), settings.power_window_s)
-    cores = max(u.threads for u in units)
-    power = {}
-    for unit in units:
-        session = _session(op.model, unit.threads)
-        busy = _average_power_w(read, lambda: session.run(None, {"x": op.x}), settings.power_window_s)
+    power: dict[str, tuple[float, float, str, str]] = {}
+    no_power: dict[str, str] = {}
+    cpus = [u for u in units if not u.is_gpu]
+    rapl = blockrun.rapl_counter()
+    idle = None
+    if rapl is not None:
+        say("power of the CPUs: RAPL package energy counter")
+        idle = _average_power_w(rapl, lambda: time.sleep(0.05), settings.power_window_s)
+    if idle is None:
+        no_power.update({u.id: f"no readable RAPL energy counter ({blockrun.RAPL_ENERGY}) on this machine" for u in cpus})
+        say("power of the CPUs: " + next(iter(no_power.values())) + "; estimates")
+    else:
+        cores = max(u.threads for u in cpus)
+        detail = (f"RAPL package energy ({blockrun.RAPL_ENERGY}) over {settings.power_window_s:g} s: idle package "
+                  f"{idle:.1f} W (sleeping), busy while running {op.label} fp32")
+        for unit in cpus:
+            session = _session(op.model, unit)
+            busy = _average_power_w(rapl, lambda: session.run(None, {"x": op.x}), settings.power_window_s)
+            del session
+            if busy is None:
+                no_power[unit.id] = "the RAPL counter gave no reading while the cores were busy"
+                continue
+            idle_share = idle * unit.threads / cores
+            power[unit.id] = (max(busy - idle + idle_share, idle_share), idle_share,
+                              f"{detail} on {_unit_text(unit)}, less the idle share of the cores it leaves idle",
+                              f"{detail}; idle package power x {unit.threads}/{cores} of the cores")
+    for unit in (u for u in units if u.is_gpu):
+        nvml = blockrun.nvml_counter()
+        if nvml is None:
+            no_power[unit.id] = "no readable NVML energy counter for the gpu"
+            say(f"power of the gpu: {no_power[unit.id]}; estimates")
+            continue
+        window_s = max(settings.power_window_s, 2 * nvml.window_s)  # the counter steps every ~100 ms
+        say(f"power of the gpu: {nvml.source}, {window_s:g} s idle and {window_s:g} s busy")
+        gpu_idle = _average_power_w(nvml, lambda: time.sleep(0.05), window_s)
+        session = _session(op.model, unit)
+        busy = _average_power_w(nvml, lambda: session.run(None, {"x": op.x}), window_s)
         del session
-        idle_share = idle * unit.threads / cores
-        power[unit.id] = (max(busy - idle + idle_share, idle_share), idle_share)
-    detail = (f"RAPL package energy ({blockrun.RAPL_ENERGY}) over {settings.power_window_s:g} s: idle package "
-              f"{idle:.1f} W (sleeping), busy while running {op.label} fp32")
-    return power, detail
+        if gpu_idle is None or busy is None:
+            no_power[unit.id] = "the NVML counter gave no reading"
+            continue
+        how = f"{nvml.source} over {window_s:g} s"
+        power[unit.id] = (busy, min(gpu_idle, busy), f"{how} while running {op.label} fp32 (the whole GPU)",
+                          f"{how} while this process slept, straight after the GPU's own measurements (the whole "
+                          "GPU, idle between work as between a plan's blocks)")
+    return power, no_power
 
 
 # ---- system information ---------------------------------------------------------------------------
@@ -517,17 +672,20 @@ def _line(code: str, comment: str) -> str:
 def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
     cores = system["cores"]
     size_mb, available_mb = system["size_mb"], system["available_mb"]
-    memory_bw = max(m.bandwidth_gbps.values())
-    best_unit = max(m.bandwidth_gbps, key=m.bandwidth_gbps.get)
+    cpu_bandwidth = {u.id: m.bandwidth_gbps[u.id] for u in m.units if not u.is_gpu}
+    memory_bw = max(cpu_bandwidth.values())
+    best_unit = max(cpu_bandwidth, key=cpu_bandwidth.get)
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     mode = "quick mode: fewer sizes and repeats" if quick else "full mode"
+    providers = ", ".join(dict.fromkeys(u.provider for u in m.units))
+    gpu_text = f" and {m.gpu.name}" if m.gpu else ""
     lines = [
         f"# Board profile of this machine, written by `explorer calibrate` ({mode}) on {now}.",
-        f"# Host {system['hostname']}: {system['cpu_model']}, {cores} cores available to this process,",
-        f"# ONNX Runtime {ort.__version__} ({PROVIDER}), onnx {onnx.__version__}, numpy {np.__version__}, "
+        f"# Host {system['hostname']}: {system['cpu_model']}, {cores} cores available to this process{gpu_text},",
+        f"# ONNX Runtime {ort.__version__} ({providers}), onnx {onnx.__version__}, numpy {np.__version__}, "
         f"Python {platform.python_version()}; calibration took {elapsed_s:.1f} s.",
         "# Numbers marked 'measured' are medians of timed repeats after warm-up on this machine, 'read' come",
-        "# from sysfs or /proc, 'estimate' could not be measured here (the reason follows).",
+        "# from sysfs, /proc or NVML, 'estimate' could not be measured here (the reason follows).",
         "# Re-run `explorer calibrate` after a hardware, driver or ONNX Runtime change.",
     ]
     others = max(m.background_cores, m.others_during or 0.0)
@@ -541,7 +699,7 @@ def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
         "",
         "[board]",
         f'name = "{HOST}"',
-        f'description = "This machine ({system["cpu_model"]}, {cores} cores) as measured with ONNX Runtime '
+        f'description = "This machine ({system["cpu_model"]}, {cores} cores{gpu_text}) as measured with ONNX Runtime '
         f'{ort.__version__}"',
         "",
         "[memory]",
@@ -550,7 +708,8 @@ def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
         _line(f"bandwidth_gbps = {_f(memory_bw, 2)}",
               f"measured: the best sustained copy bandwidth ({best_unit}); a DRAM datasheet peak is not "
               "readable here, so this is the sustained figure"),
-        "shared = true                      # one memory for every processor of this machine",
+        "shared = true                      # one memory for every processor of this machine" if not m.gpu else
+        "shared = false                     # the gpu has its own memory; every transfer path is in [[links]] below",
         _line(f"energy_nj_per_byte = {_f(DRAM_NJ_PER_BYTE, 3)}",
               "estimate: ~640 pJ per 32-bit DRAM access (Horowitz, ISSCC 2014); no DRAM energy counter is "
               "read here"),
@@ -560,6 +719,20 @@ def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
     ]
     for unit in m.units:
         lines += [""] + _render_unit(unit, system, m, memory_bw, available_mb)
+    if m.gpu:
+        dram_copy = "a DRAM read and a write per byte (2 x 0.16 nJ/B, Horowitz, ISSCC 2014)"
+        lines += ["", "[[links]]", 'between = ["cpu", "cpu1"]',
+                  _line(f"bandwidth_gbps = {_f(memory_bw / 2)}",
+                        "measured: half of memory.bandwidth_gbps (a hand-over through DRAM reads and writes each byte)"),
+                  _line(f"latency_us = {_f(m.run_call_us, 1)}", "measured: as memory.transfer_latency_us"),
+                  _line(f"energy_nj_per_byte = {_f(2 * DRAM_NJ_PER_BYTE, 3)}", f"estimate: {dram_copy}")]
+        for cpu in (u for u in m.units if not u.is_gpu):
+            lines += ["", "[[links]]", f'between = ["{cpu.id}", "gpu"]',
+                      _line(f"bandwidth_gbps = {_f(m.gpu.link_gbps)}",
+                            f"measured: {m.gpu.link_detail}, of {m.settings.copy_mb} MB less the latency"),
+                      _line(f"latency_us = {_f(m.gpu.link_latency_us, 1)}", f"measured: {m.gpu.link_detail}, of 32 bytes"),
+                      _line(f"energy_nj_per_byte = {_f(2 * DRAM_NJ_PER_BYTE, 3)}",
+                            f"estimate: {dram_copy}; the bus transfer's own energy is not measured here")]
     return "\n".join(lines) + "\n"
 
 
@@ -567,18 +740,21 @@ def _render_unit(unit: _Unit, system: dict, m: _Measured, memory_bw: float, avai
     s = m.settings
     cores = system["cores"]
     threads = unit.threads
-    thread_text = f"{threads} ONNX Runtime thread{'s' if threads > 1 else ''}"
+    thread_text = _unit_text(unit)
     gflops = m.gflops[unit.id]
     peaks = {p: max(gflops[p].values()) for p in PRECISIONS}
     best = {p: m.ops[max(gflops[p], key=gflops[p].get)].label for p in PRECISIONS}
     typical = {"conv": next(o for o in m.ops.values() if o.kind == "conv"), "fc": m.ops["gemv"]}
     efficiency = {kind: min(1.0, gflops["fp32"][op.key] / peaks["fp32"]) for kind, op in typical.items()}
     reps = f"median of {s.min_repeats}-{s.max_repeats} runs after {s.warmup} warm-up"
-    lines = [f"# {unit.id}: measured throughput, GFLOP/s (int8: GOP/s), {thread_text}, {reps}:"]
+    copies = ", inputs copied in and outputs out as explorer's blocks run" if unit.is_gpu else ""
+    lines = [f"# {unit.id}: measured throughput, GFLOP/s (int8: GOP/s), {thread_text}, {reps}{copies}:"]
     for key, op in m.ops.items():
         values = ", ".join(f"{p} {gflops[p][key]:.1f}" for p in PRECISIONS)
         lines.append(f"#   {op.label}: {values}")
-    if m.fp16_in_fp32:
+    if unit.is_gpu:
+        fp16_note = f"fp16 nodes run on {unit.provider}'s fp16 kernels where it has them"
+    elif m.fp16_in_fp32:
         fp16_note = ("ORT's CPU provider has no fp16 kernel for these ops here: it inserts Casts and "
                      "computes in fp32 (seen in its optimised graph), so this is the fp32 rate (differences "
                      "from fp32 are cast cost and noise); fp16 halves weight bytes, not time")
@@ -595,51 +771,77 @@ def _render_unit(unit: _Unit, system: dict, m: _Measured, memory_bw: float, avai
         for kind, op in typical.items() for p in ("fp16", "int8"))
     efficiency_comment = (f"measured: fp32 throughput of a typical op over the fp32 peak: conv = "
                           f"{typical['conv'].label}, fc = {typical['fc'].label}; per precision: {other}")
-    if m.power is not None:
-        active, idle = m.power[unit.id]
-        active_comment = (f"measured: {m.power_detail} on {thread_text}, less the idle share of the cores "
-                          "it leaves idle")
-        idle_comment = f"measured: {m.power_detail}; idle package power x {threads}/{cores} of the cores"
+    if unit.id in m.power:
+        active, idle, active_how, idle_how = m.power[unit.id]
+        active_comment, idle_comment = f"measured: {active_how}", f"measured: {idle_how}"
+    elif unit.is_gpu:
+        active, idle = ESTIMATED_GPU_ACTIVE_W, ESTIMATED_GPU_IDLE_W
+        active_comment = (f"estimate: {ESTIMATED_GPU_ACTIVE_W:g} W, a data-centre GPU's board power under load "
+                          f"(A100 PCIe 250 W; H100 SXM up to 700 W): {m.no_power[unit.id]}")
+        idle_comment = (f"estimate: {ESTIMATED_GPU_IDLE_W:g} W, such a GPU idle (an H200 measured about 80 W, "
+                        f"benchmarks/results/cuda_check-h200.md): {m.no_power[unit.id]}")
     else:
         active = ESTIMATED_CORE_ACTIVE_W * threads
         idle = ESTIMATED_CORE_IDLE_W * threads
         active_comment = (f"estimate: {ESTIMATED_CORE_ACTIVE_W:g} W per busy core x {threads}, a server core's "
                           "share of package TDP (225-280 W / 64 cores for AMD EPYC 7003, 205 W / 40 cores for "
-                          f"Xeon 8380): {m.power_detail}")
+                          f"Xeon 8380): {m.no_power[unit.id]}")
         idle_comment = (f"estimate: {ESTIMATED_CORE_IDLE_W:g} W per core x {threads} (C-state plus uncore share): "
-                        f"{m.power_detail}")
+                        f"{m.no_power[unit.id]}")
     idle = min(idle, active)
-    description = (f"All {cores} cores of {system['cpu_model']}" if unit.id == "cpu"
-                   else f"One core of {system['cpu_model']} (single-thread, the little-processor analogue)")
-    cache_comment = system["cache_source"]
-    if threads < cores:
-        cache_comment += "; a single core can use all of it"
+    lines += [
+        _line(f"[processors.{unit.id}]", {"cpu": "all the cores this process may use",
+                                          "cpu1": "one core: ONNX Runtime with a single thread",
+                                          "gpu": f"the GPU, through ONNX Runtime's {unit.provider}"}[unit.id]),
+        f'kind = "{unit.kind}"',
+    ]
+    if unit.is_gpu:
+        gpu = m.gpu
+        lines += [
+            f'description = "{gpu.name}, ONNX Runtime {unit.provider}"',
+            _line(f"cores = {gpu.cores[0]}", gpu.cores[1]),
+            _line(f"clock_ghz = {_f(gpu.clock_ghz[0], 3)}", gpu.clock_ghz[1]),
+            _line(f"cache_kb = {ESTIMATED_GPU_CACHE_KB}",
+                  f"estimate: NVML does not report the L2 size; {ESTIMATED_GPU_CACHE_KB // 1024} MB, Volta's, the "
+                  "least of data-centre GPUs since"),
+        ]
+        memory_mb, memory_comment = gpu.memory_mb
+        bandwidth_comment = (f"measured: median Mul by one of a {s.copy_mb} MB tensor bound in the gpu's memory "
+                             "(ONNX Runtime I/O binding), bytes read + written per second")
+        bandwidth = m.bandwidth_gbps[unit.id]
+        threads_comment = "ONNX Runtime intra-op threads for nodes that fall back to the CPU provider"
+    else:
+        description = (f"All {cores} cores of {system['cpu_model']}" if unit.id == "cpu"
+                       else f"One core of {system['cpu_model']} (single-thread, the little-processor analogue)")
+        cache_comment = system["cache_source"] + ("; a single core can use all of it" if threads < cores else "")
+        lines += [
+            f'description = "{description}, ONNX Runtime {threads} thread{"s" if threads > 1 else ""}"',
+            _line(f"cores = {threads}",
+                  "read: os.sched_getaffinity (cores this process may use)" if unit.id == "cpu"
+                  else "one core: this processor runs ONNX Runtime with one thread"),
+            _line(f"clock_ghz = {_f(system['clock_ghz'], 3)}", system["clock_source"]),
+            _line(f"cache_kb = {system['cache_kb']}", cache_comment),
+        ]
+        memory_mb, memory_comment = available_mb, "measured: all of memory.available_mb (one shared memory)"
+        bandwidth = min(m.bandwidth_gbps[unit.id], memory_bw)
+        bandwidth_comment = (f"measured: median numpy copy of {s.copy_mb} MB split over {threads} thread(s), bytes "
+                             "read + written per second")
+        threads_comment = "ONNX Runtime intra-op threads used for every measurement above"
     return lines + [
-        _line(f"[processors.{unit.id}]", "all the cores this process may use" if unit.id == "cpu"
-              else "one core: ONNX Runtime with a single thread"),
-        'kind = "cpu"',
-        f'description = "{description}, ONNX Runtime {threads} thread{"s" if threads > 1 else ""}"',
-        _line(f"cores = {threads}",
-              "read: os.sched_getaffinity (cores this process may use)" if unit.id == "cpu"
-              else "one core: this processor runs ONNX Runtime with one thread"),
-        _line(f"clock_ghz = {_f(system['clock_ghz'], 3)}", system["clock_source"]),
-        _line(f"cache_kb = {system['cache_kb']}", cache_comment),
         'precisions = ["fp32", "fp16", "int8"]',
         _line("peak_gflops = { " + ", ".join(f"{p} = {_f(peaks[p])}" for p in PRECISIONS) + " }", peak_comment),
         _line(f"efficiency = {{ conv = {_f(efficiency['conv'], 3)}, fc = {_f(efficiency['fc'], 3)} }}",
               efficiency_comment),
-        _line(f"memory_mb = {_f(available_mb, 1)}", "measured: all of memory.available_mb (one shared memory)"),
-        _line(f"bandwidth_gbps = {_f(min(m.bandwidth_gbps[unit.id], memory_bw))}",
-              f"measured: median numpy copy of {s.copy_mb} MB split over {threads} thread(s), bytes read + "
-              "written per second"),
+        _line(f"memory_mb = {_f(memory_mb, 1)}", memory_comment),
+        _line(f"bandwidth_gbps = {_f(bandwidth)}", bandwidth_comment),
         _line(f"active_power_w = {_f(active)}", active_comment),
         _line(f"idle_power_w = {_f(idle)}", idle_comment),
         _line(f"launch_overhead_us = {_f(m.overhead_us[unit.id])}",
               f"measured: (time of {s.chain} chained Add ops - time of 1) / {s.chain - 1} on a 1x8 tensor, "
               f"{thread_text}"),
         'ops = ["Conv", "Gemm", "MatMul"]',
-        f'provider = "{PROVIDER}"',
-        _line(f"threads = {threads}", "ONNX Runtime intra-op threads used for every measurement above"),
+        f'provider = "{unit.provider}"',
+        _line(f"threads = {threads}", threads_comment),
     ]
 
 
