@@ -142,7 +142,7 @@ def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: 
             run_pass()
         coarse = [counter for counter in counters if counter.window_s > 0]
         if coarse:  # start on a step of the coarse counter ...
-            _run_until_step(coarse[0], run_pass)
+            run_until_step(coarse[0], run_pass)
         seconds = np.zeros((repeats, len(sessions)))
         energy_before = [counter.read() for counter in counters]
         window_started = time.perf_counter()
@@ -156,7 +156,7 @@ def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: 
             run_pass()
             passes += 1
         if coarse:  # ... and end on one, so the energy read is that of the passes counted
-            passes += _run_until_step(coarse[0], run_pass)
+            passes += run_until_step(coarse[0], run_pass)
         energy_after = [counter.read() for counter in counters]
     except Exception as error:
         if run_options.terminate:
@@ -216,8 +216,9 @@ def energy_counters(providers: list[str]) -> tuple[list[EnergyCounter], str | No
     return counters, None
 
 
-def _run_until_step(counter: EnergyCounter, run_pass: Callable[[], None]) -> int:
-    """Run passes until `counter` advances (for at most its window); how many passes ran."""
+def run_until_step(counter: EnergyCounter, run_pass: Callable[[], None]) -> int:
+    """Run passes until `counter` advances (for at most its window); how many passes ran. Reading a coarse
+    counter (NVML's) from one step to another makes its reading that of the passes run in between."""
     first, started, passes = counter.read(), time.perf_counter(), 0
     while counter.read() == first and time.perf_counter() - started < counter.window_s:
         run_pass()

@@ -14,10 +14,11 @@ its processor's execution provider, :func:`explorer.precision.session_options`):
 - package power from RAPL (``/sys/class/powercap/intel-rapl:0/energy_uj``) when it is readable;
   otherwise documented estimates;
 - on a machine whose ONNX Runtime can run the CUDA execution provider, a ``gpu`` processor: the same
-  throughput and per-op overhead measurements on that provider (inputs copied in and outputs out, as
-  explorer's blocks run), its memory bandwidth (a tensor scaled in its own memory through ONNX Runtime's
-  I/O binding), the copies between it and the CPUs' memory (``[[links]]``), its name, cores, clock and
-  free memory from NVML, and its idle and busy power from NVML's energy counter;
+  throughput and per-op overhead measurements on that provider with inputs and outputs in its memory
+  (ONNX Runtime's I/O binding), its memory bandwidth (y = x * 1 there), the cost of handing tensors to
+  it and back as explorer's blocks do (``[[links]]``: session.run with NumPy in and out, less the same
+  run in its memory), its name, cores, clock and free memory from NVML, and its idle and busy power
+  from NVML's energy counter (read from one of its steps to another);
 - cache size, core count, clock and memory are read from sysfs and /proc.
 
 The profile has two CPU processors, ``cpu`` (every core this process may use, as many ONNX Runtime
@@ -71,8 +72,9 @@ FALLBACK_CACHE_KB = 1024
 FALLBACK_GPU_CLOCK_GHZ = 1.5  # a data-centre GPU's boost clock (V100 1.53, A100 1.41, H100 1.98 GHz)
 ESTIMATED_GPU_CACHE_KB = 6144  # NVML does not report the L2; 6 MB is Volta's, the least of data-centre GPUs since
 ESTIMATED_GPU_ACTIVE_W = 250.0  # a data-centre GPU's board power under load (A100 PCIe 250 W; H100 SXM up to 700 W)
-ESTIMATED_GPU_IDLE_W = 50.0  # the same GPU idle (measured on an H200: about 80 W; benchmarks/results/cuda_check-h200.md)
-OS_RESERVE_FRACTION = 0.9  # share of MemAvailable a model may use; the rest stays with the OS and ORT
+ESTIMATED_GPU_IDLE_W = 50.0  # the same GPU between work (an H200 measured 122 W: benchmarks/results/host-h200.toml)
+OS_RESERVE_FRACTION = 0.9
+LINK_MB = 4  # tensor size for the CPU <-> gpu link bandwidth: a large activation, not a bulk copy  # share of MemAvailable a model may use; the rest stays with the OS and ORT
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ class _Measured:
     bandwidth_gbps: dict[str, float]  # unit -> sustained copy GB/s
     overhead_us: dict[str, float]  # unit -> per-op overhead
     run_call_us: float  # session.run of a one-op graph on a tiny tensor
-    power: dict[str, tuple[float, float, str]]  # unit -> (active W, idle W, how) for the units a counter covers
+    power: dict[str, tuple[float, float, str, str]]  # unit -> (active W, idle W, how, how) where a counter covers it
     no_power: dict[str, str]  # unit -> why no counter covers it (its power is then an estimate)
     background_cores: float  # other processes' CPU use before calibrating (cores)
     gpu: _Gpu | None = None
@@ -250,9 +252,9 @@ def _measure(system: dict, settings: _Settings, background: float, say: Progress
     bandwidth = {unit.id: gbps for unit, gbps in zip(cpus, copies)}
     gpu = None
     if gpu_unit:
-        say(f"memory bandwidth of the gpu: a {settings.copy_mb} MB tensor scaled in its own memory")
+        say(f"memory bandwidth of the gpu: y = x * 1 on {settings.copy_mb} MB in its own memory")
         bandwidth[gpu_unit.id] = _device_bandwidth_gbps(gpu_unit, settings)
-        say(f"transfers between the CPUs' memory and the gpu's: copies of {settings.copy_mb} MB and of 32 bytes")
+        say(f"transfers between the CPUs' memory and the gpu's: {LINK_MB} MB and 8 floats in and out")
         gpu = _gpu_facts(gpu_unit, settings, system)
         say(f"transfers: {gpu.link_gbps:.1f} GB/s, {gpu.link_latency_us:.1f} us per copy")
     say("memory bandwidth: " + ", ".join(f"{uid} {gbps:.1f} GB/s" for uid, gbps in bandwidth.items()))
@@ -276,9 +278,11 @@ def _gpu_unit(say: Progress) -> _Unit | None:
     unit = _Unit("gpu", 1, GPU_PROVIDER, "gpu")
     probe = _gemm_op("probe", 8, 8, 8, "probe", np.random.default_rng(1))
     try:
-        blockrun.open_session(blockrun.BlockSpec(probe.model.SerializeToString(), 1, GPU_PROVIDER), 0)
-    except blockrun.BlockRunError as error:
-        say(f"warning: ONNX Runtime has {GPU_PROVIDER} but cannot run a model on it ({error}); "
+        session = blockrun.open_session(blockrun.BlockSpec(probe.model.SerializeToString(), 1, GPU_PROVIDER), 0)
+        session.run(None, {"x": probe.x})
+    except Exception as error:  # BlockRunError, or ORT's own for a kernel, memory or library failure when running
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        say(f"warning: ONNX Runtime has {GPU_PROVIDER} but cannot run a model on it ({reason}); "
             "the profile gets no gpu processor")
         return None
     say(f"gpu: ONNX Runtime {GPU_PROVIDER} runs here; the profile gets a `gpu` processor")
@@ -361,13 +365,27 @@ def _time_runs(run: Callable[[], object], settings: _Settings) -> float:
 
 def _time_model(model: onnx.ModelProto, feed: dict[str, np.ndarray], unit: _Unit,
                 settings: _Settings) -> float:
-    """Median seconds of session.run on `unit`, inputs and outputs in NumPy (on a gpu: copied in and out,
-    as explorer's blocks run)."""
+    """Median seconds of one run on `unit`. On a gpu the inputs and outputs stay in its memory (ONNX Runtime's
+    I/O binding): the copies to and from the CPUs' memory are the links' share, measured apart."""
     session = _session(model, unit)
     try:
-        return _time_runs(lambda: session.run(None, feed), settings)
+        if not unit.is_gpu:
+            return _time_runs(lambda: session.run(None, feed), settings)
+        binding = _device_binding(session, feed, unit)
+        return _time_runs(lambda: session.run_with_iobinding(binding), settings)
     finally:
         del session
+
+
+def _device_binding(session: ort.InferenceSession, feed: dict[str, np.ndarray], unit: _Unit) -> ort.IOBinding:
+    """An I/O binding with the inputs copied into the unit's memory once and the outputs left there."""
+    device = _ort_device(unit)
+    binding = session.io_binding()
+    for name, value in feed.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, device)
+    return binding
 
 
 def _fp16_computed_in_fp32() -> bool | None:
@@ -419,7 +437,7 @@ def _copy_bandwidth_gbps(size_mb: int, thread_counts: list[int], settings: _Sett
     n = size_mb * 2**20 // 8
     source = np.ones(n, np.float64)
     target = np.zeros_like(source)  # touched: no page faults in the timed copies
-    timing = dataclasses.replace(settings, warmup=1, min_repeats=max(3, settings.min_repeats // 2))
+    timing = _copy_timing(settings)
     results = []
     for threads in thread_counts:
         bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
@@ -438,19 +456,21 @@ def _device_bandwidth_gbps(unit: _Unit, settings: _Settings) -> float:
     """Sustained bandwidth of a gpu's own memory: a tensor of settings.copy_mb scaled by one (Mul) with input and
     output bound in that memory (ONNX Runtime's I/O binding), bytes read + written per second."""
     n = settings.copy_mb * 2**20 // 4
-    node = helper.make_node("Mul", ["x", "one"], ["y"], name="scale")
-    graph = helper.make_graph([node], "copy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])],
-                              [numpy_helper.from_array(np.ones((), np.float32), "one")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 9
-    session, device = _session(model, unit), _ort_device(unit)
-    binding = session.io_binding()
-    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(np.ones(n, np.float32), device, 0))
-    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, device, 0))
-    timing = dataclasses.replace(settings, warmup=1, min_repeats=max(3, settings.min_repeats // 2))
-    seconds = _time_runs(lambda: session.run_with_iobinding(binding), timing)
+    session = _session(_scale_model(n), unit)
+    binding = _device_binding(session, {"x": np.ones(n, np.float32)}, unit)
+    seconds = _time_runs(lambda: session.run_with_iobinding(binding), _copy_timing(settings))
     return 2 * n * 4 / seconds / 1e9
+
+
+def _scale_model(n: int) -> onnx.ModelProto:
+    """y = x * 1 on n floats: one read and one write of every element."""
+    node = helper.make_node("Mul", ["x", "one"], ["y"], name="scale")
+    return _model(node, [n], [n], [numpy_helper.from_array(np.ones((), np.float32), "one")])
+
+
+def _copy_timing(settings: _Settings) -> _Settings:
+    """Fewer timed repeats for the large copies (each already takes a while)."""
+    return dataclasses.replace(settings, warmup=1, min_repeats=max(3, settings.min_repeats // 2))
 
 
 def _ort_device(unit: _Unit) -> str:
@@ -459,23 +479,24 @@ def _ort_device(unit: _Unit) -> str:
 
 
 def _gpu_facts(unit: _Unit, settings: _Settings, system: dict) -> _Gpu:
-    """The gpu's name, cores, clock and free memory from NVML (estimates where NVML does not say), and the
-    measured copies between the CPUs' memory and the gpu's: a 32-byte one (latency) and a large one (bandwidth),
-    each way (an OrtValue updated from NumPy, then read back into NumPy, as explorer's blocks hand tensors over)."""
-    timing = dataclasses.replace(settings, warmup=1, min_repeats=max(3, settings.min_repeats // 2))
-    device = _ort_device(unit)
-    one_way: dict[int, float] = {}
-    for size in (8, settings.copy_mb * 2**20 // 4):
-        host = np.ones(size, np.float32)
-        value = ort.OrtValue.ortvalue_from_shape_and_type([size], np.float32, device, 0)
-        up = _time_runs(lambda: value.update_inplace(host), timing)
-        down = _time_runs(value.numpy, timing)
-        one_way[size] = (up + down) / 2
-    small, large = one_way.values()
-    large_bytes = settings.copy_mb * 2**20
-    link_gbps = large_bytes / max(large - small, 1e-9) / 1e9
-    detail = (f"median of {timing.min_repeats}-{timing.max_repeats} copies each way, NumPy <-> an OrtValue on "
-              f"{device}")
+    """The gpu's name, cores, clock and free memory from NVML (estimates where NVML does not say), and what
+    handing a tensor to it and back costs, measured as explorer's blocks do it: session.run of y = x * 1 with
+    NumPy in and out, less the same run with both in the gpu's memory, for 8 floats (the fixed cost) and for
+    LINK_MB (the bandwidth)."""
+    timing = _copy_timing(settings)
+    round_trip: dict[int, float] = {}
+    for n in (8, LINK_MB * 2**20 // 4):
+        session = _session(_scale_model(n), unit)
+        x = np.ones(n, np.float32)
+        binding = _device_binding(session, {"x": x}, unit)
+        resident = _time_runs(lambda: session.run_with_iobinding(binding), timing)
+        from_numpy = _time_runs(lambda: session.run(None, {"x": x}), timing)
+        round_trip[n] = max(from_numpy - resident, 0.0)  # one copy in and one out
+        del session
+    small, large = round_trip.values()
+    link_gbps = 2 * LINK_MB * 2**20 / max(large - small, 1e-9) / 1e9
+    detail = (f"median session.run of y = x * 1 on {unit.provider} with NumPy in and out, less the same with x and y "
+              f"bound in the gpu's memory ({timing.min_repeats}-{timing.max_repeats} runs each)")
     nvml = blockrun.nvml_device()
     name = nvml[1] if nvml else "CUDA device 0"
     cores = (1, "estimate: NVML is not readable here; the peak below is measured, not computed from cores")
@@ -503,26 +524,38 @@ def _gpu_facts(unit: _Unit, settings: _Settings, system: dict) -> _Gpu:
         except (pynvml.NVMLError, AttributeError):  # not supported here, or an nvidia-ml-py without the call
             pass
     return _Gpu(name=_clean(name), cores=cores, clock_ghz=clock, memory_mb=memory, link_gbps=link_gbps,
-                link_latency_us=small * 1e6, link_detail=detail)
+                link_latency_us=small / 2 * 1e6, link_detail=detail)
 
 
 # ---- power ----------------------------------------------------------------------------------------
 def _average_power_w(counter: blockrun.EnergyCounter, work: Callable[[], object], window_s: float) -> float | None:
-    """Average power the counter sees while `work` is repeated for about window_s seconds (None: no reading)."""
+    """Average power the counter sees while `work` is repeated for about window_s seconds (None: no reading);
+    a coarse counter (NVML's) is read from one of its steps to another."""
+    if counter.window_s:
+        blockrun.run_until_step(counter, work)
     before, start = counter.read(), time.perf_counter()
     while time.perf_counter() - start < window_s:
         work()
+    if counter.window_s:
+        blockrun.run_until_step(counter, work)
     used = counter.used(before, counter.read())
     return None if used is None else used * 1e-6 / (time.perf_counter() - start)
 
 
 def _measure_power(units: tuple[_Unit, ...], ops: dict[str, _Op], settings: _Settings, say: Progress
                    ) -> tuple[dict[str, tuple[float, float, str, str]], dict[str, str]]:
-    """Per unit (active W, idle W, how active was measured, how idle was) where a counter covers it: RAPL's
-    package counter for the CPUs, NVML's for the gpu; and for the others why not."""
+    """Per unit (active W, idle W, how active was measured, how idle was) where a counter covers it: NVML's
+    for the gpu (first, straight after its other measurements), RAPL's package counter for the CPUs; and
+    for the others why not."""
     op = max((o for o in ops.values() if o.kind == "fc"), key=lambda o: o.flops)
     power: dict[str, tuple[float, float, str, str]] = {}
     no_power: dict[str, str] = {}
+    for unit in (u for u in units if u.is_gpu):
+        measured = _gpu_power(unit, op, settings, say)
+        if isinstance(measured, str):
+            no_power[unit.id] = measured
+        else:
+            power[unit.id] = measured
     cpus = [u for u in units if not u.is_gpu]
     rapl = blockrun.rapl_counter()
     idle = None
@@ -531,42 +564,44 @@ def _measure_power(units: tuple[_Unit, ...], ops: dict[str, _Op], settings: _Set
         idle = _average_power_w(rapl, lambda: time.sleep(0.05), settings.power_window_s)
     if idle is None:
         no_power.update({u.id: f"no readable RAPL energy counter ({blockrun.RAPL_ENERGY}) on this machine" for u in cpus})
-        say("power of the CPUs: " + next(iter(no_power.values())) + "; estimates")
-    else:
-        cores = max(u.threads for u in cpus)
-        detail = (f"RAPL package energy ({blockrun.RAPL_ENERGY}) over {settings.power_window_s:g} s: idle package "
-                  f"{idle:.1f} W (sleeping), busy while running {op.label} fp32")
-        for unit in cpus:
-            session = _session(op.model, unit)
-            busy = _average_power_w(rapl, lambda: session.run(None, {"x": op.x}), settings.power_window_s)
-            del session
-            if busy is None:
-                no_power[unit.id] = "the RAPL counter gave no reading while the cores were busy"
-                continue
-            idle_share = idle * unit.threads / cores
-            power[unit.id] = (max(busy - idle + idle_share, idle_share), idle_share,
-                              f"{detail} on {_unit_text(unit)}, less the idle share of the cores it leaves idle",
-                              f"{detail}; idle package power x {unit.threads}/{cores} of the cores")
-    for unit in (u for u in units if u.is_gpu):
-        nvml = blockrun.nvml_counter()
-        if nvml is None:
-            no_power[unit.id] = "no readable NVML energy counter for the gpu"
-            say(f"power of the gpu: {no_power[unit.id]}; estimates")
-            continue
-        window_s = max(settings.power_window_s, 2 * nvml.window_s)  # the counter steps every ~100 ms
-        say(f"power of the gpu: {nvml.source}, {window_s:g} s idle and {window_s:g} s busy")
-        gpu_idle = _average_power_w(nvml, lambda: time.sleep(0.05), window_s)
+        say(f"power of the CPUs: {no_power[cpus[0].id]}; estimates")
+        return power, no_power
+    cores = max(u.threads for u in cpus)
+    detail = (f"RAPL package energy ({blockrun.RAPL_ENERGY}) over {settings.power_window_s:g} s: idle package "
+              f"{idle:.1f} W (sleeping), busy while running {op.label} fp32")
+    for unit in cpus:
         session = _session(op.model, unit)
-        busy = _average_power_w(nvml, lambda: session.run(None, {"x": op.x}), window_s)
+        busy = _average_power_w(rapl, lambda: session.run(None, {"x": op.x}), settings.power_window_s)
         del session
-        if gpu_idle is None or busy is None:
-            no_power[unit.id] = "the NVML counter gave no reading"
+        if busy is None:
+            no_power[unit.id] = "the RAPL counter gave no reading while the cores were busy"
             continue
-        how = f"{nvml.source} over {window_s:g} s"
-        power[unit.id] = (busy, min(gpu_idle, busy), f"{how} while running {op.label} fp32 (the whole GPU)",
-                          f"{how} while this process slept, straight after the GPU's own measurements (the whole "
-                          "GPU, idle between work as between a plan's blocks)")
+        idle_share = idle * unit.threads / cores
+        power[unit.id] = (max(busy - idle + idle_share, idle_share), idle_share,
+                          f"{detail} on {_unit_text(unit)}, less the idle share of the cores it leaves idle",
+                          f"{detail}; idle package power x {unit.threads}/{cores} of the cores")
     return power, no_power
+
+
+def _gpu_power(unit: _Unit, op: _Op, settings: _Settings, say: Progress) -> tuple[float, float, str, str] | str:
+    """The gpu's (active W, idle W, how, how) from NVML's counter, or why there is none."""
+    nvml = blockrun.nvml_counter()
+    if nvml is None:
+        say("power of the gpu: no readable NVML energy counter; estimates")
+        return "no readable NVML energy counter for the gpu"
+    window_s = max(settings.power_window_s, 2 * nvml.window_s)
+    say(f"power of the gpu: {nvml.source}, {window_s:g} s idle and {window_s:g} s busy")
+    idle = _average_power_w(nvml, lambda: time.sleep(0.05), window_s)
+    session = _session(op.model, unit)
+    binding = _device_binding(session, {"x": op.x}, unit)
+    busy = _average_power_w(nvml, lambda: session.run_with_iobinding(binding), window_s)
+    del session
+    if idle is None or busy is None:
+        return "the NVML counter gave no reading"
+    how = f"{nvml.source} over {window_s:g} s, from one of its steps to another"
+    return (busy, min(idle, busy), f"{how}, while running {op.label} fp32 in its memory (the whole GPU)",
+            f"{how}, while this process slept straight after the GPU's own measurements (the whole GPU, idle "
+            "between work as between a plan's blocks)")
 
 
 # ---- system information ---------------------------------------------------------------------------
@@ -729,8 +764,9 @@ def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
         for cpu in (u for u in m.units if not u.is_gpu):
             lines += ["", "[[links]]", f'between = ["{cpu.id}", "gpu"]',
                       _line(f"bandwidth_gbps = {_f(m.gpu.link_gbps)}",
-                            f"measured: {m.gpu.link_detail}, of {m.settings.copy_mb} MB less the latency"),
-                      _line(f"latency_us = {_f(m.gpu.link_latency_us, 1)}", f"measured: {m.gpu.link_detail}, of 32 bytes"),
+                            f"measured: {m.gpu.link_detail}: {LINK_MB} MB each way, less the fixed cost"),
+                      _line(f"latency_us = {_f(m.gpu.link_latency_us, 1)}",
+                            f"measured: {m.gpu.link_detail}: half the time of 8 floats in and out"),
                       _line(f"energy_nj_per_byte = {_f(2 * DRAM_NJ_PER_BYTE, 3)}",
                             f"estimate: {dram_copy}; the bus transfer's own energy is not measured here")]
     return "\n".join(lines) + "\n"
@@ -747,7 +783,7 @@ def _render_unit(unit: _Unit, system: dict, m: _Measured, memory_bw: float, avai
     typical = {"conv": next(o for o in m.ops.values() if o.kind == "conv"), "fc": m.ops["gemv"]}
     efficiency = {kind: min(1.0, gflops["fp32"][op.key] / peaks["fp32"]) for kind, op in typical.items()}
     reps = f"median of {s.min_repeats}-{s.max_repeats} runs after {s.warmup} warm-up"
-    copies = ", inputs copied in and outputs out as explorer's blocks run" if unit.is_gpu else ""
+    copies = ", inputs and outputs in its memory (the copies are the links' share)" if unit.is_gpu else ""
     lines = [f"# {unit.id}: measured throughput, GFLOP/s (int8: GOP/s), {thread_text}, {reps}{copies}:"]
     for key, op in m.ops.items():
         values = ", ".join(f"{p} {gflops[p][key]:.1f}" for p in PRECISIONS)
@@ -778,8 +814,8 @@ def _render_unit(unit: _Unit, system: dict, m: _Measured, memory_bw: float, avai
         active, idle = ESTIMATED_GPU_ACTIVE_W, ESTIMATED_GPU_IDLE_W
         active_comment = (f"estimate: {ESTIMATED_GPU_ACTIVE_W:g} W, a data-centre GPU's board power under load "
                           f"(A100 PCIe 250 W; H100 SXM up to 700 W): {m.no_power[unit.id]}")
-        idle_comment = (f"estimate: {ESTIMATED_GPU_IDLE_W:g} W, such a GPU idle (an H200 measured about 80 W, "
-                        f"benchmarks/results/cuda_check-h200.md): {m.no_power[unit.id]}")
+        idle_comment = (f"estimate: {ESTIMATED_GPU_IDLE_W:g} W, such a GPU between work (an H200 measured 122 W "
+                        f"by NVML straight after work: benchmarks/results/host-h200.toml): {m.no_power[unit.id]}")
     else:
         active = ESTIMATED_CORE_ACTIVE_W * threads
         idle = ESTIMATED_CORE_IDLE_W * threads
@@ -806,8 +842,8 @@ def _render_unit(unit: _Unit, system: dict, m: _Measured, memory_bw: float, avai
                   "least of data-centre GPUs since"),
         ]
         memory_mb, memory_comment = gpu.memory_mb
-        bandwidth_comment = (f"measured: median Mul by one of a {s.copy_mb} MB tensor bound in the gpu's memory "
-                             "(ONNX Runtime I/O binding), bytes read + written per second")
+        bandwidth_comment = (f"measured: median y = x * 1 on {s.copy_mb} MB, x and y in the gpu's memory (ONNX Runtime "
+                             "I/O binding), bytes read + written per second")
         bandwidth = m.bandwidth_gbps[unit.id]
         threads_comment = "ONNX Runtime intra-op threads for nodes that fall back to the CPU provider"
     else:

@@ -190,7 +190,7 @@ def test_a_gpu_gets_a_processor_and_links(tmp_path, monkeypatch):
     assert all(gpu.peak_gflops[p] > 0 for p in PRECISIONS) and gpu.bandwidth_gbps > 0
     for cpu in ("cpu", "cpu1"):
         link = board.link(cpu, "gpu")
-        assert link.via == "link" and link.bandwidth_gbps > 0 and link.latency_us > 0
+        assert link.via == "link" and link.bandwidth_gbps > 0 and link.latency_us >= 0
     assert not board.memory.shared and board.link("cpu", "cpu1").via == "link"  # the gpu has its own memory
     text = path.read_text()
     assert "estimate: 250 W" in text and "no readable NVML energy counter" in text
@@ -208,8 +208,16 @@ def test_a_gpu_provider_that_cannot_start_is_left_out_with_a_warning(monkeypatch
     messages: list[str] = []
     assert calibrate._gpu_unit(messages.append) is None
     assert "could not start" in messages[0] and "no gpu processor" in messages[0]
+
+    class FailsWhenRunning:
+        def run(self, outputs, feed):
+            raise RuntimeError("CUDA failure 209: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(calibrate.blockrun, "open_session", lambda spec, index: FailsWhenRunning())
+    assert calibrate._gpu_unit(messages.append) is None
+    assert "no kernel image" in messages[1] and "no gpu processor" in messages[1]
     monkeypatch.setattr(calibrate, "GPU_PROVIDER", "NoSuchExecutionProvider")
-    assert calibrate._gpu_unit(messages.append) is None and len(messages) == 1  # absent: nothing to say
+    assert calibrate._gpu_unit(messages.append) is None and len(messages) == 2  # absent: nothing to say
 
 
 def test_busy_cores_is_a_fraction_of_the_machine():
