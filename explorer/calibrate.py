@@ -24,9 +24,9 @@ its processor's execution provider, :func:`explorer.precision.session_options`):
 The profile has two CPU processors, ``cpu`` (every core this process may use, as many ONNX Runtime
 threads) and ``cpu1`` (one thread: the single-core analogue of a "little" processor), so that plans
 on the host can have several unit blocks, and ``gpu`` where there is one. Every number in the file
-carries a comment saying how it was measured or why it is an estimate. The file is written atomically (temporary file, validated by
-:func:`explorer.boards.load_board`, then ``os.replace``): an interrupted or failed calibration never
-leaves a broken profile and keeps the previous one.
+carries a comment saying how it was measured or why it is an estimate. The file is written
+atomically (temporary file, validated by :func:`explorer.boards.load_board`, then ``os.replace``): an
+interrupted or failed calibration never leaves a broken profile and keeps the previous one.
 """
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ FALLBACK_GPU_CLOCK_GHZ = 1.5  # a data-centre GPU's boost clock (V100 1.53, A100
 ESTIMATED_GPU_CACHE_KB = 6144  # NVML does not report the L2; 6 MB is Volta's, the least of data-centre GPUs since
 ESTIMATED_GPU_ACTIVE_W = 250.0  # a data-centre GPU's board power under load (A100 PCIe 250 W; H100 SXM up to 700 W)
 ESTIMATED_GPU_IDLE_W = 50.0  # the same GPU between work (an H200 measured 122 W: benchmarks/results/host-h200.toml)
-OS_RESERVE_FRACTION = 0.9
-LINK_MB = 4  # tensor size for the CPU <-> gpu link bandwidth: a large activation, not a bulk copy  # share of MemAvailable a model may use; the rest stays with the OS and ORT
+OS_RESERVE_FRACTION = 0.9  # share of MemAvailable a model may use; the rest stays with the OS and ORT
+LINK_MB = 4  # tensor size for the CPU <-> gpu link bandwidth: a large activation, not a bulk copy
 
 
 @dataclass(frozen=True)
