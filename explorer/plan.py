@@ -65,9 +65,13 @@ class Plan:
         }
 
     def digest(self) -> str:
-        """Stable SHA-256 of the plan's decisions (independent of Python's hash seed)."""
-        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        """Stable SHA-256 of the plan's decisions (independent of Python's hash seed); computed once per plan."""
+        known = self.__dict__.get("_digest")
+        if known is None:
+            text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+            known = hashlib.sha256(text.encode()).hexdigest()
+            object.__setattr__(self, "_digest", known)  # a cache, not a field: equality and hash ignore it
+        return known
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":

@@ -1,4 +1,6 @@
 """RLC: rank ladders, exact factorised rewrites, full rank reproduces the model, precisions compose."""
+import pickle
+
 import numpy as np
 import onnx
 import pytest
@@ -122,6 +124,10 @@ def test_plan_json_round_trip_and_stable_digest(tmp_path):
     assert loaded == plan and loaded.digest() == plan.digest()
     assert plan.digest() != full_rank_plan(graph).digest()
     assert plan[graph.layers[1].name].label() == "svd:24/int8@gpu"
+    # the digest is remembered per plan: equality, hashing and pickling ignore that it was computed
+    fresh = Plan.load(path)
+    assert fresh == plan and hash(fresh) == hash(plan) and pickle.loads(pickle.dumps(plan)).digest() == plan.digest()
+    assert plan.with_decision(graph.layers[1].name, Decision()).digest() == full_rank_plan(graph).digest()
 
 
 # ---- the shipped vgg -------------------------------------------------------------------------------
