@@ -36,7 +36,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from benchmarks.common import markdown_table, zoo_problem
-from explorer.blockrun import CUDA_PROVIDER, nvml_counter
+from explorer.blockrun import CUDA_PROVIDER, nvml_counter, nvml_device
 from explorer.errors import ExplorerError
 from explorer.plan import Decision, Plan
 
@@ -56,7 +56,7 @@ def nvml_cadence(seconds: float = 3.0) -> str:
     session.run(None, feed)
     import pynvml
 
-    handle = pynvml.nvmlDeviceGetHandleByIndex(0)  # the power reading: NVML's first GPU, as on a 1-GPU machine
+    handle, _ = nvml_device()  # the GPU whose counter this reads (a readable counter means a device was found)
     changes, powers = [], []  # (time, value) at each step of the counter; NVML's power readings
     start, last = time.perf_counter(), counter.read()
     while time.perf_counter() - start < seconds:

@@ -86,6 +86,12 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
+def session_providers(provider: str) -> list[str]:
+    """The providers a block's session gets: its own, then the CPU provider for any node its own lacks (as
+    ONNX Runtime places nodes; :func:`open_session` checks that the block's own provider did start)."""
+    return [provider] + ([CPU_PROVIDER] if provider != CPU_PROVIDER else [])
+
+
 def open_session(spec: BlockSpec, index: int) -> ort.InferenceSession:
     """A session for one block on its provider; BlockRunError when the bytes are not a model ONNX Runtime can
     load or ONNX Runtime cannot run it on that provider here (never a silent fall-back to the CPU)."""
@@ -93,9 +99,9 @@ def open_session(spec: BlockSpec, index: int) -> ort.InferenceSession:
     if spec.provider not in available:
         raise BlockRunError(f"block {index} needs {spec.provider}, which ONNX Runtime {ort.__version__} here lacks "
                             f"(it has {', '.join(available)})")
-    providers = [spec.provider] + ([CPU_PROVIDER] if spec.provider != CPU_PROVIDER else [])
     try:
-        session = ort.InferenceSession(spec.model, session_options(spec.threads), providers=providers)
+        session = ort.InferenceSession(spec.model, session_options(spec.threads),
+                                       providers=session_providers(spec.provider))
     except Exception as error:  # ORT raises InvalidProtobuf, Fail, InvalidGraph, ... for bad models
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BlockRunError(f"ONNX Runtime could not load block {index} on {spec.provider}: {first_line[:300]}") from None
@@ -272,8 +278,8 @@ def rapl_range_uj() -> float | None:
 
 def readable_counters() -> list[str]:
     """The energy counters readable here, by name (what an agent reports)."""
-    nvml = nvml_counter()
-    return (["RAPL"] if rapl_uj() is not None else []) + ([nvml.source] if nvml else [])
+    rapl, nvml = rapl_counter(), nvml_counter()
+    return (["RAPL"] if rapl else []) + ([nvml.source] if nvml else [])
 
 
 _NVML_COUNTER: list[EnergyCounter] = []  # the counter once found (a failed look is tried again next time)

@@ -345,8 +345,8 @@ def _session(model: onnx.ModelProto, unit: _Unit, optimized_path: str | None = N
         options.optimized_model_filepath = optimized_path
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     # as explorer's blocks run: a node the provider lacks falls back to the CPU provider
-    providers = [unit.provider] + ([PROVIDER] if unit.provider != PROVIDER else [])
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=blockrun.session_providers(unit.provider))
 
 
 def _time_runs(run: Callable[[], object], settings: _Settings) -> float:
