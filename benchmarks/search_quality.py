@@ -24,8 +24,9 @@ by the next from the cache; each search still counts it against its own budget.
 
 --first-seed K runs seeds K..SEEDS-1 only, to add seeds to earlier outputs; --seeds 0 runs only the
 reference searches (the longest part, as processes of their own). An interrupted search stops the
-benchmark and records nothing for that run; its measurements are cached, so a rerun recalls them
-instead of measuring again (same seed, same plans).
+benchmark and records nothing for that run (its best feasible plan so far goes to
+runs/benchmarks/interrupted/, labelled partial, never read as a reference); its measurements are cached,
+so a rerun recalls them instead of measuring again (same seed, same plans).
 
 --from-json A.json B.json ...: no search; the table and the plot from earlier --json outputs, their
 runs merged per board (for example boards or agents run as separate processes side by side).
@@ -141,18 +142,35 @@ def search(agent_name: str, problem: Problem, budget: int, seed: int, label: str
             progress(f"  {label}: {trial.number + 1}/{budget} evaluations, best {result.best_so_far[-1]:.4g}")
 
     started = time.perf_counter()
+    result = None
     try:
         result = agent.search(problem, budget, seed, callback=report)
         interrupted = result.interrupted  # every agent catches Ctrl-C and returns what it has
     except KeyboardInterrupt:  # one that arrives before the agent's own handler is in place
         interrupted = True
     if interrupted:  # a partial run must not be read as a whole one (nor stored as a reference)
+        kept = keep_partial_best(result, problem, seed, label) if result is not None else None
         raise SystemExit(f"search_quality: interrupted during {label} after {measured} evaluations; nothing "
-                         f"was recorded for it (the evaluations are cached: a rerun recalls them quickly)")
+                         f"was recorded for it (the evaluations are cached: a rerun recalls them quickly)"
+                         + (f"; its best so far, {kept}" if kept else ""))
     seconds = time.perf_counter() - started
     best = f"{result.best.objective:.4g}" if result.best else "none feasible"
     progress(f"  {label}: done, {len(result.trials)} evaluations, best {best}, {seconds:.0f} s")
     return Run(agent_name, seed, budget, _anytime(agent), result, seconds)
+
+
+def keep_partial_best(result: SearchResult, problem: Problem, seed: int, label: str) -> str | None:
+    """Keep an interrupted search's best feasible plan in runs/benchmarks/interrupted/ (a known plan, never a
+    reference: the run did not reach its budget), so that a plan found late in a long search is not lost;
+    says where, or None when it had none."""
+    if result.best_trial is None:
+        return None
+    folder = runs_dir() / "benchmarks" / "interrupted"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{'-'.join(label.split())}-seed{seed}.json"
+    atomic_write_json(path, {**_summary(result.agent, len(result.trials), result.best_trial), "seed": seed,
+                             "partial": True, "problem": problem_key(problem)})
+    return f"{result.best.objective:.4g}, is kept in {path} (partial: not a reference)"
 
 
 def problem_key(problem: Problem) -> str:
