@@ -504,6 +504,11 @@ def _search_distributed(args: argparse.Namespace) -> None:
             tracker.mark_killed()
             err_console.print(f"[yellow]interrupted[/]: the workers stopped; the study {study_name} and the MLflow run "
                               f"{tracker.run_id} (KILLED) keep every finished trial")
+            remaining = args.budget - (measured_trial_count(study) - already)
+            if remaining > 0:  # new workers on the same study take up the rest (a new parent run, the whole study's summary)
+                go_on = _search_args(args, budget=remaining, study=study_name, storage=storage,
+                                     workers=min(args.workers, remaining) if min(args.workers, remaining) > 1 else None)
+                err_console.print(f"go on with: explorer search {' '.join(go_on)}", soft_wrap=True, highlight=False)
             raise SystemExit(130)
         for log_path, process in workers:
             if process.returncode != 0:

@@ -71,3 +71,44 @@ def test_workers_are_for_optuna_agents(capsys):
     assert "more than --budget" in capsys.readouterr().err
     assert main(["search", "--agent", "random", "--study", "shared"]) == 2
     assert "Optuna study" in capsys.readouterr().err
+
+
+def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_the_budget(postgres, tmp_path, capsys,
+                                                                                        monkeypatch):
+    import shlex
+    import time as real_time
+    import types
+
+    from agents.optuna_agents import measured_trial_count
+    from explorer import cli
+
+    optuna_url, mlflow_url = postgres.create_database("optuna_go_on"), postgres.create_database("mlflow_go_on")
+    model = tmp_path / "cnn.onnx"
+    model.write_bytes(small_cnn().SerializeToString())
+    budget = 30  # far from done when the workers are stopped
+
+    def measured() -> int:
+        names = optuna.get_all_study_names(storage=optuna_url)
+        return measured_trial_count(optuna.load_study(study_name=names[0], storage=optuna_url)) if names else 0
+
+    def sleep_then_ctrl_c(seconds: float) -> None:  # Ctrl-C once the workers have measured a few trials
+        real_time.sleep(min(seconds, 0.05))
+        if measured() >= 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(sleep=sleep_then_ctrl_c, perf_counter=real_time.perf_counter,
+                                                           time=real_time.time, monotonic=real_time.monotonic))
+    argv = ["search", "--model", str(model), "--board", "tegra-k1", "--agent", "optuna-tpe", "--budget", str(budget),
+            "--workers", "2", "--storage", optuna_url, "--tracking-uri", mlflow_url, "--seed", "2"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "KILLED" in err
+    go_on = shlex.split(next(line for line in err.splitlines() if line.startswith("go on with: explorer search "))
+                        .removeprefix("go on with: explorer search "))
+    done = measured()
+    assert 3 <= done < budget
+    assert go_on[go_on.index("--budget") + 1] == str(budget - done) and "--study" in go_on
+
+    monkeypatch.setattr(cli, "time", real_time)
+    assert main(["search", *go_on]) == 0
+    assert measured() == budget  # the study reaches the first search's budget exactly
