@@ -85,11 +85,12 @@ def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_th
     optuna_url, mlflow_url = postgres.create_database("optuna_go_on"), postgres.create_database("mlflow_go_on")
     model = tmp_path / "cnn.onnx"
     model.write_bytes(small_cnn().SerializeToString())
-    budget = 30  # far from done when the workers are stopped
+    budget = 60  # far from done when the workers are stopped
+    storage = optuna.storages.RDBStorage(optuna_url)  # one connection pool: polling must be quick next to the workers
 
     def measured() -> int:
-        names = optuna.get_all_study_names(storage=optuna_url)
-        return measured_trial_count(optuna.load_study(study_name=names[0], storage=optuna_url)) if names else 0
+        names = optuna.get_all_study_names(storage=storage)
+        return measured_trial_count(optuna.load_study(study_name=names[0], storage=storage)) if names else 0
 
     def sleep_then_ctrl_c(seconds: float) -> None:  # Ctrl-C once the workers have measured a few trials
         real_time.sleep(min(seconds, 0.05))
