@@ -24,11 +24,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import lil_matrix
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
+import scipy
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_matrix, lil_matrix
+
+from explorer.cache import AppendOnlyCache, digest
 from explorer.errors import ExplorerError
+from explorer.paths import cache_dir
 from explorer.plan import Decision, Plan
 
 METRICS = ("energy", "latency", "memory")
@@ -232,18 +238,62 @@ class _Program:
                     row[self.x(l, c)] = choice.weight_bytes
         return row
 
-    def run(self, objective: np.ndarray, rows: list, time_limit_s: float):
+    def run(self, objective: np.ndarray, rows: list, time_limit_s: float) -> SimpleNamespace:
+        """HiGHS's result (status, x, fun, message) for this program, recalled from the solve cache when
+        the same program was solved before (see `_solve_key`)."""
         constraints = [self.structure]
         if rows:
             constraints.append(LinearConstraint(np.array([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows]))
         integrality = np.r_[np.ones(self.n_x), np.zeros(self.n_y)]
-        upper = np.ones(self.n)
+        key = _solve_key(objective, constraints, integrality, time_limit_s)
+        cached = _solve_cache().get(key)
+        if cached is not None:
+            x = None
+            if cached["x"] is not None:
+                x = np.zeros(self.n)
+                x[cached["x"][0]] = cached["x"][1]
+            return SimpleNamespace(status=cached["status"], x=x, fun=cached["fun"], message=cached["message"])
         with _highs_debug_prints_hidden():
-            return milp(objective, constraints=constraints, integrality=integrality, bounds=Bounds(np.zeros(self.n), upper),
-                        options={"time_limit": time_limit_s, "mip_rel_gap": 0.0, "presolve": True})
+            result = milp(objective, constraints=constraints, integrality=integrality,
+                          bounds=Bounds(np.zeros(self.n), np.ones(self.n)),
+                          options={"time_limit": time_limit_s, "mip_rel_gap": 0.0, "presolve": True})
+        x = None if result.x is None else np.asarray(result.x)
+        nonzero = None if x is None else np.flatnonzero(np.abs(x) > 1e-12)
+        _solve_cache().put(key, {"status": int(result.status), "message": str(result.message),
+                                 "fun": None if result.fun is None else float(result.fun),
+                                 "x": None if x is None else [nonzero.tolist(), x[nonzero].tolist()]})
+        return SimpleNamespace(status=int(result.status), x=x, fun=result.fun, message=result.message)
 
     def picks(self, x: np.ndarray) -> list[int]:
         return [int(np.argmax(x[self.offsets[l]:self.offsets[l + 1]])) for l in range(len(self.instance.choices))]
+
+
+_SOLVE_CACHES: dict[Path, AppendOnlyCache] = {}
+
+
+def _solve_cache() -> AppendOnlyCache:
+    """HiGHS results by program, in runs/cache/solves/ (one per runs folder). A search replayed from the
+    evaluation cache (a benchmark run again after an interruption) makes the same solves: recalled, they
+    cost nothing, and a solve that reached its time limit gives the same answer again."""
+    path = cache_dir("solves") / "highs.jsonl"
+    if path not in _SOLVE_CACHES:
+        _SOLVE_CACHES[path] = AppendOnlyCache(path)
+    return _SOLVE_CACHES[path]
+
+
+def _solve_key(objective: np.ndarray, constraints: list[LinearConstraint], integrality: np.ndarray,
+               time_limit_s: float) -> str:
+    """A digest of everything HiGHS is given (and of SciPy's version, which fixes the HiGHS inside)."""
+    parts: list[bytes] = [scipy.__version__.encode(), repr(float(time_limit_s)).encode(),
+                          np.ascontiguousarray(objective, dtype=float).tobytes(),
+                          np.ascontiguousarray(integrality, dtype=float).tobytes()]
+    for constraint in constraints:
+        matrix = csr_matrix(constraint.A)
+        parts += [repr(matrix.shape).encode(), matrix.indptr.tobytes(), matrix.indices.tobytes(),
+                  np.ascontiguousarray(matrix.data, dtype=float).tobytes(),
+                  np.ascontiguousarray(constraint.lb, dtype=float).tobytes(),
+                  np.ascontiguousarray(constraint.ub, dtype=float).tobytes()]
+    return digest(*parts)
 
 
 _libc = ctypes.CDLL(None)

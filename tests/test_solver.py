@@ -128,6 +128,29 @@ def test_excluded_plans_and_the_neighbourhood_bound_the_search():
     assert solve(instance, exclude=every).status == "infeasible"
 
 
+def test_a_program_solved_before_is_recalled_with_the_same_answer(monkeypatch):
+    """The solve cache: the same program (instance, incumbent, exclusions, time limit) is answered from
+    runs/cache/solves/ without calling HiGHS, identically (an infeasible one too); any change solves anew."""
+    from explorer import solver
+
+    calls = []
+    real_milp = solver.milp
+    monkeypatch.setattr(solver, "milp", lambda *args, **kwargs: calls.append(1) or real_milp(*args, **kwargs))
+    instance = _random_instance(np.random.default_rng(31))
+    instance.latency_budget_s, instance.accuracy_limit, instance.memory_limit_bytes = 1.0, 1.0, None
+    first = solve(instance, time_limit_s=17.0)
+    assert len(calls) == 1 and first.optimal
+    again = solve(instance, time_limit_s=17.0)
+    assert len(calls) == 1 and again.plan == first.plan and again.objective == first.objective
+    cut = solve(instance, time_limit_s=17.0, exclude=[picks_for(instance, first.plan)])  # another program
+    assert len(calls) == 2 and cut.plan != first.plan
+    impossible = solve(instance, incumbent_objective=first.objective * 0.5, time_limit_s=17.0)
+    assert impossible.status == "infeasible"
+    calls_after_first = len(calls)  # the diagnosis of an infeasible program solves more programs
+    assert solve(instance, incumbent_objective=first.objective * 0.5, time_limit_s=17.0).status == "infeasible"
+    assert len(calls) == calls_after_first
+
+
 def _problem(board, model=None, **constraints):
     graph = LayerGraph(model or small_cnn())
     scorer = AccuracyScorer(graph.model, Dataset(random_inputs(graph.model, 200), None, "random inputs"))
