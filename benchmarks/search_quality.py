@@ -209,7 +209,8 @@ def _summary(agent: str, budget: int, best: Trial | None) -> dict:
     e = best.evaluation if best else None
     return {"agent": agent, "budget": budget, "objective": e.objective if e else None,
             "latency_ms": e.latency_ms if e else None, "energy_mj": e.energy_mj if e else None,
-            "accuracy_drop": e.accuracy_drop if e else None, "plan": best.plan.to_json() if best else None}
+            "accuracy_drop": e.accuracy_drop if e else None, "found_at": best.number + 1 if best else None,
+            "plan": best.plan.to_json() if best else None}
 
 
 def _better(summary: dict, other: dict | None) -> bool:
@@ -226,6 +227,7 @@ def reference_line(report: BoardReport, agents: list[str]) -> str:
     budget = max(report.searched)
     found = report.searched[budget]
     done = [f"{agent} {'none feasible' if found[agent]['objective'] is None else format(found[agent]['objective'], '.4g')}"
+            + (f" (found at evaluation {found[agent]['found_at']})" if found[agent].get("found_at") else "")
             for agent in AGENTS if agent in found]
     missing = [agent for agent in agents if agent not in found]
     return (f"Reference searches at {budget} evaluations (seed 0): {', '.join(done)}"

@@ -48,10 +48,12 @@ def test_the_merge_lists_the_reference_searches_and_rechecks_the_latency_evidenc
                                              binds={"objective": 2.55, "latency_ms": 1.4})}}
     random_10x = {"settings": {**SETTINGS, "seeds": [], "agents": ["random"], "reference_budget": 300},
                   "boards": {"tegra-k1": _board(_summary("random", 300, 2.5),
-                                                {"300": {"random": _summary("random", 300, 2.5)}}, [])}}
+                                                {"300": {"random": {**_summary("random", 300, 2.5), "found_at": 120}}},
+                                                [])}}
     out = _merged(tmp_path, {"seeds.json": seeds, "ppo-10x.json": ppo_10x, "random-10x.json": random_10x})
     assert "Best known: 2.5 (random, budget 300" in out
-    assert "Reference searches at 300 evaluations (seed 0): ppo 2.7, random 2.5." in out
+    # files from before `found_at` was kept (ppo's here) still merge
+    assert "Reference searches at 300 evaluations (seed 0): ppo 2.7, random 2.5 (found at evaluation 120)." in out
     assert "Latency budget: not shown to bind" in out
     assert "| ppo | not run | 1.080 |" in out  # median of 2.6 and 2.8 relative to 2.5 (ppo runs serve their budget only)
 
