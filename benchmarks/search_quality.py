@@ -23,10 +23,11 @@ budget. All searches on one board share one Problem, so a plan measured by one s
 by the next from the cache; each search still counts it against its own budget.
 
 --first-seed K runs seeds K..SEEDS-1 only, to add seeds to earlier outputs; --seeds 0 runs only the
-reference searches (the longest part, as processes of their own). An interrupted search stops the
-benchmark and records nothing for that run (its best feasible plan so far goes to
-runs/benchmarks/interrupted/, labelled partial, never read as a reference); its measurements are cached,
-so a rerun recalls them instead of measuring again (same seed, same plans).
+reference searches (the longest part, as processes of their own). An interrupted search (Ctrl-C, `kill`)
+stops the benchmark; it is not a run of the table nor a reference search, but its best feasible plan so
+far is a known plan: kept in runs/benchmarks/interrupted/ and, with --json, written to that file as a
+partial search next to what finished, so the merge counts it for the best known. Its measurements are
+cached, so a rerun recalls them instead of measuring again (same seed, same plans).
 
 --from-json A.json B.json ...: no search; the table and the plot from earlier --json outputs, their
 runs merged per board (for example boards or agents run as separate processes side by side).
@@ -97,6 +98,7 @@ class BoardReport:
     latency_budget_ms: float
     baseline: dict
     runs: list[Run] = field(default_factory=list)
+    partial: list[dict] = field(default_factory=list)  # best plans of searches stopped before their budget
     reference: dict | None = None  # the best plan known
     searched: dict[int, dict[str, dict]] = field(default_factory=dict)  # reference budget -> agent -> its search's best
     binds: dict | None = None  # a better plan that only the latency budget excludes
@@ -149,28 +151,41 @@ def search(agent_name: str, problem: Problem, budget: int, seed: int, label: str
     except KeyboardInterrupt:  # one that arrives before the agent's own handler is in place
         interrupted = True
     if interrupted:  # a partial run must not be read as a whole one (nor stored as a reference)
-        kept = keep_partial_best(result, problem, seed, label) if result is not None else None
-        raise SystemExit(f"search_quality: interrupted during {label} after {measured} evaluations; nothing "
-                         f"was recorded for it (the evaluations are cached: a rerun recalls them quickly)"
-                         + (f"; its best so far, {kept}" if kept else ""))
+        partial = partial_best(result, budget, seed) if result is not None else None
+        kept = keep_partial_best(partial, problem, label) if partial else None
+        raise SearchStopped(f"search_quality: interrupted during {label} after {measured} evaluations; it is no run "
+                            f"of the table (the evaluations are cached: a rerun recalls them quickly)"
+                            + (f"; its best so far, {kept}" if kept else ""), partial)
     seconds = time.perf_counter() - started
     best = f"{result.best.objective:.4g}" if result.best else "none feasible"
     progress(f"  {label}: done, {len(result.trials)} evaluations, best {best}, {seconds:.0f} s")
     return Run(agent_name, seed, budget, _anytime(agent), result, seconds)
 
 
-def keep_partial_best(result: SearchResult, problem: Problem, seed: int, label: str) -> str | None:
-    """Keep an interrupted search's best feasible plan in runs/benchmarks/interrupted/ (a known plan, never a
-    reference: the run did not reach its budget), so that a plan found late in a long search is not lost;
-    says where, or None when it had none."""
+class SearchStopped(Exception):
+    """A search interrupted before its budget: the message to exit with, and its best plan so far (or None)."""
+
+    def __init__(self, message: str, partial: dict | None):
+        super().__init__(message)
+        self.partial = partial
+
+
+def partial_best(result: SearchResult, budget: int, seed: int) -> dict | None:
+    """An interrupted search's best feasible plan (None when it had none): a known plan, never a reference
+    (the run did not reach its budget), so that a plan found late in a long search is not lost."""
     if result.best_trial is None:
         return None
+    return {**_summary(result.agent, budget, result.best_trial), "seed": seed, "evaluations": len(result.trials),
+            "partial": True}
+
+
+def keep_partial_best(partial: dict, problem: Problem, label: str) -> str:
+    """Keep a partial best in runs/benchmarks/interrupted/ (also without --json); says what and where."""
     folder = runs_dir() / "benchmarks" / "interrupted"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{'-'.join(label.split())}-seed{seed}.json"
-    atomic_write_json(path, {**_summary(result.agent, len(result.trials), result.best_trial), "seed": seed,
-                             "partial": True, "problem": problem_key(problem)})
-    return f"{result.best.objective:.4g}, is kept in {path} (partial: not a reference)"
+    path = folder / f"{'-'.join(label.split())}-seed{partial['seed']}.json"
+    atomic_write_json(path, {**partial, "problem": problem_key(problem)})
+    return f"{partial['objective']:.4g}, is kept in {path} (partial: not a reference)"
 
 
 def problem_key(problem: Problem) -> str:
@@ -222,8 +237,11 @@ def _better(summary: dict, other: dict | None) -> bool:
 def reference_line(report: BoardReport, agents: list[str]) -> str:
     """Which agents' reference searches (seed 0, the largest reference budget) the best known is drawn
     from, and which have not been run: the best known is only as strong as that list."""
+    stopped = "".join(f" Stopped early (a known plan, not a reference): {p['agent']} seed {p['seed']}, {p['evaluations']} of "
+                      f"{p['budget']} evaluations, best {p['objective']:.4g} (found at evaluation {p['found_at']})."
+                      for p in sorted(report.partial, key=lambda p: (p["agent"], p["seed"], p["budget"])))
     if not report.searched:
-        return "Reference searches: none in these results."
+        return "Reference searches: none in these results." + stopped
     budget = max(report.searched)
     found = report.searched[budget]
     done = [f"{agent} {'none feasible' if found[agent]['objective'] is None else format(found[agent]['objective'], '.4g')}"
@@ -231,13 +249,14 @@ def reference_line(report: BoardReport, agents: list[str]) -> str:
             for agent in AGENTS if agent in found]
     missing = [agent for agent in agents if agent not in found]
     return (f"Reference searches at {budget} evaluations (seed 0): {', '.join(done)}"
-            + (f"; not run: {', '.join(missing)}." if missing else "."))
+            + (f"; not run: {', '.join(missing)}." if missing else ".") + stopped)
 
 
 def best_known(report: BoardReport, references: ReferenceCache, agents: list[str]) -> dict | None:
-    """The best of the agents' reference searches and of every run (a run may beat the reference)."""
+    """The best of the agents' reference searches, of every run (a run may beat the reference) and of the
+    searches stopped early."""
     candidates = [references.get(a) for a in agents]
-    candidates += [_summary(r.agent, r.budget, r.result.best_trial) for r in report.runs]
+    candidates += [_summary(r.agent, r.budget, r.result.best_trial) for r in report.runs] + report.partial
     candidates = [c for c in candidates if c and c["objective"] is not None]
     return min(candidates, key=lambda c: c["objective"]) if candidates else None
 
@@ -290,7 +309,7 @@ def markdown(reports: list[BoardReport], agents: list[str], budgets: list[int], 
                   "",
                   f"Baseline (fp32 on {report.baseline['processor']}): {report.baseline['latency_ms']:.3f} ms, "
                   f"{report.baseline['energy_mj']:.4g} mJ. Best known: {reference['objective']:.4g} "
-                  f"({reference['agent']}, budget {reference['budget']}, {reference['latency_ms']:.3f} ms, "
+                  f"({found_by(reference)}, {reference['latency_ms']:.3f} ms, "
                   f"drop {100 * reference['accuracy_drop']:.2f} points). Latency budget: {binds}.",
                   "",
                   reference_line(report, agents),
@@ -312,6 +331,14 @@ def markdown(reports: list[BoardReport], agents: list[str], budgets: list[int], 
             lines.append(f"| {agent} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def found_by(summary: dict) -> str:
+    """Which search found a plan summary: an agent at a budget, or a search stopped before its budget."""
+    if summary.get("partial"):
+        return (f"{summary['agent']} seed {summary['seed']}, stopped at {summary['evaluations']} of {summary['budget']} "
+                f"evaluations")
+    return f"{summary['agent']}, budget {summary['budget']}"
 
 
 def median_curve(runs: list[Run], reference: float) -> list[float]:
@@ -368,6 +395,7 @@ def dump(reports: list[BoardReport], agents: list[str], budgets: list[int], seed
             "latency_budget_ms": report.latency_budget_ms, "baseline": report.baseline, "reference": report.reference,
             "latency_budget_binds": report.binds,
             "reference_searches": {str(budget): found for budget, found in report.searched.items()},
+            "partial_searches": report.partial,
             "median_ratio": table and {a: {str(b): table[a][b][0] if math.isfinite(table[a][b][0]) else None for b in budgets} for a in agents},
             "feasible_seeds": table and {a: {str(b): table[a][b][1] for b in budgets} for a in agents},
             "runs": [{"agent": r.agent, "seed": r.seed, "budget": r.budget, "evaluations": len(r.result.trials),
@@ -414,6 +442,13 @@ def load_reports(paths: list[str]) -> tuple[list[BoardReport], dict]:
                 for agent, summary in found.items():
                     if _better(summary, report.searched.setdefault(int(budget), {}).get(agent)):
                         report.searched[int(budget)][agent] = summary
+            for partial in board.get("partial_searches", []):
+                known = next((p for p in report.partial if (p["agent"], p["seed"], p["budget"])
+                              == (partial["agent"], partial["seed"], partial["budget"])), None)
+                if known is None or partial["evaluations"] > known["evaluations"]:  # the same search stopped later
+                    report.partial = [p for p in report.partial if p is not known] + [partial]
+                if _better(partial, report.reference):
+                    report.reference = partial
             for run in board["runs"]:
                 if any((r.agent, r.seed, r.budget) == (run["agent"], run["seed"], run["budget"]) for r in report.runs):
                     raise SystemExit(f"search_quality: {name} {run['agent']} seed {run['seed']} budget {run['budget']} "
@@ -478,31 +513,54 @@ def main() -> None:
         references = ReferenceCache(problem, args.reference_budget, args.recompute_reference)
         progress(f"{board_name}: latency budget {latency_budget:.3f} ms (baseline {baseline['latency_ms']:.3f} ms on "
                  f"{baseline['processor']})")
-        for agent in args.agents:
-            anytime = is_anytime(agent)
-            for seed in seeds:
-                label = f"{board_name} {agent} seed {seed}"
-                if anytime:  # one run read at every budget; seed 0 runs on to the reference budget if needed
-                    longest = max(budgets[-1], args.reference_budget) if seed == 0 and references.get(agent) is None else budgets[-1]
-                    report.runs.append(search(agent, problem, longest, seed, label))
-                else:
-                    report.runs += [search(agent, problem, budget, seed, f"{label} budget {budget}") for budget in budgets]
-            if references.get(agent) is None:
-                reference_run = next((r for r in report.runs if r.agent == agent and r.seed == 0 and r.serves(args.reference_budget)), None)
-                references.store(reference_run or search(agent, problem, args.reference_budget, 0, f"{board_name} {agent} reference"))
-        report.searched[args.reference_budget] = {agent: references.get(agent) for agent in args.agents}
-        report.reference = best_known(report, references, args.agents)
-        if report.reference is None:
-            progress(f"{board_name}: no agent found a feasible plan; loosen the constraints")
-        else:
-            report.binds = binding_evidence(report)
+        try:
+            run_agents(report, problem, references, seeds, budgets, args)
+        except SearchStopped as stopped:  # what finished and the partial best are still worth keeping
+            report.partial += [stopped.partial] if stopped.partial else []
+            finish_report(report, references, args, check_latency_budget=False)
+            if args.json:
+                write_json(reports + [report], budgets, seeds, args)
+            raise SystemExit(str(stopped) + (f"; what finished, and the partial best, are in {args.json}" if args.json else ""))
+        finish_report(report, references, args)
         reports.append(report)
     print(markdown(reports, args.agents, budgets, seeds, args))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dump(reports, args.agents, budgets, seeds, args), f, indent=2)
+        write_json(reports, budgets, seeds, args)
     if args.plot:
         plot(reports, args.agents, budgets, args.plot)
+
+
+def run_agents(report: BoardReport, problem: Problem, references: ReferenceCache, seeds: list[int], budgets: list[int],
+               args) -> None:
+    """Every agent's runs on one board, and its reference search unless one is cached."""
+    for agent in args.agents:
+        anytime = is_anytime(agent)
+        for seed in seeds:
+            label = f"{report.board} {agent} seed {seed}"
+            if anytime:  # one run read at every budget; seed 0 runs on to the reference budget if needed
+                longest = max(budgets[-1], args.reference_budget) if seed == 0 and references.get(agent) is None else budgets[-1]
+                report.runs.append(search(agent, problem, longest, seed, label))
+            else:
+                report.runs += [search(agent, problem, budget, seed, f"{label} budget {budget}") for budget in budgets]
+        if references.get(agent) is None:
+            reference_run = next((r for r in report.runs if r.agent == agent and r.seed == 0 and r.serves(args.reference_budget)), None)
+            references.store(reference_run or search(agent, problem, args.reference_budget, 0, f"{report.board} {agent} reference"))
+
+
+def finish_report(report: BoardReport, references: ReferenceCache, args, check_latency_budget: bool = True) -> None:
+    """The board's reference searches done so far, its best known plan and (unless the benchmark is being
+    stopped: that check measures a plan) whether the latency budget binds."""
+    report.searched[args.reference_budget] = {a: references.get(a) for a in args.agents if references.get(a) is not None}
+    report.reference = best_known(report, references, args.agents)
+    if report.reference is None:
+        progress(f"{report.board}: no agent found a feasible plan; loosen the constraints")
+    elif check_latency_budget:
+        report.binds = binding_evidence(report)
+
+
+def write_json(reports: list[BoardReport], budgets: list[int], seeds: list[int], args) -> None:
+    with open(args.json, "w") as f:
+        json.dump(dump(reports, args.agents, budgets, seeds, args), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,22 @@ def test_the_merge_names_the_agents_without_a_reference_search(tmp_path):
                   "boards": {"tegra-k1": _board(None, {"300": {"random": _summary("random", 300, None)}}, [])}}
     out = _merged(tmp_path, {"seeds.json": seeds, "random-10x.json": random_10x})
     assert "Reference searches at 300 evaluations (seed 0): random none feasible; not run: ppo." in out
+
+
+def test_the_merge_counts_a_search_stopped_early_for_the_best_known_and_says_so(tmp_path):
+    seeds = {"settings": {**SETTINGS, "seeds": [0], "agents": ["ppo"], "reference_budget": 30},
+             "boards": {"tegra-k1": _board(_summary("ppo", 30, 2.6), {"30": {"ppo": _summary("ppo", 30, 2.6)}},
+                                           [_run("ppo", 0, [2.6] * 30)])}}
+    stopped_at = {"agent": "ppo", "seed": 0, "budget": 300, "evaluations": 250, "found_at": 240, "partial": True}
+    earlier = {**_summary("ppo", 300, 2.55), **stopped_at, "evaluations": 200, "found_at": 150}
+    later = {**_summary("ppo", 300, 2.5), **stopped_at}
+    partial = [{"settings": {**SETTINGS, "seeds": [], "agents": ["ppo"], "reference_budget": 300},
+                "boards": {"tegra-k1": {**_board(found, {"300": {}}, []), "partial_searches": [found]}}}
+               for found in (earlier, later)]
+    out = _merged(tmp_path, {"seeds.json": seeds, "ppo-10x-a.json": partial[0], "ppo-10x-b.json": partial[1]})
+    assert "Best known: 2.5 (ppo seed 0, stopped at 250 of 300 evaluations, 0.900 ms" in out
+    # the same search stopped twice is listed once, as it was when stopped the later time
+    assert out.count("Stopped early") == 1
+    assert ("Stopped early (a known plan, not a reference): ppo seed 0, 250 of 300 evaluations, best 2.5 (found at "
+            "evaluation 240).") in out
+    assert "| ppo | not run | 1.040 |" in out
