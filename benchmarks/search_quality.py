@@ -559,8 +559,8 @@ def finish_report(report: BoardReport, references: ReferenceCache, args, check_l
 
 
 def write_json(reports: list[BoardReport], budgets: list[int], seeds: list[int], args) -> None:
-    with open(args.json, "w") as f:
-        json.dump(dump(reports, args.agents, budgets, seeds, args), f, indent=2)
+    """The results to --json, atomically: a second Ctrl-C while writing leaves the earlier file whole."""
+    atomic_write_json(args.json, dump(reports, args.agents, budgets, seeds, args))
 
 
 if __name__ == "__main__":
