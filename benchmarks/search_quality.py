@@ -447,8 +447,6 @@ def load_reports(paths: list[str]) -> tuple[list[BoardReport], dict]:
                               == (partial["agent"], partial["seed"], partial["budget"])), None)
                 if known is None or partial["evaluations"] > known["evaluations"]:  # the same search stopped later
                     report.partial = [p for p in report.partial if p is not known] + [partial]
-                if _better(partial, report.reference):
-                    report.reference = partial
             for run in board["runs"]:
                 if any((r.agent, r.seed, r.budget) == (run["agent"], run["seed"], run["budget"]) for r in report.runs):
                     raise SystemExit(f"search_quality: {name} {run['agent']} seed {run['seed']} budget {run['budget']} "
