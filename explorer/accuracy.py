@@ -61,7 +61,7 @@ def worker_environment(workers: int, cores: int | None = None) -> dict[str, str]
 
 
 def inference_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session whose int8 QDQ nodes compute exactly what the model says."""
+    """A CPU ONNX Runtime session under the options every bundle runs with (int8 on integer kernels)."""
     options, threads = session_options(), scoring_threads()
     if threads:
         options.intra_op_num_threads = threads
@@ -215,7 +215,7 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     """Measure (or load from cache) the drop of every layer x rung x precision applied alone."""
     if not scorer.measured:
         raise ExplorerError("the sensitivity table needs validation data: pass --data val.npz (x and optional y)")
-    ladder_spec = repr((compressor.fractions, compressor.multiple, precisions, SENSITIVITY_VERSION))
+    ladder_spec = repr((compressor.fractions, compressor.multiple, precisions, SENSITIVITY_VERSION, compressor.int8_scheme))
     key = digest(graph.fingerprint(), scorer.data_digest(), ladder_spec)
     path = cache_dir("sensitivity") / f"{key}.json"
     cached = read_json(path)

@@ -70,16 +70,13 @@ class BlockTimes:
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """ONNX Runtime options under which an int8 node computes exactly what its QDQ model says.
-
-    By default ORT fuses DequantizeLinear -> Conv/Gemm/MatMul -> QuantizeLinear into integer kernels
-    whose u8 x s8 products saturate on x86 CPUs without VNNI (measured: 0.18 instead of 0.013 max
-    relative error on a single Gemm). Turning that fusion off runs the same quantised values in
-    float, independent of the host CPU; every other graph optimisation stays on. `threads` > 0 sets
-    the intra-op threads (0: ONNX Runtime's default).
+    """The ONNX Runtime options every block, scored model and bundle runs with: ORT's defaults, so that its
+    QDQ fusion runs int8 nodes on integer kernels (QLinearConv, MatMulInteger, ...), as a plain ORT session
+    of the bundle's model.onnx does. Quantisation that cannot saturate those kernels is chosen when the
+    model is rewritten (:func:`explorer.precision.int8_reduce_range`). `threads` > 0 sets the intra-op
+    threads (0: ONNX Runtime's default).
     """
     options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads > 0:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -798,8 +798,10 @@ def _render_unit(unit: _Unit, system: dict, m: _Measured, memory_bw: float, avai
         fp16_note = "ORT computes these fp16 nodes with fp16 kernels here (seen in its optimised graph)"
     else:
         fp16_note = "whether ORT computes fp16 natively could not be determined"
-    int8_note = ("int8 is the QDQ rewrite run with precision.session_options() (QDQ fusion off: "
-                 "DequantizeLinear, fp32 kernel, QuantizeLinear), as explorer runs int8 models")
+    int8_note = ("int8 is the QDQ rewrite run with precision.session_options() (ORT's defaults: its QDQ "
+                 "fusion runs integer kernels on the CPU provider), as explorer runs int8 models"
+                 + ("" if not unit.is_gpu else f"; {unit.provider} has no such fusion: DequantizeLinear, "
+                    "float kernel, QuantizeLinear"))
     peak_comment = (f"measured: best of the sizes above per precision (fp32: {best['fp32']}; fp16: "
                     f"{best['fp16']}; int8: {best['int8']}), {thread_text}; fp16: {fp16_note}; {int8_note}")
     other = "; ".join(

@@ -27,7 +27,7 @@ from explorer.errors import ExplorerError
 from explorer.graph import Layer, LayerGraph
 from explorer.paths import cache_dir
 from explorer.plan import Decision, Plan
-from explorer.precision import PRECISIONS, apply_precisions
+from explorer.precision import PRECISIONS, apply_precisions, int8_reduce_range, int8_scheme
 
 RANK_MULTIPLE = 8
 REWRITE_CACHE_BYTES = 256 * 2**20  # rewritten models kept by Compressor.rewrite_shared
@@ -62,8 +62,10 @@ class Compressor:
     """Rank ladders of a LayerGraph's layers and rewrites of the model for any Plan."""
 
     def __init__(self, graph: LayerGraph, fractions: tuple[float, ...] = RUNG_FRACTIONS,
-                 multiple: int = RANK_MULTIPLE):
+                 multiple: int = RANK_MULTIPLE, reduce_range: bool | None = None):
         self.graph = graph
+        # int8 with 7-bit weights where this machine's integer kernels could saturate (it scores every plan)
+        self.reduce_range = int8_reduce_range() if reduce_range is None else reduce_range
         self.fractions = fractions
         self.multiple = multiple
         self._factors: dict[tuple[str, str], _Factors] = {}
@@ -185,8 +187,13 @@ class Compressor:
                       for layer, nodes in self.compute_nodes(plan).items() for node in nodes
                       if decisions[layer].precision != "fp32"}
         if precisions:
-            model = apply_precisions(model, precisions, calibration_inputs, ranges)
+            model = apply_precisions(model, precisions, calibration_inputs, ranges, self.reduce_range)
         return model
+
+    @property
+    def int8_scheme(self) -> str:
+        """How int8 layers are quantised and run (part of every cache key that depends on it)."""
+        return int8_scheme(self.reduce_range)
 
     def rewrite_shared(self, plan: Plan, calibration_inputs: np.ndarray | None = None) -> onnx.ModelProto:
         """`rewrite`, remembered for the plan's ranks and precisions (placement does not change the

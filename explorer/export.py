@@ -35,7 +35,7 @@ from google.protobuf.message import EncodeError
 from onnx import helper
 
 from explorer.errors import ExplorerError
-from explorer.partition import block_boundaries, extract_submodel
+from explorer.partition import iter_unit_blocks
 from explorer.plan import Plan
 
 BUNDLE_SCHEMA_VERSION = 1
@@ -79,10 +79,10 @@ def export_bundle(problem, plan: Plan, out_dir: Path | str, evaluation=None, pre
     try:
         files = {MODEL_FILE: _write_file(staging / MODEL_FILE, _serialised(model))}
         blocks = []
-        for index, boundary in enumerate(block_boundaries(problem.graph, plan)):
-            block = extract_submodel(model, list(boundary.inputs), list(boundary.outputs), problem.graph, f"block{index}")
+        for block in iter_unit_blocks(problem.graph, plan, model):
+            index, boundary = block.index, block.boundary
             name = block_file(index)
-            files[name] = _write_file(staging / name, _serialised(block))
+            files[name] = _write_file(staging / name, _serialised(block.model))
             del block
             processor = problem.board.processor(boundary.processor)
             blocks.append({

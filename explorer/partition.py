@@ -8,7 +8,8 @@ every rewrite (factorisation, fp16 casts, int8 QDQ), which is what the cut relie
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -91,9 +92,35 @@ def run_inputs(graph: LayerGraph, start: int, end: int) -> tuple[str, ...]:
 
 
 def unit_blocks(graph: LayerGraph, plan: Plan, model: onnx.ModelProto) -> list[UnitBlock]:
-    """Cut `model` (the graph rewritten for `plan`) into the plan's unit blocks, each its own ONNX model."""
-    return [UnitBlock(i, b, extract_submodel(model, list(b.inputs), list(b.outputs), graph, f"block{i}"))
-            for i, b in enumerate(block_boundaries(graph, plan))]
+    """Cut `model` (the graph rewritten for `plan`) into the plan's unit blocks (see :func:`iter_unit_blocks`)."""
+    return list(iter_unit_blocks(graph, plan, model))
+
+
+def iter_unit_blocks(graph: LayerGraph, plan: Plan, model: onnx.ModelProto) -> Iterator[UnitBlock]:
+    """The plan's unit blocks of `model` (the graph rewritten for `plan`), each its own ONNX model, one at
+    a time (a caller that writes each away holds one block's weights at once).
+
+    A crossing tensor that the rewrite quantises (its only consumer is a QuantizeLinear: an int8 layer's
+    output) crosses as that uint8 tensor instead: the producing block then ends with the QuantizeLinear,
+    so ONNX Runtime fuses the layer into the same integer kernel as in the whole model (the blocks
+    compute exactly what `model` computes), and a quarter of the bytes cross.
+    """
+    quantised = _quantised_crossings(model)
+    for i, b in enumerate(block_boundaries(graph, plan)):
+        b = replace(b, inputs=tuple(quantised.get(t, t) for t in b.inputs),
+                    outputs=tuple(quantised.get(t, t) for t in b.outputs))
+        yield UnitBlock(i, b, extract_submodel(model, list(b.inputs), list(b.outputs), graph, f"block{i}"))
+
+
+def _quantised_crossings(model: onnx.ModelProto) -> dict[str, str]:
+    """Float tensor -> its uint8 QuantizeLinear output, for tensors consumed by that QuantizeLinear alone."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+    graph_ends = {v.name for v in (*model.graph.input, *model.graph.output)}  # their type is the model's
+    return {tensor: users[0].output[0] for tensor, users in consumers.items()
+            if len(users) == 1 and users[0].op_type == "QuantizeLinear" and tensor not in graph_ends}
 
 
 def extract_submodel(model: onnx.ModelProto, inputs: list[str], outputs: list[str],
@@ -126,8 +153,8 @@ def extract_submodel(model: onnx.ModelProto, inputs: list[str], outputs: list[st
     nodes = sorted(keep_nodes.values(), key=lambda n: order[id(n)])
     sub = helper.make_graph(
         nodes, name,
-        [_value_info(model, graph, t) for t in inputs],
-        [_value_info(model, graph, t) for t in outputs],
+        [_value_info(model, graph, t, initializers) for t in inputs],
+        [_value_info(model, graph, t, initializers) for t in outputs],
         [t for t in model.graph.initializer if t.name in keep_inits],
     )
     block = helper.make_model(sub, opset_imports=list(model.opset_import), producer_name="explorer")
@@ -135,11 +162,22 @@ def extract_submodel(model: onnx.ModelProto, inputs: list[str], outputs: list[st
     return block
 
 
-def _value_info(model: onnx.ModelProto, graph: LayerGraph, tensor: str) -> onnx.ValueInfoProto:
-    """Type and shape of a boundary tensor, with the original model's symbolic batch dimension."""
+def _value_info(model: onnx.ModelProto, graph: LayerGraph, tensor: str,
+                initializers: dict[str, onnx.TensorProto]) -> onnx.ValueInfoProto:
+    """Type and shape of a boundary tensor, with the original model's symbolic batch dimension; a
+    QuantizeLinear output (a quantised crossing) has its zero point's type and its input's shape."""
     for value in list(graph.model.graph.input) + list(graph.model.graph.value_info) + list(graph.model.graph.output):
         if value.name == tensor:
             return value
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.output[0] == tensor:
+            source = _value_info(model, graph, node.input[0], initializers)
+            zero_point = initializers.get(node.input[2]) if len(node.input) > 2 else None
+            quantised = onnx.ValueInfoProto()
+            quantised.CopyFrom(source)
+            quantised.name = tensor
+            quantised.type.tensor_type.elem_type = zero_point.data_type if zero_point else onnx.TensorProto.UINT8
+            return quantised
     return helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None)
 
 

@@ -4,6 +4,15 @@
   and its outputs Cast back to fp32 (consecutive fp16 nodes share the Casts).
 * int8: static QDQ quantisation by ONNX Runtime's own quantizer (``quantize_static``): per-channel
   symmetric int8 weights, asymmetric uint8 activations from MinMax calibration ranges, int32 bias.
+  The weight-free ops that follow an int8 node and that ORT runs on quantised tensors (Relu, Clip,
+  pooling, Flatten, Reshape, ...) are quantised with it, as whole-model quantisation does, so that
+  the chain stays in uint8 between integer kernels instead of dequantising after every layer.
+
+ONNX Runtime runs the result with its integer kernels (its default QDQ fusion: DequantizeLinear ->
+Conv/Gemm/MatMul -> QuantizeLinear becomes QLinearConv, MatMulInteger, ...), under plain default
+session options, which is how the model is scored and deployed. Those kernels multiply u8 x s8;
+on x86 CPUs without VNNI they sum pairs of products in int16 (VPMADDUBSW), which saturates unless
+the weights are 7-bit: :func:`int8_reduce_range` says when to quantise so.
 
 Calibration (one pass of the whole model over the calibration batch) dominates the int8 cost, so
 callers that rewrite the same model many times compute :func:`calibration_ranges` once and pass
@@ -14,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -41,6 +51,12 @@ from explorer.errors import ExplorerError
 PRECISIONS = ("fp32", "fp16", "int8")
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 
+#: Weight-free ops that ORT's QDQ quantizer and its fusions run on uint8 tensors (Relu and Clip are
+#: folded into the producer's output range; the others pass quantised values through unchanged).
+INT8_FOLLOWER_OPS = ("Relu", "Clip", "MaxPool", "AveragePool", "Flatten", "Reshape", "Transpose", "Squeeze",
+                     "Unsqueeze")
+#: CPU flags (/proc/cpuinfo) of an x86 int8 dot product that accumulates u8 x s8 in int32 (no saturation).
+X86_EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 #: Per-channel QDQ (DequantizeLinear with ``axis``) needs opset 13.
 _MIN_INT8_OPSET = 13
 #: Calibration batch size when the model's batch dimension is dynamic (bounds calibration memory).
@@ -54,12 +70,14 @@ def apply_precisions(
     node_precisions: Mapping[str, str],
     calibration_inputs: np.ndarray | None = None,
     ranges: Ranges | None = None,
+    reduce_range: bool | None = None,
 ) -> onnx.ModelProto:
     """Return a new model in which each named node runs at the given precision; other nodes stay fp32.
 
     ``node_precisions`` maps ONNX node names (Conv, Gemm or MatMul nodes) to one of PRECISIONS.
     int8 needs calibration: ``ranges`` from :func:`calibration_ranges` on this model if they cover
     the int8 nodes' activations, else ``calibration_inputs`` (a float32 batch for the first graph input).
+    ``reduce_range``: 7-bit weights (None: :func:`int8_reduce_range` for this machine).
     The graph's inputs and outputs stay float32; ``model`` is not modified.
     """
     chosen = _checked_request(model, node_precisions)
@@ -69,8 +87,10 @@ def apply_precisions(
     result.CopyFrom(model)
     _unshare_initializers(result.graph, set(chosen))
     if int8:
-        needed = _int8_activation_ranges(result, int8, calibration_inputs, ranges)
-        result = _quantize_int8(result, int8, needed)
+        quantised = int8 + _int8_followers(result.graph, set(int8))
+        needed = _int8_activation_ranges(result, quantised, calibration_inputs, ranges)
+        result = _quantize_int8(result, quantised, needed,
+                                int8_reduce_range() if reduce_range is None else reduce_range)
     if fp16:
         _run_in_fp16(result.graph, fp16)
     return result
@@ -98,9 +118,57 @@ def calibration_ranges(model: onnx.ModelProto, calibration_inputs: np.ndarray) -
 
 
 def session_options() -> ort.SessionOptions:
-    """ONNX Runtime options under which an int8 node computes exactly what its QDQ model says
-    (QDQ fusion off; see :func:`explorer.blockrun.session_options`), with ORT's default threads."""
+    """The ONNX Runtime options rewritten models are scored and deployed with: ORT's defaults (integer
+    kernels for int8), with its default threads (see :func:`explorer.blockrun.session_options`)."""
     return blockrun.session_options(threads=0)
+
+
+def int8_reduce_range(cpu_flags: set[str] | None = None, machine: str | None = None) -> bool:
+    """Whether int8 weights must be 7-bit so that ORT's u8 x s8 kernels cannot saturate on this CPU.
+
+    x86 without VNNI (AVX2/AVX-512 without it) sums pairs of u8 x s8 products in int16 (VPMADDUBSW):
+    with 8-bit weights 2 x 255 x 128 overflows it; 7-bit weights (2 x 255 x 64 = 32,640) cannot. VNNI
+    (and AMX) accumulate in int32, and Arm's kernels widen to 16 bits per product and accumulate in
+    32 (or use SDOT/UDOT): full-range weights are exact there. Unknown CPUs get the safe 7 bits.
+    ``cpu_flags`` and ``machine`` (platform.machine()) default to this machine's.
+    """
+    machine = (machine or platform.machine()).lower()
+    if machine in ("aarch64", "arm64") or machine.startswith("arm"):
+        return False
+    if machine not in ("x86_64", "amd64", "i686", "i386"):
+        return True
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    return not any(flag in flags for flag in X86_EXACT_INT8_FLAGS)
+
+
+def int8_scheme(reduce_range: bool) -> str:
+    """Names how int8 is quantised and run, for cache keys: results of another scheme are not reused."""
+    return f"int8-qdq-v2:integer-kernels:followers:{'7-bit' if reduce_range else '8-bit'}-weights"
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (Linux; empty where it is not readable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def _int8_followers(graph: onnx.GraphProto, int8: set[str]) -> list[str]:
+    """Names of the weight-free nodes (INT8_FOLLOWER_OPS) whose input comes from an int8 node through
+    such nodes only: they are quantised with it. Nodes are visited in the graph's (topological) order."""
+    producer = {tensor: node.name for node in graph.node for tensor in node.output}
+    quantised, followers = set(int8), []
+    for node in graph.node:
+        if (node.op_type in INT8_FOLLOWER_OPS and node.name and node.name not in quantised and node.input
+                and producer.get(node.input[0]) in quantised):
+            quantised.add(node.name)
+            followers.append(node.name)
+    return followers
 
 
 def _checked_request(model: onnx.ModelProto, node_precisions: Mapping[str, str]) -> dict[str, str]:
@@ -165,7 +233,7 @@ def _int8_activation_ranges(
     return {tensor: ranges[tensor] for tensor in needed if tensor in ranges}
 
 
-def _quantize_int8(model: onnx.ModelProto, int8: list[str], ranges: Ranges) -> onnx.ModelProto:
+def _quantize_int8(model: onnx.ModelProto, int8: list[str], ranges: Ranges, reduce_range: bool) -> onnx.ModelProto:
     """QDQ-quantise exactly the ``int8`` nodes with ORT's quantizer, using the given activation ranges."""
     ir_version = model.ir_version
     if _opset(model) < _MIN_INT8_OPSET:
@@ -191,7 +259,7 @@ def _quantize_int8(model: onnx.ModelProto, int8: list[str], ranges: Ranges) -> o
             op_types_to_quantize=op_types,
             nodes_to_quantize=int8,
             per_channel=True,
-            reduce_range=False,
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )

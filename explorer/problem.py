@@ -128,8 +128,9 @@ class Problem:
         self._memory_cache: dict[str, Evaluation] = {}
         self._accuracy_cache: dict[str, AccuracyResult] = {}
         self._baseline: Evaluation | None = None
-        self._key = digest(graph.fingerprint(), scorer.data_digest(), board.digest, measurer.identity(board))
-        self._accuracy_key = digest(graph.fingerprint(), scorer.data_digest(), "accuracy-v1")
+        int8 = self.compressor.int8_scheme
+        self._key = digest(graph.fingerprint(), scorer.data_digest(), board.digest, measurer.identity(board), int8)
+        self._accuracy_key = digest(graph.fingerprint(), scorer.data_digest(), "accuracy-v1", int8)
         self._measurements = AppendOnlyCache(self.cache_file())
 
     # ---- the design space ---------------------------------------------------------------------

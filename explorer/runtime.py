@@ -3,8 +3,8 @@
 :meth:`Bundle.load` reads ``plan.json``, checks its schema, refuses file names that point outside
 the bundle, verifies the SHA-256 of every file, and opens one ONNX Runtime session per unit block
 with the execution provider the board maps the block's processor to (its provider options and
-intra-op threads, on top of :func:`explorer.precision.session_options`, under which int8 QDQ nodes
-compute what the model says). A provider this ONNX Runtime lacks falls back to the CPU with a
+intra-op threads, on top of :func:`explorer.precision.session_options`: ONNX Runtime's defaults,
+under which int8 QDQ nodes run on integer kernels exactly as they were scored). A provider this ONNX Runtime lacks falls back to the CPU with a
 :class:`ProviderFallbackWarning`, or raises with ``strict=True``. :meth:`Bundle.run` chains the
 blocks: each gets the tensors it needs from the input and the blocks before it.
 """

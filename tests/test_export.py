@@ -7,9 +7,11 @@ import shutil
 import warnings
 
 import numpy as np
+import onnxruntime
 import pytest
 
 import explorer.export
+import explorer.partition
 import explorer.runtime
 from explorer.accuracy import AccuracyScorer, run_model
 from explorer.boards import load_board
@@ -156,6 +158,28 @@ def test_fp32_bundle_equals_the_compressed_model(exported, tmp_path, cpu_only):
     assert np.max(np.abs(outputs - reference)) <= 1e-5 * np.max(np.abs(reference))
 
 
+def test_int8_bundle_runs_exactly_what_was_scored(exported, tmp_path, cpu_only):
+    """int8 layers at every kind of block edge: the bundle's blocks, its model.onnx under plain ONNX Runtime
+    defaults and the model the accuracy was scored on give the same outputs, bit for bit."""
+    problem, _, _, _ = exported
+    processors = ["cpu"] * 3 + ["lpc"] * 4 + ["cpu"] * 5 + ["lpc"] * 4
+    table = {name: ("full", None, "int8", processor) for name, processor in zip(MIXED, processors)}
+    table["conv2_1"] = ("full", None, "fp32", "cpu")  # an fp32 layer feeding an int8 one across a block edge
+    table["fc1"] = ("svd", 32, "int8", "lpc")  # factorised: two int8 nodes
+    plan = _plan(table)
+    evaluation = problem.evaluate(plan)
+    bundle = _load_quietly(export_bundle(problem, plan, tmp_path / "int8", evaluation=evaluation))
+    x = problem.scorer.dataset.x
+    plain = onnxruntime.InferenceSession(str(tmp_path / "int8" / MODEL_FILE)).run(None, {"input": x})[0]
+    scored = run_model(problem.compressor.rewrite_shared(plan, problem.calibration_inputs), x)
+    np.testing.assert_array_equal(bundle.run(x), plain)
+    np.testing.assert_array_equal(scored, plain)
+    assert np.mean(plain.argmax(1) == problem.scorer.dataset.y) == evaluation.accuracy
+    manifest = json.loads((tmp_path / "int8" / MANIFEST_FILE).read_text())
+    crossings = [t for block in manifest["blocks"][1:] for t in block["inputs"]]
+    assert len(crossings) == 3 and all(t.endswith("_QuantizeLinear_Output") for t in crossings)  # uint8 crosses
+
+
 def test_a_modified_block_is_refused(exported, tmp_path):
     path = _copy(exported[3], tmp_path)
     data = bytearray((path / "block_1.onnx").read_bytes())
@@ -227,7 +251,7 @@ def test_an_interrupted_export_leaves_no_bundle_or_the_previous_one(exported, tm
     if previous:
         export_bundle(problem, _plan(FP32), out)
         before = {name: (out / name).read_bytes() for name in os.listdir(out)}
-    extract = explorer.export.extract_submodel
+    extract = explorer.partition.extract_submodel
     written: set[str] = set()
 
     def interrupt_once_a_block_is_written(*args, **kwargs):
@@ -236,7 +260,7 @@ def test_an_interrupted_export_leaves_no_bundle_or_the_previous_one(exported, tm
             raise KeyboardInterrupt
         return extract(*args, **kwargs)
 
-    monkeypatch.setattr(explorer.export, "extract_submodel", interrupt_once_a_block_is_written)
+    monkeypatch.setattr(explorer.partition, "extract_submodel", interrupt_once_a_block_is_written)
     with pytest.raises(KeyboardInterrupt):
         export_bundle(problem, plan, out, evaluation=evaluation, overwrite=True)
     assert written == {MODEL_FILE, "block_0.onnx"}

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from explorer.errors import ExplorerError
-from explorer.precision import PRECISIONS, apply_precisions, calibration_ranges, session_options
+from explorer.precision import (INT8_FOLLOWER_OPS, PRECISIONS, apply_precisions, calibration_ranges, int8_reduce_range,
+                                int8_scheme, session_options)
 
 CNN_COMPUTE = ("conv1", "conv2", "fc1", "fc2")
 MLP_COMPUTE = ("mm1", "mm2", "mm3", "mm4")
@@ -184,24 +185,36 @@ def test_fp16_weight_shared_with_an_fp32_node_is_copied():
     assert _initializer_types(result, "mm2") == [TensorProto.FLOAT16]
 
 
+def _followers(model: onnx.ModelProto, int8: set[str]) -> set[str]:
+    """The weight-free nodes that carry an int8 node's output on (quantised with it)."""
+    producer, quantised = _producers(model), set(int8)
+    for node in model.graph.node:
+        if node.op_type in INT8_FOLLOWER_OPS and producer.get(node.input[0], node).name in quantised:
+            quantised.add(node.name)
+    return quantised - int8
+
+
 def _check_qdq_only_around(model: onnx.ModelProto, result: onnx.ModelProto, int8: set[str]) -> None:
-    """Q/DQ feed exactly the int8 nodes and follow only their outputs; the rest of the graph is unchanged."""
+    """Q/DQ feed exactly the int8 nodes and the weight-free nodes that follow them, and follow only their
+    outputs; a Relu right after a quantised node is folded into its output range; the rest is unchanged."""
     qdq = ("QuantizeLinear", "DequantizeLinear")
-    assert [(n.name, n.op_type) for n in result.graph.node if n.op_type not in qdq] == [
-        (n.name, n.op_type) for n in model.graph.node
-    ]
+    quantised = int8 | _followers(model, int8)
+    kept = [(n.name, n.op_type) for n in result.graph.node if n.op_type not in qdq]
+    folded = {n.name for n in model.graph.node if (n.name, n.op_type) not in kept}
+    assert kept == [(n.name, n.op_type) for n in model.graph.node if n.name not in folded]
+    assert all(name in quantised - int8 and _node(model, name).op_type in ("Relu", "Clip") for name in folded)
     produced_by, original = _producers(result), {n.name: n for n in model.graph.node}
-    int8_outputs = {t for name in int8 for t in original[name].output}
+    quantised_outputs = {t for name in quantised for t in original[name].output}
     for node in result.graph.node:
         if node.op_type in qdq:
             continue
-        if node.name in int8:
-            assert all(produced_by[t].op_type == "DequantizeLinear" for t in node.input)
+        if node.name in quantised:
+            assert all(produced_by[t].op_type == "DequantizeLinear" for t in node.input if t in produced_by)
             consumers = [n for n in result.graph.node if node.output[0] in n.input]
             assert [n.op_type for n in consumers] == ["QuantizeLinear"]
             continue
         for tensor, before in zip(node.input, original[node.name].input):
-            if before in int8_outputs:  # reads the int8 node's (dequantised) output
+            if before in quantised_outputs:  # reads a quantised node's (dequantised) output
                 assert produced_by[tensor].op_type == "DequantizeLinear"
             else:
                 assert tensor == before
@@ -319,3 +332,44 @@ def test_calibration_inputs_of_the_wrong_shape_are_an_error():
         apply_precisions(CNN, {"conv1": "int8"}, np.zeros((4, 1, 6, 6), np.float32))
     with pytest.raises(ExplorerError, match="do not fit"):
         apply_precisions(_gemm_chain(batch=2), {"low": "int8"}, np.zeros((3, 24), np.float32))
+
+
+def _optimised_op_types(model: onnx.ModelProto, tmp_path) -> list[str]:
+    """The op types of ONNX Runtime's optimised graph of `model` under the options models run with."""
+    options = session_options()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(tmp_path / "optimised.onnx").graph.node]
+
+
+def test_int8_runs_on_integer_kernels_with_the_chain_in_uint8(tmp_path):
+    result = apply_precisions(CNN, dict.fromkeys(CNN_COMPUTE, "int8"), ranges=CNN_RANGES)
+    ops = _optimised_op_types(result, tmp_path)
+    assert ops.count("QLinearConv") == 2 and "Conv" not in ops  # ORT fused DQ -> Conv -> Q
+    assert "Gemm" not in ops and "FusedGemm" not in ops
+    # Between the integer kernels only the graph's own ends are (de)quantised: Relu folded, Flatten in uint8
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1
+    assert _top1(_run(result, CNN_X, session_options()), _run(CNN, CNN_X)) >= 0.97
+
+
+def test_reduce_range_keeps_weights_7_bit():
+    # 7-bit: |w| <= 64, so a pair of u8 x s8 products sums to at most 2 x 255 x 64 = 32,640 < 2**15
+    for reduce_range, bound in ((True, 64), (False, 127)):
+        result = apply_precisions(CNN, {"conv2": "int8"}, ranges=CNN_RANGES, reduce_range=reduce_range)
+        values = next(numpy_helper.to_array(i) for i in result.graph.initializer
+                      if i.data_type == TensorProto.INT8 and len(i.dims) == 4)  # conv2's weights (zero points: 1-D)
+        magnitude = int(np.abs(values.astype(np.int32)).max())
+        assert bound // 2 < magnitude <= bound  # the range is used, not exceeded
+
+
+@pytest.mark.parametrize("machine, flags, reduce", [
+    ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, False),
+    ("x86_64", {"avx2", "avx_vnni"}, False),
+    ("x86_64", {"avx2", "avx512f", "avx512bw"}, True),  # VPMADDUBSW: int16 pair sums saturate
+    ("x86_64", set(), True),
+    ("aarch64", set(), False),
+    ("riscv64", set(), True),
+])
+def test_reduce_range_where_integer_kernels_could_saturate(machine, flags, reduce):
+    assert int8_reduce_range(flags, machine) is reduce
+    assert int8_scheme(reduce) != int8_scheme(not reduce)
