@@ -3,7 +3,9 @@
 An agent proposes plans and learns from their evaluations; the budget counts *measured*
 evaluations, i.e. distinct plans (asking again for a plan already evaluated in this search costs
 nothing and is not a new trial). Every agent goes through `BudgetedProblem.evaluate`, so trials,
-best-so-far curves and the budget are kept in one place.
+best-so-far curves and the budget are kept in one place. A search's first trials are the problem's
+reference plans (`Problem.reference_plans`: what a user would try anyway), so the best plan a search
+reports is never worse than any of them.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class SearchResult:
     best_so_far: list[float] = field(default_factory=list)  # objective of the best feasible after each trial; inf before
     best_trial: Trial | None = None
     interrupted: bool = False
+    seed_plan: Plan | None = None  # the solver's plan the agent started from (None: it used none)
 
     @property
     def best_plan(self) -> Plan | None:
@@ -71,7 +74,11 @@ class BudgetedProblem:
     a Problem (the solver's measured loop, the environment) runs unchanged on a budget.
     """
 
-    def __init__(self, problem: Problem, budget: int, agent: str, callback: TrialCallback | None = None):
+    def __init__(self, problem: Problem, budget: int, agent: str, callback: TrialCallback | None = None,
+                 references: bool = True):
+        """``references``: the problem's reference plans are this search's first trials, measured when the
+        agent first evaluates anything (inside its own Ctrl-C handling); an agent that proposes them
+        itself, e.g. through an Optuna study's queue, passes False."""
         if budget < 1:
             raise ValueError("the budget must be at least one evaluation")
         self.problem = problem
@@ -81,6 +88,7 @@ class BudgetedProblem:
         self.source = agent
         self._seen: dict[str, Evaluation] = {}
         self._failed_in_batch: dict[str, Evaluation] = {}  # failed plans of the last batch, not yet asked for again
+        self._references_pending = references
 
     def __getattr__(self, name):
         return getattr(self.problem, name)
@@ -102,13 +110,20 @@ class BudgetedProblem:
             return self._failed_in_batch.pop(key)
         if self.remaining <= 0:
             raise BudgetExhausted
-        return self.evaluate_many([plan], [source], [study_trial])[0]
+        evaluation = self.evaluate_many([plan], [source], [study_trial])[0]
+        if evaluation is None:  # the reference plans took the rest of the budget
+            raise BudgetExhausted
+        return evaluation
 
     def evaluate_many(self, plans: list[Plan], sources: list[str | None] | None = None,
                       study_trials: list[int | None] | None = None) -> list[Evaluation | None]:
         """Evaluate several plans at once (in parallel where the measurer can); a new plan beyond the
         budget gets None. Plans already evaluated in this search are free (a failed one is not:
         it is measured again)."""
+        if self._references_pending:
+            self._references_pending = False
+            references = [plan for _, plan in self.problem.reference_plans()]
+            self.evaluate_many(references, ["reference"] * len(references))
         sources = sources or [None] * len(plans)
         study_trials = study_trials or [None] * len(plans)
         new: dict[str, tuple[Plan, str | None, int | None]] = {}

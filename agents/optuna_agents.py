@@ -1,10 +1,11 @@
 """Optuna search agents: TPE on the problem's objective, NSGA-II on a four-metric Pareto front.
 
 Search space: one categorical parameter per decision layer, the index into
-`Problem.choices(layer)`, so every sampled plan is valid. A new study starts with two enqueued
-trials: the solver's cost-model plan (`solve_problem`, no measurement) and the baseline plan (the
-uncompressed fp32 model on the best single processor), so that the samplers have a feasible anchor
-even when the additive model's plan misses a constraint once measured.
+`Problem.choices(layer)`, so every sampled plan is valid. A new study starts with enqueued trials:
+the problem's reference plans (the uncompressed model in fp32 on each processor, whole-model int8
+and fp16: what a user would try anyway), then the solver's cost-model plan (`solve_problem`, no
+measurement), so that the samplers have feasible anchors even when the additive model's plan misses
+a constraint once measured, and the best found is never worse than a reference.
 
 Constraints: before Optuna is told a trial's values, `Trial.set_constraint` records one value per
 entry of CONSTRAINTS (<= 0 when satisfied; Optuna 5 deprecates the samplers' `constraints_func` for
@@ -189,9 +190,10 @@ class _OptunaAgent:
         raise NotImplementedError
 
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
-        budgeted = BudgetedProblem(problem, budget, self.name, callback)
+        budgeted = BudgetedProblem(problem, budget, self.name, callback, references=False)  # enqueued instead
         space = DesignSpace(problem)
         study = self.open_study(problem, seed)
+        budgeted.result.seed_plan = self.enqueued_solver_plan(study, space)
         resumed = any(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
         if resumed and not self.shared:  # resumed: a fresh random stream, or the sampler would redraw its first proposals
             study.sampler = self.sampler(seed + len(study.trials))
@@ -222,10 +224,11 @@ class _OptunaAgent:
         """Every measured trial of a (shared) study in trial-number order, as one search's result.
         Their evaluations come from the Problem's caches (measured again only where a cache is gone)."""
         measured = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not t.user_attrs.get("duplicate")]
-        budgeted = BudgetedProblem(problem, max(1, len(measured)), self.name)
+        budgeted = BudgetedProblem(problem, max(1, len(measured)), self.name, references=False)
         space = DesignSpace(problem)
         for frozen in sorted(measured, key=lambda t: t.number):
             budgeted.evaluate(space.plan(frozen.params, study.study_name), frozen.user_attrs.get("source", self.source), frozen.number)
+        budgeted.result.seed_plan = self.enqueued_solver_plan(study, space)
         return budgeted.result
 
     def _step(self, study: optuna.Study, budgeted: BudgetedProblem, space: DesignSpace, problem: Problem, size: int) -> None:
@@ -270,12 +273,24 @@ class _OptunaAgent:
                 return
 
     def _enqueue_start_plans(self, study: optuna.Study, problem: Problem, space: DesignSpace) -> None:
-        """The solver's cost-model plan first, then the baseline (feasible whenever anything simple is)."""
+        """The reference plans (the baseline first: feasible whenever anything simple is), then the
+        solver's cost-model plan."""
+        for _, plan in problem.reference_plans():
+            study.enqueue_trial(space.params(plan), user_attrs={"source": "reference"}, skip_if_exists=True)
         try:
-            study.enqueue_trial(space.params(solve_problem(problem).plan), user_attrs={"source": "solver"})
+            solver_plan = solve_problem(problem).plan
         except ExplorerError as error:
             log.warning("no solver plan to start from (%s)", error)
-        study.enqueue_trial(space.params(problem.baseline_plan()), user_attrs={"source": "baseline"}, skip_if_exists=True)
+            return
+        study.enqueue_trial(space.params(solver_plan), user_attrs={"source": "solver"}, skip_if_exists=True)
+
+    @staticmethod
+    def enqueued_solver_plan(study: optuna.Study, space: DesignSpace) -> Plan | None:
+        """The solver's plan enqueued when the study was created (None if it has none)."""
+        for trial in study.get_trials(deepcopy=False):
+            if trial.user_attrs.get("source") == "solver":
+                return space.plan(trial.params or trial.system_attrs["fixed_params"], study.study_name)
+        return None
 
 
 class OptunaTPEAgent(_OptunaAgent):

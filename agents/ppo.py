@@ -123,6 +123,7 @@ class PPOAgent:
             start = solve_measured(budgeted)
         except ExplorerError:  # the cost model predicts no feasible plan: PPO searches unseeded
             start = None
+        budgeted.result.seed_plan = start.plan if start else None
         guide = SolverGuide(budgeted, start)
         envs = [DeployEnv(problem=budgeted, suggestion=guide.suggestion, cost_model=guide.cost_model)
                 for _ in range(self.parallel_episodes)]
@@ -228,6 +229,8 @@ class SolverGuide:
         self.cost_model = self.base_model
         self.sensitivity = (sensitivity_table(problem.graph, problem.compressor, problem.scorer)
                             if problem.scorer.measured else None)
+        # the solver's plan, even where a reference measured better: cloning a compressed plan puts the policy
+        # near the plans that beat the references (cloning the fp32 baseline kept it there: measured on vgg)
         self.suggestion: Plan | None = start.plan if start else problem.result.best_plan
         self.start_latency_s = (next((s.latency_s for s, _ in start.rounds if s.plan == start.plan), None)
                                 if start else None)

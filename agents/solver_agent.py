@@ -30,7 +30,7 @@ class SolverAgent:
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
         budgeted = BudgetedProblem(problem, budget, self.name, callback)
         try:
-            solve_measured(budgeted, rounds=self.rounds, time_limit_s=self.time_limit_s)
+            budgeted.result.seed_plan = solve_measured(budgeted, rounds=self.rounds, time_limit_s=self.time_limit_s).plan
         except BudgetExhausted:
             pass
         except ExplorerError as error:  # nothing (better) on the model: the measured plans are the result

@@ -396,14 +396,15 @@ def _progress_status(problem, result) -> str:
 
 
 def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespace) -> None:
-    """Compare with the baseline and the solver, show the best plan, log summary and plots, end the run."""
-    from explorer.solver import solve_measured
+    """Compare with the reference plans and the solver plan the agent started from, show the best plan
+    and its gains, log summary and plots, end the run."""
+    from explorer.report import gains, summary_rows
 
-    solver = solve_measured(problem).evaluation
-    rows = [("baseline (uncompressed fp32, best single processor)", baseline), ("solver plan (DAD/RLC)", solver)]
-    if result.best:
-        rows.append((f"best found by {args.agent}", result.best))
+    rows = summary_rows(problem, result)
     print_comparison(rows)
+    found_gains = gains(problem, result)
+    if found_gains:
+        console.print("best plan: " + "; ".join(gain.text(problem) for gain in found_gains))
     failed = sum(t.failed for t in result.trials)
     if failed:
         console.print(f"[yellow]{failed} trial(s) failed[/]: no agent could measure them (see the FAILED child runs in MLflow)")
@@ -411,10 +412,11 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
         console.print("[red]no feasible plan found[/]: loosen --latency-ms, --max-accuracy-drop or --memory-mb, or raise --budget")
     else:
         print_plan(problem, result.best_plan, f"best plan ({len(result.trials)} evaluations, {result.feasible_count} feasible)")
-    console.print(f"measured by: {(result.best or solver).measured_by}")
-    summary = _summary_markdown(problem, rows, result, args)
+    console.print(f"measured by: {(result.best or baseline).measured_by}")
+    summary = _summary_markdown(problem, rows, found_gains, result, args)
+    metrics = {f"gain_over_{'best_reference' if i == 0 else 'baseline'}": gain.ratio for i, gain in enumerate(found_gains)}
     tracker.finish(result, result.best_plan.to_json() if result.best_plan else {}, summary,
-                   latency_budget_ms=problem.constraints.latency_ms)  # draws the plots in a folder it removes
+                   latency_budget_ms=problem.constraints.latency_ms, metrics=metrics)  # draws the plots in a folder it removes
 
 
 def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, args: argparse.Namespace) -> None:
@@ -534,13 +536,15 @@ def _search_args(args: argparse.Namespace, **overrides) -> list[str]:
     return parts
 
 
-def _summary_markdown(problem, rows, result, args) -> str:
+def _summary_markdown(problem, rows, found_gains, result, args) -> str:
     """The search summary logged to MLflow as summary.md."""
     lines = [f"# {args.agent} search: {problem.graph.source} on {problem.board.name}", "",
              f"Objective: minimise {problem.objective.describe()}; latency <= {args.latency_ms:g} ms, "
              f"accuracy drop <= {args.max_accuracy_drop:g} points" + (f", weights <= {args.memory_mb:g} MB" if args.memory_mb else "") + ".",
-             f"{len(result.trials)} measured evaluations, {result.feasible_count} feasible.", "",
-             "| plan | latency ms | energy mJ | weights MB | accuracy | feasible | measured by |", "|---|---|---|---|---|---|---|"]
+             f"{len(result.trials)} measured evaluations, {result.feasible_count} feasible.", ""]
+    if found_gains:
+        lines += ["Best plan: " + "; ".join(gain.text(problem) for gain in found_gains) + ".", ""]
+    lines += ["| plan | latency ms | energy mJ | weights MB | accuracy | feasible | measured by |", "|---|---|---|---|---|---|---|"]
     for name, e in rows:
         lines.append(f"| {name} | {e.latency_ms:.3f} | {e.energy_mj:.3f} | {e.memory_mb:.3f} | {e.accuracy_text()} | "
                      f"{'yes' if e.feasible else 'no'} | {e.measured_by} |")

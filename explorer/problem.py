@@ -350,6 +350,30 @@ class Problem:
         candidates.sort(key=lambda pe: (not pe[1].feasible, metric_value(first, pe[1].latency_ms, pe[1].energy_mj, pe[1].memory_mb)))
         return candidates
 
+    def reference_plans(self) -> list[tuple[str, Plan]]:
+        """What a user would try without this tool, each with its name: the uncompressed model in fp32 on
+        every processor that runs all of it (the baseline first), then the whole model in int8 (ONNX
+        Runtime's static QDQ quantisation, per-channel, calibrated on the data) and in fp16 on every
+        processor that runs all of it at that precision. Every search measures these first."""
+        baseline = self.baseline_plan()
+        plans = [(f"fp32 on {baseline.decisions[0][1].processor} (baseline)", baseline)]
+        for precision, what in (("fp32", "fp32"), ("int8", "whole-model int8 (static QDQ, per-channel)"),
+                                ("fp16", "whole-model fp16")):
+            for pid, processor in self.board.processors.items():
+                plan = self.uniform_plan(pid, precision)
+                if (precision in processor.precisions and plan != baseline
+                        and all(layer.op_type in processor.ops for layer in self.graph.layers)):
+                    plans.append((f"{what} on {pid}", plan))
+        return plans
+
+    def best_reference(self, evaluate=None) -> tuple[str, Plan, Evaluation] | None:
+        """The best feasible reference plan by the objective (None when none is feasible), evaluated with
+        ``evaluate`` (default: this problem's; a search passes its budgeted one)."""
+        evaluate = evaluate or self.evaluate
+        feasible = [(name, plan, evaluate(plan)) for name, plan in self.reference_plans()]
+        feasible = [(name, plan, e) for name, plan, e in feasible if e.feasible]
+        return min(feasible, key=lambda item: item[2].objective) if feasible else None
+
     def baseline(self) -> Evaluation:
         """Evaluation of the baseline plan."""
         if self._baseline is None:

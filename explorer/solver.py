@@ -422,7 +422,7 @@ def solve_measured(problem, rounds: int = 6, incumbent: Plan | None = None, cost
     contention it lacks), so after every evaluated round the cost model is recalibrated per
     (processor, op kind, precision) from the measured blocks, and while the evaluated plan is
     infeasible (accuracy: the additive budget shrinks by the estimated/measured ratio) or no better
-    than the best plan measured so far (the baseline, the incumbent, earlier rounds), the solver
+    than the best plan measured so far (the reference plans, the incumbent, earlier rounds), the solver
     re-solves with that best plan's predicted objective as the bound. Stops at the first feasible
     plan that beats the best measured one, or when the model predicts nothing better.
     Returns the best feasible round (or the last one) and every round.
@@ -431,7 +431,7 @@ def solve_measured(problem, rounds: int = 6, incumbent: Plan | None = None, cost
 
     cost_model = cost_model or problem.cost_model
     sensitivity = sensitivity_table(problem.graph, problem.compressor, problem.scorer) if problem.scorer.measured else None
-    known = [problem.baseline_plan()] + ([incumbent] if incumbent is not None else [])
+    known = [plan for _, plan in problem.reference_plans()] + ([incumbent] if incumbent is not None else [])
     feasible_known = [(problem.evaluate(plan).objective, plan) for plan in known if problem.evaluate(plan).feasible]
     best_known = min(feasible_known, key=lambda pair: pair[0])[1] if feasible_known else None
     accuracy_scale = 1.0
@@ -460,8 +460,8 @@ def solve_measured(problem, rounds: int = 6, incumbent: Plan | None = None, cost
         if best_known is not None and best_known == incumbent:
             raise ExplorerError(f"the solver's model predicts nothing better than the incumbent plan "
                                 f"({problem.evaluate(incumbent).objective:.4g}, measured)")
-        raise ExplorerError("the solver's model predicts nothing better than the baseline plan: "
-                            f"{problem.baseline_plan().decisions[0][1].processor} in fp32, uncompressed")
+        name = next((name for name, plan in problem.reference_plans() if plan == best_known), "the baseline")
+        raise ExplorerError(f"the solver's model predicts nothing better than the best reference plan ({name})")
     feasible = [(s, e) for s, e in history if e.feasible]
     best_solution, best = min(feasible, key=lambda se: se[1].objective) if feasible else history[-1]
     return MeasuredSolve(best_solution.plan, best, history, cost_model)

@@ -520,12 +520,13 @@ class SearchTracker:
 
     # ---- the end of a search ------------------------------------------------------------------
     def finish(self, result: SearchResult, best_plan_json: dict | None, summary_markdown: str,
-               plots: dict[str, Path] | None = None, latency_budget_ms: float | None = None) -> None:
+               plots: dict[str, Path] | None = None, latency_budget_ms: float | None = None,
+               metrics: dict[str, float] | None = None) -> None:
         """Flush, log the best plan's metrics and the artifacts, and end the parent run.
 
         Artifacts: best_plan.json (unless `best_plan_json` is empty: no feasible plan), summary.md,
         every plot in `plots` (artifact file name -> local file), and convergence.png and pareto.png
-        drawn here unless `plots` has them. The run ends KILLED when the search was
+        drawn here unless `plots` has them; `metrics` are logged with the best_* ones. The run ends KILLED when the search was
         interrupted, else FINISHED. After a resume, the best_* metrics, the plots and the artifacts
         describe `result` (pass one that covers the whole search), while the best_so_far series and
         the feasible count carry on from the trials logged before.
@@ -538,6 +539,7 @@ class SearchTracker:
                       "best_energy_mj": best.energy_mj, "best_memory_mb": best.memory_mb,
                       "best_accuracy": best.accuracy, "best_accuracy_drop": best.accuracy_drop,
                       "best_trial": float(self._offset + result.best_trial.number)}
+        final |= metrics or {}
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in _finite_metrics(final).items()])
         with tempfile.TemporaryDirectory() as folder:

@@ -63,8 +63,11 @@ def test_search_agents_spend_the_budget_exactly_and_never_report_an_infeasible_b
     assert result.agent == name and not result.interrupted
     assert len(result.trials) == BUDGET
     _check_result(result, problem, BUDGET)
-    if name.startswith("optuna"):  # they start from the solver's plan and the baseline, feasible here
-        assert result.best is not None
+    references = [plan for _, plan in problem.reference_plans()]
+    assert [t.plan for t in result.trials[:len(references)]] == references  # every search measures them first
+    assert {t.source for t in result.trials[:len(references)]} == {"reference"}
+    assert result.best is not None and result.best.objective <= min(  # never worse than a reference
+        problem.evaluate(plan).objective for plan in references if problem.evaluate(plan).feasible)
 
 
 @pytest.mark.parametrize("name", AGENTS)
@@ -82,15 +85,19 @@ def test_ctrl_c_returns_the_trials_so_far_marked_interrupted(problem, name):
 def test_solver_agent_is_the_measured_solver_loop_within_the_budget(problem):
     result = make_agent("solver").search(problem, BUDGET, seed=0)
     _check_result(result, problem, BUDGET)
-    assert 2 <= len(result.trials) <= 7 and {t.source for t in result.trials} == {"solver"}
-    baseline = problem.baseline_plan()
-    assert result.trials[0].plan == baseline  # the measured plan the solver has to beat
-    assert result.trials[1].plan == solve_problem(problem, incumbent=baseline).plan
-    two_rounds = _problem(latency_ms=0.35)  # the first solver plan runs 0.357 ms: a second round is needed
+    references = [plan for _, plan in problem.reference_plans()]
+    rounds = result.trials[len(references):]
+    assert [t.plan for t in result.trials[:len(references)]] == references  # the measured plans it has to beat
+    assert 1 <= len(rounds) <= 6 and {t.source for t in rounds} == {"solver"}
+    _, best_reference, _ = problem.best_reference()
+    assert rounds[0].plan == solve_problem(problem, incumbent=best_reference).plan
+    assert result.seed_plan in [t.plan for t in rounds]  # the agent's own plan, not a reference
+    assert result.best.objective <= problem.evaluate(best_reference).objective
+    two_rounds = _problem(latency_ms=0.32)  # the first solver plan runs 0.325 ms: a second round is needed
     full = make_agent("solver").search(two_rounds, BUDGET, seed=0)
-    assert [t.evaluation.feasible for t in full.trials] == [True, False, True]
-    cut = make_agent("solver").search(two_rounds, 2, seed=0)  # stops at the budget
-    assert [t.plan for t in cut.trials] == [t.plan for t in full.trials[:2]]
+    assert [t.evaluation.feasible for t in full.trials[len(references):]] == [False, True]
+    cut = make_agent("solver").search(two_rounds, len(references) + 1, seed=0)  # stops at the budget
+    assert [t.plan for t in cut.trials] == [t.plan for t in full.trials[:len(references) + 1]]
 
 
 @pytest.mark.parametrize("name", SEARCH_AGENTS)
@@ -104,12 +111,14 @@ def test_same_seed_gives_the_same_search_and_another_seed_another(problem, name)
     assert [t.plan for t in other.trials] != [t.plan for t in first.trials]
 
 
-def test_tpe_starts_from_the_solver_plan_and_the_baseline_and_tells_optuna_the_constraints(problem):
+def test_tpe_starts_from_the_reference_plans_and_the_solver_plan_and_tells_optuna_the_constraints(problem):
     agent = _agent("optuna-tpe")
     result = agent.search(problem, BUDGET, seed=0)
-    assert result.trials[0].plan == solve_problem(problem).plan and result.trials[0].source == "solver"
-    assert result.trials[1].plan == problem.baseline_plan() and result.trials[1].source == "baseline"
-    assert {t.source for t in result.trials[2:]} == {"tpe"}
+    references = [plan for _, plan in problem.reference_plans()]
+    n = len(references)
+    assert [t.plan for t in result.trials[:n]] == references and {t.source for t in result.trials[:n]} == {"reference"}
+    assert result.trials[n].plan == solve_problem(problem).plan == result.seed_plan and result.trials[n].source == "solver"
+    assert {t.source for t in result.trials[n + 1:]} == {"tpe"}
     told = [t for t in agent.study.trials if not t.user_attrs["duplicate"]]
     assert len(told) == BUDGET
     for frozen, trial in zip(told, result.trials):
@@ -132,7 +141,7 @@ def test_constraint_values_agree_with_the_problems_feasibility(problem):
 
 def test_nsga2_reports_a_non_dominated_pareto_front(problem):
     result = _agent("optuna-nsga2").search(problem, 30, seed=0)
-    assert result.trials[0].source == "solver"
+    assert result.trials[0].source == "reference" and "solver" in {t.source for t in result.trials}
     front = result.pareto
     assert front and all(t.evaluation.feasible for t in front)
 
@@ -166,7 +175,7 @@ def test_tpe_study_resumes_from_its_storage(tmp_path, monkeypatch):
     again = make_agent("optuna-tpe").search(problem, 10, seed=0)  # complete: nothing left to do
     assert [t.plan for t in again.trials] == [t.plan for t in resumed.trials] and problem.evaluations == 0
     other_seed = make_agent("optuna-tpe").search(problem, 3, seed=1)  # another study, started afresh
-    assert len(other_seed.trials) == 3 and other_seed.trials[0].source == "solver"
+    assert len(other_seed.trials) == 3 and other_seed.trials[0].source == "reference"
 
 
 @pytest.mark.parametrize("name", SEARCH_AGENTS)
@@ -199,5 +208,5 @@ def test_ppo_through_the_registry_respects_its_budget(problem):
     """PPO may stop short of the budget (its episodes are capped when they keep repeating plans)."""
     result = make_agent("ppo").search(problem, BUDGET, seed=0)
     assert result.agent == "ppo" and 1 <= len(result.trials) <= BUDGET
-    assert result.trials[0].source == "solver"
+    assert result.trials[0].source == "reference"
     _check_result(result, problem, BUDGET)

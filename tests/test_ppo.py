@@ -9,7 +9,7 @@ from agents.ppo import HEADROOM_FRACTION, LOCAL_RADIUS, Demonstration, PPOAgent,
 from envs import DeployEnv, make_problem
 from explorer.solver import solve_measured
 
-BUDGET = 30
+BUDGET = 38  # 8 reference plans, then 30 of the agent's own
 VGG = {"model": "vgg", "board": "tegra-k1", "objective": "energy", "latency_ms": 250.0, "max_accuracy_drop": 0.01,
        "data_samples": 300}
 
@@ -36,7 +36,7 @@ def test_spends_exactly_the_budget_on_distinct_plans(runs, problem):
     result = runs[0]
     assert result.agent == "ppo" and len(result.trials) == BUDGET == len(result.best_so_far)
     assert len({t.plan.digest() for t in result.trials}) == BUDGET
-    assert {t.source for t in result.trials} == {"solver", "solver-local", "policy"}
+    assert {t.source for t in result.trials} == {"reference", "solver", "solver-local", "policy"}
     for trial in result.trials:
         problem.validate(trial.plan)
 
@@ -99,8 +99,10 @@ def test_same_seed_same_search(runs):
 
 
 def test_a_budget_smaller_than_the_solver_needs_stops_exactly(problem):
-    result = PPOAgent().search(problem, 2, seed=0)
-    assert len(result.trials) == 2 and {t.source for t in result.trials} == {"solver"}
+    references = len(problem.reference_plans())
+    result = PPOAgent().search(problem, references + 2, seed=0)
+    assert len(result.trials) == references + 2
+    assert [t.source for t in result.trials] == ["reference"] * references + ["solver"] * 2
 
 
 def test_behaviour_cloning_reproduces_the_suggested_plan(problem):
