@@ -212,10 +212,12 @@ def rounds_met(round_totals: list[list[np.ndarray]], adaptive: AdaptiveRepeats) 
     if not round_totals:
         return True
     reference = np.array([np.median(totals) for totals in round_totals[0]])
-    for chain in round_totals:
+    for index, chain in enumerate(round_totals):
+        if len(chain) != len(reference):
+            raise ValueError(f"chain {index} has {len(chain)} rounds, the first {len(reference)}: rounds must pair")
         if not ci_within(np.concatenate(chain), adaptive.target, adaptive.confidence):
             return False
-        if chain is not round_totals[0]:
+        if index:
             ratios = np.array([np.median(totals) for totals in chain]) / reference
             if not ci_within(ratios, adaptive.target, adaptive.confidence):
                 return False
