@@ -1,6 +1,8 @@
 """How sure a measurement is: the median's distribution-free interval, repeats that adapt until it is tight
 (or a cap), interleaved timing, and measurements that keep their interval in the cache. Times are injected
 through a fake clock: nothing here asserts on real timings."""
+import itertools
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -63,7 +65,7 @@ def test_median_interval_ranks_are_the_order_statistics_of_the_tables():
 
 @pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
 def test_median_interval_is_the_narrowest_that_covers_by_the_binomial(confidence):
-    for n in range(1, 400):
+    for n in [*range(1, 400), 1000, 2999, 10_000]:
         ranks = median_ci_ranks(n, confidence)
         if ranks is None:
             assert 1 - 2 * stats.binom.cdf(0, n, 0.5) < confidence
@@ -124,9 +126,14 @@ def test_repeats_stop_at_the_time_cap_or_the_repeat_cap_when_the_interval_stays_
 
 
 def test_a_repeat_averages_enough_passes_to_last_min_repeat_ms():
-    times = time_blocks([BlockSpec(_matmul_block())], INPUTS, 0, 15, clock=FakeClock(iter(lambda: 0.25e-3, None)),
+    times = time_blocks([BlockSpec(_matmul_block())], INPUTS, 0, 15, clock=FakeClock(iter(lambda: 0.3e-3, None)),
                         adaptive=AdaptiveRepeats(min_repeat_ms=1.0))
-    assert times.number == 4 and np.allclose(times.seconds, 0.25e-3)  # the mean of 4 passes of 0.25 ms
+    assert times.number == 4 and np.allclose(times.seconds, 0.3e-3)  # the mean of 4 passes of 0.3 ms
+    # one preempted warm-up pass (5 ms) does not set the number: the median warm-up pass does
+    steps = itertools.chain([5e-3, 1e-6, 0.3e-3, 1e-6, 0.3e-3], iter(lambda: 0.3e-3, None))
+    warmed = time_blocks([BlockSpec(_matmul_block())], INPUTS, 3, 15, clock=FakeClock(steps),
+                         adaptive=AdaptiveRepeats(min_repeat_ms=1.0))
+    assert warmed.number == 4
     fixed = time_blocks([BlockSpec(_matmul_block())], INPUTS, 0, 7)
     assert fixed.number == 1 and fixed.seconds.shape == (7, 1)  # without `adaptive`: exactly the repeats asked
 
