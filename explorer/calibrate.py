@@ -51,6 +51,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from explorer import blockrun, precision
+from explorer.blockrun import BUSY_CORES, busy_cores  # the load check, shared with the measurers
+from explorer.blockrun import cpu_times as _cpu_times, others_cores as _others_cores
 from explorer.boards import HOST, PRECISIONS, load_board
 from explorer.errors import ExplorerError
 from explorer.paths import TARGETS_DIR
@@ -176,12 +178,12 @@ def calibrate_host(out_path: Path | None = None, quick: bool = False,
     system = _system_info()
     say(f"host: {system['cpu_model']}, {system['cores']} cores, ONNX Runtime {ort.__version__}")
     background = busy_cores(settings.load_window_s)
-    if background > 0.25:
+    if background > BUSY_CORES:
         say(f"warning: other processes use about {background:.1f} cores; measurements will be low and noisy")
     machine_before, own_before, wall_before = _cpu_times(), time.process_time(), time.perf_counter()
     measured = _measure(system, settings, background, say)
     measured.others_during = _others_cores(machine_before, own_before, wall_before)
-    if measured.others_during is not None and measured.others_during > 0.25:
+    if measured.others_during is not None and measured.others_during > BUSY_CORES:
         say(f"warning: other processes used about {measured.others_during:.1f} cores while measuring; "
             "the profile says so")
     elapsed = time.perf_counter() - started
@@ -189,35 +191,6 @@ def calibrate_host(out_path: Path | None = None, quick: bool = False,
     say(f"writing {out}")
     _write_atomically(out, text)
     return out
-
-
-def busy_cores(window_s: float = 0.3) -> float:
-    """CPU use of the whole machine, in cores, over a window in which this process sleeps (/proc/stat).
-
-    Calibration results are low and noisy when this is well above zero. 0.0 where /proc/stat is absent.
-    """
-    first = _cpu_times()
-    if first is None:
-        return 0.0
-    time.sleep(window_s)
-    second = _cpu_times()
-    if second is None:
-        return 0.0
-    total = sum(second) - sum(first)
-    idle = (second[3] + second[4]) - (first[3] + first[4])  # idle + iowait
-    online = max(1, os.cpu_count() or 1)
-    return max(0.0, (total - idle) / total * online) if total > 0 else 0.0
-
-
-def _others_cores(machine_before: list[int] | None, own_before: float, wall_before: float) -> float | None:
-    """Average CPU use of other processes since the given snapshot, in cores (None without /proc/stat)."""
-    machine_after, own = _cpu_times(), time.process_time() - own_before
-    wall = time.perf_counter() - wall_before
-    if machine_before is None or machine_after is None or wall <= 0:
-        return None
-    busy = (sum(machine_after) - machine_after[3] - machine_after[4]) - (
-        sum(machine_before) - machine_before[3] - machine_before[4])
-    return max(0.0, busy / os.sysconf("SC_CLK_TCK") - own) / wall
 
 
 # ---- measurement ----------------------------------------------------------------------------------
@@ -605,15 +578,6 @@ def _gpu_power(unit: _Unit, op: _Op, settings: _Settings, say: Progress) -> tupl
 
 
 # ---- system information ---------------------------------------------------------------------------
-def _cpu_times() -> list[int] | None:
-    try:
-        with open("/proc/stat") as stat:
-            fields = stat.readline().split()
-    except OSError:
-        return None
-    return [int(v) for v in fields[1:9]] + [0] * max(0, 9 - len(fields)) if fields[:1] == ["cpu"] else None
-
-
 def _read(path: Path | str) -> str | None:
     try:
         return Path(path).read_text()
@@ -724,7 +688,7 @@ def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
         "# Re-run `explorer calibrate` after a hardware, driver or ONNX Runtime change.",
     ]
     others = max(m.background_cores, m.others_during or 0.0)
-    if others > 0.25:
+    if others > BUSY_CORES:
         lines.append(f"# WARNING: other processes used about {m.background_cores:.1f} cores when calibration "
                      f"started and {m.others_during or 0.0:.1f} on average while it measured: the")
         lines.append("# measurements are lower and noisier than on an idle machine; re-run when it is idle.")

@@ -205,7 +205,8 @@ class Problem:
         stored = self._measurements.get(plan_digest) if self.use_disk_cache else None
         if stored is None:
             return None
-        evaluation = self._score(plan, plan_digest, Measurement.from_json(stored))
+        # recalled(): a cached figure whose interval missed its target, or made while busy, says so
+        evaluation = self._score(plan, plan_digest, Measurement.from_json(stored).recalled())
         self._memory_cache[plan_digest] = evaluation
         return evaluation
 

@@ -1,8 +1,10 @@
 """`--measure remote://HOST:PORT[,HOST:PORT...]`: measurement on boards running `explorer serve`.
 
 The plan is rewritten and split into unit blocks here; each block's ONNX file is uploaded once per
-agent (content-addressed by SHA-256) and the agent times the chain. With several agents, plans are
-measured in parallel (`measure_many`), each taken by the next free agent. An agent that fails (down,
+agent (content-addressed by SHA-256) and the agent times the chain, with repeats until the interval of
+the median is tight or a cap (`adaptive`, sent with the request). With several agents, plans are
+measured in parallel (`measure_many`), each taken by the next free agent; interleaved measurements
+(`measure_interleaved`, for confirmation) run all their plans on one agent, in one request. An agent that fails (down,
 too slow, an error) is set aside for a while and the plan goes to another; a plan that no agent
 could measure raises MeasurementFailed, which the Problem turns into a failed trial, never a failed
 search. Only ONNX and JSON cross the wire; the token comes from $EXPLORER_AGENT_TOKEN.
@@ -20,12 +22,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from explorer.blockrun import BlockTimes
+from explorer.blockrun import AdaptiveRepeats, BlockTimes
 from explorer.boards import Board
 from explorer.cache import digest
 from explorer.errors import ExplorerError
-from explorer.measure import Measurement, MeasurementFailed, block_specs, board_providers, measurement_from_times
-from explorer.serve import PROTOCOL_VERSION, TOKEN_ENV
+from explorer.measure import (SEARCH_REPEATS, Interleaved, Measurement, MeasurementFailed, block_specs, board_providers,
+                              interleaved_from_times, measurement_from_times)
+from explorer.serve import ADAPTIVE_FEATURE, INTERLEAVED_FEATURE, PROTOCOL_VERSION, TOKEN_ENV
 
 log = logging.getLogger(__name__)
 SCHEME = "remote://"
@@ -74,16 +77,21 @@ class RemoteMeasurer:
     """Measures plans on `explorer serve` agents (real hardware, over the network)."""
 
     name = "remote"
+    simulated = False
 
     def __init__(self, spec: str, token: str | None = None, warmup: int = 3, repeats: int = 15, batch: int = 1,
-                 timeout_s: float = 600.0, rest_s: float = 30.0, tries: int | None = None):
+                 timeout_s: float = 600.0, rest_s: float = 30.0, tries: int | None = None,
+                 adaptive: AdaptiveRepeats | None = SEARCH_REPEATS):
+        """At least `repeats` timed repeats after `warmup` per plan; with `adaptive` (default) the agent adds
+        more until the interval of the median is tight or its cap (agents from before adaptive repeats are
+        refused then), without it exactly `repeats`."""
         self.spec = spec
         self.endpoints = parse_endpoints(spec)
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         if not self.token:
             raise ExplorerError(f"remote measurement needs the agents' token: set {TOKEN_ENV} (the agent prints or "
                                 "reads it at start)")
-        self.warmup, self.repeats, self.batch = warmup, repeats, batch
+        self.warmup, self.repeats, self.batch, self.adaptive = warmup, repeats, batch, adaptive
         self.timeout_s = timeout_s
         self.rest_s = rest_s
         self.tries = tries or max(2, len(self.endpoints) + 1)
@@ -121,6 +129,8 @@ class RemoteMeasurer:
             if len(kinds) > 1:
                 raise ExplorerError("the agents are different kinds of device: " + "; ".join(f"{a}: {k}" for k, a in kinds.items())
                                     + ": measure one board kind per search")
+            if self.adaptive is not None:
+                _require(reached, ADAPTIVE_FEATURE, "adaptive repeats")
             for endpoint in self.endpoints:
                 self._free.put(endpoint)
             self._fingerprint = reached[0].info["fingerprint"]
@@ -128,16 +138,44 @@ class RemoteMeasurer:
 
     def identity(self, board: Board) -> str:
         fp = self._connect()
-        return f"remote-v2:{digest(_device_kind(fp))}:w{self.warmup}:r{self.repeats}:b{self.batch}"
+        fixed = f"{digest(_device_kind(fp))}:w{self.warmup}:r{self.repeats}:b{self.batch}"
+        return f"remote-v3:{fixed}:{self.adaptive.identity()}" if self.adaptive else f"remote-v2:{fixed}"
 
-    def label(self, board: Board) -> str:
+    def label(self, board: Board, how: str | None = None) -> str:
         fp = self._connect()
+        how = how or (self.adaptive.describe() if self.adaptive else f"median of {self.repeats}")
         return (f"remote ({fp['cpu_model']}, ONNX Runtime {fp['onnxruntime']} via explorer serve at "
-                f"{', '.join(e.address for e in self.endpoints)}; median of {self.repeats})")
+                f"{', '.join(e.address for e in self.endpoints)}; {how})")
 
     # ---- measuring ----------------------------------------------------------------------------
     def measure(self, graph, compressor, board, plan, calibration_inputs=None) -> Measurement:
         """Measure one plan on the next free agent (retried elsewhere when an agent fails)."""
+        blocks, chain, models = self._chain(graph, compressor, board, plan, calibration_inputs)
+        request = {**chain, "warmup": self.warmup, "repeats": self.repeats, "seed": 0,
+                   "energy_providers": board_providers(board)}
+        if self.adaptive is not None:
+            request["adaptive"] = self.adaptive.to_json()
+        answer, endpoint = self._on_an_agent("/measure", models, request, "the plan")
+        return measurement_from_times(BlockTimes.from_json(answer["times"]), blocks, compressor, board, plan,
+                                      self.label(board), f"agent {endpoint.address}", self.adaptive)
+
+    def measure_interleaved(self, graph, compressor, board, plans, calibration_inputs=None, repeats: int = 5,
+                            adaptive: AdaptiveRepeats = SEARCH_REPEATS) -> list[Interleaved]:
+        """Measure the plans interleaved on one agent, in one request (another agent takes the whole run over
+        when one fails: rounds measured on two devices would not pair)."""
+        self._connect()
+        _require([e for e in self.endpoints if e.info], INTERLEAVED_FEATURE, "interleaved measurement")
+        built = [self._chain(graph, compressor, board, plan, calibration_inputs) for plan in plans]
+        models = {sha: data for _, _, chain_models in built for sha, data in chain_models.items()}
+        request = {"chains": [chain for _, chain, _ in built], "warmup": self.warmup, "repeats": repeats, "seed": 0,
+                   "energy_providers": board_providers(board), "adaptive": adaptive.to_json()}
+        answer, endpoint = self._on_an_agent("/measure-interleaved", models, request, "the plans")
+        return interleaved_from_times([BlockTimes.from_json(t) for t in answer["times"]], [b for b, _, _ in built],
+                                      compressor, board, plans, self.label(board, f"interleaved: {adaptive.describe()}"),
+                                      f"agent {endpoint.address}", adaptive)
+
+    def _chain(self, graph, compressor, board, plan, calibration_inputs) -> tuple[list, dict, dict[str, bytes]]:
+        """The plan's unit blocks, the request's description of its chain, and the models by SHA-256."""
         fp = self._connect()
         missing = sorted({board.processor(d.processor).provider for _, d in plan.decisions} - set(fp["providers"]))
         if missing:
@@ -145,27 +183,25 @@ class RemoteMeasurer:
                                 "measure a board whose providers the agents have (see the agent's start line)")
         blocks, specs, inputs = block_specs(graph, compressor, board, plan, calibration_inputs, self.batch)
         shas = [hashlib.sha256(spec.model).hexdigest() for spec in specs]
-        request = {"blocks": [{"model": sha, "threads": s.threads, "provider": s.provider} for sha, s in zip(shas, specs)],
-                   "inputs": {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in inputs.items()},
-                   "warmup": self.warmup, "repeats": self.repeats, "seed": 0,
-                   "energy_providers": board_providers(board)}
-        models = {sha: spec.model for sha, spec in zip(shas, specs)}
+        chain = {"blocks": [{"model": sha, "threads": s.threads, "provider": s.provider} for sha, s in zip(shas, specs)],
+                 "inputs": {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in inputs.items()}}
+        return blocks, chain, {sha: spec.model for sha, spec in zip(shas, specs)}
+
+    def _on_an_agent(self, path: str, models: dict[str, bytes], request: dict, what: str) -> tuple[dict, AgentEndpoint]:
+        """The answer of the next free agent to the request (retried elsewhere when an agent fails)."""
         errors = []
         for _ in range(self.tries):
             endpoint = self._take()
             try:
-                answer = self._measure_on(endpoint, models, request)
+                return self._measure_on(endpoint, models, request, path), endpoint
             except AgentError as error:
                 errors.append(f"{endpoint.address}: {error}")
                 if not error.retry:
-                    raise MeasurementFailed(f"the agent rejected the plan: {error}") from None
+                    raise MeasurementFailed(f"the agent rejected {what}: {error}") from None
                 endpoint.resting_until = time.monotonic() + self.rest_s  # down, busy or too slow: another one tries
-                continue
             finally:
                 self._free.put(endpoint)
-            return measurement_from_times(BlockTimes.from_json(answer["times"]), blocks, compressor, board, plan,
-                                          self.label(board), f"agent {endpoint.address}")
-        raise MeasurementFailed(f"no agent could measure the plan after {len(errors)} tries: " + "; ".join(errors))
+        raise MeasurementFailed(f"no agent could measure {what} after {len(errors)} tries: " + "; ".join(errors))
 
     def measure_many(self, graph, compressor, board, plans, calibration_inputs=None) -> list[Measurement | MeasurementFailed]:
         """Measure plans in parallel, one per agent at a time; a plan that fails gives its MeasurementFailed."""
@@ -202,7 +238,8 @@ class RemoteMeasurer:
             for endpoint in held:
                 self._free.put(endpoint)
 
-    def _measure_on(self, endpoint: AgentEndpoint, models: dict[str, bytes], request: dict) -> dict:
+    def _measure_on(self, endpoint: AgentEndpoint, models: dict[str, bytes], request: dict,
+                    path: str = "/measure") -> dict:
         """Upload what the agent lacks, then measure (uploading again if the agent dropped a model meanwhile)."""
         limit = endpoint.info.get("max_upload_bytes") if endpoint.info else None
         for sha, data in models.items():
@@ -214,7 +251,7 @@ class RemoteMeasurer:
                 if self._request(endpoint, "HEAD", f"/models/{sha}", ok=(200, 404), timeout_s=30.0) is None:
                     self._request(endpoint, "PUT", f"/models/{sha}", body=data, content_type="application/octet-stream")
             try:
-                answer = self._request(endpoint, "POST", "/measure", body=json.dumps(request).encode())
+                answer = self._request(endpoint, "POST", path, body=json.dumps(request).encode())
                 if _device_kind(answer["fingerprint"]) != _device_kind(self._fingerprint):  # e.g. it was down at start
                     raise AgentError(f"it is another kind of device ({_device_kind(answer['fingerprint'])})")
                 return answer
@@ -249,6 +286,14 @@ class RemoteMeasurer:
             raise ExplorerError(f"agent {endpoint.address} refused the token: set {TOKEN_ENV} to the token the agent uses")
         retry = response.status >= 500  # busy, timed out, broken: another agent may do; 4xx: the request is bad
         raise AgentError(f"HTTP {response.status}: {message}", retry=retry)
+
+
+def _require(endpoints: list[AgentEndpoint], feature: str, what: str) -> None:
+    """ExplorerError when a reached agent predates `feature` (it would ignore what the request asks)."""
+    old = [e.address for e in endpoints if feature not in e.info.get("features", [])]
+    if old:
+        raise ExplorerError(f"agent {', '.join(old)} is an older `explorer serve` without {what}: install this "
+                            "explorer version there and restart it")
 
 
 def _device_kind(fp: dict) -> str:

@@ -18,7 +18,17 @@ HTTP API (every request carries `Authorization: Bearer TOKEN`; answers are JSON)
   "energy_providers": ["CPUExecutionProvider", ...]}` (the providers the energy counters must cover;
   default: the blocks'). Inputs are drawn on the agent (standard normal, `seed`); only ONNX and JSON
   cross the wire. A block whose provider ONNX Runtime here has but cannot start gets 503 (the client
-  tries another agent).
+  tries another agent). Optional `"adaptive": {"target": 0.03, "confidence": 0.95, "min_repeat_ms": 1.0,
+  "max_seconds": 1.0, "max_repeats": 10000}` (any subset; explorer.blockrun.AdaptiveRepeats): after
+  `repeats`, more until the interval of the median is tight or the cap (`max_seconds` below the
+  agent's measure timeout). The answer's `times` holds the seconds of every repeat, `number` (passes
+  each repeat averages) and `others_cores` (other processes' CPU use meanwhile); without `adaptive`,
+  exactly `repeats` of one pass, as agents before it did.
+- `POST /measure-interleaved`: `{"chains": [{"blocks": [...], "inputs": {...}}, ...], "warmup": 3,
+  "repeats": 5, "seed": 0, "energy_providers": [...], "adaptive": {...}}`: the chains timed interleaved
+  in rounds of `repeats` each (explorer.blockrun.time_interleaved; the first chain is the reference
+  of the per-round ratios); `times` is one answer per chain, with `rounds` and `energy_uj_by_round`.
+  `GET /info` lists `features` ("adaptive", "interleaved"); agents without them predate both.
   One measurement runs at a time (the device is the shared resource); others wait in line up to
   the queue timeout (then 503), and a measurement past its time limit is stopped (504).
 
@@ -47,13 +57,18 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from explorer.blockrun import (BlockRunError, BlockSpec, MeasurementTimeout, ProviderUnavailable, readable_counters,
-                               time_blocks)
+from explorer.blockrun import (AdaptiveRepeats, BlockRunError, BlockSpec, MeasurementTimeout, ProviderUnavailable,
+                               readable_counters, time_blocks, time_interleaved)
+from explorer.errors import ExplorerError
 
 PROTOCOL_VERSION = 2  # 2: energy_providers in the request, energy counters (RAPL, NVML) in the fingerprint
 TOKEN_ENV = "EXPLORER_AGENT_TOKEN"
 MAX_JSON_BYTES = 1 << 20
 MAX_REPEATS = 10_000
+MAX_CHAINS = 64  # chains one interleaved request may time
+# What this agent does beyond protocol 2's requests (optional fields: older clients' requests work unchanged).
+ADAPTIVE_FEATURE, INTERLEAVED_FEATURE = "adaptive", "interleaved"
+FEATURES = [ADAPTIVE_FEATURE, INTERLEAVED_FEATURE]
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 
 
@@ -127,19 +142,38 @@ class Agent:
     def info(self) -> dict:
         return {"fingerprint": self.fingerprint, "max_upload_bytes": self.max_upload_bytes,
                 "queue_timeout_s": self.queue_timeout_s, "measure_timeout_s": self.measure_timeout_s,
-                "measurements": self.measurements}
+                "measurements": self.measurements, "features": FEATURES}
 
     def measure(self, request: dict) -> dict:
         """Check the request, wait for the device, time the blocks."""
-        blocks, inputs, warmup, repeats, energy_providers = self._parse(request)
+        blocks, inputs = self._chain(request)
+        warmup, repeats, energy_providers = self._settings(request)
+        adaptive = self._adaptive(request, required=False)
+        return self._on_device(lambda: time_blocks(blocks, inputs, warmup, repeats, timeout_s=self.measure_timeout_s,
+                                                   energy_providers=energy_providers, adaptive=adaptive).to_json())
+
+    def measure_interleaved(self, request: dict) -> dict:
+        """Check the request, wait for the device, time the chains interleaved."""
+        chains = request.get("chains") if isinstance(request, dict) else None
+        if not isinstance(chains, list) or not 1 <= len(chains) <= MAX_CHAINS:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"the request needs a list 'chains' of 1 to {MAX_CHAINS} "
+                                                       "{\"blocks\": [...], \"inputs\": {...}}")
+        warmup, repeats, energy_providers = self._settings(request)
+        parsed = [self._chain({**chain, "seed": request.get("seed", 0)}, f"chain {i}: ") if isinstance(chain, dict)
+                  else self._chain({}, f"chain {i}: ") for i, chain in enumerate(chains)]
+        adaptive = self._adaptive(request, required=True)
+        return self._on_device(lambda: [t.to_json() for t in time_interleaved(
+            parsed, warmup, repeats, adaptive, timeout_s=self.measure_timeout_s, energy_providers=energy_providers)])
+
+    def _on_device(self, run) -> dict:
+        """Run a timing with the device to itself (waiting in line up to the queue timeout)."""
         queued = time.perf_counter()
         if not self.device.acquire(timeout=self.queue_timeout_s):
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE,
                                f"the device stayed busy for {self.queue_timeout_s:g} s (queue timeout): try another agent or later")
         try:
             started = time.perf_counter()
-            times = time_blocks(blocks, inputs, warmup, repeats, timeout_s=self.measure_timeout_s,
-                                energy_providers=energy_providers)
+            times = run()
             self.measurements += 1
         except MeasurementTimeout as error:
             raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, str(error)) from None
@@ -149,46 +183,71 @@ class Agent:
             raise RequestError(HTTPStatus.BAD_REQUEST, str(error)) from None
         finally:
             self.device.release()
-        return {"times": times.to_json(), "fingerprint": self.fingerprint, "queued_s": started - queued,
+        return {"times": times, "fingerprint": self.fingerprint, "queued_s": started - queued,
                 "measure_s": time.perf_counter() - started}
 
-    def _parse(self, request: dict) -> tuple[list[BlockSpec], dict[str, np.ndarray], int, int, list[str] | None]:
+    def _chain(self, request: dict, where: str = "") -> tuple[list[BlockSpec], dict[str, np.ndarray]]:
+        """A chain's blocks (uploaded models) and inputs (drawn with the request's seed)."""
         bad = HTTPStatus.BAD_REQUEST
         if not isinstance(request, dict) or not isinstance(request.get("blocks"), list) or not request["blocks"]:
-            raise RequestError(bad, "the request needs a non-empty list 'blocks'")
+            raise RequestError(bad, f"{where}the request needs a non-empty list 'blocks'")
         blocks = []
         for index, block in enumerate(request["blocks"]):
             if not isinstance(block, dict) or not isinstance(block.get("model"), str):
-                raise RequestError(bad, f"block {index} needs 'model': the SHA-256 of an uploaded ONNX file")
+                raise RequestError(bad, f"{where}block {index} needs 'model': the SHA-256 of an uploaded ONNX file")
             data = self.store.get(block["model"])
             if data is None:
                 raise RequestError(HTTPStatus.NOT_FOUND, f"model {block['model']} is not on this agent: upload it first "
                                                          f"(PUT /models/{block['model']})")
             threads, provider = block.get("threads", 1), block.get("provider", "CPUExecutionProvider")
             if not isinstance(threads, int) or not 0 <= threads <= 1024 or not isinstance(provider, str):
-                raise RequestError(bad, f"block {index}: 'threads' must be an integer 0..1024 and 'provider' a string")
+                raise RequestError(bad, f"{where}block {index}: 'threads' must be an integer 0..1024 and 'provider' a string")
             blocks.append(BlockSpec(data, threads, provider))
-        warmup, repeats, seed = request.get("warmup", 3), request.get("repeats", 15), request.get("seed", 0)
-        if not all(isinstance(v, int) for v in (warmup, repeats, seed)) or not (0 <= warmup <= MAX_REPEATS and 1 <= repeats <= MAX_REPEATS):
-            raise RequestError(bad, f"'warmup' (0..{MAX_REPEATS}), 'repeats' (1..{MAX_REPEATS}) and 'seed' must be integers")
+        seed = request.get("seed", 0)
+        if not isinstance(seed, int):
+            raise RequestError(bad, "'seed' must be an integer")
         rng = np.random.default_rng(seed)
         inputs = {}
         specs = request.get("inputs", {})
         if not isinstance(specs, dict):
-            raise RequestError(bad, "'inputs' must map input names to {\"shape\": [...], \"dtype\": ...}")
+            raise RequestError(bad, f"{where}'inputs' must map input names to {{\"shape\": [...], \"dtype\": ...}}")
         for name, spec in specs.items():
             shape = spec.get("shape") if isinstance(spec, dict) else None
             dtype = DTYPES.get(spec.get("dtype", "float32")) if isinstance(spec, dict) else None
             if (not isinstance(shape, list) or not all(isinstance(d, int) and 0 < d <= 1 << 20 for d in shape)
                     or dtype is None or np.prod(shape, dtype=np.int64) > 1 << 26):
-                raise RequestError(bad, f"input {name!r}: give 'shape' as positive integers (at most 2^26 elements) and "
-                                        f"'dtype' one of {', '.join(DTYPES)}")
+                raise RequestError(bad, f"{where}input {name!r}: give 'shape' as positive integers (at most 2^26 elements) "
+                                        f"and 'dtype' one of {', '.join(DTYPES)}")
             inputs[name] = rng.standard_normal(shape).astype(dtype)
+        return blocks, inputs
+
+    def _settings(self, request: dict) -> tuple[int, int, list[str] | None]:
+        """warmup, repeats and energy_providers of a request."""
+        bad = HTTPStatus.BAD_REQUEST
+        warmup, repeats, seed = request.get("warmup", 3), request.get("repeats", 15), request.get("seed", 0)
+        if not all(isinstance(v, int) for v in (warmup, repeats, seed)) or not (0 <= warmup <= MAX_REPEATS and 1 <= repeats <= MAX_REPEATS):
+            raise RequestError(bad, f"'warmup' (0..{MAX_REPEATS}), 'repeats' (1..{MAX_REPEATS}) and 'seed' must be integers")
         energy_providers = request.get("energy_providers")
         if energy_providers is not None and not (isinstance(energy_providers, list)
                                                  and all(isinstance(p, str) for p in energy_providers)):
             raise RequestError(bad, "'energy_providers' must be a list of ONNX Runtime provider names")
-        return blocks, inputs, warmup, repeats, energy_providers
+        return warmup, repeats, energy_providers
+
+    def _adaptive(self, request: dict, required: bool) -> AdaptiveRepeats | None:
+        """The request's adaptive repeats (None when absent and not required), within the measure timeout."""
+        if request.get("adaptive") is None:
+            if required:
+                raise RequestError(HTTPStatus.BAD_REQUEST, "interleaved measurement needs 'adaptive' (its target and cap)")
+            return None
+        try:
+            adaptive = AdaptiveRepeats.from_json(request["adaptive"])
+        except ExplorerError as error:
+            raise RequestError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        if adaptive.max_seconds >= self.measure_timeout_s:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"'adaptive' max_seconds {adaptive.max_seconds:g} must stay below this "
+                                                       f"agent's measure timeout of {self.measure_timeout_s:g} s (restart it "
+                                                       "with a larger --measure-timeout)")
+        return adaptive
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -236,14 +295,17 @@ class Handler(BaseHTTPRequestHandler):
         return HTTPStatus.CREATED, {"model": sha, "bytes": len(data)}
 
     def _measure(self) -> tuple[HTTPStatus, dict]:
-        if self.path != "/measure":
-            raise RequestError(HTTPStatus.NOT_FOUND, f"no such resource {self.path}: POST /measure")
+        routes = {"/measure": self.agent.measure, "/measure-interleaved": self.agent.measure_interleaved}
+        if self.path not in routes:
+            raise RequestError(HTTPStatus.NOT_FOUND, f"no such resource {self.path}: POST /measure or /measure-interleaved")
         body = self._body(MAX_JSON_BYTES)
         try:
             request = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"the request body is not JSON: {error}") from None
-        return HTTPStatus.OK, self.agent.measure(request)
+        if not isinstance(request, dict):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object")
+        return HTTPStatus.OK, routes[self.path](request)
 
     # ---- plumbing ---------------------------------------------------------------------------------
     def _model_sha(self) -> str:

@@ -17,6 +17,7 @@ import pytest
 
 from agents import make_agent
 from explorer.accuracy import AccuracyScorer
+from explorer.blockrun import AdaptiveRepeats
 from explorer.boards import load_board
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
@@ -25,7 +26,8 @@ from explorer.measure import HostMeasurer
 from explorer.plan import Decision
 from explorer.problem import Constraints, Objective, Problem
 from explorer.remote import RemoteMeasurer, parse_endpoints
-from explorer.serve import TOKEN_ENV
+from explorer.confirm import confirm
+from explorer.serve import FEATURES, TOKEN_ENV
 from boardbuild import write_board
 from netbuild import random_inputs, small_cnn
 
@@ -100,11 +102,14 @@ def _problem(board, measurer, constraints=Constraints(latency_ms=None, max_accur
     return Problem(graph, board, measurer, scorer, constraints, Objective.parse("latency"), use_disk_cache=False)
 
 
-def _measure_request(sha: str, repeats: int = 5, warmup: int = 1) -> bytes:
+def _chain(sha: str) -> dict:
     graph = LayerGraph(small_cnn())
     shape = [1] + list(graph.input_shape[1:])
-    return json.dumps({"blocks": [{"model": sha, "threads": 1}], "inputs": {graph.input_names[0]: {"shape": shape, "dtype": "float32"}},
-                       "warmup": warmup, "repeats": repeats}).encode()
+    return {"blocks": [{"model": sha, "threads": 1}], "inputs": {graph.input_names[0]: {"shape": shape, "dtype": "float32"}}}
+
+
+def _measure_request(sha: str, repeats: int = 5, warmup: int = 1, **more) -> bytes:
+    return json.dumps({**_chain(sha), "warmup": warmup, "repeats": repeats, **more}).encode()
 
 
 def test_remote_measurement_matches_the_host_measurement(agent, board, monkeypatch):
@@ -121,6 +126,67 @@ def test_remote_measurement_matches_the_host_measurement(agent, board, monkeypat
     assert h.latency_ms / 3 <= r.latency_ms <= 3 * h.latency_ms
     assert f"agent {agent.address}" in r.energy_source or "RAPL" in r.energy_source
     assert r.peak_memory_mb is None or r.peak_memory_mb > 10
+
+
+def test_remote_measurements_carry_their_interval_and_the_agents_load(agent, board, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    adaptive = AdaptiveRepeats(max_seconds=1.0)
+    measurer = RemoteMeasurer(f"remote://{agent.address}", warmup=1, repeats=15, adaptive=adaptive)
+    problem = _problem(board, measurer)
+    plan = problem.uniform_plan("cpu")
+    m = measurer.measure(problem.graph, problem.compressor, board, plan)
+    assert m.repeats >= 15 and m.passes_per_repeat >= 1 and m.ci_target == 0.03 and m.ci_confidence == 0.95
+    assert m.latency_ci_ms[0] <= m.latency_ms <= m.latency_ci_ms[1] and m.others_cores is not None
+    assert m.ci_target_met == (max(m.latency_ms - m.latency_ci_ms[0], m.latency_ci_ms[1] - m.latency_ms)
+                               <= 0.03 * m.latency_ms)
+    assert "cap 1 s" in m.measured_by and measurer.identity(board).startswith("remote-v3:")
+    other = plan.with_decision(problem.graph.layers[2].name, Decision(processor="cpu1"))
+    results = measurer.measure_interleaved(problem.graph, problem.compressor, board, [plan, other], None, 5, adaptive)
+    assert len(results) == 2 and len(results[0].rounds) == len(results[1].rounds) >= 1
+    assert all(r.measurement.repeats == 5 * len(r.rounds) and "interleaved" in r.measurement.measured_by for r in results)
+    assert all(r.measurement.peak_memory_mb is None for r in results)
+    confirmation = confirm(problem, [other], plan, adaptive=adaptive)
+    assert not confirmation.simulated and confirmation.baseline.ratio == 1.0 and confirmation.best() is not None
+
+
+def test_the_agent_keeps_answering_old_requests_and_checks_the_new_fields(agent):
+    status, info = agent.request("GET", "/info")
+    assert info["features"] == FEATURES
+    sha = agent.upload(small_cnn().SerializeToString())
+    status, answer = agent.request("POST", "/measure", _measure_request(sha, repeats=7))  # no 'adaptive': as before
+    assert status == 200 and np.array(answer["times"]["seconds"]).shape == (7, 1) and answer["times"]["number"] == 1
+    status, answer = agent.request("POST", "/measure", _measure_request(sha, adaptive={"max_seconds": 0.3}))
+    assert status == 200 and len(answer["times"]["seconds"]) >= 5 and answer["times"]["others_cores"] is not None
+    for bad, why in (({"target": 2}, "target"), ({"tries": 3}, "no setting tries"), ({"max_seconds": 1000}, "measure timeout")):
+        status, answer = agent.request("POST", "/measure", _measure_request(sha, adaptive=bad))
+        assert status == 400 and why in answer["error"]
+    interleaved = json.dumps({"chains": [_chain(sha), _chain(sha)], "repeats": 3, "warmup": 0,
+                              "adaptive": {"max_seconds": 0.3}}).encode()
+    status, answer = agent.request("POST", "/measure-interleaved", interleaved)
+    assert status == 200 and len(answer["times"]) == 2
+    first, second = answer["times"]
+    assert first["rounds"] == second["rounds"] and len(first["seconds"]) == len(first["rounds"]) >= 3
+    status, answer = agent.request("POST", "/measure-interleaved", json.dumps({"chains": [_chain(sha)]}).encode())
+    assert status == 400 and "needs 'adaptive'" in answer["error"]
+    status, answer = agent.request("POST", "/measure-interleaved", json.dumps({"chains": [{}], "adaptive": {}}).encode())
+    assert status == 400 and "chain 0" in answer["error"]
+
+
+def test_an_agent_from_before_adaptive_repeats_is_refused_when_they_are_asked_for(agent, board, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    request = RemoteMeasurer._request
+
+    def old_agent(self, endpoint, method, path, *args, **kwargs):
+        answer = request(self, endpoint, method, path, *args, **kwargs)
+        return {k: v for k, v in answer.items() if k != "features"} if path == "/info" else answer
+
+    monkeypatch.setattr(RemoteMeasurer, "_request", old_agent)
+    with pytest.raises(ExplorerError, match="older `explorer serve` without adaptive repeats"):
+        _problem(board, RemoteMeasurer(f"remote://{agent.address}"))
+    fixed = _problem(board, RemoteMeasurer(f"remote://{agent.address}", adaptive=None))  # fixed repeats still work
+    assert fixed.evaluate(fixed.uniform_plan("cpu")).latency_ms > 0
+    with pytest.raises(ExplorerError, match="without interleaved measurement"):
+        confirm(fixed, [], fixed.uniform_plan("cpu"))
 
 
 def test_agent_reports_a_fingerprint_and_refuses_missing_or_wrong_tokens(agent):
@@ -209,7 +275,7 @@ def test_endpoint_list_is_checked():
 def test_parallel_agents_share_the_plans_and_a_killed_agent_means_retry_elsewhere(two_agents, board, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     measurer = RemoteMeasurer(",".join(["remote://" + two_agents[0].address, two_agents[1].address]), warmup=1,
-                              repeats=3, rest_s=60)
+                              repeats=3, rest_s=60, adaptive=None)
     problem = _problem(board, measurer)
     assert problem.parallelism == 2
     killed = {}
@@ -228,7 +294,7 @@ def test_parallel_agents_share_the_plans_and_a_killed_agent_means_retry_elsewher
 
 def test_when_no_agent_can_measure_the_trial_fails_and_the_search_completes(agent, board, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    problem = _problem(board, RemoteMeasurer(f"remote://{agent.address}", warmup=1, repeats=3, rest_s=0.1),
+    problem = _problem(board, RemoteMeasurer(f"remote://{agent.address}", warmup=1, repeats=3, rest_s=0.1, adaptive=None),
                        constraints=Constraints(latency_ms=None, max_accuracy_drop=None))
     events = []
 
@@ -281,7 +347,7 @@ def test_a_measurement_past_its_time_limit_is_stopped_with_504():
 def test_ppo_measures_the_episodes_it_ends_together_on_several_agents(two_agents, board, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     spec = "remote://" + ",".join(a.address for a in two_agents)
-    problem = _problem(board, RemoteMeasurer(spec, warmup=1, repeats=3))
+    problem = _problem(board, RemoteMeasurer(spec, warmup=1, repeats=3, adaptive=None))
     batches = []
     evaluate_many = problem.evaluate_many
     monkeypatch.setattr(problem, "evaluate_many", lambda plans: batches.append(len(plans)) or evaluate_many(plans))
