@@ -396,27 +396,67 @@ def _progress_status(problem, result) -> str:
 
 
 def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespace) -> None:
-    """Compare with the reference plans and the solver plan the agent started from, show the best plan
-    and its gains, log summary and plots, end the run."""
+    """Compare with the reference plans and the solver plan the agent started from, confirm the best plans
+    by interleaved re-measurement, show the best confirmed plan and its gains, log summary and plots."""
     from explorer.report import gains, summary_rows
 
     rows = summary_rows(problem, result)
     print_comparison(rows)
     found_gains = gains(problem, result)
     if found_gains:
-        console.print("best plan: " + "; ".join(gain.text(problem) for gain in found_gains))
+        console.print("in the search: " + "; ".join(gain.text(problem) for gain in found_gains))
     failed = sum(t.failed for t in result.trials)
     if failed:
         console.print(f"[yellow]{failed} trial(s) failed[/]: no agent could measure them (see the FAILED child runs in MLflow)")
-    if result.best_plan is None:
+    confirmation, headline = _confirm(problem, result)
+    best_plan = confirmation.best().plan if confirmation and confirmation.best() else result.best_plan
+    if best_plan is None:
         console.print("[red]no feasible plan found[/]: loosen --latency-ms, --max-accuracy-drop or --memory-mb, or raise --budget")
     else:
-        print_plan(problem, result.best_plan, f"best plan ({len(result.trials)} evaluations, {result.feasible_count} feasible)")
+        print_plan(problem, best_plan, f"best plan ({len(result.trials)} evaluations, {result.feasible_count} feasible)")
     console.print(f"measured by: {(result.best or baseline).measured_by}")
-    summary = _summary_markdown(problem, rows, found_gains, result, args)
+    summary = _summary_markdown(problem, rows, found_gains, headline, result, args)
     metrics = {f"gain_over_{'best_reference' if i == 0 else 'baseline'}": gain.ratio for i, gain in enumerate(found_gains)}
-    tracker.finish(result, result.best_plan.to_json() if result.best_plan else {}, summary,
-                   latency_budget_ms=problem.constraints.latency_ms, metrics=metrics)  # draws the plots in a folder it removes
+    if confirmation and confirmation.best():
+        confirmed = confirmation.best()
+        metrics |= {"confirmed_ratio_to_baseline": confirmed.ratio, "confirmed_latency_ms": confirmed.latency_ms,
+                    "confirmed_energy_mj": confirmed.energy_mj, "confirmed_accuracy": confirmed.evaluation.accuracy,
+                    "confirmed_accuracy_drop_points": 100 * confirmed.evaluation.accuracy_drop
+                    if confirmed.evaluation.accuracy_drop is not None else None}
+        if confirmed.ratio_ci:
+            metrics |= {"confirmed_ratio_low": confirmed.ratio_ci[0], "confirmed_ratio_high": confirmed.ratio_ci[1]}
+    tracker.finish(result, best_plan.to_json() if best_plan else {}, summary,
+                   latency_budget_ms=problem.constraints.latency_ms, metrics=metrics,
+                   confirmation=confirmation.to_json() if confirmation else None)  # draws the plots in a folder it removes
+
+
+def _confirm(problem, result):
+    """Re-measure the search's best plans, the best reference and the baseline interleaved; print the table and
+    the headline. (None, None) when there is nothing feasible to confirm or the measurer cannot measure now."""
+    from explorer.confirm import confirm
+    from explorer.measure import MeasurementFailed
+    from explorer.report import CONFIRMATION_COLUMNS, confirmation_candidates, confirmation_rows, confirmed_headline
+
+    candidates = confirmation_candidates(problem, result)
+    if not candidates:
+        return None, None
+    names = {plan.digest(): name for name, plan in candidates}
+    with err_console.status(f"confirming: {len(candidates)} plans and the baseline measured again, interleaved"):
+        try:
+            confirmation = confirm(problem, [plan for _, plan in candidates])
+        except MeasurementFailed as error:
+            console.print(f"[yellow]not confirmed[/]: {error}; the figures above are the search's single measurements")
+            return None, None
+    table = Table(title=f"confirmed: measured again interleaved with the baseline ({confirmation.baseline.rounds} rounds, "
+                        f"{confirmation.seconds:.1f} s{', machine busy' if confirmation.busy else ''})")
+    for column in CONFIRMATION_COLUMNS:
+        table.add_column(column)
+    for row in confirmation_rows(confirmation, names):
+        table.add_row(*row)
+    console.print(table)
+    headline = confirmed_headline(problem, confirmation, names, result.best_plan.digest() if result.best_plan else None)
+    console.print(headline)
+    return confirmation, headline
 
 
 def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, args: argparse.Namespace) -> None:
@@ -536,14 +576,16 @@ def _search_args(args: argparse.Namespace, **overrides) -> list[str]:
     return parts
 
 
-def _summary_markdown(problem, rows, found_gains, result, args) -> str:
+def _summary_markdown(problem, rows, found_gains, headline, result, args) -> str:
     """The search summary logged to MLflow as summary.md."""
     lines = [f"# {args.agent} search: {problem.graph.source} on {problem.board.name}", "",
              f"Objective: minimise {problem.objective.describe()}; latency <= {args.latency_ms:g} ms, "
              f"accuracy drop <= {args.max_accuracy_drop:g} points" + (f", weights <= {args.memory_mb:g} MB" if args.memory_mb else "") + ".",
              f"{len(result.trials)} measured evaluations, {result.feasible_count} feasible.", ""]
+    if headline:
+        lines += [headline[0].upper() + headline[1:] + ".", ""]
     if found_gains:
-        lines += ["Best plan: " + "; ".join(gain.text(problem) for gain in found_gains) + ".", ""]
+        lines += ["In the search (single measurements): " + "; ".join(gain.text(problem) for gain in found_gains) + ".", ""]
     lines += ["| plan | latency ms | energy mJ | weights MB | accuracy | feasible | measured by |", "|---|---|---|---|---|---|---|"]
     for name, e in rows:
         lines.append(f"| {name} | {e.latency_ms:.3f} | {e.energy_mj:.3f} | {e.memory_mb:.3f} | {e.accuracy_text()} | "
@@ -557,24 +599,27 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Export a plan (from a search's MLflow run, or a plan.json) as a runnable bundle."""
     from explorer.export import export_bundle
     from explorer.plan import Plan
+    from explorer.report import confirmed_figures
 
     if bool(args.run) == bool(args.plan):
         raise ExplorerError("give exactly one of --run RUN_ID (a search's MLflow run) or --plan plan.json")
     run_id = None
     if args.run:
-        from explorer.tracking import default_tracking_uri, search_run_settings
+        from explorer.tracking import default_tracking_uri, search_confirmation, search_run_settings
 
         settings, plan_json = search_run_settings(args.tracking_uri or default_tracking_uri(), args.run)
         for key, value in settings.items():  # the search's own settings, unless given here
             if getattr(args, key, None) in (None, PARSER_DEFAULTS.get(key)):
                 setattr(args, key, value)
         plan, run_id = Plan.from_json(plan_json), args.run
+        confirmation = search_confirmation(args.tracking_uri or default_tracking_uri(), args.run)
     else:
-        plan = Plan.load(args.plan)
+        plan, confirmation = Plan.load(args.plan), None
     problem = _problem(args)
     with err_console.status("evaluating the plan and writing the bundle"):
         evaluation = problem.evaluate(plan)
-        path = export_bundle(problem, plan, Path(args.out), evaluation=evaluation, run_id=run_id, overwrite=args.overwrite)
+        path = export_bundle(problem, plan, Path(args.out), evaluation=evaluation, run_id=run_id, overwrite=args.overwrite,
+                             confirmed=confirmed_figures(confirmation, plan))
     console.print(f"wrote bundle {path} ({len(evaluation.blocks)} unit blocks; {evaluation.measured_by})")
     console.print(f"run it: explorer run {path} --input x.npy [--output y.npy] [--timing]")
 

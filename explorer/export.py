@@ -59,11 +59,12 @@ def explorer_version() -> str:
 
 
 def export_bundle(problem, plan: Plan, out_dir: Path | str, evaluation=None, predicted: dict | None = None,
-                  run_id: str | None = None, overwrite: bool = False) -> Path:
+                  run_id: str | None = None, overwrite: bool = False, confirmed: dict | None = None) -> Path:
     """Write the bundle of `plan` for `problem` (a Problem) into `out_dir`; returns its path.
 
     `evaluation`: the plan's Evaluation (measured metrics and accuracy), `predicted`: metrics a cost
-    model predicted (any JSON-ready dict), `run_id`: the MLflow run that produced the plan.
+    model predicted (any JSON-ready dict), `run_id`: the MLflow run that produced the plan, `confirmed`: its
+    confirmed figures (:func:`explorer.report.confirmed_figures`).
     An existing non-empty `out_dir` is refused unless `overwrite` (then it must be a bundle, and it
     is swapped for the new one only once the new one is complete).
     """
@@ -72,7 +73,7 @@ def export_bundle(problem, plan: Plan, out_dir: Path | str, evaluation=None, pre
     if evaluation is not None and evaluation.plan_digest != plan.digest():
         raise ExplorerError("the evaluation given is of another plan: pass the evaluation of the plan you export")
     replacing = _check_target(out_dir, overwrite)
-    manifest = _manifest(problem, plan, evaluation, predicted, run_id)  # before any work: fails fast
+    manifest = _manifest(problem, plan, evaluation, predicted, run_id, confirmed)  # before any work: fails fast
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     model = problem.compressor.rewrite(plan, problem.calibration_inputs)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
@@ -118,7 +119,8 @@ def _check_target(out_dir: Path, overwrite: bool) -> bool:
     return True
 
 
-def _manifest(problem, plan: Plan, evaluation, predicted: dict | None, run_id: str | None) -> dict[str, Any]:
+def _manifest(problem, plan: Plan, evaluation, predicted: dict | None, run_id: str | None,
+              confirmed: dict | None) -> dict[str, Any]:
     """plan.json without its blocks and files (JSON-ready)."""
     graph, board, dataset = problem.graph, problem.board, problem.scorer.dataset
     model_input = next(v for v in graph.model.graph.input if v.name == graph.input_names[0])
@@ -150,9 +152,13 @@ def _manifest(problem, plan: Plan, evaluation, predicted: dict | None, run_id: s
             "calibration": problem.calibration_source,
         },
         "plan": {**plan.to_json(), "digest": plan.digest()},
+        # how every block and model.onnx ran when scored and measured (runtime.Bundle opens them so)
+        "session": {"options": "ONNX Runtime defaults (QDQ fusion on: int8 on integer kernels), intra-op threads per "
+                               "block", "int8": problem.compressor.int8_scheme},
         "blocks": [],
         "predicted": predicted,
         "measured": evaluation.to_json() if evaluation is not None else None,
+        "confirmed": confirmed,
         "accuracy": accuracy,
         "mlflow_run_id": run_id,
         "files": {},

@@ -52,3 +52,83 @@ def gains(problem: Problem, result) -> list[Gain]:
     if baseline is not None and baseline.feasible and baseline is not reference:
         found.append(Gain("the fp32 baseline", baseline.objective / max(best.objective, 1e-12)))
     return found
+
+
+#: How many of a search's best plans are confirmed (with the best reference and the baseline).
+CONFIRM_TOP = 5
+
+
+def confirmation_candidates(problem: Problem, result) -> list[tuple[str, object]]:
+    """(name, Plan) to confirm: the search's best CONFIRM_TOP feasible plans and the best feasible reference."""
+    names = {plan.digest(): name for name, plan in problem.reference_plans()}
+    if result.seed_plan is not None:
+        names.setdefault(result.seed_plan.digest(), "solver plan")
+    feasible = sorted((t for t in result.trials if t.evaluation.feasible), key=lambda t: t.evaluation.objective)
+    chosen: dict[str, tuple[str, object]] = {}
+    for trial in feasible:
+        if len(chosen) == CONFIRM_TOP:
+            break
+        chosen.setdefault(trial.plan.digest(), (names.get(trial.plan.digest(), f"trial {trial.number}"), trial.plan))
+    best_reference = next((t for t in feasible if t.source == "reference"), None)
+    if best_reference is not None:
+        chosen.setdefault(best_reference.plan.digest(), (names[best_reference.plan.digest()], best_reference.plan))
+    return list(chosen.values())
+
+
+def _interval(ci: tuple[float, float] | None, digits: int = 3) -> str:
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "[too few rounds]"
+
+
+def confirmation_rows(confirmation, names: dict[str, str]) -> list[list[str]]:
+    """Table rows of a confirmation: plan, latency ms [95 % interval], energy mJ, objective ratio to the
+    baseline [interval], feasible, and the latency the search had recorded."""
+    rows = []
+    for p in confirmation.plans:
+        name = "baseline (fp32)" if p.is_baseline else names.get(p.plan.digest(), p.plan.digest()[:12])
+        searched = f"{p.searched.latency_ms:.3f}" if p.searched is not None else "-"
+        rows.append([name, f"{p.latency_ms:.3f} {_interval(p.latency_ci_ms)}", f"{p.energy_mj:.3f}",
+                     f"{p.ratio:.3f} {_interval(p.ratio_ci)}", "yes" if p.feasible else "no", searched])
+    return rows
+
+
+CONFIRMATION_COLUMNS = ("plan", "latency ms [95 %]", "energy mJ", "objective / baseline [95 %]", "feasible",
+                        "latency ms in the search")
+
+
+def confirmed_headline(problem: Problem, confirmation, names: dict[str, str], search_best_digest: str | None) -> str:
+    """One sentence: the best confirmed plan and its gain over the baseline and the best confirmed reference."""
+    best = confirmation.best()
+    where = " (simulated: the simulator's noise, not a hardware measurement)" if confirmation.simulated else ""
+    if best is None:
+        return "confirmation: no plan was feasible when measured again" + where
+    words = _GAIN_WORDS.get(problem.objective.single or "", "lower objective")
+    if best.is_baseline:
+        text = f"confirmed: no plan beat the fp32 baseline when measured again interleaved with it{where}"
+    else:
+        low, high = (1 / best.ratio_ci[1], 1 / best.ratio_ci[0]) if best.ratio_ci else (None, None)
+        interval = f" (95 % interval {low:.2f}-{high:.2f}x)" if low else ""
+        text = (f"confirmed: {names.get(best.plan.digest(), 'the best plan')} is {1 / best.ratio:.2f}x {words} than "
+                f"the fp32 baseline{interval}")
+        reference_digests = {plan.digest() for _, plan in problem.reference_plans()}
+        references = [p for p in confirmation.plans if p.feasible and p.plan.digest() in reference_digests]
+        reference = min(references, key=lambda p: p.ratio) if references else None
+        if reference is not None and reference is not best and not reference.is_baseline:
+            text += f", {reference.ratio / best.ratio:.2f}x than the best reference ({names[reference.plan.digest()]})"
+        text += where
+    if search_best_digest is not None and search_best_digest != best.plan.digest():
+        text += "; the search's own best lost on confirmation and is not reported as the best"
+    return text
+
+
+def confirmed_figures(confirmation: dict | None, plan) -> dict | None:
+    """What a bundle records of a search's confirmation for `plan`: its confirmed figures, the baseline's and
+    how they were measured (None when the plan was not confirmed)."""
+    if not confirmation:
+        return None
+    entries = {entry["plan_digest"]: entry for entry in confirmation["plans"]}
+    entry = entries.get(plan.digest())
+    if entry is None:
+        return None
+    baseline = next(e for e in confirmation["plans"] if e["baseline"])
+    return {"plan": entry, "baseline": baseline, "measured_by": confirmation["measured_by"],
+            "simulated": confirmation["simulated"], "busy": confirmation["busy"], "seconds": confirmation["seconds"]}

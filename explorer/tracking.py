@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 DATABASE_FILE = "mlflow.db"
 ARTIFACTS_FOLDER = "mlartifacts"
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
+CONFIRMATION_ARTIFACT = "confirmation.json"
 BEST_PLAN_ARTIFACT = "best_plan.json"
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_CALL = 100
@@ -210,6 +211,16 @@ def search_run_settings(tracking_uri: str | None, run_id: str) -> tuple[dict, di
             raise ExplorerError(f"MLflow run {run_id} has no {BEST_PLAN_ARTIFACT}: its search found no feasible plan "
                                 f"or did not finish; export another run, or a plan file with --plan") from None
     return {key: _param_value(text) for key, text in run.data.params.items()}, plan_json
+
+
+def search_confirmation(tracking_uri: str | None, run_id: str) -> dict | None:
+    """The confirmation (interleaved re-measurement) a search logged, or None where it has none."""
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            return json.loads(Path(client.download_artifacts(run_id, CONFIRMATION_ARTIFACT, folder)).read_text())
+        except (MlflowException, OSError, ValueError):
+            return None
 
 
 class _StoreWriter:
@@ -521,12 +532,13 @@ class SearchTracker:
     # ---- the end of a search ------------------------------------------------------------------
     def finish(self, result: SearchResult, best_plan_json: dict | None, summary_markdown: str,
                plots: dict[str, Path] | None = None, latency_budget_ms: float | None = None,
-               metrics: dict[str, float] | None = None) -> None:
+               metrics: dict[str, float] | None = None, confirmation: dict | None = None) -> None:
         """Flush, log the best plan's metrics and the artifacts, and end the parent run.
 
         Artifacts: best_plan.json (unless `best_plan_json` is empty: no feasible plan), summary.md,
         every plot in `plots` (artifact file name -> local file), and convergence.png and pareto.png
-        drawn here unless `plots` has them; `metrics` are logged with the best_* ones. The run ends KILLED when the search was
+        drawn here unless `plots` has them; `metrics` are logged with the best_* ones; `confirmation` (the
+        confirmed re-measurement, JSON) as confirmation.json. The run ends KILLED when the search was
         interrupted, else FINISHED. After a resume, the best_* metrics, the plots and the artifacts
         describe `result` (pass one that covers the whole search), while the best_so_far series and
         the feasible count carry on from the trials logged before.
@@ -560,6 +572,8 @@ class SearchTracker:
                     self.client.log_artifact(self.run_id, str(renamed))
         if best_plan_json:
             self.client.log_dict(self.run_id, best_plan_json, BEST_PLAN_ARTIFACT)
+        if confirmation:
+            self.client.log_dict(self.run_id, confirmation, CONFIRMATION_ARTIFACT)
         self.client.log_text(self.run_id, summary_markdown, "summary.md")
         self._end("KILLED" if result.interrupted else "FINISHED")
 

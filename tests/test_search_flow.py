@@ -39,7 +39,7 @@ def _run_id(out: str) -> str:
 
 
 def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
-    argv = ["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "8", "--seed", "3",
+    argv = ["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "11", "--seed", "3",
             "--max-accuracy-drop", "100"]  # every random plan is feasible, so there is a best to export
     real_make_agent = agents.make_agent
     monkeypatch.setattr(agents, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), after=5))
@@ -54,17 +54,25 @@ def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
     assert main(argv + ["--resume", run_id]) == 0
     out = capsys.readouterr().out
     assert _run_id(out) == run_id
+    # the reference plans (8 on tegra-k1) were the first trials, and the summary shows them and the confirmation
+    assert "whole-model int8 (static QDQ, per-channel) on cpu" in out and "fp32 on cpu (baseline)" in out
+    assert "confirmed: " in out and "simulated" in out
     search = read_search(default_tracking_uri(), run_id)
-    assert search.parent.info.status == "FINISHED" and len(search.trials) == 8
+    assert search.parent.info.status == "FINISHED" and len(search.trials) == 11
+    assert sorted(t.data.tags["source"] for t in search.trials) == ["random"] * 3 + ["reference"] * 8
     digests = [t.data.tags["plan_digest"] for t in search.trials]
-    assert len(set(digests)) == 8  # the replayed trials were not logged twice
+    assert len(set(digests)) == 11  # the replayed trials were not logged twice
     metrics = search.parent.data.metrics
 
     bundle_dir = tmp_path / "bundle"
     assert main(["export", "--run", run_id, "--out", str(bundle_dir)]) == 0
     data = zoo_validation_data("vgg")
-    top1 = float(np.mean(Bundle.load(bundle_dir).run(data.x).argmax(1) == data.y))
-    assert top1 == metrics["best_accuracy"]  # the bundle reproduces the accuracy logged in MLflow
+    bundle = Bundle.load(bundle_dir)
+    top1 = float(np.mean(bundle.run(data.x).argmax(1) == data.y))
+    assert top1 == metrics["confirmed_accuracy"]  # the bundle reproduces the accuracy logged in MLflow
+    confirmed = bundle.manifest["confirmed"]
+    assert confirmed["plan"]["plan_digest"] == bundle.manifest["plan"]["digest"] and confirmed["simulated"]
+    assert confirmed["plan"]["ratio"] == metrics["confirmed_ratio_to_baseline"] and confirmed["baseline"]["baseline"]
 
 
 def test_sigterm_stops_a_search_as_ctrl_c_does(capsys, monkeypatch):
