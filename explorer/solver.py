@@ -234,7 +234,7 @@ def solve(instance: Instance, incumbent_objective: float | None = None, time_lim
         selections = [(program.selection_row(picks), -np.inf, layers - 1) for picks in cuts]
         if near is not None:
             selections.append((program.selection_row(near[0]), layers - near[1], np.inf))
-        result = program.run(program.objective_row(), limits, selections, time_limit_s)
+        result = program.run("objective", limits, selections, time_limit_s)
         if result.x is None:
             break
         picks = program.picks(result.x)
@@ -300,6 +300,7 @@ class _Program:
                        (("latency", "latency_s"), ("energy", "energy_j"), ("memory", "weight_bytes"), ("accuracy", "accuracy_drop"))}
         self.proc_name = [c.decision.processor for c in every]
         self._rows: dict[tuple, np.ndarray] = {}
+        self._spans: dict[tuple, tuple[float, float, float, np.ndarray]] = {}
         self.structure = self._structure()
 
     def x(self, layer: int, choice: int) -> int:
@@ -343,9 +344,6 @@ class _Program:
         row[[self.x(l, c) for l, c in enumerate(picks)]] = 1.0
         return row
 
-    def objective_row(self) -> np.ndarray:
-        return self.metric_row("objective")
-
     def _per_layer(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each layer's least, largest and largest absolute coefficient (every layer has a choice)."""
         starts = self.offsets[:-1]
@@ -353,16 +351,22 @@ class _Program:
         return (np.minimum.reduceat(values, starts), np.maximum.reduceat(values, starts),
                 np.maximum.reduceat(np.abs(values), starts))
 
-    def span(self, row: np.ndarray) -> tuple[float, float, float]:
-        """(least, largest, largest absolute) total of a row over the plans: each layer's extreme choice
-        plus each boundary's extreme transfer (bounds, not always reached)."""
-        if np.any(np.diff(self.offsets) == 0):  # a layer without a choice: no plan at all
-            return 0.0, 0.0, 0.0
-        least, largest, magnitude = self._per_layer(row)
-        flows = row[self.n_x:].reshape(max(self.n_layers - 1, 0), -1) if self.n_y else np.zeros((0, 1))
-        return (float(least.sum() + np.minimum(flows.min(axis=1), 0.0).sum()),
-                float(largest.sum() + np.maximum(flows.max(axis=1), 0.0).sum()),
-                float(magnitude.sum() + np.abs(flows).max(axis=1).sum()))
+    def span(self, metric: str, processors: frozenset[str] | None = None) -> tuple[float, float, float, np.ndarray]:
+        """(least, largest, largest absolute) total of a `metric_row` over the plans, each layer at its extreme
+        choice plus each boundary at its extreme transfer (bounds, not always reached), and each layer's
+        least coefficient."""
+        key = (metric, processors)
+        if key not in self._spans:
+            row = self.metric_row(metric, processors)
+            if np.any(np.diff(self.offsets) == 0):  # a layer without a choice: no plan at all
+                self._spans[key] = 0.0, 0.0, 0.0, np.zeros(self.n_layers)
+            else:
+                least, largest, magnitude = self._per_layer(row)
+                flows = row[self.n_x:].reshape(self.n_layers - 1, -1) if self.n_y else np.zeros((0, 1))
+                self._spans[key] = (float(least.sum() + np.minimum(flows.min(axis=1), 0.0).sum()),
+                                    float(largest.sum() + np.maximum(flows.max(axis=1), 0.0).sum()),
+                                    float(magnitude.sum() + np.abs(flows).max(axis=1).sum()), least)
+        return self._spans[key]
 
     def _structure(self) -> LinearConstraint:
         """Exactly one choice per layer; the flows y sum to the placements on both sides of each boundary:
@@ -386,7 +390,7 @@ class _Program:
         rows = []
         for limit in limits:
             row = self.metric_row(limit.metric, limit.processors)
-            _, largest, magnitude = self.span(row)
+            _, largest, magnitude, _ = self.span(limit.metric, limit.processors)
             if largest <= limit.bound:
                 continue
             scale = _REFERENCE / max(abs(limit.bound), _SPREAD * magnitude)
@@ -402,25 +406,26 @@ class _Program:
             return upper
         for limit in limits:
             row = self.metric_row(limit.metric, limit.processors)
-            least, _, magnitude = self.span(row)
+            least, _, magnitude, layer_least = self.span(limit.metric, limit.processors)
             margin = 2 * FEASIBILITY_RTOL * abs(limit.bound) + 1e-12 * magnitude  # beyond any rounding
-            others = least - self._per_layer(row)[0][self.layer_of]
+            others = least - layer_least[self.layer_of]
             upper[:self.n_x][others + row[:self.n_x] > limit.bound + margin] = 0.0
         return upper
 
-    def objective_scale(self, objective: np.ndarray) -> float:
-        """The factor that makes the objective's lower bound read _REFERENCE (see FEASIBILITY_RTOL)."""
-        least, _, magnitude = self.span(objective)
+    def objective_scale(self, metric: str) -> float:
+        """The factor that makes the lower bound of the objective (a `metric_row`) read _REFERENCE (see
+        FEASIBILITY_RTOL)."""
+        least, _, magnitude, _ = self.span(metric)
         reference = max(least, _SPREAD * magnitude)
         return _REFERENCE / reference if reference > 0 else 1.0
 
-    def run(self, objective: np.ndarray, limits: Sequence[_Limit], selections: Sequence[tuple[np.ndarray, float, float]],
+    def run(self, minimise: str, limits: Sequence[_Limit], selections: Sequence[tuple[np.ndarray, float, float]],
             time_limit_s: float) -> SimpleNamespace:
-        """HiGHS's result for this program: status, x, fun (the scaled objective at x), scale (the objective's
-        factor) and message; recalled from the solve cache when the same program was solved
-        before (see `_solve_key`)."""
-        scale = self.objective_scale(objective)
-        objective = objective * scale
+        """HiGHS's result for this program (minimise a `metric_row` under `limits` and `selections`): status,
+        x, fun (the scaled objective at x), scale (the objective's factor) and message; recalled from the
+        solve cache when the same program was solved before (see `_solve_key`)."""
+        scale = self.objective_scale(minimise)
+        objective = self.metric_row(minimise) * scale
         rows = self.scaled_rows(limits) + list(selections)
         constraints = [self.structure]
         if rows:
@@ -455,7 +460,7 @@ class _Program:
     def least(self, metric: str, limits: Sequence[_Limit], time_limit_s: float) -> float | None:
         """The least total of a metric over the plans that meet `limits` (recomputed at HiGHS's plan;
         None when HiGHS finds none)."""
-        result = self.run(self.metric_row(metric), limits, [], time_limit_s)
+        result = self.run(metric, limits, [], time_limit_s)
         return None if result.status != 0 or result.x is None else _total(self.instance, self.picks(result.x), metric)
 
 
@@ -540,7 +545,7 @@ def _diagnose(instance: Instance, program: _Program, incumbent: float | None, ti
             needs, limit = _distinct("megabytes", smallest, instance.memory_limit_bytes)
             reasons.append(f"the smallest plan needs {needs} of weights; the limit is {limit}")
     if not reasons:
-        alone = program.run(program.metric_row("latency"), _limits(instance, latency=False, accuracy=False), [], time_limit_s)
+        alone = program.run("latency", _limits(instance, latency=False, accuracy=False), [], time_limit_s)
         if alone.status == 2:
             reasons.append("the model's weights do not fit in the processors' memory at any rank and precision")
     if not reasons and incumbent is not None:
