@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -277,6 +278,40 @@ def session_options(threads: int) -> ort.SessionOptions:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     return options
+
+
+#: CPU flags (/proc/cpuinfo) of an x86 int8 dot product that accumulates u8 x s8 in int32 (no saturation).
+X86_EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_exact(cpu_flags: set[str] | None = None, machine: str | None = None) -> bool:
+    """Whether ONNX Runtime's u8 x s8 integer kernels are exact on this CPU with full-range (8-bit) weights.
+
+    x86 without VNNI (AVX2/AVX-512 without it) sums pairs of u8 x s8 products in int16 (VPMADDUBSW): with
+    8-bit weights 2 x 255 x 128 overflows it; 7-bit weights (2 x 255 x 64 = 32,640) cannot. VNNI and AMX
+    accumulate in int32, and Arm's kernels widen each product to 16 bits and accumulate in 32 (or use
+    SDOT/UDOT): exact. Unknown CPUs count as not exact. ``cpu_flags`` and ``machine`` (platform.machine())
+    default to this machine's.
+    """
+    machine = (machine or platform.machine()).lower()
+    if machine in ("aarch64", "arm64") or machine.startswith("arm"):
+        return True
+    if machine not in ("x86_64", "amd64", "i686", "i386"):
+        return False
+    flags = cpu_flags if cpu_flags is not None else _cpu_flags()
+    return any(flag in flags for flag in X86_EXACT_INT8_FLAGS)
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (Linux; empty where it is not readable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
 
 
 def session_providers(provider: str) -> list[str]:

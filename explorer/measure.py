@@ -19,8 +19,8 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from explorer.blockrun import (BUSY_CORES, AdaptiveRepeats, BlockRunError, BlockSpec, BlockTimes, ci_within, median_ci,
-                               rounds_met, time_blocks, time_interleaved)
+from explorer.blockrun import (BUSY_CORES, AdaptiveRepeats, BlockRunError, BlockSpec, BlockTimes, ci_within, int8_exact,
+                               median_ci, rounds_met, time_blocks, time_interleaved)
 from explorer.boards import Board
 from explorer.compress import Compressor
 from explorer.cost import BYTES_PER_ELEMENT
@@ -130,6 +130,10 @@ class Measurer(Protocol):
     def label(self, board: Board) -> str:
         """Who measures, in words (shown with every result)."""
 
+    def int8_exact(self) -> bool:
+        """Whether full-range int8 weights are exact on the integer kernels of the device it measures
+        (see explorer.blockrun.int8_exact); where not, plans are quantised with 7-bit weights."""
+
     def measure(self, graph: LayerGraph, compressor: Compressor, board: Board, plan: Plan,
                 calibration_inputs: np.ndarray | None) -> Measurement:
         """Measure one plan (MeasurementFailed when this plan cannot be measured now)."""
@@ -154,6 +158,9 @@ class SimMeasurer:
 
     def identity(self, board: Board) -> str:
         return f"sim-v1:seed={self.seed}"
+
+    def int8_exact(self) -> bool:
+        return True  # a model of the board: the plans are scored (and quantised) for this machine alone
 
     def label(self, board: Board) -> str:
         return f"sim (simulated {board.name}: a model of the board, not a hardware measurement)"
@@ -226,6 +233,9 @@ class HostMeasurer:
         self.repeats = repeats
         self.batch = batch
         self.adaptive = adaptive
+
+    def int8_exact(self) -> bool:
+        return int8_exact()
 
     def identity(self, board: Board) -> str:
         fixed = f"{ort.__version__}:w{self.warmup}:r{self.repeats}:b{self.batch}"

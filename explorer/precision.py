@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import platform
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -55,8 +54,6 @@ COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 #: folded into the producer's output range; the others pass quantised values through unchanged).
 INT8_FOLLOWER_OPS = ("Relu", "Clip", "MaxPool", "AveragePool", "Flatten", "Reshape", "Transpose", "Squeeze",
                      "Unsqueeze")
-#: CPU flags (/proc/cpuinfo) of an x86 int8 dot product that accumulates u8 x s8 in int32 (no saturation).
-X86_EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 #: Per-channel QDQ (DequantizeLinear with ``axis``) needs opset 13.
 _MIN_INT8_OPSET = 13
 #: Calibration batch size when the model's batch dimension is dynamic (bounds calibration memory).
@@ -124,38 +121,14 @@ def session_options() -> ort.SessionOptions:
 
 
 def int8_reduce_range(cpu_flags: set[str] | None = None, machine: str | None = None) -> bool:
-    """Whether int8 weights must be 7-bit so that ORT's u8 x s8 kernels cannot saturate on this CPU.
-
-    x86 without VNNI (AVX2/AVX-512 without it) sums pairs of u8 x s8 products in int16 (VPMADDUBSW):
-    with 8-bit weights 2 x 255 x 128 overflows it; 7-bit weights (2 x 255 x 64 = 32,640) cannot. VNNI
-    (and AMX) accumulate in int32, and Arm's kernels widen to 16 bits per product and accumulate in
-    32 (or use SDOT/UDOT): full-range weights are exact there. Unknown CPUs get the safe 7 bits.
-    ``cpu_flags`` and ``machine`` (platform.machine()) default to this machine's.
-    """
-    machine = (machine or platform.machine()).lower()
-    if machine in ("aarch64", "arm64") or machine.startswith("arm"):
-        return False
-    if machine not in ("x86_64", "amd64", "i686", "i386"):
-        return True
-    flags = _cpu_flags() if cpu_flags is None else cpu_flags
-    return not any(flag in flags for flag in X86_EXACT_INT8_FLAGS)
+    """Whether int8 weights must be 7-bit so that ORT's u8 x s8 kernels cannot saturate on this CPU (or on
+    the one ``cpu_flags`` and ``machine`` describe): see :func:`explorer.blockrun.int8_exact`."""
+    return not blockrun.int8_exact(cpu_flags, machine)
 
 
 def int8_scheme(reduce_range: bool) -> str:
     """Names how int8 is quantised and run, for cache keys: results of another scheme are not reused."""
     return f"int8-qdq-v2:integer-kernels:followers:{'7-bit' if reduce_range else '8-bit'}-weights"
-
-
-def _cpu_flags() -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (Linux; empty where it is not readable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
 
 
 def _int8_followers(graph: onnx.GraphProto, int8: set[str]) -> list[str]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from explorer.accuracy import (DEFAULT_ERROR_BOUND, NOT_MEASURED, AccuracyResult, AccuracyScorer, calibration_inputs,
                                rungs_within_bound)
+from explorer.blockrun import int8_exact
 from explorer.boards import Board
 from explorer.cache import AppendOnlyCache, atomic_write_json, digest, read_json
 from explorer.compress import Compressor, Rung
@@ -119,7 +120,8 @@ class Problem:
         self.scorer = scorer
         self.constraints = constraints
         self.objective = objective
-        self.compressor = compressor or Compressor(graph)
+        # int8 quantised so that neither this machine (it scores every plan) nor the measured device saturates
+        self.compressor = compressor or Compressor(graph, reduce_range=not (int8_exact() and measurer.int8_exact()))
         self.cost_model = CostModel(board, graph, self.compressor)
         self.use_disk_cache = use_disk_cache
         self.error_bound = error_bound  # without data: max relative reconstruction error per layer (None: no bound)

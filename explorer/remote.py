@@ -141,6 +141,10 @@ class RemoteMeasurer:
         fixed = f"{digest(_device_kind(fp))}:w{self.warmup}:r{self.repeats}:b{self.batch}"
         return f"remote-v3:{fixed}:{self.adaptive.identity()}" if self.adaptive else f"remote-v2:{fixed}"
 
+    def int8_exact(self) -> bool:
+        """From the agents' fingerprint; an agent too old to say counts as not exact (7-bit weights)."""
+        return bool(self._connect().get("int8_exact", False))
+
     def label(self, board: Board, how: str | None = None) -> str:
         fp = self._connect()
         how = how or (self.adaptive.describe() if self.adaptive else f"median of {self.repeats}")

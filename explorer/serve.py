@@ -58,7 +58,7 @@ import numpy as np
 import onnxruntime as ort
 
 from explorer.blockrun import (AdaptiveRepeats, BlockRunError, BlockSpec, MeasurementTimeout, ProviderUnavailable,
-                               readable_counters, time_blocks, time_interleaved)
+                               int8_exact, readable_counters, time_blocks, time_interleaved)
 from explorer.errors import ExplorerError
 
 PROTOCOL_VERSION = 2  # 2: energy_providers in the request, energy counters (RAPL, NVML) in the fingerprint
@@ -99,7 +99,7 @@ def fingerprint() -> dict:
     return {"protocol": PROTOCOL_VERSION, "hostname": socket.gethostname(), "machine": platform.machine(),
             "system": platform.system(), "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "clocks": clocks,
             "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
-            "energy_counters": readable_counters()}
+            "energy_counters": readable_counters(), "int8_exact": int8_exact()}
 
 
 class ModelStore:

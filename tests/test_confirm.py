@@ -38,6 +38,9 @@ class LuckyMeasurer:
     def label(self, board):
         return "fake measurer (injected latencies)"
 
+    def int8_exact(self):
+        return True
+
     def _one(self, latency_ms: float, **interval) -> Measurement:
         return Measurement(latency_ms, 0.0, 2.0 * latency_ms, "injected", {"cpu": 1.0},
                            [BlockReport(0, "cpu", [], latency_ms, 0.0, 0.0, 2.0 * latency_ms, 1.0)], self.label(None),

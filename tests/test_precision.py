@@ -373,3 +373,26 @@ def test_reduce_range_keeps_weights_7_bit():
 def test_reduce_range_where_integer_kernels_could_saturate(machine, flags, reduce):
     assert int8_reduce_range(flags, machine) is reduce
     assert int8_scheme(reduce) != int8_scheme(not reduce)
+
+
+class _SaturatingDevice:
+    """A measurer of a device whose int8 kernels could saturate (an x86 CPU without VNNI)."""
+
+    name = "fake"
+
+    def identity(self, board):
+        return "fake"
+
+    def int8_exact(self):
+        return False
+
+
+def test_a_device_whose_int8_could_saturate_gets_7_bit_weights():
+    from explorer.accuracy import AccuracyScorer
+    from explorer.boards import load_board
+    from explorer.graph import LayerGraph
+    from explorer.problem import Problem
+
+    graph = LayerGraph(CNN)
+    problem = Problem(graph, load_board("tegra-k1"), _SaturatingDevice(), AccuracyScorer(graph.model, None))
+    assert problem.compressor.reduce_range and "7-bit" in problem.compressor.int8_scheme

@@ -194,6 +194,9 @@ def test_agent_reports_a_fingerprint_and_refuses_missing_or_wrong_tokens(agent):
     assert status == 200
     fp = info["fingerprint"]
     assert fp["onnxruntime"] and "CPUExecutionProvider" in fp["providers"] and fp["cpu_model"] and fp["cpu_count"] >= 1
+    from explorer.blockrun import int8_exact
+
+    assert fp["int8_exact"] is int8_exact()  # how plans measured there are quantised
     for token in (None, "wrong-token"):
         status, answer = agent.request("GET", "/info", token=token)
         assert status == 401 and "token" in answer["error"]
