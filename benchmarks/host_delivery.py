@@ -35,13 +35,15 @@ from explorer.report import confirmation_candidates
 
 ACCURACY_LIMIT = 0.01  # one point
 BATCHES = (1, 32)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report the parent's peak
 _PEAK_MEMORY = """
-import resource, sys, numpy as np, onnxruntime as ort
+import sys, numpy as np, onnxruntime as ort
 session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 feed = {session.get_inputs()[0].name: np.load(sys.argv[2])}
 for _ in range(5):
     session.run(None, feed)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+status = open("/proc/self/status").read().splitlines()
+print(int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024)
 """
 
 
