@@ -281,8 +281,7 @@ def cmd_solve(args: argparse.Namespace) -> None:
     console.print(f"predicted by the cost model: latency {solution.latency_s * 1e3:.3f} ms, energy {solution.energy_j * 1e3:.3f} mJ, "
                   f"weights {solution.weight_bytes / 2**20:.3f} MB, estimated accuracy drop {100 * solution.accuracy_drop:.2f} points; "
                   f"{solution.status} in {solution.seconds:.2f} s")
-    baseline_plan = problem.baseline_plan()
-    rows = [(f"baseline (fp32 on {baseline_plan.decisions[0][1].processor})", problem.baseline())]
+    rows = [(name, problem.evaluate(plan)) for name, plan in problem.reference_plans()]  # the rounds had to beat them
     rows += [(f"solver round {i + 1}" + (" (chosen)" if s.plan == result.plan else ""), e) for i, (s, e) in enumerate(result.rounds)]
     print_comparison(rows)
     evaluation = result.evaluation
