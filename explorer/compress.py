@@ -311,18 +311,19 @@ class Compressor:
         return weight.T
 
     def _cost(self, layer: Layer, method: str, rank: int) -> tuple[int, int]:
-        """(params, FLOPs at batch 1) of a layer factorised at a rank, bias included."""
+        """(params, FLOPs at the graph's batch) of a layer factorised at a rank, bias included."""
         bias = layer.params - int(np.prod(layer.weight_shape))
         if layer.op_type != "Conv":
             rows, cols = self._matrix(layer, method, shape_only=True)
             positions = layer.flops // (2 * rows * cols)
             return rank * (rows + cols) + bias, 2 * positions * rank * (rows + cols)
         c_out, c_in, kh, kw = layer.weight_shape
-        out_positions = int(np.prod(layer.output_shape[2:]))
+        batch = layer.output_shape[0]  # as in the layer's FLOPs: the graph's batch (1, or a fixed one)
+        out_positions = batch * int(np.prod(layer.output_shape[2:]))
         if method == "channel":
             return rank * (c_in * kh * kw + c_out) + bias, 2 * out_positions * rank * (c_in * kh * kw + c_out)
         # the kh x 1 convolution keeps every input column; the 1 x kw one produces the output columns
-        vertical_positions = layer.output_shape[2] * layer.input_shape[3]
+        vertical_positions = batch * layer.output_shape[2] * layer.input_shape[3]
         flops = 2 * rank * (c_in * kh * vertical_positions + c_out * kw * out_positions)
         return rank * (c_in * kh + c_out * kw) + bias, flops
 
