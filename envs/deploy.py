@@ -61,9 +61,9 @@ from gymnasium import spaces
 from explorer.accuracy import AccuracyScorer, SensitivityTable, sensitivity_table
 from explorer.boards import PRECISIONS, load_board
 from explorer.cost import BYTES_PER_ELEMENT, CostModel
-from explorer.data import Dataset, load_npz_dataset
+from explorer.data import load_graph_and_data
 from explorer.errors import ExplorerError
-from explorer.graph import DECISION_OPS, load_graph
+from explorer.graph import DECISION_OPS
 from explorer.measure import make_measurer
 from explorer.plan import Decision, Plan
 from explorer.problem import DEFAULT_LATENCY_MS, DEFAULT_MAX_ACCURACY_DROP, Constraints, Evaluation, Objective, Problem
@@ -76,22 +76,14 @@ def make_problem(model: str = "vgg", board: str = "tegra-k1", objective: str = "
                  latency_ms: float | None = DEFAULT_LATENCY_MS,
                  max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
                  memory_mb: float | None = None, seed: int = 0, measure: str = "sim", data: str | None = None,
-                 data_samples: int | None = None) -> Problem:
+                 data_samples: int | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Problem:
     """A Problem from picklable names: a zoo name or ONNX path, a board name or TOML path, and
     validation data (an .npz path; default: the zoo model's shipped data, none for other models).
 
-    `max_accuracy_drop` is a fraction (0.01 = one point); `data_samples` keeps the first N samples.
+    `max_accuracy_drop` is a fraction (0.01 = one point); `data_samples` keeps the first N samples;
+    `input_shapes` sizes inputs with symbolic dimensions, as --input-shape does ({"x": (1, 3, 48, 320)}).
     """
-    graph = load_graph(model)
-    if data is not None:
-        dataset = load_npz_dataset(data, graph.input_shape)
-    else:
-        from explorer.zoo import ZOO, zoo_validation_data
-
-        dataset = zoo_validation_data(model) if model in ZOO else None
-    if dataset is not None and data_samples is not None:
-        y = dataset.y[:data_samples] if dataset.y is not None else None
-        dataset = Dataset(dataset.x[:data_samples], y, f"{dataset.source}, first {data_samples} samples")
+    graph, dataset = load_graph_and_data(model, data, input_shapes, data_samples)
     return Problem(graph, load_board(board), make_measurer(measure, seed), AccuracyScorer(graph.model, dataset),
                    Constraints(latency_ms=latency_ms, max_accuracy_drop=max_accuracy_drop, memory_mb=memory_mb),
                    Objective.parse(objective))

@@ -31,6 +31,7 @@ from explorer.precision import PRECISIONS, calibration_ranges, session_options
 NOT_MEASURED = "accuracy not measured (no validation data): ranks limited by a reconstruction-error bound"
 DEFAULT_ERROR_BOUND = 0.35  # relative Frobenius error allowed per layer when there is no data
 CALIBRATION_SAMPLES = 128
+SYNTHETIC_CALIBRATION_SAMPLES = 16  # without data (rounded up to whole batches of a fixed batch)
 SENSITIVITY_VERSION = 2  # bump when the table's meaning changes, to invalidate caches
 
 
@@ -71,21 +72,32 @@ def inference_session(model: onnx.ModelProto) -> ort.InferenceSession:
         raise ExplorerError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 
-def run_model(model: onnx.ModelProto | ort.InferenceSession, x: np.ndarray, batch: int = 500) -> np.ndarray:
-    """First output of the model on inputs x, computed in batches (a fixed batch size is respected)."""
-    session = model if isinstance(model, ort.InferenceSession) else inference_session(model)
-    declared = session.get_inputs()[0].shape[0]
+SCORING_BATCH = 500  # samples per ONNX Runtime call when the model's batch is symbolic
+
+
+def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str] | None = None,
+                batch: int = SCORING_BATCH) -> list[np.ndarray]:
+    """The session's outputs (all, or those named) on feeds of N samples each, computed in batches: of
+    `batch` samples, or of the model's fixed batch size, the last batch padded with its last sample."""
+    declared = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
     fixed = declared if isinstance(declared, int) and declared > 0 else None
     step = fixed or batch
-    name = session.get_inputs()[0].name
-    outputs = []
-    for start in range(0, len(x), step):
-        chunk = x[start:start + step]
-        count = len(chunk)
-        if fixed and count < fixed:  # pad the last chunk of a fixed-batch model
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - count, axis=0)])
-        outputs.append(session.run(None, {name: chunk})[0][:count])
-    return np.concatenate(outputs)
+    count = len(next(iter(feeds.values())))
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, count, step):
+        chunk = {name: value[start:start + step] for name, value in feeds.items()}
+        size = len(next(iter(chunk.values())))
+        if fixed and size < fixed:  # pad the last chunk of a fixed-batch model
+            chunk = {name: np.concatenate([value, np.repeat(value[-1:], fixed - size, axis=0)])
+                     for name, value in chunk.items()}
+        parts.append([result[:size] for result in session.run(outputs, chunk)])
+    return [np.concatenate(values) for values in zip(*parts)]
+
+
+def run_model(model: onnx.ModelProto | ort.InferenceSession, x: np.ndarray, batch: int = SCORING_BATCH) -> np.ndarray:
+    """First output of the model on inputs x, computed in batches (a fixed batch size is respected)."""
+    session = model if isinstance(model, ort.InferenceSession) else inference_session(model)
+    return run_batched(session, {session.get_inputs()[0].name: x}, [session.get_outputs()[0].name], batch)[0]
 
 
 @dataclass(frozen=True)
@@ -160,14 +172,20 @@ class AccuracyScorer:
 
 
 def calibration_inputs(graph: LayerGraph, dataset: Dataset | None, seed: int = 0) -> tuple[np.ndarray, str]:
-    """Inputs for int8 calibration and where they come from (synthetic when there is no data)."""
+    """Inputs for int8 calibration and where they come from (synthetic when there is no data); with a
+    fixed batch, a whole number of batches."""
+    batch = graph.fixed_batch or 1
     if dataset is not None:
+        if len(dataset.x) < batch:
+            raise ExplorerError(f"the data has {len(dataset.x)} samples, fewer than the model's fixed batch of {batch}: "
+                                f"give at least {batch} samples")
         rng = np.random.default_rng(seed)
-        index = rng.choice(len(dataset.x), size=min(CALIBRATION_SAMPLES, len(dataset.x)), replace=False)
+        size = max(batch, min(CALIBRATION_SAMPLES, len(dataset.x)) // batch * batch)
+        index = rng.choice(len(dataset.x), size=size, replace=False)
         return dataset.x[np.sort(index)], f"{len(index)} validation samples"
-    shape = [d if isinstance(d, int) and d > 0 else 1 for d in graph.input_shape][1:]
-    x = np.random.default_rng(seed).standard_normal((16, *shape)).astype(np.float32)
-    return x, "16 synthetic standard-normal inputs (no data given: int8 ranges are a guess)"
+    count = -(-SYNTHETIC_CALIBRATION_SAMPLES // batch) * batch
+    x = np.random.default_rng(seed).standard_normal((count, *graph.feed_shape()[1:])).astype(np.float32)
+    return x, f"{count} synthetic standard-normal inputs (no data given: int8 ranges are a guess)"
 
 
 @dataclass
@@ -259,11 +277,7 @@ class _SuffixRunner:
         model.graph.output.extend(known[t] for t in needed if t not in graph.output_names)
         session = inference_session(model)
         names = [o.name for o in session.get_outputs()]
-        values: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        for start in range(0, len(x), 500):
-            for name, value in zip(names, session.run(names, {graph.input_names[0]: x[start:start + 500]})):
-                values[name].append(value)
-        self.activations = {name: np.concatenate(parts) for name, parts in values.items()}
+        self.activations = dict(zip(names, run_batched(session, {graph.input_names[0]: x}, names)))
         self.activations[graph.input_names[0]] = x
 
     def run(self, model: onnx.ModelProto, start: int) -> np.ndarray:
@@ -273,10 +287,8 @@ class _SuffixRunner:
         inputs = list(self.inputs[start])
         suffix = extract_submodel(model, inputs, self.graph.output_names[:1], self.graph, f"from_layer{start}")
         session = inference_session(suffix)
-        count = len(self.activations[inputs[0]])
-        outputs = [session.run(None, {name: self.activations[name][s:s + 500] for name in inputs})[0]
-                   for s in range(0, count, 500)]
-        return np.concatenate(outputs)
+        return run_batched(session, {name: self.activations[name] for name in inputs},
+                           [session.get_outputs()[0].name])[0]
 
 
 def _ranges(compressor: Compressor, cache: dict, base_plan, layer_name: str, rung: Rung,

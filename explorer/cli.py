@@ -14,7 +14,7 @@ from explorer.errors import ExplorerError, termination_as_interrupt
 DEFAULT_BUDGET = 200
 #: Defaults of the options that define a Problem (DeepX: 5 s per inference, about 5 points of accuracy).
 PARSER_DEFAULTS = {"model": "vgg", "board": "tegra-k1", "measure": "sim", "objective": "energy", "latency_ms": 5000.0,
-                   "max_accuracy_drop": 5.0, "memory_mb": None, "seed": 0, "data": None}
+                   "max_accuracy_drop": 5.0, "memory_mb": None, "seed": 0, "data": None, "input_shape": None}
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
@@ -28,20 +28,12 @@ def _fmt_count(value: float) -> str:
 
 
 def _load(args: argparse.Namespace):
-    """LayerGraph, dataset (or None) and a description of the data for --model/--data."""
-    from explorer.data import load_npz_dataset
-    from explorer.graph import load_graph
-    from explorer.zoo import ZOO, zoo_validation_data
+    """LayerGraph and dataset (or None) for --model/--data/--input-shape."""
+    from explorer.data import load_graph_and_data
+    from explorer.graph import parse_input_shapes
 
-    graph = load_graph(args.model)
-    data_path = getattr(args, "data", None)
-    if data_path:
-        dataset = load_npz_dataset(data_path, graph.input_shape)
-    elif args.model in ZOO:
-        dataset = zoo_validation_data(args.model)
-    else:
-        dataset = None
-    return graph, dataset
+    return load_graph_and_data(args.model, getattr(args, "data", None),
+                               parse_input_shapes(getattr(args, "input_shape", None)))
 
 
 def _zoo_note(model_name: str) -> None:
@@ -73,7 +65,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     graph, _ = _load(args)
     compressor = Compressor(graph)
     table = Table(title=f"{graph.source}: {len(graph.layers)} decision layers, "
-                        f"{_fmt_count(graph.total_flops)}FLOPs, {_fmt_count(graph.total_params)} params (batch 1)")
+                        f"{_fmt_count(graph.total_flops)}FLOPs, {_fmt_count(graph.total_params)} params (batch {graph.feed_shape()[0]})")
     for column in ("#", "layer", "op", "input", "output", "weight", "FLOPs", "params", "travels with", "offered rungs"):
         table.add_column(column, overflow="fold")
     for layer in graph.layers:
@@ -566,12 +558,13 @@ def _search_args(args: argparse.Namespace, **overrides) -> list[str]:
     values = {"board": args.board, "model": args.model, "agent": args.agent, "budget": args.budget,
               "objective": args.objective, "latency_ms": args.latency_ms, "max_accuracy_drop": args.max_accuracy_drop,
               "measure": args.measure, "seed": args.seed, "data": args.data, "memory_mb": args.memory_mb,
-              "tracking_uri": args.tracking_uri, "storage": args.storage, "study": args.study,
+              "input_shape": args.input_shape, "tracking_uri": args.tracking_uri, "storage": args.storage, "study": args.study,
               "workers": args.workers if args.workers > 1 else None, "resume": None, "parent_run": None} | overrides
     parts = []
     for key, value in values.items():
-        if value is not None:
-            parts += ["--" + key.replace("_", "-"), f"{value:g}" if isinstance(value, float) else str(value)]
+        for item in (value if isinstance(value, list) else [value]):  # a repeatable option: once per value
+            if item is not None:
+                parts += ["--" + key.replace("_", "-"), f"{item:g}" if isinstance(item, float) else str(item)]
     return parts
 
 
@@ -651,6 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=PARSER_DEFAULTS["model"], help="zoo name (see `explorer models`) or path to an .onnx file")
         p.add_argument("--data", help=".npz validation data with array x and optional integer labels y")
+        p.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
+                       help="size of a model input, batch first, e.g. x=1x3x48x320 (repeat per input): needed where the "
+                            "model's input has symbolic dimensions other than the batch and no --data gives them; "
+                            "batch 1 keeps a symbolic batch, a larger one fixes it")
 
     def problem_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--board", default=PARSER_DEFAULTS["board"], help="board profile name (see `explorer boards`) or path to a .toml")

@@ -32,6 +32,7 @@ from explorer.precision import PRECISIONS, apply_precisions, int8_reduce_range, 
 RANK_MULTIPLE = 8
 REWRITE_CACHE_BYTES = 256 * 2**20  # rewritten models kept by Compressor.rewrite_shared
 RUNG_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
+GEMM_OPTIONAL_BIAS_OPSET = 11  # Gemm's third input (C) is optional from this opset on
 _GRAM_THRESHOLD = 1024  # above this smaller dimension, factorise through the Gram matrix (much faster)
 
 
@@ -188,6 +189,10 @@ class Compressor:
                       if decisions[layer].precision != "fp32"}
         if precisions:
             model = apply_precisions(model, precisions, calibration_inputs, ranges, self.reduce_range)
+            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), self.graph.opset)
+            if opset != self.graph.opset:  # int8's per-channel QDQ needs opset 13: the quantizer converted the model
+                model.doc_string = (f"explorer: converted from ONNX opset {self.graph.opset} to {opset} by "
+                                    "onnx.version_converter for int8 (per-channel QDQ needs opset 13)")
         return model
 
     @property
@@ -249,10 +254,15 @@ class Compressor:
         bias = list(node.input[2:3])
         if decision.method == "svd" and node.op_type == "Gemm":
             # W_out_in = first @ second: y = x @ second^T @ first^T
-            n1 = helper.make_node("Gemm", [node.input[0], w1 + ""], [hidden], name=f"{name}.factor1", transB=1)
+            initializers = [numpy_helper.from_array(second, w1), numpy_helper.from_array(first, w2)]
+            inputs1 = [node.input[0], w1]
+            if self.graph.opset < GEMM_OPTIONAL_BIAS_OPSET:  # Gemm's C is required before opset 11: a zero bias
+                inputs1.append(f"{name}.factor1.bias")
+                initializers.append(numpy_helper.from_array(np.zeros(rank, np.float32), inputs1[-1]))
+            n1 = helper.make_node("Gemm", inputs1, [hidden], name=f"{name}.factor1", transB=1)
             extra = {k: v for k, v in attrs.items() if k in ("alpha", "beta")}
             n2 = helper.make_node("Gemm", [hidden, w2] + bias, list(node.output), name=f"{name}.factor2", transB=1, **extra)
-            return [n1, n2], [numpy_helper.from_array(second, w1), numpy_helper.from_array(first, w2)]
+            return [n1, n2], initializers
         if decision.method == "svd":  # MatMul x (.., in) @ W (in, out); matrix is W^T (out x in)
             n1 = helper.make_node("MatMul", [node.input[0], w1], [hidden], name=f"{name}.factor1")
             n2 = helper.make_node("MatMul", [hidden, w2], list(node.output), name=f"{name}.factor2")
@@ -311,18 +321,19 @@ class Compressor:
         return weight.T
 
     def _cost(self, layer: Layer, method: str, rank: int) -> tuple[int, int]:
-        """(params, FLOPs at batch 1) of a layer factorised at a rank, bias included."""
+        """(params, FLOPs at the graph's batch) of a layer factorised at a rank, bias included."""
         bias = layer.params - int(np.prod(layer.weight_shape))
         if layer.op_type != "Conv":
             rows, cols = self._matrix(layer, method, shape_only=True)
             positions = layer.flops // (2 * rows * cols)
             return rank * (rows + cols) + bias, 2 * positions * rank * (rows + cols)
         c_out, c_in, kh, kw = layer.weight_shape
-        out_positions = int(np.prod(layer.output_shape[2:]))
+        batch = layer.output_shape[0]  # as in the layer's FLOPs: the graph's batch (1, or a fixed one)
+        out_positions = batch * int(np.prod(layer.output_shape[2:]))
         if method == "channel":
             return rank * (c_in * kh * kw + c_out) + bias, 2 * out_positions * rank * (c_in * kh * kw + c_out)
         # the kh x 1 convolution keeps every input column; the 1 x kw one produces the output columns
-        vertical_positions = layer.output_shape[2] * layer.input_shape[3]
+        vertical_positions = batch * layer.output_shape[2] * layer.input_shape[3]
         flops = 2 * rank * (c_in * kh * vertical_positions + c_out * kw * out_positions)
         return rank * (c_in * kh + c_out * kw) + bias, flops
 

@@ -5,10 +5,14 @@ import gzip
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from explorer.errors import ExplorerError
+
+if TYPE_CHECKING:
+    from explorer.graph import LayerGraph
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -131,3 +135,25 @@ def load_npz_dataset(path: Path | str, input_shape: tuple | list | None) -> Data
         y = y.astype(np.int64, copy=False)
     source = f"{path.name} ({len(x)} samples, {'labelled' if y is not None else 'unlabelled'})"
     return Dataset(x=x, y=y, source=source)
+
+
+def load_graph_and_data(model: str, data: Path | str | None = None,
+                        input_shapes: Mapping[str, Sequence[int]] | None = None,
+                        data_samples: int | None = None) -> tuple[LayerGraph, Dataset | None]:
+    """The LayerGraph of a zoo name or ONNX path and its validation data (an .npz path; default: a zoo
+    model's shipped data, none for other models; `data_samples` keeps the first N). The data is read
+    first: the graph's symbolic input sizes come from `input_shapes` (--input-shape) and the data."""
+    from explorer.graph import LayerGraph, declared_input_shapes, load_model
+    from explorer.zoo import ZOO, zoo_validation_data
+
+    onnx_model, source = load_model(model)
+    if data is not None:
+        first = next(iter(declared_input_shapes(onnx_model).values()), None)
+        dataset = load_npz_dataset(data, first)
+    else:
+        dataset = zoo_validation_data(model) if model in ZOO else None
+    if dataset is not None and data_samples is not None:
+        y = dataset.y[:data_samples] if dataset.y is not None else None
+        dataset = Dataset(dataset.x[:data_samples], y, f"{dataset.source}, first {data_samples} samples")
+    graph = LayerGraph(onnx_model, source, input_shapes, dataset.x.shape if dataset is not None else None)
+    return graph, dataset

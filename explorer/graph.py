@@ -5,6 +5,11 @@ weight-free node (ReLU, pooling, Add, Flatten...) travels with the decision laye
 topological order; nodes before the first decision layer travel with the first one. Each layer is
 therefore a contiguous run of the topologically sorted nodes, so any run of consecutive layers is
 a valid sub-model whose inputs are the tensors that cross into it.
+
+Shapes are facts: a symbolic input dimension other than the batch is resolved from `--input-shape`
+(NAME=1x3x48x320) or from the validation data and written into the model's input before shape
+inference, never guessed. A symbolic batch stays symbolic in the model (scoring sends the data's
+batches) and is batch 1 for every figure; a fixed batch is kept everywhere, figures included.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -21,6 +27,17 @@ from explorer.errors import ExplorerError
 
 DECISION_OPS = ("Conv", "Gemm", "MatMul")
 MAX_IR_VERSION = 10  # ONNX Runtime 1.31 refuses models newer than this
+#: Oldest opset the rewrite writes valid ops for (Gemm broadcasts its bias from opset 7; older needs `broadcast`).
+MIN_OPSET = 7
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """A graph input with every dimension resolved; dims[0] is the batch (1 where the model leaves it symbolic)."""
+
+    name: str
+    dims: tuple[int, ...]
+    fixed_batch: bool  # the model runs only batches of dims[0]
 
 
 @dataclass
@@ -33,12 +50,12 @@ class Layer:
     node_names: list[str]  # all nodes of the layer, topological order
     weight_name: str
     weight_shape: tuple[int, ...]
-    input_shape: tuple[int, ...]  # activation input of the weighted node (batch 1)
-    output_shape: tuple[int, ...]  # output of the weighted node (batch 1)
-    flops: int  # 2 x multiply-accumulates of the weighted node, batch 1
+    input_shape: tuple[int, ...]  # activation input of the weighted node (the graph's batch: 1 or the fixed one)
+    output_shape: tuple[int, ...]  # output of the weighted node (the graph's batch)
+    flops: int  # 2 x multiply-accumulates of the weighted node, at the graph's batch
     params: int  # weights + bias of the weighted node
     weight_bytes: int
-    activation_bytes: int  # bytes of every tensor the layer's nodes produce, batch 1
+    activation_bytes: int  # bytes of every tensor the layer's nodes produce, at the graph's batch
     inputs: list[str] = field(default_factory=list)  # tensors crossing into the layer
     outputs: list[str] = field(default_factory=list)  # tensors crossing out of it
     groups: int = 1
@@ -60,12 +77,17 @@ class LayerGraph:
     """A shape-inferred ONNX model with its decision layers, FLOPs, bytes and crossing tensors.
 
     The model is taken over, not copied (full-size models are hundreds of MB): its nodes get unique
-    names, its IR version is capped for ONNX Runtime and its value_info holds the inferred shapes.
+    names, its IR version is capped for ONNX Runtime, its inputs' symbolic non-batch dimensions are
+    set to the resolved sizes (`input_shapes`, NAME -> dims, or the per-sample shape of `data_shape`,
+    the validation data's x.shape) and its value_info holds the inferred shapes. Every shape, FLOPs
+    and bytes figure is at the graph's batch: the model's fixed batch, else 1.
     """
 
-    def __init__(self, model: onnx.ModelProto, source: str = "<memory>"):
+    def __init__(self, model: onnx.ModelProto, source: str = "<memory>",
+                 input_shapes: Mapping[str, Sequence[int]] | None = None, data_shape: Sequence[int] | None = None):
         self.source = source
-        self.model = _prepared(model, source)
+        self.inputs = resolve_input_shapes(model, source, input_shapes, data_shape)
+        self.model, self.shapes = _prepared(model, source, self.inputs)
         self._fingerprint: str | None = None
         self._tensor_bytes: dict[str, int] = {}
         graph = self.model.graph
@@ -73,8 +95,11 @@ class LayerGraph:
         self.constants: set[str] = set(self.initializers) | {
             o for n in graph.node if n.op_type == "Constant" for o in n.output
         }
-        self.shapes = _tensor_shapes(self.model)
         self.dtypes = _tensor_dtypes(self.model)
+        self.opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if self.opset < MIN_OPSET:
+            raise ExplorerError(f"{source}: the model uses ONNX opset {self.opset}, below {MIN_OPSET}, the oldest the rewrite "
+                                f"supports: convert it first (onnx.version_converter.convert_version(model, {MIN_OPSET}))")
         self.nodes: list[onnx.NodeProto] = list(graph.node)
         self.node_by_name = {n.name: n for n in self.nodes}
         self.input_names = [i.name for i in graph.input if i.name not in self.initializers]
@@ -154,11 +179,22 @@ class LayerGraph:
 
     # ---- queries ------------------------------------------------------------------------------
     def shape(self, tensor: str) -> tuple[int, ...]:
-        """Static shape of a tensor with the batch (and any other symbolic) dimension set to 1."""
+        """Static shape of a tensor at the graph's batch (the fixed one, else 1); () if unknown."""
         return self.shapes.get(tensor, ())
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model's (first) input requires, or None where its batch is symbolic."""
+        first = self.inputs[self.input_names[0]]
+        return first.dims[0] if first.fixed_batch else None
+
+    def feed_shape(self, batch: int = 1) -> tuple[int, ...]:
+        """Shape of an input batch for the first input: `batch` samples, or the model's fixed batch."""
+        first = self.inputs[self.input_names[0]]
+        return first.dims if first.fixed_batch else (batch, *first.dims[1:])
+
     def tensor_bytes(self, tensor: str) -> int:
-        """Bytes of one tensor at batch 1 (0 if its shape is unknown)."""
+        """Bytes of one tensor at the graph's batch (0 if its shape is unknown)."""
         cached = self._tensor_bytes.get(tensor)
         if cached is None:
             shape = self.shapes.get(tensor)
@@ -184,7 +220,7 @@ class LayerGraph:
 
     @property
     def input_shape(self) -> list:
-        """Shape of the first graph input as declared (symbolic dims as strings)."""
+        """Shape of the first graph input as the model now declares it (a symbolic batch as its name)."""
         value = next(i for i in self.model.graph.input if i.name == self.input_names[0])
         return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
@@ -222,15 +258,157 @@ def load_model(name_or_path: str) -> tuple[onnx.ModelProto, str]:
     return zoo_model(name_or_path), name_or_path
 
 
-def load_graph(name_or_path: str) -> LayerGraph:
-    """LayerGraph of a zoo model name or ONNX file path."""
+def load_graph(name_or_path: str, input_shapes: Mapping[str, Sequence[int]] | None = None,
+               data_shape: Sequence[int] | None = None) -> LayerGraph:
+    """LayerGraph of a zoo model name or ONNX file path, with its input shapes resolved (see LayerGraph)."""
     model, source = load_model(name_or_path)
-    return LayerGraph(model, source)
+    return LayerGraph(model, source, input_shapes, data_shape)
 
 
-def _prepared(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
-    """The model, in place, with unique node names, an IR version ONNX Runtime accepts, and inferred shapes."""
+# ---- input shapes ---------------------------------------------------------------------------------
+_SHAPE_HINT = "write it as NAME=1x3x48x320 (positive sizes, batch first)"
+
+
+def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    """`--input-shape` values (NAME=1x3x48x320, one per input) as {name: dims}."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or ():
+        name, sep, text = spec.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ExplorerError(f"--input-shape {spec!r} {'names no input' if sep else 'has no ='}: {_SHAPE_HINT}")
+        parts = text.strip().lower().split("x")
+        if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ExplorerError(f"--input-shape {spec!r}: {text!r} is not a list of sizes: {_SHAPE_HINT}")
+        if name in shapes:
+            raise ExplorerError(f"--input-shape gives input {name!r} twice: give each input once")
+        shapes[name] = tuple(int(p) for p in parts)
+    return shapes
+
+
+def declared_input_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None] | None]:
+    """The model's inputs (initializers excluded) with their declared dims: sizes, symbol names, None
+    for a dimension without either; None for an input declared without a shape."""
+    initializers = {t.name for t in model.graph.initializer}
+    declared: dict[str, list[int | str | None] | None] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        declared[value.name] = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+                                if tensor.HasField("shape") else None)
+    return declared
+
+
+def _shape_text(dims) -> str:
+    return "x".join("?" if d is None else str(d) for d in dims)
+
+
+def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str, Sequence[int]] | None = None,
+                         data_shape: Sequence[int] | None = None) -> dict[str, InputShape]:
+    """Every input's dimensions from the model, `given` (--input-shape) and the data's x.shape (first input).
+
+    A symbolic non-batch dimension needs a size from `given` or the data (they must agree); a fixed one
+    must not be contradicted. The batch is dims[0]: a fixed batch is kept (the data must fill one); a
+    symbolic one stays symbolic (figures at batch 1) unless `given` sets it above 1, which fixes it.
+    """
+    declared = declared_input_shapes(model)
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise ExplorerError(f"--input-shape names {', '.join(map(repr, unknown))}, which the model {source} does not take "
+                            f"(its inputs: {', '.join(map(repr, declared))})")
+    resolved: dict[str, InputShape] = {}
+    for position, (name, dims) in enumerate(declared.items()):
+        want = given.get(name)
+        data = tuple(data_shape) if position == 0 and data_shape is not None else None
+        if dims is None:  # no declared shape: the rank comes from what is given
+            rank = len(want) if want is not None else len(data) if data is not None else None
+            if rank is None:
+                raise ExplorerError(f"{source}: input {name!r} declares no shape: give it with --input-shape "
+                                    f"{name}=1x... or give validation data with --data")
+            dims = [None] * rank
+        shown = _shape_text(dims)
+        if want is not None and len(want) != len(dims):
+            raise ExplorerError(f"--input-shape {name}={_shape_text(want)} has {len(want)} dimensions, but input {name!r} "
+                                f"of {source} has {len(dims)} ({shown}): give all {len(dims)}, batch first")
+        if data is not None and len(data) != len(dims):
+            raise ExplorerError(f"the data's x has shape {_shape_text(data)}, but input {name!r} of {source} is "
+                                f"{shown}: give x as (N, {_shape_text(dims[1:])})")
+        sizes: list[int] = []
+        missing: list[str] = []
+        for axis, dim in enumerate(dims):
+            fixed = isinstance(dim, int) and dim > 0
+            if axis == 0:
+                continue
+            from_data = data[axis] if data is not None else None
+            if fixed:
+                if want is not None and want[axis] != dim:
+                    raise ExplorerError(f"--input-shape {name}={_shape_text(want)} contradicts the model: dimension {axis} of "
+                                        f"input {name!r} is fixed at {dim} ({shown})")
+                size = dim
+            elif want is not None and from_data is not None and want[axis] != from_data:
+                raise ExplorerError(f"--input-shape {name}={_shape_text(want)} contradicts the data: its x has shape "
+                                    f"{_shape_text(data)}; give the data's sizes or leave --input-shape out")
+            else:
+                size = want[axis] if want is not None else from_data
+                if size is None:
+                    missing.append(str(dim or "?"))
+            if size is not None and from_data is not None and size != from_data:
+                raise ExplorerError(f"the data's x has shape {_shape_text(data)}, which does not fit input {name!r} "
+                                    f"of {source} ({shown}): dimension {axis} must be {size}")
+            sizes.append(size)
+        if missing:
+            example = "x".join(["1"] + [str(s) if s is not None else str(d or "?") for s, d in zip(sizes, dims[1:])])
+            raise ExplorerError(f"{source}: input {name!r} has symbolic dimensions {shown} ({', '.join(missing)} unknown): "
+                                f"give their sizes with --input-shape {name}={example} (your sizes), or give data with --data")
+        batch = dims[0]
+        fixed_batch = isinstance(batch, int) and batch > 0
+        if fixed_batch and want is not None and want[0] != batch:
+            raise ExplorerError(f"--input-shape {name}={_shape_text(want)} contradicts the model: input {name!r} has a "
+                                f"fixed batch of {batch} ({shown}); give {batch} as the first dimension")
+        if not fixed_batch and want is not None and want[0] > 1:
+            batch, fixed_batch = want[0], True  # the user fixes the batch
+        if not fixed_batch:
+            batch = 1
+        if fixed_batch and data is not None and data[0] < batch:
+            raise ExplorerError(f"the data has {data[0]} samples, fewer than the fixed batch of {batch} of input {name!r}: "
+                                f"give at least {batch} samples (the last batch is padded)")
+        resolved[name] = InputShape(name, (batch, *sizes), fixed_batch)
+    return resolved
+
+
+def _set_input_dims(model: onnx.ModelProto, inputs: Mapping[str, InputShape]) -> None:
+    """Write the resolved sizes into the model's inputs; a symbolic batch stays symbolic."""
+    for value in model.graph.input:
+        resolved = inputs.get(value.name)
+        if resolved is None:
+            continue
+        shape = value.type.tensor_type.shape
+        while len(shape.dim) < len(resolved.dims):  # an input declared without a shape
+            shape.dim.add()
+        for axis, (dim, size) in enumerate(zip(shape.dim, resolved.dims)):
+            if axis == 0 and not resolved.fixed_batch:
+                if not dim.dim_param:  # unnamed or non-positive: name it, so it stays symbolic
+                    dim.dim_param = "batch"
+            else:
+                dim.dim_value = size
+
+
+def _prepared(model: onnx.ModelProto, source: str,
+              inputs: Mapping[str, InputShape]) -> tuple[onnx.ModelProto, dict[str, tuple[int, ...]]]:
+    """The model, in place, with unique node names, an IR version ONNX Runtime accepts, the resolved input
+    sizes and inferred shapes (symbolic batch kept); and every tensor's shape at the graph's batch."""
     model.ir_version = min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION)
+    weights = {t.name for t in model.graph.initializer}
+    if any(i.name in weights for i in model.graph.input):
+        # Old exporters list weights as graph inputs too; ONNX Runtime then treats them as overridable
+        # inputs (no constant folding; its int8 calibrator asks to be fed them). They are constants here:
+        # IR version 4 allows initializers that are no input.
+        kept = [i for i in model.graph.input if i.name not in weights]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.ir_version = max(model.ir_version, 4)
     seen: set[str] = set()
     for i, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{i}"
@@ -238,17 +416,33 @@ def _prepared(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
             name = f"{name}_{i}"
         node.name = name
         seen.add(name)
-    try:
-        inferred = shape_inference.infer_shapes(_skeleton(model), data_prop=True)
-    except Exception as exc:
-        raise ExplorerError(f"{source}: ONNX shape inference failed ({exc}); check the model with onnx.checker") from None
+    _set_input_dims(model, inputs)
+    inferred = _inferred(_skeleton(model), source)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
-    return model
+    if any(not i.fixed_batch for i in inputs.values()):  # the figures: shapes inferred again at batch 1
+        at_batch = _skeleton(model)
+        for value in at_batch.graph.input:
+            if value.name in inputs and value.type.tensor_type.shape.dim:
+                value.type.tensor_type.shape.dim[0].dim_value = inputs[value.name].dims[0]
+        inferred = _inferred(at_batch, source)
+    shapes = _tensor_shapes(inferred)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return model, shapes
+
+
+def _inferred(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise ExplorerError(f"{source}: ONNX shape inference failed ({str(exc).splitlines()[0] if str(exc) else exc}); "
+                            "check the model with onnx.checker") from None
 
 
 def _skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
-    """A light copy for shape inference: large initializers become typed graph inputs (no data copied)."""
+    """A light copy for shape inference: large initializers become typed graph inputs (no data copied);
+    its inputs are copies, safe to change."""
     skeleton = onnx.ModelProto()
     for field_name in ("ir_version", "opset_import", "producer_name", "domain", "model_version"):
         value = getattr(model, field_name)
@@ -271,6 +465,8 @@ def _skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto
 
 
 def _dims(type_proto: onnx.TypeProto) -> tuple[int, ...] | None:
+    """Sizes of a tensor inferred from concrete inputs; a dimension no inference can size (data-dependent
+    ops) counts as 1."""
     if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
         return None
     return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
@@ -297,10 +493,10 @@ def _tensor_dtypes(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _flops(op_type: str, weight_shape, input_shape, output_shape, groups: int, node) -> int:
-    """2 x MACs of a decision node at batch 1."""
+    """2 x MACs of a decision node at the graph's batch."""
     if op_type == "Conv":
-        out_spatial = int(np.prod(output_shape[2:])) if len(output_shape) > 2 else 1
-        return 2 * int(np.prod(weight_shape)) * out_spatial
+        out_positions = int(np.prod(output_shape[2:])) * output_shape[0] if len(output_shape) > 2 else 1
+        return 2 * int(np.prod(weight_shape)) * out_positions
     if op_type == "Gemm":
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         k, n = (weight_shape[1], weight_shape[0]) if trans_b else weight_shape

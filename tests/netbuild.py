@@ -122,3 +122,48 @@ def redundant_mlp(seed: int = 0, inputs: int = 64, hidden: int = 1024, narrow: i
     x = b.node("Relu", [b.node("Gemm", [x, b.weight((narrow, hidden), hidden), b.bias(narrow)], transB=1)])
     out = b.node("Gemm", [x, b.weight((10, narrow), narrow), b.bias(10)], transB=1)
     return b.model((1, inputs), out, (1, 10))
+
+
+def _model_at(b: _Builder, x_shape, output: str, out_shape, opset: int, ir_version: int, input_name: str = "input",
+              initializers_as_inputs: bool = False) -> onnx.ModelProto:
+    """The builder's nodes as a checked model at an opset (dims may be ints or symbol names)."""
+    inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(x_shape))]
+    if initializers_as_inputs:  # as exporters of the IR 3/4 era wrote them
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in b.initializers]
+    nodes = b.nodes
+    if input_name != "input":
+        for node in nodes:
+            node.input[:] = [input_name if i == "input" else i for i in node.input]
+    graph = helper.make_graph(nodes, "net", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, list(out_shape))],
+                              b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def lenet5(opset: int = 9, batch: int | str = 10, seed: int = 0, initializers_as_inputs: bool = True) -> onnx.ModelProto:
+    """LeNet-5 as the old ONNX model zoo published it: input `input_0` (batch, 1, 28, 28) with a fixed
+    batch of 10, two 5x5 convolutions with pooling, three Gemm layers and a Softmax head, opset 9."""
+    b = _Builder(seed)
+    x = b.node("MaxPool", [b.node("Relu", [b.node("Conv", ["input", b.weight((6, 1, 5, 5), 25), b.bias(6)],
+                                                  kernel_shape=[5, 5])])], kernel_shape=[2, 2], strides=[2, 2])
+    x = b.node("MaxPool", [b.node("Relu", [b.node("Conv", [x, b.weight((16, 6, 5, 5), 150), b.bias(16)],
+                                                  kernel_shape=[5, 5])])], kernel_shape=[2, 2], strides=[2, 2])
+    x = b.node("Flatten", [x])
+    x = b.node("Relu", [b.node("Gemm", [x, b.weight((120, 256), 256), b.bias(120)], transB=1)])
+    x = b.node("Relu", [b.node("Gemm", [x, b.weight((84, 120), 120), b.bias(84)], transB=1)])
+    out = b.node("Softmax", [b.node("Gemm", [x, b.weight((10, 84), 84), b.bias(10)], transB=1)])
+    ir_version = {9: 4, 11: 6, 13: 7}.get(opset, 8)
+    return _model_at(b, (batch, 1, 28, 28), out, (batch, 10), opset, ir_version, "input_0", initializers_as_inputs)
+
+
+def ocr_cnn(height: int | str = "height", width: int | str = "width", opset: int = 17, seed: int = 0) -> onnx.ModelProto:
+    """A text-line classifier with symbolic height and width (as OCR exports declare them): convolutions,
+    global pooling and a Gemm, valid at any input size; input `x` (batch, 3, height, width)."""
+    b = _Builder(seed)
+    x = b.node("Relu", [b.conv("input", 3, 16)])
+    x = b.node("Relu", [b.conv(x, 16, 32, stride=2)])
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])])
+    out = b.node("Gemm", [x, b.weight((10, 32), 32), b.bias(10)], transB=1)
+    return _model_at(b, ("batch", 3, height, width), out, ("batch", 10), opset, 8 if opset < 17 else 9, "x")
