@@ -17,18 +17,23 @@ def digest(*parts: str | bytes) -> str:
     return sha.hexdigest()
 
 
-def atomic_write_json(path: Path, data) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes to a temporary file in the same folder, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a torn one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: Path, data) -> None:
+    """Write JSON atomically (see atomic_write_bytes)."""
+    atomic_write_bytes(path, json.dumps(data).encode())
 
 
 def read_json(path: Path):

@@ -46,14 +46,23 @@ def _zoo_note(model_name: str) -> None:
 
 # ---- commands -------------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> None:
-    from explorer.zoo import ZOO
+    from explorer.zoo import ZOO, cached_metrics
 
-    table = Table(title="Built-in model zoo")
-    for column in ("name", "input", "trained", "description", "note"):
+    table = Table(title="Built-in model zoo (figures of the reference build: fp32, ONNX Runtime)")
+    for column in ("name", "input", "trained", "params", "MB", "MFLOPs", "top-1 % (10k test / 2k val)", "description",
+                   "note"):
         table.add_column(column, overflow="fold")
     for entry in ZOO.values():
+        top1 = f"{entry.top1_test:.2f} / {entry.top1_subset:.2f}" if entry.top1_test is not None else "-"
+        note = entry.note
+        if entry.recipe is not None and entry.shipped_file is None:
+            built = cached_metrics(entry.recipe)
+            note += (f"; built here: {built['test_top1_points']:.2f} / {built['subset_top1_points']:.2f} %" if built
+                     else "; not built here yet")
         table.add_row(entry.name, "x".join(map(str, entry.input_shape)), "yes" if entry.trained else "no",
-                      entry.description, entry.note)
+                      _fmt_count(entry.params) if entry.params else "-",
+                      f"{entry.size_mb:.1f}" if entry.size_mb is not None else "-",
+                      f"{entry.mflops:.1f}" if entry.mflops is not None else "-", top1, entry.description, note)
     console.print(table)
     console.print("Your own model: --model path/to/model.onnx --data val.npz (arrays x and optional integer labels y)")
 
@@ -140,15 +149,19 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
 
 
 def cmd_zoo_train(args: argparse.Namespace) -> None:
-    from explorer.paths import ZOO_DATA_DIR
-    from explorer.zoo import train_vgg
+    from explorer.zoo import train
 
-    if args.name != "vgg":
-        raise ExplorerError(f"only 'vgg' is trained from the zoo (vgg16-imagenet has untrained weights by design), not {args.name!r}")
-    out = Path(args.out) if args.out else ZOO_DATA_DIR
-    metrics = train_vgg(out, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir)
-    for key, value in metrics.items():
-        console.print(f"{key}: {value}")
+    path, metrics = train(args.name, out_dir=Path(args.out) if args.out else None, epochs=args.epochs, seed=args.seed,
+                          data_dir=args.data_dir)
+    console.print(f"wrote {path} ({metrics['onnx_bytes'] / 1e6:.2f} MB, sha256 {metrics['sha256'][:16]})")
+    console.print(f"top-1: {metrics['test_top1_points']:.2f} % on the 10,000 Fashion-MNIST test images, "
+                  f"{metrics['subset_top1_points']:.2f} % on the shipped 2,000-image subset (fp32, ONNX Runtime)")
+    console.print(f"{metrics['parameters']:,} parameters, {metrics['decision_layers']} decision layers, "
+                  f"{metrics['mflops']:.2f} MFLOPs per image; {metrics['epochs']} epochs, seed {metrics['seed']}, "
+                  f"trained in {metrics['train_seconds']:.0f} s (torch {metrics['torch']})")
+    if metrics["same_as_before"] is not None:
+        console.print("same bytes as the file it replaced" if metrics["same_as_before"]
+                      else "the bytes differ from the file it replaced")
 
 
 def cmd_boards(args: argparse.Namespace) -> None:
@@ -636,7 +649,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 # ---- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from explorer.zoo import VGG_EPOCHS, VGG_SEED
+    from explorer.zoo import RECIPES, trainable_names
 
     parser = argparse.ArgumentParser(prog="explorer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -736,10 +749,12 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="reproduce the zoo's trained artifacts")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     p = zoo_sub.add_parser("train", help="train a zoo model and write its ONNX file and validation subset")
-    p.add_argument("name", help="zoo model to train (vgg)")
-    p.add_argument("--epochs", type=int, default=VGG_EPOCHS)
-    p.add_argument("--seed", type=int, default=VGG_SEED)
-    p.add_argument("--out", help="output folder (default: the package's zoo_data, replacing the shipped files)")
+    p.add_argument("name", help=f"zoo model to train ({', '.join(trainable_names())})")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the recipe's, "
+                   + ", ".join(f"{name} {recipe.epochs}" for name, recipe in RECIPES.items()) + ")")
+    p.add_argument("--seed", type=int, help="training seed (default: the recipe's, 0)")
+    p.add_argument("--out", help="output folder (default: vgg replaces the package's zoo_data files; "
+                   "dnn and cnn go to the cache under runs/, where --model NAME finds them)")
     p.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST idx .gz files "
                                                   "(default: /usr/share/datasets/fashion-mnist)")
     p.set_defaults(func=cmd_zoo_train)
