@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/host_delivery.py [--models vgg,dnn,cnn] [--budget 300] [--agent ppo]
         [--samples N] [--json F] [--markdown F]
+    .venv/bin/python benchmarks/host_delivery.py --from-json F [F ...]   # the tables of earlier runs
 
 Needs the `host` board (`explorer calibrate`). For each zoo model: explorer searches on the host (`--measure
 host`, 1-point accuracy limit) once for the latency objective and once for energy, each search confirming its
@@ -15,6 +16,7 @@ it (batch 1), and every ratio to fp32. `vgg16-imagenet` has no data: latency and
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -161,11 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=None, help="validation samples the searches score on (default: all)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
+    parser.add_argument("--from-json", nargs="+", metavar="F", help="print the tables of earlier runs' --json files")
     args = parser.parse_args(argv)
-    report = {"command": " ".join(sys.argv), "models": []}
-    for model in args.models.split(","):
-        report["models"].append(deliver(model, args.agent, args.budget, args.seed, args.samples))
-        write_json(args.json, report)  # after every model: a stopped run keeps what it finished
+    if args.from_json:
+        report = {"models": [entry for path in args.from_json for entry in json.loads(Path(path).read_text())["models"]]}
+    else:
+        report = {"command": " ".join(sys.argv), "models": []}
+        for model in args.models.split(","):
+            report["models"].append(deliver(model, args.agent, args.budget, args.seed, args.samples))
+            write_json(args.json, report)  # after every model: a stopped run keeps what it finished
     text = markdown(report)
     print(text)
     if args.markdown:
