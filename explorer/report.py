@@ -23,10 +23,15 @@ class Gain:
         return f"{self.ratio:.2f}x {words} than {self.reference}"
 
 
+def _measured(result) -> dict[str, Evaluation]:
+    """The search's evaluations by plan digest (failed trials left out)."""
+    return {trial.plan.digest(): trial.evaluation for trial in result.trials if not trial.failed}
+
+
 def summary_rows(problem: Problem, result) -> list[tuple[str, Evaluation]]:
     """(name, Evaluation) of every reference plan measured in the search, the solver plan the agent was
     seeded with (where it used one and measured it) and the best plan found, in that order."""
-    measured = {trial.plan.digest(): trial.evaluation for trial in result.trials if not trial.failed}
+    measured = _measured(result)
     rows = [(name, measured[plan.digest()]) for name, plan in problem.reference_plans() if plan.digest() in measured]
     if result.seed_plan is not None and result.seed_plan.digest() in measured:
         rows.append((f"solver plan (DAD/RLC; {result.agent} started from it)", measured[result.seed_plan.digest()]))
@@ -41,7 +46,7 @@ def gains(problem: Problem, result) -> list[Gain]:
     best = result.best
     if best is None:
         return []
-    measured = {trial.plan.digest(): trial.evaluation for trial in result.trials if not trial.failed}
+    measured = _measured(result)
     references = [(name, measured[plan.digest()]) for name, plan in problem.reference_plans()
                   if plan.digest() in measured and measured[plan.digest()].feasible]
     if not references:
