@@ -413,7 +413,8 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
     if failed:
         console.print(f"[yellow]{failed} trial(s) failed[/]: no agent could measure them (see the FAILED child runs in MLflow)")
     confirmation, headline = _confirm(problem, result)
-    best_plan = confirmation.best().plan if confirmation and confirmation.best() else result.best_plan
+    confirmed = confirmation.best() if confirmation else None
+    best_plan = confirmed.plan if confirmed else result.best_plan
     if best_plan is None:
         console.print("[red]no feasible plan found[/]: loosen --latency-ms, --max-accuracy-drop or --memory-mb, or raise --budget")
     else:
@@ -421,8 +422,7 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
     console.print(f"measured by: {(result.best or baseline).measured_by}")
     summary = _summary_markdown(problem, rows, found_gains, headline, result, args)
     metrics = {f"gain_over_{'best_reference' if i == 0 else 'baseline'}": gain.ratio for i, gain in enumerate(found_gains)}
-    if confirmation and confirmation.best():
-        confirmed = confirmation.best()
+    if confirmed:
         metrics |= {"confirmed_ratio_to_baseline": confirmed.ratio, "confirmed_latency_ms": confirmed.latency_ms,
                     "confirmed_energy_mj": confirmed.energy_mj, "confirmed_accuracy": confirmed.evaluation.accuracy,
                     "confirmed_accuracy_drop_points": 100 * confirmed.evaluation.accuracy_drop

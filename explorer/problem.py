@@ -369,11 +369,9 @@ class Problem:
                     plans.append((f"{what} on {pid}", plan))
         return plans
 
-    def best_reference(self, evaluate=None) -> tuple[str, Plan, Evaluation] | None:
-        """The best feasible reference plan by the objective (None when none is feasible), evaluated with
-        ``evaluate`` (default: this problem's; a search passes its budgeted one)."""
-        evaluate = evaluate or self.evaluate
-        feasible = [(name, plan, evaluate(plan)) for name, plan in self.reference_plans()]
+    def best_reference(self) -> tuple[str, Plan, Evaluation] | None:
+        """The best feasible reference plan by the objective (None when none is feasible)."""
+        feasible = [(name, plan, self.evaluate(plan)) for name, plan in self.reference_plans()]
         feasible = [(name, plan, e) for name, plan, e in feasible if e.feasible]
         return min(feasible, key=lambda item: item[2].objective) if feasible else None
 
