@@ -402,7 +402,7 @@ def _progress_status(problem, result) -> str:
 def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespace) -> None:
     """Compare with the reference plans and the solver plan the agent started from, confirm the best plans
     by interleaved re-measurement, show the best confirmed plan and its gains, log summary and plots."""
-    from explorer.report import gains, summary_rows
+    from explorer.report import gains, plot_settings, summary_rows
 
     rows = summary_rows(problem, result)
     print_comparison(rows)
@@ -430,7 +430,7 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
         if confirmed.ratio_ci:
             metrics |= {"confirmed_ratio_low": confirmed.ratio_ci[0], "confirmed_ratio_high": confirmed.ratio_ci[1]}
     tracker.finish(result, best_plan.to_json() if best_plan else {}, summary,
-                   latency_budget_ms=problem.constraints.latency_ms, metrics=metrics,
+                   plot_settings=plot_settings(problem, result), metrics=metrics,
                    confirmation=confirmation.to_json() if confirmation else None)  # draws the plots in a folder it removes
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from explorer.plots import PlotSettings
 from explorer.problem import Evaluation, Problem
 
 #: How the gain of one plan over another reads, by objective.
 _GAIN_WORDS = {"latency": "faster", "energy": "less energy", "memory": "less weight memory"}
+#: The unit of each single-metric objective.
+_UNITS = {"latency": "ms", "energy": "mJ", "memory": "MB"}
 
 
 @dataclass(frozen=True)
@@ -137,3 +140,26 @@ def confirmed_figures(confirmation: dict | None, plan) -> dict | None:
     baseline = next(e for e in confirmation["plans"] if e["baseline"])
     return {"plan": entry, "baseline": baseline, "measured_by": confirmation["measured_by"],
             "simulated": confirmation["simulated"], "busy": confirmation["busy"], "seconds": confirmation["seconds"]}
+
+
+def objective_label(problem: Problem) -> str:
+    """The objective as an axis label with its unit, e.g. 'energy (mJ)'."""
+    single = problem.objective.single
+    if single:
+        return f"{single} ({_UNITS[single]})"
+    return f"{problem.objective.describe()} (relative to the baseline)"
+
+
+def plot_settings(problem: Problem, result) -> PlotSettings:
+    """The search's plots' labels and limits, with the fp32 baseline and the best feasible reference plan
+    the search measured (the lines to beat)."""
+    measured = _measured(result)
+    references = [(name, measured[plan.digest()].objective) for name, plan in problem.reference_plans()
+                  if plan.digest() in measured and measured[plan.digest()].feasible]
+    shown = references[:1]  # the baseline comes first
+    best = min(references, key=lambda item: item[1], default=None)
+    if best is not None and best not in shown:
+        shown.append((f"best reference: {best[0]}", best[1]))
+    drop = problem.constraints.max_accuracy_drop
+    return PlotSettings(objective_label=objective_label(problem), latency_budget_ms=problem.constraints.latency_ms,
+                        max_accuracy_drop_points=None if drop is None else 100 * drop, references=tuple(shown))

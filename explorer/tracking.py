@@ -52,6 +52,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # no
 
 from explorer.errors import ExplorerError  # noqa: E402
 from explorer.paths import runs_dir  # noqa: E402
+from explorer.plots import PlotSettings, convergence_plot, pareto_plot  # noqa: E402
 
 if TYPE_CHECKING:  # agents build on explorer, not the other way round; the SQL store is slow to import
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -532,12 +533,13 @@ class SearchTracker:
     # ---- the end of a search ------------------------------------------------------------------
     def finish(self, result: SearchResult, best_plan_json: dict | None, summary_markdown: str,
                plots: dict[str, Path] | None = None, latency_budget_ms: float | None = None,
-               metrics: dict[str, float] | None = None, confirmation: dict | None = None) -> None:
+               metrics: dict[str, float] | None = None, confirmation: dict | None = None,
+               plot_settings: PlotSettings | None = None) -> None:
         """Flush, log the best plan's metrics and the artifacts, and end the parent run.
 
         Artifacts: best_plan.json (unless `best_plan_json` is empty: no feasible plan), summary.md,
         every plot in `plots` (artifact file name -> local file), and convergence.png and pareto.png
-        drawn here unless `plots` has them; `metrics` are logged with the best_* ones; `confirmation` (the
+        drawn here unless `plots` has them (with `plot_settings`, else only the latency budget); `metrics` are logged with the best_* ones; `confirmation` (the
         confirmed re-measurement, JSON) as confirmation.json. The run ends KILLED when the search was
         interrupted, else FINISHED. After a resume, the best_* metrics, the plots and the artifacts
         describe `result` (pass one that covers the whole search), while the best_so_far series and
@@ -554,15 +556,16 @@ class SearchTracker:
         final |= metrics or {}
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in _finite_metrics(final).items()])
+        settings = plot_settings or PlotSettings(latency_budget_ms=latency_budget_ms)
         with tempfile.TemporaryDirectory() as folder:
             files = {name: Path(path) for name, path in (plots or {}).items()}
             for name, path in files.items():
                 if not path.is_file():
                     raise ExplorerError(f"plot {path} does not exist: write the file before finish()")
             if "convergence.png" not in files:
-                files["convergence.png"] = convergence_plot(result, Path(folder) / "convergence.png")
+                files["convergence.png"] = convergence_plot(result, Path(folder) / "convergence.png", settings)
             if "pareto.png" not in files:
-                files["pareto.png"] = pareto_plot(result, Path(folder) / "pareto.png", latency_budget_ms)
+                files["pareto.png"] = pareto_plot(result, Path(folder) / "pareto.png", settings)
             for name, path in files.items():
                 if path.name == name:
                     self.client.log_artifact(self.run_id, str(path))
@@ -638,72 +641,3 @@ def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as exc:
         raise ExplorerError(f"no MLflow tracking server answers at {uri} ({exc}): start one (mlflow server --port ...) "
                             f"or leave the tracking URI out to use the local store under runs/") from None
-
-
-# ---- plots --------------------------------------------------------------------------------------
-def convergence_plot(result: SearchResult, path: Path) -> Path:
-    """Best-so-far objective against measured evaluations, with every trial's objective (PNG)."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    figure = Figure(figsize=(7, 4.5), dpi=110)
-    axes = figure.add_subplot()
-    evaluations = [i + 1 for i in range(len(result.trials))]
-    for feasible, colour, label in ((True, "tab:blue", "feasible trial"), (False, "tab:gray", "infeasible trial")):
-        points = [(n, t.evaluation.objective) for n, t in zip(evaluations, result.trials)
-                  if t.evaluation.feasible == feasible and math.isfinite(t.evaluation.objective)]
-        if points:
-            axes.scatter(*zip(*points), s=10, alpha=0.5, color=colour, label=label, marker="o" if feasible else "x")
-    curve = [(n, b) for n, b in zip(evaluations, result.best_so_far) if math.isfinite(b)]
-    if curve:
-        axes.step(*zip(*curve), where="post", color="tab:red", linewidth=2, label="best feasible so far")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("measured evaluations")
-    axes.set_ylabel("objective (lower is better)")
-    axes.set_title(f"{result.agent}: convergence")
-    axes.grid(alpha=0.3)
-    if evaluations:
-        axes.legend(loc="best")
-    figure.tight_layout()
-    figure.savefig(path)
-    return Path(path)
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats on both coordinates (both minimised), by the first one."""
-    front: list[tuple[float, float]] = []
-    for x, y in sorted(set(points)):
-        if not front or y < front[-1][1]:
-            front.append((x, y))
-    return front
-
-
-def pareto_plot(result: SearchResult, path: Path, latency_budget_ms: float | None = None) -> Path:
-    """Latency against energy of every trial, feasible or not, with the feasible Pareto front (PNG)."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 5), dpi=110)
-    axes = figure.add_subplot()
-    feasible = [(t.evaluation.latency_ms, t.evaluation.energy_mj) for t in result.trials if t.evaluation.feasible]
-    infeasible = [(t.evaluation.latency_ms, t.evaluation.energy_mj) for t in result.trials if not t.evaluation.feasible]
-    if infeasible:
-        axes.scatter(*zip(*infeasible), s=12, marker="x", color="tab:gray", alpha=0.6, label="infeasible")
-    if feasible:
-        axes.scatter(*zip(*feasible), s=14, color="tab:blue", alpha=0.6, label="feasible")
-        front = pareto_front(feasible)
-        axes.step(*zip(*front), where="post", color="tab:orange", linewidth=1.5)
-        axes.scatter(*zip(*front), s=40, facecolors="none", edgecolors="tab:orange", label="Pareto front (feasible)")
-    if result.best is not None:
-        axes.scatter([result.best.latency_ms], [result.best.energy_mj], s=160, marker="*", color="tab:red",
-                     zorder=5, label="best")
-    if latency_budget_ms is not None:
-        axes.axvline(latency_budget_ms, color="tab:red", linestyle="--", linewidth=1, label="latency budget")
-    axes.set_xlabel("latency (ms)")
-    axes.set_ylabel("energy (mJ)")
-    axes.set_title(f"{result.agent}: {len(result.trials)} trials")
-    axes.grid(alpha=0.3)
-    if result.trials:
-        axes.legend(loc="best")
-    figure.tight_layout()
-    figure.savefig(path)
-    return Path(path)

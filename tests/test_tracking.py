@@ -21,8 +21,9 @@ from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
 from explorer.measure import SimMeasurer
 from explorer.paths import runs_dir
+from explorer.plots import pareto_front
 from explorer.problem import Constraints, Objective, Problem
-from explorer.tracking import (SearchTracker, default_tracking_uri, experiment_name, pareto_front, read_search,
+from explorer.tracking import (SearchTracker, default_tracking_uri, experiment_name, read_search,
                                search_run_settings, ui_command)
 from netbuild import random_inputs, small_cnn
 
