@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from explorer import __version__
 from explorer.errors import ExplorerError, termination_as_interrupt
 
 DEFAULT_BUDGET = 200
@@ -243,6 +244,9 @@ def cmd_measure(args: argparse.Namespace) -> None:
     evaluation = problem.evaluate(plan)
     print_evaluation(evaluation, f"{problem.graph.source} on {problem.board.name} ({what})")
     _zoo_note(args.model)
+    if not evaluation.feasible:  # scripts read the status; a person reads the last line
+        console.print(f"[red]infeasible[/]: {'; '.join(evaluation.violations)}", highlight=False, soft_wrap=True)
+        raise SystemExit(1)
 
 
 def print_plan(problem, plan, title: str) -> None:
@@ -469,8 +473,11 @@ def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, 
     console.print(f"MLflow run: {run_id} (experiment {experiment!r})")
     console.print(f"open the MLflow UI: {ui_command(tracking_uri)}")
     if result.best_plan is not None:
-        console.print(f"export the best plan: explorer export --run {run_id} --out runs/bundles/{Path(problem.graph.source).stem}-{problem.board.name}"
-                      + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""))
+        from explorer.paths import runs_dir
+
+        bundle = runs_dir() / "bundles" / f"{Path(problem.graph.source).stem}-{problem.board.name}"
+        console.print(f"export the best plan: explorer export --run {run_id} --out {bundle}"
+                      + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""), soft_wrap=True)
 
 
 def _search_worker(args: argparse.Namespace) -> None:
@@ -644,7 +651,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     path = calibrate_host(Path(args.out) if args.out else None, quick=args.quick,
                           progress=lambda message: err_console.print(f"calibrate: {message}"))
-    console.print(f"wrote {path}: use it with --board host")
+    from explorer.paths import TARGETS_DIR
+
+    board = "host" if Path(path).resolve() == (TARGETS_DIR / "host.toml").resolve() else str(path)
+    console.print(f"wrote {path}: use it with --board {board}", soft_wrap=True)
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -652,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     from explorer.zoo import RECIPES, trainable_names
 
     parser = argparse.ArgumentParser(prog="explorer", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"explorer {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show ONNX Runtime's own warnings (e.g. unused initializers), silenced by default")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p: argparse.ArgumentParser) -> None:
@@ -769,7 +782,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a usage error (status 2): a status, not an exception
+        return int(exit_.code or 0)
+    if not args.verbose:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # errors only: its warnings flood searches with data
     try:
         with termination_as_interrupt():
             args.func(args)

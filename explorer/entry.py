@@ -8,6 +8,11 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `serve` without importing the search stack; everything else to explorer.cli."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:  # answered before the search stack is imported
+        from explorer import __version__
+
+        print(f"explorer {__version__}")
+        return 0
     if argv[:1] == ["serve"]:
         from explorer.serve import main as serve_main
 
