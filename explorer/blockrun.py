@@ -34,6 +34,9 @@ NVML_WINDOW_S = 1.0
 # threshold for its warning: measurements are low and noisy above it).
 BUSY_CORES = 0.25
 Clock = Callable[[], float]
+# A chain's inputs, or what draws them once its sessions are open (so that they are checked against the blocks'
+# declared inputs before anything is allocated for them: the measurement agent's way).
+Inputs = dict[str, np.ndarray] | Callable[[list[ort.InferenceSession]], dict[str, np.ndarray]]
 
 
 class BlockRunError(Exception):
@@ -340,7 +343,7 @@ def open_session(spec: BlockSpec, index: int) -> ort.InferenceSession:
     return session
 
 
-def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: int, repeats: int,
+def time_blocks(blocks: list[BlockSpec], inputs: Inputs, warmup: int, repeats: int,
                 timeout_s: float | None = None, energy_providers: list[str] | None = None,
                 adaptive: AdaptiveRepeats | None = None, clock: Clock = time.perf_counter) -> BlockTimes:
     """Run the blocks in order (each block's inputs come from `inputs` or an earlier block's outputs):
@@ -354,12 +357,13 @@ def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: 
     plans of one search get the same kind of energy figure, whichever processors they use. Peak memory is
     this process's resident high-water mark (Linux); `others_cores` the CPU use of other processes
     meanwhile. Past `timeout_s` the running session is terminated (MeasurementTimeout). `clock` times the
-    runs and the cap (tests inject one).
+    runs and the cap (tests inject one). `inputs` may be a function of the open sessions that draws them.
     """
     _check_counts(warmup, repeats)
     if not blocks:
         raise BlockRunError("no blocks to measure")
     sessions = [open_session(spec, i) for i, spec in enumerate(blocks)]
+    inputs = inputs(sessions) if callable(inputs) else inputs
     counters, why_none = energy_counters(energy_providers or [spec.provider for spec in blocks])
     with _limited(timeout_s) as run_options:
         chain = _Chain(sessions, inputs, run_options)
@@ -388,7 +392,7 @@ def time_blocks(blocks: list[BlockSpec], inputs: dict[str, np.ndarray], warmup: 
                       others)
 
 
-def time_interleaved(chains: list[tuple[list[BlockSpec], dict[str, np.ndarray]]], warmup: int, repeats: int,
+def time_interleaved(chains: list[tuple[list[BlockSpec], Inputs]], warmup: int, repeats: int,
                      adaptive: AdaptiveRepeats, timeout_s: float | None = None,
                      energy_providers: list[str] | None = None, clock: Clock = time.perf_counter) -> list[BlockTimes]:
     """Time several chains interleaved in one run: in each round every chain runs `repeats` timed repeats
@@ -405,6 +409,8 @@ def time_interleaved(chains: list[tuple[list[BlockSpec], dict[str, np.ndarray]]]
     if not chains or not all(blocks for blocks, _ in chains):
         raise BlockRunError("interleaved timing needs at least one chain, each with blocks")
     sessions = [[open_session(spec, i) for i, spec in enumerate(blocks)] for blocks, _ in chains]
+    chains = [(blocks, inputs(chain_sessions) if callable(inputs) else inputs)
+              for (blocks, inputs), chain_sessions in zip(chains, sessions)]
     counters, why_none = energy_counters(energy_providers or sorted({s.provider for b, _ in chains for s in b}))
     with _limited(timeout_s) as run_options:
         runs = [_Chain(chain_sessions, inputs, run_options) for chain_sessions, (_, inputs) in zip(sessions, chains)]

@@ -43,9 +43,12 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import multiprocessing
 import os
 import platform
+import queue
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -57,8 +60,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from explorer.blockrun import (AdaptiveRepeats, BlockRunError, BlockSpec, MeasurementTimeout, ProviderUnavailable,
-                               int8_exact, readable_counters, time_blocks, time_interleaved)
+from explorer.blockrun import (CPU_PROVIDER, AdaptiveRepeats, BlockRunError, BlockSpec, MeasurementTimeout,
+                               ProviderUnavailable, int8_exact, readable_counters, time_blocks, time_interleaved)
 from explorer.errors import ExplorerError
 
 PROTOCOL_VERSION = 2  # 2: energy_providers in the request, energy counters (RAPL, NVML) in the fingerprint
@@ -70,14 +73,32 @@ MAX_CHAINS = 64  # chains one interleaved request may time
 ADAPTIVE_FEATURE, INTERLEAVED_FEATURE = "adaptive", "interleaved"
 FEATURES = [ADAPTIVE_FEATURE, INTERLEAVED_FEATURE]
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "int32": "tensor(int32)",
+             "uint8": "tensor(uint8)"}  # how ONNX Runtime names them in a session's declared inputs
+MAX_BLOCKS = 1024  # blocks in one chain
+MAX_INPUTS = 64  # inputs one chain may describe
+MAX_INPUT_ELEMENTS = 1 << 26  # elements of all of one chain's inputs together
+# Memory: one measurement's budget defaults to this share of the RAM; the worker's runtime (Python, NumPy, ONNX
+# Runtime, one small session: 84 MB resident, measured 2026-12-02 on x86-64 with ONNX Runtime 1.31) is counted in.
+DEFAULT_MEMORY_FRACTION = 0.5
+WORKER_RUNTIME_BYTES = 128 << 20
+MIN_MEMORY_MB = 256
+WORKER_GRACE_S = 30.0  # past the measure timeout, for loading the blocks and drawing the inputs
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# Connections: threads are bounded by the connections served at once; the listen backlog holds a burst.
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_MAX_QUEUE = 32
+LISTEN_BACKLOG = 1024
+LINGER_S = 10.0  # how long an unread body is read and dropped after the answer (so the client gets the answer)
 
 
 class RequestError(Exception):
-    """A bad request: the HTTP status and a message for the client."""
+    """A bad request: the HTTP status and a message for the client (and, for 503, when to try again)."""
 
-    def __init__(self, status: HTTPStatus, message: str):
+    def __init__(self, status: HTTPStatus, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 def fingerprint() -> dict:
@@ -102,12 +123,137 @@ def fingerprint() -> dict:
             "energy_counters": readable_counters(), "int8_exact": int8_exact()}
 
 
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def default_memory_mb() -> float:
+    """The default memory budget of one measurement: a fraction of the RAM (4096 MB where it is unknown)."""
+    ram = physical_memory_bytes()
+    return DEFAULT_MEMORY_FRACTION * ram / 2**20 if ram else 4096.0
+
+
+# ---- request validation: reusable by every endpoint that runs uploaded blocks ---------------------------
+# A model's signature, as ONNX Runtime reads it: {"inputs": [[name, "tensor(float)", [dims: int | str | None]]],
+# "outputs": [names]}. The agent learns it the first time it opens the model (on the device, in the worker) and
+# checks later requests against it before they queue.
+Signature = dict
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(HTTPStatus.BAD_REQUEST, message)
+
+
+def _integer(value, name: str, low: int, high: int, where: str = "") -> int:
+    """`value` when it is an integer (not a bool) in low..high, else a 400 naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _bad(f"{where}'{name}' must be an integer {low}..{high} (got {json.dumps(value)[:60]})")
+    return value
+
+
+def parse_blocks(request: dict, store: "ModelStore", where: str = "") -> list[tuple[str, bytes, int, str]]:
+    """A chain's blocks as (SHA-256, model bytes, threads, provider): 400 for a malformed field, 404 for a model
+    that is not uploaded."""
+    blocks = request.get("blocks")
+    if not isinstance(blocks, list) or not blocks or len(blocks) > MAX_BLOCKS:
+        raise _bad(f"{where}the request needs a non-empty list 'blocks' (at most {MAX_BLOCKS})")
+    parsed = []
+    for index, block in enumerate(blocks):
+        sha = block.get("model") if isinstance(block, dict) else None
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise _bad(f"{where}block {index} needs 'model': the SHA-256 (64 lower-case hex digits) of an uploaded ONNX file")
+        threads = _integer(block.get("threads", 1), "threads", 0, 1024, f"{where}block {index}: ")
+        provider = block.get("provider", CPU_PROVIDER)
+        if not isinstance(provider, str) or not provider:
+            raise _bad(f"{where}block {index}: 'provider' must be an ONNX Runtime provider name such as {CPU_PROVIDER}")
+        data = store.get(sha)
+        if data is None:
+            raise RequestError(HTTPStatus.NOT_FOUND, f"model {sha} is not on this agent: upload it first (PUT /models/{sha})")
+        parsed.append((sha, data, threads, provider))
+    return parsed
+
+
+def parse_inputs(specs, where: str = "") -> dict[str, tuple[list[int], str]]:
+    """The request's input descriptions {name: (shape, dtype)}, every field checked (400), nothing drawn."""
+    if not isinstance(specs, dict) or len(specs) > MAX_INPUTS:
+        raise _bad(f"{where}'inputs' must map at most {MAX_INPUTS} input names to {{\"shape\": [...], \"dtype\": ...}}")
+    parsed, elements = {}, 0
+    for name, spec in specs.items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        dtype = spec.get("dtype", "float32") if isinstance(spec, dict) else None
+        if (not isinstance(shape, list) or len(shape) > 16
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape)
+                or not isinstance(dtype, str) or dtype not in DTYPES):
+            raise _bad(f"{where}input {name!r}: give 'shape' as at most 16 positive integers and 'dtype' one of "
+                       f"{', '.join(DTYPES)}")
+        elements += int(np.prod(shape, dtype=np.int64))
+        if elements > MAX_INPUT_ELEMENTS:
+            raise _bad(f"{where}the inputs hold more than {MAX_INPUT_ELEMENTS} (2^26) elements in all: send smaller shapes")
+        parsed[name] = (shape, dtype)
+    return parsed
+
+
+def session_signature(session: ort.InferenceSession) -> Signature:
+    """What the agent checks requests against: the declared inputs (name, type, dims) and the output names."""
+    return {"inputs": [[i.name, i.type, list(i.shape or [])] for i in session.get_inputs()],
+            "outputs": [o.name for o in session.get_outputs()]}
+
+
+def check_inputs(inputs: dict[str, tuple[list[int], str]], signatures: list[Signature], where: str = "") -> None:
+    """400 unless the inputs are exactly what the chain needs from outside (the inputs of each block that no
+    earlier block produces), each with its declared element type, rank and fixed dimensions."""
+    produced: set[str] = set()
+    needed: dict[str, tuple[int, str, list]] = {}
+    for index, signature in enumerate(signatures):
+        for name, kind, dims in signature["inputs"]:
+            if name not in produced and name not in needed:
+                needed[name] = (index, kind, dims)
+        produced.update(signature["outputs"])
+    for name, (index, kind, dims) in needed.items():
+        if name not in inputs:
+            raise _bad(f"{where}block {index} needs input {name!r}, which neither the request's inputs nor an earlier "
+                       "block provides")
+        shape, dtype = inputs[name]
+        if ORT_TYPES.get(dtype) != kind:
+            raise _bad(f"{where}input {name!r} is {kind} in block {index}, not {dtype}")
+        if len(shape) != len(dims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, shape)):
+            raise _bad(f"{where}input {name!r} has shape {shape}; block {index} declares {dims} (a name is any size)")
+    extra = sorted(set(inputs) - set(needed))
+    if extra:
+        raise _bad(f"{where}input {', '.join(map(repr, extra))} is no input of the chain (it needs "
+                   f"{', '.join(map(repr, needed)) or 'none'})")
+
+
+def estimate_memory_bytes(models: list[bytes], inputs: dict[str, tuple[list[int], str]]) -> int:
+    """What a measurement needs at least, from what is known before anything runs: the worker's own runtime, each
+    model twice (the bytes received and ONNX Runtime's initializers; prepacked weights may add more) and the
+    inputs three times (the drawn arrays, and outputs of like size in ONNX Runtime's CPU arena, which grows in
+    powers of two). Activations beyond that are not known without running: the worker's resident memory is
+    watched while it runs."""
+    input_bytes = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
+                      for shape, dtype in inputs.values())
+    return WORKER_RUNTIME_BYTES + 2 * sum(map(len, models)) + 3 * input_bytes
+
+
+def draw_inputs(inputs: dict[str, tuple[list[int], str]], seed: int) -> dict[str, np.ndarray]:
+    """The inputs, drawn standard normal with `seed` (float32 first: no float64 copy of a large input)."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape, dtype=np.float32).astype(DTYPES[dtype], copy=False)
+            for name, (shape, dtype) in inputs.items()}
+
+
 class ModelStore:
-    """Uploaded models by SHA-256, bounded in bytes (least recently used dropped first)."""
+    """Uploaded models by SHA-256, bounded in bytes (least recently used dropped first), with the signature of
+    each model once the worker has opened it."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self._models: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._signatures: dict[str, Signature] = {}
         self._lock = threading.Lock()
 
     def put(self, sha: str, data: bytes) -> None:
@@ -115,7 +261,8 @@ class ModelStore:
             self._models[sha] = data
             self._models.move_to_end(sha)
             while sum(map(len, self._models.values())) > self.max_bytes and len(self._models) > 1:
-                self._models.popitem(last=False)
+                dropped, _ = self._models.popitem(last=False)
+                self._signatures.pop(dropped, None)
 
     def get(self, sha: str) -> bytes | None:
         with self._lock:
@@ -124,130 +271,284 @@ class ModelStore:
                 self._models.move_to_end(sha)
             return data
 
+    def signatures(self, shas: list[str]) -> list[Signature] | None:
+        """The signatures of these models, or None while one of them is not known yet."""
+        with self._lock:
+            found = [self._signatures.get(sha) for sha in shas]
+        return None if None in found else found
+
+    def learn(self, signatures: dict[str, Signature]) -> None:
+        with self._lock:
+            self._signatures.update({sha: sig for sha, sig in signatures.items() if sha in self._models})
+
+
+# ---- the worker: the measurement runs in a child process with bounded memory -------------------------------
+def _worker_main(connection) -> None:
+    """The worker process: measure what the agent sends until its end of the pipe closes (the agent ended)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the agent, which stops the worker
+    while True:
+        try:
+            job = connection.recv()
+        except (EOFError, OSError):
+            return
+        signatures: dict[str, Signature] = {}
+        try:
+            connection.send(("ok", _run_job(job, signatures), signatures))
+        except MeasurementTimeout as error:
+            connection.send(("timeout", str(error), signatures))
+        except ProviderUnavailable as error:
+            connection.send(("unavailable", str(error), signatures))
+        except (BlockRunError, RequestError) as error:
+            connection.send(("bad", str(error), signatures))
+        except MemoryError:
+            connection.send(("memory", "ran out of memory", signatures))
+        except Exception as error:  # a bug: the agent answers 500 and keeps serving
+            connection.send(("bug", f"{type(error).__name__}: {error}", signatures))
+
+
+def _run_job(job: dict, signatures: dict[str, Signature]):
+    """Time one job; each chain's inputs are checked against its open sessions, then drawn."""
+    def chain(spec: dict):
+        blocks = [BlockSpec(data, threads, provider) for _, data, threads, provider in spec["blocks"]]
+
+        def inputs(sessions: list[ort.InferenceSession]) -> dict[str, np.ndarray]:
+            found = [session_signature(session) for session in sessions]
+            signatures.update({sha: sig for (sha, *_), sig in zip(spec["blocks"], found)})
+            check_inputs(spec["inputs"], found, spec["where"])
+            return draw_inputs(spec["inputs"], job["seed"])
+        return blocks, inputs
+
+    adaptive = AdaptiveRepeats(**job["adaptive"]) if job["adaptive"] is not None else None
+    if job["kind"] == "measure":
+        blocks, inputs = chain(job["chains"][0])
+        return time_blocks(blocks, inputs, job["warmup"], job["repeats"], timeout_s=job["timeout_s"],
+                           energy_providers=job["energy_providers"], adaptive=adaptive).to_json()
+    return [t.to_json() for t in time_interleaved([chain(spec) for spec in job["chains"]], job["warmup"], job["repeats"],
+                                                  adaptive, timeout_s=job["timeout_s"],
+                                                  energy_providers=job["energy_providers"])]
+
+
+def _resident_bytes(pid: int) -> int | None:
+    """A process's resident memory (Linux /proc; None elsewhere or once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Worker:
+    """The child process measurements run in, so that one measurement's memory cannot take the agent down: its
+    resident memory is watched every few milliseconds and the process killed past the budget (a fresh one is
+    started for the next). An address-space limit (RLIMIT_AS) would not do: ONNX Runtime's thread pools and
+    glibc's per-thread arenas reserve far more address space than they touch, and by the core count."""
+
+    def __init__(self, memory_bytes: int, poll_s: float = 0.005):
+        self.memory_bytes = memory_bytes
+        self.poll_s = poll_s
+        self._context = multiprocessing.get_context("spawn")  # a fork of a threaded server could deadlock
+        self._process = None
+        self._connection = None
+
+    def start(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            return
+        ours, theirs = self._context.Pipe()
+        self._process = self._context.Process(target=_worker_main, args=(theirs,), daemon=True,
+                                              name="explorer-agent-worker")
+        self._process.start()
+        theirs.close()
+        self._connection = ours
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.join(5)
+            self._connection.close()
+            self._process = self._connection = None
+
+    def run(self, job: dict, deadline_s: float) -> tuple[str, object, dict]:
+        """(status, answer or message, signatures learnt); the worker is killed past the memory budget or the
+        deadline (then status "memory" or "timeout")."""
+        self.start()
+        pid = self._process.pid
+        try:
+            self._connection.send(job)
+            deadline = time.monotonic() + deadline_s
+            peak = 0
+            while not self._connection.poll(self.poll_s):
+                resident = _resident_bytes(pid) or 0
+                peak = max(peak, resident)
+                if resident > self.memory_bytes:
+                    self.stop()
+                    return "memory", (f"the measurement's process reached {resident / 2**20:.0f} MB, over this agent's "
+                                      f"budget of {self.memory_bytes / 2**20:.0f} MB (--max-memory-mb), and was stopped: "
+                                      "measure smaller blocks or inputs, or restart the agent with a larger "
+                                      "--max-memory-mb"), {}
+                if time.monotonic() > deadline:
+                    self.stop()
+                    return "timeout", f"the measurement ran past its {deadline_s:g} s limit and was stopped", {}
+                if not self._process.is_alive():
+                    break
+            return self._connection.recv()
+        except (EOFError, OSError, BrokenPipeError):  # it died (e.g. the kernel's OOM killer): a fresh one next time
+            code = self._process.exitcode if self._process is not None else None
+            self.stop()
+            return "bug", f"the measurement's process ended unexpectedly (exit code {code})", {}
+
 
 class Agent:
-    """The agent's state: token, limits, model store and the device lock."""
+    """The agent's state: token, limits, model store, the device lock and the worker that measures."""
 
     def __init__(self, token: str, max_upload_bytes: int, queue_timeout_s: float, measure_timeout_s: float,
-                 store_bytes: int):
+                 store_bytes: int, memory_bytes: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS):
         self.token = token
         self.max_upload_bytes = max_upload_bytes
         self.queue_timeout_s = queue_timeout_s
         self.measure_timeout_s = measure_timeout_s
+        self.memory_bytes = memory_bytes if memory_bytes is not None else int(default_memory_mb() * 2**20)
+        self.max_queue = max_queue
+        self.max_connections = max_connections
         self.store = ModelStore(store_bytes)
         self.device = threading.Lock()  # one measurement at a time on this device
+        self.worker = Worker(self.memory_bytes)
         self.fingerprint = fingerprint()
         self.measurements = 0
+        self._waiting = 0  # requests in line for the device (bounded by max_queue)
+        self._uploading = 0  # bytes of upload bodies being read (bounded by max_upload_bytes)
+        self._lock = threading.Lock()
+        self._recent_s = 1.0  # how long a measurement took lately (what Retry-After is estimated from)
 
     def info(self) -> dict:
         return {"fingerprint": self.fingerprint, "max_upload_bytes": self.max_upload_bytes,
                 "queue_timeout_s": self.queue_timeout_s, "measure_timeout_s": self.measure_timeout_s,
-                "measurements": self.measurements, "features": FEATURES}
+                "max_memory_bytes": self.memory_bytes, "max_queue": self.max_queue,
+                "max_connections": self.max_connections, "measurements": self.measurements, "features": FEATURES}
+
+    def retry_after_s(self) -> float:
+        """When a turned-away request may find room: the line ahead of it times a recent measurement."""
+        return float(max(1, min(60, int(np.ceil((self._waiting + 1) * self._recent_s)))))
+
+    def busy(self, message: str) -> RequestError:
+        return RequestError(HTTPStatus.SERVICE_UNAVAILABLE, message, self.retry_after_s())
 
     def measure(self, request: dict) -> dict:
-        """Check the request, wait for the device, time the blocks."""
-        blocks, inputs = self._chain(request)
-        warmup, repeats, energy_providers = self._settings(request)
+        """Check the request, wait for the device, time the blocks in the worker."""
+        chain = self._chain(request)
+        warmup, repeats, energy_providers, seed = self._settings(request)
         adaptive = self._adaptive(request, required=False)
-        return self._on_device(lambda: time_blocks(blocks, inputs, warmup, repeats, timeout_s=self.measure_timeout_s,
-                                                   energy_providers=energy_providers, adaptive=adaptive).to_json())
+        return self._on_device({"kind": "measure", "chains": [chain], "warmup": warmup, "repeats": repeats,
+                                "seed": seed, "energy_providers": energy_providers, "adaptive": adaptive})
 
     def measure_interleaved(self, request: dict) -> dict:
-        """Check the request, wait for the device, time the chains interleaved."""
-        chains = request.get("chains") if isinstance(request, dict) else None
+        """Check the request, wait for the device, time the chains interleaved in the worker."""
+        chains = request.get("chains")
         if not isinstance(chains, list) or not 1 <= len(chains) <= MAX_CHAINS:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"the request needs a list 'chains' of 1 to {MAX_CHAINS} "
-                                                       "{\"blocks\": [...], \"inputs\": {...}}")
-        warmup, repeats, energy_providers = self._settings(request)
-        parsed = [self._chain({**chain, "seed": request.get("seed", 0)}, f"chain {i}: ") if isinstance(chain, dict)
-                  else self._chain({}, f"chain {i}: ") for i, chain in enumerate(chains)]
+            raise _bad(f"the request needs a list 'chains' of 1 to {MAX_CHAINS} {{\"blocks\": [...], \"inputs\": {{...}}}}")
+        warmup, repeats, energy_providers, seed = self._settings(request)
+        parsed = [self._chain(chain if isinstance(chain, dict) else {}, f"chain {i}: ") for i, chain in enumerate(chains)]
         adaptive = self._adaptive(request, required=True)
-        return self._on_device(lambda: [t.to_json() for t in time_interleaved(
-            parsed, warmup, repeats, adaptive, timeout_s=self.measure_timeout_s, energy_providers=energy_providers)])
+        return self._on_device({"kind": "interleaved", "chains": parsed, "warmup": warmup, "repeats": repeats,
+                                "seed": seed, "energy_providers": energy_providers, "adaptive": adaptive})
 
-    def _on_device(self, run) -> dict:
-        """Run a timing with the device to itself (waiting in line up to the queue timeout)."""
+    def check_memory(self, chains: list[dict]) -> None:
+        """400 when what a job needs at least (estimate_memory_bytes) exceeds the budget: nothing is drawn then."""
+        models = list({sha: data for chain in chains for sha, data, _, _ in chain["blocks"]}.values())
+        inputs = {f"{i}:{name}": spec for i, chain in enumerate(chains) for name, spec in chain["inputs"].items()}
+        needed = estimate_memory_bytes(models, inputs)
+        if needed > self.memory_bytes:
+            raise _bad(f"the measurement needs at least {needed / 2**20:.0f} MB (its models twice, its inputs three times, "
+                       f"the runtime), over this agent's budget of {self.memory_bytes / 2**20:.0f} MB: send smaller "
+                       "inputs or restart the agent with a larger --max-memory-mb")
+
+    def _on_device(self, job: dict) -> dict:
+        """Run a job in the worker with the device to itself (waiting in line up to the queue timeout; 503 with
+        Retry-After when the line is full)."""
+        self.check_memory(job["chains"])
+        job["timeout_s"] = self.measure_timeout_s
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                raise self.busy(f"{self._waiting} requests wait for the device already (--max-queue {self.max_queue}): "
+                                "try again after Retry-After or another agent")
+            self._waiting += 1
         queued = time.perf_counter()
-        if not self.device.acquire(timeout=self.queue_timeout_s):
-            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE,
-                               f"the device stayed busy for {self.queue_timeout_s:g} s (queue timeout): try another agent or later")
+        try:
+            if not self.device.acquire(timeout=self.queue_timeout_s):
+                raise self.busy(f"the device stayed busy for {self.queue_timeout_s:g} s (queue timeout): try another "
+                                "agent or later")
+        finally:
+            with self._lock:
+                self._waiting -= 1
         try:
             started = time.perf_counter()
-            times = run()
-            self.measurements += 1
-        except MeasurementTimeout as error:
-            raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, str(error)) from None
-        except ProviderUnavailable as error:  # this machine's fault: the client tries another agent
-            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(error)) from None
-        except BlockRunError as error:
-            raise RequestError(HTTPStatus.BAD_REQUEST, str(error)) from None
+            # the worker's own limit stops ONNX Runtime; the deadline here also covers loading and drawing
+            status, answer, signatures = self.worker.run(job, self.measure_timeout_s + WORKER_GRACE_S)
+            self.store.learn(signatures)
+            measure_s = time.perf_counter() - started
+            if status == "ok":
+                self.measurements += 1
+                self._recent_s = 0.5 * self._recent_s + 0.5 * measure_s
         finally:
             self.device.release()
-        return {"times": times, "fingerprint": self.fingerprint, "queued_s": started - queued,
-                "measure_s": time.perf_counter() - started}
+        if status == "timeout":
+            raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, answer)
+        if status == "unavailable":  # this machine's fault: the client tries another agent
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, answer)
+        if status in ("bad", "memory"):
+            raise _bad(answer)
+        if status != "ok":
+            raise RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"agent error: {answer}")
+        return {"times": answer, "fingerprint": self.fingerprint, "queued_s": started - queued, "measure_s": measure_s}
 
-    def _chain(self, request: dict, where: str = "") -> tuple[list[BlockSpec], dict[str, np.ndarray]]:
-        """A chain's blocks (uploaded models) and inputs (drawn with the request's seed)."""
-        bad = HTTPStatus.BAD_REQUEST
-        if not isinstance(request, dict) or not isinstance(request.get("blocks"), list) or not request["blocks"]:
-            raise RequestError(bad, f"{where}the request needs a non-empty list 'blocks'")
-        blocks = []
-        for index, block in enumerate(request["blocks"]):
-            if not isinstance(block, dict) or not isinstance(block.get("model"), str):
-                raise RequestError(bad, f"{where}block {index} needs 'model': the SHA-256 of an uploaded ONNX file")
-            data = self.store.get(block["model"])
-            if data is None:
-                raise RequestError(HTTPStatus.NOT_FOUND, f"model {block['model']} is not on this agent: upload it first "
-                                                         f"(PUT /models/{block['model']})")
-            threads, provider = block.get("threads", 1), block.get("provider", "CPUExecutionProvider")
-            if not isinstance(threads, int) or not 0 <= threads <= 1024 or not isinstance(provider, str):
-                raise RequestError(bad, f"{where}block {index}: 'threads' must be an integer 0..1024 and 'provider' a string")
-            blocks.append(BlockSpec(data, threads, provider))
-        seed = request.get("seed", 0)
-        if not isinstance(seed, int):
-            raise RequestError(bad, "'seed' must be an integer")
-        rng = np.random.default_rng(seed)
-        inputs = {}
-        specs = request.get("inputs", {})
-        if not isinstance(specs, dict):
-            raise RequestError(bad, f"{where}'inputs' must map input names to {{\"shape\": [...], \"dtype\": ...}}")
-        for name, spec in specs.items():
-            shape = spec.get("shape") if isinstance(spec, dict) else None
-            dtype = DTYPES.get(spec.get("dtype", "float32")) if isinstance(spec, dict) else None
-            if (not isinstance(shape, list) or not all(isinstance(d, int) and 0 < d <= 1 << 20 for d in shape)
-                    or dtype is None or np.prod(shape, dtype=np.int64) > 1 << 26):
-                raise RequestError(bad, f"{where}input {name!r}: give 'shape' as positive integers (at most 2^26 elements) "
-                                        f"and 'dtype' one of {', '.join(DTYPES)}")
-            inputs[name] = rng.standard_normal(shape).astype(dtype)
-        return blocks, inputs
+    def _chain(self, request: dict, where: str = "") -> dict:
+        """A chain's blocks and input descriptions, checked against the models' signatures where they are known."""
+        if not isinstance(request, dict):
+            raise _bad(f"{where}a chain must be an object {{\"blocks\": [...], \"inputs\": {{...}}}}")
+        blocks = parse_blocks(request, self.store, where)
+        inputs = parse_inputs(request.get("inputs", {}), where)
+        signatures = self.store.signatures([sha for sha, *_ in blocks])
+        if signatures is not None:  # else the worker checks them once the sessions are open, before drawing
+            check_inputs(inputs, signatures, where)
+        return {"blocks": blocks, "inputs": inputs, "where": where}
 
-    def _settings(self, request: dict) -> tuple[int, int, list[str] | None]:
-        """warmup, repeats and energy_providers of a request."""
-        bad = HTTPStatus.BAD_REQUEST
-        warmup, repeats, seed = request.get("warmup", 3), request.get("repeats", 15), request.get("seed", 0)
-        if not all(isinstance(v, int) for v in (warmup, repeats, seed)) or not (0 <= warmup <= MAX_REPEATS and 1 <= repeats <= MAX_REPEATS):
-            raise RequestError(bad, f"'warmup' (0..{MAX_REPEATS}), 'repeats' (1..{MAX_REPEATS}) and 'seed' must be integers")
+    def _settings(self, request: dict) -> tuple[int, int, list[str] | None, int]:
+        """warmup, repeats, energy_providers and seed of a request."""
+        warmup = _integer(request.get("warmup", 3), "warmup", 0, MAX_REPEATS)
+        repeats = _integer(request.get("repeats", 15), "repeats", 1, MAX_REPEATS)
+        seed = _integer(request.get("seed", 0), "seed", 0, 2**63 - 1)
         energy_providers = request.get("energy_providers")
-        if energy_providers is not None and not (isinstance(energy_providers, list)
+        if energy_providers is not None and not (isinstance(energy_providers, list) and len(energy_providers) <= 16
                                                  and all(isinstance(p, str) for p in energy_providers)):
-            raise RequestError(bad, "'energy_providers' must be a list of ONNX Runtime provider names")
-        return warmup, repeats, energy_providers
+            raise _bad("'energy_providers' must be a list of ONNX Runtime provider names")
+        return warmup, repeats, energy_providers, seed
 
-    def _adaptive(self, request: dict, required: bool) -> AdaptiveRepeats | None:
-        """The request's adaptive repeats (None when absent and not required), within the measure timeout."""
+    def _adaptive(self, request: dict, required: bool) -> dict | None:
+        """The request's adaptive repeats as JSON (None when absent and not required), within the measure timeout."""
         if request.get("adaptive") is None:
             if required:
-                raise RequestError(HTTPStatus.BAD_REQUEST, "interleaved measurement needs 'adaptive' (its target and cap)")
+                raise _bad("interleaved measurement needs 'adaptive' (its target and cap)")
             return None
         try:
             adaptive = AdaptiveRepeats.from_json(request["adaptive"])
-        except ExplorerError as error:
-            raise RequestError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        except (ExplorerError, TypeError) as error:
+            raise _bad(str(error)) from None
         if adaptive.max_seconds >= self.measure_timeout_s:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"'adaptive' max_seconds {adaptive.max_seconds:g} must stay below this "
-                                                       f"agent's measure timeout of {self.measure_timeout_s:g} s (restart it "
-                                                       "with a larger --measure-timeout)")
-        return adaptive
+            raise _bad(f"'adaptive' max_seconds {adaptive.max_seconds:g} must stay below this agent's measure timeout "
+                       f"of {self.measure_timeout_s:g} s (restart it with a larger --measure-timeout)")
+        return adaptive.to_json()
+
+    def reserve_upload(self, length: int) -> None:
+        """Count an upload body about to be read; 503 with Retry-After while others fill the upload allowance."""
+        with self._lock:
+            if self._uploading and self._uploading + length > self.max_upload_bytes:
+                raise self.busy(f"other uploads fill this agent's allowance of {self.max_upload_bytes} bytes in flight: "
+                                "try again after Retry-After")
+            self._uploading += length
+
+    def release_upload(self, length: int) -> None:
+        with self._lock:
+            self._uploading -= length
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -288,7 +589,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _upload(self) -> tuple[HTTPStatus, dict]:
         sha = self._model_sha()
-        data = self._body(self.agent.max_upload_bytes)
+        length = self._length(self.agent.max_upload_bytes)
+        self.agent.reserve_upload(length)  # the bodies read at once are bounded, not one per connection
+        try:
+            data = self._read(length)
+        finally:
+            self.agent.release_upload(length)
         if hashlib.sha256(data).hexdigest() != sha:
             raise RequestError(HTTPStatus.BAD_REQUEST, "the upload's SHA-256 does not match its URL (corrupted on the way?)")
         self.agent.store.put(sha, data)
@@ -298,10 +604,10 @@ class Handler(BaseHTTPRequestHandler):
         routes = {"/measure": self.agent.measure, "/measure-interleaved": self.agent.measure_interleaved}
         if self.path not in routes:
             raise RequestError(HTTPStatus.NOT_FOUND, f"no such resource {self.path}: POST /measure or /measure-interleaved")
-        body = self._body(MAX_JSON_BYTES)
+        body = self._read(self._length(MAX_JSON_BYTES))
         try:
             request = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"the request body is not JSON: {error}") from None
         if not isinstance(request, dict):
             raise RequestError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object")
@@ -314,16 +620,40 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(HTTPStatus.NOT_FOUND, f"no such resource {self.path}: models live at /models/SHA256 (64 hex digits)")
         return parts[2]
 
-    def _body(self, limit: int) -> bytes:
+    def _length(self, limit: int) -> int:
+        """The body's Content-Length: 411 without one, 413 over `limit` (the body is then left unread)."""
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not length.strip().isdigit():
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
         if int(length) > limit:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                f"the body is {int(length)} bytes, over this agent's limit of {limit} bytes "
                                "(start the agent with a larger --max-upload-mb)")
-        return self.rfile.read(int(length))
+        return int(length)
+
+    def _read(self, length: int) -> bytes:
+        data = self.rfile.read(length)
+        self._body_read = True
+        return data
+
+    def _unread_body(self) -> bool:
+        """Whether the client sent (or is sending) a body this request did not read."""
+        length = self.headers.get("Content-Length", "0") if self.headers else "0"
+        return not getattr(self, "_body_read", False) and (not length.strip().isdigit() or int(length) > 0)
+
+    def _linger(self) -> None:
+        """Read and drop what the client still sends, up to a deadline, after the answer went out: closing a socket
+        with unread data resets the connection, and the client would see the reset instead of the answer."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_S
+            while time.monotonic() < deadline:
+                self.connection.settimeout(max(0.05, deadline - time.monotonic()))
+                if not self.connection.recv(1 << 16):
+                    break
+        except OSError:
+            pass
 
     def _authorised(self) -> bool:
         header = self.headers.get("Authorization", "")
@@ -331,24 +661,30 @@ class Handler(BaseHTTPRequestHandler):
         return scheme == "Bearer" and hmac.compare_digest(token.encode(), self.agent.token.encode())
 
     def _handle(self, route, head: bool = False) -> None:
+        self._body_read = False
+        retry_after = None
         try:
             if not self._authorised():
-                self.close_connection = True
                 raise RequestError(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send 'Authorization: Bearer TOKEN' "
                                                             f"(the client reads it from {TOKEN_ENV})")
             status, payload = route()
         except RequestError as error:
-            status, payload = error.status, {"error": str(error)}
+            status, payload, retry_after = error.status, {"error": str(error)}, error.retry_after_s
         except TimeoutError:
             self.close_connection = True
             return
         except Exception as error:  # a bug: answer 500, keep serving
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"agent error: {type(error).__name__}: {error}"}
+        linger = self._unread_body()
+        if linger or status == HTTPStatus.UNAUTHORIZED:
+            self.close_connection = True  # an unread body leaves the connection unusable
         body = json.dumps(payload).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            if retry_after is not None:
+                self.send_header("Retry-After", str(int(np.ceil(retry_after))))
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
@@ -356,6 +692,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(body)
         except OSError:  # the client went away
             self.close_connection = True
+            return
+        if linger:
+            self._linger()
 
 
 def is_loopback(host: str) -> bool:
@@ -368,15 +707,78 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_server(host: str, port: int, agent: Agent) -> ThreadingHTTPServer:
+class AgentServer(ThreadingHTTPServer):
+    """The HTTP server: one thread per connection up to the agent's `max_connections`; a connection beyond that
+    gets a 503 with Retry-After from one thread that turns them away (never a reset), and the listen backlog
+    holds a burst of connections (socketserver's default of 5 resets the sixth)."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address, agent: Agent):
+        self.agent = agent
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._turned_away: queue.Queue[socket.socket] = queue.Queue(maxsize=LISTEN_BACKLOG)
+        threading.Thread(target=self._turn_away_loop, daemon=True, name="explorer-agent-turn-away").start()
+        super().__init__(address, Handler)
+
+    def process_request(self, request, client_address) -> None:
+        with self._active_lock:
+            full = self._active >= self.agent.max_connections
+            if not full:
+                self._active += 1
+        if not full:
+            try:
+                super().process_request(request, client_address)
+            except Exception:
+                self._done()
+                raise
+            return
+        try:
+            self._turned_away.put_nowait(request)
+        except queue.Full:  # more than a backlog's worth waits to be turned away: drop this one
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+
+    def _turn_away_loop(self) -> None:
+        while True:
+            self._turn_away(self._turned_away.get())
+
+    def _turn_away(self, connection: socket.socket) -> None:
+        """503 with Retry-After, then read and drop what the client sends until it closes (or a second passes)."""
+        body = json.dumps({"error": f"this agent serves {self.agent.max_connections} connections at once "
+                                    "(--max-connections): try again after Retry-After"}).encode()
+        answer = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                  f"Retry-After: {int(self.agent.retry_after_s())}\r\nConnection: close\r\n\r\n").encode() + body
+        try:
+            connection.settimeout(1.0)
+            connection.sendall(answer)
+            connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and connection.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+        finally:
+            connection.close()
+
+
+def make_server(host: str, port: int, agent: Agent) -> AgentServer:
     """The HTTP server (not yet serving); port 0 picks a free port."""
-    server_class = ThreadingHTTPServer
+    server_class = AgentServer
     if ":" in host:
-        server_class = type("ThreadingHTTPServerV6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
-    server = server_class((host, port), Handler)
-    server.daemon_threads = True
-    server.agent = agent  # type: ignore[attr-defined]
-    return server
+        server_class = type("AgentServerV6", (AgentServer,), {"address_family": socket.AF_INET6})
+    return server_class((host, port), agent)
 
 
 def read_token(token_file: str | None) -> str | None:
@@ -404,7 +806,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store-mb", type=float, default=2048.0, help="memory kept for uploaded models (default 2048)")
     parser.add_argument("--queue-timeout", type=float, default=600.0, help="seconds a request waits for the device (default 600)")
     parser.add_argument("--measure-timeout", type=float, default=300.0, help="seconds one measurement may run (default 300)")
+    parser.add_argument("--max-memory-mb", type=float, default=None,
+                        help=f"memory one measurement may use (default {100 * DEFAULT_MEMORY_FRACTION:g} %% of this machine's "
+                             f"RAM; at least {MIN_MEMORY_MB}): checked from the request before it queues, enforced on "
+                             "the process the measurement runs in (stopped past it: 400)")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"measurement requests that may wait for the device (default {DEFAULT_MAX_QUEUE}); "
+                             "beyond them 503 with Retry-After")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help=f"connections served at once, one thread each (default {DEFAULT_MAX_CONNECTIONS}); "
+                             "beyond them 503 with Retry-After")
     return parser
+
+
+def check_limits(args: argparse.Namespace) -> str | None:
+    """What is wrong with the limits given (one line), or None."""
+    if args.max_memory_mb is not None and not args.max_memory_mb >= MIN_MEMORY_MB:
+        return (f"--max-memory-mb {args.max_memory_mb:g} leaves no room for a measurement: the worker's runtime alone "
+                f"takes about {WORKER_RUNTIME_BYTES >> 20} MB; give at least {MIN_MEMORY_MB}")
+    for name in ("max_upload_mb", "store_mb", "queue_timeout", "measure_timeout"):
+        if not getattr(args, name) > 0:
+            return f"--{name.replace('_', '-')} must be above 0 (got {getattr(args, name):g})"
+    for name in ("max_queue", "max_connections"):
+        if not 1 <= getattr(args, name) <= 10_000:
+            return f"--{name.replace('_', '-')} must be 1..10000 (got {getattr(args, name)})"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,7 +848,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         token = secrets.token_urlsafe(24)
         print(f"no token given: clients must set {TOKEN_ENV}={token}", flush=True)
-    agent = Agent(token, int(args.max_upload_mb * 2**20), args.queue_timeout, args.measure_timeout, int(args.store_mb * 2**20))
+    wrong = check_limits(args)
+    if wrong:
+        print(f"explorer serve: error: {wrong}", file=sys.stderr)
+        return 2
+    memory_mb = args.max_memory_mb if args.max_memory_mb is not None else default_memory_mb()
+    agent = Agent(token, int(args.max_upload_mb * 2**20), args.queue_timeout, args.measure_timeout,
+                  int(args.store_mb * 2**20), int(memory_mb * 2**20), args.max_queue, args.max_connections)
     try:
         server = make_server(args.host, args.port, agent)
     except OSError as error:
@@ -430,16 +862,20 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
+    agent.worker.start()  # the measurements' process, ready before the first request
     fp = agent.fingerprint
     print(f"explorer agent listening on {host}:{port} ({fp['cpu_model']}, ONNX Runtime {fp['onnxruntime']}, "
           f"providers {', '.join(fp['providers'])}; energy counters: {', '.join(fp['energy_counters']) or 'none'})",
           flush=True)
+    print(f"limits: {memory_mb:.0f} MB per measurement, {args.max_queue} in line for the device, "
+          f"{args.max_connections} connections", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("explorer agent: stopped", flush=True)
     finally:
         server.server_close()
+        agent.worker.stop()
     return 0
 
 
