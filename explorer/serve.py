@@ -48,6 +48,7 @@ import os
 import platform
 import queue
 import secrets
+import selectors
 import signal
 import socket
 import sys
@@ -89,6 +90,7 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_MAX_QUEUE = 32
 LISTEN_BACKLOG = 1024
+TURN_AWAY_S = 2.0  # how long a turned-away client may take to read its 503 and close
 LINGER_S = 10.0  # how long an unread body is read and dropped after the answer (so the client gets the answer)
 
 
@@ -186,7 +188,7 @@ def parse_inputs(specs, where: str = "") -> dict[str, tuple[list[int], str]]:
         shape = spec.get("shape") if isinstance(spec, dict) else None
         dtype = spec.get("dtype", "float32") if isinstance(spec, dict) else None
         if (not isinstance(shape, list) or len(shape) > 16
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_INPUT_ELEMENTS for d in shape)
                 or not isinstance(dtype, str) or dtype not in DTYPES):
             raise _bad(f"{where}input {name!r}: give 'shape' as at most 16 positive integers and 'dtype' one of "
                        f"{', '.join(DTYPES)}")
@@ -751,26 +753,51 @@ class AgentServer(ThreadingHTTPServer):
             self._active -= 1
 
     def _turn_away_loop(self) -> None:
+        """Answer each connection beyond the cap with a 503 and Retry-After, then read and drop what its client sends
+        until it closes or TURN_AWAY_S pass (closing with unread data would reset the connection before the client
+        read the answer); one thread and a selector for all of them, so idle clients do not hold the others up."""
+        selector = selectors.DefaultSelector()
+        deadlines: dict[socket.socket, float] = {}
         while True:
-            self._turn_away(self._turned_away.get())
+            fresh: list[socket.socket] = []
+            try:
+                fresh.append(self._turned_away.get(timeout=0.05 if deadlines else None))
+                while len(fresh) < 256:
+                    fresh.append(self._turned_away.get_nowait())
+            except queue.Empty:
+                pass
+            for connection in fresh:
+                if self._answer_busy(connection):
+                    selector.register(connection, selectors.EVENT_READ)
+                    deadlines[connection] = time.monotonic() + TURN_AWAY_S
+            for key, _ in selector.select(timeout=0) if deadlines else []:
+                try:
+                    more = key.fileobj.recv(1 << 16)
+                except OSError:
+                    more = b""
+                if not more:
+                    deadlines[key.fileobj] = 0.0
+            now = time.monotonic()
+            for connection in [c for c, deadline in deadlines.items() if deadline <= now]:
+                selector.unregister(connection)
+                connection.close()
+                del deadlines[connection]
 
-    def _turn_away(self, connection: socket.socket) -> None:
-        """503 with Retry-After, then read and drop what the client sends until it closes (or a second passes)."""
+    def _answer_busy(self, connection: socket.socket) -> bool:
+        """Send the 503 and end the writing side; False (and closed) when the client is gone already."""
         body = json.dumps({"error": f"this agent serves {self.agent.max_connections} connections at once "
                                     "(--max-connections): try again after Retry-After"}).encode()
         answer = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                   f"Retry-After: {int(self.agent.retry_after_s())}\r\nConnection: close\r\n\r\n").encode() + body
         try:
-            connection.settimeout(1.0)
+            connection.settimeout(0.5)
             connection.sendall(answer)
             connection.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline and connection.recv(1 << 16):
-                pass
+            connection.setblocking(False)
+            return True
         except OSError:
-            pass
-        finally:
             connection.close()
+            return False
 
 
 def make_server(host: str, port: int, agent: Agent) -> AgentServer:
