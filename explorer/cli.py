@@ -213,7 +213,8 @@ def _problem(args: argparse.Namespace):
     constraints = Constraints(latency_ms=args.latency_ms,
                               max_accuracy_drop=args.max_accuracy_drop / 100 if args.max_accuracy_drop is not None else None,
                               memory_mb=args.memory_mb)
-    return Problem(graph, board, make_measurer(args.measure, args.seed), AccuracyScorer(graph.model, dataset),
+    return Problem(graph, board, make_measurer(args.measure, args.seed, getattr(args, "wait_for_servers", 0.0)),
+                   AccuracyScorer(graph.model, dataset),
                    constraints, Objective.parse(args.objective))
 
 
@@ -314,6 +315,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         return _search_distributed(args)
     if args.parent_run:
         return _search_worker(args)
+    from explorer.measure import AgentsUnreachable
     from explorer.tracking import SearchTracker
 
     problem = _problem(args)
@@ -321,6 +323,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     tracking_uri, experiment, params = _search_settings(problem, args)
     baseline = _prepare(problem)
     state = {"result": None}
+    ended: AgentsUnreachable | None = None  # the measurement agents are gone: the search ends with what it has
     with SearchTracker(tracking_uri, experiment, f"{args.agent} seed {args.seed}", params, resume_run_id=args.resume) as tracker, \
             _progress() as progress:
         task = progress.add_task(f"{args.agent} search", total=args.budget, status="")
@@ -338,6 +341,10 @@ def cmd_search(args: argparse.Namespace) -> None:
             result = state["result"]
             if result is not None:
                 result.interrupted = True
+        except AgentsUnreachable as error:
+            ended, result = error, state["result"]
+            if result is None:  # nothing measured: nothing to summarise (the parent run ends FAILED)
+                raise
         if result is None or result.interrupted:  # Ctrl-C
             tracker.mark_killed()
             progress.stop()
@@ -350,8 +357,12 @@ def cmd_search(args: argparse.Namespace) -> None:
             err_console.print(f"resume with: explorer search {' '.join(_search_args(args, resume=tracker.run_id))}")
             raise SystemExit(130)
         progress.stop()
-        _conclude_search(problem, tracker, result, baseline, args)
+        if ended:
+            err_console.print(f"[red]the search ended early[/] after {len(result.trials)} of {args.budget} evaluations: {ended}")
+        _conclude_search(problem, tracker, result, baseline, args, ended=str(ended) if ended else None)
     _say_next(problem, tracking_uri, tracker.run_id, experiment, result, args)
+    if ended:
+        raise ended  # one line, exit code 2; the summary is written and the parent run marked FAILED
 
 
 def _search_agent(args: argparse.Namespace, shared: bool = False, **options):
@@ -403,9 +414,10 @@ def _progress_status(problem, result) -> str:
     return f"{best} | feasible {result.feasible_count}" + (f" | failed {failed}" if failed else "")
 
 
-def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespace) -> None:
+def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespace, ended: str | None = None) -> None:
     """Compare with the reference plans and the solver plan the agent started from, confirm the best plans
-    by interleaved re-measurement, show the best confirmed plan and its gains, log summary and plots."""
+    by interleaved re-measurement, show the best confirmed plan and its gains, log summary and plots. `ended`:
+    why the search stopped before its budget (the summary says so and the parent run ends FAILED)."""
     from explorer.report import gains, plot_settings, summary_rows
 
     rows = summary_rows(problem, result)
@@ -425,6 +437,9 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
         print_plan(problem, best_plan, f"best plan ({len(result.trials)} evaluations, {result.feasible_count} feasible)")
     console.print(f"measured by: {(result.best or baseline).measured_by}")
     summary = _summary_markdown(problem, rows, found_gains, headline, result, args)
+    if ended:
+        summary = summary.replace("\n\n", f"\n\n**Ended early** after {len(result.trials)} of {args.budget} evaluations: "
+                                          f"{ended}\n\n", 1)
     metrics = {f"gain_over_{'best_reference' if i == 0 else 'baseline'}": gain.ratio for i, gain in enumerate(found_gains)}
     if confirmed:
         metrics |= {"confirmed_ratio_to_baseline": confirmed.ratio, "confirmed_latency_ms": confirmed.latency_ms,
@@ -435,14 +450,15 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
             metrics |= {"confirmed_ratio_low": confirmed.ratio_ci[0], "confirmed_ratio_high": confirmed.ratio_ci[1]}
     tracker.finish(result, best_plan.to_json() if best_plan else {}, summary,
                    plot_settings=plot_settings(problem, result), metrics=metrics,
-                   confirmation=confirmation.to_json() if confirmation else None)  # draws the plots in a folder it removes
+                   confirmation=confirmation.to_json() if confirmation else None,  # draws the plots in a folder it removes
+                   status="FAILED" if ended else None)
 
 
 def _confirm(problem, result):
     """Re-measure the search's best plans, the best reference and the baseline interleaved; print the table and
     the headline. (None, None) when there is nothing feasible to confirm or the measurer cannot measure now."""
     from explorer.confirm import confirm
-    from explorer.measure import MeasurementFailed
+    from explorer.measure import AgentsUnreachable, MeasurementFailed
     from explorer.report import CONFIRMATION_COLUMNS, confirmation_candidates, confirmation_rows, confirmed_headline
 
     candidates = confirmation_candidates(problem, result)
@@ -452,7 +468,7 @@ def _confirm(problem, result):
     with err_console.status(f"confirming: {len(candidates)} plans and the baseline measured again, interleaved"):
         try:
             confirmation = confirm(problem, [plan for _, plan in candidates])
-        except MeasurementFailed as error:
+        except (MeasurementFailed, AgentsUnreachable) as error:
             console.print(f"[yellow]not confirmed[/]: {error}; the figures above are the search's single measurements")
             return None, None
     table = Table(title=f"confirmed: measured again interleaved with the baseline ({confirmation.baseline.rounds} rounds, "
@@ -684,6 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-accuracy-drop", type=float, default=PARSER_DEFAULTS["max_accuracy_drop"], help="accuracy drop limit in points (default 5)")
         p.add_argument("--memory-mb", type=float, help="limit on total weight memory")
         p.add_argument("--seed", type=int, default=PARSER_DEFAULTS["seed"])
+        p.add_argument("--wait-for-servers", type=float, default=0.0, metavar="SECONDS",
+                       help="with --measure remote://: how long to wait (probing, with a countdown) when no measurement "
+                            "agent can be reached, before the search ends with what it measured (default 0)")
 
     p = sub.add_parser("models", help="list the built-in model zoo")
     p.set_defaults(func=cmd_models)

@@ -118,6 +118,12 @@ class MeasurementFailed(ExplorerError):
     """A plan could not be measured (e.g. no remote agent could): the trial fails, the search goes on."""
 
 
+class AgentsUnreachable(ExplorerError):
+    """No measurement agent can be reached any more (after --wait-for-servers): nothing more can be measured, so
+    the search ends with what it measured (summary written, parent run FAILED). Not a MeasurementFailed: a
+    failed trial would only repeat it for every plan left in the budget."""
+
+
 class Measurer(Protocol):
     """Measures a plan's latency, energy and memory on a board."""
 
@@ -345,8 +351,9 @@ def interleaved_from_times(times: list[BlockTimes], blocks: list[list], compress
     return results
 
 
-def make_measurer(spec: str, seed: int = 0) -> Measurer:
-    """A measurer from its command-line name: sim, host or remote://HOST:PORT[,HOST:PORT...]."""
+def make_measurer(spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> Measurer:
+    """A measurer from its command-line name: sim, host or remote://HOST:PORT[,HOST:PORT...] (which waits up to
+    `wait_for_servers_s` for an agent when none is reachable)."""
     if spec == "sim":
         return SimMeasurer(seed)
     if spec == "host":
@@ -354,5 +361,5 @@ def make_measurer(spec: str, seed: int = 0) -> Measurer:
     if spec.startswith("remote://"):
         from explorer.remote import RemoteMeasurer
 
-        return RemoteMeasurer(spec)
+        return RemoteMeasurer(spec, wait_for_servers_s=wait_for_servers_s)
     raise ExplorerError(f"unknown measurer {spec!r}: use --measure sim, host or remote://HOST:PORT[,HOST:PORT...]")

@@ -228,9 +228,13 @@ class Problem:
         if self.parallelism > 1:  # remote agents measure while the accuracy is scored here
             with ThreadPoolExecutor(max_workers=1) as pool:
                 pending = pool.submit(measure_all)
-                for plan in plans:
-                    self.accuracy(plan)
-                measurements = pending.result()
+                try:
+                    for plan in plans:
+                        self.accuracy(plan)
+                    measurements = pending.result()
+                except KeyboardInterrupt:  # end the measurer's waits now, or leaving the pool waits for them
+                    getattr(self.measurer, "cancel", lambda: None)()
+                    raise
         else:
             measurements = measure_all()
         evaluations = {}

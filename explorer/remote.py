@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +27,8 @@ from explorer.blockrun import AdaptiveRepeats, BlockTimes
 from explorer.boards import Board
 from explorer.cache import digest
 from explorer.errors import ExplorerError
-from explorer.measure import (SEARCH_REPEATS, Interleaved, Measurement, MeasurementFailed, block_specs, board_providers,
-                              interleaved_from_times, measurement_from_times)
+from explorer.measure import (SEARCH_REPEATS, AgentsUnreachable, Interleaved, Measurement, MeasurementFailed, block_specs,
+                              board_providers, interleaved_from_times, measurement_from_times)
 from explorer.serve import ADAPTIVE_FEATURE, INTERLEAVED_FEATURE, PROTOCOL_VERSION, TOKEN_ENV
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,15 @@ SCHEME = "remote://"
 
 
 class AgentError(Exception):
-    """One agent failed one request: `retry` says whether another agent may succeed."""
+    """One agent failed one request: `retry` says whether another agent may succeed, `unreachable` that no
+    connection could be made, `busy_s` that the agent is busy and asks to be tried again after that long
+    (a 503 with Retry-After: not a failure)."""
 
-    def __init__(self, message: str, retry: bool = True):
+    def __init__(self, message: str, retry: bool = True, unreachable: bool = False, busy_s: float | None = None,
+                 broken: bool = False):
         super().__init__(message)
-        self.retry = retry
+        self.retry, self.unreachable, self.busy_s = retry, unreachable, busy_s
+        self.broken = broken  # the connection broke or timed out (no HTTP answer): the agent may be gone
 
 
 @dataclass
@@ -49,7 +54,9 @@ class AgentEndpoint:
     host: str
     port: int
     info: dict = field(default_factory=dict)
-    resting_until: float = 0.0  # monotonic time before which it is not tried (after a failure)
+    resting_until: float = 0.0  # monotonic time before which it is not tried (after a failure, or busy)
+    down_since: float | None = None  # monotonic time since which no connection could be made (None: reachable)
+    down_why: str = ""
 
     @property
     def address(self) -> str:
@@ -81,10 +88,15 @@ class RemoteMeasurer:
 
     def __init__(self, spec: str, token: str | None = None, warmup: int = 3, repeats: int = 15, batch: int = 1,
                  timeout_s: float = 600.0, rest_s: float = 30.0, tries: int | None = None,
-                 adaptive: AdaptiveRepeats | None = SEARCH_REPEATS):
+                 adaptive: AdaptiveRepeats | None = SEARCH_REPEATS, wait_for_servers_s: float = 0.0,
+                 connect_timeout_s: float = 5.0):
         """At least `repeats` timed repeats after `warmup` per plan; with `adaptive` (default) the agent adds
         more until the interval of the median is tight or its cap (agents from before adaptive repeats are
-        refused then), without it exactly `repeats`."""
+        refused then), without it exactly `repeats`. A plan's measurement ends within `timeout_s` (every wait
+        in it has that deadline); when no agent can be reached, they are probed again for `wait_for_servers_s`
+        (with a countdown on the log) and then AgentsUnreachable ends the measuring."""
+        if not (isinstance(wait_for_servers_s, (int, float)) and 0 <= wait_for_servers_s <= 7 * 86_400):
+            raise ExplorerError(f"--wait-for-servers must be 0 to 604800 seconds (got {wait_for_servers_s!r})")
         self.spec = spec
         self.endpoints = parse_endpoints(spec)
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
@@ -95,9 +107,16 @@ class RemoteMeasurer:
         self.timeout_s = timeout_s
         self.rest_s = rest_s
         self.tries = tries or max(2, len(self.endpoints) + 1)
+        self.wait_for_servers_s = float(wait_for_servers_s)
+        self.connect_timeout_s = connect_timeout_s
         self._lock = threading.Lock()
         self._free: queue.Queue[AgentEndpoint] = queue.Queue()
         self._fingerprint: dict | None = None
+        self._stop = threading.Event()  # set by cancel(): every wait ends, every request in flight is cut
+        self._in_flight: set[http.client.HTTPConnection] = set()
+        self._in_flight_lock = threading.Lock()
+        self._probe_lock = threading.Lock()  # one thread probes unreachable agents, the others wait for its verdict
+        self._unreachable: AgentsUnreachable | None = None  # once every agent stayed unreachable: for good
 
     @property
     def parallelism(self) -> int:
@@ -117,7 +136,7 @@ class RemoteMeasurer:
                     reached.append(endpoint)
                 except AgentError as error:
                     log.warning("agent %s is not reachable now (%s); it will be tried again later", endpoint.address, error)
-                    endpoint.resting_until = time.monotonic() + self.rest_s
+                    self._failed(endpoint, error)
             if not reached:
                 raise ExplorerError(f"no agent of {self.spec} answered: start them with `explorer serve` (and the same "
                                     f"{TOKEN_ENV}) or check the addresses")
@@ -192,20 +211,56 @@ class RemoteMeasurer:
         return blocks, chain, {sha: spec.model for sha, spec in zip(shas, specs)}
 
     def _on_an_agent(self, path: str, models: dict[str, bytes], request: dict, what: str) -> tuple[dict, AgentEndpoint]:
-        """The answer of the next free agent to the request (retried elsewhere when an agent fails)."""
+        """The answer of the next free agent to the request, within `timeout_s` (retried elsewhere when an agent
+        fails; a busy agent's Retry-After is waited out, not counted as a failure)."""
+        deadline = time.monotonic() + self.timeout_s
         errors = []
-        for _ in range(self.tries):
-            endpoint = self._take()
+        while len(errors) < self.tries:
+            endpoint = self._take(deadline)
             try:
-                return self._measure_on(endpoint, models, request, path), endpoint
+                return self._measure_on(endpoint, models, request, path, deadline), endpoint
             except AgentError as error:
+                if error.busy_s is not None:  # busy: it asks to be tried again then (another agent may be free first)
+                    endpoint.resting_until = time.monotonic() + min(error.busy_s, self.rest_s)
+                    if time.monotonic() + min(error.busy_s, self.rest_s) >= deadline:
+                        errors.append(f"{endpoint.address}: {error}")
+                        break
+                    continue
                 errors.append(f"{endpoint.address}: {error}")
                 if not error.retry:
                     raise MeasurementFailed(f"the agent rejected {what}: {error}") from None
-                endpoint.resting_until = time.monotonic() + self.rest_s  # down, busy or too slow: another one tries
+                self._failed(endpoint, error)  # down, broken or too slow: another one tries
             finally:
                 self._free.put(endpoint)
         raise MeasurementFailed(f"no agent could measure {what} after {len(errors)} tries: " + "; ".join(errors))
+
+    def _failed(self, endpoint: AgentEndpoint, error: AgentError) -> None:
+        """Set an agent aside after a failure (and note since when it cannot be reached, if it cannot)."""
+        endpoint.resting_until = time.monotonic() + self.rest_s
+        if error.broken and not self._stop.is_set():  # gone, or only slow? a connection says at once
+            try:
+                socket.create_connection((endpoint.host, endpoint.port), timeout=self.connect_timeout_s).close()
+            except OSError as refused:
+                error = AgentError(f"{error}; then cannot connect: {type(refused).__name__}: {refused}", unreachable=True)
+        if error.unreachable:
+            endpoint.down_since = endpoint.down_since or time.monotonic()
+            endpoint.down_why = str(error)
+
+    def cancel(self) -> None:
+        """End every wait and cut every request in flight (Ctrl-C): measurements raise MeasurementFailed from now on,
+        within a fraction of a second, so that threads measuring for the search do not keep it alive."""
+        self._stop.set()
+        with self._in_flight_lock:
+            for connection in list(self._in_flight):
+                if connection.sock is not None:
+                    try:
+                        connection.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise MeasurementFailed("measurement cancelled (interrupted)")
 
     def measure_many(self, graph, compressor, board, plans, calibration_inputs=None) -> list[Measurement | MeasurementFailed]:
         """Measure plans in parallel, one per agent at a time; a plan that fails gives its MeasurementFailed."""
@@ -217,23 +272,33 @@ class RemoteMeasurer:
             except MeasurementFailed as error:
                 return error
 
-        with ThreadPoolExecutor(max_workers=max(1, min(len(plans), self.parallelism))) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, min(len(plans), self.parallelism)))
+        try:
             return list(pool.map(one, plans))
+        except KeyboardInterrupt:  # the other plans' waits end now, not at their deadlines
+            self.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    def _take(self) -> AgentEndpoint:
-        """The next free agent that is not resting after a failure (waiting for one when none is)."""
-        deadline = time.monotonic() + self.timeout_s
+    def _take(self, deadline: float) -> AgentEndpoint:
+        """The next free agent that is not resting (waiting for one until `deadline`); when every agent is
+        unreachable, they are probed again (see :meth:`_await_reachable`)."""
         held: list[AgentEndpoint] = []  # free but resting
         try:
             while True:
+                self._check_stop()
                 now = time.monotonic()
-                for endpoint in held:
-                    if endpoint.resting_until <= now:
-                        held.remove(endpoint)
-                        return endpoint
+                ready = sorted((e for e in held if e.resting_until <= now), key=lambda e: e.down_since is not None)
+                if ready:
+                    held.remove(ready[0])
+                    return ready[0]
+                if all(e.down_since is not None for e in self.endpoints):
+                    self._await_reachable()
+                    continue
                 if now >= deadline:
                     raise MeasurementFailed(f"no agent became free within {self.timeout_s:g} s")
-                wake = min([e.resting_until for e in held] + [deadline])
+                wake = min([e.resting_until for e in held] + [deadline, now + 0.25])  # short slices: cancel() is seen
                 try:
                     held.append(self._free.get(timeout=max(0.01, wake - now)))
                 except queue.Empty:
@@ -242,8 +307,41 @@ class RemoteMeasurer:
             for endpoint in held:
                 self._free.put(endpoint)
 
+    def _await_reachable(self) -> None:
+        """Every agent is unreachable: probe them all until one answers, for `wait_for_servers_s` after the last
+        went down (a countdown on the log), then AgentsUnreachable, for good (every later measurement raises it)."""
+        with self._probe_lock:
+            if self._unreachable is not None:
+                raise self._unreachable
+            give_up = max(e.down_since or 0.0 for e in self.endpoints) + self.wait_for_servers_s
+            said = 0.0
+            while all(e.down_since is not None for e in self.endpoints):
+                for endpoint in self.endpoints:
+                    self._check_stop()
+                    try:
+                        endpoint.info = self._request(endpoint, "GET", "/info", timeout_s=self.connect_timeout_s) or {}
+                    except AgentError as error:
+                        endpoint.down_why = str(error)
+                        continue
+                    endpoint.down_since, endpoint.resting_until = None, 0.0  # it answers again
+                    log.warning("agent %s answers again", endpoint.address)
+                    return
+                now = time.monotonic()
+                if now >= give_up:
+                    why = "; ".join(f"{e.address}: {e.down_why}" for e in self.endpoints)
+                    self._unreachable = AgentsUnreachable(
+                        f"no measurement agent of {self.spec} can be reached ({why})"
+                        + (f" after waiting {self.wait_for_servers_s:g} s" if self.wait_for_servers_s else "")
+                        + ": start them again (`explorer serve`), or give --wait-for-servers SECONDS to wait for them")
+                    raise self._unreachable
+                if now - said >= 5.0:
+                    log.warning("no measurement agent of %s can be reached: probing again, giving up in %.0f s "
+                                "(--wait-for-servers %g)", self.spec, give_up - now, self.wait_for_servers_s)
+                    said = now
+                self._stop.wait(min(1.0, give_up - now))
+
     def _measure_on(self, endpoint: AgentEndpoint, models: dict[str, bytes], request: dict,
-                    path: str = "/measure") -> dict:
+                    path: str = "/measure", deadline: float | None = None) -> dict:
         """Upload what the agent lacks, then measure (uploading again if the agent dropped a model meanwhile)."""
         limit = endpoint.info.get("max_upload_bytes") if endpoint.info else None
         for sha, data in models.items():
@@ -252,10 +350,11 @@ class RemoteMeasurer:
                                  "(restart it with a larger --max-upload-mb)", retry=False)
         for attempt in range(2):
             for sha, data in models.items():
-                if self._request(endpoint, "HEAD", f"/models/{sha}", ok=(200, 404), timeout_s=30.0) is None:
-                    self._request(endpoint, "PUT", f"/models/{sha}", body=data, content_type="application/octet-stream")
+                if self._request(endpoint, "HEAD", f"/models/{sha}", ok=(200, 404), timeout_s=30.0, deadline=deadline) is None:
+                    self._request(endpoint, "PUT", f"/models/{sha}", body=data, content_type="application/octet-stream",
+                                  deadline=deadline)
             try:
-                answer = self._request(endpoint, "POST", path, body=json.dumps(request).encode())
+                answer = self._request(endpoint, "POST", path, body=json.dumps(request).encode(), deadline=deadline)
                 if _device_kind(answer["fingerprint"]) != _device_kind(self._fingerprint):  # e.g. it was down at start
                     raise AgentError(f"it is another kind of device ({_device_kind(answer['fingerprint'])})")
                 return answer
@@ -266,18 +365,38 @@ class RemoteMeasurer:
 
     def _request(self, endpoint: AgentEndpoint, method: str, path: str, body: bytes | None = None,
                  content_type: str = "application/json", ok: tuple[int, ...] = (200, 201),
-                 timeout_s: float | None = None) -> dict | None:
-        """One HTTP request; the JSON answer (None for a 404 that `ok` allows). AgentError otherwise."""
-        connection = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=timeout_s or self.timeout_s)
+                 timeout_s: float | None = None, deadline: float | None = None) -> dict | None:
+        """One HTTP request, connected within `connect_timeout_s` and answered within `timeout_s` (default the
+        measurer's) and before `deadline`; the JSON answer (None for a 404 that `ok` allows). AgentError
+        otherwise (a 503 with Retry-After: busy)."""
+        self._check_stop()
+        timeout = timeout_s or self.timeout_s
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise AgentError(f"no answer within the measurement's {self.timeout_s:g} s")
+        connection = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=min(timeout, self.connect_timeout_s))
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
+        with self._in_flight_lock:
+            self._in_flight.add(connection)
         try:
+            try:
+                connection.connect()
+            except OSError as error:
+                raise AgentError(f"cannot connect: {type(error).__name__}: {error}", unreachable=True) from None
+            connection.sock.settimeout(timeout)
+            self._check_stop()
             connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
             payload = response.read()
         except (OSError, http.client.HTTPException) as error:
-            raise AgentError(f"{type(error).__name__}: {error}") from None
+            self._check_stop()
+            raise AgentError(f"{type(error).__name__}: {error}", broken=True) from None
         finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(connection)
             connection.close()
+        endpoint.down_since = None  # it answered
         if response.status == 404 and 404 in ok:
             return None
         if response.status in ok:
@@ -288,7 +407,10 @@ class RemoteMeasurer:
             message = payload[:200].decode(errors="replace")
         if response.status == 401:
             raise ExplorerError(f"agent {endpoint.address} refused the token: set {TOKEN_ENV} to the token the agent uses")
-        retry = response.status >= 500  # busy, timed out, broken: another agent may do; 4xx: the request is bad
+        retry_after = response.getheader("Retry-After")
+        if response.status == 503 and retry_after and retry_after.strip().isdigit():
+            raise AgentError(f"HTTP 503: {message}", busy_s=max(0.1, float(retry_after)))
+        retry = response.status >= 500  # timed out, broken: another agent may do; 4xx: the request is bad
         raise AgentError(f"HTTP {response.status}: {message}", retry=retry)
 
 

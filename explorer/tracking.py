@@ -534,14 +534,14 @@ class SearchTracker:
     def finish(self, result: SearchResult, best_plan_json: dict | None, summary_markdown: str,
                plots: dict[str, Path] | None = None, latency_budget_ms: float | None = None,
                metrics: dict[str, float] | None = None, confirmation: dict | None = None,
-               plot_settings: PlotSettings | None = None) -> None:
+               plot_settings: PlotSettings | None = None, status: str | None = None) -> None:
         """Flush, log the best plan's metrics and the artifacts, and end the parent run.
 
         Artifacts: best_plan.json (unless `best_plan_json` is empty: no feasible plan), summary.md,
         every plot in `plots` (artifact file name -> local file), and convergence.png and pareto.png
         drawn here unless `plots` has them (with `plot_settings`, else only the latency budget); `metrics` are logged with the best_* ones; `confirmation` (the
         confirmed re-measurement, JSON) as confirmation.json. The run ends KILLED when the search was
-        interrupted, else FINISHED. After a resume, the best_* metrics, the plots and the artifacts
+        interrupted, else FINISHED, unless `status` says otherwise (FAILED: it ended early). After a resume, the best_* metrics, the plots and the artifacts
         describe `result` (pass one that covers the whole search), while the best_so_far series and
         the feasible count carry on from the trials logged before.
         """
@@ -578,7 +578,7 @@ class SearchTracker:
         if confirmation:
             self.client.log_dict(self.run_id, confirmation, CONFIRMATION_ARTIFACT)
         self.client.log_text(self.run_id, summary_markdown, "summary.md")
-        self._end("KILLED" if result.interrupted else "FINISHED")
+        self._end(status or ("KILLED" if result.interrupted else "FINISHED"))
 
     def mark_killed(self) -> None:
         """The search was interrupted: keep what was logged, set the parent run KILLED."""

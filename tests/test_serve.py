@@ -25,7 +25,7 @@ from explorer.graph import LayerGraph
 from explorer.measure import HostMeasurer
 from explorer.plan import Decision
 from explorer.problem import Constraints, Objective, Problem
-from explorer.remote import RemoteMeasurer, parse_endpoints
+from explorer.remote import AgentError, RemoteMeasurer, parse_endpoints
 from explorer.confirm import confirm
 from explorer.serve import FEATURES, TOKEN_ENV
 from boardbuild import write_board
@@ -300,13 +300,22 @@ def test_when_no_agent_can_measure_the_trial_fails_and_the_search_completes(agen
     problem = _problem(board, RemoteMeasurer(f"remote://{agent.address}", warmup=1, repeats=3, rest_s=0.1, adaptive=None),
                        constraints=Constraints(latency_ms=None, max_accuracy_drop=None))
     events = []
+    request = RemoteMeasurer._request
+    broken = {}
 
-    def kill_after_three(trial, result):
+    def broken_agent(self, endpoint, method, path, *args, **kwargs):  # reachable, but every measurement fails
+        if broken and method == "POST":
+            raise AgentError("HTTP 500: agent error: broken")
+        return request(self, endpoint, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(RemoteMeasurer, "_request", broken_agent)
+
+    def break_after_three(trial, result):
         events.append(trial.failed)
         if len(result.trials) == 3:
-            agent.kill()
+            broken["yes"] = True
 
-    result = make_agent("optuna-tpe", storage="memory").search(problem, 8, seed=0, callback=kill_after_three)
+    result = make_agent("optuna-tpe", storage="memory").search(problem, 8, seed=0, callback=break_after_three)
     assert len(result.trials) == 8  # the budget is spent: failed trials count
     assert events[:3] == [False, False, False] and all(events[3:])
     assert result.best is not None and not result.best_trial.failed and result.best.feasible
