@@ -7,7 +7,10 @@ measured in parallel (`measure_many`), each taken by the next free agent; interl
 (`measure_interleaved`, for confirmation) run all their plans on one agent, in one request. An agent that fails (down,
 too slow, an error) is set aside for a while and the plan goes to another; a plan that no agent
 could measure raises MeasurementFailed, which the Problem turns into a failed trial, never a failed
-search. Only ONNX and JSON cross the wire; the token comes from $EXPLORER_AGENT_TOKEN.
+search. A busy agent (503 with Retry-After) is tried again after that long. Every wait has a deadline;
+when no agent can be reached at all they are probed for `wait_for_servers_s`, then AgentsUnreachable
+ends the search (with its summary). cancel() (Ctrl-C) cuts every request in flight. Only ONNX and JSON
+cross the wire; the token comes from $EXPLORER_AGENT_TOKEN.
 """
 from __future__ import annotations
 

@@ -32,8 +32,17 @@ HTTP API (every request carries `Authorization: Bearer TOKEN`; answers are JSON)
   One measurement runs at a time (the device is the shared resource); others wait in line up to
   the queue timeout (then 503), and a measurement past its time limit is stopped (504).
 
-Errors: 401 without or with a wrong token, 413 for an upload over the size limit, 400 for
-malformed JSON, ONNX or inputs, 404 for an unknown model (upload it first). The agent keeps serving.
+Errors: 401 without or with a wrong token, 413 for an upload over the size limit (the body is then
+read and dropped, so that the client gets the answer and not a reset), 400 for malformed JSON, ONNX
+or inputs (every field checked, the inputs against the blocks' declared ones, before anything is drawn)
+and for a measurement over the memory budget, 404 for an unknown model (upload it first), 503 with
+Retry-After when the line for the device (--max-queue) or the connections (--max-connections) are
+full. The agent keeps serving.
+
+Bounds: measurements run in a worker process (Worker) whose resident memory is watched against
+--max-memory-mb (checked from the request's shapes before it queues, enforced while it runs); the
+request checks (parse_blocks, parse_inputs, check_inputs, estimate_memory_bytes) are functions any
+endpoint that runs uploaded blocks can call.
 """
 from __future__ import annotations
 
