@@ -386,10 +386,8 @@ class Worker:
         try:
             self._connection.send(job)
             deadline = time.monotonic() + deadline_s
-            peak = 0
             while not self._connection.poll(self.poll_s):
                 resident = _resident_bytes(pid) or 0
-                peak = max(peak, resident)
                 if resident > self.memory_bytes:
                     self.stop()
                     return "memory", (f"the measurement's process reached {resident / 2**20:.0f} MB, over this agent's "

@@ -1,7 +1,6 @@
 """The remote measurer never hangs (issue 24, item 2): when every agent is gone the search ends with its
 summary and a FAILED parent run, or waits for --wait-for-servers and goes on when one is back; a busy
 agent's 503 with Retry-After is waited out; Ctrl-C ends a search whose agents hang, within 2 s."""
-import json
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ from boardbuild import write_board
 from explorer.boards import load_board
 from explorer.cli import main
 from explorer.measure import AgentsUnreachable
-from explorer.remote import RemoteMeasurer
+from explorer.remote import AgentError, RemoteMeasurer
 from explorer.serve import TOKEN_ENV
 from explorer.tracking import default_tracking_uri, read_search
 from netbuild import small_cnn
@@ -115,7 +114,7 @@ def test_the_measurer_waits_for_servers_and_goes_on_when_one_is_back(tmp_path, m
 def test_a_busy_agent_is_waited_for_not_set_aside(tmp_path, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     board = load_board(str(write_board(tmp_path / "cpuboard.toml", ["cpu", "cpu1"], threads=[1, 1])))
-    agent = AgentProcess("--max-queue", "1")
+    agent = AgentProcess()
     try:
         measurer = RemoteMeasurer(f"remote://{agent.address}", warmup=0, repeats=3, adaptive=None, rest_s=600)
         problem = _problem(board, measurer)
@@ -124,11 +123,8 @@ def test_a_busy_agent_is_waited_for_not_set_aside(tmp_path, monkeypatch):
         calls = []
 
         def first_busy(self, endpoint, method, path, *args, **kwargs):
-            if path == "/measure" and not calls:
+            if path == "/measure" and not calls:  # the first measurement finds the agent busy
                 calls.append(path)
-                body = json.dumps({"blocks": [], "inputs": {}}).encode()
-                from explorer.remote import AgentError
-
                 raise AgentError("HTTP 503: busy", busy_s=1.0)
             return request(self, endpoint, method, path, *args, **kwargs)
 
