@@ -378,6 +378,11 @@ class Worker:
             self._connection.close()
             self._process = self._connection = None
 
+    def restart(self) -> None:
+        """Kill the worker and start a fresh one now (it loads NumPy and ONNX Runtime while the answer goes out)."""
+        self.stop()
+        self.start()
+
     def run(self, job: dict, deadline_s: float) -> tuple[str, object, dict]:
         """(status, answer or message, signatures learnt); the worker is killed past the memory budget or the
         deadline (then status "memory" or "timeout")."""
@@ -389,20 +394,20 @@ class Worker:
             while not self._connection.poll(self.poll_s):
                 resident = _resident_bytes(pid) or 0
                 if resident > self.memory_bytes:
-                    self.stop()
+                    self.restart()
                     return "memory", (f"the measurement's process reached {resident / 2**20:.0f} MB, over this agent's "
                                       f"budget of {self.memory_bytes / 2**20:.0f} MB (--max-memory-mb), and was stopped: "
                                       "measure smaller blocks or inputs, or restart the agent with a larger "
                                       "--max-memory-mb"), {}
                 if time.monotonic() > deadline:
-                    self.stop()
+                    self.restart()
                     return "timeout", f"the measurement ran past its {deadline_s:g} s limit and was stopped", {}
                 if not self._process.is_alive():
                     break
             return self._connection.recv()
         except (EOFError, OSError, BrokenPipeError):  # it died (e.g. the kernel's OOM killer): a fresh one next time
             code = self._process.exitcode if self._process is not None else None
-            self.stop()
+            self.restart()
             return "bug", f"the measurement's process ended unexpectedly (exit code {code})", {}
 
 
