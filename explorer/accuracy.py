@@ -132,6 +132,14 @@ class AccuracyScorer:
         classifier = self.reference_outputs.ndim == 2 and self.reference_outputs.shape[1] > 1
         if dataset.y is not None and not classifier:
             raise ExplorerError("the data has labels but the model's output is not (N, classes): drop `y` from the npz")
+        if dataset.y is not None and (dataset.y.min() < 0 or dataset.y.max() >= self.reference_outputs.shape[1]):
+            outside = int(np.sum((dataset.y < 0) | (dataset.y >= self.reference_outputs.shape[1])))
+            raise ExplorerError(f"{dataset.source}: {outside} label(s) in y lie outside the model's "
+                                f"{self.reference_outputs.shape[1]} classes (0..{self.reference_outputs.shape[1] - 1}, "
+                                f"found {int(dataset.y.min())}..{int(dataset.y.max())}): give the labels this model predicts")
+        if not np.all(np.isfinite(self.reference_outputs)):
+            raise ExplorerError(f"the uncompressed model's outputs on {dataset.source} are not all finite (NaN or "
+                                "infinity): accuracy cannot be scored on them; check the inputs' scaling and the model")
         self.metric = "top1" if dataset.y is not None else ("agreement" if classifier else "similarity")
         self.baseline = self.score_outputs(self.reference_outputs)
 

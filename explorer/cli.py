@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -648,10 +649,56 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 # ---- parser ---------------------------------------------------------------------------------------
+# Option types: argparse turns their ArgumentTypeError into one line ("argument --budget: ...") and exit 2.
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (a latency or memory limit)."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0 (leave the option out for the default)")
+    return value
+
+
+def accuracy_points(text: str) -> float:
+    """An accuracy-drop limit in points: 0 to 100."""
+    value = _number(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 100 points (e.g. 1 for one point of accuracy)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1 (a budget, a worker or epoch count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (what is wrong, where to read more) and exit status 2;
+    its sub-commands' parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from explorer.zoo import RECIPES, trainable_names
 
-    parser = argparse.ArgumentParser(prog="explorer", description=__doc__)
+    parser = OneLineParser(prog="explorer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p: argparse.ArgumentParser) -> None:
@@ -667,9 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--measure", default=PARSER_DEFAULTS["measure"], help="sim (simulated board), host (this machine, with --board host) or "
                        "remote://HOST:PORT[,HOST:PORT...] (boards running `explorer serve`; token in $EXPLORER_AGENT_TOKEN)")
         p.add_argument("--objective", default=PARSER_DEFAULTS["objective"], help="energy, latency, memory, or a weighted sum like energy:0.7,latency:0.3")
-        p.add_argument("--latency-ms", type=float, default=PARSER_DEFAULTS["latency_ms"], help="latency budget per inference (default 5000, as DeepX)")
-        p.add_argument("--max-accuracy-drop", type=float, default=PARSER_DEFAULTS["max_accuracy_drop"], help="accuracy drop limit in points (default 5)")
-        p.add_argument("--memory-mb", type=float, help="limit on total weight memory")
+        p.add_argument("--latency-ms", type=positive_float, default=PARSER_DEFAULTS["latency_ms"], help="latency budget per inference (default 5000, as DeepX)")
+        p.add_argument("--max-accuracy-drop", type=accuracy_points, default=PARSER_DEFAULTS["max_accuracy_drop"], help="accuracy drop limit in points (default 5)")
+        p.add_argument("--memory-mb", type=positive_float, help="limit on total weight memory")
         p.add_argument("--seed", type=int, default=PARSER_DEFAULTS["seed"])
 
     p = sub.add_parser("models", help="list the built-in model zoo")
@@ -710,11 +757,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     problem_options(p)
     p.add_argument("--agent", default="ppo", help="ppo (default), optuna-tpe, optuna-nsga2, random or solver")
-    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help=f"measured evaluations (default {DEFAULT_BUDGET})")
+    p.add_argument("--budget", type=positive_int, default=DEFAULT_BUDGET, help=f"measured evaluations (default {DEFAULT_BUDGET})")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under runs/)")
     p.add_argument("--storage", help="Optuna storage URL for the optuna agents (default: SQLite under runs/)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted search (its MLflow parent run id)")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes sharing one Optuna study (Optuna agents; "
+    p.add_argument("--workers", type=positive_int, default=1, help="local worker processes sharing one Optuna study (Optuna agents; "
                    "default 1)")
     p.add_argument("--study", help="Optuna study to share with other processes or machines (with --storage): this "
                    "process adds --budget trials to it")
@@ -750,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     p = zoo_sub.add_parser("train", help="train a zoo model and write its ONNX file and validation subset")
     p.add_argument("name", help=f"zoo model to train ({', '.join(trainable_names())})")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the recipe's, "
+    p.add_argument("--epochs", type=positive_int, help="training epochs (default: the recipe's, "
                    + ", ".join(f"{name} {recipe.epochs}" for name, recipe in RECIPES.items()) + ")")
     p.add_argument("--seed", type=int, help="training seed (default: the recipe's, 0)")
     p.add_argument("--out", help="output folder (default: vgg replaces the package's zoo_data files; "

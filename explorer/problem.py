@@ -55,9 +55,13 @@ class Objective:
             if name not in OBJECTIVES:
                 raise ExplorerError(f"unknown objective {name!r}: use one of {', '.join(OBJECTIVES)} or a weighted sum like energy:0.7,latency:0.3")
             try:
-                weights.append((name, float(weight) if weight else 1.0))
+                value = float(weight) if weight else 1.0
             except ValueError:
                 raise ExplorerError(f"objective weight {weight!r} is not a number (e.g. energy:0.7,latency:0.3)") from None
+            if not (math.isfinite(value) and value > 0):  # a zero or negative weight would reward the worse plan
+                raise ExplorerError(f"objective weight {name}:{weight} must be a positive number (e.g. energy:0.7,latency:0.3); "
+                                    "leave a metric out instead of giving it weight 0")
+            weights.append((name, value))
         return cls(tuple(weights))
 
     @property
