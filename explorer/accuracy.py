@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from explorer.cache import atomic_write_json, digest, read_json
+from explorer.cache import atomic_write_json, digest, read_json, unreadable
 from explorer.compress import Compressor, Rung, decision_for, full_rank_plan
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
@@ -245,8 +245,11 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     key = digest(graph.fingerprint(), scorer.data_digest(), ladder_spec)
     path = cache_dir("sensitivity") / f"{key}.json"
     cached = read_json(path)
-    if cached and cached.get("version") == SENSITIVITY_VERSION:
-        return SensitivityTable(cached["metric"], cached["baseline"], cached["drops"], cached["flips"], from_cache=True)
+    if isinstance(cached, dict) and cached.get("version") == SENSITIVITY_VERSION:
+        try:
+            return SensitivityTable(cached["metric"], cached["baseline"], cached["drops"], cached["flips"], from_cache=True)
+        except KeyError as exc:  # valid JSON of another shape: a miss
+            unreadable(path, ValueError(f"no {exc} in it"))
     table = SensitivityTable(scorer.metric, scorer.baseline.value)
     x_calibration, _ = calibration_inputs(graph, scorer.dataset)
     base_plan = full_rank_plan(graph)

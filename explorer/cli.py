@@ -815,10 +815,9 @@ def main(argv: list[str] | None = None) -> int:
         from explorer.serve import main as serve_main
 
         return serve_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        with termination_as_interrupt():
+        with termination_as_interrupt():  # from the start: an interrupt while modules load ends as cleanly
+            args = build_parser().parse_args(argv)
             args.func(args)
     except ExplorerError as exc:
         err_console.print(f"[bold red]explorer: error:[/] {exc}", highlight=False, soft_wrap=True)

@@ -17,7 +17,7 @@ from explorer.accuracy import (DEFAULT_ERROR_BOUND, NOT_MEASURED, AccuracyResult
                                rungs_within_bound)
 from explorer.blockrun import int8_exact
 from explorer.boards import Board
-from explorer.cache import AppendOnlyCache, atomic_write_json, digest, read_json
+from explorer.cache import AppendOnlyCache, atomic_write_json, digest, read_json, unreadable
 from explorer.compress import Compressor, Rung
 from explorer.cost import CostModel
 from explorer.errors import ExplorerError
@@ -279,9 +279,12 @@ class Problem:
             return self._accuracy_cache[key]
         path = cache_dir("accuracy") / self._accuracy_key / f"{key}.json" if self.use_disk_cache else None
         stored = read_json(path) if path and self.scorer.measured else None
-        if stored is not None:
-            result = AccuracyResult(stored["value"], stored["metric"], stored["samples"])
-        else:
+        try:
+            result = AccuracyResult(stored["value"], stored["metric"], stored["samples"]) if stored is not None else None
+        except (KeyError, TypeError, IndexError) as exc:  # valid JSON of another shape: a miss
+            unreadable(path, ValueError(f"no {exc} in it"))
+            result = None
+        if result is None:
             if self.scorer.measured:
                 result = self.scorer.score(self.compressor.rewrite_shared(plan, self.calibration_inputs))
                 if path:
