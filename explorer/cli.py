@@ -676,15 +676,24 @@ def accuracy_points(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """A whole number of at least 1 (a budget, a worker or epoch count)."""
+def _whole(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text} must be at least {least}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1 (a budget, a worker or epoch count)."""
+    return _whole(text, 1)
+
+
+def seed_int(text: str) -> int:
+    """A random seed: a whole number of at least 0 (NumPy's generators take no negative seed)."""
+    return _whole(text, 0)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -717,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--latency-ms", type=positive_float, default=PARSER_DEFAULTS["latency_ms"], help="latency budget per inference (default 5000, as DeepX)")
         p.add_argument("--max-accuracy-drop", type=accuracy_points, default=PARSER_DEFAULTS["max_accuracy_drop"], help="accuracy drop limit in points (default 5)")
         p.add_argument("--memory-mb", type=positive_float, help="limit on total weight memory")
-        p.add_argument("--seed", type=int, default=PARSER_DEFAULTS["seed"])
+        p.add_argument("--seed", type=seed_int, default=PARSER_DEFAULTS["seed"])
 
     p = sub.add_parser("models", help="list the built-in model zoo")
     p.set_defaults(func=cmd_models)
@@ -799,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help=f"zoo model to train ({', '.join(trainable_names())})")
     p.add_argument("--epochs", type=positive_int, help="training epochs (default: the recipe's, "
                    + ", ".join(f"{name} {recipe.epochs}" for name, recipe in RECIPES.items()) + ")")
-    p.add_argument("--seed", type=int, help="training seed (default: the recipe's, 0)")
+    p.add_argument("--seed", type=seed_int, help="training seed (default: the recipe's, 0)")
     p.add_argument("--out", help="output folder (default: vgg replaces the package's zoo_data files; "
                    "dnn and cnn go to the cache under runs/, where --model NAME finds them)")
     p.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST idx .gz files "

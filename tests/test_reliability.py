@@ -46,6 +46,7 @@ BAD_INPUTS = [
     ("search --budget 0", 2, "argument --budget: 0 must be at least 1"),
     ("search --budget -5", 2, "argument --budget: -5 must be at least 1"),
     ("search --budget ten", 2, "'ten' is not a whole number"),
+    ("measure --seed -1", 2, "argument --seed: -1 must be at least 0"),
     ("search --workers 0", 2, "argument --workers: 0 must be at least 1"),
     ("search --latency-ms 0", 2, "argument --latency-ms: 0 must be above 0"),
     ("search --latency-ms -1", 2, "argument --latency-ms: -1 must be above 0"),
