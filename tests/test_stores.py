@@ -146,21 +146,32 @@ def _writable(folder: Path) -> bool:
 
 # ---- the real stores ------------------------------------------------------------------------------
 def test_a_half_migrated_mlflow_store_is_rebuilt_and_used(tmp_path, caplog):
-    """What an interrupted first search used to leave (MLflow's first tables, no migrations) is moved
-    aside with one line, and the store made again works."""
+    """What an interrupted first search used to leave: MLflow's migrations run up to one, then killed in
+    the middle of the next (its first table made, the schema version not moved). MLflow alone then fails
+    on every command with "table guardrails already exists"; here it is moved aside with one line and
+    the store made again works."""
+    from alembic import command
+    from mlflow.store.db.utils import _get_alembic_config
     from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, text
 
     from explorer.tracking import _mlflow_store_problem, tracking_client
 
     path = tmp_path / "mlflow.db"
-    engine = create_engine(f"sqlite:///{path}")
-    InitialBase.metadata.create_all(engine)  # MLflow's first step, then killed before its migrations
+    uri = f"sqlite:///{path}"
+    engine = create_engine(uri)
+    InitialBase.metadata.create_all(engine)
+    config = _get_alembic_config(uri)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "a5b4c3d2e1f0")  # the revision before the one that adds the guardrails tables
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE guardrails (guardrail_id VARCHAR(36) PRIMARY KEY)"))
     engine.dispose()
     with caplog.at_level(logging.WARNING, logger="explorer.stores"):
-        client = tracking_client(f"sqlite:///{path}")
+        client = tracking_client(uri)
         assert [e.name for e in client.search_experiments()] == ["Default"]
-    assert "the MLflow store" in caplog.text and "was incomplete" in caplog.text
+    assert "the MLflow store" in caplog.text and "of its tables missing" in caplog.text
     assert _mlflow_store_problem(sqlite3.connect(path)) is None
     assert len(list(tmp_path.glob("mlflow.db.broken-*"))) == 1
 
