@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 300.0  # making a store takes seconds; a holder this long is stuck
 _POLL_S = 0.05
+BUSY_TIMEOUT_S = 60.0  # how long a check waits for a writer's lock on the database (SQLite's busy timeout)
+_DAMAGED = re.compile(r"not a database|malformed|disk image|file is encrypted")  # SQLite's words for a broken file
 _SIDE_FILES = ("-journal", "-wal", "-shm")  # SQLite's companions of a database file
 _checked: set[tuple[str, int]] = set()  # (path, inode) of stores this process found complete
 
@@ -126,7 +129,10 @@ def _complete(path: Path, check: Callable[[sqlite3.Connection], str | None]) -> 
         # mode=rw: never creates the file; a hot journal left by a killed writer is rolled back as usual
         with _connect(path) as connection:
             problem = check(connection)
-    except sqlite3.DatabaseError:
+    except sqlite3.DatabaseError as exc:
+        if not _DAMAGED.search(str(exc)):  # locked past the timeout, unreadable: nothing to repair, say so
+            raise ExplorerError(f"cannot read {path} ({exc}): check that it is readable and that no process "
+                                "holds it locked, then run this again") from None
         return "not a database"
     if problem is None:
         _checked.add(key)
@@ -135,7 +141,7 @@ def _complete(path: Path, check: Callable[[sqlite3.Connection], str | None]) -> 
 
 @contextmanager
 def _connect(path: Path) -> Iterator[sqlite3.Connection]:
-    connection = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60)
+    connection = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_S)
     try:
         yield connection
     finally:
@@ -146,8 +152,11 @@ def _has_data(path: Path, has_data: Callable[[sqlite3.Connection], bool]) -> boo
     try:
         with _connect(path) as connection:
             return has_data(connection)
-    except sqlite3.DatabaseError:
-        return False
+    except sqlite3.DatabaseError as exc:
+        if not _DAMAGED.search(str(exc)):
+            raise ExplorerError(f"cannot read {path} ({exc}): check that it is readable and that no process "
+                                "holds it locked, then run this again") from None
+        return False  # what cannot be read holds nothing readable; it is kept aside all the same
 
 
 def table_names(connection: sqlite3.Connection) -> set[str]:
@@ -159,8 +168,10 @@ def first_value(connection: sqlite3.Connection, query: str):
     """The first column of the first row of `query`, or None (no row, or no such table)."""
     try:
         row = connection.execute(query).fetchone()
-    except sqlite3.OperationalError:  # no such table
-        return None
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc) or "no such column" in str(exc):
+            return None
+        raise  # locked, unreadable: not an answer about the schema
     return row[0] if row else None
 
 

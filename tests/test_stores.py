@@ -111,6 +111,21 @@ def test_an_incomplete_store_that_holds_data_is_left_to_its_library(tmp_path):
     assert first_value(sqlite3.connect(path), "SELECT id FROM things") == 7 and not list(tmp_path.glob("*.broken-*"))
 
 
+def test_a_store_locked_by_a_writer_is_an_error_and_never_moved_aside(tmp_path, monkeypatch):
+    monkeypatch.setattr(stores, "BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "toy.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("CREATE TABLE things (id INTEGER)")
+    writer.execute("BEGIN EXCLUSIVE")  # another process in the middle of a write
+    try:
+        with pytest.raises(ExplorerError, match="cannot read .*database is locked.*no process holds it locked"):
+            _ensure(path)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert not list(tmp_path.glob("*.broken-*"))
+
+
 def test_a_lock_held_too_long_is_one_error_that_names_the_holder(tmp_path, monkeypatch):
     monkeypatch.setattr(stores, "LOCK_TIMEOUT_S", 0.3)
     with open(tmp_path / "toy.db.lock", "a+") as handle:
