@@ -90,6 +90,8 @@ def load_npz_dataset(path: Path | str, input_shape: tuple | list | None) -> Data
     non-integer dimension (dynamic: None or a name) matches anything.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ExplorerError(f"{path} is a folder, not an .npz file: give the .npz (arrays x and optional y) itself")
     if not path.is_file():
         raise ExplorerError(f"data file not found: {path}")
     try:

@@ -63,6 +63,7 @@ BAD_INPUTS = [
     ("measure --model {dir}/mlp.onnx --plan {dir}/plan-v99.json", 2, "plan schema_version 99 is not one this explorer reads"),
     ("measure --model {dir}/mlp.onnx --plan {dir}/plan-list.json", 2, "plan JSON is a list, not an object"),
     ("measure --model {dir}/mlp.onnx --plan {dir}/plan-binary.json", 2, "cannot read the plan file"),
+    ("measure --model {dir}/mlp.onnx --data {dir}/bundle", 2, "is a folder, not an .npz file"),
     ("measure --model {dir}/mlp.onnx --data {dir}/empty.npz", 2, "x holds 0 samples"),
     ("measure --model {dir}/mlp.onnx --data {dir}/nan.npz", 2, "1024 of 1024 values that are NaN or infinite"),
     ("measure --model {dir}/mlp.onnx --data {dir}/labels.npz", 2, "6 label(s) in y lie outside the model's 10 classes"),
