@@ -53,6 +53,7 @@ from explorer.paths import runs_dir
 from explorer.plan import Plan
 from explorer.problem import Evaluation, Problem
 from explorer.solver import solve_problem
+from explorer.stores import ensure_sqlite_store, first_value, sqlite_file, table_names
 
 PARETO_METRICS = ("latency_ms", "energy_mj", "memory_mb", "accuracy_drop")
 CONSTRAINTS = ("latency", "accuracy_drop", "memory", "other")
@@ -158,12 +159,41 @@ def open_storage(storage: str | BaseStorage | None) -> BaseStorage:
     if storage == "memory":
         return InMemoryStorage()
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
+    path = sqlite_file(storage)
+    if path is not None:  # made atomically under a lock: a kill or a second process never half-makes it
+        ensure_sqlite_store(path, "the Optuna storage", lambda file: _create_optuna_storage(file, engine_kwargs),
+                            _optuna_storage_problem, _optuna_storage_has_data)
     try:
         return RDBStorage(storage, engine_kwargs=engine_kwargs)
     except Exception as error:  # SQLAlchemy raises several types for a bad URL
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExplorerError(f"cannot open the Optuna storage {storage!r} ({first_line}): give a database URL "
                             "like sqlite:///runs/optuna.db or postgresql://user@host/db") from None
+
+
+def _create_optuna_storage(path, engine_kwargs: dict) -> None:
+    """A complete Optuna storage in a new SQLite file: Optuna's tables, version row and schema stamp."""
+    storage = RDBStorage(f"sqlite:///{path}", engine_kwargs=engine_kwargs)
+    storage.remove_session()
+    storage.engine.dispose()
+
+
+def _optuna_storage_problem(connection) -> str | None:
+    """What an Optuna SQLite storage lacks (None: complete); Optuna stamps its schema version last."""
+    from optuna.storages._rdb import models
+
+    missing = sorted(set(models.BaseModel.metadata.tables) - table_names(connection))
+    if missing:
+        return f"{len(missing)} of its tables missing, e.g. {missing[0]}"
+    if first_value(connection, "SELECT schema_version FROM version_info") is None:
+        return "no version row"
+    if first_value(connection, "SELECT version_num FROM alembic_version") is None:
+        return "no schema version"
+    return None
+
+
+def _optuna_storage_has_data(connection) -> bool:
+    return first_value(connection, "SELECT 1 FROM studies LIMIT 1") is not None
 
 
 class _OptunaAgent:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from explorer.cache import atomic_write_json, digest, read_json
+from explorer.cache import atomic_write_json, digest, read_json, unreadable
 from explorer.compress import Compressor, Rung, decision_for, full_rank_plan
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
@@ -132,6 +132,14 @@ class AccuracyScorer:
         classifier = self.reference_outputs.ndim == 2 and self.reference_outputs.shape[1] > 1
         if dataset.y is not None and not classifier:
             raise ExplorerError("the data has labels but the model's output is not (N, classes): drop `y` from the npz")
+        if dataset.y is not None and (dataset.y.min() < 0 or dataset.y.max() >= self.reference_outputs.shape[1]):
+            outside = int(np.sum((dataset.y < 0) | (dataset.y >= self.reference_outputs.shape[1])))
+            raise ExplorerError(f"{dataset.source}: {outside} label(s) in y lie outside the model's "
+                                f"{self.reference_outputs.shape[1]} classes (0..{self.reference_outputs.shape[1] - 1}, "
+                                f"found {int(dataset.y.min())}..{int(dataset.y.max())}): give the labels this model predicts")
+        if not np.all(np.isfinite(self.reference_outputs)):
+            raise ExplorerError(f"the uncompressed model's outputs on {dataset.source} are not all finite (NaN or "
+                                "infinity): accuracy cannot be scored on them; check the inputs' scaling and the model")
         self.metric = "top1" if dataset.y is not None else ("agreement" if classifier else "similarity")
         self.baseline = self.score_outputs(self.reference_outputs)
 
@@ -237,8 +245,11 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     key = digest(graph.fingerprint(), scorer.data_digest(), ladder_spec)
     path = cache_dir("sensitivity") / f"{key}.json"
     cached = read_json(path)
-    if cached and cached.get("version") == SENSITIVITY_VERSION:
-        return SensitivityTable(cached["metric"], cached["baseline"], cached["drops"], cached["flips"], from_cache=True)
+    if isinstance(cached, dict) and cached.get("version") == SENSITIVITY_VERSION:
+        try:
+            return SensitivityTable(cached["metric"], cached["baseline"], cached["drops"], cached["flips"], from_cache=True)
+        except KeyError as exc:  # valid JSON of another shape: a miss
+            unreadable(path, ValueError(f"no {exc} in it"))
     table = SensitivityTable(scorer.metric, scorer.baseline.value)
     x_calibration, _ = calibration_inputs(graph, scorer.dataset)
     base_plan = full_rank_plan(graph)

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def digest(*parts: str | bytes) -> str:
@@ -37,11 +40,20 @@ def atomic_write_json(path: Path, data) -> None:
 
 
 def read_json(path: Path):
-    """The cached JSON at `path`, or None if it is missing or unreadable (then it is recomputed)."""
+    """The cached JSON at `path`, or None if it is missing or unreadable (then it is recomputed; an
+    unreadable one says so in one line)."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        unreadable(path, exc)
+        return None
+
+
+def unreadable(path: Path, error: BaseException) -> None:
+    """One line for a cache file that cannot be read: it counts as a miss and is written again."""
+    log.warning("cache file %s is unreadable (%s): ignored, recomputed", path, str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
 class AppendOnlyCache:
@@ -62,16 +74,20 @@ class AppendOnlyCache:
             self._entries = {}
             try:
                 with open(self.path, encoding="utf-8", errors="replace") as handle:
-                    line = ""
+                    line, skipped = "", 0
                     for line in handle:
                         try:
                             entry = json.loads(line)
                             self._entries[entry["key"]] = entry["value"]
                         except (json.JSONDecodeError, KeyError, TypeError):
-                            continue  # a torn line from an interrupted write
+                            skipped += line.endswith("\n")  # a torn last line is what an interrupt leaves: no news
                     self._torn_tail = bool(line) and not line.endswith("\n")
-            except OSError:
+                if skipped:
+                    unreadable(self.path, ValueError(f"{skipped} damaged line(s) skipped"))
+            except FileNotFoundError:
                 pass
+            except OSError as exc:
+                unreadable(self.path, exc)
         return self._entries
 
     def get(self, key: str):

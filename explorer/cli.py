@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -674,10 +675,73 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 # ---- parser ---------------------------------------------------------------------------------------
+# Option types: argparse turns their ArgumentTypeError into one line ("argument --budget: ...") and exit 2.
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (a latency or memory limit)."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0 (leave the option out for the default)")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (a wait in seconds)."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
+def accuracy_points(text: str) -> float:
+    """An accuracy-drop limit in points: 0 to 100."""
+    value = _number(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 100 points (e.g. 1 for one point of accuracy)")
+    return value
+
+
+def _whole(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text} must be at least {least}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1 (a budget, a worker or epoch count)."""
+    return _whole(text, 1)
+
+
+def seed_int(text: str) -> int:
+    """A random seed: a whole number of at least 0 (NumPy's generators take no negative seed)."""
+    return _whole(text, 0)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (what is wrong, where to read more) and exit status 2;
+    its sub-commands' parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from explorer.zoo import RECIPES, trainable_names
 
-    parser = argparse.ArgumentParser(prog="explorer", description=__doc__)
+    parser = OneLineParser(prog="explorer", description=__doc__)
     parser.add_argument("--version", action="version", version=f"explorer {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show ONNX Runtime's own warnings (e.g. unused initializers), silenced by default")
@@ -696,11 +760,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--measure", default=PARSER_DEFAULTS["measure"], help="sim (simulated board), host (this machine, with --board host) or "
                        "remote://HOST:PORT[,HOST:PORT...] (boards running `explorer serve`; token in $EXPLORER_AGENT_TOKEN)")
         p.add_argument("--objective", default=PARSER_DEFAULTS["objective"], help="energy, latency, memory, or a weighted sum like energy:0.7,latency:0.3")
-        p.add_argument("--latency-ms", type=float, default=PARSER_DEFAULTS["latency_ms"], help="latency budget per inference (default 5000, as DeepX)")
-        p.add_argument("--max-accuracy-drop", type=float, default=PARSER_DEFAULTS["max_accuracy_drop"], help="accuracy drop limit in points (default 5)")
-        p.add_argument("--memory-mb", type=float, help="limit on total weight memory")
-        p.add_argument("--seed", type=int, default=PARSER_DEFAULTS["seed"])
-        p.add_argument("--wait-for-servers", type=float, default=0.0, metavar="SECONDS",
+        p.add_argument("--latency-ms", type=positive_float, default=PARSER_DEFAULTS["latency_ms"], help="latency budget per inference (default 5000, as DeepX)")
+        p.add_argument("--max-accuracy-drop", type=accuracy_points, default=PARSER_DEFAULTS["max_accuracy_drop"], help="accuracy drop limit in points (default 5)")
+        p.add_argument("--memory-mb", type=positive_float, help="limit on total weight memory")
+        p.add_argument("--seed", type=seed_int, default=PARSER_DEFAULTS["seed"])
+        p.add_argument("--wait-for-servers", type=non_negative_float, default=0.0, metavar="SECONDS",
                        help="with --measure remote://: how long to wait (probing, with a countdown) when no measurement "
                             "agent can be reached, before the search ends with what it measured (default 0)")
 
@@ -742,11 +806,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     problem_options(p)
     p.add_argument("--agent", default="ppo", help="ppo (default), optuna-tpe, optuna-nsga2, random or solver")
-    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help=f"measured evaluations (default {DEFAULT_BUDGET})")
+    p.add_argument("--budget", type=positive_int, default=DEFAULT_BUDGET, help=f"measured evaluations (default {DEFAULT_BUDGET})")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under runs/)")
     p.add_argument("--storage", help="Optuna storage URL for the optuna agents (default: SQLite under runs/)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted search (its MLflow parent run id)")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes sharing one Optuna study (Optuna agents; "
+    p.add_argument("--workers", type=positive_int, default=1, help="local worker processes sharing one Optuna study (Optuna agents; "
                    "default 1)")
     p.add_argument("--study", help="Optuna study to share with other processes or machines (with --storage): this "
                    "process adds --budget trials to it")
@@ -782,9 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     p = zoo_sub.add_parser("train", help="train a zoo model and write its ONNX file and validation subset")
     p.add_argument("name", help=f"zoo model to train ({', '.join(trainable_names())})")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the recipe's, "
+    p.add_argument("--epochs", type=positive_int, help="training epochs (default: the recipe's, "
                    + ", ".join(f"{name} {recipe.epochs}" for name, recipe in RECIPES.items()) + ")")
-    p.add_argument("--seed", type=int, help="training seed (default: the recipe's, 0)")
+    p.add_argument("--seed", type=seed_int, help="training seed (default: the recipe's, 0)")
     p.add_argument("--out", help="output folder (default: vgg replaces the package's zoo_data files; "
                    "dnn and cnn go to the cache under runs/, where --model NAME finds them)")
     p.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST idx .gz files "
@@ -800,17 +864,13 @@ def main(argv: list[str] | None = None) -> int:
         from explorer.serve import main as serve_main
 
         return serve_main(argv[1:])
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, --version, or a usage error (status 2): a status, not an exception
-        return int(exit_.code or 0)
-    if not args.verbose:
-        import onnxruntime
+        with termination_as_interrupt():  # from the start: an interrupt while modules load ends as cleanly
+            args = build_parser().parse_args(argv)
+            if not args.verbose:
+                import onnxruntime
 
-        onnxruntime.set_default_logger_severity(3)  # errors only: its warnings flood searches with data
-    try:
-        with termination_as_interrupt():
+                onnxruntime.set_default_logger_severity(3)  # errors only: its warnings flood searches with data
             args.func(args)
     except ExplorerError as exc:
         err_console.print(f"[bold red]explorer: error:[/] {exc}", highlight=False, soft_wrap=True)

@@ -11,8 +11,8 @@ is always rung 0 and leaves the layer as it is.
 from __future__ import annotations
 
 import collections
+import io
 import math
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import onnx
 import scipy.linalg
 from onnx import helper, numpy_helper
 
+from explorer.cache import atomic_write_bytes, unreadable
 from explorer.errors import ExplorerError
 from explorer.graph import Layer, LayerGraph
 from explorer.paths import cache_dir
@@ -133,8 +134,13 @@ class Compressor:
             safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in layer_name)
             path = cache_dir("svd") / self.graph.fingerprint() / f"{safe}--{method}.npy"
             try:
-                values = np.load(path)
-            except (OSError, ValueError):
+                values = np.load(path, allow_pickle=False)
+            except FileNotFoundError:
+                values = None
+            except (OSError, ValueError, EOFError) as exc:  # torn or damaged: a miss
+                unreadable(path, exc)
+                values = None
+            if values is None:
                 values = singular_values(self._matrix(self.graph.layer_by_name[layer_name], method))
                 _atomic_save(path, values)
             self._singular[key] = values
@@ -365,11 +371,9 @@ def singular_values(matrix: np.ndarray) -> np.ndarray:
 
 
 def _atomic_save(path: Path, values: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, values)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.save(buffer, values)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def truncated_svd(matrix: np.ndarray, keep: int) -> _Factors:

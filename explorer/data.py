@@ -90,6 +90,8 @@ def load_npz_dataset(path: Path | str, input_shape: tuple | list | None) -> Data
     non-integer dimension (dynamic: None or a name) matches anything.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ExplorerError(f"{path} is a folder, not an .npz file: give the .npz (arrays x and optional y) itself")
     if not path.is_file():
         raise ExplorerError(f"data file not found: {path}")
     try:
@@ -109,6 +111,8 @@ def load_npz_dataset(path: Path | str, input_shape: tuple | list | None) -> Data
     x = arrays["x"]
     if x.ndim == 0:
         raise ExplorerError(f"{path}: x is a scalar; it must hold a batch of inputs, shape (N, ...)")
+    if len(x) == 0:
+        raise ExplorerError(f"{path}: x holds 0 samples (shape {x.shape}); give at least one input, shape (N, ...) with N >= 1")
     if input_shape is not None:
         expected = tuple(input_shape)[1:]
         got = x.shape[1:]
@@ -124,6 +128,10 @@ def load_npz_dataset(path: Path | str, input_shape: tuple | list | None) -> Data
         x = x.astype(np.float32, copy=False)
     except (TypeError, ValueError):
         raise ExplorerError(f"{path}: x has dtype {x.dtype}, which cannot be converted to float32") from None
+    finite = np.isfinite(x)
+    if not finite.all():  # NaN inputs give NaN outputs, whose argmax agrees everywhere: a 100 % that means nothing
+        raise ExplorerError(f"{path}: x has {int(x.size - finite.sum())} of {x.size} values that are NaN or infinite; "
+                            "give finite inputs (replace or drop those samples)")
     y = arrays.get("y")
     if y is not None:
         if not np.issubdtype(y.dtype, np.integer):

@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(argv[1:])
     try:
         from explorer.cli import main as cli_main
+    except KeyboardInterrupt:  # Ctrl-C while the search stack loads: nothing started, nothing to keep
+        print("explorer: interrupted", file=sys.stderr)
+        return 130
     except ImportError as error:
         command = f"`explorer {argv[0]}`" if argv else "explorer"
         print(f"explorer: error: {command} needs the full install (missing {error.name}): pip install 'explorer[full]'; "

@@ -75,6 +75,14 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":
+        if not isinstance(data, dict):
+            raise ExplorerError(f"plan JSON is a {type(data).__name__}, not an object: expected {{'schema_version': "
+                                f"{PLAN_SCHEMA_VERSION}, 'decisions': [...]}}")
+        version = data.get("schema_version", PLAN_SCHEMA_VERSION)
+        # a bundle's plan.json ("format") carries the bundle's schema version, which the runtime checks
+        if "format" not in data and version != PLAN_SCHEMA_VERSION:
+            raise ExplorerError(f"plan schema_version {version!r} is not one this explorer reads ({PLAN_SCHEMA_VERSION}): "
+                                "write the plan with this version of explorer (explorer solve --out, or a search's export)")
         try:
             return cls(tuple(
                 (entry["layer"], Decision(entry.get("method", "full"), entry.get("rank"),
@@ -92,8 +100,12 @@ class Plan:
         path = Path(path)
         if not path.exists():
             raise ExplorerError(f"plan file not found: {path}")
+        if path.is_dir():
+            raise ExplorerError(f"{path} is a folder, not a plan file: give its plan.json (e.g. {path / 'plan.json'})")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ExplorerError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ExplorerError(f"cannot read the plan file {path} ({exc}): give a plan.json written by explorer") from None
         return cls.from_json(data)

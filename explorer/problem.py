@@ -17,7 +17,7 @@ from explorer.accuracy import (DEFAULT_ERROR_BOUND, NOT_MEASURED, AccuracyResult
                                rungs_within_bound)
 from explorer.blockrun import int8_exact
 from explorer.boards import Board
-from explorer.cache import AppendOnlyCache, atomic_write_json, digest, read_json
+from explorer.cache import AppendOnlyCache, atomic_write_json, digest, read_json, unreadable
 from explorer.compress import Compressor, Rung
 from explorer.cost import CostModel
 from explorer.errors import ExplorerError
@@ -55,9 +55,13 @@ class Objective:
             if name not in OBJECTIVES:
                 raise ExplorerError(f"unknown objective {name!r}: use one of {', '.join(OBJECTIVES)} or a weighted sum like energy:0.7,latency:0.3")
             try:
-                weights.append((name, float(weight) if weight else 1.0))
+                value = float(weight) if weight else 1.0
             except ValueError:
                 raise ExplorerError(f"objective weight {weight!r} is not a number (e.g. energy:0.7,latency:0.3)") from None
+            if not (math.isfinite(value) and value > 0):  # a zero or negative weight would reward the worse plan
+                raise ExplorerError(f"objective weight {name}:{weight} must be a positive number (e.g. energy:0.7,latency:0.3); "
+                                    "leave a metric out instead of giving it weight 0")
+            weights.append((name, value))
         return cls(tuple(weights))
 
     @property
@@ -279,9 +283,12 @@ class Problem:
             return self._accuracy_cache[key]
         path = cache_dir("accuracy") / self._accuracy_key / f"{key}.json" if self.use_disk_cache else None
         stored = read_json(path) if path and self.scorer.measured else None
-        if stored is not None:
-            result = AccuracyResult(stored["value"], stored["metric"], stored["samples"])
-        else:
+        try:
+            result = AccuracyResult(stored["value"], stored["metric"], stored["samples"]) if stored is not None else None
+        except (KeyError, TypeError, IndexError) as exc:  # valid JSON of another shape: a miss
+            unreadable(path, ValueError(f"no {exc} in it"))
+            result = None
+        if result is None:
             if self.scorer.measured:
                 result = self.scorer.score(self.compressor.rewrite_shared(plan, self.calibration_inputs))
                 if path:

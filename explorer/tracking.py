@@ -53,6 +53,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # no
 from explorer.errors import ExplorerError  # noqa: E402
 from explorer.paths import runs_dir  # noqa: E402
 from explorer.plots import PlotSettings, convergence_plot, pareto_plot  # noqa: E402
+from explorer.stores import ensure_sqlite_store, first_value, sqlite_file, table_names  # noqa: E402
 
 if TYPE_CHECKING:  # agents build on explorer, not the other way round; the SQL store is slow to import
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -86,6 +87,50 @@ def default_tracking_uri() -> str:
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
     """The URI given, else $MLFLOW_TRACKING_URI, else the local SQLite store under runs/."""
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def tracking_client(uri: str) -> MlflowClient:
+    """An MlflowClient on `uri`; a local SQLite store is first made complete (atomically, under a lock)."""
+    path = sqlite_file(uri)
+    if path is not None:
+        ensure_sqlite_store(path, "the MLflow store", _create_mlflow_store, _mlflow_store_problem, _mlflow_store_has_data)
+    return MlflowClient(uri)
+
+
+def _create_mlflow_store(path: Path) -> None:
+    """A complete MLflow store in a new SQLite file: MLflow's own tables, migrations and default experiment."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    uri = f"sqlite:///{path}"
+    artifacts = (path.parent / ARTIFACTS_FOLDER).resolve().as_uri()  # where MLflow would put experiment 0's
+    try:
+        SqlAlchemyStore(uri, artifacts)
+    finally:  # MLflow keeps one engine per URI for the process: close the temporary file's
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+
+
+def _mlflow_store_problem(connection) -> str | None:
+    """What an MLflow SQLite store lacks (None: complete): a table, the latest schema version, experiment 0."""
+    from mlflow.store.db.base_sql_model import Base
+    from mlflow.store.db.utils import _get_latest_schema_revision  # imports every table definition
+
+    missing = sorted(set(Base.metadata.tables) - table_names(connection))
+    if missing:
+        return f"{len(missing)} of its tables missing, e.g. {missing[0]}"
+    version, head = first_value(connection, "SELECT version_num FROM alembic_version"), _get_latest_schema_revision()
+    if version != head:
+        return "no schema version" if version is None else f"schema version {version}, not {head}"
+    if first_value(connection, "SELECT 1 FROM experiments WHERE experiment_id = 0") is None:
+        return "no default experiment"
+    return None
+
+
+def _mlflow_store_has_data(connection) -> bool:
+    """Runs, or experiments beyond MLflow's default one: a store someone used."""
+    return (first_value(connection, "SELECT 1 FROM runs LIMIT 1") is not None
+            or first_value(connection, "SELECT 1 FROM experiments WHERE experiment_id != 0 LIMIT 1") is not None)
 
 
 def experiment_name(model: str, board: str) -> str:
@@ -178,7 +223,7 @@ class TrackedSearch:
 
 def read_search(tracking_uri: str | None, run_id: str) -> TrackedSearch:
     """Read a tracked search back: the parent run and every child run, ordered by trial number."""
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client = tracking_client(resolve_tracking_uri(tracking_uri))
     parent = client.get_run(run_id)
     children: list[Run] = []
     token = None
@@ -196,7 +241,7 @@ def read_search(tracking_uri: str | None, run_id: str) -> TrackedSearch:
 def search_run_settings(tracking_uri: str | None, run_id: str) -> tuple[dict, dict]:
     """A search's settings (its parent run's params, JSON values decoded) and its best plan JSON."""
     uri = resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -216,7 +261,7 @@ def search_run_settings(tracking_uri: str | None, run_id: str) -> tuple[dict, di
 
 def search_confirmation(tracking_uri: str | None, run_id: str) -> dict | None:
     """The confirmation (interleaved re-measurement) a search logged, or None where it has none."""
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client = tracking_client(resolve_tracking_uri(tracking_uri))
     with tempfile.TemporaryDirectory() as folder:
         try:
             return json.loads(Path(client.download_artifacts(run_id, CONFIRMATION_ARTIFACT, folder)).read_text())
@@ -331,7 +376,7 @@ class SearchTracker:
                  attach_run_id: str | None = None):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         _check_reachable(self.tracking_uri)
-        self.client = MlflowClient(self.tracking_uri)
+        self.client = tracking_client(self.tracking_uri)
         self._failure: BaseException | None = None
         self._ended = False
         try:
