@@ -13,7 +13,9 @@ batches) and is batch 1 for every figure; a fixed batch is kept everywhere, figu
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,13 @@ class Layer:
     inputs: list[str] = field(default_factory=list)  # tensors crossing into the layer
     outputs: list[str] = field(default_factory=list)  # tensors crossing out of it
     groups: int = 1
+    attached_flops: int = 0  # 2 x MACs of the weight-free MatMuls travelling with it (activation x activation)
+    weight_on_left: bool = False  # a MatMul W @ x (the constant is its first operand)
+
+    @property
+    def all_flops(self) -> int:
+        """FLOPs of every node of the layer that multiplies: the weighted node and attached MatMuls."""
+        return self.flops + self.attached_flops
 
     @property
     def kind(self) -> str:
@@ -117,8 +126,11 @@ class LayerGraph:
         """The constant weight operand of a decision node, or None if it has none."""
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 and node.input[1] in self.constants:
             return node.input[1]
-        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in self.constants:
-            return node.input[1]
+        if node.op_type == "MatMul" and len(node.input) > 1:
+            if node.input[1] in self.constants:
+                return node.input[1]
+            if node.input[0] in self.constants:  # W @ x (e.g. a projection over the sequence axis)
+                return node.input[0]
         return None
 
     def _build_layers(self) -> list[Layer]:
@@ -155,8 +167,11 @@ class LayerGraph:
         bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if bias_name and bias_name in self.constants:
             params += int(np.prod(self.constant_shape(bias_name)))
-        input_shape = self.shape(node.input[0])
+        weight_on_left = node.op_type == "MatMul" and weight_name == node.input[0] and node.input[1] != weight_name
+        input_shape = self.shape(node.input[1] if weight_on_left else node.input[0])
         output_shape = self.shape(node.output[0])
+        attached_flops = sum(_matmul_flops(self.shape(n.input[0]), self.shape(n.output[0]))
+                             for n in group if n is not node and n.op_type == "MatMul")
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)
         inputs, outputs = [], []
         for n in group:
@@ -172,9 +187,9 @@ class LayerGraph:
             index=index, name=node.name, op_type=node.op_type,
             node_names=[n.name for n in group], weight_name=weight_name, weight_shape=weight_shape,
             input_shape=input_shape, output_shape=output_shape,
-            flops=_flops(node.op_type, weight_shape, input_shape, output_shape, groups, node),
+            flops=_flops(node.op_type, weight_shape, input_shape, output_shape, groups, node, weight_on_left),
             params=params, weight_bytes=params * 4, activation_bytes=activation_bytes,
-            inputs=inputs, outputs=outputs, groups=groups,
+            inputs=inputs, outputs=outputs, groups=groups, attached_flops=attached_flops, weight_on_left=weight_on_left,
         )
 
     # ---- queries ------------------------------------------------------------------------------
@@ -226,7 +241,8 @@ class LayerGraph:
 
     @property
     def total_flops(self) -> int:
-        return sum(layer.flops for layer in self.layers)
+        """FLOPs of every multiplying node: decision layers and the activation x activation MatMuls."""
+        return sum(layer.all_flops for layer in self.layers)
 
     @property
     def total_params(self) -> int:
@@ -417,7 +433,8 @@ def _prepared(model: onnx.ModelProto, source: str,
         node.name = name
         seen.add(name)
     _set_input_dims(model, inputs)
-    inferred = _inferred(_skeleton(model), source)
+    skeleton = _skeleton(model)
+    inferred = _completed(_inferred(skeleton, source), skeleton)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     if any(not i.fixed_batch for i in inputs.values()):  # the figures: shapes inferred again at batch 1
@@ -425,11 +442,104 @@ def _prepared(model: onnx.ModelProto, source: str,
         for value in at_batch.graph.input:
             if value.name in inputs and value.type.tensor_type.shape.dim:
                 value.type.tensor_type.shape.dim[0].dim_value = inputs[value.name].dims[0]
-        inferred = _inferred(at_batch, source)
+        inferred = _completed(_inferred(at_batch, source), at_batch)
     shapes = _tensor_shapes(inferred)
+    unsized = [o for n in model.graph.node for o in n.output if o and o not in shapes]
+    if unsized:  # no inference could size them: one run of the model on a synthetic input reads them
+        typed = {v.name for v in list(model.graph.value_info) + list(model.graph.output)}
+        for name, (dims, elem_type) in _run_shapes(model, inputs, unsized).items():
+            shapes[name] = dims
+            if name not in typed:  # its type, for the sub-models cut at it (the shape stays per run)
+                model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return model, shapes
+
+
+def _sized(value: onnx.ValueInfoProto) -> int:
+    """How many dimensions of a value's shape are known (sizes or symbols); -1 without a shape."""
+    tensor = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not tensor.HasField("shape"):
+        return -1
+    return sum(1 for d in tensor.shape.dim if (d.HasField("dim_value") and d.dim_value > 0) or d.dim_param)
+
+
+def _unknown(value: onnx.ValueInfoProto) -> bool:
+    tensor = value.type.tensor_type
+    return (not value.type.HasField("tensor_type") or not tensor.HasField("shape")
+            or any(not (d.HasField("dim_value") and d.dim_value > 0) and not d.dim_param for d in tensor.shape.dim))
+
+
+def _completed(inferred: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX's inferred model, with the shapes it lost (after a Reshape of a computed shape, a Transpose
+    of one...) taken from ONNX Runtime's symbolic shape inference, which propagates shape arithmetic."""
+    graph = inferred.graph
+    known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
+    produced = [o for n in graph.node for o in n.output if o]
+    if all(name in known and not _unknown(known[name]) for name in produced):
+        return inferred
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with _quiet_logging():
+            symbolic = SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+    except Exception:  # it refuses ops it does not know (custom domains) and some graphs: keep ONNX's shapes
+        return inferred
+    if symbolic is None:
+        return inferred
+    better = {v.name: v for v in symbolic.graph.value_info}
+    merged = [better[name] if name in better and _sized(better[name]) > _sized(known.get(name, better[name]))
+              or name not in known and name in better else known[name]
+              for name in produced if name in known or name in better]
+    outputs = {o.name for o in graph.output}
+    del graph.value_info[:]
+    graph.value_info.extend(v for v in merged if v.name not in outputs)
+    for value in graph.output:  # a graph output sized by the symbolic inference only
+        if value.name in better and _sized(better[value.name]) > _sized(value):
+            value.type.CopyFrom(better[value.name].type)
+    return inferred
+
+
+def _run_shapes(model: onnx.ModelProto, inputs: Mapping[str, InputShape],
+                names: list[str]) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Shapes and ONNX element types of `names` read from one ONNX Runtime run of the model on a synthetic input of the resolved
+    shape (standard normal floats, zero integers; seed 0); {} if the model does not run."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph_outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in graph_outputs)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for value in probe.graph.input:
+        if value.name not in inputs:
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        dims = inputs[value.name].dims
+        feeds[value.name] = (rng.standard_normal(dims).astype(dtype) if np.issubdtype(dtype, np.floating)
+                             else np.zeros(dims, dtype))
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+        values = session.run(wanted, feeds)
+    except Exception:  # a model ONNX Runtime cannot run: those tensors stay unsized
+        return {}
+    return {name: (tuple(int(d) for d in np.shape(value)), onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype))
+            for name, value in zip(wanted, values) if isinstance(value, np.ndarray)}
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """Silence the symbolic shape inference's warnings (it logs through the root logger)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _inferred(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
@@ -465,12 +575,14 @@ def _skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto
 
 
 def _dims(type_proto: onnx.TypeProto) -> tuple[int, ...] | None:
-    """Sizes of a tensor inferred from concrete inputs; a dimension no inference can size (data-dependent
-    ops) counts as 1."""
+    """Sizes of a tensor inferred from concrete inputs; None where a dimension is unknown (the synthetic
+    run sizes it)."""
     if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
-                 for d in type_proto.tensor_type.shape.dim)
+    dims = type_proto.tensor_type.shape.dim
+    if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+        return None
+    return tuple(d.dim_value for d in dims)
 
 
 def _tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -492,7 +604,7 @@ def _tensor_dtypes(model: onnx.ModelProto) -> dict[str, int]:
     return dtypes
 
 
-def _flops(op_type: str, weight_shape, input_shape, output_shape, groups: int, node) -> int:
+def _flops(op_type: str, weight_shape, input_shape, output_shape, groups: int, node, weight_on_left: bool = False) -> int:
     """2 x MACs of a decision node at the graph's batch."""
     if op_type == "Conv":
         out_positions = int(np.prod(output_shape[2:])) * output_shape[0] if len(output_shape) > 2 else 1
@@ -502,6 +614,13 @@ def _flops(op_type: str, weight_shape, input_shape, output_shape, groups: int, n
         k, n = (weight_shape[1], weight_shape[0]) if trans_b else weight_shape
         rows = output_shape[0] if output_shape else 1
         return 2 * rows * k * n
-    k, n = weight_shape[-2], weight_shape[-1]  # MatMul with constant right operand
-    rows = int(np.prod(output_shape[:-1])) if output_shape else 1
-    return 2 * rows * k * n
+    # MatMul: every output element sums over the contracted axis (W's rows for x @ W, its columns for W @ x)
+    k = weight_shape[-1] if weight_on_left else weight_shape[0] if len(weight_shape) == 1 else weight_shape[-2]
+    return 2 * k * int(np.prod(output_shape)) if output_shape else 2 * int(np.prod(weight_shape))
+
+
+def _matmul_flops(a_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int:
+    """2 x MACs of a MatMul of two activations (0 where a shape is unknown)."""
+    if not a_shape or not output_shape:
+        return 0
+    return 2 * a_shape[-1] * int(np.prod(output_shape))
