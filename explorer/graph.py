@@ -93,7 +93,8 @@ class LayerGraph:
     """
 
     def __init__(self, model: onnx.ModelProto, source: str = "<memory>",
-                 input_shapes: Mapping[str, Sequence[int]] | None = None, data_shape: Sequence[int] | None = None):
+                 input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 data_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None):
         self.source = source
         self.inputs = resolve_input_shapes(model, source, input_shapes, data_shape)
         self.model, self.shapes = _prepared(model, source, self.inputs)
@@ -208,6 +209,11 @@ class LayerGraph:
         first = self.inputs[self.input_names[0]]
         return first.dims if first.fixed_batch else (batch, *first.dims[1:])
 
+    def synthetic_feeds(self, count: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+        """A synthetic input for every graph input at its resolved shape, `count` samples (default: the
+        graph's batch, 1 or the fixed one): standard-normal floats, zero integers (ids stay valid)."""
+        return _synthetic_feeds({name: self.inputs[name] for name in self.input_names}, self.dtypes, count, seed)
+
     def tensor_bytes(self, tensor: str) -> int:
         """Bytes of one tensor at the graph's batch (0 if its shape is unknown)."""
         cached = self._tensor_bytes.get(tensor)
@@ -321,8 +327,9 @@ def _shape_text(dims) -> str:
 
 
 def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str, Sequence[int]] | None = None,
-                         data_shape: Sequence[int] | None = None) -> dict[str, InputShape]:
-    """Every input's dimensions from the model, `given` (--input-shape) and the data's x.shape (first input).
+                         data_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> dict[str, InputShape]:
+    """Every input's dimensions from the model, `given` (--input-shape) and the data's shapes (x.shape for
+    the first input, or input name -> shape for several).
 
     A symbolic non-batch dimension needs a size from `given` or the data (they must agree); a fixed one
     must not be contradicted. The batch is dims[0]: a fixed batch is kept (the data must fill one); a
@@ -330,6 +337,9 @@ def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str
     """
     declared = declared_input_shapes(model)
     given = dict(given or {})
+    if data_shape is not None and not isinstance(data_shape, Mapping):  # the first input's
+        data_shape = {next(iter(declared), ""): data_shape}
+    data_shapes = dict(data_shape or {})
     unknown = sorted(set(given) - set(declared))
     if unknown:
         raise ExplorerError(f"--input-shape names {', '.join(map(repr, unknown))}, which the model {source} does not take "
@@ -337,7 +347,8 @@ def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str
     resolved: dict[str, InputShape] = {}
     for position, (name, dims) in enumerate(declared.items()):
         want = given.get(name)
-        data = tuple(data_shape) if position == 0 and data_shape is not None else None
+        data = tuple(data_shapes[name]) if name in data_shapes else None
+        x_name = "x" if position == 0 else name  # how the data names this input's array
         if dims is None:  # no declared shape: the rank comes from what is given
             rank = len(want) if want is not None else len(data) if data is not None else None
             if rank is None:
@@ -349,8 +360,8 @@ def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str
             raise ExplorerError(f"--input-shape {name}={_shape_text(want)} has {len(want)} dimensions, but input {name!r} "
                                 f"of {source} has {len(dims)} ({shown}): give all {len(dims)}, batch first")
         if data is not None and len(data) != len(dims):
-            raise ExplorerError(f"the data's x has shape {_shape_text(data)}, but input {name!r} of {source} is "
-                                f"{shown}: give x as (N, {_shape_text(dims[1:])})")
+            raise ExplorerError(f"the data's {x_name} has shape {_shape_text(data)}, but input {name!r} of {source} is "
+                                f"{shown}: give {x_name} as (N, {_shape_text(dims[1:])})")
         sizes: list[int] = []
         missing: list[str] = []
         for axis, dim in enumerate(dims):
@@ -364,14 +375,14 @@ def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str
                                         f"input {name!r} is fixed at {dim} ({shown})")
                 size = dim
             elif want is not None and from_data is not None and want[axis] != from_data:
-                raise ExplorerError(f"--input-shape {name}={_shape_text(want)} contradicts the data: its x has shape "
+                raise ExplorerError(f"--input-shape {name}={_shape_text(want)} contradicts the data: its {x_name} has shape "
                                     f"{_shape_text(data)}; give the data's sizes or leave --input-shape out")
             else:
                 size = want[axis] if want is not None else from_data
                 if size is None:
                     missing.append(str(dim or "?"))
             if size is not None and from_data is not None and size != from_data:
-                raise ExplorerError(f"the data's x has shape {_shape_text(data)}, which does not fit input {name!r} "
+                raise ExplorerError(f"the data's {x_name} has shape {_shape_text(data)}, which does not fit input {name!r} "
                                     f"of {source} ({shown}): dimension {axis} must be {size}")
             sizes.append(size)
         if missing:
@@ -510,15 +521,8 @@ def _run_shapes(model: onnx.ModelProto, inputs: Mapping[str, InputShape],
     probe.CopyFrom(model)
     graph_outputs = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in graph_outputs)
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for value in probe.graph.input:
-        if value.name not in inputs:
-            continue
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        dims = inputs[value.name].dims
-        feeds[value.name] = (rng.standard_normal(dims).astype(dtype) if np.issubdtype(dtype, np.floating)
-                             else np.zeros(dims, dtype))
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in probe.graph.input}
+    feeds = _synthetic_feeds({name: inputs[name] for name in dtypes if name in inputs}, dtypes)
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -529,6 +533,18 @@ def _run_shapes(model: onnx.ModelProto, inputs: Mapping[str, InputShape],
         return {}
     return {name: (tuple(int(d) for d in np.shape(value)), onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype))
             for name, value in zip(wanted, values) if isinstance(value, np.ndarray)}
+
+
+def _synthetic_feeds(inputs: Mapping[str, InputShape], dtypes: Mapping[str, int], count: int | None = None,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal floats and zero integers at the resolved shapes, `count` samples (default dims[0])."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, resolved in inputs.items():
+        dims = resolved.dims if count is None else (count, *resolved.dims[1:])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(dtypes.get(name) or onnx.TensorProto.FLOAT)
+        feeds[name] = rng.standard_normal(dims).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype)
+    return feeds
 
 
 @contextlib.contextmanager
