@@ -86,7 +86,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         attached = [graph.node_by_name[n].op_type for n in layer.node_names if n != layer.name]
         table.add_row(str(layer.index), layer.name, layer.op_type, "x".join(map(str, layer.input_shape)),
                       "x".join(map(str, layer.output_shape)), "x".join(map(str, layer.weight_shape)),
-                      _fmt_count(layer.flops), _fmt_count(layer.params), " ".join(attached), offered)
+                      _fmt_count(layer.all_flops), _fmt_count(layer.params), " ".join(attached), offered)
     console.print(table)
     if args.errors:
         console.print("rung (x.xx) = relative Frobenius reconstruction error of the layer's weights")

@@ -402,6 +402,8 @@ def read_input(path: Path | str, names: list[str] | None = None) -> np.ndarray |
             return {name: arrays[name] for name in names}
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
+                if "x" not in loaded.files and names and names[0] in loaded.files:  # the input by its name
+                    return _numeric(path, loaded[names[0]])
                 if "x" not in loaded.files:
                     raise ExplorerError(f"{path} has no array x (it has: {', '.join(loaded.files) or 'nothing'}): "
                                         "save the inputs with numpy.savez(path, x=inputs)")
@@ -410,6 +412,10 @@ def read_input(path: Path | str, names: list[str] | None = None) -> np.ndarray |
             x = loaded
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ExplorerError(f"{path} is not a valid {path.suffix} file ({exc}): save it with numpy.save / numpy.savez") from None
+    return _numeric(path, x)
+
+
+def _numeric(path: Path, x: np.ndarray) -> np.ndarray:
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise ExplorerError(f"{path}: the input has dtype {x.dtype}; give a numeric array")
     return x
