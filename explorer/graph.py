@@ -10,6 +10,9 @@ Shapes are facts: a symbolic input dimension other than the batch is resolved fr
 (NAME=1x3x48x320) or from the validation data and written into the model's input before shape
 inference, never guessed. A symbolic batch stays symbolic in the model (scoring sends the data's
 batches) and is batch 1 for every figure; a fixed batch is kept everywhere, figures included.
+Every intermediate shape is a fact too: ONNX's shape inference, then ONNX Runtime's symbolic shape
+inference where ONNX's loses shapes (Reshapes to computed shapes), then one run on a synthetic input
+for what neither sizes.
 """
 from __future__ import annotations
 
@@ -490,13 +493,9 @@ def _completed(inferred: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.Mod
     if all(name in known and not _unknown(known[name]) for name in produced):
         return inferred
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
         with _quiet_logging():
-            symbolic = SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+            symbolic = _symbolic_shapes(skeleton)
     except Exception:  # it refuses ops it does not know (custom domains) and some graphs: keep ONNX's shapes
-        return inferred
-    if symbolic is None:
         return inferred
     better = {v.name: v for v in symbolic.graph.value_info}
     merged = [better[name] if name in better and _sized(better[name]) > _sized(known.get(name, better[name]))
@@ -509,6 +508,20 @@ def _completed(inferred: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.Mod
         if value.name in better and _sized(better[value.name]) > _sized(value):
             value.type.CopyFrom(better[value.name].type)
     return inferred
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with what ONNX Runtime's symbolic shape inference sizes. Driven as its infer_shapes does,
+    but a partial result is kept (infer_shapes raises on one, after writing the model into the working
+    directory)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    inference._preprocess(model)
+    while inference.run_:
+        inference._infer_impl()
+    inference._update_output_from_vi()
+    return inference.out_mp_
 
 
 def _run_shapes(model: onnx.ModelProto, inputs: Mapping[str, InputShape],
