@@ -831,8 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run an exported bundle with ONNX Runtime (checksums verified, one session per block)")
     p.add_argument("bundle", help="bundle folder written by `explorer export`")
-    p.add_argument("--input", required=True, help=".npy input (or .npz with x)")
-    p.add_argument("--output", help="write the output to this .npy file")
+    p.add_argument("--input", required=True, help=".npy input (or .npz with x; a model with several inputs: .npz with "
+                   "one array per input by name)")
+    p.add_argument("--output", help="write the first output to this .npy file, or every output by name to a .npz")
     p.add_argument("--strict", action="store_true", help="fail instead of falling back to the CPU when a provider is missing")
     p.add_argument("--timing", action="store_true", help="per-block timing")
     p.set_defaults(func=cmd_run)

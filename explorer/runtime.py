@@ -444,8 +444,9 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
         bundle.run_all(x)  # warm-up at the same shape: the first run of a shape allocates and plans
     outputs, block_ms = bundle.run_all(x, timing=True)
     output = outputs[bundle.output_names[0]]
-    if output_path is not None:
-        output_path = _save_npy(Path(output_path).expanduser(), output)
+    if output_path is not None:  # .npy: the first output; .npz: every output by name
+        output_path = Path(output_path).expanduser()
+        output_path = _save_npy(output_path, outputs if output_path.suffix == ".npz" else output)
     return {
         "bundle": str(bundle.path),
         "board": bundle.manifest["board"].get("name"),
@@ -484,15 +485,19 @@ def format_run_summary(summary: dict[str, Any], max_top1: int = 20) -> str:
     return "\n".join(lines)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> Path:
-    """Write `array` to `path` (.npy) atomically."""
-    if path.suffix != ".npy":
-        raise ExplorerError(f"{path}: the output is written as .npy; give a file name ending in .npy")
+def _save_npy(path: Path, array: np.ndarray | dict[str, np.ndarray]) -> Path:
+    """Write `array` to `path` (.npy) atomically, or arrays by name to a .npz."""
+    if path.suffix != (".npz" if isinstance(array, dict) else ".npy"):
+        raise ExplorerError(f"{path}: the output is written as .npy (the first output) or .npz (every output by name); "
+                            "give a file name ending in .npy or .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
+            if isinstance(array, dict):
+                np.savez(handle, **array)
+            else:
+                np.save(handle, array)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
