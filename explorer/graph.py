@@ -222,7 +222,7 @@ class LayerGraph:
         cached = self._tensor_bytes.get(tensor)
         if cached is None:
             shape = self.shapes.get(tensor)
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(self.dtypes.get(tensor, onnx.TensorProto.FLOAT)).itemsize
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(self.dtypes.get(tensor) or onnx.TensorProto.FLOAT).itemsize
             cached = 0 if shape is None else int(np.prod(shape, dtype=np.int64)) * itemsize
             self._tensor_bytes[tensor] = cached
         return cached
@@ -461,7 +461,7 @@ def _prepared(model: onnx.ModelProto, source: str,
     unsized = [o for n in model.graph.node for o in n.output if o and o not in shapes]
     if unsized:  # no inference could size them: one run of the model on a synthetic input reads them
         typed = {v.name for v in list(model.graph.value_info) + list(model.graph.output)}
-        for name, (dims, elem_type) in _run_shapes(model, inputs, unsized).items():
+        for name, (dims, elem_type) in _run_shapes(model, source, inputs, unsized).items():
             shapes[name] = dims
             if name not in typed:  # its type, for the sub-models cut at it (the shape stays per run)
                 model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
@@ -497,7 +497,8 @@ def _completed(inferred: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.Mod
             symbolic = _symbolic_shapes(skeleton)
     except Exception:  # it refuses ops it does not know (custom domains) and some graphs: keep ONNX's shapes
         return inferred
-    better = {v.name: v for v in symbolic.graph.value_info}
+    better = {v.name: v for v in symbolic.graph.value_info
+              if v.type.tensor_type.elem_type and _sized(v) >= 0}  # a partial pass leaves untyped ones
     merged = [better[name] if name in better and _sized(better[name]) > _sized(known.get(name, better[name]))
               or name not in known and name in better else known[name]
               for name in produced if name in known or name in better]
@@ -524,10 +525,12 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return inference.out_mp_
 
 
-def _run_shapes(model: onnx.ModelProto, inputs: Mapping[str, InputShape],
+def _run_shapes(model: onnx.ModelProto, source: str, inputs: Mapping[str, InputShape],
                 names: list[str]) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Shapes and ONNX element types of `names` read from one ONNX Runtime run of the model on a synthetic input of the resolved
-    shape (standard normal floats, zero integers; seed 0); {} if the model does not run."""
+    """Shapes and ONNX element types of `names` read from one ONNX Runtime run of the model on a synthetic
+    input of the resolved shape (standard normal floats, zero integers; seed 0); {} where ONNX Runtime
+    cannot load the model (ops it lacks: they stay unsized). ExplorerError if it loads but does not run
+    at that shape (sizes the model was not exported for)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -536,14 +539,20 @@ def _run_shapes(model: onnx.ModelProto, inputs: Mapping[str, InputShape],
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in graph_outputs)
     dtypes = {v.name: v.type.tensor_type.elem_type for v in probe.graph.input}
     feeds = _synthetic_feeds({name: inputs[name] for name in dtypes if name in inputs}, dtypes)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # its failure is reported below, in one line
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
-        values = session.run(wanted, feeds)
-    except Exception:  # a model ONNX Runtime cannot run: those tensors stay unsized
+    except Exception:  # ORT raises its own types; an op it lacks (a custom domain): those tensors stay unsized
         return {}
+    wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+    try:
+        values = session.run(wanted, feeds)
+    except Exception as exc:
+        shown = ", ".join(f"{name}={'x'.join(map(str, shape.dims))}" for name, shape in inputs.items())
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExplorerError(f"{source}: the model does not run at its input shape {shown} (ONNX Runtime: {reason[:300]}): "
+                            "give the sizes it was exported for with --input-shape or the data") from None
     return {name: (tuple(int(d) for d in np.shape(value)), onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype))
             for name, value in zip(wanted, values) if isinstance(value, np.ndarray)}
 

@@ -179,6 +179,13 @@ def test_without_the_symbolic_inference_one_synthetic_run_gives_the_shapes(monke
     assert next(layer for layer in fixed.layers if layer.op_type == "MatMul").output_shape == (4, 20, 24)
 
 
+def test_a_size_the_model_does_not_run_at_is_refused_in_one_line():
+    with pytest.raises(ExplorerError) as error:  # the weight takes 8 channels x 4 rows: height 8, not 32
+        LayerGraph(recogniser(), "rec.onnx", input_shapes={"x": (1, 3, 32, 40)})
+    message = str(error.value)
+    assert "rec.onnx: the model does not run at its input shape x=1x3x32x40" in message and "\n" not in message
+
+
 def test_activation_by_activation_matmuls_count_in_the_flops():
     graph = LayerGraph(transformer_block(), input_shapes={"tokens": (1, 8, 32)})
     seq, d, heads = 8, 32, 4
