@@ -32,11 +32,13 @@ _FILES = {
 
 @dataclass
 class Dataset:
-    """Model inputs `x`, optional integer labels `y`, and a one-line description of where they came from."""
+    """Model inputs `x`, optional integer labels `y`, a one-line description of where they came from, and
+    whether they are synthetic (drawn by explorer.synthetic: figures on them are estimates, not measurements)."""
 
     x: np.ndarray
     y: np.ndarray | None
     source: str
+    synthetic: bool = False
 
 
 def _read_idx(path: Path, offset: int) -> np.ndarray:

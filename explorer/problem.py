@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from explorer.accuracy import (DEFAULT_ERROR_BOUND, NOT_MEASURED, AccuracyResult, AccuracyScorer, calibration_inputs,
-                               rungs_within_bound)
+                               drop_text, rungs_within_bound)
 from explorer.blockrun import int8_exact
 from explorer.boards import Board
 from explorer.cache import AppendOnlyCache, atomic_write_json, digest, read_json
@@ -93,6 +93,8 @@ class Evaluation:
     blocks: list[dict] = field(default_factory=list)
     peak_memory_mb: float | None = None
     error: str | None = None  # the measurement failed (a failed trial: infeasible, not cached)
+    accuracy_basis: str = ""  # "" (top-1 on labels), accuracy.UNLABELLED_LABEL or accuracy.SYNTHETIC_LABEL
+    accuracy_samples: int = 0
 
     @property
     def failed(self) -> bool:
@@ -104,7 +106,8 @@ class Evaluation:
     def accuracy_text(self) -> str:
         if self.accuracy is None:
             return NOT_MEASURED
-        return f"{100 * self.accuracy:.2f}% {self.accuracy_metric} (drop {100 * self.accuracy_drop:+.2f} points)"
+        return (f"{100 * self.accuracy:.2f}% {self.accuracy_metric} "
+                f"(drop {drop_text(self.accuracy_drop, self.accuracy_basis, self.accuracy_samples)})")
 
 
 class Problem:
@@ -137,8 +140,9 @@ class Problem:
 
     # ---- the design space ---------------------------------------------------------------------
     def rungs(self, layer: Layer) -> list[Rung]:
-        """Rungs offered for a layer (limited by the reconstruction-error bound without data)."""
-        if self.scorer.measured or self.error_bound is None:
+        """Rungs offered for a layer (limited by the reconstruction-error bound without data, on synthetic
+        inputs too: they are not the real distribution)."""
+        if (self.scorer.measured and not self.scorer.synthetic) or self.error_bound is None:
             return self.compressor.ladder(layer.name)
         return rungs_within_bound(self.compressor, layer.name, self.error_bound)
 
@@ -276,7 +280,8 @@ class Problem:
         path = cache_dir("accuracy") / self._accuracy_key / f"{key}.json" if self.use_disk_cache else None
         stored = read_json(path) if path and self.scorer.measured else None
         if stored is not None:
-            result = AccuracyResult(stored["value"], stored["metric"], stored["samples"])
+            result = AccuracyResult(stored["value"], stored["metric"], stored["samples"], self.scorer.basis,
+                                    stored.get("detail", ""))
         else:
             if self.scorer.measured:
                 result = self.scorer.score(self.compressor.rewrite_shared(plan, self.calibration_inputs))
@@ -296,7 +301,8 @@ class Problem:
         if c.latency_ms is not None and m.latency_ms > c.latency_ms:
             violations.append(f"latency {m.latency_ms:.3f} ms > budget {c.latency_ms:g} ms")
         if c.max_accuracy_drop is not None and drop is not None and drop > c.max_accuracy_drop:
-            violations.append(f"accuracy drop {100 * drop:.2f} points > limit {100 * c.max_accuracy_drop:g}")
+            violations.append(f"accuracy drop {100 * drop:.2f} points > limit {100 * c.max_accuracy_drop:g}"
+                              + (f" ({accuracy.basis})" if accuracy.basis else ""))
         if c.memory_mb is not None and memory_mb > c.memory_mb:
             violations.append(f"weight memory {memory_mb:.2f} MB > limit {c.memory_mb:g} MB")
         local = 0.0
@@ -314,7 +320,7 @@ class Problem:
             memory_mb_by_processor=m.memory_mb_by_processor, accuracy=accuracy.value,
             accuracy_metric=accuracy.metric, accuracy_drop=drop, feasible=not violations, violations=violations,
             objective=math.nan, measured_by=m.measured_by, blocks=[dict(vars(b)) for b in m.blocks],
-            peak_memory_mb=m.peak_memory_mb,
+            peak_memory_mb=m.peak_memory_mb, accuracy_basis=accuracy.basis, accuracy_samples=accuracy.samples,
         )
         return evaluation
 
