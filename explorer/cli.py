@@ -457,6 +457,8 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
     else:
         print_plan(problem, best_plan, f"best plan ({len(result.trials)} evaluations, {result.feasible_count} feasible)")
     console.print(f"measured by: {(result.best or baseline).measured_by}")
+    if problem.scorer.synthetic:
+        console.print(f"[yellow]accuracy: {problem.scorer.label}[/]")
     summary = _summary_markdown(problem, rows, found_gains, headline, result, args)
     metrics = {f"gain_over_{'best_reference' if i == 0 else 'baseline'}": gain.ratio for i, gain in enumerate(found_gains)}
     if confirmed:
