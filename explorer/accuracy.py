@@ -130,14 +130,15 @@ class AccuracyResult:
 
 
 def drop_text(drop: float | None, basis: str = "", samples: int = 0) -> str:
-    """An accuracy drop (a fraction) for people, in points: never a bare 0.00 for an estimate."""
+    """An accuracy drop (a fraction) for people: 'drop +1.23 points' and what it is; never a bare 0.00 for an
+    estimate on synthetic inputs ('no change seen on N synthetic inputs' instead)."""
     if drop is None:
-        return "not measured"
+        return "accuracy not measured"
     if basis == SYNTHETIC_LABEL:
-        if abs(drop) < 5e-5:  # shows as 0.00: say what was seen instead
-            return f"no change seen on {samples} synthetic inputs ({basis})"
-        return f"{100 * drop:+.2f} points, {basis}"
-    return f"{100 * drop:+.2f} points" + (f" ({basis})" if basis else "")
+        if abs(drop) < 5e-5:  # would show as 0.00: say what was seen instead
+            return f"no change seen on {samples} synthetic inputs, {basis}"
+        return f"drop {100 * drop:+.2f} points, {basis}"
+    return f"drop {100 * drop:+.2f} points" + (f" ({basis})" if basis else "")
 
 
 class AccuracyScorer:

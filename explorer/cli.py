@@ -123,7 +123,7 @@ def cmd_rewrite(args: argparse.Namespace) -> None:
     result = scorer.score(model)
     if result.measured:
         console.print(f"accuracy: {result.describe()} (uncompressed: {100 * scorer.baseline.value:.2f}%, "
-                      f"drop {drop_text(scorer.drop(result), result.basis, result.samples)})")
+                      f"{drop_text(scorer.drop(result), result.basis, result.samples)})")
     else:
         console.print(f"[yellow]{result.describe()}[/]")
     _zoo_note(args.model)
@@ -145,20 +145,30 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
                                   progress=lambda done, total: progress.update(task, completed=done, total=total))
     view = Table(title=f"Accuracy drop (points of {table.metric}) when one layer alone is compressed; "
                        f"uncompressed {100 * table.baseline:.2f}% on {scorer.dataset.source}"
-                       + (f"; {scorer.label}" if scorer.basis else ""))
+                       + (" (estimates, not measured)" if scorer.synthetic else ""))
     view.add_column("layer")
     view.add_column("rung")
     for precision in ("fp32", "fp16", "int8"):
         view.add_column(precision, justify="right")
     for layer in graph.layers:
         for rung in compressor.ladder(layer.name):
-            cells = [f"{100 * table.drop(layer.name, rung.method, rung.rank, p):+.2f}" for p in ("fp32", "fp16", "int8")]
+            cells = [_sensitivity_cell(table.drop(layer.name, rung.method, rung.rank, p), rung.method == "full" and p == "fp32",
+                                       scorer.synthetic) for p in ("fp32", "fp16", "int8")]
             view.add_row(layer.name, rung.label(), *cells)
     console.print(view)
     source = "cache" if table.from_cache else "measured now"
     console.print(f"{len(table.drops)} entries ({source}) in {time.perf_counter() - started:.1f} s")
     if scorer.synthetic:
         console.print(f"[yellow]{scorer.label}[/]")
+
+
+def _sensitivity_cell(drop: float, reference: bool, synthetic: bool) -> str:
+    """A sensitivity-table cell in points; an estimate on synthetic inputs never reads 0.00."""
+    if reference:
+        return "reference"
+    if synthetic and abs(drop) < 5e-5:
+        return "none seen"
+    return f"{100 * drop:+.2f}"
 
 
 def cmd_zoo_train(args: argparse.Namespace) -> None:
@@ -335,7 +345,7 @@ def _solver_accuracy_text(problem, solution) -> str:
     if not problem.scorer.measured:
         return "accuracy drop not estimated (no data)"
     drop = drop_text(solution.accuracy_drop, problem.scorer.basis, len(problem.scorer.dataset.x))
-    return f"additive accuracy-drop estimate {drop}"
+    return f"additive accuracy estimate: {drop}"
 
 
 def cmd_search(args: argparse.Namespace) -> None:

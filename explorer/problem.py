@@ -107,7 +107,7 @@ class Evaluation:
         if self.accuracy is None:
             return NOT_MEASURED
         return (f"{100 * self.accuracy:.2f}% {self.accuracy_metric} "
-                f"(drop {drop_text(self.accuracy_drop, self.accuracy_basis, self.accuracy_samples)})")
+                f"({drop_text(self.accuracy_drop, self.accuracy_basis, self.accuracy_samples)})")
 
 
 class Problem:

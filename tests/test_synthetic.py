@@ -108,7 +108,7 @@ def test_int8_everywhere_is_refused_by_the_synthetic_agreement_limit():
 def test_no_data_solve_limits_precisions_and_labels_every_figure(capsys, cnn_file, tmp_path):
     code, out, err = run(capsys, "solve", "--model", cnn_file, "--max-accuracy-drop", "1", "--out", tmp_path / "plan.json")
     assert code == 0, err
-    assert SYNTHETIC_LABEL in out and "additive accuracy-drop estimate" in out
+    assert SYNTHETIC_LABEL in out and "additive accuracy estimate: " in out
     assert not [line for line in out.splitlines() if ZERO_DROP.search(line)]
     int8_rows = [line for line in out.splitlines() if line.startswith("│ whole-model int8")]
     assert int8_rows and all("│ no:" in line for line in int8_rows)  # int8 everywhere breaks the 1-point limit
