@@ -290,10 +290,12 @@ class SensitivityTable:
 def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: AccuracyScorer,
                       precisions: tuple[str, ...] = PRECISIONS,
                       progress: Callable[[int, int], None] | None = None) -> SensitivityTable:
-    """Measure (or load from cache) the drop of every layer x rung x precision applied alone."""
+    """Measure (or load from cache) the drop of every layer x rung x precision applied alone (on synthetic
+    inputs, of the rungs within DEFAULT_ERROR_BOUND: the only ones a Problem offers there)."""
     if not scorer.measured:
         raise ExplorerError("the sensitivity table needs validation data: pass --data val.npz (x and optional y)")
-    ladder_spec = repr((compressor.fractions, compressor.multiple, precisions, SENSITIVITY_VERSION, compressor.int8_scheme))
+    spec = (compressor.fractions, compressor.multiple, precisions, SENSITIVITY_VERSION, compressor.int8_scheme)
+    ladder_spec = repr(spec + ((DEFAULT_ERROR_BOUND,) if scorer.synthetic else ()))
     key = digest(graph.fingerprint(), scorer.data_digest(), ladder_spec)
     path = cache_dir("sensitivity") / f"{key}.json"
     cached = read_json(path)
@@ -302,7 +304,8 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     table = SensitivityTable(scorer.metric, scorer.baseline.value)
     x_calibration, _ = calibration_inputs(graph, scorer.dataset)
     base_plan = full_rank_plan(graph)
-    jobs = [(layer, rung, precision) for layer in graph.layers for rung in compressor.ladder(layer.name)
+    ladder = (lambda name: rungs_within_bound(compressor, name)) if scorer.synthetic else compressor.ladder
+    jobs = [(layer, rung, precision) for layer in graph.layers for rung in ladder(layer.name)
             for precision in precisions if not (rung.method == "full" and precision == "fp32")]
     suffixes = _SuffixRunner(graph, scorer.dataset.x)
     ranges_by_rung: dict[tuple, dict] = {}

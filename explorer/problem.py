@@ -140,9 +140,13 @@ class Problem:
 
     # ---- the design space ---------------------------------------------------------------------
     def rungs(self, layer: Layer) -> list[Rung]:
-        """Rungs offered for a layer (limited by the reconstruction-error bound without data, on synthetic
-        inputs too: they are not the real distribution)."""
-        if (self.scorer.measured and not self.scorer.synthetic) or self.error_bound is None:
+        """Rungs offered for a layer: without data limited by the reconstruction-error bound, on synthetic
+        inputs too (they are not the real distribution; there the bound is at most DEFAULT_ERROR_BOUND, the
+        rungs their sensitivity table covers)."""
+        if self.scorer.synthetic:
+            bound = DEFAULT_ERROR_BOUND if self.error_bound is None else min(self.error_bound, DEFAULT_ERROR_BOUND)
+            return rungs_within_bound(self.compressor, layer.name, bound)
+        if self.scorer.measured or self.error_bound is None:
             return self.compressor.ladder(layer.name)
         return rungs_within_bound(self.compressor, layer.name, self.error_bound)
 
