@@ -310,7 +310,7 @@ def cmd_solve(args: argparse.Namespace) -> None:
 
     problem = _problem(args)
     if problem.scorer.measured:
-        with err_console.status("sensitivity table (measured once per model and data, then cached)"):
+        with err_console.status(_sensitivity_status(problem)):
             from explorer.accuracy import sensitivity_table
 
             sensitivity_table(problem.graph, problem.compressor, problem.scorer)
@@ -336,6 +336,12 @@ def cmd_solve(args: argparse.Namespace) -> None:
         result.plan.save(Path(args.out))
         console.print(f"wrote {args.out}")
     _zoo_note(args.model)
+
+
+def _sensitivity_status(problem) -> str:
+    if problem.scorer.synthetic:
+        return "sensitivity table (estimated on synthetic inputs once per model, then cached)"
+    return "sensitivity table (measured once per model and data, then cached)"
 
 
 def _solver_accuracy_text(problem, solution) -> str:
@@ -425,7 +431,7 @@ def _search_settings(problem, args: argparse.Namespace) -> tuple[str, str, dict]
 def _prepare(problem):
     """Measure (or recall) the sensitivity table and the baseline before a search; the baseline's Evaluation."""
     if problem.scorer.measured:
-        with err_console.status("sensitivity table (measured once per model and data, then cached)"):
+        with err_console.status(_sensitivity_status(problem)):
             from explorer.accuracy import sensitivity_table
 
             sensitivity_table(problem.graph, problem.compressor, problem.scorer)
