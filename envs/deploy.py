@@ -67,6 +67,7 @@ from explorer.graph import DECISION_OPS
 from explorer.measure import make_measurer
 from explorer.plan import Decision, Plan
 from explorer.problem import DEFAULT_LATENCY_MS, DEFAULT_MAX_ACCURACY_DROP, Constraints, Evaluation, Objective, Problem
+from explorer.synthetic import scoring_data
 
 OBSERVATION_HIGH = 10.0  # running ratios are clipped here (10x a budget is far outside anything useful)
 SOLVER = "solver"  # `suggestion=` default: solve the integer program on the cost model
@@ -76,15 +77,20 @@ def make_problem(model: str = "vgg", board: str = "tegra-k1", objective: str = "
                  latency_ms: float | None = DEFAULT_LATENCY_MS,
                  max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
                  memory_mb: float | None = None, seed: int = 0, measure: str = "sim", data: str | None = None,
-                 data_samples: int | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Problem:
+                 data_samples: int | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                 synthetic_inputs: str | None = None) -> Problem:
     """A Problem from picklable names: a zoo name or ONNX path, a board name or TOML path, and
-    validation data (an .npz path; default: the zoo model's shipped data, none for other models).
+    validation data (an .npz path; default: the zoo model's shipped data; without data, accuracy is
+    estimated on synthetic inputs drawn as `synthetic_inputs` says, as --synthetic-inputs does).
 
     `max_accuracy_drop` is a fraction (0.01 = one point); `data_samples` keeps the first N samples;
     `input_shapes` sizes inputs with symbolic dimensions, as --input-shape does ({"x": (1, 3, 48, 320)}).
     """
     graph, dataset = load_graph_and_data(model, data, input_shapes, data_samples)
-    return Problem(graph, load_board(board), make_measurer(measure, seed), AccuracyScorer(graph.model, dataset),
+    if synthetic_inputs is not None and data is not None:
+        raise ExplorerError("synthetic_inputs replaces data: give one of them")
+    scorer = AccuracyScorer(graph.model, scoring_data(graph, dataset, synthetic_inputs))
+    return Problem(graph, load_board(board), make_measurer(measure, seed), scorer,
                    Constraints(latency_ms=latency_ms, max_accuracy_drop=max_accuracy_drop, memory_mb=memory_mb),
                    Objective.parse(objective))
 

@@ -2,13 +2,17 @@
 
 - labels present: top-1 accuracy;
 - no labels, classifier output (N, C): agreement with the uncompressed model's top-1;
-- no labels, other outputs: mean cosine similarity with the uncompressed model's outputs.
+- no labels, other outputs: similarity with the uncompressed model's outputs, 1 - relative error
+  (the mean cosine is reported beside it).
+Without labels the figure is agreement with the original model, never called accuracy; on synthetic
+inputs (no data given, explorer.synthetic) it is "estimated on synthetic inputs, not measured".
 
 The *sensitivity table* holds the accuracy drop of compressing one layer alone at one rung and
 precision, all else untouched; it is the additive accuracy estimate of the solver (DeepX's RLC
 estimator). It is measured once per model + data + ladder and cached under runs/.
-Without data nothing is measured: ranks are limited by a reconstruction-error bound instead, and
-every output says so.
+Without any scoring data (an AccuracyScorer given none) nothing is scored: ranks are limited by a
+reconstruction-error bound instead, and every output says so; the CLI always scores, on synthetic
+inputs where there is no data.
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ from explorer.paths import cache_dir
 from explorer.precision import PRECISIONS, calibration_ranges, session_options
 
 NOT_MEASURED = "accuracy not measured (no validation data): ranks limited by a reconstruction-error bound"
+SYNTHETIC_LABEL = "estimated on synthetic inputs, not measured"
+UNLABELLED_LABEL = "agreement with the original model (no labels), not accuracy"
+SIMILARITY_DEFINITION = "similarity = 1 - relative error, v2"  # in cache keys: the score's meaning changed once
 DEFAULT_ERROR_BOUND = 0.35  # relative Frobenius error allowed per layer when there is no data
 CALIBRATION_SAMPLES = 128
 SYNTHETIC_CALIBRATION_SAMPLES = 16  # without data (rounded up to whole batches of a fixed batch)
@@ -110,15 +117,31 @@ class AccuracyResult:
     value: float | None
     metric: str  # top1 | agreement | similarity | not measured
     samples: int = 0
+    basis: str = ""  # "" for top-1 on labels, else UNLABELLED_LABEL or SYNTHETIC_LABEL
+    detail: str = ""  # similarity: the mean cosine and relative error
 
     @property
     def measured(self) -> bool:
+        """A value exists (on validation data, or estimated on synthetic inputs: see `basis`)."""
         return self.value is not None
 
     def describe(self) -> str:
         if not self.measured:
             return NOT_MEASURED
-        return f"{self.metric} {100 * self.value:.2f}% on {self.samples} samples"
+        return (f"{self.metric} {100 * self.value:.2f}% on {self.samples} samples" + (f" ({self.detail})" if self.detail else "")
+                + (f", {self.basis}" if self.basis else ""))
+
+
+def drop_text(drop: float | None, basis: str = "", samples: int = 0) -> str:
+    """An accuracy drop (a fraction) for people: 'drop +1.23 points' and what it is; never a bare 0.00 for an
+    estimate on synthetic inputs ('no change seen on N synthetic inputs' instead)."""
+    if drop is None:
+        return "accuracy not measured"
+    if basis == SYNTHETIC_LABEL:
+        if abs(drop) < 5e-5:  # would show as 0.00: say what was seen instead
+            return f"no change seen on {samples} synthetic inputs, {basis}"
+        return f"drop {100 * drop:+.2f} points, {basis}"
+    return f"drop {100 * drop:+.2f} points" + (f" ({basis})" if basis else "")
 
 
 class AccuracyScorer:
@@ -128,7 +151,7 @@ class AccuracyScorer:
         self.dataset = dataset
         self.reference_outputs: np.ndarray | None = None
         if dataset is None:
-            self.metric = "not measured"
+            self.metric, self.basis = "not measured", ""
             self.baseline = AccuracyResult(None, self.metric)
             return
         self.reference_outputs = run_model(reference, dataset.x, extra=dataset.extra)
@@ -144,19 +167,40 @@ class AccuracyScorer:
             raise ExplorerError(f"the uncompressed model's outputs on {dataset.source} are not all finite (NaN or "
                                 "infinity): accuracy cannot be scored on them; check the inputs' scaling and the model")
         self.metric = "top1" if dataset.y is not None else ("agreement" if classifier else "similarity")
+        self.basis = SYNTHETIC_LABEL if dataset.synthetic else (UNLABELLED_LABEL if dataset.y is None else "")
         self.baseline = self.score_outputs(self.reference_outputs)
 
     @property
     def measured(self) -> bool:
+        """Plans get an accuracy figure: on validation data, or estimated on synthetic inputs (`synthetic`)."""
         return self.dataset is not None
 
+    @property
+    def synthetic(self) -> bool:
+        """The figures are estimates on synthetic inputs, not measurements."""
+        return self.dataset is not None and self.dataset.synthetic
+
+    @property
+    def label(self) -> str:
+        """What this scorer's figures are, for every surface that shows them."""
+        if self.dataset is None:
+            return NOT_MEASURED
+        if self.synthetic:
+            spread = ""
+            if self.metric == "agreement":  # noise often lands in few classes: then agreement is a weak check
+                spread = f", which it puts in {len(np.unique(self.reference_outputs.argmax(1)))} classes"
+            return f"{SYNTHETIC_LABEL} ({self.metric} with the original model on {self.dataset.source}{spread})"
+        return self.basis or f"top-1 on {self.dataset.source}"
+
     def data_digest(self) -> str:
-        """Identifies the dataset in cache keys."""
+        """Identifies the dataset (and, for similarity and synthetic inputs, how it is scored) in cache keys."""
         if self.dataset is None:
             return "no-data"
         y = self.dataset.y.tobytes() if self.dataset.y is not None else b""
         others = [part for name, value in sorted(self.dataset.extra.items()) for part in (name.encode(), value.tobytes())]
-        return digest(self.dataset.x.tobytes(), y, *others)
+        markers = ([b"synthetic"] if self.dataset.synthetic else []) + \
+            ([SIMILARITY_DEFINITION.encode()] if self.metric == "similarity" else [])
+        return digest(self.dataset.x.tobytes(), y, *others, *markers)
 
     def score(self, model: onnx.ModelProto) -> AccuracyResult:
         """Accuracy of a model on the dataset (unmeasured result without data)."""
@@ -174,13 +218,26 @@ class AccuracyScorer:
         """Accuracy of model outputs on the dataset, in this scorer's metric."""
         n = len(outputs)
         if self.metric == "top1":
-            return AccuracyResult(float(np.mean(outputs.argmax(1) == self.dataset.y)), "top1", n)
+            return AccuracyResult(float(np.mean(outputs.argmax(1) == self.dataset.y)), "top1", n, self.basis)
         if self.metric == "agreement":
-            return AccuracyResult(float(np.mean(outputs.argmax(1) == self.reference_outputs.argmax(1))), "agreement", n)
-        a = outputs.reshape(n, -1).astype(np.float64)
-        b = self.reference_outputs.reshape(n, -1).astype(np.float64)
-        cosine = np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-        return AccuracyResult(float(np.mean(cosine)), "similarity", n)
+            agreement = float(np.mean(outputs.argmax(1) == self.reference_outputs.argmax(1)))
+            return AccuracyResult(agreement, "agreement", n, self.basis)
+        cosine, relative_error = output_similarity(outputs, self.reference_outputs)
+        # 1 - relative error is the score (it also sees a wrong scale, which cosine does not); at most the cosine
+        return AccuracyResult(float(np.mean(np.clip(1.0 - relative_error, 0.0, 1.0))), "similarity", n, self.basis,
+                              f"cosine {np.mean(cosine):.3f}, relative error {np.mean(relative_error):.3f}")
+
+
+def output_similarity(outputs: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: cosine similarity and relative error ||a - b|| / ||b|| of outputs a against reference b
+    (a reference output near 0 is measured against the mean reference norm instead)."""
+    n = len(outputs)
+    a = outputs.reshape(n, -1).astype(np.float64)
+    b = reference.reshape(n, -1).astype(np.float64)
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cosine = np.sum(a * b, 1) / np.maximum(norm_a * norm_b, 1e-12)
+    floor = max(1e-6 * float(np.mean(norm_b)), 1e-12)
+    return cosine, np.linalg.norm(a - b, axis=1) / np.maximum(norm_b, floor)
 
 
 def calibration_inputs(graph: LayerGraph, dataset: Dataset | None,
@@ -190,6 +247,11 @@ def calibration_inputs(graph: LayerGraph, dataset: Dataset | None,
     inputs, input name -> batch."""
     batch = graph.fixed_batch or 1
     several = len(graph.input_names) > 1
+    if dataset is not None and dataset.synthetic:  # a few of the scoring inputs, as without any data
+        count = min(-(-SYNTHETIC_CALIBRATION_SAMPLES // batch) * batch, len(dataset.x))
+        first = dataset.first(count)
+        return (first.feeds(graph.input_names[0]) if several else first.x,
+                f"{count} of the {dataset.source} (int8 ranges are a guess)")
     if dataset is not None:
         if len(dataset.x) < batch:
             raise ExplorerError(f"the data has {len(dataset.x)} samples, fewer than the model's fixed batch of {batch}: "
@@ -249,10 +311,12 @@ class SensitivityTable:
 def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: AccuracyScorer,
                       precisions: tuple[str, ...] = PRECISIONS,
                       progress: Callable[[int, int], None] | None = None) -> SensitivityTable:
-    """Measure (or load from cache) the drop of every layer x rung x precision applied alone."""
+    """Measure (or load from cache) the drop of every layer x rung x precision applied alone (on synthetic
+    inputs, of the rungs within DEFAULT_ERROR_BOUND: the only ones a Problem offers there)."""
     if not scorer.measured:
         raise ExplorerError("the sensitivity table needs validation data: pass --data val.npz (x and optional y)")
-    ladder_spec = repr((compressor.fractions, compressor.multiple, precisions, SENSITIVITY_VERSION, compressor.int8_scheme))
+    spec = (compressor.fractions, compressor.multiple, precisions, SENSITIVITY_VERSION, compressor.int8_scheme)
+    ladder_spec = repr(spec + ((DEFAULT_ERROR_BOUND,) if scorer.synthetic else ()))
     key = digest(graph.fingerprint(), scorer.data_digest(), ladder_spec)
     path = cache_dir("sensitivity") / f"{key}.json"
     cached = read_json(path)
@@ -264,7 +328,8 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     table = SensitivityTable(scorer.metric, scorer.baseline.value)
     x_calibration, _ = calibration_inputs(graph, scorer.dataset)
     base_plan = full_rank_plan(graph)
-    jobs = [(layer, rung, precision) for layer in graph.layers for rung in compressor.ladder(layer.name)
+    ladder = (lambda name: rungs_within_bound(compressor, name)) if scorer.synthetic else compressor.ladder
+    jobs = [(layer, rung, precision) for layer in graph.layers for rung in ladder(layer.name)
             for precision in precisions if not (rung.method == "full" and precision == "fp32")]
     suffixes = _SuffixRunner(graph, scorer.dataset.feeds(graph.input_names[0]))
     ranges_by_rung: dict[tuple, dict] = {}

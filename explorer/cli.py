@@ -16,7 +16,8 @@ from explorer.errors import ExplorerError, termination_as_interrupt
 DEFAULT_BUDGET = 200
 #: Defaults of the options that define a Problem (DeepX: 5 s per inference, about 5 points of accuracy).
 PARSER_DEFAULTS = {"model": "vgg", "board": "tegra-k1", "measure": "sim", "objective": "energy", "latency_ms": 5000.0,
-                   "max_accuracy_drop": 5.0, "memory_mb": None, "seed": 0, "data": None, "input_shape": None}
+                   "max_accuracy_drop": 5.0, "memory_mb": None, "seed": 0, "data": None, "input_shape": None,
+                   "synthetic_inputs": None}
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
@@ -36,6 +37,17 @@ def _load(args: argparse.Namespace):
 
     return load_graph_and_data(args.model, getattr(args, "data", None),
                                parse_input_shapes(getattr(args, "input_shape", None)))
+
+
+def _scorer(args: argparse.Namespace, graph, dataset):
+    """The AccuracyScorer of a command: on the data, else (or with --synthetic-inputs) on synthetic inputs."""
+    from explorer.accuracy import AccuracyScorer
+    from explorer.synthetic import scoring_data
+
+    synthetic = getattr(args, "synthetic_inputs", None)
+    if synthetic is not None and getattr(args, "data", None):
+        raise ExplorerError("--synthetic-inputs replaces data: give --data or --synthetic-inputs, not both")
+    return AccuracyScorer(graph.model, scoring_data(graph, dataset, synthetic))
 
 
 def _zoo_note(model_name: str) -> None:
@@ -97,23 +109,23 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_rewrite(args: argparse.Namespace) -> None:
     import onnx
 
-    from explorer.accuracy import AccuracyScorer, calibration_inputs
+    from explorer.accuracy import calibration_inputs, drop_text
     from explorer.compress import Compressor
     from explorer.plan import Plan
 
     graph, dataset = _load(args)
     plan = Plan.load(args.plan)
-    x_calibration, calibration_source = calibration_inputs(graph, dataset)
+    scorer = _scorer(args, graph, dataset)
+    x_calibration, calibration_source = calibration_inputs(graph, scorer.dataset)
     model = Compressor(graph).rewrite(plan, x_calibration)
     onnx.save(model, args.out)
     console.print(f"wrote {args.out}")
     if any(d.precision == "int8" for _, d in plan.decisions):
         console.print(f"int8 calibrated on {calibration_source}")
-    scorer = AccuracyScorer(graph.model, dataset)
     result = scorer.score(model)
     if result.measured:
         console.print(f"accuracy: {result.describe()} (uncompressed: {100 * scorer.baseline.value:.2f}%, "
-                      f"drop {100 * scorer.drop(result):.2f} points)")
+                      f"{drop_text(scorer.drop(result), result.basis, result.samples)})")
     else:
         console.print(f"[yellow]{result.describe()}[/]")
     _zoo_note(args.model)
@@ -122,32 +134,43 @@ def cmd_rewrite(args: argparse.Namespace) -> None:
 def cmd_sensitivity(args: argparse.Namespace) -> None:
     from rich.progress import Progress
 
-    from explorer.accuracy import AccuracyScorer, sensitivity_table
+    from explorer.accuracy import rungs_within_bound, sensitivity_table
     from explorer.compress import Compressor
 
     graph, dataset = _load(args)
-    if dataset is None:
-        raise ExplorerError(f"{args.model} has no validation data: pass --data val.npz (arrays x and optional y)")
     started = time.perf_counter()
     compressor = Compressor(graph)
-    scorer = AccuracyScorer(graph.model, dataset)
+    scorer = _scorer(args, graph, dataset)
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("measuring sensitivity", total=None)
         table = sensitivity_table(graph, compressor, scorer,
                                   progress=lambda done, total: progress.update(task, completed=done, total=total))
     view = Table(title=f"Accuracy drop (points of {table.metric}) when one layer alone is compressed; "
-                       f"uncompressed {100 * table.baseline:.2f}% on {dataset.source}")
+                       f"uncompressed {100 * table.baseline:.2f}% on {scorer.dataset.source}"
+                       + (" (estimates, not measured)" if scorer.synthetic else ""))
     view.add_column("layer")
     view.add_column("rung")
     for precision in ("fp32", "fp16", "int8"):
         view.add_column(precision, justify="right")
-    for layer in graph.layers:
-        for rung in compressor.ladder(layer.name):
-            cells = [f"{100 * table.drop(layer.name, rung.method, rung.rank, p):+.2f}" for p in ("fp32", "fp16", "int8")]
+    for layer in graph.layers:  # on synthetic inputs the table holds the rungs within the reconstruction-error bound
+        for rung in rungs_within_bound(compressor, layer.name) if scorer.synthetic else compressor.ladder(layer.name):
+            cells = [_sensitivity_cell(table.drop(layer.name, rung.method, rung.rank, p), rung.method == "full" and p == "fp32",
+                                       scorer.synthetic) for p in ("fp32", "fp16", "int8")]
             view.add_row(layer.name, rung.label(), *cells)
     console.print(view)
     source = "cache" if table.from_cache else "measured now"
     console.print(f"{len(table.drops)} entries ({source}) in {time.perf_counter() - started:.1f} s")
+    if scorer.synthetic:
+        console.print(f"[yellow]{scorer.label}[/]; rungs within the reconstruction-error bound only")
+
+
+def _sensitivity_cell(drop: float, reference: bool, synthetic: bool) -> str:
+    """A sensitivity-table cell in points; an estimate on synthetic inputs never reads 0.00."""
+    if reference:
+        return "reference"
+    if synthetic and abs(drop) < 5e-5:
+        return "none seen"
+    return f"{100 * drop:+.2f}"
 
 
 def cmd_zoo_train(args: argparse.Namespace) -> None:
@@ -204,7 +227,6 @@ def cmd_boards(args: argparse.Namespace) -> None:
 
 def _problem(args: argparse.Namespace):
     """Problem for the --model/--data/--board/--measure/constraint options."""
-    from explorer.accuracy import AccuracyScorer
     from explorer.boards import load_board
     from explorer.measure import make_measurer
     from explorer.problem import Constraints, Objective, Problem
@@ -215,7 +237,7 @@ def _problem(args: argparse.Namespace):
                               max_accuracy_drop=args.max_accuracy_drop / 100 if args.max_accuracy_drop is not None else None,
                               memory_mb=args.memory_mb)
     return Problem(graph, board, make_measurer(args.measure, args.seed, getattr(args, "wait_for_servers", 0.0)),
-                   AccuracyScorer(graph.model, dataset),
+                   _scorer(args, graph, dataset),
                    constraints, Objective.parse(args.objective))
 
 
@@ -233,6 +255,8 @@ def print_evaluation(evaluation, title: str) -> None:
                   f"energy {evaluation.energy_mj:.3f} mJ ({evaluation.energy_source}), weights {evaluation.memory_mb:.2f} MB"
                   + (f", peak resident memory {evaluation.peak_memory_mb:.0f} MB" if evaluation.peak_memory_mb else ""))
     console.print(f"accuracy: {evaluation.accuracy_text()}")
+    if evaluation.accuracy_basis:
+        console.print(f"[yellow]accuracy basis:[/] {evaluation.accuracy_basis}")
     status = "[green]feasible[/]" if evaluation.feasible else "[red]infeasible:[/] " + "; ".join(evaluation.violations)
     console.print(f"{status}\nmeasured by: {evaluation.measured_by}")
 
@@ -265,14 +289,26 @@ def print_plan(problem, plan, title: str) -> None:
 
 def print_comparison(rows: list[tuple[str, object]]) -> None:
     """Side-by-side metrics of several evaluations: (name, Evaluation)."""
-    table = Table(title="evaluated through Problem.evaluate")
+    bases = sorted({e.accuracy_basis for _, e in rows if e.accuracy_basis})
+    table = Table(title="evaluated through Problem.evaluate" + (f"; accuracy: {', '.join(bases)}" if bases else ""))
     for column in ("plan", "latency ms", "energy mJ", "weights MB", "accuracy", "feasible", "objective"):
         table.add_column(column)
     for name, e in rows:
-        accuracy = "not measured" if e.accuracy is None else f"{100 * e.accuracy:.2f}% ({100 * e.accuracy_drop:+.2f})"
+        accuracy = ("not measured" if e.accuracy is None else f"{100 * e.accuracy:.2f}%"
+                    + (f" {e.accuracy_metric}" if e.accuracy_basis else "") + f" ({_drop_cell(e)})")
         table.add_row(name, f"{e.latency_ms:.3f}", f"{e.energy_mj:.3f}", f"{e.memory_mb:.3f}", accuracy,
                       "yes" if e.feasible else "no: " + "; ".join(e.violations), f"{e.objective:.4g}")
     console.print(table)
+
+
+def _drop_cell(e) -> str:
+    """A table cell for an evaluation's drop: points, '~' marking an estimate on synthetic inputs (the table's
+    title says so), never a bare 0.00 for one."""
+    from explorer.accuracy import SYNTHETIC_LABEL
+
+    if e.accuracy_basis != SYNTHETIC_LABEL:
+        return f"{100 * e.accuracy_drop:+.2f}"
+    return "no change seen" if abs(e.accuracy_drop) < 5e-5 else f"~{100 * e.accuracy_drop:+.2f} est."
 
 
 def cmd_solve(args: argparse.Namespace) -> None:
@@ -280,7 +316,7 @@ def cmd_solve(args: argparse.Namespace) -> None:
 
     problem = _problem(args)
     if problem.scorer.measured:
-        with err_console.status("sensitivity table (measured once per model and data, then cached)"):
+        with err_console.status(_sensitivity_status(problem)):
             from explorer.accuracy import sensitivity_table
 
             sensitivity_table(problem.graph, problem.compressor, problem.scorer)
@@ -290,7 +326,7 @@ def cmd_solve(args: argparse.Namespace) -> None:
     print_plan(problem, result.plan, f"solver plan for {problem.graph.source} on {problem.board.name} "
                                      f"(objective: {problem.objective.describe()})")
     console.print(f"predicted by the cost model: latency {solution.latency_s * 1e3:.3f} ms, energy {solution.energy_j * 1e3:.3f} mJ, "
-                  f"weights {solution.weight_bytes / 2**20:.3f} MB, estimated accuracy drop {100 * solution.accuracy_drop:.2f} points; "
+                  f"weights {solution.weight_bytes / 2**20:.3f} MB, {_solver_accuracy_text(problem, solution)}; "
                   f"{solution.status} in {solution.seconds:.2f} s")
     rows = [(name, problem.evaluate(plan)) for name, plan in problem.reference_plans()]  # the rounds had to beat them
     rows += [(f"solver round {i + 1}" + (" (chosen)" if s.plan == result.plan else ""), e) for i, (s, e) in enumerate(result.rounds)]
@@ -300,12 +336,28 @@ def cmd_solve(args: argparse.Namespace) -> None:
         console.print("[red]no solver round was feasible when evaluated[/]: the additive model is too optimistic here; "
                       "loosen the constraints or let a search agent take over")
     console.print(f"measured by: {evaluation.measured_by}")
-    if not problem.scorer.measured:
-        console.print(f"[yellow]{evaluation.accuracy_text()}[/]")
+    if not problem.scorer.measured or problem.scorer.synthetic:
+        console.print(f"[yellow]{problem.scorer.label}[/]")
     if args.out:
         result.plan.save(Path(args.out))
         console.print(f"wrote {args.out}")
     _zoo_note(args.model)
+
+
+def _sensitivity_status(problem) -> str:
+    if problem.scorer.synthetic:
+        return "sensitivity table (estimated on synthetic inputs once per model, then cached)"
+    return "sensitivity table (measured once per model and data, then cached)"
+
+
+def _solver_accuracy_text(problem, solution) -> str:
+    """The solver's additive accuracy-drop estimate, said for what it is."""
+    from explorer.accuracy import drop_text
+
+    if not problem.scorer.measured:
+        return "accuracy drop not estimated (no data)"
+    drop = drop_text(solution.accuracy_drop, problem.scorer.basis, len(problem.scorer.dataset.x))
+    return f"additive accuracy estimate: {drop}"
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -387,14 +439,15 @@ def _search_settings(problem, args: argparse.Namespace) -> tuple[str, str, dict]
     params = {key: getattr(args, key) for key in PARSER_DEFAULTS}
     params.update({"agent": args.agent, "budget": args.budget, "objective_meaning": problem.objective.describe(),
                    "measured_by": problem.measurer.label(problem.board),
-                   "data_source": problem.scorer.dataset.source if problem.scorer.dataset else "none (accuracy not measured)"})
+                   "data_source": problem.scorer.dataset.source if problem.scorer.dataset else "none (accuracy not measured)",
+                   "accuracy_basis": problem.scorer.label})
     return resolve_tracking_uri(args.tracking_uri), experiment, params
 
 
 def _prepare(problem):
     """Measure (or recall) the sensitivity table and the baseline before a search; the baseline's Evaluation."""
     if problem.scorer.measured:
-        with err_console.status("sensitivity table (measured once per model and data, then cached)"):
+        with err_console.status(_sensitivity_status(problem)):
             from explorer.accuracy import sensitivity_table
 
             sensitivity_table(problem.graph, problem.compressor, problem.scorer)
@@ -437,6 +490,8 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
     else:
         print_plan(problem, best_plan, f"best plan ({len(result.trials)} evaluations, {result.feasible_count} feasible)")
     console.print(f"measured by: {(result.best or baseline).measured_by}")
+    if problem.scorer.synthetic:
+        console.print(f"[yellow]accuracy: {problem.scorer.label}[/]")
     summary = _summary_markdown(problem, rows, found_gains, headline, result, args)
     if ended:
         summary = summary.replace("\n\n", f"\n\n**Ended early** after {len(result.trials)} of {args.budget} evaluations: "
@@ -595,7 +650,7 @@ def _search_args(args: argparse.Namespace, **overrides) -> list[str]:
     values = {"board": args.board, "model": args.model, "agent": args.agent, "budget": args.budget,
               "objective": args.objective, "latency_ms": args.latency_ms, "max_accuracy_drop": args.max_accuracy_drop,
               "measure": args.measure, "seed": args.seed, "data": args.data, "memory_mb": args.memory_mb,
-              "input_shape": args.input_shape, "tracking_uri": args.tracking_uri, "storage": args.storage, "study": args.study,
+              "input_shape": args.input_shape, "synthetic_inputs": args.synthetic_inputs, "tracking_uri": args.tracking_uri, "storage": args.storage, "study": args.study,
               "workers": args.workers if args.workers > 1 else None, "resume": None, "parent_run": None} | overrides
     parts = []
     for key, value in values.items():
@@ -610,6 +665,7 @@ def _summary_markdown(problem, rows, found_gains, headline, result, args) -> str
     lines = [f"# {args.agent} search: {problem.graph.source} on {problem.board.name}", "",
              f"Objective: minimise {problem.objective.describe()}; latency <= {args.latency_ms:g} ms, "
              f"accuracy drop <= {args.max_accuracy_drop:g} points" + (f", weights <= {args.memory_mb:g} MB" if args.memory_mb else "") + ".",
+             f"Accuracy: {problem.scorer.label}.",
              f"{len(result.trials)} measured evaluations, {result.feasible_count} feasible.", ""]
     if headline:
         lines += [headline[0].upper() + headline[1:] + ".", ""]
@@ -754,6 +810,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="size of a model input, batch first, e.g. x=1x3x48x320 (repeat per input): needed where the "
                             "model's input has symbolic dimensions other than the batch and no --data gives them; "
                             "batch 1 keeps a symbolic batch, a larger one fixes it")
+        p.add_argument("--synthetic-inputs", metavar="DIST",
+                       help="without --data, accuracy is estimated (not measured) as agreement with the original model on "
+                            "seeded synthetic inputs drawn from DIST: normal (default), normal:MEAN,STD or uniform:LO,HI, in "
+                            "the units the model's input takes; giving it replaces a zoo model's shipped data")
 
     def problem_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--board", default=PARSER_DEFAULTS["board"], help="board profile name (see `explorer boards`) or path to a .toml")

@@ -32,12 +32,14 @@ _FILES = {
 
 @dataclass
 class Dataset:
-    """Model inputs `x`, optional integer labels `y`, and a one-line description of where they came from."""
+    """Model inputs `x`, optional integer labels `y`, a one-line description of where they came from, and
+    whether they are synthetic (drawn by explorer.synthetic: figures on them are estimates, not measurements)."""
 
     x: np.ndarray
     y: np.ndarray | None
     source: str
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # a multi-input model's other inputs, by name
+    synthetic: bool = False  # drawn by explorer.synthetic (no data given): figures on it are estimates
 
     def feeds(self, first_input: str) -> dict[str, np.ndarray]:
         """Every model input's array by input name (x under the first input's name)."""
@@ -46,7 +48,8 @@ class Dataset:
     def first(self, count: int) -> "Dataset":
         """The first `count` samples, every input and the labels."""
         return Dataset(self.x[:count], self.y[:count] if self.y is not None else None,
-                       f"{self.source}, first {count} samples", {k: v[:count] for k, v in self.extra.items()})
+                       f"{self.source}, first {count} samples", {k: v[:count] for k, v in self.extra.items()},
+                       self.synthetic)
 
 
 def _read_idx(path: Path, offset: int) -> np.ndarray:

@@ -130,8 +130,9 @@ def _manifest(problem, plan: Plan, evaluation, predicted: dict | None, run_id: s
     accuracy = None
     if evaluation is not None and evaluation.accuracy is not None:
         accuracy = {"value": evaluation.accuracy, "metric": evaluation.accuracy_metric,
-                    "drop": evaluation.accuracy_drop,
-                    "samples": len(dataset.x) if dataset is not None else 0}
+                    "drop": evaluation.accuracy_drop, "drop_points": 100 * evaluation.accuracy_drop,
+                    "samples": len(dataset.x) if dataset is not None else 0,
+                    "basis": problem.scorer.label, "measured": not problem.scorer.synthetic}
     return _json_ready({
         "format": BUNDLE_FORMAT,
         "schema_version": BUNDLE_SCHEMA_VERSION,

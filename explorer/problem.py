@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from explorer.accuracy import (DEFAULT_ERROR_BOUND, NOT_MEASURED, AccuracyResult, AccuracyScorer, calibration_inputs,
-                               rungs_within_bound)
+                               drop_text, rungs_within_bound)
 from explorer.blockrun import int8_exact
 from explorer.boards import Board
 from explorer.cache import AppendOnlyCache, atomic_write_json, digest, read_json, unreadable
@@ -97,6 +97,8 @@ class Evaluation:
     blocks: list[dict] = field(default_factory=list)
     peak_memory_mb: float | None = None
     error: str | None = None  # the measurement failed (a failed trial: infeasible, not cached)
+    accuracy_basis: str = ""  # "" (top-1 on labels), accuracy.UNLABELLED_LABEL or accuracy.SYNTHETIC_LABEL
+    accuracy_samples: int = 0
 
     @property
     def failed(self) -> bool:
@@ -108,7 +110,8 @@ class Evaluation:
     def accuracy_text(self) -> str:
         if self.accuracy is None:
             return NOT_MEASURED
-        return f"{100 * self.accuracy:.2f}% {self.accuracy_metric} (drop {100 * self.accuracy_drop:+.2f} points)"
+        return (f"{100 * self.accuracy:.2f}% {self.accuracy_metric} "
+                f"({drop_text(self.accuracy_drop, self.accuracy_basis, self.accuracy_samples)})")
 
 
 class Problem:
@@ -141,7 +144,12 @@ class Problem:
 
     # ---- the design space ---------------------------------------------------------------------
     def rungs(self, layer: Layer) -> list[Rung]:
-        """Rungs offered for a layer (limited by the reconstruction-error bound without data)."""
+        """Rungs offered for a layer: without data limited by the reconstruction-error bound, on synthetic
+        inputs too (they are not the real distribution; there the bound is at most DEFAULT_ERROR_BOUND, the
+        rungs their sensitivity table covers)."""
+        if self.scorer.synthetic:
+            bound = DEFAULT_ERROR_BOUND if self.error_bound is None else min(self.error_bound, DEFAULT_ERROR_BOUND)
+            return rungs_within_bound(self.compressor, layer.name, bound)
         if self.scorer.measured or self.error_bound is None:
             return self.compressor.ladder(layer.name)
         return rungs_within_bound(self.compressor, layer.name, self.error_bound)
@@ -284,8 +292,9 @@ class Problem:
         path = cache_dir("accuracy") / self._accuracy_key / f"{key}.json" if self.use_disk_cache else None
         stored = read_json(path) if path and self.scorer.measured else None
         try:
-            result = AccuracyResult(stored["value"], stored["metric"], stored["samples"]) if stored is not None else None
-        except (KeyError, TypeError, IndexError) as exc:  # valid JSON of another shape: a miss
+            result = (AccuracyResult(stored["value"], stored["metric"], stored["samples"], self.scorer.basis,
+                                     stored.get("detail", "")) if stored is not None else None)
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:  # valid JSON of another shape: a miss
             unreadable(path, ValueError(f"no {exc} in it"))
             result = None
         if result is None:
@@ -307,7 +316,8 @@ class Problem:
         if c.latency_ms is not None and m.latency_ms > c.latency_ms:
             violations.append(f"latency {m.latency_ms:.3f} ms > budget {c.latency_ms:g} ms")
         if c.max_accuracy_drop is not None and drop is not None and drop > c.max_accuracy_drop:
-            violations.append(f"accuracy drop {100 * drop:.2f} points > limit {100 * c.max_accuracy_drop:g}")
+            violations.append(f"accuracy drop {100 * drop:.2f} points > limit {100 * c.max_accuracy_drop:g}"
+                              + (f" ({accuracy.basis})" if accuracy.basis else ""))
         if c.memory_mb is not None and memory_mb > c.memory_mb:
             violations.append(f"weight memory {memory_mb:.2f} MB > limit {c.memory_mb:g} MB")
         local = 0.0
@@ -325,7 +335,7 @@ class Problem:
             memory_mb_by_processor=m.memory_mb_by_processor, accuracy=accuracy.value,
             accuracy_metric=accuracy.metric, accuracy_drop=drop, feasible=not violations, violations=violations,
             objective=math.nan, measured_by=m.measured_by, blocks=[dict(vars(b)) for b in m.blocks],
-            peak_memory_mb=m.peak_memory_mb,
+            peak_memory_mb=m.peak_memory_mb, accuracy_basis=accuracy.basis, accuracy_samples=accuracy.samples,
         )
         return evaluation
 

@@ -9,7 +9,8 @@ Layout in the tracking store (any MLflow tracking URI; default SQLite under runs
 - one **child run per trial** ("trial N", tag `mlflow.parentRunId`): one param per decision layer
   holding `Decision.label()` (e.g. `conv1_1 = spatial:16/int8@gpu`); metrics latency_ms,
   latency_spread_ms, energy_mj, memory_mb, accuracy, accuracy_drop (when measured), objective,
-  feasible (0/1), eval_seconds; tags trial, source, measured_by, plan_digest, violations (if any).
+  feasible (0/1), eval_seconds; tags trial, source, measured_by, plan_digest, accuracy_basis (where the
+  accuracy is agreement without labels or estimated on synthetic inputs), violations (if any).
 
 Logging never makes the search wait: `log_trial` only puts the trial on a queue, and a worker
 thread writes what has gathered as one batch. Through MLflow's API a child run costs three calls,
@@ -547,6 +548,7 @@ class SearchTracker:
             metrics=metrics,
             tags={MLFLOW_RUN_NAME: name, MLFLOW_PARENT_RUN_ID: self.run_id, "trial": str(number),
                   "source": trial.source, "measured_by": e.measured_by, "plan_digest": e.plan_digest}
+            | ({"accuracy_basis": e.accuracy_basis} if e.accuracy_basis else {})
             | ({"violations": "; ".join(e.violations)[:MAX_TAG_LENGTH]} if e.violations else {})
             | ({"failed": e.error[:MAX_TAG_LENGTH]} if e.failed else {}),
             status="FAILED" if e.failed else "FINISHED",
