@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -26,13 +28,14 @@ import numpy as np
 import onnxruntime as ort
 
 from explorer.errors import ExplorerError
-from explorer.export import BUNDLE_FORMAT, BUNDLE_SCHEMA_VERSION, MANIFEST_FILE
+from explorer.export import BUNDLE_FORMAT, BUNDLE_SCHEMA_VERSION, MANIFEST_FILE, READABLE_SCHEMA_VERSIONS, manifest_digest
 from explorer.precision import session_options
 
 CPU_PROVIDER = "CPUExecutionProvider"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 1 << 20
 _EXPORT_AGAIN = "the bundle was modified; export it again"
+log = logging.getLogger(__name__)
 
 
 class ProviderFallbackWarning(RuntimeWarning):
@@ -53,53 +56,182 @@ class BlockSession:
     session: ort.InferenceSession
 
 
-class Bundle:
-    """A verified bundle with one open session per block: load once, run many inputs."""
+@dataclass(frozen=True)
+class Switch:
+    """One change of the bundle's current plan: why, and what it cost."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], blocks: list[BlockSession], fallbacks: list[str]):
+    before: str | None  # plan id (None: the first plan opened at load)
+    after: str
+    reason: str
+    seconds: float  # wall time of the switch: opening the new plan's sessions, closing the unused ones
+    opened: int  # sessions opened for the new plan
+    kept: int  # sessions of blocks the plans share, kept open
+    closed: int  # sessions no longer needed, released
+    inference: int  # inferences run before the switch
+
+
+class Bundle:
+    """A verified bundle with open sessions for its current plan: load once, run many inputs.
+
+    A bundle with a plan set (``explorer export --plans``) runs one plan at a time: :meth:`select` and
+    :meth:`adapt` pick the plan for given conditions and switch to it, keeping the sessions of the blocks
+    both plans share; with ``adapt="auto"`` the bundle checks the conditions itself before every inference
+    (memory the OS has available, the per-call latency budget, the network) and switches with hysteresis
+    (:class:`explorer.adapt.Hysteresis`). Every switch is logged (logger ``explorer.runtime``) and kept in
+    :attr:`switches` with its reason and cost.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], strict: bool = False, adapt: str | None = None,
+                 latency_ms: float | None = None, network=None, memory_probe: Callable[[], float | None] | None = None):
+        from explorer.adapt import Conditions, Hysteresis, available_memory_mb
+
+        if adapt not in (None, "off", "auto"):
+            raise ExplorerError(f"adapt={adapt!r}: use 'auto' (switch plans as conditions change) or None")
         self.path = path
         self.manifest = manifest
-        self.blocks = blocks
-        self.fallbacks = fallbacks  # one message per block that fell back to the CPU
+        self.strict = strict
+        self.auto = adapt == "auto"
+        self.plans: list[dict[str, Any]] = manifest["plans"]
+        self.objective: dict | None = manifest.get("objective")
+        self.fallbacks: list[str] = []  # one message per block session that fell back to the CPU
+        self.switches: list[Switch] = []
+        self.warnings: list[str] = list(manifest.get("_notes", []))  # what the bundle could not check
+        self.inferences = 0
         model = manifest["model"]
         self.input_name: str = model["input"]["name"]
         self.input_shape: list = model["input"]["shape"]  # symbolic dimensions as strings
         self.input_dtype = np.dtype(model["input"]["dtype"])
         self.output_names: list[str] = model["outputs"]
+        self.conditions = Conditions(latency_ms=latency_ms, network=network)  # what `adapt="auto"` starts from
+        self._memory_probe = memory_probe or available_memory_mb
+        self._hysteresis = Hysteresis()
+        self._sessions: dict[tuple, tuple[ort.InferenceSession, str]] = {}
+        self.current: dict[str, Any] | None = None
+        self.blocks: list[BlockSession] = []
+        self._free_after: list[list[str]] = []
+
+    @classmethod
+    def load(cls, path: Path | str, strict: bool = False, adapt: str | None = None, plan: str | None = None,
+             latency_ms: float | None = None, network=None,
+             memory_probe: Callable[[], float | None] | None = None) -> "Bundle":
+        """Read, validate and verify the bundle in folder `path` and open the sessions of one plan.
+
+        `strict`: raise instead of falling back to the CPU when a block's provider is missing. `plan`: the id
+        of the plan to start with (default: the best, p0). `adapt="auto"`: switch plans by themselves before
+        each inference, within `latency_ms` (or the budget passed to :meth:`run`), the memory `memory_probe`
+        reports available (default: the OS's) and `network` (None: as the search assumed, 'off', 'RTT,MBPS').
+        """
+        root = Path(path).expanduser()
+        manifest = _read_manifest(root)
+        users: dict[str, list[str]] = {}
+        for entry in manifest["plans"]:
+            for block in entry["blocks"]:
+                users.setdefault(block["file"], []).append(entry["id"])
+        for name, expected in manifest["files"].items():  # every file, before any session: a changed one is refused
+            if _file_sha256(_bundle_file(root, name)) != expected:
+                used_by = f" (a block of plan{'s' if len(users.get(name, [])) > 1 else ''} {', '.join(users[name])})" \
+                    if name in users else ""
+                raise ExplorerError(f"{name}{used_by} does not match its checksum in plan.json: {_EXPORT_AGAIN}")
+        bundle = cls(root, manifest, strict, adapt, latency_ms, network, memory_probe)
+        first = plan or manifest["plans"][0]["id"]
+        bundle._switch_to(bundle._plan(first), "the bundle's best plan" if plan is None else "asked for at load")
+        return bundle
+
+    # ---- plans -----------------------------------------------------------------------------------
+    @property
+    def plan_ids(self) -> list[str]:
+        return [entry["id"] for entry in self.plans]
+
+    def _plan(self, plan_id: str) -> dict[str, Any]:
+        for entry in self.plans:
+            if entry["id"] == plan_id:
+                return entry
+        raise ExplorerError(f"the bundle has no plan {plan_id!r}: it has {', '.join(self.plan_ids)}")
+
+    def select(self, latency_ms: float | None = None, memory_mb: float | None = None, network=None):
+        """Switch to the plan with the lowest objective (least energy by default) that meets the conditions;
+        returns the :class:`explorer.adapt.Selection` (which plan and why). ExplorerError naming the closest
+        plan and what it needs when none meets them."""
+        from explorer.adapt import Conditions
+
+        return self._select(Conditions(latency_ms, memory_mb, network))
+
+    def adapt(self, conditions) -> Switch | None:
+        """Switch to the plan for `conditions` (an :class:`explorer.adapt.Conditions`) at once; the Switch made,
+        or None when the current plan is already the one."""
+        before = len(self.switches)
+        self._select(conditions)
+        return self.switches[-1] if len(self.switches) > before else None
+
+    def _select(self, conditions):
+        from explorer.adapt import choose
+
+        selection = choose(self.plans, conditions, self.objective)
+        if selection.plan_id != self.current["id"]:
+            self._switch_to(self._plan(selection.plan_id), selection.reason)
+        return selection
+
+    def watch(self, latency_ms: float | None = None) -> Switch | None:
+        """What `adapt="auto"` does before an inference: read the conditions now (memory available to the bundle:
+        the OS's available memory plus the weights the current plan holds; the latency budget of this call or
+        the bundle's; the network) and switch with hysteresis. No plan meeting them: warn and keep the plan."""
+        from explorer.adapt import Conditions
+
+        free = self._memory_probe()
+        memory = None if free is None else free + ((self.current.get("needs") or {}).get("memory_mb") or 0.0)
+        budget = latency_ms if latency_ms is not None else self.conditions.latency_ms
+        conditions = Conditions(budget, memory, self.conditions.network)
+        try:
+            selection = self._hysteresis.decide(self.plans, self.current["id"], conditions, self.objective)
+        except ExplorerError as error:
+            message = f"keeping {self.current['id']}: {error}"
+            if not self.warnings or self.warnings[-1] != message:
+                self.warnings.append(message)
+                log.warning(message)
+            return None
+        if selection is None:
+            return None
+        self._switch_to(self._plan(selection.plan_id), selection.reason)
+        return self.switches[-1]
+
+    def _switch_to(self, entry: dict[str, Any], reason: str) -> None:
+        """Make `entry` the current plan: open the sessions it lacks, keep the shared ones, release the rest."""
+        started = time.perf_counter()
+        keys = [_session_key(block) for block in entry["blocks"]]
+        kept = sum(key in self._sessions for key in keys)
+        blocks = []
+        for block, key in zip(entry["blocks"], keys):
+            if key not in self._sessions:
+                data = _bundle_file(self.path, block["file"]).read_bytes()
+                # hashed again from the bytes the session reads: a block changed since load is refused too
+                _check_sha256(block["file"], hashlib.sha256(data).hexdigest(), self.manifest["files"][block["file"]])
+                self._sessions[key] = _open_session(block, data, self.strict, self.fallbacks)
+                del data
+            session, runs_on = self._sessions[key]
+            blocks.append(BlockSession(block["index"], block["file"], block["processor"], block["provider"], runs_on,
+                                       tuple(block["inputs"]), tuple(block["outputs"]), session))
+            _check_block_io(blocks[-1])
+        unused = [key for key in self._sessions if key not in set(keys)]
+        for key in unused:  # the memory goes back before the next inference
+            del self._sessions[key]
+        before = self.current["id"] if self.current else None
+        self.current, self.blocks = entry, blocks
         last_use: dict[str, int] = {}
         for block in blocks:
             for name in block.inputs:
                 last_use[name] = block.index
         self._free_after = [[n for n, i in last_use.items() if i == block.index and n not in self.output_names]
                             for block in blocks]
-
-    @classmethod
-    def load(cls, path: Path | str, strict: bool = False) -> "Bundle":
-        """Read, validate and verify the bundle in folder `path` and open its sessions.
-
-        `strict`: raise instead of falling back to the CPU when a block's provider is missing.
-        """
-        root = Path(path).expanduser()
-        manifest = _read_manifest(root)
-        block_files = {b["file"] for b in manifest["blocks"]}  # hashed below, from the bytes the session reads
-        for name, expected in manifest["files"].items():
-            if name not in block_files:
-                _check_sha256(name, _file_sha256(_bundle_file(root, name)), expected)
-        blocks, fallbacks = [], []
-        for entry in manifest["blocks"]:
-            data = _bundle_file(root, entry["file"]).read_bytes()
-            _check_sha256(entry["file"], hashlib.sha256(data).hexdigest(), manifest["files"][entry["file"]])
-            session, runs_on = _open_session(entry, data, strict, fallbacks)
-            del data
-            block = BlockSession(entry["index"], entry["file"], entry["processor"], entry["provider"], runs_on,
-                                 tuple(entry["inputs"]), tuple(entry["outputs"]), session)
-            _check_block_io(block)
-            blocks.append(block)
-        return cls(root, manifest, blocks, fallbacks)
+        switch = Switch(before, entry["id"], reason, time.perf_counter() - started, len(keys) - kept, kept, len(unused),
+                        self.inferences)
+        self.switches.append(switch)
+        if before is not None:
+            log.info("switched plan %s -> %s in %.1f ms (%d sessions opened, %d kept, %d closed): %s", before, entry["id"],
+                     1e3 * switch.seconds, switch.opened, switch.kept, switch.closed, reason)
 
     @property
     def providers(self) -> list[str]:
-        """The provider each block actually runs on, in block order."""
+        """The provider each block of the current plan actually runs on, in block order."""
         return [block.runs_on for block in self.blocks]
 
     @property
@@ -108,18 +240,23 @@ class Bundle:
         batch = self.input_shape[0] if self.input_shape else None
         return batch if isinstance(batch, int) and batch > 0 else None
 
-    def run(self, x: np.ndarray, timing: bool = False) -> np.ndarray | tuple[np.ndarray, list[float]]:
-        """The model's first output for the batch `x`; with `timing`, also each block's milliseconds."""
-        outputs, block_ms = self.run_all(x, timing=True)
+    def run(self, x: np.ndarray, timing: bool = False,
+            latency_ms: float | None = None) -> np.ndarray | tuple[np.ndarray, list[float]]:
+        """The model's first output for the batch `x` on the current plan; with `timing`, also each block's
+        milliseconds. `latency_ms`: this call's latency budget (with `adapt="auto"`)."""
+        outputs, block_ms = self.run_all(x, timing=True, latency_ms=latency_ms)
         first = outputs[self.output_names[0]]
         return (first, block_ms) if timing else first
 
-    def run_all(self, x: np.ndarray, timing: bool = False) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], list[float]]:
+    def run_all(self, x: np.ndarray, timing: bool = False, latency_ms: float | None = None
+                ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], list[float]]:
         """Every model output by name for the batch `x`; with `timing`, also each block's milliseconds.
 
         A model with a fixed batch size runs `x` in chunks of that size (the last chunk padded).
         """
         x = self._checked_input(x)
+        if self.auto:
+            self.watch(latency_ms)
         step = self.fixed_batch or len(x)
         block_ms = [0.0] * len(self.blocks)
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
@@ -132,6 +269,7 @@ class Bundle:
             for name in self.output_names:
                 parts[name].append(values[name][:count])
         outputs = {name: np.concatenate(chunks) if len(chunks) > 1 else chunks[0] for name, chunks in parts.items()}
+        self.inferences += 1
         return (outputs, block_ms) if timing else outputs
 
     def _chain(self, x: np.ndarray, block_ms: list[float]) -> dict[str, np.ndarray]:
@@ -161,6 +299,11 @@ class Bundle:
         return x
 
 
+def _session_key(block: dict[str, Any]) -> tuple:
+    """What makes two plans' blocks one session: the same file on the same provider with the same settings."""
+    return (block["file"], block["provider"], block["threads"], json.dumps(block["provider_options"], sort_keys=True))
+
+
 # ---- reading and checking a bundle ----------------------------------------------------------------
 def _read_manifest(root: Path) -> dict[str, Any]:
     if not root.is_dir():
@@ -173,7 +316,27 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExplorerError(f"{path} is not valid JSON ({exc}): {_EXPORT_AGAIN}") from None
     _validate_manifest(manifest, path)
+    if manifest["schema_version"] == 1:  # one plan, no plan set, no digest of plan.json itself
+        manifest["plans"] = [_single_plan(manifest)]
+        manifest["_notes"] = [f"{path} was written before bundles had a digest of their own plan.json (schema 1): "
+                              "its decisions are not verified; export it again to have them verified"]
     return manifest
+
+
+def _single_plan(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The plan-set entry of a schema 1 bundle's one plan (its figures from what was measured, if anything)."""
+    measured = manifest.get("measured") or {}
+    by_processor = measured.get("memory_mb_by_processor") or {}
+    remote = {b["processor"] for b in manifest["blocks"] if b.get("processor_kind") == "remote"}
+    figures = ({"latency_ms": measured.get("latency_ms"), "energy_mj": measured.get("energy_mj"),
+                "memory_mb": measured.get("memory_mb"), "objective": measured.get("objective"),
+                "measured_by": measured.get("measured_by")} if measured else None)
+    return {"id": "p0", "description": "the bundle's only plan", "roles": ["best"],
+            "digest": (manifest.get("plan") or {}).get("digest"), "blocks": manifest["blocks"], "figures": figures,
+            "needs": {"latency_ms": measured.get("latency_ms"),
+                      "memory_mb": sum(mb for pid, mb in by_processor.items() if pid not in remote) if measured else None,
+                      "network": {"remote_processors": sorted(remote), "transfers": 0, "bytes": 0, "rtt_ms": 0.0,
+                                  "bandwidth_mbit_s": 1.0, "radio_power_w": 0.0} if remote else None}}
 
 
 def _validate_manifest(manifest: Any, path: Path) -> None:
@@ -200,8 +363,14 @@ def _validate_manifest(manifest: Any, path: Path) -> None:
     if version > BUNDLE_SCHEMA_VERSION:
         raise ExplorerError(f"{path}: bundle schema {version} is newer than this explorer reads ({BUNDLE_SCHEMA_VERSION}): "
                             "upgrade explorer")
-    if version != BUNDLE_SCHEMA_VERSION:
-        fail(f"bundle schema {version} is not supported (this explorer reads {BUNDLE_SCHEMA_VERSION})")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        fail(f"bundle schema {version} is not supported (this explorer reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
+    if version >= 2:
+        recorded = manifest.get("digest")
+        if not isinstance(recorded, str) or not _SHA256.match(recorded):
+            fail("digest (the SHA-256 of plan.json itself) is missing")
+        if manifest_digest(manifest) != recorded:
+            fail("plan.json does not match its own digest")
     files = need(manifest, "files", dict, "")
     for name, checksum in files.items():
         if not (isinstance(checksum, str) and _SHA256.match(checksum)):
@@ -220,33 +389,52 @@ def _validate_manifest(manifest: Any, path: Path) -> None:
         fail(f"model.input.dtype {model_input['dtype']!r} is not a numpy dtype")
     if not names(model, "outputs", "model."):
         fail("model.outputs is empty")
-    blocks = need(manifest, "blocks", list, "")
-    if not blocks:
-        fail("blocks is empty")
-    for i, block in enumerate(blocks):
-        where = f"blocks[{i}]."
-        if need(block, "index", int, where) != i:
-            fail(f"{where}index is {block['index']}, expected {i}")
-        if need(block, "file", str, where) not in files:
-            fail(f"{where}file {block['file']!r} has no checksum in files")
-        need(block, "processor", str, where)
-        need(block, "provider", str, where)
-        options = need(block, "provider_options", dict, where)
-        if not all(isinstance(v, str) for v in options.values()):
-            fail(f"{where}provider_options values must be strings")
-        if need(block, "threads", int, where) < 1:
-            fail(f"{where}threads must be 1 or more")
-        names(block, "inputs", where)
-        names(block, "outputs", where)
-    available = {model_input["name"]}
-    for i, block in enumerate(blocks):
-        missing = [t for t in block["inputs"] if t not in available]
+    def check_blocks(blocks: Any, where: str) -> None:
+        if not isinstance(blocks, list) or not blocks:
+            fail(f"{where}blocks is empty or not a list")
+        for i, block in enumerate(blocks):
+            at = f"{where}blocks[{i}]."
+            if need(block, "index", int, at) != i:
+                fail(f"{at}index is {block['index']}, expected {i}")
+            if need(block, "file", str, at) not in files:
+                fail(f"{at}file {block['file']!r} has no checksum in files")
+            need(block, "processor", str, at)
+            need(block, "provider", str, at)
+            options = need(block, "provider_options", dict, at)
+            if not all(isinstance(v, str) for v in options.values()):
+                fail(f"{at}provider_options values must be strings")
+            if need(block, "threads", int, at) < 1:
+                fail(f"{at}threads must be 1 or more")
+            names(block, "inputs", at)
+            names(block, "outputs", at)
+        available = {model_input["name"]}
+        for i, block in enumerate(blocks):
+            missing = [t for t in block["inputs"] if t not in available]
+            if missing:
+                fail(f"{where}block {i} needs {', '.join(missing)}, which neither the input nor an earlier block provides")
+            available.update(block["outputs"])
+        missing = [t for t in model["outputs"] if t not in available]
         if missing:
-            fail(f"block {i} needs {', '.join(missing)}, which neither the input nor an earlier block provides")
-        available.update(block["outputs"])
-    missing = [t for t in model["outputs"] if t not in available]
-    if missing:
-        fail(f"no block computes the model output(s) {', '.join(missing)}")
+            fail(f"{where}no block computes the model output(s) {', '.join(missing)}")
+
+    check_blocks(need(manifest, "blocks", list, ""), "")
+    if version >= 2:
+        plans = need(manifest, "plans", list, "")
+        if not plans:
+            fail("plans is empty")
+        seen = set()
+        for i, entry in enumerate(plans):
+            where = f"plans[{i}]."
+            plan_id = need(entry, "id", str, where)
+            if plan_id in seen:
+                fail(f"{where}id {plan_id!r} is used twice")
+            seen.add(plan_id)
+            for key in ("figures", "needs"):
+                if key in entry and entry[key] is not None and not isinstance(entry[key], dict):
+                    fail(f"{where}{key} has the wrong type ({type(entry[key]).__name__})")
+            check_blocks(need(entry, "blocks", list, where), f"plan {plan_id}: ")
+        if plans[0]["blocks"] != manifest["blocks"]:
+            fail("blocks are not the first plan's blocks")
 
 
 def _bundle_file(root: Path, name: str) -> Path:
@@ -363,15 +551,21 @@ def read_input(path: Path | str) -> np.ndarray:
 
 
 def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: Path | str | None = None,
-                   strict: bool = False, timing: bool = False) -> dict[str, Any]:
-    """Load a bundle, run it on the input file, optionally save the output (.npy); returns a summary.
+                   strict: bool = False, timing: bool = False, latency_ms: float | None = None,
+                   memory_mb: float | None = None, network: str | None = None) -> dict[str, Any]:
+    """Load a bundle, pick its plan for the conditions given (if any), run it on the input file, optionally
+    save the output (.npy); returns a summary.
 
     A single sample without the batch axis runs as a batch of one. With `timing`, one untimed
     warm-up run on the same input precedes the timed run. :func:`format_run_summary` renders the summary.
     """
+    from explorer.adapt import Conditions
+
+    conditions = Conditions(latency_ms, memory_mb, network)  # bad conditions are refused before any work
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProviderFallbackWarning)  # reported in the summary instead
         bundle = Bundle.load(bundle_dir, strict=strict)
+        selection = bundle._select(conditions) if conditions != Conditions() else None
     x = read_input(input_path)
     added_batch_axis = _fits(bundle.input_shape[1:], x.shape)
     if added_batch_axis:
@@ -395,6 +589,11 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
                     "ms": block_ms[b.index] if timing else None} for b in bundle.blocks],
         "total_ms": sum(block_ms) if timing else None,
         "fallbacks": list(bundle.fallbacks),
+        "notes": list(bundle.warnings),
+        "plan": bundle.current["id"],
+        "plans": len(bundle.plans),
+        "selection": selection.reason if selection is not None else None,
+        "switch_ms": 1e3 * bundle.switches[-1].seconds if len(bundle.switches) > 1 else None,
         "output_path": str(output_path) if output_path is not None else None,
     }
 
@@ -403,6 +602,12 @@ def format_run_summary(summary: dict[str, Any], max_top1: int = 20) -> str:
     """Plain-text lines for a run_bundle_cli summary."""
     lines = [f"bundle {summary['bundle']} ({summary['model']} on {summary['board']})"]
     lines += [f"warning: {message}" for message in summary["fallbacks"]]
+    lines += [f"note: {message}" for message in summary.get("notes", [])]
+    if summary.get("selection"):
+        switched = f" (switched from p0 in {summary['switch_ms']:.1f} ms)" if summary.get("switch_ms") is not None else ""
+        lines.append(f"plan {summary['selection']}{switched}")
+    elif summary.get("plans", 1) > 1:
+        lines.append(f"plan {summary['plan']}: the best of the bundle's {summary['plans']} plans (no conditions given)")
     batch_note = " (no batch axis given: ran as a batch of 1)" if summary["added_batch_axis"] else ""
     lines.append(f"input {_shape_text(summary['input_shape'])}{batch_note} -> {summary['output_name']} "
                  f"{_shape_text(summary['output_shape'])}")
