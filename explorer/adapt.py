@@ -185,7 +185,10 @@ def choose(plans: list[dict], conditions: Conditions, objective: dict | None) ->
     meeting = [e for e in estimates if e.meets]
     word = (objective or {}).get("description", "energy")
     if not meeting:
-        closest = min(estimates, key=lambda e: (len(e.problems), _shortfall(e, conditions)))
+        # the closest: one that needs no network when there is none (the app cannot conjure one), then the fewest
+        # and smallest excesses over the limits
+        closest = min(estimates, key=lambda e: (any(p.startswith("needs the network") for p in e.problems),
+                                                len(e.problems), _shortfall(e, conditions)))
         entry = next(p for p in plans if p["id"] == closest.plan_id)
         raise ExplorerError(f"no plan of the bundle meets {conditions.text()}: the closest is {closest.plan_id} "
                             f"({entry.get('description', '')}), which {'; '.join(closest.problems)}; "

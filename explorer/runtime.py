@@ -103,7 +103,7 @@ class Bundle:
         self.input_dtype = np.dtype(model["input"]["dtype"])
         self.output_names: list[str] = model["outputs"]
         self.conditions = Conditions(latency_ms=latency_ms, network=network)  # what `adapt="auto"` starts from
-        self._memory_probe = memory_probe or available_memory_mb
+        self._memory_probe = memory_probe or (lambda: self._os_memory_mb(available_memory_mb()))
         self._hysteresis = Hysteresis()
         self._sessions: dict[tuple, tuple[ort.InferenceSession, str]] = {}
         self.current: dict[str, Any] | None = None
@@ -118,8 +118,9 @@ class Bundle:
 
         `strict`: raise instead of falling back to the CPU when a block's provider is missing. `plan`: the id
         of the plan to start with (default: the best, p0). `adapt="auto"`: switch plans by themselves before
-        each inference, within `latency_ms` (or the budget passed to :meth:`run`), the memory `memory_probe`
-        reports available (default: the OS's) and `network` (None: as the search assumed, 'off', 'RTT,MBPS').
+        each inference, within `latency_ms` (or the budget passed to :meth:`run`), the megabytes of weights
+        `memory_probe()` says the bundle may use (default: what the OS has available plus what the current
+        plan's weights hold) and `network` (None: as the search assumed, 'off', 'RTT,MBPS').
         """
         root = Path(path).expanduser()
         manifest = _read_manifest(root)
@@ -163,6 +164,17 @@ class Bundle:
         self._select(conditions)
         return self.switches[-1] if len(self.switches) > before else None
 
+    def use(self, plan_id: str, reason: str = "asked for by name") -> None:
+        """Switch to the plan `plan_id` (e.g. 'p2'), whatever the conditions."""
+        entry = self._plan(plan_id)
+        if entry is not self.current:
+            self._switch_to(entry, reason)
+
+    def _os_memory_mb(self, available: float | None) -> float | None:
+        """The memory the bundle may use: what the OS has available plus the current plan's weights (freed by a switch)."""
+        held = (self.current.get("needs") or {}).get("memory_mb") or 0.0 if self.current else 0.0
+        return None if available is None else available + held
+
     def _select(self, conditions):
         from explorer.adapt import choose
 
@@ -172,13 +184,12 @@ class Bundle:
         return selection
 
     def watch(self, latency_ms: float | None = None) -> Switch | None:
-        """What `adapt="auto"` does before an inference: read the conditions now (memory available to the bundle:
-        the OS's available memory plus the weights the current plan holds; the latency budget of this call or
-        the bundle's; the network) and switch with hysteresis. No plan meeting them: warn and keep the plan."""
+        """What `adapt="auto"` does before an inference: read the conditions now (the memory probe; the latency
+        budget of this call or the bundle's; the network) and switch with hysteresis. No plan meeting them:
+        warn (once per message) and keep the current plan, so that the inference still runs."""
         from explorer.adapt import Conditions
 
-        free = self._memory_probe()
-        memory = None if free is None else free + ((self.current.get("needs") or {}).get("memory_mb") or 0.0)
+        memory = self._memory_probe()
         budget = latency_ms if latency_ms is not None else self.conditions.latency_ms
         conditions = Conditions(budget, memory, self.conditions.network)
         try:
@@ -300,8 +311,10 @@ class Bundle:
 
 
 def _session_key(block: dict[str, Any]) -> tuple:
-    """What makes two plans' blocks one session: the same file on the same provider with the same settings."""
-    return (block["file"], block["provider"], block["threads"], json.dumps(block["provider_options"], sort_keys=True))
+    """What makes two plans' blocks one session: the same file on the same provider with the same settings, both
+    local or both remote (a remote block is the server's to run, whatever runs it here meanwhile)."""
+    return (block["file"], block["provider"], block["threads"], json.dumps(block["provider_options"], sort_keys=True),
+            bool(block.get("remote")))
 
 
 # ---- reading and checking a bundle ----------------------------------------------------------------
