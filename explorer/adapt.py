@@ -196,6 +196,8 @@ def choose(plans: list[dict], conditions: Conditions, objective: dict | None) ->
     chosen = min(meeting, key=key)
     entry = next(p for p in plans if p["id"] == chosen.plan_id)
     figures = f"{chosen.latency_ms:.3f} ms, {chosen.energy_mj:.3f} mJ" if chosen.latency_ms is not None else "no figures"
+    if (entry.get("figures") or {}).get("simulated"):
+        figures += " simulated"
     left_out = [e for e in estimates if not e.meets]
     reason = (f"{chosen.plan_id} ({entry.get('description', '')}; {figures}"
               f"{', estimated for this link' if chosen.estimated else ''}): the lowest {word} of the {len(meeting)} of "
