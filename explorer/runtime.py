@@ -36,6 +36,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 1 << 20
 _EXPORT_AGAIN = "the bundle was modified; export it again"
 log = logging.getLogger(__name__)
+REMOTE_TIMEOUT_S = 2.0  # a remote block call longer than this finishes on a local plan
+PROBE_EVERY_S = 1.0  # how often a down link is probed
+RTT_TOLERANCE = 1.5  # a measured round trip beyond this multiple of the plan's assumption: the link is down for it
 
 
 class ProviderFallbackWarning(RuntimeWarning):
@@ -82,7 +85,9 @@ class Bundle:
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], strict: bool = False, adapt: str | None = None,
-                 latency_ms: float | None = None, network=None, memory_probe: Callable[[], float | None] | None = None):
+                 latency_ms: float | None = None, network=None, memory_probe: Callable[[], float | None] | None = None,
+                 remote: str | None = None, token: str | None = None, remote_timeout_s: float = REMOTE_TIMEOUT_S,
+                 throttle=None, probe_every_s: float = PROBE_EVERY_S):
         from explorer.adapt import Conditions, Hysteresis, available_memory_mb
 
         if adapt not in (None, "off", "auto"):
@@ -109,11 +114,27 @@ class Bundle:
         self.current: dict[str, Any] | None = None
         self.blocks: list[BlockSession] = []
         self._free_after: list[list[str]] = []
+        self.client = None  # explorer.offload.OffloadClient: remote blocks run on that agent
+        if remote is not None:
+            from explorer.offload import OffloadClient
+            from explorer.serve import TOKEN_ENV
+
+            token = token or os.environ.get(TOKEN_ENV)
+            if not token:
+                raise ExplorerError(f"remote {remote}: give the agent's token (token=... or ${TOKEN_ENV})")
+            self.client = OffloadClient(remote, token, remote_timeout_s, throttle)
+        self.link_down: str | None = None  # why the link is taken as down (None: up), until a probe answers
+        self.fallbacks_to_local = 0  # inferences finished on a local plan after a remote block failed
+        self._probe_every_s = probe_every_s
+        self._last_probe = 0.0
+        self._return_to: str | None = None  # without adapt="auto": the plan to go back to when the link recovers
 
     @classmethod
     def load(cls, path: Path | str, strict: bool = False, adapt: str | None = None, plan: str | None = None,
              latency_ms: float | None = None, network=None,
-             memory_probe: Callable[[], float | None] | None = None) -> "Bundle":
+             memory_probe: Callable[[], float | None] | None = None, remote: str | None = None,
+             token: str | None = None, remote_timeout_s: float = REMOTE_TIMEOUT_S, throttle=None,
+             probe_every_s: float = PROBE_EVERY_S) -> "Bundle":
         """Read, validate and verify the bundle in folder `path` and open the sessions of one plan.
 
         `strict`: raise instead of falling back to the CPU when a block's provider is missing. `plan`: the id
@@ -121,6 +142,11 @@ class Bundle:
         each inference, within `latency_ms` (or the budget passed to :meth:`run`), the megabytes of weights
         `memory_probe()` says the bundle may use (default: what the OS has available plus what the current
         plan's weights hold) and `network` (None: as the search assumed, 'off', 'RTT,MBPS').
+        `remote`: the `explorer serve` agent (http://HOST:PORT, its token in `token` or $EXPLORER_AGENT_TOKEN) that
+        runs the remote blocks (without it they run on the local CPU, with a warning); a call that fails or
+        takes longer than `remote_timeout_s` finishes the inference on a plan that needs no network, and the
+        agent is probed every `probe_every_s` until it answers again. `throttle`: an explorer.adapt.Link every
+        remote call is delayed to (a simulated slower link, for benchmarks on loopback).
         """
         root = Path(path).expanduser()
         manifest = _read_manifest(root)
@@ -133,7 +159,8 @@ class Bundle:
                 used_by = f" (a block of plan{'s' if len(users.get(name, [])) > 1 else ''} {', '.join(users[name])})" \
                     if name in users else ""
                 raise ExplorerError(f"{name}{used_by} does not match its checksum in plan.json: {_EXPORT_AGAIN}")
-        bundle = cls(root, manifest, strict, adapt, latency_ms, network, memory_probe)
+        bundle = cls(root, manifest, strict, adapt, latency_ms, network, memory_probe, remote, token, remote_timeout_s,
+                     throttle, probe_every_s)
         first = plan or manifest["plans"][0]["id"]
         bundle._switch_to(bundle._plan(first), "the bundle's best plan" if plan is None else "asked for at load")
         return bundle
@@ -191,7 +218,7 @@ class Bundle:
 
         memory = self._memory_probe()
         budget = latency_ms if latency_ms is not None else self.conditions.latency_ms
-        conditions = Conditions(budget, memory, self.conditions.network)
+        conditions = Conditions(budget, memory, self._network_now())
         try:
             selection = self._hysteresis.decide(self.plans, self.current["id"], conditions, self.objective)
         except ExplorerError as error:
@@ -205,18 +232,35 @@ class Bundle:
         self._switch_to(self._plan(selection.plan_id), selection.reason)
         return self.switches[-1]
 
+    def _network_now(self):
+        """The network as the bundle knows it: off while the link is down, else what the recent remote calls
+        measured, else what was given."""
+        from explorer.adapt import NETWORK_OFF
+
+        if self.link_down is not None:
+            return NETWORK_OFF
+        measured = self.client.link() if self.client is not None else None
+        return measured or self.conditions.network
+
     def _switch_to(self, entry: dict[str, Any], reason: str) -> None:
         """Make `entry` the current plan: open the sessions it lacks, keep the shared ones, release the rest."""
         started = time.perf_counter()
         keys = [_session_key(block) for block in entry["blocks"]]
         kept = sum(key in self._sessions for key in keys)
+        opened = 0
         blocks = []
         for block, key in zip(entry["blocks"], keys):
+            if self.client is not None and block.get("remote"):  # the agent runs it: no session here
+                blocks.append(BlockSession(block["index"], block["file"], block["processor"], block["provider"],
+                                           f"remote {self.client.url}", tuple(block["inputs"]), tuple(block["outputs"]),
+                                           None))
+                continue
             if key not in self._sessions:
                 data = _bundle_file(self.path, block["file"]).read_bytes()
                 # hashed again from the bytes the session reads: a block changed since load is refused too
                 _check_sha256(block["file"], hashlib.sha256(data).hexdigest(), self.manifest["files"][block["file"]])
                 self._sessions[key] = _open_session(block, data, self.strict, self.fallbacks)
+                opened += 1
                 del data
             session, runs_on = self._sessions[key]
             blocks.append(BlockSession(block["index"], block["file"], block["processor"], block["provider"], runs_on,
@@ -233,7 +277,7 @@ class Bundle:
                 last_use[name] = block.index
         self._free_after = [[n for n, i in last_use.items() if i == block.index and n not in self.output_names]
                             for block in blocks]
-        switch = Switch(before, entry["id"], reason, time.perf_counter() - started, len(keys) - kept, kept, len(unused),
+        switch = Switch(before, entry["id"], reason, time.perf_counter() - started, opened, kept, len(unused),
                         self.inferences)
         self.switches.append(switch)
         if before is not None:
@@ -265,9 +309,21 @@ class Bundle:
 
         A model with a fixed batch size runs `x` in chunks of that size (the last chunk padded).
         """
+        from explorer.offload import OffloadFailed
+
         x = self._checked_input(x)
+        if self.client is not None:
+            self._probe_link()
         if self.auto:
             self.watch(latency_ms)
+        try:
+            return self._run_all(x, timing)
+        except OffloadFailed as error:  # the same inference, finished on a plan that needs no network
+            self._fall_back(f"remote block failed: {error}")
+            self.fallbacks_to_local += 1
+            return self._run_all(x, timing)
+
+    def _run_all(self, x: np.ndarray, timing: bool):
         step = self.fixed_batch or len(x)
         block_ms = [0.0] * len(self.blocks)
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
@@ -281,7 +337,60 @@ class Bundle:
                 parts[name].append(values[name][:count])
         outputs = {name: np.concatenate(chunks) if len(chunks) > 1 else chunks[0] for name, chunks in parts.items()}
         self.inferences += 1
+        self._check_link()
         return (outputs, block_ms) if timing else outputs
+
+    # ---- the network link to the agent -----------------------------------------------------------
+    def _network_needs(self) -> dict | None:
+        return (self.current.get("needs") or {}).get("network")
+
+    def _check_link(self) -> None:
+        """After an inference with remote blocks: a measured round trip beyond what the plan assumed (by
+        RTT_TOLERANCE) takes the link as down for this plan: the next inferences run on a local plan."""
+        needs = self._network_needs()
+        if self.client is None or needs is None or not any(b.session is None for b in self.blocks):
+            return
+        link = self.client.link()
+        if link is not None and link.rtt_ms > RTT_TOLERANCE * needs["rtt_ms"]:
+            self._fall_back(f"measured round trip {link.rtt_ms:.1f} ms > {RTT_TOLERANCE:g} x the {needs['rtt_ms']:g} ms "
+                            f"plan {self.current['id']} assumed")
+
+    def _fall_back(self, reason: str) -> None:
+        """Take the link as down and switch to the best plan that needs no network."""
+        from explorer.adapt import Conditions, choose
+
+        self.link_down = reason
+        self._last_probe = time.monotonic()
+        if self._network_needs() is None:
+            return
+        if not self.auto and self._return_to is None:
+            self._return_to = self.current["id"]
+        local = choose(self.plans, Conditions(network="off"), self.objective)  # ExplorerError if no local plan
+        self._switch_to(self._plan(local.plan_id), f"{reason}; {local.reason}")
+
+    def _probe_link(self) -> None:
+        """While the link is down, ask the agent (GET /info) every probe_every_s; when it answers within the
+        round trip the plans assumed, the link is up again (adapt="auto": the hysteresis moves back; otherwise
+        the plan used before the fall-back comes back at once)."""
+        from explorer.offload import OffloadFailed
+
+        if self.link_down is None or time.monotonic() - self._last_probe < self._probe_every_s:
+            return
+        self._last_probe = time.monotonic()
+        assumed = min((p["needs"]["network"]["rtt_ms"] for p in self.plans if (p.get("needs") or {}).get("network")),
+                      default=None)
+        try:
+            rtt = self.client.ping(timeout_s=min(self.client.timeout_s, 1.0))
+        except OffloadFailed:
+            return
+        if assumed is not None and rtt > RTT_TOLERANCE * assumed:
+            return
+        log.info("the link to %s is back (round trip %.1f ms)", self.client.url, rtt)
+        self.link_down = None
+        self.client.calls.clear()  # the old measurements describe the link before it failed
+        if self._return_to is not None:
+            back, self._return_to = self._return_to, None
+            self._switch_to(self._plan(back), f"the link to {self.client.url} is back (round trip {rtt:.1f} ms)")
 
     def _chain(self, x: np.ndarray, block_ms: list[float]) -> dict[str, np.ndarray]:
         """Run the blocks in order on one batch, adding each block's wall time to `block_ms`."""
@@ -289,7 +398,13 @@ class Bundle:
         for block, done_with in zip(self.blocks, self._free_after):
             feeds = {name: values[name] for name in block.inputs}
             start = time.perf_counter()
-            results = block.session.run(list(block.outputs), feeds)
+            if block.session is None:  # a remote block: the agent runs it (OffloadFailed when it cannot)
+                sha = self.manifest["files"][block.file]
+                answer = self.client.run(sha, lambda: _bundle_file(self.path, block.file).read_bytes(), feeds,
+                                         block.provider, self.current["blocks"][block.index]["threads"])
+                results = [answer[name] for name in block.outputs]
+            else:
+                results = block.session.run(list(block.outputs), feeds)
             block_ms[block.index] += (time.perf_counter() - start) * 1e3
             values.update(zip(block.outputs, results))
             for name in done_with:
