@@ -690,7 +690,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from explorer.runtime import format_run_summary, run_bundle_cli
 
     summary = run_bundle_cli(args.bundle, args.input, args.output, strict=args.strict, timing=args.timing,
-                             latency_ms=args.latency_ms, memory_mb=args.memory_mb, network=args.network)
+                             latency_ms=args.latency_ms, memory_mb=args.memory_mb, network=args.network, remote=args.remote)
     console.print(format_run_summary(summary), highlight=False)
     for message in summary.get("fallbacks", []):
         err_console.print(f"[yellow]warning:[/] {message}")
@@ -873,6 +873,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", type=float, help="run the least-energy plan of the bundle within this latency")
     p.add_argument("--memory-mb", type=float, help="... within this much weight memory on the board")
     p.add_argument("--network", help="... with this network: off, or RTT_MS,MBPS (default: as the search assumed)")
+    p.add_argument("--remote", metavar="http://HOST:PORT", help="run the plan's remote blocks on this `explorer serve` "
+                   "agent (token in $EXPLORER_AGENT_TOKEN); without it they run on the local CPU")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("calibrate", help="measure this machine with ONNX Runtime and write the `host` board profile")

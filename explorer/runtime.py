@@ -680,7 +680,8 @@ def read_input(path: Path | str) -> np.ndarray:
 
 def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: Path | str | None = None,
                    strict: bool = False, timing: bool = False, latency_ms: float | None = None,
-                   memory_mb: float | None = None, network: str | None = None) -> dict[str, Any]:
+                   memory_mb: float | None = None, network: str | None = None,
+                   remote: str | None = None) -> dict[str, Any]:
     """Load a bundle, pick its plan for the conditions given (if any), run it on the input file, optionally
     save the output (.npy); returns a summary.
 
@@ -692,7 +693,7 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
     conditions = Conditions(latency_ms, memory_mb, network)  # bad conditions are refused before any work
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProviderFallbackWarning)  # reported in the summary instead
-        bundle = Bundle.load(bundle_dir, strict=strict)
+        bundle = Bundle.load(bundle_dir, strict=strict, remote=remote)
         selection = bundle._select(conditions) if conditions != Conditions() else None
     x = read_input(input_path)
     added_batch_axis = _fits(bundle.input_shape[1:], x.shape)
@@ -722,6 +723,7 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
         "plans": len(bundle.plans),
         "selection": selection.reason if selection is not None else None,
         "switch_ms": 1e3 * bundle.switches[-1].seconds if len(bundle.switches) > 1 else None,
+        "fell_back": bundle.switches[-1].reason if bundle.fallbacks_to_local else None,
         "output_path": str(output_path) if output_path is not None else None,
     }
 
@@ -742,6 +744,8 @@ def format_run_summary(summary: dict[str, Any], max_top1: int = 20) -> str:
     for block in summary["blocks"]:
         ms = f", {block['ms']:.3f} ms" if block["ms"] is not None else ""
         lines.append(f"  block {block['index']}: {block['processor']} on {block['runs_on']}{ms}")
+    if summary.get("fell_back"):
+        lines.append(f"the remote agent failed: finished on a local plan ({summary['fell_back']})")
     if summary["total_ms"] is not None:
         lines.append(f"total {summary['total_ms']:.3f} ms (after one warm-up run)")
     if summary["top1"] is not None:

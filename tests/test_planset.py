@@ -410,3 +410,19 @@ def test_offload_endpoint_refuses_bad_requests(offload_bundle):
         client.run(sha, lambda: (path / block["file"]).read_bytes(), {"wrong": x}, "CPUExecutionProvider", 1)
     with pytest.raises(OffloadFailed, match="does not match its digest here"):
         client.run("1" * 64, lambda: b"not that block", {"input": x}, "CPUExecutionProvider", 1)
+
+
+def test_run_command_offloads_and_falls_back(offload_bundle, tmp_path, capsys, monkeypatch):
+    path, x, local, server = offload_bundle
+    monkeypatch.setenv("EXPLORER_AGENT_TOKEN", TOKEN)
+    np.save(tmp_path / "x.npy", x)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    assert main(["run", str(path), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"), "--remote", url]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"block 0: cloud on remote {url}" in out and "finished on a local plan" not in out
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), local, rtol=1e-5, atol=1e-5)
+    _kill(server)
+    assert main(["run", str(path), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"), "--remote", url]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the remote agent failed: finished on a local plan (remote block failed" in out and "block 0: cpu" in out
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), local, rtol=1e-5, atol=1e-5)
