@@ -165,6 +165,8 @@ class OffloadClient:
         self.timeout_s = timeout_s
         self.throttle = throttle  # an explorer.adapt.Link: delays each call as that link would (simulated)
         self.calls: collections.deque[Call] = collections.deque(maxlen=LINK_WINDOW)
+        self.last_ping_ms: float | None = None  # the round trip of the latest GET /info, if newer than the latest call
+
         self.uploads = 0
 
     def _request(self, method: str, path: str, body: bytes = b"", timeout_s: float | None = None) -> tuple[int, bytes]:
@@ -187,7 +189,8 @@ class OffloadClient:
             raise OffloadFailed(f"the agent at {self.url} answered {status} to GET /info")
         if self.throttle is not None:
             time.sleep(self.throttle.rtt_ms / 1e3)
-        return 1e3 * (time.perf_counter() - started)
+        self.last_ping_ms = 1e3 * (time.perf_counter() - started)
+        return self.last_ping_ms
 
     def run(self, sha: str, model_bytes, feeds: dict[str, np.ndarray], provider: str, threads: int) -> dict[str, np.ndarray]:
         """The block's outputs for `feeds`, run on the agent; `model_bytes()` gives the block file's bytes when
@@ -223,26 +226,32 @@ class OffloadClient:
                 raise OffloadFailed(f"the agent at {self.url} did not answer within {self.timeout_s:g} s "
                                     "(throttled link, simulated)")
             time.sleep(delay_s)
+        self.last_ping_ms = None
         self.calls.append(Call(1e3 * (time.perf_counter() - started), float(meta["compute_ms"]), float(meta["agent_ms"]),
                                len(body), len(answer)))
         return outputs
 
-    def link(self):
-        """The link as the recent calls measured it (explorer.adapt.Link), None before any call.
+    def link(self) -> tuple[float, float | None] | None:
+        """(round trip ms, bandwidth Mbit/s or None) as the recent calls measured it; None before any call or ping.
 
-        Round trip: the smallest network time of the recent calls less its bytes' time; bandwidth: the
-        recent calls' bytes over their network time beyond that round trip (at least what one call shows)."""
-        from explorer.adapt import Link
-
+        Bandwidth: the slope of network time against bytes over the recent calls, where their sizes differ
+        enough (by 2x) to tell the two apart; else None (unknown: the runtime takes the plan's assumption).
+        Round trip: the latest observation - a ping newer than every call, else the latest call's network time
+        less its bytes' time - so that a link that degrades shows at once.
+        """
         if not self.calls:
-            return None
+            return (self.last_ping_ms, None) if self.last_ping_ms is not None else None
         calls = list(self.calls)
-        fastest = min(calls, key=lambda c: c.network_ms)
-        moved = sum(8 * (c.sent_bytes + c.received_bytes) for c in calls)
-        beyond = sum(c.network_ms for c in calls) - len(calls) * fastest.network_ms
-        bandwidth = moved / 1e3 / beyond if beyond > 1e-3 else 1e4  # Mbit/s; loopback: no measurable transfer time
-        rtt = max(fastest.network_ms - 8 * (fastest.sent_bytes + fastest.received_bytes) / 1e3 / bandwidth, 0.0)
-        return Link(round(rtt, 3), round(min(bandwidth, 1e4), 3))
+        sizes = np.array([8.0 * (c.sent_bytes + c.received_bytes) for c in calls])  # bits
+        times = np.array([c.network_ms for c in calls])
+        bandwidth = None
+        if sizes.max() >= 2 * sizes.min():
+            slope = np.polyfit(sizes, times, 1)[0]  # ms per bit
+            bandwidth = float(min(1e-3 / slope, 1e4)) if slope > 0 else 1e4  # Mbit/s
+        if self.last_ping_ms is not None:
+            return self.last_ping_ms, bandwidth
+        per_bit = 1e-3 / bandwidth if bandwidth else 0.0
+        return max(float(times[-1] - sizes[-1] * per_bit), 0.0), bandwidth
 
     def median_network_ms(self) -> float | None:
         return statistics.median(c.network_ms for c in self.calls) if self.calls else None

@@ -87,7 +87,7 @@ class Bundle:
     def __init__(self, path: Path, manifest: dict[str, Any], strict: bool = False, adapt: str | None = None,
                  latency_ms: float | None = None, network=None, memory_probe: Callable[[], float | None] | None = None,
                  remote: str | None = None, token: str | None = None, remote_timeout_s: float = REMOTE_TIMEOUT_S,
-                 throttle=None, probe_every_s: float = PROBE_EVERY_S):
+                 throttle=None, probe_every_s: float = PROBE_EVERY_S, fall_back: bool = True):
         from explorer.adapt import Conditions, Hysteresis, available_memory_mb
 
         if adapt not in (None, "off", "auto"):
@@ -102,6 +102,7 @@ class Bundle:
         self.switches: list[Switch] = []
         self.warnings: list[str] = list(manifest.get("_notes", []))  # what the bundle could not check
         self.inferences = 0
+        self.last_plan: str | None = None  # the plan that answered the latest inference
         model = manifest["model"]
         self.input_name: str = model["input"]["name"]
         self.input_shape: list = model["input"]["shape"]  # symbolic dimensions as strings
@@ -126,6 +127,7 @@ class Bundle:
         self.link_down: str | None = None  # why the link is taken as down (None: up), until a probe answers
         self.fallbacks_to_local = 0  # inferences finished on a local plan after a remote block failed
         self._probe_every_s = probe_every_s
+        self._fall_back_on_failure = fall_back
         self._last_probe = 0.0
         self._return_to: str | None = None  # without adapt="auto": the plan to go back to when the link recovers
 
@@ -134,7 +136,7 @@ class Bundle:
              latency_ms: float | None = None, network=None,
              memory_probe: Callable[[], float | None] | None = None, remote: str | None = None,
              token: str | None = None, remote_timeout_s: float = REMOTE_TIMEOUT_S, throttle=None,
-             probe_every_s: float = PROBE_EVERY_S) -> "Bundle":
+             probe_every_s: float = PROBE_EVERY_S, fall_back: bool = True) -> "Bundle":
         """Read, validate and verify the bundle in folder `path` and open the sessions of one plan.
 
         `strict`: raise instead of falling back to the CPU when a block's provider is missing. `plan`: the id
@@ -146,7 +148,8 @@ class Bundle:
         runs the remote blocks (without it they run on the local CPU, with a warning); a call that fails or
         takes longer than `remote_timeout_s` finishes the inference on a plan that needs no network, and the
         agent is probed every `probe_every_s` until it answers again. `throttle`: an explorer.adapt.Link every
-        remote call is delayed to (a simulated slower link, for benchmarks on loopback).
+        remote call is delayed to (a simulated slower link, for benchmarks on loopback). `fall_back=False`
+        pins the plan (a static baseline): a failed remote call is an ExplorerError, the link is not watched.
         """
         root = Path(path).expanduser()
         manifest = _read_manifest(root)
@@ -160,7 +163,7 @@ class Bundle:
                     if name in users else ""
                 raise ExplorerError(f"{name}{used_by} does not match its checksum in plan.json: {_EXPORT_AGAIN}")
         bundle = cls(root, manifest, strict, adapt, latency_ms, network, memory_probe, remote, token, remote_timeout_s,
-                     throttle, probe_every_s)
+                     throttle, probe_every_s, fall_back)
         first = plan or manifest["plans"][0]["id"]
         bundle._switch_to(bundle._plan(first), "the bundle's best plan" if plan is None else "asked for at load")
         return bundle
@@ -239,8 +242,7 @@ class Bundle:
 
         if self.link_down is not None:
             return NETWORK_OFF
-        measured = self.client.link() if self.client is not None else None
-        return measured or self.conditions.network
+        return self._measured_link() or self.conditions.network
 
     def _switch_to(self, entry: dict[str, Any], reason: str) -> None:
         """Make `entry` the current plan: open the sessions it lacks, keep the shared ones, release the rest."""
@@ -312,6 +314,11 @@ class Bundle:
         from explorer.offload import OffloadFailed
 
         x = self._checked_input(x)
+        if self.client is not None and not self._fall_back_on_failure:
+            try:
+                return self._run_all(x, timing)
+            except OffloadFailed as error:
+                raise ExplorerError(f"remote block failed and the plan is pinned (fall_back=False): {error}") from None
         if self.client is not None:
             self._probe_link()
         if self.auto:
@@ -324,6 +331,7 @@ class Bundle:
             return self._run_all(x, timing)
 
     def _run_all(self, x: np.ndarray, timing: bool):
+        self.last_plan = self.current["id"]  # the plan that answers this inference (a switch after it does not change it)
         step = self.fixed_batch or len(x)
         block_ms = [0.0] * len(self.blocks)
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
@@ -348,12 +356,30 @@ class Bundle:
         """After an inference with remote blocks: a measured round trip beyond what the plan assumed (by
         RTT_TOLERANCE) takes the link as down for this plan: the next inferences run on a local plan."""
         needs = self._network_needs()
-        if self.client is None or needs is None or not any(b.session is None for b in self.blocks):
+        if (self.client is None or needs is None or not self._fall_back_on_failure
+                or not any(b.session is None for b in self.blocks)):
             return
-        link = self.client.link()
+        link = self._measured_link()
         if link is not None and link.rtt_ms > RTT_TOLERANCE * needs["rtt_ms"]:
             self._fall_back(f"measured round trip {link.rtt_ms:.1f} ms > {RTT_TOLERANCE:g} x the {needs['rtt_ms']:g} ms "
                             f"plan {self.current['id']} assumed")
+
+    def _assumed_network(self) -> dict | None:
+        """The network the bundle's remote plans assumed (the first one's), None when no plan needs one."""
+        return next(((p.get("needs") or {}).get("network") for p in self.plans if (p.get("needs") or {}).get("network")),
+                    None)
+
+    def _measured_link(self):
+        """The link as the agent's recent calls and probes measured it (explorer.adapt.Link; a bandwidth not yet
+        measured is the one the plans assumed), None before any."""
+        from explorer.adapt import Link
+
+        measured = self.client.link() if self.client is not None else None
+        assumed = self._assumed_network()
+        if measured is None or assumed is None:
+            return None
+        rtt, bandwidth = measured
+        return Link(round(rtt, 3), round(bandwidth if bandwidth is not None else assumed["bandwidth_mbit_s"], 3))
 
     def _fall_back(self, reason: str) -> None:
         """Take the link as down and switch to the best plan that needs no network."""
@@ -374,20 +400,23 @@ class Bundle:
         the plan used before the fall-back comes back at once)."""
         from explorer.offload import OffloadFailed
 
-        if self.link_down is None or time.monotonic() - self._last_probe < self._probe_every_s:
+        if time.monotonic() - self._last_probe < self._probe_every_s:
             return
+        local_now = not any(b.session is None for b in self.blocks)
+        if self.link_down is None and not (self.auto and local_now and self._assumed_network() is not None):
+            return  # the link is up and its calls measure it (a local plan under adapt="auto" probes to know it)
         self._last_probe = time.monotonic()
         assumed = min((p["needs"]["network"]["rtt_ms"] for p in self.plans if (p.get("needs") or {}).get("network")),
                       default=None)
         try:
             rtt = self.client.ping(timeout_s=min(self.client.timeout_s, 1.0))
-        except OffloadFailed:
+        except OffloadFailed as error:
+            self.link_down = self.link_down or f"the agent did not answer a probe: {error}"
             return
-        if assumed is not None and rtt > RTT_TOLERANCE * assumed:
+        if self.link_down is None or (assumed is not None and rtt > RTT_TOLERANCE * assumed):
             return
         log.info("the link to %s is back (round trip %.1f ms)", self.client.url, rtt)
         self.link_down = None
-        self.client.calls.clear()  # the old measurements describe the link before it failed
         if self._return_to is not None:
             back, self._return_to = self._return_to, None
             self._switch_to(self._plan(back), f"the link to {self.client.url} is back (round trip {rtt:.1f} ms)")
