@@ -426,3 +426,19 @@ def test_run_command_offloads_and_falls_back(offload_bundle, tmp_path, capsys, m
     out = " ".join(capsys.readouterr().out.split())
     assert "the remote agent failed: finished on a local plan (remote block failed" in out and "block 0: cpu" in out
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), local, rtol=1e-5, atol=1e-5)
+
+
+def test_the_scenario_benchmark_meets_more_budgets_at_no_more_energy(tmp_path):
+    """benchmarks/adaptation.py, simulated replay: the adaptive runtime against the single best static plan."""
+    from benchmarks.adaptation import make_bundle, phases, replay_sim, _wait_energy_mj
+
+    path, problem = make_bundle(tmp_path)
+    bundle = _quiet_load(path)
+    assert bundle.plans[0]["needs"]["network"] is not None  # offloading is the best plan when the link is good
+    scenario, requests = phases(bundle, 3)
+    static, adaptive = (replay_sim(bundle.plans, bundle.objective, scenario, requests, mode, _wait_energy_mj(problem.board))
+                        for mode in (False, True))
+    assert sum(r["met"] for r in adaptive) > sum(r["met"] for r in static)
+    assert sum(r["energy_mj"] for r in adaptive) <= sum(r["energy_mj"] for r in static)
+    assert static[0] == {**adaptive[0], "switches": 0}  # link good: the same plan, the same figures
+    assert all(r["served"] == r["requests"] for r in adaptive)
