@@ -1,12 +1,17 @@
 """Run an exported bundle (see :mod:`explorer.export`) with ONNX Runtime.
 
-:meth:`Bundle.load` reads ``plan.json``, checks its schema, refuses file names that point outside
+:meth:`Bundle.load` reads ``plan.json``, checks its schema and its own digest, refuses file names that point outside
 the bundle, verifies the SHA-256 of every file, and opens one ONNX Runtime session per unit block
 with the execution provider the board maps the block's processor to (its provider options and
 intra-op threads, on top of :func:`explorer.precision.session_options`: ONNX Runtime's defaults,
 under which int8 QDQ nodes run on integer kernels exactly as they were scored). A provider this ONNX Runtime lacks falls back to the CPU with a
 :class:`ProviderFallbackWarning`, or raises with ``strict=True``. :meth:`Bundle.run` chains the
 blocks: each gets the tensors it needs from the input and the blocks before it.
+
+A bundle with a plan set runs one plan at a time: :meth:`Bundle.select` / :meth:`Bundle.adapt` pick the plan
+for conditions (:mod:`explorer.adapt`), ``adapt="auto"`` switches by itself with hysteresis, and with
+``remote=URL`` the remote blocks run on an `explorer serve` agent (:mod:`explorer.offload`), an inference
+whose remote call fails finishing on a plan that needs no network. docs/runtime.md tells the whole story.
 """
 from __future__ import annotations
 
@@ -589,6 +594,12 @@ def _validate_manifest(manifest: Any, path: Path) -> None:
             for key in ("figures", "needs"):
                 if key in entry and entry[key] is not None and not isinstance(entry[key], dict):
                     fail(f"{where}{key} has the wrong type ({type(entry[key]).__name__})")
+            network = (entry.get("needs") or {}).get("network")
+            if network is not None:
+                for key in ("rtt_ms", "bandwidth_mbit_s", "radio_power_w", "transfers", "bytes"):
+                    if isinstance(need(network, key, (int, float), f"{where}needs.network."), bool):
+                        fail(f"{where}needs.network.{key} must be a number")
+                need(network, "remote_processors", list, f"{where}needs.network.")
             check_blocks(need(entry, "blocks", list, where), f"plan {plan_id}: ")
         if plans[0]["blocks"] != manifest["blocks"]:
             fail("blocks are not the first plan's blocks")
@@ -751,7 +762,7 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
         "plan": bundle.current["id"],
         "plans": len(bundle.plans),
         "selection": selection.reason if selection is not None else None,
-        "switch_ms": 1e3 * bundle.switches[-1].seconds if len(bundle.switches) > 1 else None,
+        "switch_ms": 1e3 * bundle.switches[1].seconds if len(bundle.switches) > 1 else None,
         "fell_back": bundle.switches[-1].reason if bundle.fallbacks_to_local else None,
         "output_path": str(output_path) if output_path is not None else None,
     }

@@ -442,3 +442,13 @@ def test_the_scenario_benchmark_meets_more_budgets_at_no_more_energy(tmp_path):
     assert sum(r["energy_mj"] for r in adaptive) <= sum(r["energy_mj"] for r in static)
     assert static[0] == {**adaptive[0], "switches": 0}  # link good: the same plan, the same figures
     assert all(r["served"] == r["requests"] for r in adaptive)
+
+
+def test_export_refuses_a_plan_set_without_a_search(tmp_path, capsys):
+    for args, message in ((["--plan", str(tmp_path / "p.json"), "--plans", "pareto"],
+                           "--plans pareto|N reads the plan set from a search's trials: give --run RUN_ID"),
+                          (["--run", "0123abcd", "--plans", "many"], "--plans 'many': give best")):
+        assert main(["export", *args, "--out", str(tmp_path / "bundle")]) == 2
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()) and "Traceback" not in err
+    assert not (tmp_path / "bundle").exists()
