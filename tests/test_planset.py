@@ -452,3 +452,20 @@ def test_export_refuses_a_plan_set_without_a_search(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in " ".join(err.split()) and "Traceback" not in err
     assert not (tmp_path / "bundle").exists()
+
+
+def test_the_agent_only_install_runs_offloaded_blocks(offload_bundle):
+    """The offload endpoint on an agent started as `explorer[agent]` installs it (no search or training stack)."""
+    from explorer.offload import OffloadClient
+    from test_serve import TOKEN as SERVE_TOKEN, AgentProcess
+
+    path, x, local, _ = offload_bundle
+    agent = AgentProcess()
+    try:
+        bundle = Bundle.load(path, remote=f"http://{agent.address}", token=SERVE_TOKEN, fall_back=False)
+        np.testing.assert_allclose(bundle.run(x), local, rtol=1e-5, atol=1e-5)
+        assert isinstance(bundle.client, OffloadClient) and bundle.client.uploads == 1 and len(bundle.client.calls) == 1
+        status, info = agent.request("GET", "/info")
+        assert status == 200 and "run-block" in info["features"]
+    finally:
+        agent.stop()
