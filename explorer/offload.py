@@ -23,7 +23,6 @@ import hashlib
 import http.client
 import io
 import json
-import statistics
 import threading
 import time
 import urllib.parse
@@ -252,6 +251,3 @@ class OffloadClient:
             return self.last_ping_ms, bandwidth
         per_bit = 1e-3 / bandwidth if bandwidth else 0.0
         return max(float(times[-1] - sizes[-1] * per_bit), 0.0), bandwidth
-
-    def median_network_ms(self) -> float | None:
-        return statistics.median(c.network_ms for c in self.calls) if self.calls else None
