@@ -94,10 +94,13 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], out
     return [np.concatenate(values) for values in zip(*parts)]
 
 
-def run_model(model: onnx.ModelProto | ort.InferenceSession, x: np.ndarray, batch: int = SCORING_BATCH) -> np.ndarray:
-    """First output of the model on inputs x, computed in batches (a fixed batch size is respected)."""
+def run_model(model: onnx.ModelProto | ort.InferenceSession, x: np.ndarray, batch: int = SCORING_BATCH,
+              extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """First output of the model on inputs x (the first input; `extra`: the other inputs by name),
+    computed in batches (a fixed batch size is respected)."""
     session = model if isinstance(model, ort.InferenceSession) else inference_session(model)
-    return run_batched(session, {session.get_inputs()[0].name: x}, [session.get_outputs()[0].name], batch)[0]
+    feeds = {session.get_inputs()[0].name: x, **(extra or {})}
+    return run_batched(session, feeds, [session.get_outputs()[0].name], batch)[0]
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,7 @@ class AccuracyScorer:
             self.metric = "not measured"
             self.baseline = AccuracyResult(None, self.metric)
             return
-        self.reference_outputs = run_model(reference, dataset.x)
+        self.reference_outputs = run_model(reference, dataset.x, extra=dataset.extra)
         classifier = self.reference_outputs.ndim == 2 and self.reference_outputs.shape[1] > 1
         if dataset.y is not None and not classifier:
             raise ExplorerError("the data has labels but the model's output is not (N, classes): drop `y` from the npz")
@@ -152,13 +155,14 @@ class AccuracyScorer:
         if self.dataset is None:
             return "no-data"
         y = self.dataset.y.tobytes() if self.dataset.y is not None else b""
-        return digest(self.dataset.x.tobytes(), y)
+        others = [part for name, value in sorted(self.dataset.extra.items()) for part in (name.encode(), value.tobytes())]
+        return digest(self.dataset.x.tobytes(), y, *others)
 
     def score(self, model: onnx.ModelProto) -> AccuracyResult:
         """Accuracy of a model on the dataset (unmeasured result without data)."""
         if self.dataset is None:
             return self.baseline
-        return self.score_outputs(run_model(model, self.dataset.x))
+        return self.score_outputs(run_model(model, self.dataset.x, extra=self.dataset.extra))
 
     def drop(self, result: AccuracyResult) -> float | None:
         """Accuracy lost against the reference model, as a fraction (0.01 = one point)."""
@@ -179,21 +183,28 @@ class AccuracyScorer:
         return AccuracyResult(float(np.mean(cosine)), "similarity", n)
 
 
-def calibration_inputs(graph: LayerGraph, dataset: Dataset | None, seed: int = 0) -> tuple[np.ndarray, str]:
+def calibration_inputs(graph: LayerGraph, dataset: Dataset | None,
+                       seed: int = 0) -> tuple[np.ndarray | dict[str, np.ndarray], str]:
     """Inputs for int8 calibration and where they come from (synthetic when there is no data); with a
-    fixed batch, a whole number of batches."""
+    fixed batch, a whole number of batches. A batch for the first input, or for a model with several
+    inputs, input name -> batch."""
     batch = graph.fixed_batch or 1
+    several = len(graph.input_names) > 1
     if dataset is not None:
         if len(dataset.x) < batch:
             raise ExplorerError(f"the data has {len(dataset.x)} samples, fewer than the model's fixed batch of {batch}: "
                                 f"give at least {batch} samples")
         rng = np.random.default_rng(seed)
         size = max(batch, min(CALIBRATION_SAMPLES, len(dataset.x)) // batch * batch)
-        index = rng.choice(len(dataset.x), size=size, replace=False)
-        return dataset.x[np.sort(index)], f"{len(index)} validation samples"
+        index = np.sort(rng.choice(len(dataset.x), size=size, replace=False))
+        if several:
+            return ({name: value[index] for name, value in dataset.feeds(graph.input_names[0]).items()},
+                    f"{len(index)} validation samples")
+        return dataset.x[index], f"{len(index)} validation samples"
     count = -(-SYNTHETIC_CALIBRATION_SAMPLES // batch) * batch
-    x = np.random.default_rng(seed).standard_normal((count, *graph.feed_shape()[1:])).astype(np.float32)
-    return x, f"{count} synthetic standard-normal inputs (no data given: int8 ranges are a guess)"
+    feeds = graph.synthetic_feeds(count, seed)
+    return (feeds if several else feeds[graph.input_names[0]],
+            f"{count} synthetic standard-normal inputs (no data given: int8 ranges are a guess)")
 
 
 @dataclass
@@ -255,7 +266,7 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     base_plan = full_rank_plan(graph)
     jobs = [(layer, rung, precision) for layer in graph.layers for rung in compressor.ladder(layer.name)
             for precision in precisions if not (rung.method == "full" and precision == "fp32")]
-    suffixes = _SuffixRunner(graph, scorer.dataset.x)
+    suffixes = _SuffixRunner(graph, scorer.dataset.feeds(graph.input_names[0]))
     ranges_by_rung: dict[tuple, dict] = {}
     for done, (layer, rung, precision) in enumerate(jobs):
         plan = base_plan.with_decision(layer.name, decision_for(rung, precision))
@@ -276,7 +287,7 @@ class _SuffixRunner:
     """Runs only the layers from a given one on: the earlier layers are the reference model's, so
     their outputs are computed once (one pass with every layer boundary as an extra output)."""
 
-    def __init__(self, graph: LayerGraph, x: np.ndarray):
+    def __init__(self, graph: LayerGraph, feeds: dict[str, np.ndarray]):
         from explorer.partition import run_inputs
 
         self.graph = graph
@@ -285,11 +296,11 @@ class _SuffixRunner:
         model = onnx.ModelProto()
         model.CopyFrom(graph.model)
         known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
-        model.graph.output.extend(known[t] for t in needed if t not in graph.output_names)
+        model.graph.output.extend(known.get(t) or onnx.ValueInfoProto(name=t) for t in needed if t not in graph.output_names)
         session = inference_session(model)
         names = [o.name for o in session.get_outputs()]
-        self.activations = dict(zip(names, run_batched(session, {graph.input_names[0]: x}, names)))
-        self.activations[graph.input_names[0]] = x
+        self.activations = dict(zip(names, run_batched(session, feeds, names)))
+        self.activations.update(feeds)
 
     def run(self, model: onnx.ModelProto, start: int) -> np.ndarray:
         """The model's first output, computing only layers start.. from the reference activations."""

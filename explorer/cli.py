@@ -86,7 +86,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         attached = [graph.node_by_name[n].op_type for n in layer.node_names if n != layer.name]
         table.add_row(str(layer.index), layer.name, layer.op_type, "x".join(map(str, layer.input_shape)),
                       "x".join(map(str, layer.output_shape)), "x".join(map(str, layer.weight_shape)),
-                      _fmt_count(layer.flops), _fmt_count(layer.params), " ".join(attached), offered)
+                      _fmt_count(layer.all_flops), _fmt_count(layer.params), " ".join(attached), offered)
     console.print(table)
     if args.errors:
         console.print("rung (x.xx) = relative Frobenius reconstruction error of the layer's weights")
@@ -866,8 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run an exported bundle with ONNX Runtime (checksums verified, one session per block)")
     p.add_argument("bundle", help="bundle folder written by `explorer export`")
-    p.add_argument("--input", required=True, help=".npy input (or .npz with x)")
-    p.add_argument("--output", help="write the output to this .npy file")
+    p.add_argument("--input", required=True, help=".npy input (or .npz with x; a model with several inputs: .npz with "
+                   "one array per input by name)")
+    p.add_argument("--output", help="write the first output to this .npy file, or every output by name to a .npz")
     p.add_argument("--strict", action="store_true", help="fail instead of falling back to the CPU when a provider is missing")
     p.add_argument("--timing", action="store_true", help="per-block timing")
     p.add_argument("--latency-ms", type=float, help="run the least-energy plan of the bundle within this latency")

@@ -102,11 +102,11 @@ class Compressor:
         """All rungs of a layer, full rank first."""
         if layer_name not in self._ladders:
             layer = self.graph.layer_by_name[layer_name]
-            rungs = [Rung("full", None, layer.params, layer.flops, 0.0)]
+            rungs = [Rung("full", None, layer.params, layer.all_flops, 0.0)]
             for method in self.methods(layer):
                 for rank in self.candidate_ranks(layer, method):
-                    params, flops = self._cost(layer, method, rank)
-                    rungs.append(Rung(method, rank, params, flops, math.nan))
+                    params, flops = self._cost(layer, method, rank)  # the attached MatMuls stay as they are
+                    rungs.append(Rung(method, rank, params, flops + layer.attached_flops, math.nan))
             self._ladders[layer_name] = rungs
         return self._ladders[layer_name]
 
@@ -269,6 +269,11 @@ class Compressor:
             extra = {k: v for k, v in attrs.items() if k in ("alpha", "beta")}
             n2 = helper.make_node("Gemm", [hidden, w2] + bias, list(node.output), name=f"{name}.factor2", transB=1, **extra)
             return [n1, n2], initializers
+        if decision.method == "svd" and layer.weight_on_left:  # MatMul W (out, in) @ x (.., in, n); matrix is W
+            n1 = helper.make_node("MatMul", [w1, node.input[1]], [hidden], name=f"{name}.factor1")
+            n2 = helper.make_node("MatMul", [w2, hidden], list(node.output), name=f"{name}.factor2")
+            return [n1, n2], [numpy_helper.from_array(np.ascontiguousarray(second), w1),
+                              numpy_helper.from_array(np.ascontiguousarray(first), w2)]
         if decision.method == "svd":  # MatMul x (.., in) @ W (in, out); matrix is W^T (out x in)
             n1 = helper.make_node("MatMul", [node.input[0], w1], [hidden], name=f"{name}.factor1")
             n2 = helper.make_node("MatMul", [hidden, w2], list(node.output), name=f"{name}.factor2")
@@ -304,7 +309,7 @@ class Compressor:
         if layer.op_type == "Conv":
             auto_pad = attrs.get("auto_pad", b"NOTSET")
             return auto_pad in (b"NOTSET", "NOTSET", b"VALID", "VALID")
-        return len(layer.input_shape) >= 2
+        return bool(layer.output_shape)  # any MatMul with a constant 2-D weight, once its shapes are known
 
     def _matrix(self, layer: Layer, method: str, shape_only: bool = False):
         """The 2-D matrix the method factorises (or just its shape)."""
@@ -316,7 +321,7 @@ class Compressor:
             trans_b = next((a.i for a in self.graph.node_by_name[layer.name].attribute if a.name == "transB"), 0)
             dims = shape if trans_b else shape[::-1]
         else:
-            dims = shape[::-1]
+            dims = shape if layer.weight_on_left else shape[::-1]
         if shape_only:
             return dims
         weight = self.graph.constant_array(layer.weight_name).astype(np.float32)
@@ -324,7 +329,7 @@ class Compressor:
             return weight.reshape(dims) if method == "channel" else weight.transpose(1, 2, 0, 3).reshape(dims)
         if layer.op_type == "Gemm":
             return weight if trans_b else weight.T
-        return weight.T
+        return weight if layer.weight_on_left else weight.T
 
     def _cost(self, layer: Layer, method: str, rank: int) -> tuple[int, int]:
         """(params, FLOPs at the graph's batch) of a layer factorised at a rank, bias included."""

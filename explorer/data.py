@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gzip
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -37,6 +37,16 @@ class Dataset:
     x: np.ndarray
     y: np.ndarray | None
     source: str
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # a multi-input model's other inputs, by name
+
+    def feeds(self, first_input: str) -> dict[str, np.ndarray]:
+        """Every model input's array by input name (x under the first input's name)."""
+        return {first_input: self.x, **self.extra}
+
+    def first(self, count: int) -> "Dataset":
+        """The first `count` samples, every input and the labels."""
+        return Dataset(self.x[:count], self.y[:count] if self.y is not None else None,
+                       f"{self.source}, first {count} samples", {k: v[:count] for k, v in self.extra.items()})
 
 
 def _read_idx(path: Path, offset: int) -> np.ndarray:
@@ -83,11 +93,14 @@ def load_fashion_mnist(split: str, data_dir: Path | None = None) -> tuple[np.nda
     return preprocess_fashion_mnist(images), labels
 
 
-def load_npz_dataset(path: Path | str, input_shape: tuple | list | None) -> Dataset:
+def load_npz_dataset(path: Path | str, input_shape: tuple | list | None,
+                     other_inputs: Mapping[str, Sequence | None] | None = None) -> Dataset:
     """User validation data: an `.npz` with array `x` (model inputs) and optional integer labels `y`.
 
     `input_shape` is the model's input shape; its first (batch) dimension is ignored and any
-    non-integer dimension (dynamic: None or a name) matches anything.
+    non-integer dimension (dynamic: None or a name) matches anything. A model with several inputs
+    takes `x` for its first and one array per other input, named after it (`other_inputs`: name ->
+    declared shape); every input has the same number of samples.
     """
     path = Path(path)
     if path.is_dir():
@@ -108,30 +121,17 @@ def load_npz_dataset(path: Path | str, input_shape: tuple | list | None) -> Data
     if "x" not in arrays:
         found = ", ".join(sorted(arrays)) or "none"
         raise ExplorerError(f"{path} has no array named 'x' (arrays found: {found}): save inputs as x=...")
-    x = arrays["x"]
-    if x.ndim == 0:
-        raise ExplorerError(f"{path}: x is a scalar; it must hold a batch of inputs, shape (N, ...)")
-    if len(x) == 0:
-        raise ExplorerError(f"{path}: x holds 0 samples (shape {x.shape}); give at least one input, shape (N, ...) with N >= 1")
-    if input_shape is not None:
-        expected = tuple(input_shape)[1:]
-        got = x.shape[1:]
-        fixed = [isinstance(e, (int, np.integer)) and e > 0 for e in expected]
-        matches = len(expected) == len(got) and all(not f or e == g for f, e, g in zip(fixed, expected, got))
-        if not matches:
-            shown = ", ".join(str(e) if f else "?" for f, e in zip(fixed, expected))
-            raise ExplorerError(
-                f"{path}: x has shape {x.shape}, which does not match the model input: "
-                f"expected (N, {shown}), got per-sample shape {got}"
-            )
-    try:
-        x = x.astype(np.float32, copy=False)
-    except (TypeError, ValueError):
-        raise ExplorerError(f"{path}: x has dtype {x.dtype}, which cannot be converted to float32") from None
-    finite = np.isfinite(x)
-    if not finite.all():  # NaN inputs give NaN outputs, whose argmax agrees everywhere: a 100 % that means nothing
-        raise ExplorerError(f"{path}: x has {int(x.size - finite.sum())} of {x.size} values that are NaN or infinite; "
-                            "give finite inputs (replace or drop those samples)")
+    x = _input_array(path, "x", arrays["x"], input_shape)
+    extra = {}
+    for name, shape in (other_inputs or {}).items():
+        if name not in arrays:
+            listed = ", ".join(["x=..."] + [f"{n}=..." for n in other_inputs])
+            raise ExplorerError(f"{path} has no array named {name!r} for the model's input {name!r}: the model takes "
+                                f"{len(other_inputs) + 1} inputs; save them with numpy.savez(path, {listed}, y=labels)")
+        extra[name] = _input_array(path, name, arrays[name], shape)
+        if len(extra[name]) != len(x):
+            raise ExplorerError(f"{path}: {name} has {len(extra[name])} samples but x has {len(x)}; give every input "
+                                "the same samples")
     y = arrays.get("y")
     if y is not None:
         if not np.issubdtype(y.dtype, np.integer):
@@ -142,7 +142,36 @@ def load_npz_dataset(path: Path | str, input_shape: tuple | list | None) -> Data
             )
         y = y.astype(np.int64, copy=False)
     source = f"{path.name} ({len(x)} samples, {'labelled' if y is not None else 'unlabelled'})"
-    return Dataset(x=x, y=y, source=source)
+    return Dataset(x=x, y=y, source=source, extra=extra)
+
+
+def _input_array(path: Path, name: str, x: np.ndarray, input_shape) -> np.ndarray:
+    """One input's array, checked against the input's declared shape, as float32."""
+    if x.ndim == 0:
+        raise ExplorerError(f"{path}: {name} is a scalar; it must hold a batch of inputs, shape (N, ...)")
+    if len(x) == 0:
+        raise ExplorerError(f"{path}: {name} holds 0 samples (shape {x.shape}); give at least one input, shape (N, ...) "
+                            "with N >= 1")
+    if input_shape is not None:
+        expected = tuple(input_shape)[1:]
+        got = x.shape[1:]
+        fixed = [isinstance(e, (int, np.integer)) and e > 0 for e in expected]
+        matches = len(expected) == len(got) and all(not f or e == g for f, e, g in zip(fixed, expected, got))
+        if not matches:
+            shown = ", ".join(str(e) if f else "?" for f, e in zip(fixed, expected))
+            raise ExplorerError(
+                f"{path}: {name} has shape {x.shape}, which does not match the model input: "
+                f"expected (N, {shown}), got per-sample shape {got}"
+            )
+    try:
+        x = x.astype(np.float32, copy=False)
+    except (TypeError, ValueError):
+        raise ExplorerError(f"{path}: {name} has dtype {x.dtype}, which cannot be converted to float32") from None
+    finite = np.isfinite(x)
+    if not finite.all():  # NaN inputs give NaN outputs, whose argmax agrees everywhere: a 100 % that means nothing
+        raise ExplorerError(f"{path}: {name} has {int(x.size - finite.sum())} of {x.size} values that are NaN or infinite; "
+                            "give finite inputs (replace or drop those samples)")
+    return x
 
 
 def load_graph_and_data(model: str, data: Path | str | None = None,
@@ -155,13 +184,16 @@ def load_graph_and_data(model: str, data: Path | str | None = None,
     from explorer.zoo import ZOO, zoo_validation_data
 
     onnx_model, source = load_model(model)
+    declared = declared_input_shapes(onnx_model)
     if data is not None:
-        first = next(iter(declared_input_shapes(onnx_model).values()), None)
-        dataset = load_npz_dataset(data, first)
+        first = next(iter(declared.values()), None)
+        dataset = load_npz_dataset(data, first, {name: dims for name, dims in list(declared.items())[1:]})
     else:
         dataset = zoo_validation_data(model) if model in ZOO else None
     if dataset is not None and data_samples is not None:
-        y = dataset.y[:data_samples] if dataset.y is not None else None
-        dataset = Dataset(dataset.x[:data_samples], y, f"{dataset.source}, first {data_samples} samples")
-    graph = LayerGraph(onnx_model, source, input_shapes, dataset.x.shape if dataset is not None else None)
+        dataset = dataset.first(data_samples)
+    data_shapes = None
+    if dataset is not None:
+        data_shapes = {name: value.shape for name, value in dataset.feeds(next(iter(declared), "x")).items()}
+    graph = LayerGraph(onnx_model, source, input_shapes, data_shapes)
     return graph, dataset

@@ -168,8 +168,10 @@ def _manifest(problem, plan: Plan, evaluation, predicted: dict | None, run_id: s
               confirmed: dict | None) -> dict[str, Any]:
     """plan.json without its blocks and files (JSON-ready)."""
     graph, board, dataset = problem.graph, problem.board, problem.scorer.dataset
-    model_input = next(v for v in graph.model.graph.input if v.name == graph.input_names[0])
-    elem_type = model_input.type.tensor_type.elem_type
+    declared = {v.name: v for v in graph.model.graph.input}
+    inputs = [{"name": name, "shape": [d.dim_param or d.dim_value for d in declared[name].type.tensor_type.shape.dim],
+               "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(declared[name].type.tensor_type.elem_type)).name}
+              for name in graph.input_names]
     accuracy = None
     if evaluation is not None and evaluation.accuracy is not None:
         accuracy = {"value": evaluation.accuracy, "metric": evaluation.accuracy_metric,
@@ -186,8 +188,8 @@ def _manifest(problem, plan: Plan, evaluation, predicted: dict | None, run_id: s
             "source": graph.source,
             "sha256": graph.fingerprint(),
             "file": MODEL_FILE,
-            "input": {"name": model_input.name, "shape": list(graph.input_shape),
-                      "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name},
+            "input": inputs[0],  # the first input (what readers of one-input bundles read)
+            "inputs": inputs,  # every input, in the model's order
             "outputs": list(graph.output_names),
         },
         "data": {

@@ -10,10 +10,15 @@ Shapes are facts: a symbolic input dimension other than the batch is resolved fr
 (NAME=1x3x48x320) or from the validation data and written into the model's input before shape
 inference, never guessed. A symbolic batch stays symbolic in the model (scoring sends the data's
 batches) and is batch 1 for every figure; a fixed batch is kept everywhere, figures included.
+Every intermediate shape is a fact too: ONNX's shape inference, then ONNX Runtime's symbolic shape
+inference where ONNX's loses shapes (Reshapes to computed shapes), then one run on a synthetic input
+for what neither sizes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +64,13 @@ class Layer:
     inputs: list[str] = field(default_factory=list)  # tensors crossing into the layer
     outputs: list[str] = field(default_factory=list)  # tensors crossing out of it
     groups: int = 1
+    attached_flops: int = 0  # 2 x MACs of the weight-free MatMuls travelling with it (activation x activation)
+    weight_on_left: bool = False  # a MatMul W @ x (the constant is its first operand)
+
+    @property
+    def all_flops(self) -> int:
+        """FLOPs of every node of the layer that multiplies: the weighted node and attached MatMuls."""
+        return self.flops + self.attached_flops
 
     @property
     def kind(self) -> str:
@@ -84,7 +96,8 @@ class LayerGraph:
     """
 
     def __init__(self, model: onnx.ModelProto, source: str = "<memory>",
-                 input_shapes: Mapping[str, Sequence[int]] | None = None, data_shape: Sequence[int] | None = None):
+                 input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 data_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None):
         self.source = source
         self.inputs = resolve_input_shapes(model, source, input_shapes, data_shape)
         self.model, self.shapes = _prepared(model, source, self.inputs)
@@ -117,8 +130,11 @@ class LayerGraph:
         """The constant weight operand of a decision node, or None if it has none."""
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 and node.input[1] in self.constants:
             return node.input[1]
-        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in self.constants:
-            return node.input[1]
+        if node.op_type == "MatMul" and len(node.input) > 1:
+            if node.input[1] in self.constants:
+                return node.input[1]
+            if node.input[0] in self.constants:  # W @ x (e.g. a projection over the sequence axis)
+                return node.input[0]
         return None
 
     def _build_layers(self) -> list[Layer]:
@@ -155,8 +171,11 @@ class LayerGraph:
         bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if bias_name and bias_name in self.constants:
             params += int(np.prod(self.constant_shape(bias_name)))
-        input_shape = self.shape(node.input[0])
+        weight_on_left = node.op_type == "MatMul" and weight_name == node.input[0] and node.input[1] != weight_name
+        input_shape = self.shape(node.input[1] if weight_on_left else node.input[0])
         output_shape = self.shape(node.output[0])
+        attached_flops = sum(_matmul_flops(self.shape(n.input[0]), self.shape(n.output[0]))
+                             for n in group if n is not node and n.op_type == "MatMul")
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)
         inputs, outputs = [], []
         for n in group:
@@ -172,9 +191,9 @@ class LayerGraph:
             index=index, name=node.name, op_type=node.op_type,
             node_names=[n.name for n in group], weight_name=weight_name, weight_shape=weight_shape,
             input_shape=input_shape, output_shape=output_shape,
-            flops=_flops(node.op_type, weight_shape, input_shape, output_shape, groups, node),
+            flops=_flops(node.op_type, weight_shape, input_shape, output_shape, groups, node, weight_on_left),
             params=params, weight_bytes=params * 4, activation_bytes=activation_bytes,
-            inputs=inputs, outputs=outputs, groups=groups,
+            inputs=inputs, outputs=outputs, groups=groups, attached_flops=attached_flops, weight_on_left=weight_on_left,
         )
 
     # ---- queries ------------------------------------------------------------------------------
@@ -193,12 +212,17 @@ class LayerGraph:
         first = self.inputs[self.input_names[0]]
         return first.dims if first.fixed_batch else (batch, *first.dims[1:])
 
+    def synthetic_feeds(self, count: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+        """A synthetic input for every graph input at its resolved shape, `count` samples (default: the
+        graph's batch, 1 or the fixed one): standard-normal floats, zero integers (ids stay valid)."""
+        return _synthetic_feeds({name: self.inputs[name] for name in self.input_names}, self.dtypes, count, seed)
+
     def tensor_bytes(self, tensor: str) -> int:
         """Bytes of one tensor at the graph's batch (0 if its shape is unknown)."""
         cached = self._tensor_bytes.get(tensor)
         if cached is None:
             shape = self.shapes.get(tensor)
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(self.dtypes.get(tensor, onnx.TensorProto.FLOAT)).itemsize
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(self.dtypes.get(tensor) or onnx.TensorProto.FLOAT).itemsize
             cached = 0 if shape is None else int(np.prod(shape, dtype=np.int64)) * itemsize
             self._tensor_bytes[tensor] = cached
         return cached
@@ -226,7 +250,8 @@ class LayerGraph:
 
     @property
     def total_flops(self) -> int:
-        return sum(layer.flops for layer in self.layers)
+        """FLOPs of every multiplying node: decision layers and the activation x activation MatMuls."""
+        return sum(layer.all_flops for layer in self.layers)
 
     @property
     def total_params(self) -> int:
@@ -305,8 +330,9 @@ def _shape_text(dims) -> str:
 
 
 def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str, Sequence[int]] | None = None,
-                         data_shape: Sequence[int] | None = None) -> dict[str, InputShape]:
-    """Every input's dimensions from the model, `given` (--input-shape) and the data's x.shape (first input).
+                         data_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None) -> dict[str, InputShape]:
+    """Every input's dimensions from the model, `given` (--input-shape) and the data's shapes (x.shape for
+    the first input, or input name -> shape for several).
 
     A symbolic non-batch dimension needs a size from `given` or the data (they must agree); a fixed one
     must not be contradicted. The batch is dims[0]: a fixed batch is kept (the data must fill one); a
@@ -314,6 +340,9 @@ def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str
     """
     declared = declared_input_shapes(model)
     given = dict(given or {})
+    if data_shape is not None and not isinstance(data_shape, Mapping):  # the first input's
+        data_shape = {next(iter(declared), ""): data_shape}
+    data_shapes = dict(data_shape or {})
     unknown = sorted(set(given) - set(declared))
     if unknown:
         raise ExplorerError(f"--input-shape names {', '.join(map(repr, unknown))}, which the model {source} does not take "
@@ -321,7 +350,8 @@ def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str
     resolved: dict[str, InputShape] = {}
     for position, (name, dims) in enumerate(declared.items()):
         want = given.get(name)
-        data = tuple(data_shape) if position == 0 and data_shape is not None else None
+        data = tuple(data_shapes[name]) if name in data_shapes else None
+        x_name = "x" if position == 0 else name  # how the data names this input's array
         if dims is None:  # no declared shape: the rank comes from what is given
             rank = len(want) if want is not None else len(data) if data is not None else None
             if rank is None:
@@ -333,8 +363,8 @@ def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str
             raise ExplorerError(f"--input-shape {name}={_shape_text(want)} has {len(want)} dimensions, but input {name!r} "
                                 f"of {source} has {len(dims)} ({shown}): give all {len(dims)}, batch first")
         if data is not None and len(data) != len(dims):
-            raise ExplorerError(f"the data's x has shape {_shape_text(data)}, but input {name!r} of {source} is "
-                                f"{shown}: give x as (N, {_shape_text(dims[1:])})")
+            raise ExplorerError(f"the data's {x_name} has shape {_shape_text(data)}, but input {name!r} of {source} is "
+                                f"{shown}: give {x_name} as (N, {_shape_text(dims[1:])})")
         sizes: list[int] = []
         missing: list[str] = []
         for axis, dim in enumerate(dims):
@@ -348,14 +378,14 @@ def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str
                                         f"input {name!r} is fixed at {dim} ({shown})")
                 size = dim
             elif want is not None and from_data is not None and want[axis] != from_data:
-                raise ExplorerError(f"--input-shape {name}={_shape_text(want)} contradicts the data: its x has shape "
+                raise ExplorerError(f"--input-shape {name}={_shape_text(want)} contradicts the data: its {x_name} has shape "
                                     f"{_shape_text(data)}; give the data's sizes or leave --input-shape out")
             else:
                 size = want[axis] if want is not None else from_data
                 if size is None:
                     missing.append(str(dim or "?"))
             if size is not None and from_data is not None and size != from_data:
-                raise ExplorerError(f"the data's x has shape {_shape_text(data)}, which does not fit input {name!r} "
+                raise ExplorerError(f"the data's {x_name} has shape {_shape_text(data)}, which does not fit input {name!r} "
                                     f"of {source} ({shown}): dimension {axis} must be {size}")
             sizes.append(size)
         if missing:
@@ -417,7 +447,8 @@ def _prepared(model: onnx.ModelProto, source: str,
         node.name = name
         seen.add(name)
     _set_input_dims(model, inputs)
-    inferred = _inferred(_skeleton(model), source)
+    skeleton = _skeleton(model)
+    inferred = _completed(_inferred(skeleton, source), skeleton)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     if any(not i.fixed_batch for i in inputs.values()):  # the figures: shapes inferred again at batch 1
@@ -425,11 +456,128 @@ def _prepared(model: onnx.ModelProto, source: str,
         for value in at_batch.graph.input:
             if value.name in inputs and value.type.tensor_type.shape.dim:
                 value.type.tensor_type.shape.dim[0].dim_value = inputs[value.name].dims[0]
-        inferred = _inferred(at_batch, source)
+        inferred = _completed(_inferred(at_batch, source), at_batch)
     shapes = _tensor_shapes(inferred)
+    unsized = [o for n in model.graph.node for o in n.output if o and o not in shapes]
+    if unsized:  # no inference could size them: one run of the model on a synthetic input reads them
+        typed = {v.name for v in list(model.graph.value_info) + list(model.graph.output)}
+        for name, (dims, elem_type) in _run_shapes(model, source, inputs, unsized).items():
+            shapes[name] = dims
+            if name not in typed:  # its type, for the sub-models cut at it (the shape stays per run)
+                model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return model, shapes
+
+
+def _sized(value: onnx.ValueInfoProto) -> int:
+    """How many dimensions of a value's shape are known (sizes or symbols); -1 without a shape."""
+    tensor = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not tensor.HasField("shape"):
+        return -1
+    return sum(1 for d in tensor.shape.dim if (d.HasField("dim_value") and d.dim_value > 0) or d.dim_param)
+
+
+def _unknown(value: onnx.ValueInfoProto) -> bool:
+    tensor = value.type.tensor_type
+    return (not value.type.HasField("tensor_type") or not tensor.HasField("shape")
+            or any(not (d.HasField("dim_value") and d.dim_value > 0) and not d.dim_param for d in tensor.shape.dim))
+
+
+def _completed(inferred: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX's inferred model, with the shapes it lost (after a Reshape of a computed shape, a Transpose
+    of one...) taken from ONNX Runtime's symbolic shape inference, which propagates shape arithmetic."""
+    graph = inferred.graph
+    known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
+    produced = [o for n in graph.node for o in n.output if o]
+    if all(name in known and not _unknown(known[name]) for name in produced):
+        return inferred
+    try:
+        with _quiet_logging():
+            symbolic = _symbolic_shapes(skeleton)
+    except Exception:  # it refuses ops it does not know (custom domains) and some graphs: keep ONNX's shapes
+        return inferred
+    better = {v.name: v for v in symbolic.graph.value_info
+              if v.type.tensor_type.elem_type and _sized(v) >= 0}  # a partial pass leaves untyped ones
+    merged = [better[name] if name in better and _sized(better[name]) > _sized(known.get(name, better[name]))
+              or name not in known and name in better else known[name]
+              for name in produced if name in known or name in better]
+    outputs = {o.name for o in graph.output}
+    del graph.value_info[:]
+    graph.value_info.extend(v for v in merged if v.name not in outputs)
+    for value in graph.output:  # a graph output sized by the symbolic inference only
+        if value.name in better and _sized(better[value.name]) > _sized(value):
+            value.type.CopyFrom(better[value.name].type)
+    return inferred
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with what ONNX Runtime's symbolic shape inference sizes. Driven as its infer_shapes does,
+    but a partial result is kept (infer_shapes raises on one, after writing the model into the working
+    directory)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    inference._preprocess(model)
+    while inference.run_:
+        inference._infer_impl()
+    inference._update_output_from_vi()
+    return inference.out_mp_
+
+
+def _run_shapes(model: onnx.ModelProto, source: str, inputs: Mapping[str, InputShape],
+                names: list[str]) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Shapes and ONNX element types of `names` read from one ONNX Runtime run of the model on a synthetic
+    input of the resolved shape (standard normal floats, zero integers; seed 0); {} where ONNX Runtime
+    cannot load the model (ops it lacks: they stay unsized). ExplorerError if it loads but does not run
+    at that shape (sizes the model was not exported for)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph_outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in graph_outputs)
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in probe.graph.input}
+    feeds = _synthetic_feeds({name: inputs[name] for name in dtypes if name in inputs}, dtypes)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # its failure is reported below, in one line
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # ORT raises its own types; an op it lacks (a custom domain): those tensors stay unsized
+        return {}
+    wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+    try:
+        values = session.run(wanted, feeds)
+    except Exception as exc:
+        shown = ", ".join(f"{name}={'x'.join(map(str, shape.dims))}" for name, shape in inputs.items())
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExplorerError(f"{source}: the model does not run at its input shape {shown} (ONNX Runtime: {reason[:300]}): "
+                            "give the sizes it was exported for with --input-shape or the data") from None
+    return {name: (tuple(int(d) for d in np.shape(value)), onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype))
+            for name, value in zip(wanted, values) if isinstance(value, np.ndarray)}
+
+
+def _synthetic_feeds(inputs: Mapping[str, InputShape], dtypes: Mapping[str, int], count: int | None = None,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal floats and zero integers at the resolved shapes, `count` samples (default dims[0])."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, resolved in inputs.items():
+        dims = resolved.dims if count is None else (count, *resolved.dims[1:])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(dtypes.get(name) or onnx.TensorProto.FLOAT)
+        feeds[name] = rng.standard_normal(dims).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype)
+    return feeds
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """Silence the symbolic shape inference's warnings (it logs through the root logger)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _inferred(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
@@ -465,12 +613,14 @@ def _skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto
 
 
 def _dims(type_proto: onnx.TypeProto) -> tuple[int, ...] | None:
-    """Sizes of a tensor inferred from concrete inputs; a dimension no inference can size (data-dependent
-    ops) counts as 1."""
+    """Sizes of a tensor inferred from concrete inputs; None where a dimension is unknown (the synthetic
+    run sizes it)."""
     if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
-                 for d in type_proto.tensor_type.shape.dim)
+    dims = type_proto.tensor_type.shape.dim
+    if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+        return None
+    return tuple(d.dim_value for d in dims)
 
 
 def _tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -492,7 +642,7 @@ def _tensor_dtypes(model: onnx.ModelProto) -> dict[str, int]:
     return dtypes
 
 
-def _flops(op_type: str, weight_shape, input_shape, output_shape, groups: int, node) -> int:
+def _flops(op_type: str, weight_shape, input_shape, output_shape, groups: int, node, weight_on_left: bool = False) -> int:
     """2 x MACs of a decision node at the graph's batch."""
     if op_type == "Conv":
         out_positions = int(np.prod(output_shape[2:])) * output_shape[0] if len(output_shape) > 2 else 1
@@ -502,6 +652,13 @@ def _flops(op_type: str, weight_shape, input_shape, output_shape, groups: int, n
         k, n = (weight_shape[1], weight_shape[0]) if trans_b else weight_shape
         rows = output_shape[0] if output_shape else 1
         return 2 * rows * k * n
-    k, n = weight_shape[-2], weight_shape[-1]  # MatMul with constant right operand
-    rows = int(np.prod(output_shape[:-1])) if output_shape else 1
-    return 2 * rows * k * n
+    # MatMul: every output element sums over the contracted axis (W's rows for x @ W, its columns for W @ x)
+    k = weight_shape[-1] if weight_on_left else weight_shape[0] if len(weight_shape) == 1 else weight_shape[-2]
+    return 2 * k * int(np.prod(output_shape)) if output_shape else 2 * int(np.prod(weight_shape))
+
+
+def _matmul_flops(a_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int:
+    """2 x MACs of a MatMul of two activations (0 where a shape is unknown)."""
+    if not a_shape or not output_shape:
+        return 0
+    return 2 * a_shape[-1] * int(np.prod(output_shape))

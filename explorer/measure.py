@@ -299,8 +299,7 @@ def block_specs(graph: LayerGraph, compressor: Compressor, board: Board, plan: P
     blocks = unit_blocks(graph, plan, model)
     specs = [BlockSpec(block.model.SerializeToString(), board.processor(block.processor).threads,
                        board.processor(block.processor).provider) for block in blocks]
-    shape = graph.feed_shape(batch)  # the resolved input; a fixed batch overrides `batch`
-    inputs = {graph.input_names[0]: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    inputs = graph.synthetic_feeds(graph.feed_shape(batch)[0])  # the resolved inputs; a fixed batch overrides `batch`
     return blocks, specs, inputs
 
 

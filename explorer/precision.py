@@ -65,7 +65,7 @@ Ranges = Mapping[str, tuple[float, float]]
 def apply_precisions(
     model: onnx.ModelProto,
     node_precisions: Mapping[str, str],
-    calibration_inputs: np.ndarray | None = None,
+    calibration_inputs: np.ndarray | Mapping[str, np.ndarray] | None = None,
     ranges: Ranges | None = None,
     reduce_range: bool | None = None,
 ) -> onnx.ModelProto:
@@ -73,7 +73,8 @@ def apply_precisions(
 
     ``node_precisions`` maps ONNX node names (Conv, Gemm or MatMul nodes) to one of PRECISIONS.
     int8 needs calibration: ``ranges`` from :func:`calibration_ranges` on this model if they cover
-    the int8 nodes' activations, else ``calibration_inputs`` (a float32 batch for the first graph input).
+    the int8 nodes' activations, else ``calibration_inputs`` (a float32 batch for the first graph input, or
+    input name -> batch for a model with several).
     ``reduce_range``: 7-bit weights (None: :func:`int8_reduce_range` for this machine).
     The graph's inputs and outputs stay float32; ``model`` is not modified.
     """
@@ -93,14 +94,15 @@ def apply_precisions(
     return result
 
 
-def calibration_ranges(model: onnx.ModelProto, calibration_inputs: np.ndarray) -> dict[str, tuple[float, float]]:
+def calibration_ranges(model: onnx.ModelProto,
+                       calibration_inputs: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, tuple[float, float]]:
     """Min and max of every float activation of ``model`` over ``calibration_inputs`` (ORT's MinMax calibrator).
 
     Compute them once per model and pass them to every apply_precisions call on that model. A model
     whose tensors differ from ``model``'s under the same names (e.g. after a low-rank rewrite of an
     earlier layer) needs its own ranges: only missing names are noticed, changed values are not.
     """
-    reader = _BatchReader(_graph_input(model).name, _calibration_batches(model, calibration_inputs))
+    reader = _BatchReader(_calibration_batches(model, calibration_inputs))
     with _quiet_ort_logging(), tempfile.TemporaryDirectory(prefix="explorer-calib-") as tmp:
         path = Path(tmp, "model.onnx")
         onnx.save(model, path)
@@ -332,28 +334,42 @@ def _graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     return next(v for v in model.graph.input if v.name not in initializers)
 
 
-def _calibration_batches(model: onnx.ModelProto, inputs: np.ndarray) -> list[np.ndarray]:
-    """Split ``inputs`` into batches the model accepts, after checking they fit its first input."""
-    value = _graph_input(model)
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-    inputs = np.asarray(inputs, dtype=np.float32)
-    fits = inputs.ndim == len(dims) and all(d is None or d == n for d, n in zip(dims[1:], inputs.shape[1:]))
-    batch = dims[0] if dims else None
-    if not fits or len(inputs) == 0 or (batch is not None and len(inputs) % batch):
-        expected = "x".join("?" if d is None else str(d) for d in dims)
-        raise ExplorerError(
-            f"calibration inputs of shape {'x'.join(map(str, inputs.shape))} do not fit model input "
-            f"{value.name!r} of shape {expected}"
-        )
-    step = batch or _CALIBRATION_CHUNK
-    return [inputs[i : i + step] for i in range(0, len(inputs), step)]
+def _calibration_batches(model: onnx.ModelProto,
+                         inputs: np.ndarray | Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Split ``inputs`` (a batch for the first graph input, or input name -> batch) into feeds of batches
+    the model accepts, after checking they fit its inputs."""
+    initializers = {init.name for init in model.graph.initializer}
+    declared = {v.name: v for v in model.graph.input if v.name not in initializers}
+    if not isinstance(inputs, Mapping):
+        inputs = {_graph_input(model).name: inputs}
+    missing = sorted(set(declared) - set(inputs))
+    if missing:
+        raise ExplorerError(f"calibration inputs lack the model input(s) {', '.join(map(repr, missing))}: give every input")
+    arrays = {}
+    steps = set()
+    for name, value in declared.items():
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        array = np.asarray(inputs[name], dtype=np.float32)
+        fits = array.ndim == len(dims) and all(d is None or d == n for d, n in zip(dims[1:], array.shape[1:]))
+        batch = dims[0] if dims else None
+        if not fits or len(array) == 0 or (batch is not None and len(array) % batch):
+            expected = "x".join("?" if d is None else str(d) for d in dims)
+            raise ExplorerError(
+                f"calibration inputs of shape {'x'.join(map(str, array.shape))} do not fit model input "
+                f"{name!r} of shape {expected}"
+            )
+        arrays[name] = array
+        steps.add(batch or _CALIBRATION_CHUNK)
+    step = min(steps)
+    count = len(next(iter(arrays.values())))
+    return [{name: array[i : i + step] for name, array in arrays.items()} for i in range(0, count, step)]
 
 
 class _BatchReader(CalibrationDataReader):
     """Feeds calibration batches to ORT's calibrator."""
 
-    def __init__(self, input_name: str, batches: list[np.ndarray]) -> None:
-        self._feeds: Iterator[dict[str, np.ndarray]] = ({input_name: batch} for batch in batches)
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._feeds: Iterator[dict[str, np.ndarray]] = iter(batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)

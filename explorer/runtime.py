@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -112,6 +112,7 @@ class Bundle:
         self.input_name: str = model["input"]["name"]
         self.input_shape: list = model["input"]["shape"]  # symbolic dimensions as strings
         self.input_dtype = np.dtype(model["input"]["dtype"])
+        self.inputs: list[dict[str, Any]] = model.get("inputs") or [model["input"]]  # every input: name, shape, dtype
         self.output_names: list[str] = model["outputs"]
         self.conditions = Conditions(latency_ms=latency_ms, network=network)  # what `adapt="auto"` starts from
         self._memory_probe = memory_probe or (lambda: self._os_memory_mb(available_memory_mb()))
@@ -302,26 +303,32 @@ class Bundle:
         batch = self.input_shape[0] if self.input_shape else None
         return batch if isinstance(batch, int) and batch > 0 else None
 
-    def run(self, x: np.ndarray, timing: bool = False,
+    @property
+    def input_names(self) -> list[str]:
+        return [entry["name"] for entry in self.inputs]
+
+    def run(self, x: np.ndarray | Mapping[str, np.ndarray], timing: bool = False,
             latency_ms: float | None = None) -> np.ndarray | tuple[np.ndarray, list[float]]:
-        """The model's first output for the batch `x` on the current plan; with `timing`, also each block's
-        milliseconds. `latency_ms`: this call's latency budget (with `adapt="auto"`)."""
+        """The model's first output for the batch `x` (a model with several inputs: input name -> batch) on the
+        current plan; with `timing`, also each block's milliseconds. `latency_ms`: this call's latency budget
+        (with `adapt="auto"`)."""
         outputs, block_ms = self.run_all(x, timing=True, latency_ms=latency_ms)
         first = outputs[self.output_names[0]]
         return (first, block_ms) if timing else first
 
-    def run_all(self, x: np.ndarray, timing: bool = False, latency_ms: float | None = None
+    def run_all(self, x: np.ndarray | Mapping[str, np.ndarray], timing: bool = False, latency_ms: float | None = None
                 ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], list[float]]:
-        """Every model output by name for the batch `x`; with `timing`, also each block's milliseconds.
+        """Every model output by name for the batch `x` (a model with several inputs: input name -> batch);
+        with `timing`, also each block's milliseconds.
 
         A model with a fixed batch size runs `x` in chunks of that size (the last chunk padded).
         """
         from explorer.offload import OffloadFailed
 
-        x = self._checked_input(x)
+        feeds = self._checked_inputs(x)
         if self.client is not None and not self._fall_back_on_failure:
             try:
-                return self._run_all(x, timing)
+                return self._run_all(feeds, timing)
             except OffloadFailed as error:
                 raise ExplorerError(f"remote block failed and the plan is pinned (fall_back=False): {error}") from None
         if self.client is not None:
@@ -329,22 +336,24 @@ class Bundle:
         if self.auto:
             self.watch(latency_ms)
         try:
-            return self._run_all(x, timing)
+            return self._run_all(feeds, timing)
         except OffloadFailed as error:  # the same inference, finished on a plan that needs no network
             self._fall_back(f"remote block failed: {error}")
             self.fallbacks_to_local += 1
-            return self._run_all(x, timing)
+            return self._run_all(feeds, timing)
 
-    def _run_all(self, x: np.ndarray, timing: bool):
+    def _run_all(self, feeds: dict[str, np.ndarray], timing: bool):
         self.last_plan = self.current["id"]  # the plan that answers this inference (a switch after it does not change it)
-        step = self.fixed_batch or len(x)
+        count_all = len(next(iter(feeds.values())))
+        step = self.fixed_batch or count_all
         block_ms = [0.0] * len(self.blocks)
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
-        for start in range(0, len(x), max(step, 1)):
-            chunk = x[start:start + step]
-            count = len(chunk)
+        for start in range(0, count_all, max(step, 1)):
+            chunk = {name: value[start:start + step] for name, value in feeds.items()}
+            count = len(next(iter(chunk.values())))
             if count < step:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - count, axis=0)])
+                chunk = {name: np.concatenate([value, np.repeat(value[-1:], step - count, axis=0)])
+                         for name, value in chunk.items()}
             values = self._chain(chunk, block_ms)
             for name in self.output_names:
                 parts[name].append(values[name][:count])
@@ -426,9 +435,9 @@ class Bundle:
             back, self._return_to = self._return_to, None
             self._switch_to(self._plan(back), f"the link to {self.client.url} is back (round trip {rtt:.1f} ms)")
 
-    def _chain(self, x: np.ndarray, block_ms: list[float]) -> dict[str, np.ndarray]:
+    def _chain(self, inputs: dict[str, np.ndarray], block_ms: list[float]) -> dict[str, np.ndarray]:
         """Run the blocks in order on one batch, adding each block's wall time to `block_ms`."""
-        values = {self.input_name: x}
+        values = dict(inputs)
         for block, done_with in zip(self.blocks, self._free_after):
             feeds = {name: values[name] for name in block.inputs}
             start = time.perf_counter()
@@ -445,17 +454,36 @@ class Bundle:
                 values.pop(name, None)
         return values
 
-    def _checked_input(self, x: np.ndarray) -> np.ndarray:
+    def _checked_inputs(self, x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every input's batch by name, checked against its declared shape and dtype."""
+        names = self.input_names
+        if not isinstance(x, Mapping):
+            if len(names) > 1:
+                raise ExplorerError(f"the model takes {len(names)} inputs ({', '.join(names)}): give one array per input "
+                                    f"by name (a .npz with arrays {', '.join(names)})")
+            x = {names[0]: x}
+        missing = [name for name in names if name not in x]
+        if missing:
+            raise ExplorerError(f"no array for the model input(s) {', '.join(missing)}: give one array per input by name "
+                                f"({', '.join(names)})")
+        feeds = {entry["name"]: self._checked_input(x[entry["name"]], entry) for entry in self.inputs}
+        if len({len(value) for value in feeds.values()}) > 1:
+            raise ExplorerError("the inputs have different numbers of samples: give every input the same samples")
+        return feeds
+
+    @staticmethod
+    def _checked_input(x: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
         x = np.asarray(x)
-        if x.dtype != self.input_dtype:
-            if not (np.issubdtype(x.dtype, np.floating) and np.issubdtype(self.input_dtype, np.floating)):
-                raise ExplorerError(f"input has dtype {x.dtype} but the model takes {self.input_dtype}: "
-                                    f"convert it (x.astype('{self.input_dtype}')) after the model's preprocessing")
-            x = x.astype(self.input_dtype)
-        dims = self.input_shape
+        dtype = np.dtype(entry["dtype"])
+        if x.dtype != dtype:
+            if not (np.issubdtype(x.dtype, np.floating) and np.issubdtype(dtype, np.floating)):
+                raise ExplorerError(f"input {entry['name']!r} has dtype {x.dtype} but the model takes {dtype}: "
+                                    f"convert it (x.astype('{dtype}')) after the model's preprocessing")
+            x = x.astype(dtype)
+        dims = entry["shape"]
         if x.ndim != len(dims) or not _fits(dims[1:], x.shape[1:]) or len(x) == 0:
             raise ExplorerError(f"input of shape {_shape_text(x.shape)} does not fit the model input "
-                                f"{self.input_name!r} of shape {_shape_text(dims)} (batch first): reshape it")
+                                f"{entry['name']!r} of shape {_shape_text(dims)} (batch first): reshape it")
         return x
 
 
@@ -540,17 +568,24 @@ def _validate_manifest(manifest: Any, path: Path) -> None:
     model = need(manifest, "model", dict, "")
     if need(model, "file", str, "model.") not in files:
         fail(f"model.file {model['file']!r} has no checksum in files")
-    model_input = need(model, "input", dict, "model.")
-    need(model_input, "name", str, "model.input.")
-    shape = need(model_input, "shape", list, "model.input.")
-    if not all(isinstance(d, (int, str)) for d in shape):
-        fail("model.input.shape must list dimensions (numbers or names)")
-    try:
-        np.dtype(need(model_input, "dtype", str, "model.input."))
-    except TypeError:
-        fail(f"model.input.dtype {model_input['dtype']!r} is not a numpy dtype")
+    model_inputs = [need(model, "input", dict, "model.")]
+    if "inputs" in model:
+        model_inputs = need(model, "inputs", list, "model.")
+        if not model_inputs or model_inputs[0] != model["input"]:
+            fail("model.inputs must list every input, model.input first")
+    for i, model_input in enumerate(model_inputs):
+        where = "model.input." if i == 0 else f"model.inputs[{i}]."
+        need(model_input, "name", str, where)
+        shape = need(model_input, "shape", list, where)
+        if not all(isinstance(d, (int, str)) for d in shape):
+            fail(f"{where}shape must list dimensions (numbers or names)")
+        try:
+            np.dtype(need(model_input, "dtype", str, where))
+        except TypeError:
+            fail(f"{where}dtype {model_input['dtype']!r} is not a numpy dtype")
     if not names(model, "outputs", "model."):
         fail("model.outputs is empty")
+
     def check_blocks(blocks: Any, where: str) -> None:
         if not isinstance(blocks, list) or not blocks:
             fail(f"{where}blocks is empty or not a list")
@@ -569,7 +604,7 @@ def _validate_manifest(manifest: Any, path: Path) -> None:
                 fail(f"{at}threads must be 1 or more")
             names(block, "inputs", at)
             names(block, "outputs", at)
-        available = {model_input["name"]}
+        available = {model_input["name"] for model_input in model_inputs}
         for i, block in enumerate(blocks):
             missing = [t for t in block["inputs"] if t not in available]
             if missing:
@@ -694,8 +729,9 @@ def _shape_text(shape) -> str:
 
 
 # ---- the `explorer run` command -----------------------------------------------------------------
-def read_input(path: Path | str) -> np.ndarray:
-    """The input batch in a .npy file, or the array `x` of a .npz file."""
+def read_input(path: Path | str, names: list[str] | None = None) -> np.ndarray | dict[str, np.ndarray]:
+    """The input batch in a .npy file, or the array `x` of a .npz file; for a model with several inputs
+    (`names`), a .npz with one array per input by name (`x` may stand for the first)."""
     path = Path(path).expanduser()
     if path.suffix not in (".npy", ".npz"):
         raise ExplorerError(f"{path}: give the input as a .npy file, or a .npz file with an array x")
@@ -703,8 +739,26 @@ def read_input(path: Path | str) -> np.ndarray:
         raise ExplorerError(f"input file not found: {path}")
     try:
         loaded = np.load(path, allow_pickle=False)
+        if names and len(names) > 1:
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ExplorerError(f"{path}: the model takes {len(names)} inputs ({', '.join(names)}): give a .npz with one "
+                                    f"array per input (numpy.savez(path, {', '.join(f'{n}=...' for n in names)}))")
+            with loaded:
+                arrays = {name: loaded[name] for name in loaded.files}
+            if names[0] not in arrays and "x" in arrays:
+                arrays[names[0]] = arrays.pop("x")
+            missing = [name for name in names if name not in arrays]
+            if missing:
+                raise ExplorerError(f"{path} has no array for the input(s) {', '.join(missing)} (it has: "
+                                    f"{', '.join(arrays) or 'nothing'}): save one array per input by name")
+            for name in names:
+                if not (np.issubdtype(arrays[name].dtype, np.number) or arrays[name].dtype == np.bool_):
+                    raise ExplorerError(f"{path}: input {name} has dtype {arrays[name].dtype}; give a numeric array")
+            return {name: arrays[name] for name in names}
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
+                if "x" not in loaded.files and names and names[0] in loaded.files:  # the input by its name
+                    return _numeric(path, loaded[names[0]])
                 if "x" not in loaded.files:
                     raise ExplorerError(f"{path} has no array x (it has: {', '.join(loaded.files) or 'nothing'}): "
                                         "save the inputs with numpy.savez(path, x=inputs)")
@@ -713,6 +767,10 @@ def read_input(path: Path | str) -> np.ndarray:
             x = loaded
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ExplorerError(f"{path} is not a valid {path.suffix} file ({exc}): save it with numpy.save / numpy.savez") from None
+    return _numeric(path, x)
+
+
+def _numeric(path: Path, x: np.ndarray) -> np.ndarray:
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise ExplorerError(f"{path}: the input has dtype {x.dtype}; give a numeric array")
     return x
@@ -735,21 +793,27 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
         warnings.simplefilter("ignore", ProviderFallbackWarning)  # reported in the summary instead
         bundle = Bundle.load(bundle_dir, strict=strict, remote=remote)
         selection = bundle._select(conditions) if conditions != Conditions() else None
-    x = read_input(input_path)
-    added_batch_axis = _fits(bundle.input_shape[1:], x.shape)
-    if added_batch_axis:
-        x = x[None]
+    x = read_input(input_path, bundle.input_names)
+    if isinstance(x, dict):  # several inputs: each a batch with its batch axis
+        added_batch_axis = False
+        shape = list(next(iter(x.values())).shape)
+    else:
+        added_batch_axis = _fits(bundle.input_shape[1:], x.shape)
+        if added_batch_axis:
+            x = x[None]
+        shape = list(x.shape)
     if timing:
         bundle.run_all(x)  # warm-up at the same shape: the first run of a shape allocates and plans
     outputs, block_ms = bundle.run_all(x, timing=True)
     output = outputs[bundle.output_names[0]]
-    if output_path is not None:
-        output_path = _save_npy(Path(output_path).expanduser(), output)
+    if output_path is not None:  # .npy: the first output; .npz: every output by name
+        output_path = Path(output_path).expanduser()
+        output_path = _save_npy(output_path, outputs if output_path.suffix == ".npz" else output)
     return {
         "bundle": str(bundle.path),
         "board": bundle.manifest["board"].get("name"),
         "model": bundle.manifest["model"].get("source"),
-        "input_shape": list(x.shape),
+        "input_shape": shape,
         "added_batch_axis": added_batch_axis,
         "output_name": bundle.output_names[0],
         "output_shape": list(output.shape),
@@ -797,15 +861,19 @@ def format_run_summary(summary: dict[str, Any], max_top1: int = 20) -> str:
     return "\n".join(lines)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> Path:
-    """Write `array` to `path` (.npy) atomically."""
-    if path.suffix != ".npy":
-        raise ExplorerError(f"{path}: the output is written as .npy; give a file name ending in .npy")
+def _save_npy(path: Path, array: np.ndarray | dict[str, np.ndarray]) -> Path:
+    """Write `array` to `path` (.npy) atomically, or arrays by name to a .npz."""
+    if path.suffix != (".npz" if isinstance(array, dict) else ".npy"):
+        raise ExplorerError(f"{path}: the output is written as .npy (the first output) or .npz (every output by name); "
+                            "give a file name ending in .npy or .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
+            if isinstance(array, dict):
+                np.savez(handle, **array)
+            else:
+                np.save(handle, array)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
