@@ -684,10 +684,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Export a plan (from a search's MLflow run, or a plan.json) as a runnable bundle."""
     from explorer.export import export_bundle
     from explorer.plan import Plan
+    from explorer.planset import parse_plans_option
     from explorer.report import confirmed_figures
 
     if bool(args.run) == bool(args.plan):
         raise ExplorerError("give exactly one of --run RUN_ID (a search's MLflow run) or --plan plan.json")
+    set_size = parse_plans_option(args.plans)
+    if set_size is not None and not args.run:
+        raise ExplorerError("--plans pareto|N reads the plan set from a search's trials: give --run RUN_ID")
     run_id = None
     if args.run:
         from explorer.tracking import default_tracking_uri, search_confirmation, search_run_settings
@@ -701,19 +705,48 @@ def cmd_export(args: argparse.Namespace) -> None:
     else:
         plan, confirmation = Plan.load(args.plan), None
     problem = _problem(args)
-    with err_console.status("evaluating the plan and writing the bundle"):
+    with err_console.status("evaluating the plan(s) and writing the bundle"):
         evaluation = problem.evaluate(plan)
+        plan_set = None
+        if set_size is not None:
+            from explorer.planset import search_plan_set
+            from explorer.tracking import read_search
+
+            plan_set = search_plan_set(problem, read_search(args.tracking_uri or default_tracking_uri(), run_id), plan, confirmation, set_size)
         path = export_bundle(problem, plan, Path(args.out), evaluation=evaluation, run_id=run_id, overwrite=args.overwrite,
-                             confirmed=confirmed_figures(confirmation, plan))
+                             confirmed=confirmed_figures(confirmation, plan), plan_set=plan_set)
     console.print(f"wrote bundle {path} ({len(evaluation.blocks)} unit blocks; {evaluation.measured_by})")
+    if plan_set:
+        _print_plan_set(path)
     console.print(f"run it: explorer run {path} --input x.npy [--output y.npy] [--timing]")
 
 
+def _print_plan_set(path: Path) -> None:
+    """The plans of an exported bundle: figures, what they need, their roles."""
+    import json
+
+    manifest = json.loads((path / "plan.json").read_text())
+    table = Table(title=f"plan set: {len(manifest['plans'])} plans, {len(manifest['files']) - 1} unit-block files "
+                        f"({sum(len(p['blocks']) for p in manifest['plans'])} blocks in all, shared ones stored once)")
+    for column in ("plan", "description", "latency ms", "energy mJ", "weights MB on board", "accuracy drop (points)",
+                   "network", "roles", "figures"):
+        table.add_column(column, overflow="fold")
+    for p in manifest["plans"]:
+        f, network = p["figures"], p["needs"]["network"]
+        drop = f"{f['accuracy_drop_points']:.2f}" if f["accuracy_drop_points"] is not None else "not measured"
+        table.add_row(p["id"], p["description"], f"{f['latency_ms']:.3f}", f"{f['energy_mj']:.3f}",
+                      f"{f['local_memory_mb']:.2f}", drop,
+                      f"{network['rtt_ms']:g} ms, {network['bandwidth_mbit_s']:g} Mbit/s" if network else "none",
+                      ", ".join(p["roles"]), f["source"] + (" (simulated)" if f["simulated"] else ""))
+    console.print(table)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
-    """Run an exported bundle on an input with ONNX Runtime."""
+    """Run an exported bundle on an input with ONNX Runtime (the plan that meets the conditions given)."""
     from explorer.runtime import format_run_summary, run_bundle_cli
 
-    summary = run_bundle_cli(args.bundle, args.input, args.output, strict=args.strict, timing=args.timing)
+    summary = run_bundle_cli(args.bundle, args.input, args.output, strict=args.strict, timing=args.timing,
+                             latency_ms=args.latency_ms, memory_mb=args.memory_mb, network=args.network, remote=args.remote)
     console.print(format_run_summary(summary), highlight=False)
     for message in summary.get("fallbacks", []):
         err_console.print(f"[yellow]warning:[/] {message}")
@@ -886,6 +919,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="plan.json to export (with --model/--board)")
     p.add_argument("--out", required=True, help="bundle folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
+    p.add_argument("--plans", default="best", help="best (the best plan alone, the default), pareto (the search's "
+                   "feasible Pareto front, thinned to 8 plans) or N (at most N plans); with --run")
     p.add_argument("--tracking-uri", help="MLflow tracking URI of the run (default: SQLite under runs/)")
     p.set_defaults(func=cmd_export)
 
@@ -896,6 +931,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the first output to this .npy file, or every output by name to a .npz")
     p.add_argument("--strict", action="store_true", help="fail instead of falling back to the CPU when a provider is missing")
     p.add_argument("--timing", action="store_true", help="per-block timing")
+    p.add_argument("--latency-ms", type=float, help="run the least-energy plan of the bundle within this latency")
+    p.add_argument("--memory-mb", type=float, help="... within this much weight memory on the board")
+    p.add_argument("--network", help="... with this network: off, or RTT_MS,MBPS (default: as the search assumed)")
+    p.add_argument("--remote", metavar="http://HOST:PORT", help="run the plan's remote blocks on this `explorer serve` "
+                   "agent (token in $EXPLORER_AGENT_TOKEN); without it they run on the local CPU")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("calibrate", help="measure this machine with ONNX Runtime and write the `host` board profile")

@@ -1,16 +1,21 @@
-"""Export a plan as a bundle: the compressed model, one ONNX file per unit block, and plan.json.
+"""Export a plan as a bundle: the compressed model, its unit blocks, and plan.json.
 
 Bundle layout (a folder)::
 
-    plan.json      what the runtime needs and what the plan is: schema version, board, model hash,
-                   decisions, unit blocks (processor, ONNX Runtime provider, tensors, file),
-                   predicted and measured metrics, the SHA-256 of every other file
-    model.onnx     the whole model rewritten for the plan (ranks and precisions), for reference
-    block_<i>.onnx unit block i; run in order, the blocks compute what model.onnx computes
+    plan.json             what the runtime needs and what the plans are: schema version, board, model hash,
+                          the best plan's decisions, unit blocks (processor, ONNX Runtime provider, tensors,
+                          file), predicted, measured and confirmed metrics; the plan set (every plan with its
+                          blocks, figures and the conditions it needs); the SHA-256 of every other file; and
+                          `digest`, the SHA-256 of plan.json itself (its canonical JSON without that field),
+                          so that an edited plan.json is refused like an edited block
+    model.onnx            the best plan's whole model rewritten (ranks and precisions), for reference
+    blocks/SHA256.onnx    one unit block, named by the SHA-256 of its bytes: a block that several plans of
+                          the set share is stored once; run in order, a plan's blocks compute its model
 
 The folder is written atomically: it is built in a hidden temporary sibling and renamed into place
 once complete, so an interrupted export leaves either no bundle or the previous one, never a
-half-written one. :mod:`explorer.runtime` loads and runs bundles.
+half-written one. :mod:`explorer.runtime` loads and runs bundles (schema 1 bundles, one plan and
+``block_<i>.onnx`` files without a manifest digest, still load).
 """
 from __future__ import annotations
 
@@ -38,16 +43,26 @@ from explorer.errors import ExplorerError
 from explorer.partition import iter_unit_blocks
 from explorer.plan import Plan
 
-BUNDLE_SCHEMA_VERSION = 1
+BUNDLE_SCHEMA_VERSION = 2  # 2: a plan set, content-addressed blocks, plan.json's own digest
+READABLE_SCHEMA_VERSIONS = (1, 2)
 BUNDLE_FORMAT = "explorer-bundle"
 MANIFEST_FILE = "plan.json"
 MODEL_FILE = "model.onnx"
 _PROTOBUF_LIMIT = 2**31  # a serialised ONNX protobuf must stay below 2 GB
 
 
-def block_file(index: int) -> str:
-    """File name of unit block `index` in a bundle."""
-    return f"block_{index}.onnx"
+BLOCKS_FOLDER = "blocks"
+
+
+def block_file(sha256: str) -> str:
+    """File name (inside the bundle) of the unit block whose bytes have this SHA-256."""
+    return f"{BLOCKS_FOLDER}/{sha256}.onnx"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of a manifest's canonical JSON (sorted keys, no spaces) without its own `digest` field."""
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
 
 
 def explorer_version() -> str:
@@ -59,43 +74,73 @@ def explorer_version() -> str:
 
 
 def export_bundle(problem, plan: Plan, out_dir: Path | str, evaluation=None, predicted: dict | None = None,
-                  run_id: str | None = None, overwrite: bool = False, confirmed: dict | None = None) -> Path:
+                  run_id: str | None = None, overwrite: bool = False, confirmed: dict | None = None,
+                  plan_set: list | None = None) -> Path:
     """Write the bundle of `plan` for `problem` (a Problem) into `out_dir`; returns its path.
 
     `evaluation`: the plan's Evaluation (measured metrics and accuracy), `predicted`: metrics a cost
     model predicted (any JSON-ready dict), `run_id`: the MLflow run that produced the plan, `confirmed`: its
-    confirmed figures (:func:`explorer.report.confirmed_figures`).
+    confirmed figures (:func:`explorer.report.confirmed_figures`), `plan_set`: the bundle's plans
+    (:func:`explorer.planset.search_plan_set`, `plan` first; default: `plan` alone).
     An existing non-empty `out_dir` is refused unless `overwrite` (then it must be a bundle, and it
     is swapped for the new one only once the new one is complete).
     """
+    from explorer.planset import ROLE_BEST, SetMember, describe, network_needs, plan_figures
+
     out_dir = Path(out_dir).expanduser().absolute()
     problem.validate(plan)
     if evaluation is not None and evaluation.plan_digest != plan.digest():
         raise ExplorerError("the evaluation given is of another plan: pass the evaluation of the plan you export")
+    members = plan_set or [SetMember(plan, evaluation, confirmed, [ROLE_BEST])]
+    if members[0].plan != plan:
+        raise ExplorerError("the plan set must start with the plan exported as the best")
+    for member in members[1:]:
+        problem.validate(member.plan)
     replacing = _check_target(out_dir, overwrite)
     manifest = _manifest(problem, plan, evaluation, predicted, run_id, confirmed)  # before any work: fails fast
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    model = problem.compressor.rewrite(plan, problem.calibration_inputs)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
     try:
-        files = {MODEL_FILE: _write_file(staging / MODEL_FILE, _serialised(model))}
-        blocks = []
-        for block in iter_unit_blocks(problem.graph, plan, model):
-            index, boundary = block.index, block.boundary
-            name = block_file(index)
-            files[name] = _write_file(staging / name, _serialised(block.model))
-            del block
-            processor = problem.board.processor(boundary.processor)
-            blocks.append({
-                "index": index, "file": name, "processor": processor.id, "processor_kind": processor.kind,
-                "provider": processor.provider, "provider_options": dict(processor.provider_options),
-                "threads": processor.threads, "layers": list(boundary.layer_names),
-                "inputs": list(boundary.inputs), "outputs": list(boundary.outputs),
-            })
-        del model
-        manifest.update(blocks=blocks, files=files)
+        (staging / BLOCKS_FOLDER).mkdir()
+        files: dict[str, str] = {}
+        plans = []
+        for number, member in enumerate(members):
+            model = problem.compressor.rewrite(member.plan, problem.calibration_inputs)
+            if number == 0:
+                files[MODEL_FILE] = _write_file(staging / MODEL_FILE, _serialised(model))
+            blocks = []
+            for block in iter_unit_blocks(problem.graph, member.plan, model):
+                index, boundary = block.index, block.boundary
+                block.model.graph.name = "unit_block"  # not its index: the same block in two plans has the same bytes
+                data = _serialised(block.model)
+                del block
+                name = block_file(hashlib.sha256(data).hexdigest())
+                if name not in files:  # a block another plan already wrote is stored once
+                    files[name] = _write_file(staging / name, data)
+                del data
+                processor = problem.board.processor(boundary.processor)
+                blocks.append({
+                    "index": index, "file": name, "processor": processor.id, "processor_kind": processor.kind,
+                    "remote": processor.is_remote, "provider": processor.provider,
+                    "provider_options": dict(processor.provider_options), "threads": processor.threads,
+                    "layers": list(boundary.layer_names), "inputs": list(boundary.inputs), "outputs": list(boundary.outputs),
+                })
+            del model
+            figures = plan_figures(member, problem)
+            plans.append(_json_ready({
+                "id": f"p{number}", "description": describe(problem, member.plan), "roles": list(member.roles),
+                "digest": member.plan.digest(), "decisions": member.plan.to_json()["decisions"], "blocks": blocks,
+                "figures": figures,
+                "needs": {"latency_ms": figures["latency_ms"] if figures else None,
+                          "memory_mb": figures["local_memory_mb"] if figures else None,
+                          "memory_mb_by_processor": figures["memory_mb_by_processor"] if figures else None,
+                          "network": network_needs(problem, member.plan)},
+            }))
+        manifest.update(blocks=plans[0]["blocks"], plans=plans, files=files)
+        manifest["digest"] = manifest_digest(manifest)
         text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
         _write_file(staging / MANIFEST_FILE, text.encode())
+        _sync_directory(staging / BLOCKS_FOLDER)
         _sync_directory(staging)
         _move_into_place(staging, out_dir, replacing)
     except BaseException:
@@ -155,6 +200,8 @@ def _manifest(problem, plan: Plan, evaluation, predicted: dict | None, run_id: s
             "calibration": problem.calibration_source,
         },
         "plan": {**plan.to_json(), "digest": plan.digest()},
+        # what the runtime minimises when it picks a plan of the set (explorer.adapt)
+        "objective": {"description": problem.objective.describe(), "weights": [list(w) for w in problem.objective.weights]},
         # how every block and model.onnx ran when scored and measured (runtime.Bundle opens them so)
         "session": {"options": "ONNX Runtime defaults (QDQ fusion on: int8 on integer kernels), intra-op threads per "
                                "block", "int8": problem.compressor.int8_scheme},

@@ -31,6 +31,16 @@ class Decision:
         where = f"@{self.processor}" if self.processor else ""
         return f"{rung}/{self.precision}{where}"
 
+    @classmethod
+    def from_label(cls, text: str) -> "Decision":
+        """The decision a :meth:`label` wrote (e.g. 'channel:16/int8@gpu'), as MLflow's trial params hold it."""
+        rung, slash, rest = text.partition("/")
+        precision, _, processor = rest.partition("@")
+        method, colon, rank = rung.partition(":")
+        if not slash or not precision or (method != "full") != bool(colon) or (colon and not rank.isdigit()):
+            raise ExplorerError(f"{text!r} is not a decision label (expected e.g. 'full/fp32@cpu' or 'svd:32/int8@gpu')")
+        return cls(method, int(rank) if colon else None, precision, processor or None)
+
 
 @dataclass(frozen=True)
 class Plan:

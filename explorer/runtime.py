@@ -1,23 +1,30 @@
 """Run an exported bundle (see :mod:`explorer.export`) with ONNX Runtime.
 
-:meth:`Bundle.load` reads ``plan.json``, checks its schema, refuses file names that point outside
+:meth:`Bundle.load` reads ``plan.json``, checks its schema and its own digest, refuses file names that point outside
 the bundle, verifies the SHA-256 of every file, and opens one ONNX Runtime session per unit block
 with the execution provider the board maps the block's processor to (its provider options and
 intra-op threads, on top of :func:`explorer.precision.session_options`: ONNX Runtime's defaults,
 under which int8 QDQ nodes run on integer kernels exactly as they were scored). A provider this ONNX Runtime lacks falls back to the CPU with a
 :class:`ProviderFallbackWarning`, or raises with ``strict=True``. :meth:`Bundle.run` chains the
 blocks: each gets the tensors it needs from the input and the blocks before it.
+
+A bundle with a plan set runs one plan at a time: :meth:`Bundle.select` / :meth:`Bundle.adapt` pick the plan
+for conditions (:mod:`explorer.adapt`), ``adapt="auto"`` switches by itself with hysteresis, and with
+``remote=URL`` the remote blocks run on an `explorer serve` agent (:mod:`explorer.offload`), an inference
+whose remote call fails finishing on a plan that needs no network. docs/runtime.md tells the whole story.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Mapping
@@ -26,13 +33,17 @@ import numpy as np
 import onnxruntime as ort
 
 from explorer.errors import ExplorerError
-from explorer.export import BUNDLE_FORMAT, BUNDLE_SCHEMA_VERSION, MANIFEST_FILE
+from explorer.export import BUNDLE_FORMAT, BUNDLE_SCHEMA_VERSION, MANIFEST_FILE, READABLE_SCHEMA_VERSIONS, manifest_digest
 from explorer.precision import session_options
 
 CPU_PROVIDER = "CPUExecutionProvider"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 1 << 20
 _EXPORT_AGAIN = "the bundle was modified; export it again"
+log = logging.getLogger(__name__)
+REMOTE_TIMEOUT_S = 2.0  # a remote block call longer than this finishes on a local plan
+PROBE_EVERY_S = 1.0  # how often a down link is probed
+RTT_TOLERANCE = 1.5  # a measured round trip beyond this multiple of the plan's assumption: the link is down for it
 
 
 class ProviderFallbackWarning(RuntimeWarning):
@@ -53,54 +64,237 @@ class BlockSession:
     session: ort.InferenceSession
 
 
-class Bundle:
-    """A verified bundle with one open session per block: load once, run many inputs."""
+@dataclass(frozen=True)
+class Switch:
+    """One change of the bundle's current plan: why, and what it cost."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], blocks: list[BlockSession], fallbacks: list[str]):
+    before: str | None  # plan id (None: the first plan opened at load)
+    after: str
+    reason: str
+    seconds: float  # wall time of the switch: opening the new plan's sessions, closing the unused ones
+    opened: int  # sessions opened for the new plan
+    kept: int  # sessions of blocks the plans share, kept open
+    closed: int  # sessions no longer needed, released
+    inference: int  # inferences run before the switch
+
+
+class Bundle:
+    """A verified bundle with open sessions for its current plan: load once, run many inputs.
+
+    A bundle with a plan set (``explorer export --plans``) runs one plan at a time: :meth:`select` and
+    :meth:`adapt` pick the plan for given conditions and switch to it, keeping the sessions of the blocks
+    both plans share; with ``adapt="auto"`` the bundle checks the conditions itself before every inference
+    (memory the OS has available, the per-call latency budget, the network) and switches with hysteresis
+    (:class:`explorer.adapt.Hysteresis`). Every switch is logged (logger ``explorer.runtime``) and kept in
+    :attr:`switches` with its reason and cost.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], strict: bool = False, adapt: str | None = None,
+                 latency_ms: float | None = None, network=None, memory_probe: Callable[[], float | None] | None = None,
+                 remote: str | None = None, token: str | None = None, remote_timeout_s: float = REMOTE_TIMEOUT_S,
+                 throttle=None, probe_every_s: float = PROBE_EVERY_S, fall_back: bool = True):
+        from explorer.adapt import Conditions, Hysteresis, available_memory_mb
+
+        if adapt not in (None, "off", "auto"):
+            raise ExplorerError(f"adapt={adapt!r}: use 'auto' (switch plans as conditions change) or None")
         self.path = path
         self.manifest = manifest
-        self.blocks = blocks
-        self.fallbacks = fallbacks  # one message per block that fell back to the CPU
+        self.strict = strict
+        self.auto = adapt == "auto"
+        self.plans: list[dict[str, Any]] = manifest["plans"]
+        self.objective: dict | None = manifest.get("objective")
+        self.fallbacks: list[str] = []  # one message per block session that fell back to the CPU
+        self.switches: list[Switch] = []
+        self.warnings: list[str] = list(manifest.get("_notes", []))  # what the bundle could not check
+        self.inferences = 0
+        self.last_plan: str | None = None  # the plan that answered the latest inference
         model = manifest["model"]
         self.input_name: str = model["input"]["name"]
         self.input_shape: list = model["input"]["shape"]  # symbolic dimensions as strings
         self.input_dtype = np.dtype(model["input"]["dtype"])
         self.inputs: list[dict[str, Any]] = model.get("inputs") or [model["input"]]  # every input: name, shape, dtype
         self.output_names: list[str] = model["outputs"]
+        self.conditions = Conditions(latency_ms=latency_ms, network=network)  # what `adapt="auto"` starts from
+        self._memory_probe = memory_probe or (lambda: self._os_memory_mb(available_memory_mb()))
+        self._hysteresis = Hysteresis()
+        self._sessions: dict[tuple, tuple[ort.InferenceSession, str]] = {}
+        self.current: dict[str, Any] | None = None
+        self.blocks: list[BlockSession] = []
+        self._free_after: list[list[str]] = []
+        self.client = None  # explorer.offload.OffloadClient: remote blocks run on that agent
+        if remote is not None:
+            from explorer.offload import OffloadClient
+            from explorer.serve import TOKEN_ENV
+
+            token = token or os.environ.get(TOKEN_ENV)
+            if not token:
+                raise ExplorerError(f"remote {remote}: give the agent's token (token=... or ${TOKEN_ENV})")
+            self.client = OffloadClient(remote, token, remote_timeout_s, throttle)
+        self.link_down: str | None = None  # why the link is taken as down (None: up), until a probe answers
+        self.fallbacks_to_local = 0  # inferences finished on a local plan after a remote block failed
+        self._probe_every_s = probe_every_s
+        self._fall_back_on_failure = fall_back
+        self._last_probe = 0.0
+        self._return_to: str | None = None  # without adapt="auto": the plan to go back to when the link recovers
+
+    @classmethod
+    def load(cls, path: Path | str, strict: bool = False, adapt: str | None = None, plan: str | None = None,
+             latency_ms: float | None = None, network=None,
+             memory_probe: Callable[[], float | None] | None = None, remote: str | None = None,
+             token: str | None = None, remote_timeout_s: float = REMOTE_TIMEOUT_S, throttle=None,
+             probe_every_s: float = PROBE_EVERY_S, fall_back: bool = True) -> "Bundle":
+        """Read, validate and verify the bundle in folder `path` and open the sessions of one plan.
+
+        `strict`: raise instead of falling back to the CPU when a block's provider is missing. `plan`: the id
+        of the plan to start with (default: the best, p0). `adapt="auto"`: switch plans by themselves before
+        each inference, within `latency_ms` (or the budget passed to :meth:`run`), the megabytes of weights
+        `memory_probe()` says the bundle may use (default: what the OS has available plus what the current
+        plan's weights hold) and `network` (None: as the search assumed, 'off', 'RTT,MBPS').
+        `remote`: the `explorer serve` agent (http://HOST:PORT, its token in `token` or $EXPLORER_AGENT_TOKEN) that
+        runs the remote blocks (without it they run on the local CPU, with a warning); a call that fails or
+        takes longer than `remote_timeout_s` finishes the inference on a plan that needs no network, and the
+        agent is probed every `probe_every_s` until it answers again. `throttle`: an explorer.adapt.Link every
+        remote call is delayed to (a simulated slower link, for benchmarks on loopback). `fall_back=False`
+        pins the plan (a static baseline): a failed remote call is an ExplorerError, the link is not watched.
+        """
+        root = Path(path).expanduser()
+        manifest = _read_manifest(root)
+        users: dict[str, list[str]] = {}
+        for entry in manifest["plans"]:
+            for block in entry["blocks"]:
+                users.setdefault(block["file"], []).append(entry["id"])
+        for name, expected in manifest["files"].items():  # every file, before any session: a changed one is refused
+            if _file_sha256(_bundle_file(root, name)) != expected:
+                used_by = f" (a block of plan{'s' if len(users.get(name, [])) > 1 else ''} {', '.join(users[name])})" \
+                    if name in users else ""
+                raise ExplorerError(f"{name}{used_by} does not match its checksum in plan.json: {_EXPORT_AGAIN}")
+        bundle = cls(root, manifest, strict, adapt, latency_ms, network, memory_probe, remote, token, remote_timeout_s,
+                     throttle, probe_every_s, fall_back)
+        first = plan or manifest["plans"][0]["id"]
+        bundle._switch_to(bundle._plan(first), "the bundle's best plan" if plan is None else "asked for at load")
+        return bundle
+
+    # ---- plans -----------------------------------------------------------------------------------
+    @property
+    def plan_ids(self) -> list[str]:
+        return [entry["id"] for entry in self.plans]
+
+    def _plan(self, plan_id: str) -> dict[str, Any]:
+        for entry in self.plans:
+            if entry["id"] == plan_id:
+                return entry
+        raise ExplorerError(f"the bundle has no plan {plan_id!r}: it has {', '.join(self.plan_ids)}")
+
+    def select(self, latency_ms: float | None = None, memory_mb: float | None = None, network=None):
+        """Switch to the plan with the lowest objective (least energy by default) that meets the conditions;
+        returns the :class:`explorer.adapt.Selection` (which plan and why). ExplorerError naming the closest
+        plan and what it needs when none meets them."""
+        from explorer.adapt import Conditions
+
+        return self._select(Conditions(latency_ms, memory_mb, network))
+
+    def adapt(self, conditions) -> Switch | None:
+        """Switch to the plan for `conditions` (an :class:`explorer.adapt.Conditions`) at once; the Switch made,
+        or None when the current plan is already the one."""
+        before = len(self.switches)
+        self._select(conditions)
+        return self.switches[-1] if len(self.switches) > before else None
+
+    def use(self, plan_id: str, reason: str = "asked for by name") -> None:
+        """Switch to the plan `plan_id` (e.g. 'p2'), whatever the conditions."""
+        entry = self._plan(plan_id)
+        if entry is not self.current:
+            self._switch_to(entry, reason)
+
+    def _os_memory_mb(self, available: float | None) -> float | None:
+        """The memory the bundle may use: what the OS has available plus the current plan's weights (freed by a switch)."""
+        held = (self.current.get("needs") or {}).get("memory_mb") or 0.0 if self.current else 0.0
+        return None if available is None else available + held
+
+    def _select(self, conditions):
+        from explorer.adapt import choose
+
+        selection = choose(self.plans, conditions, self.objective)
+        if selection.plan_id != self.current["id"]:
+            self._switch_to(self._plan(selection.plan_id), selection.reason)
+        return selection
+
+    def watch(self, latency_ms: float | None = None) -> Switch | None:
+        """What `adapt="auto"` does before an inference: read the conditions now (the memory probe; the latency
+        budget of this call or the bundle's; the network) and switch with hysteresis. No plan meeting them:
+        warn (once per message) and keep the current plan, so that the inference still runs."""
+        from explorer.adapt import Conditions
+
+        memory = self._memory_probe()
+        budget = latency_ms if latency_ms is not None else self.conditions.latency_ms
+        conditions = Conditions(budget, memory, self._network_now())
+        try:
+            selection = self._hysteresis.decide(self.plans, self.current["id"], conditions, self.objective)
+        except ExplorerError as error:
+            message = f"keeping {self.current['id']}: {error}"
+            if not self.warnings or self.warnings[-1] != message:
+                self.warnings.append(message)
+                log.warning(message)
+            return None
+        if selection is None:
+            return None
+        self._switch_to(self._plan(selection.plan_id), selection.reason)
+        return self.switches[-1]
+
+    def _network_now(self):
+        """The network as the bundle knows it: off while the link is down, else what the recent remote calls
+        measured, else what was given."""
+        from explorer.adapt import NETWORK_OFF
+
+        if self.link_down is not None:
+            return NETWORK_OFF
+        return self._measured_link() or self.conditions.network
+
+    def _switch_to(self, entry: dict[str, Any], reason: str) -> None:
+        """Make `entry` the current plan: open the sessions it lacks, keep the shared ones, release the rest."""
+        started = time.perf_counter()
+        keys = [_session_key(block) for block in entry["blocks"]]
+        kept = sum(key in self._sessions for key in keys)
+        opened = 0
+        blocks = []
+        for block, key in zip(entry["blocks"], keys):
+            if self.client is not None and block.get("remote"):  # the agent runs it: no session here
+                blocks.append(BlockSession(block["index"], block["file"], block["processor"], block["provider"],
+                                           f"remote {self.client.url}", tuple(block["inputs"]), tuple(block["outputs"]),
+                                           None))
+                continue
+            if key not in self._sessions:
+                data = _bundle_file(self.path, block["file"]).read_bytes()
+                # hashed again from the bytes the session reads: a block changed since load is refused too
+                _check_sha256(block["file"], hashlib.sha256(data).hexdigest(), self.manifest["files"][block["file"]])
+                self._sessions[key] = _open_session(block, data, self.strict, self.fallbacks)
+                opened += 1
+                del data
+            session, runs_on = self._sessions[key]
+            blocks.append(BlockSession(block["index"], block["file"], block["processor"], block["provider"], runs_on,
+                                       tuple(block["inputs"]), tuple(block["outputs"]), session))
+            _check_block_io(blocks[-1])
+        unused = [key for key in self._sessions if key not in set(keys)]
+        for key in unused:  # the memory goes back before the next inference
+            del self._sessions[key]
+        before = self.current["id"] if self.current else None
+        self.current, self.blocks = entry, blocks
         last_use: dict[str, int] = {}
         for block in blocks:
             for name in block.inputs:
                 last_use[name] = block.index
         self._free_after = [[n for n, i in last_use.items() if i == block.index and n not in self.output_names]
                             for block in blocks]
-
-    @classmethod
-    def load(cls, path: Path | str, strict: bool = False) -> "Bundle":
-        """Read, validate and verify the bundle in folder `path` and open its sessions.
-
-        `strict`: raise instead of falling back to the CPU when a block's provider is missing.
-        """
-        root = Path(path).expanduser()
-        manifest = _read_manifest(root)
-        block_files = {b["file"] for b in manifest["blocks"]}  # hashed below, from the bytes the session reads
-        for name, expected in manifest["files"].items():
-            if name not in block_files:
-                _check_sha256(name, _file_sha256(_bundle_file(root, name)), expected)
-        blocks, fallbacks = [], []
-        for entry in manifest["blocks"]:
-            data = _bundle_file(root, entry["file"]).read_bytes()
-            _check_sha256(entry["file"], hashlib.sha256(data).hexdigest(), manifest["files"][entry["file"]])
-            session, runs_on = _open_session(entry, data, strict, fallbacks)
-            del data
-            block = BlockSession(entry["index"], entry["file"], entry["processor"], entry["provider"], runs_on,
-                                 tuple(entry["inputs"]), tuple(entry["outputs"]), session)
-            _check_block_io(block)
-            blocks.append(block)
-        return cls(root, manifest, blocks, fallbacks)
+        switch = Switch(before, entry["id"], reason, time.perf_counter() - started, opened, kept, len(unused),
+                        self.inferences)
+        self.switches.append(switch)
+        if before is not None:
+            log.info("switched plan %s -> %s in %.1f ms (%d sessions opened, %d kept, %d closed): %s", before, entry["id"],
+                     1e3 * switch.seconds, switch.opened, switch.kept, switch.closed, reason)
 
     @property
     def providers(self) -> list[str]:
-        """The provider each block actually runs on, in block order."""
+        """The provider each block of the current plan actually runs on, in block order."""
         return [block.runs_on for block in self.blocks]
 
     @property
@@ -113,22 +307,43 @@ class Bundle:
     def input_names(self) -> list[str]:
         return [entry["name"] for entry in self.inputs]
 
-    def run(self, x: np.ndarray | Mapping[str, np.ndarray],
-            timing: bool = False) -> np.ndarray | tuple[np.ndarray, list[float]]:
-        """The model's first output for the batch `x` (a model with several inputs: input name -> batch);
-        with `timing`, also each block's milliseconds."""
-        outputs, block_ms = self.run_all(x, timing=True)
+    def run(self, x: np.ndarray | Mapping[str, np.ndarray], timing: bool = False,
+            latency_ms: float | None = None) -> np.ndarray | tuple[np.ndarray, list[float]]:
+        """The model's first output for the batch `x` (a model with several inputs: input name -> batch) on the
+        current plan; with `timing`, also each block's milliseconds. `latency_ms`: this call's latency budget
+        (with `adapt="auto"`)."""
+        outputs, block_ms = self.run_all(x, timing=True, latency_ms=latency_ms)
         first = outputs[self.output_names[0]]
         return (first, block_ms) if timing else first
 
-    def run_all(self, x: np.ndarray | Mapping[str, np.ndarray],
-                timing: bool = False) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], list[float]]:
+    def run_all(self, x: np.ndarray | Mapping[str, np.ndarray], timing: bool = False, latency_ms: float | None = None
+                ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], list[float]]:
         """Every model output by name for the batch `x` (a model with several inputs: input name -> batch);
         with `timing`, also each block's milliseconds.
 
         A model with a fixed batch size runs `x` in chunks of that size (the last chunk padded).
         """
+        from explorer.offload import OffloadFailed
+
         feeds = self._checked_inputs(x)
+        if self.client is not None and not self._fall_back_on_failure:
+            try:
+                return self._run_all(feeds, timing)
+            except OffloadFailed as error:
+                raise ExplorerError(f"remote block failed and the plan is pinned (fall_back=False): {error}") from None
+        if self.client is not None:
+            self._probe_link()
+        if self.auto:
+            self.watch(latency_ms)
+        try:
+            return self._run_all(feeds, timing)
+        except OffloadFailed as error:  # the same inference, finished on a plan that needs no network
+            self._fall_back(f"remote block failed: {error}")
+            self.fallbacks_to_local += 1
+            return self._run_all(feeds, timing)
+
+    def _run_all(self, feeds: dict[str, np.ndarray], timing: bool):
+        self.last_plan = self.current["id"]  # the plan that answers this inference (a switch after it does not change it)
         count_all = len(next(iter(feeds.values())))
         step = self.fixed_batch or count_all
         block_ms = [0.0] * len(self.blocks)
@@ -143,7 +358,82 @@ class Bundle:
             for name in self.output_names:
                 parts[name].append(values[name][:count])
         outputs = {name: np.concatenate(chunks) if len(chunks) > 1 else chunks[0] for name, chunks in parts.items()}
+        self.inferences += 1
+        self._check_link()
         return (outputs, block_ms) if timing else outputs
+
+    # ---- the network link to the agent -----------------------------------------------------------
+    def _network_needs(self) -> dict | None:
+        return (self.current.get("needs") or {}).get("network")
+
+    def _check_link(self) -> None:
+        """After an inference with remote blocks: a measured round trip beyond what the plan assumed (by
+        RTT_TOLERANCE) takes the link as down for this plan: the next inferences run on a local plan."""
+        needs = self._network_needs()
+        if (self.client is None or needs is None or not self._fall_back_on_failure
+                or not any(b.session is None for b in self.blocks)):
+            return
+        link = self._measured_link()
+        if link is not None and link.rtt_ms > RTT_TOLERANCE * needs["rtt_ms"]:
+            self._fall_back(f"measured round trip {link.rtt_ms:.1f} ms > {RTT_TOLERANCE:g} x the {needs['rtt_ms']:g} ms "
+                            f"plan {self.current['id']} assumed")
+
+    def _assumed_network(self) -> dict | None:
+        """The network the bundle's remote plans assumed (the first one's), None when no plan needs one."""
+        return next(((p.get("needs") or {}).get("network") for p in self.plans if (p.get("needs") or {}).get("network")),
+                    None)
+
+    def _measured_link(self):
+        """The link as the agent's recent calls and probes measured it (explorer.adapt.Link; a bandwidth not yet
+        measured is the one the plans assumed), None before any."""
+        from explorer.adapt import Link
+
+        measured = self.client.link() if self.client is not None else None
+        assumed = self._assumed_network()
+        if measured is None or assumed is None:
+            return None
+        rtt, bandwidth = measured
+        return Link(round(rtt, 3), round(bandwidth if bandwidth is not None else assumed["bandwidth_mbit_s"], 3))
+
+    def _fall_back(self, reason: str) -> None:
+        """Take the link as down and switch to the best plan that needs no network."""
+        from explorer.adapt import Conditions, choose
+
+        self.link_down = reason
+        self._last_probe = time.monotonic()
+        if self._network_needs() is None:
+            return
+        if not self.auto and self._return_to is None:
+            self._return_to = self.current["id"]
+        local = choose(self.plans, Conditions(network="off"), self.objective)  # ExplorerError if no local plan
+        self._switch_to(self._plan(local.plan_id), f"{reason}; {local.reason}")
+
+    def _probe_link(self) -> None:
+        """While the link is down, ask the agent (GET /info) every probe_every_s; when it answers within the
+        round trip the plans assumed, the link is up again (adapt="auto": the hysteresis moves back; otherwise
+        the plan used before the fall-back comes back at once)."""
+        from explorer.offload import OffloadFailed
+
+        if time.monotonic() - self._last_probe < self._probe_every_s:
+            return
+        local_now = not any(b.session is None for b in self.blocks)
+        if self.link_down is None and not (self.auto and local_now and self._assumed_network() is not None):
+            return  # the link is up and its calls measure it (a local plan under adapt="auto" probes to know it)
+        self._last_probe = time.monotonic()
+        assumed = min((p["needs"]["network"]["rtt_ms"] for p in self.plans if (p.get("needs") or {}).get("network")),
+                      default=None)
+        try:
+            rtt = self.client.ping(timeout_s=min(self.client.timeout_s, 1.0))
+        except OffloadFailed as error:
+            self.link_down = self.link_down or f"the agent did not answer a probe: {error}"
+            return
+        if self.link_down is None or (assumed is not None and rtt > RTT_TOLERANCE * assumed):
+            return
+        log.info("the link to %s is back (round trip %.1f ms)", self.client.url, rtt)
+        self.link_down = None
+        if self._return_to is not None:
+            back, self._return_to = self._return_to, None
+            self._switch_to(self._plan(back), f"the link to {self.client.url} is back (round trip {rtt:.1f} ms)")
 
     def _chain(self, inputs: dict[str, np.ndarray], block_ms: list[float]) -> dict[str, np.ndarray]:
         """Run the blocks in order on one batch, adding each block's wall time to `block_ms`."""
@@ -151,7 +441,13 @@ class Bundle:
         for block, done_with in zip(self.blocks, self._free_after):
             feeds = {name: values[name] for name in block.inputs}
             start = time.perf_counter()
-            results = block.session.run(list(block.outputs), feeds)
+            if block.session is None:  # a remote block: the agent runs it (OffloadFailed when it cannot)
+                sha = self.manifest["files"][block.file]
+                answer = self.client.run(sha, lambda: _bundle_file(self.path, block.file).read_bytes(), feeds,
+                                         block.provider, self.current["blocks"][block.index]["threads"])
+                results = [answer[name] for name in block.outputs]
+            else:
+                results = block.session.run(list(block.outputs), feeds)
             block_ms[block.index] += (time.perf_counter() - start) * 1e3
             values.update(zip(block.outputs, results))
             for name in done_with:
@@ -191,6 +487,13 @@ class Bundle:
         return x
 
 
+def _session_key(block: dict[str, Any]) -> tuple:
+    """What makes two plans' blocks one session: the same file on the same provider with the same settings, both
+    local or both remote (a remote block is the server's to run, whatever runs it here meanwhile)."""
+    return (block["file"], block["provider"], block["threads"], json.dumps(block["provider_options"], sort_keys=True),
+            bool(block.get("remote")))
+
+
 # ---- reading and checking a bundle ----------------------------------------------------------------
 def _read_manifest(root: Path) -> dict[str, Any]:
     if not root.is_dir():
@@ -203,7 +506,27 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExplorerError(f"{path} is not valid JSON ({exc}): {_EXPORT_AGAIN}") from None
     _validate_manifest(manifest, path)
+    if manifest["schema_version"] == 1:  # one plan, no plan set, no digest of plan.json itself
+        manifest["plans"] = [_single_plan(manifest)]
+        manifest["_notes"] = [f"{path} was written before bundles had a digest of their own plan.json (schema 1): "
+                              "its decisions are not verified; export it again to have them verified"]
     return manifest
+
+
+def _single_plan(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The plan-set entry of a schema 1 bundle's one plan (its figures from what was measured, if anything)."""
+    measured = manifest.get("measured") or {}
+    by_processor = measured.get("memory_mb_by_processor") or {}
+    remote = {b["processor"] for b in manifest["blocks"] if b.get("processor_kind") == "remote"}
+    figures = ({"latency_ms": measured.get("latency_ms"), "energy_mj": measured.get("energy_mj"),
+                "memory_mb": measured.get("memory_mb"), "objective": measured.get("objective"),
+                "measured_by": measured.get("measured_by")} if measured else None)
+    return {"id": "p0", "description": "the bundle's only plan", "roles": ["best"],
+            "digest": (manifest.get("plan") or {}).get("digest"), "blocks": manifest["blocks"], "figures": figures,
+            "needs": {"latency_ms": measured.get("latency_ms"),
+                      "memory_mb": sum(mb for pid, mb in by_processor.items() if pid not in remote) if measured else None,
+                      "network": {"remote_processors": sorted(remote), "transfers": 0, "bytes": 0, "rtt_ms": 0.0,
+                                  "bandwidth_mbit_s": 1.0, "radio_power_w": 0.0} if remote else None}}
 
 
 def _validate_manifest(manifest: Any, path: Path) -> None:
@@ -230,8 +553,14 @@ def _validate_manifest(manifest: Any, path: Path) -> None:
     if version > BUNDLE_SCHEMA_VERSION:
         raise ExplorerError(f"{path}: bundle schema {version} is newer than this explorer reads ({BUNDLE_SCHEMA_VERSION}): "
                             "upgrade explorer")
-    if version != BUNDLE_SCHEMA_VERSION:
-        fail(f"bundle schema {version} is not supported (this explorer reads {BUNDLE_SCHEMA_VERSION})")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        fail(f"bundle schema {version} is not supported (this explorer reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
+    if version >= 2:
+        recorded = manifest.get("digest")
+        if not isinstance(recorded, str) or not _SHA256.match(recorded):
+            fail("digest (the SHA-256 of plan.json itself) is missing")
+        if manifest_digest(manifest) != recorded:
+            fail("plan.json does not match its own digest")
     files = need(manifest, "files", dict, "")
     for name, checksum in files.items():
         if not (isinstance(checksum, str) and _SHA256.match(checksum)):
@@ -256,33 +585,59 @@ def _validate_manifest(manifest: Any, path: Path) -> None:
             fail(f"{where}dtype {model_input['dtype']!r} is not a numpy dtype")
     if not names(model, "outputs", "model."):
         fail("model.outputs is empty")
-    blocks = need(manifest, "blocks", list, "")
-    if not blocks:
-        fail("blocks is empty")
-    for i, block in enumerate(blocks):
-        where = f"blocks[{i}]."
-        if need(block, "index", int, where) != i:
-            fail(f"{where}index is {block['index']}, expected {i}")
-        if need(block, "file", str, where) not in files:
-            fail(f"{where}file {block['file']!r} has no checksum in files")
-        need(block, "processor", str, where)
-        need(block, "provider", str, where)
-        options = need(block, "provider_options", dict, where)
-        if not all(isinstance(v, str) for v in options.values()):
-            fail(f"{where}provider_options values must be strings")
-        if need(block, "threads", int, where) < 1:
-            fail(f"{where}threads must be 1 or more")
-        names(block, "inputs", where)
-        names(block, "outputs", where)
-    available = {model_input["name"] for model_input in model_inputs}
-    for i, block in enumerate(blocks):
-        missing = [t for t in block["inputs"] if t not in available]
+
+    def check_blocks(blocks: Any, where: str) -> None:
+        if not isinstance(blocks, list) or not blocks:
+            fail(f"{where}blocks is empty or not a list")
+        for i, block in enumerate(blocks):
+            at = f"{where}blocks[{i}]."
+            if need(block, "index", int, at) != i:
+                fail(f"{at}index is {block['index']}, expected {i}")
+            if need(block, "file", str, at) not in files:
+                fail(f"{at}file {block['file']!r} has no checksum in files")
+            need(block, "processor", str, at)
+            need(block, "provider", str, at)
+            options = need(block, "provider_options", dict, at)
+            if not all(isinstance(v, str) for v in options.values()):
+                fail(f"{at}provider_options values must be strings")
+            if need(block, "threads", int, at) < 1:
+                fail(f"{at}threads must be 1 or more")
+            names(block, "inputs", at)
+            names(block, "outputs", at)
+        available = {model_input["name"] for model_input in model_inputs}
+        for i, block in enumerate(blocks):
+            missing = [t for t in block["inputs"] if t not in available]
+            if missing:
+                fail(f"{where}block {i} needs {', '.join(missing)}, which neither the input nor an earlier block provides")
+            available.update(block["outputs"])
+        missing = [t for t in model["outputs"] if t not in available]
         if missing:
-            fail(f"block {i} needs {', '.join(missing)}, which neither the input nor an earlier block provides")
-        available.update(block["outputs"])
-    missing = [t for t in model["outputs"] if t not in available]
-    if missing:
-        fail(f"no block computes the model output(s) {', '.join(missing)}")
+            fail(f"{where}no block computes the model output(s) {', '.join(missing)}")
+
+    check_blocks(need(manifest, "blocks", list, ""), "")
+    if version >= 2:
+        plans = need(manifest, "plans", list, "")
+        if not plans:
+            fail("plans is empty")
+        seen = set()
+        for i, entry in enumerate(plans):
+            where = f"plans[{i}]."
+            plan_id = need(entry, "id", str, where)
+            if plan_id in seen:
+                fail(f"{where}id {plan_id!r} is used twice")
+            seen.add(plan_id)
+            for key in ("figures", "needs"):
+                if key in entry and entry[key] is not None and not isinstance(entry[key], dict):
+                    fail(f"{where}{key} has the wrong type ({type(entry[key]).__name__})")
+            network = (entry.get("needs") or {}).get("network")
+            if network is not None:
+                for key in ("rtt_ms", "bandwidth_mbit_s", "radio_power_w", "transfers", "bytes"):
+                    if isinstance(need(network, key, (int, float), f"{where}needs.network."), bool):
+                        fail(f"{where}needs.network.{key} must be a number")
+                need(network, "remote_processors", list, f"{where}needs.network.")
+            check_blocks(need(entry, "blocks", list, where), f"plan {plan_id}: ")
+        if plans[0]["blocks"] != manifest["blocks"]:
+            fail("blocks are not the first plan's blocks")
 
 
 def _bundle_file(root: Path, name: str) -> Path:
@@ -422,15 +777,22 @@ def _numeric(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: Path | str | None = None,
-                   strict: bool = False, timing: bool = False) -> dict[str, Any]:
-    """Load a bundle, run it on the input file, optionally save the output (.npy); returns a summary.
+                   strict: bool = False, timing: bool = False, latency_ms: float | None = None,
+                   memory_mb: float | None = None, network: str | None = None,
+                   remote: str | None = None) -> dict[str, Any]:
+    """Load a bundle, pick its plan for the conditions given (if any), run it on the input file, optionally
+    save the output (.npy); returns a summary.
 
     A single sample without the batch axis runs as a batch of one. With `timing`, one untimed
     warm-up run on the same input precedes the timed run. :func:`format_run_summary` renders the summary.
     """
+    from explorer.adapt import Conditions
+
+    conditions = Conditions(latency_ms, memory_mb, network)  # bad conditions are refused before any work
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProviderFallbackWarning)  # reported in the summary instead
-        bundle = Bundle.load(bundle_dir, strict=strict)
+        bundle = Bundle.load(bundle_dir, strict=strict, remote=remote)
+        selection = bundle._select(conditions) if conditions != Conditions() else None
     x = read_input(input_path, bundle.input_names)
     if isinstance(x, dict):  # several inputs: each a batch with its batch axis
         added_batch_axis = False
@@ -460,6 +822,12 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
                     "ms": block_ms[b.index] if timing else None} for b in bundle.blocks],
         "total_ms": sum(block_ms) if timing else None,
         "fallbacks": list(bundle.fallbacks),
+        "notes": list(bundle.warnings),
+        "plan": bundle.current["id"],
+        "plans": len(bundle.plans),
+        "selection": selection.reason if selection is not None else None,
+        "switch_ms": 1e3 * bundle.switches[1].seconds if len(bundle.switches) > 1 else None,
+        "fell_back": bundle.switches[-1].reason if bundle.fallbacks_to_local else None,
         "output_path": str(output_path) if output_path is not None else None,
     }
 
@@ -468,12 +836,20 @@ def format_run_summary(summary: dict[str, Any], max_top1: int = 20) -> str:
     """Plain-text lines for a run_bundle_cli summary."""
     lines = [f"bundle {summary['bundle']} ({summary['model']} on {summary['board']})"]
     lines += [f"warning: {message}" for message in summary["fallbacks"]]
+    lines += [f"note: {message}" for message in summary.get("notes", [])]
+    if summary.get("selection"):
+        switched = f" (switched from p0 in {summary['switch_ms']:.1f} ms)" if summary.get("switch_ms") is not None else ""
+        lines.append(f"plan {summary['selection']}{switched}")
+    elif summary.get("plans", 1) > 1:
+        lines.append(f"plan {summary['plan']}: the best of the bundle's {summary['plans']} plans (no conditions given)")
     batch_note = " (no batch axis given: ran as a batch of 1)" if summary["added_batch_axis"] else ""
     lines.append(f"input {_shape_text(summary['input_shape'])}{batch_note} -> {summary['output_name']} "
                  f"{_shape_text(summary['output_shape'])}")
     for block in summary["blocks"]:
         ms = f", {block['ms']:.3f} ms" if block["ms"] is not None else ""
         lines.append(f"  block {block['index']}: {block['processor']} on {block['runs_on']}{ms}")
+    if summary.get("fell_back"):
+        lines.append(f"the remote agent failed: finished on a local plan ({summary['fell_back']})")
     if summary["total_ms"] is not None:
         lines.append(f"total {summary['total_ms']:.3f} ms (after one warm-up run)")
     if summary["top1"] is not None:

@@ -29,6 +29,8 @@ HTTP API (every request carries `Authorization: Bearer TOKEN`; answers are JSON)
   in rounds of `repeats` each (explorer.blockrun.time_interleaved; the first chain is the reference
   of the per-round ratios); `times` is one answer per chain, with `rounds` and `energy_uj_by_round`.
   `GET /info` lists `features` ("adaptive", "interleaved"); agents without them predate both.
+  `POST /run/SHA256?provider=P&threads=N`: run an uploaded block on the tensors of the body (.npz) and
+  answer its outputs (.npz): a bundle's remote blocks (explorer.offload; feature "run-block").
   One measurement runs at a time (the device is the shared resource); others wait in line up to
   the queue timeout (then 503), and a measurement past its time limit is stopped (504).
 
@@ -81,7 +83,7 @@ MAX_REPEATS = 10_000
 MAX_CHAINS = 64  # chains one interleaved request may time
 # What this agent does beyond protocol 2's requests (optional fields: older clients' requests work unchanged).
 ADAPTIVE_FEATURE, INTERLEAVED_FEATURE = "adaptive", "interleaved"
-FEATURES = [ADAPTIVE_FEATURE, INTERLEAVED_FEATURE]
+FEATURES = [ADAPTIVE_FEATURE, INTERLEAVED_FEATURE, "run-block"]  # run-block: explorer.offload
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "int32": "tensor(int32)",
              "uint8": "tensor(uint8)"}  # how ONNX Runtime names them in a session's declared inputs
@@ -589,7 +591,12 @@ class Handler(BaseHTTPRequestHandler):
         self._handle(lambda: self._upload())
 
     def do_POST(self) -> None:
-        self._handle(lambda: self._measure())
+        from explorer.offload import RUN_PREFIX
+
+        if self.path.startswith(RUN_PREFIX):  # a bundle's remote block on tensors (explorer.offload)
+            self._handle(lambda: self._run_block())
+        else:
+            self._handle(lambda: self._measure())
 
     # ---- routes -----------------------------------------------------------------------------------
     def _info(self) -> tuple[HTTPStatus, dict]:
@@ -626,6 +633,17 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(request, dict):
             raise RequestError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object")
         return HTTPStatus.OK, routes[self.path](request)
+
+    def _run_block(self) -> tuple[HTTPStatus, bytes]:
+        from explorer.offload import run_block
+
+        length = self._length(self.agent.max_upload_bytes)
+        self.agent.reserve_upload(length)  # tensors count against the bodies read at once, as uploads do
+        try:
+            body = self._read(length)
+        finally:
+            self.agent.release_upload(length)
+        return HTTPStatus.OK, run_block(self.agent, self.path, body)
 
     # ---- plumbing ---------------------------------------------------------------------------------
     def _model_sha(self) -> str:
@@ -692,10 +710,11 @@ class Handler(BaseHTTPRequestHandler):
         linger = self._unread_body()
         if linger or status == HTTPStatus.UNAUTHORIZED:
             self.close_connection = True  # an unread body leaves the connection unusable
-        body = json.dumps(payload).encode()
+        binary = isinstance(payload, bytes)  # an offloaded block's output tensors (.npz)
+        body = payload if binary else json.dumps(payload).encode()
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "application/octet-stream" if binary else "application/json")
             self.send_header("Content-Length", str(len(body)))
             if retry_after is not None:
                 self.send_header("Retry-After", str(int(np.ceil(retry_after))))

@@ -80,10 +80,20 @@ def _copy(path, tmp_path):
     return shutil.copytree(path, tmp_path / "copy")
 
 
-def _edit_manifest(path, change) -> None:
+def _edit_manifest(path, change, reseal: bool = True) -> None:
+    """Change plan.json; `reseal`: as a crafted bundle would, with its digest made to match (so that the checks
+    behind the digest are what refuses it)."""
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     change(manifest)
+    manifest["plans"][0]["blocks"] = manifest["blocks"]
+    if reseal:
+        manifest["digest"] = explorer.export.manifest_digest(manifest)
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def _bundle_entries(path) -> list[str]:
+    """The bundle's files, block files under blocks/ by name."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
 
 
 def _visible_entries(folder) -> list[str]:
@@ -95,10 +105,14 @@ def test_bundle_holds_files_with_checksums_and_describes_the_plan(exported):
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     blocks = manifest["blocks"]
     assert [b["processor"] for b in blocks] == ["cpu", "gpu", "cpu", "lpc", "gpu", "cpu"]
-    assert sorted(os.listdir(path)) == sorted([MANIFEST_FILE, MODEL_FILE] + [f"block_{i}.onnx" for i in range(6)])
+    assert _bundle_entries(path) == sorted([MANIFEST_FILE, MODEL_FILE] + [b["file"] for b in blocks])
     assert set(manifest["files"]) == {MODEL_FILE} | {b["file"] for b in blocks}
     for name, checksum in manifest["files"].items():
         assert hashlib.sha256((path / name).read_bytes()).hexdigest() == checksum
+        assert name == MODEL_FILE or name == f"blocks/{checksum}.onnx"  # blocks are addressed by their SHA-256
+    assert manifest["digest"] == explorer.export.manifest_digest(manifest)
+    assert [p["id"] for p in manifest["plans"]] == ["p0"] and manifest["plans"][0]["blocks"] == blocks
+    assert manifest["plans"][0]["roles"] == ["best"] and manifest["plans"][0]["needs"]["network"] is None
     assert manifest["schema_version"] == explorer.export.BUNDLE_SCHEMA_VERSION and manifest["created"].endswith("Z")
     assert manifest["explorer_version"] == explorer.export.explorer_version()
     assert manifest["board"] == {"name": "tegra-k1", "digest": problem.board.digest, "description": problem.board.description}
@@ -182,11 +196,23 @@ def test_int8_bundle_runs_exactly_what_was_scored(exported, tmp_path, cpu_only):
 
 def test_a_modified_block_is_refused(exported, tmp_path):
     path = _copy(exported[3], tmp_path)
-    data = bytearray((path / "block_1.onnx").read_bytes())
+    name = json.loads((path / MANIFEST_FILE).read_text())["blocks"][1]["file"]
+    data = bytearray((path / name).read_bytes())
     data[-1] ^= 0x01
-    (path / "block_1.onnx").write_bytes(bytes(data))
-    with pytest.raises(ExplorerError, match=r"block_1\.onnx does not match its checksum in plan\.json: the bundle was "
-                                            r"modified; export it again"):
+    (path / name).write_bytes(bytes(data))
+    with pytest.raises(ExplorerError, match=rf"{name} \(a block of plan p0\) does not match its checksum in plan\.json: "
+                                            r"the bundle was modified; export it again"):
+        _load_quietly(path)
+
+
+def test_an_edited_plan_json_is_refused(exported, tmp_path):
+    """plan.json has a digest of its own: changed decisions (or anything else) do not load."""
+    path = _copy(exported[3], tmp_path)
+    _edit_manifest(path, lambda m: m["blocks"][0].update(threads=2), reseal=False)
+    with pytest.raises(ExplorerError, match=r"plan\.json does not match its own digest; the bundle was modified"):
+        _load_quietly(path)
+    _edit_manifest(path, lambda m: m.pop("digest"), reseal=False)
+    with pytest.raises(ExplorerError, match=r"digest \(the SHA-256 of plan\.json itself\) is missing"):
         _load_quietly(path)
 
 
@@ -194,7 +220,7 @@ def test_a_modified_block_is_refused(exported, tmp_path):
 def test_plan_json_pointing_outside_the_bundle_is_refused(exported, tmp_path, name):
     path = _copy(exported[3], tmp_path)
     outside = tmp_path / "x.onnx"
-    shutil.copy(path / "block_0.onnx", outside)  # a valid block with the right checksum, outside the folder
+    shutil.copy(path / json.loads((path / MANIFEST_FILE).read_text())["blocks"][0]["file"], outside)  # a valid block with the right checksum, outside the folder
     (path / "escape.onnx").symlink_to(outside)
     checksum = hashlib.sha256(outside.read_bytes()).hexdigest()
 
@@ -230,12 +256,13 @@ def test_reexport_refuses_without_overwrite_and_replaces_with_it(exported, tmp_p
     export_bundle(problem, plan, path, evaluation=evaluation, overwrite=True)
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     assert manifest["plan"]["digest"] == plan.digest() and len(manifest["blocks"]) == 6
-    assert sorted(os.listdir(path)) == sorted([MANIFEST_FILE, MODEL_FILE] + [f"block_{i}.onnx" for i in range(6)])
+    assert _bundle_entries(path) == sorted([MANIFEST_FILE, MODEL_FILE] + [b["file"] for b in manifest["blocks"]])
     assert os.listdir(tmp_path) == ["bundle"]  # no temporary or parked folders left
     monkeypatch.setattr(explorer.export, "_exchange", lambda a, b: False)  # a system without atomic exchange
     export_bundle(problem, fp32_plan, path, overwrite=True)
-    assert json.loads((path / MANIFEST_FILE).read_text())["plan"]["digest"] == fp32_plan.digest()
-    assert sorted(os.listdir(path)) == sorted([MANIFEST_FILE, MODEL_FILE] + [f"block_{i}.onnx" for i in range(3)])
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    assert manifest["plan"]["digest"] == fp32_plan.digest()
+    assert _bundle_entries(path) == sorted([MANIFEST_FILE, MODEL_FILE] + [b["file"] for b in manifest["blocks"]])
     assert os.listdir(tmp_path) == ["bundle"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
@@ -250,23 +277,24 @@ def test_an_interrupted_export_leaves_no_bundle_or_the_previous_one(exported, tm
     out = tmp_path / "bundle"
     if previous:
         export_bundle(problem, _plan(FP32), out)
-        before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+        before = {name: (out / name).read_bytes() for name in _bundle_entries(out)}
     extract = explorer.partition.extract_submodel
     written: set[str] = set()
 
     def interrupt_once_a_block_is_written(*args, **kwargs):
-        written.update(p.name for p in tmp_path.glob(".bundle.partial-*/*"))
-        if "block_0.onnx" in written:
+        written.update(p.name if p.parent.name != "blocks" else "a block" for p in tmp_path.glob(".bundle.partial-*/**/*")
+                       if p.is_file())
+        if "a block" in written:
             raise KeyboardInterrupt
         return extract(*args, **kwargs)
 
     monkeypatch.setattr(explorer.partition, "extract_submodel", interrupt_once_a_block_is_written)
     with pytest.raises(KeyboardInterrupt):
         export_bundle(problem, plan, out, evaluation=evaluation, overwrite=True)
-    assert written == {MODEL_FILE, "block_0.onnx"}
+    assert written == {MODEL_FILE, "a block"}
     assert os.listdir(tmp_path) == (["bundle"] if previous else [])
     if previous:
-        assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+        assert {name: (out / name).read_bytes() for name in _bundle_entries(out)} == before
         _load_quietly(out)
 
 

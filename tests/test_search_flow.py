@@ -74,6 +74,13 @@ def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
     assert confirmed["plan"]["plan_digest"] == bundle.manifest["plan"]["digest"] and confirmed["simulated"]
     assert confirmed["plan"]["ratio"] == metrics["confirmed_ratio_to_baseline"] and confirmed["baseline"]["baseline"]
 
+    set_dir = tmp_path / "plan-set"  # the search's front as a plan set, read back from its trials in MLflow
+    assert main(["export", "--run", run_id, "--out", str(set_dir), "--plans", "3"]) == 0
+    plans = Bundle.load(set_dir).plans
+    assert 1 <= len(plans) <= 3 and plans[0]["digest"] == bundle.manifest["plan"]["digest"]
+    assert "best" in plans[0]["roles"] and plans[0]["figures"]["source"] == "confirmed"
+    assert {p["digest"] for p in plans} <= set(digests) | {plans[0]["digest"]}
+
 
 def test_sigterm_stops_a_search_as_ctrl_c_does(capsys, monkeypatch):
     """`kill` or a scheduler's SIGTERM: the search stops cleanly (run KILLED, resumable), not mid-write."""
