@@ -80,7 +80,7 @@ def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_th
     import types
 
     from agents.optuna_agents import measured_trial_count
-    from explorer import cli
+    from explorer import workers
 
     optuna_url, mlflow_url = postgres.create_database("optuna_go_on"), postgres.create_database("mlflow_go_on")
     model = tmp_path / "cnn.onnx"
@@ -97,7 +97,7 @@ def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_th
         if measured() >= 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "time", types.SimpleNamespace(sleep=sleep_then_ctrl_c, perf_counter=real_time.perf_counter,
+    monkeypatch.setattr(workers, "time", types.SimpleNamespace(sleep=sleep_then_ctrl_c, perf_counter=real_time.perf_counter,
                                                            time=real_time.time, monotonic=real_time.monotonic))
     argv = ["search", "--model", str(model), "--board", "tegra-k1", "--agent", "optuna-tpe", "--budget", str(budget),
             "--workers", "2", "--storage", optuna_url, "--tracking-uri", mlflow_url, "--seed", "2"]
@@ -110,6 +110,6 @@ def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_th
     assert 3 <= done < budget
     assert go_on[go_on.index("--budget") + 1] == str(budget - done) and "--study" in go_on
 
-    monkeypatch.setattr(cli, "time", real_time)
+    monkeypatch.setattr(workers, "time", real_time)
     assert main(["search", *go_on]) == 0
     assert measured() == budget  # the study reaches the first search's budget exactly
