@@ -138,9 +138,9 @@ class Supervisor:
             on_progress(self.done())
         except (KeyboardInterrupt, _Stop) as stop:
             self._stop_all()
-            self._settle()
+            self.settle()
             self._say_stopped(stop)  # raises SystemExit
-        self._settle()
+        self.settle()
 
     def done(self) -> int:
         """Measured trials this search added to the study."""
@@ -218,7 +218,7 @@ class Supervisor:
         raise SystemExit(status)
 
     # ---- keeping the stores whole -------------------------------------------------------------
-    def _settle(self) -> None:
+    def settle(self) -> None:
         """Every worker has ended: fail what they left RUNNING, then make MLflow agree with the study."""
         self._fail_orphans(self.identities, "its worker ended before telling Optuna", unowned=not self.shared_study)
         logged, removed = reconcile_tracking(self.problem, self.study, self.identities, self.tracker, self.source)
@@ -227,7 +227,7 @@ class Supervisor:
                                "worker died before writing them; tag recovered)", highlight=False)
         if removed:
             self.console.print(f"MLflow: deleted the run(s) of trial(s) {', '.join(map(str, removed))}, which Optuna "
-                               "does not count (their worker died before telling it; tag lost)", highlight=False)
+                               "does not count (their worker ended before telling it; tag lost)", highlight=False)
 
     def _measured_by(self, identity: str) -> int:
         from agents.optuna_agents import is_measured
@@ -280,8 +280,8 @@ def reconcile_tracking(problem: Problem, study: optuna.Study, owners: set[str], 
         if number in measured and number not in kept:
             kept.add(number)
             continue
-        tracker.client.set_tag(run.info.run_id, LOST_ATTR, "Optuna does not count this trial: its worker died before "
-                                                           "telling it, and its parameters were queued again")
+        tracker.client.set_tag(run.info.run_id, LOST_ATTR, "Optuna does not count this trial: its worker ended before "
+                                                           "telling Optuna its result (or it is a second copy)")
         tracker.client.delete_run(run.info.run_id)
         removed.append(number)
     missing = sorted(set(measured) - kept)
