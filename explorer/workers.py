@@ -61,13 +61,13 @@ def worker_identity(pid: int | None = None) -> str:
 
 
 def exit_text(returncode: int) -> str:
-    """A worker's exit status in words: 'exit 1', 'killed by SIGKILL (exit -9)'."""
+    """How a worker ended, in words: 'failed (exit 1)', 'was killed by SIGKILL (exit -9)'."""
     if returncode < 0:
         try:
-            return f"killed by {signal.Signals(-returncode).name} (exit {returncode})"
+            return f"was killed by {signal.Signals(-returncode).name} (exit {returncode})"
         except ValueError:
-            return f"killed by signal {-returncode} (exit {returncode})"
-    return f"exit {returncode}"
+            return f"was killed by signal {-returncode} (exit {returncode})"
+    return f"{'was interrupted' if returncode == 130 else 'failed'} (exit {returncode})"
 
 
 @dataclass
@@ -167,9 +167,9 @@ class Supervisor:
 
     def _replace(self, worker: _Worker) -> None:
         code = worker.process.returncode
-        failed = self._fail_orphans({worker.identity}, f"its worker (seed {worker.seed}) ended: {exit_text(code)}")
+        failed = self._fail_orphans({worker.identity}, f"its worker (seed {worker.seed}) {exit_text(code)}")
         left = worker.budget - self._measured_by(worker.identity)
-        what = f"worker {worker.slot} (seed {worker.seed}) {'was interrupted' if code == 130 else 'failed'} ({exit_text(code)})"
+        what = f"worker {worker.slot} (seed {worker.seed}) {exit_text(code)}"
         if code in NOT_REPLACED:  # 130: stop as Ctrl-C does; 2: bad input, exit 2 as the worker did
             raise _Stop(f"{what}: {worker.last_line()} (log: {worker.log_path})", status=code)
         lost = f"; its running trial(s) {', '.join(map(str, failed))} failed and queued again" if failed else ""
@@ -220,8 +220,16 @@ class Supervisor:
     # ---- keeping the stores whole -------------------------------------------------------------
     def settle(self) -> None:
         """Every worker has ended: fail what they left RUNNING, then make MLflow agree with the study."""
+        from mlflow.exceptions import MlflowException
+
+        from explorer.errors import ExplorerError
+
         self._fail_orphans(self.identities, "its worker ended before telling Optuna", unowned=not self.shared_study)
-        logged, removed = reconcile_tracking(self.problem, self.study, self.identities, self.tracker, self.source)
+        try:
+            logged, removed = reconcile_tracking(self.problem, self.study, self.identities, self.tracker, self.source)
+        except (MlflowException, ExplorerError) as error:  # the store went away: say so, keep the search's own ending
+            self.console.print(f"[yellow]MLflow was not brought in line with the Optuna study[/]: {error}", highlight=False)
+            return
         if logged:
             self.console.print(f"MLflow: logged trial(s) {', '.join(map(str, logged))} from the Optuna study (their "
                                "worker died before writing them; tag recovered)", highlight=False)
