@@ -244,11 +244,14 @@ class _OptunaAgent:
         """Ask for `size` plans, evaluate them through the budget (together: in parallel where the
         measurer can), tell Optuna each one's values and constraints; a failed measurement is a
         FAIL trial."""
-        asked = [study.ask(space.distributions) for _ in range(size)]
+        asked: list[optuna.Trial] = []
         try:
-            if self.shared:  # whose trial this is: the supervisor fails and re-queues a dead worker's trials
-                for trial in asked:
+            for _ in range(size):
+                asked.append(trial := study.ask())
+                if self.shared:  # owned before sampling: the supervisor fails and re-queues a dead worker's trials
                     trial.set_user_attr(WORKER_ATTR, worker_identity())
+                for name, distribution in space.distributions.items():  # what ask(space.distributions) does
+                    trial.suggest_categorical(name, distribution.choices)
             plans = [space.plan(trial.params, study.study_name) for trial in asked]
             sources = [trial.user_attrs.get("source", self.source) for trial in asked]
             measured_before = {plan.digest() for plan in plans if budgeted.has_measured(plan)}

@@ -6,7 +6,7 @@ parent run. The `Supervisor` starts them, shows their progress, and keeps the se
 dies:
 
 - Every trial a worker asks for carries the user attribute `worker` = "host:pid" (the Optuna agent
-  sets it right after `ask`), so the supervisor knows whose trial is whose. Optuna's heartbeat is not
+  sets it right after `ask`, before sampling), so the supervisor knows whose trial is whose. Optuna's heartbeat is not
   used: it runs only inside `Study.optimize` (the agents ask and tell), and the supervisor, being the
   workers' parent, learns of a death at once rather than after a grace period.
 - A worker killed by a signal (kill -9, the OOM killer, a crash in native code) or ending in an
@@ -243,13 +243,17 @@ class Supervisor:
         return sum(1 for t in self.study.get_trials(deepcopy=False) if is_measured(t) and t.user_attrs.get(WORKER_ATTR) == identity)
 
     def _fail_orphans(self, owners: set[str], reason: str, unowned: bool = False) -> list[int]:
-        """Fail the RUNNING trials of these (ended) workers, and queue each again with its parameters.
-        `unowned`: also those without an owner (a worker died inside `ask`; their parameters may be
-        incomplete, so they are not queued again). Returns the failed trials' numbers."""
+        """Fail the RUNNING trials of these (ended) workers, and queue each again with its parameters
+        (unless a worker died while sampling them: then they are incomplete and nothing was measured).
+        `unowned`: also those without an owner (a worker died inside `ask`, before it could set it).
+        Returns the failed trials' numbers."""
         import optuna
         from optuna.storages import RetryHeartbeatStaleTrialCallback
         from optuna.trial import TrialState
 
+        from agents.optuna_agents import DesignSpace
+
+        layers = set(DesignSpace(self.problem).layer_names)
         study_id = self.storage.get_study_id_from_name(self.study.study_name)
         failed = []
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -263,7 +267,7 @@ class Supervisor:
             except optuna.exceptions.UpdateFinishedTrialError:  # told after all, just now
                 continue
             failed.append(trial.number)
-            if owner is not None:  # `ask` had returned: the parameters are complete
+            if layers <= set(trial.params) | set(trial.system_attrs.get("fixed_params", {})):  # not if it died sampling
                 retry = copy.deepcopy(trial)
                 retry.user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "source"}  # not the dead owner
                 with warnings.catch_warnings():

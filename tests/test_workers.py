@@ -56,23 +56,32 @@ def _children(uri: str, run_id: str) -> dict[int, object]:
 def test_a_dead_workers_trials_are_failed_and_queued_again_and_mlflow_ends_with_the_studys_trials(problem, mlflow_uri, tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path}/optuna.db")
     agent = OptunaTPEAgent(storage=storage, study_name="settle", shared=True)
+    budget = len(problem.reference_plans()) + 2  # the start plans and some sampled ones: the queue is empty
     with SearchTracker(mlflow_uri, EXPERIMENT, "parent", {}) as parent:
         with SearchTracker(mlflow_uri, EXPERIMENT, "", {}, attach_run_id=parent.run_id) as worker:
-            agent.search(problem, 5, seed=0, callback=worker.log_trial)  # a live worker: this process
+            agent.search(problem, budget, seed=0, callback=worker.log_trial)  # a live worker: this process
         study, space = agent.study, DesignSpace(problem)
         measured = [t for t in study.get_trials() if is_measured(t)]
-        assert len(measured) == 5 and {t.user_attrs[WORKER_ATTR] for t in measured} == {worker_identity()}
+        assert len(measured) == budget and {t.user_attrs[WORKER_ATTR] for t in measured} == {worker_identity()}
+        assert not [t for t in study.get_trials() if t.state == TrialState.WAITING]
         # 1. a worker told Optuna, then died before its MLflow batch was written
         told_not_logged = measured[2].number
         MlflowClient(mlflow_uri).delete_run(_children(mlflow_uri, parent.run_id)[told_not_logged].info.run_id)
         # 2. a worker logged its trial to MLflow, then died before telling Optuna
-        orphan = study.ask(space.distributions)
+        orphan = study.ask()
         orphan.set_user_attr(WORKER_ATTR, DEAD)
-        plan = space.plan(orphan.params, study.study_name)
+        plan = space.plan({name: orphan.suggest_categorical(name, d.choices) for name, d in space.distributions.items()},
+                          study.study_name)
         with SearchTracker(mlflow_uri, EXPERIMENT, "", {}, attach_run_id=parent.run_id) as dead:
             dead.log_trial(Trial(0, plan, problem.evaluate(plan), "optuna-tpe", "tpe", 0.1, orphan.number), SearchResult("tpe"))
-        # 3. a worker died inside ask(): no owner yet, its parameters perhaps incomplete
+        # 3. a worker died while sampling: some parameters, nothing measured
+        sampling = study.ask()
+        sampling.set_user_attr(WORKER_ATTR, DEAD)
+        sampling.suggest_categorical(space.layer_names[0], space.distributions[space.layer_names[0]].choices)
+        # 4. a worker died inside ask(), before it owned the trial: once with a fresh trial, once with a queued start plan
         unowned = study.ask()
+        study.enqueue_trial(measured[0].params, user_attrs={"source": "reference"})
+        unowned_queued = study.ask()
         assert _children(mlflow_uri, parent.run_id).keys() == {t.number for t in measured} - {told_not_logged} | {orphan.number}
 
         supervisor = _supervisor(problem, study, storage, parent, folder=tmp_path / "workers")
@@ -81,11 +90,13 @@ def test_a_dead_workers_trials_are_failed_and_queued_again_and_mlflow_ends_with_
 
         trials = {t.number: t for t in study.get_trials()}
         assert not [t for t in trials.values() if t.state == TrialState.RUNNING]
-        assert trials[orphan.number].state == TrialState.FAIL and LOST_ATTR in trials[orphan.number].user_attrs
-        assert trials[unowned.number].state == TrialState.FAIL and not is_measured(trials[unowned.number])
-        retries = [t for t in trials.values() if t.state == TrialState.WAITING and "failed_trial" in t.system_attrs]
-        assert [(t.system_attrs["failed_trial"], t.params) for t in retries] == [(orphan.number, orphan.params)]
-        assert WORKER_ATTR not in retries[0].user_attrs  # a new owner takes it
+        for lost in (orphan, sampling, unowned, unowned_queued):
+            assert trials[lost.number].state == TrialState.FAIL and LOST_ATTR in trials[lost.number].user_attrs
+            assert not is_measured(trials[lost.number])
+        retries = [t for t in trials.values() if t.state == TrialState.WAITING]
+        assert [t.system_attrs["failed_trial"] for t in retries] == [orphan.number, unowned_queued.number]  # complete ones
+        assert retries[0].params == orphan.params and WORKER_ATTR not in retries[0].user_attrs  # a new owner takes it
+        assert retries[1].system_attrs["fixed_params"] == measured[0].params and retries[1].user_attrs == {"source": "reference"}
         # MLflow: exactly the measured trials, each once; the recovered one says so, the orphan's run is deleted
         children = _children(mlflow_uri, parent.run_id)
         assert sorted(children) == sorted(t.number for t in measured)
@@ -98,14 +109,13 @@ def test_a_dead_workers_trials_are_failed_and_queued_again_and_mlflow_ends_with_
         supervisor.settle()  # settling again changes nothing
         assert _children(mlflow_uri, parent.run_id).keys() == children.keys()
 
-        # another worker takes the queued trials first (start plans left, then the retry): the orphan's plan is measured
-        waiting = sum(t.state == TrialState.WAITING for t in study.get_trials())
+        # another worker takes the queued trials first: the orphan's plan is measured after all
         other = OptunaTPEAgent(storage=storage, study_name="settle", shared=True)
         with SearchTracker(mlflow_uri, EXPERIMENT, "", {}, attach_run_id=parent.run_id) as worker:
-            result = other.search(problem, waiting, seed=9, callback=worker.log_trial)
-        rerun = result.trials[-1]
-        assert rerun.plan == plan and study.trials[rerun.study_trial].system_attrs["failed_trial"] == orphan.number
-        assert study.trials[rerun.study_trial].state == TrialState.COMPLETE
+            result = other.search(problem, 1, seed=9, callback=worker.log_trial)
+        rerun = study.trials[result.trials[0].study_trial]
+        assert result.trials[0].plan == plan and rerun.system_attrs["failed_trial"] == orphan.number
+        assert rerun.state == TrialState.COMPLETE and rerun.user_attrs[WORKER_ATTR] == worker_identity()
 
 
 KILL_ITSELF = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
