@@ -174,15 +174,15 @@ class Supervisor:
             raise _Stop(f"{what}: {worker.last_line()} (log: {worker.log_path})", status=code)
         lost = f"; its running trial(s) {', '.join(map(str, failed))} failed and queued again" if failed else ""
         if left <= 0:
-            self.console.print(f"[yellow]{what}[/] after its last trial{lost}", highlight=False)
+            self._say(f"[yellow]{what}[/] after its last trial{lost}")
             return
         if self.replacements >= self.workers:
             raise _Stop(f"{what} with {left} of its trials to go, and {self.replacements} worker(s) were replaced "
                         f"already: {worker.last_line()} (log: {worker.log_path})", status=1)
         self.replacements += 1
         new = self._start(worker.slot, left, self.seed + self.workers + self.replacements - 1)
-        self.console.print(f"[yellow]{what}[/] after {worker.budget - left} of its {worker.budget} trials{lost}; "
-                           f"a new worker (seed {new.seed}) takes the other {left} (log: {new.log_path})", highlight=False)
+        self._say(f"[yellow]{what}[/] after {worker.budget - left} of its {worker.budget} trials{lost}; "
+                  f"a new worker (seed {new.seed}) takes the other {left} (log: {new.log_path})")
 
     def _stop_all(self) -> None:
         """SIGINT to every running worker (it ends its trial, writes MLflow, exits), SIGKILL after STOP_SECONDS."""
@@ -194,7 +194,7 @@ class Supervisor:
             try:
                 worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self.console.print(f"worker {worker.slot} did not stop within {STOP_SECONDS:g} s: killed (SIGKILL)")
+                self._say(f"worker {worker.slot} did not stop within {STOP_SECONDS:g} s: killed (SIGKILL)")
                 worker.process.kill()
                 worker.process.wait(timeout=STOP_SECONDS)
         self.running = []
@@ -204,18 +204,20 @@ class Supervisor:
         status = stop.status if isinstance(stop, _Stop) else 130
         interrupted = status == 130
         if isinstance(stop, _Stop):
-            self.console.print(f"[bold red]explorer: error:[/] {stop}", highlight=False, soft_wrap=True)
+            self._say(f"[bold red]explorer: error:[/] {stop}")
         if interrupted:
             self.tracker.mark_killed()
-        self.console.print(f"[yellow]{'interrupted' if interrupted else 'stopped'}[/]: the workers stopped; the study "
-                           f"{self.study.study_name} and the MLflow run {self.tracker.run_id} "
-                           f"({'KILLED' if interrupted else 'FAILED'}) keep every "
-                           "finished trial", highlight=False)
+        self._say(f"[yellow]{'interrupted' if interrupted else 'stopped'}[/]: the workers stopped; the study "
+                  f"{self.study.study_name} and the MLflow run {self.tracker.run_id} "
+                  f"({'KILLED' if interrupted else 'FAILED'}) keep every finished trial")
         remaining = self.budget - self.done()
         if remaining > 0:  # new workers on the same study take up the rest (a new parent run, the whole study's summary)
-            self.console.print(f"go on with: explorer search {' '.join(self.go_on(remaining))}", soft_wrap=True,
-                               highlight=False)
+            self._say(f"go on with: explorer search {' '.join(self.go_on(remaining))}")
         raise SystemExit(status)
+
+    def _say(self, text: str) -> None:
+        """One line on the console, never wrapped (each says one event and is searched for in logs)."""
+        self.console.print(text, highlight=False, soft_wrap=True)
 
     # ---- keeping the stores whole -------------------------------------------------------------
     def settle(self) -> None:
@@ -228,14 +230,14 @@ class Supervisor:
         try:
             logged, removed = reconcile_tracking(self.problem, self.study, self.identities, self.tracker, self.source)
         except (MlflowException, ExplorerError) as error:  # the store went away: say so, keep the search's own ending
-            self.console.print(f"[yellow]MLflow was not brought in line with the Optuna study[/]: {error}", highlight=False)
+            self._say(f"[yellow]MLflow was not brought in line with the Optuna study[/]: {error}")
             return
         if logged:
-            self.console.print(f"MLflow: logged trial(s) {', '.join(map(str, logged))} from the Optuna study (their "
-                               "worker died before writing them; tag recovered)", highlight=False)
+            self._say(f"MLflow: logged trial(s) {', '.join(map(str, logged))} from the Optuna study (their "
+                      "worker died before writing them; tag recovered)")
         if removed:
-            self.console.print(f"MLflow: deleted the run(s) of trial(s) {', '.join(map(str, removed))}, which Optuna "
-                               "does not count (their worker ended before telling it; tag lost)", highlight=False)
+            self._say(f"MLflow: deleted the run(s) of trial(s) {', '.join(map(str, removed))}, which Optuna "
+                      "does not count (their worker ended before telling it; tag lost)")
 
     def _measured_by(self, identity: str) -> int:
         from agents.optuna_agents import is_measured

@@ -118,11 +118,12 @@ def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_th
 @pytest.mark.slow
 def test_a_worker_killed_mid_way_is_replaced_and_the_study_ends_with_the_budget_each_trial_once_in_both_stores(
         postgres, tmp_path, capsys, monkeypatch):
+    import collections
     import signal
     import time as real_time
     import types
 
-    from agents.optuna_agents import is_measured, measured_trial_count
+    from agents.optuna_agents import is_measured
     from explorer import workers
     from explorer.workers import LOST_ATTR, WORKER_ATTR
 
@@ -133,16 +134,14 @@ def test_a_worker_killed_mid_way_is_replaced_and_the_study_ends_with_the_budget_
     storage = optuna.storages.RDBStorage(optuna_url)
     killed = {}
 
-    def sleep_then_kill(seconds: float) -> None:  # kill -9 a worker while it runs a trial, once a few are done
+    def sleep_then_kill(seconds: float) -> None:  # kill -9 a worker while it runs a trial, once it has done two
         real_time.sleep(min(seconds, 0.05))
         names = optuna.get_all_study_names(storage=storage)
         if killed or not names:
             return
-        study = optuna.load_study(study_name=names[0], storage=storage)
-        if measured_trial_count(study) < 4:
-            return
-        running = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                   if WORKER_ATTR in t.user_attrs]
+        trials = optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False)
+        done = collections.Counter(t.user_attrs.get(WORKER_ATTR) for t in trials if is_measured(t))
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and done[t.user_attrs.get(WORKER_ATTR)] >= 2]
         if running:
             os.kill(int(running[0].user_attrs[WORKER_ATTR].rsplit(":", 1)[1]), signal.SIGKILL)
             killed["trial"], killed["worker"] = running[0].number, running[0].user_attrs[WORKER_ATTR]
