@@ -167,12 +167,13 @@ class Supervisor:
 
     def _replace(self, worker: _Worker) -> None:
         code = worker.process.returncode
-        failed = self._fail_orphans({worker.identity}, f"its worker (seed {worker.seed}) {exit_text(code)}")
+        failed, queued = self._fail_orphans({worker.identity}, f"its worker (seed {worker.seed}) {exit_text(code)}")
         left = worker.budget - self._measured_by(worker.identity)
         what = f"worker {worker.slot} (seed {worker.seed}) {exit_text(code)}"
         if code in NOT_REPLACED:  # 130: stop as Ctrl-C does; 2: bad input, exit 2 as the worker did
             raise _Stop(f"{what}: {worker.last_line()} (log: {worker.log_path})", status=code)
-        lost = f"; its running trial(s) {', '.join(map(str, failed))} failed and queued again" if failed else ""
+        lost = f"; its running trial(s) {', '.join(map(str, failed))} failed" if failed else ""
+        lost += f" (queued again: {', '.join(map(str, queued))})" if queued else ""
         if left <= 0:
             self._say(f"[yellow]{what}[/] after its last trial{lost}")
             return
@@ -226,7 +227,11 @@ class Supervisor:
 
         from explorer.errors import ExplorerError
 
-        self._fail_orphans(self.identities, "its worker ended before telling Optuna", unowned=not self.shared_study)
+        failed, queued = self._fail_orphans(self.identities, "its worker ended before telling Optuna",
+                                            unowned=not self.shared_study)
+        if failed:
+            self._say(f"Optuna: trial(s) {', '.join(map(str, failed))} left RUNNING by ended workers failed"
+                      + (f" (queued again: {', '.join(map(str, queued))})" if queued else ""))
         try:
             logged, removed = reconcile_tracking(self.problem, self.study, self.identities, self.tracker, self.source)
         except (MlflowException, ExplorerError) as error:  # the store went away: say so, keep the search's own ending
@@ -244,11 +249,11 @@ class Supervisor:
 
         return sum(1 for t in self.study.get_trials(deepcopy=False) if is_measured(t) and t.user_attrs.get(WORKER_ATTR) == identity)
 
-    def _fail_orphans(self, owners: set[str], reason: str, unowned: bool = False) -> list[int]:
+    def _fail_orphans(self, owners: set[str], reason: str, unowned: bool = False) -> tuple[list[int], list[int]]:
         """Fail the RUNNING trials of these (ended) workers, and queue each again with its parameters
         (unless a worker died while sampling them: then they are incomplete and nothing was measured).
         `unowned`: also those without an owner (a worker died inside `ask`, before it could set it).
-        Returns the failed trials' numbers."""
+        Returns the numbers of the trials failed and of those queued again."""
         import optuna
         from optuna.storages import RetryHeartbeatStaleTrialCallback
         from optuna.trial import TrialState
@@ -257,7 +262,7 @@ class Supervisor:
 
         layers = set(DesignSpace(self.problem).layer_names)
         study_id = self.storage.get_study_id_from_name(self.study.study_name)
-        failed = []
+        failed, queued = [], []
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = trial.user_attrs.get(WORKER_ATTR)
             if owner not in owners and not (owner is None and unowned):
@@ -270,12 +275,13 @@ class Supervisor:
                 continue
             failed.append(trial.number)
             if layers <= set(trial.params) | set(trial.system_attrs.get("fixed_params", {})):  # not if it died sampling
+                queued.append(trial.number)
                 retry = copy.deepcopy(trial)
                 retry.user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "source"}  # not the dead owner
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     RetryHeartbeatStaleTrialCallback()(self.study, retry)
-        return failed
+        return failed, queued
 
 
 def reconcile_tracking(problem: Problem, study: optuna.Study, owners: set[str], tracker: SearchTracker,
