@@ -233,7 +233,7 @@ class Supervisor:
             self._say(f"Optuna: trial(s) {', '.join(map(str, failed))} left RUNNING by ended workers failed"
                       + (f" (queued again: {', '.join(map(str, queued))})" if queued else ""))
         try:
-            logged, removed = reconcile_tracking(self.problem, self.study, self.identities, self.tracker, self.source)
+            logged, removed, copies = reconcile_tracking(self.problem, self.study, self.identities, self.tracker, self.source)
         except (MlflowException, ExplorerError) as error:  # the store went away: say so, keep the search's own ending
             self._say(f"[yellow]MLflow was not brought in line with the Optuna study[/]: {error}")
             return
@@ -243,6 +243,9 @@ class Supervisor:
         if removed:
             self._say(f"MLflow: deleted the run(s) of trial(s) {', '.join(map(str, removed))}, which Optuna "
                       "does not count (their worker ended before telling it; tag lost)")
+        if copies:
+            self._say(f"MLflow: deleted a second run of trial(s) {', '.join(map(str, copies))} (two workers took the same "
+                      "queued trial: SQLite has no row locks; tag lost)")
 
     def _measured_by(self, identity: str) -> int:
         from agents.optuna_agents import is_measured
@@ -285,25 +288,27 @@ class Supervisor:
 
 
 def reconcile_tracking(problem: Problem, study: optuna.Study, owners: set[str], tracker: SearchTracker,
-                       source: str) -> tuple[list[int], list[int]]:
+                       source: str) -> tuple[list[int], list[int], list[int]]:
     """Make the parent run's child runs exactly the trials that `owners` measured in the study (Optuna
-    is the source of truth): log those MLflow lacks, delete those Optuna does not count (and extra
-    copies). Returns the trial numbers logged and deleted. Call when those workers have ended."""
+    is the source of truth): log those MLflow lacks, delete those Optuna does not count and second
+    copies. Returns the trial numbers logged, deleted and deleted as copies. Call when those workers
+    have ended."""
     from agents.base import SearchResult, Trial
     from agents.optuna_agents import DesignSpace, is_measured
     from explorer.tracking import SearchTracker, read_search
 
     measured = {t.number: t for t in study.get_trials(deepcopy=False) if is_measured(t) and t.user_attrs.get(WORKER_ATTR) in owners}
-    kept, removed = set(), []
+    kept, removed, copies = set(), [], []
     for run in read_search(tracker.tracking_uri, tracker.run_id).trials:
         number = int(run.data.tags.get("trial", -1))
         if number in measured and number not in kept:
             kept.add(number)
             continue
-        tracker.client.set_tag(run.info.run_id, LOST_ATTR, "Optuna does not count this trial: its worker ended before "
-                                                           "telling Optuna its result (or it is a second copy)")
+        copy_ = number in measured
+        tracker.client.set_tag(run.info.run_id, LOST_ATTR, "a second run of this trial" if copy_ else
+                               "Optuna does not count this trial: its worker ended before telling Optuna its result")
         tracker.client.delete_run(run.info.run_id)
-        removed.append(number)
+        (copies if copy_ else removed).append(number)
     missing = sorted(set(measured) - kept)
     if missing:
         space = DesignSpace(problem)
@@ -323,5 +328,5 @@ def reconcile_tracking(problem: Problem, study: optuna.Study, owners: set[str], 
             if int(run.data.tags.get("trial", -1)) in missing:
                 tracker.client.set_tag(run.info.run_id, RECOVERED_TAG, "logged by the supervisor from the Optuna study: "
                                                                        "its worker died before writing it")
-    return missing, removed
+    return missing, removed, copies
 
