@@ -115,7 +115,6 @@ def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_th
     assert measured() == budget  # the study reaches the first search's budget exactly
 
 
-@pytest.mark.slow
 def test_a_worker_killed_mid_way_is_replaced_and_the_study_ends_with_the_budget_each_trial_once_in_both_stores(
         postgres, tmp_path, capsys, monkeypatch):
     import collections

@@ -1,7 +1,7 @@
 """The distributed search's supervisor (explorer/workers.py) without PostgreSQL: how it settles what a
 dead worker left in the Optuna study and in MLflow, and how it replaces dead workers or stops.
 
-The worker kill on PostgreSQL with real workers is in test_distributed.py (`-m slow`)."""
+The worker kill on PostgreSQL with real workers is in test_distributed.py."""
 import sys
 
 import pytest
