@@ -6,9 +6,9 @@ parent run. The `Supervisor` starts them, shows their progress, and keeps the se
 dies:
 
 - Every trial a worker asks for carries the user attribute `worker` = "host:pid" (the Optuna agent
-  sets it right after `ask`, before sampling), so the supervisor knows whose trial is whose. Optuna's heartbeat is not
-  used: it runs only inside `Study.optimize` (the agents ask and tell), and the supervisor, being the
-  workers' parent, learns of a death at once rather than after a grace period.
+  sets it right after `ask`, before sampling), so the supervisor knows whose trial is whose.
+  Optuna's heartbeat is not used: it runs only inside `Study.optimize` (the agents ask and tell),
+  and the supervisor, being the workers' parent, learns of a death at once, not after a grace period.
 - A worker killed by a signal (kill -9, the OOM killer, a crash in native code) or ending in an
   unexpected error: its RUNNING trials are failed (user attribute `lost`) and queued again with the
   same parameters (Optuna's RetryHeartbeatStaleTrialCallback), and a new worker with the next free
