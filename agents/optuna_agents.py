@@ -27,7 +27,9 @@ trial count (deterministic, but not a replay of the first session's random strea
 Distributed search (`shared=True`): several processes or machines add trials to one study (an
 Optuna RDB storage such as PostgreSQL). Each counts only its own trials against its budget, samples
 with its own seed (TPE with constant_liar, so running trials elsewhere are not proposed again) and
-records each trial's study number; the study's start plans are enqueued once, by whoever creates it.
+records each trial's study number and, as the user attribute `worker`, the process that asked for it
+(explorer/workers.py fails and re-queues a dead worker's trials); the study's start plans are
+enqueued once, by whoever creates it.
 
 Duplicates: a sampler may propose a plan already evaluated; the BudgetedProblem returns it free,
 Optuna is still told its values (marked with the user attribute duplicate=True), and it does not
@@ -54,6 +56,7 @@ from explorer.plan import Plan
 from explorer.problem import Evaluation, Problem
 from explorer.solver import solve_problem
 from explorer.stores import ensure_sqlite_store, first_value, sqlite_file, table_names
+from explorer.workers import WORKER_ATTR, worker_identity
 
 PARETO_METRICS = ("latency_ms", "energy_mj", "memory_mb", "accuracy_drop")
 CONSTRAINTS = ("latency", "accuracy_drop", "memory", "other")
@@ -142,10 +145,16 @@ def default_storage_url() -> str:
     return f"sqlite:///{(runs_dir() / 'optuna.db').resolve()}"
 
 
+def is_measured(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial that spent a measurement: complete and not a repeat, or failed measuring (not one failed
+    because its worker died: that one is queued again)."""
+    return ((trial.state == TrialState.COMPLETE and not trial.user_attrs.get("duplicate"))
+            or (trial.state == TrialState.FAIL and "error" in trial.user_attrs))
+
+
 def measured_trial_count(study: optuna.Study) -> int:
-    """Trials of the study that spent a measurement: complete and not a repeat, or failed measuring."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-               if (t.state == TrialState.COMPLETE and not t.user_attrs.get("duplicate")) or "error" in t.user_attrs)
+    """Trials of the study that spent a measurement (`is_measured`)."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)) if is_measured(t))
 
 
 def open_storage(storage: str | BaseStorage | None) -> BaseStorage:
@@ -265,8 +274,14 @@ class _OptunaAgent:
         """Ask for `size` plans, evaluate them through the budget (together: in parallel where the
         measurer can), tell Optuna each one's values and constraints; a failed measurement is a
         FAIL trial."""
-        asked = [study.ask(space.distributions) for _ in range(size)]
+        asked: list[optuna.Trial] = []
         try:
+            for _ in range(size):
+                asked.append(trial := study.ask())
+                if self.shared:  # owned before sampling: the supervisor fails and re-queues a dead worker's trials
+                    trial.set_user_attr(WORKER_ATTR, worker_identity())
+                for name, distribution in space.distributions.items():  # what ask(space.distributions) does
+                    trial.suggest_categorical(name, distribution.choices)
             plans = [space.plan(trial.params, study.study_name) for trial in asked]
             sources = [trial.user_attrs.get("source", self.source) for trial in asked]
             measured_before = {plan.digest() for plan in plans if budgeted.has_measured(plan)}

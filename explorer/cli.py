@@ -573,14 +573,13 @@ def _search_worker(args: argparse.Namespace) -> None:
 
 
 def _search_distributed(args: argparse.Namespace) -> None:
-    """`--workers N`: N local worker processes share one Optuna study and one MLflow parent run."""
-    import signal
-    import subprocess
-
-    from agents.optuna_agents import default_storage_url, default_study_name, measured_trial_count
+    """`--workers N`: N local worker processes share one Optuna study and one MLflow parent run
+    (explorer/workers.py starts and watches them, and replaces one that dies)."""
+    from agents.optuna_agents import default_storage_url, default_study_name, open_storage
     from explorer.accuracy import worker_environment
     from explorer.paths import runs_dir
     from explorer.tracking import SearchTracker
+    from explorer.workers import Supervisor
 
     if not args.agent.startswith("optuna"):
         raise ExplorerError(f"--workers {args.workers} starts Optuna workers on one shared study, and {args.agent} is not "
@@ -598,47 +597,26 @@ def _search_distributed(args: argparse.Namespace) -> None:
     with SearchTracker(tracking_uri, experiment, f"{args.agent} x{args.workers} workers seed {args.seed}", params) as tracker:
         study_name = args.study or f"{default_study_name(problem, args.agent, args.seed)}-{tracker.run_id[:8]}"
         tracker.client.set_tag(tracker.run_id, "optuna_study", study_name)
-        agent = _search_agent(args, shared=True, storage=storage, study_name=study_name)
+        opened = open_storage(storage)  # one connection pool for the agent's study and the supervisor
+        agent = _search_agent(args, shared=True, storage=opened, study_name=study_name)
         study = agent.open_study(problem, args.seed)
-        already = measured_trial_count(study)
-        folder = runs_dir() / "workers" / tracker.run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        shares = [args.budget // args.workers + (i < args.budget % args.workers) for i in range(args.workers)]
-        workers = []
-        for i, share in enumerate(shares):
-            command = [sys.executable, "-m", "explorer.cli", "search",
-                       *_search_args(args, budget=share, seed=args.seed + i, study=study_name, storage=storage,
-                                     parent_run=tracker.run_id, tracking_uri=tracker.tracking_uri, workers=None)]
-            log_path = folder / f"worker-{i}.log"
-            with open(log_path, "w") as log_file:
-                workers.append((log_path, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                                           env=worker_environment(args.workers))))
-        try:
-            with _progress() as progress:
-                task = progress.add_task(f"{args.agent} search, {args.workers} workers", total=args.budget, status="")
-                while any(process.poll() is None for _, process in workers):
-                    progress.update(task, completed=measured_trial_count(study) - already, status=f"study {study_name}")
-                    time.sleep(1.0)
-                progress.update(task, completed=measured_trial_count(study) - already)
-        except KeyboardInterrupt:
-            for _, process in workers:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGINT)
-            for _, process in workers:
-                process.wait()
-            tracker.mark_killed()
-            err_console.print(f"[yellow]interrupted[/]: the workers stopped; the study {study_name} and the MLflow run "
-                              f"{tracker.run_id} (KILLED) keep every finished trial")
-            remaining = args.budget - (measured_trial_count(study) - already)
-            if remaining > 0:  # new workers on the same study take up the rest (a new parent run, the whole study's summary)
-                go_on = _search_args(args, budget=remaining, study=study_name, storage=storage,
-                                     workers=min(args.workers, remaining) if min(args.workers, remaining) > 1 else None)
-                err_console.print(f"go on with: explorer search {' '.join(go_on)}", soft_wrap=True, highlight=False)
-            raise SystemExit(130)
-        for log_path, process in workers:
-            if process.returncode != 0:
-                last = (log_path.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
-                raise ExplorerError(f"a worker failed (exit {process.returncode}): {last} (log: {log_path})")
+
+        def command(budget: int, seed: int) -> list[str]:
+            return [sys.executable, "-m", "explorer.cli", "search",
+                    *_search_args(args, budget=budget, seed=seed, study=study_name, storage=storage,
+                                  parent_run=tracker.run_id, tracking_uri=tracker.tracking_uri, workers=None)]
+
+        def go_on(remaining: int) -> list[str]:
+            workers = min(args.workers, remaining)
+            return _search_args(args, budget=remaining, study=study_name, storage=storage, workers=workers if workers > 1 else None)
+
+        supervisor = Supervisor(problem, study, opened, tracker, command, go_on, budget=args.budget, workers=args.workers,
+                                seed=args.seed, folder=runs_dir() / "workers" / tracker.run_id,
+                                env=worker_environment(args.workers), console=err_console, source=agent.source,
+                                shared_study=bool(args.study))
+        with _progress() as progress:
+            task = progress.add_task(f"{args.agent} search, {args.workers} workers", total=args.budget, status="")
+            supervisor.run(lambda done: progress.update(task, completed=done, status=f"study {study_name}"))
         result = agent.study_result(problem, study)
         tracker.log_curve(result)
         _conclude_search(problem, tracker, result, baseline, args)

@@ -80,7 +80,7 @@ def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_th
     import types
 
     from agents.optuna_agents import measured_trial_count
-    from explorer import cli
+    from explorer import workers
 
     optuna_url, mlflow_url = postgres.create_database("optuna_go_on"), postgres.create_database("mlflow_go_on")
     model = tmp_path / "cnn.onnx"
@@ -97,7 +97,7 @@ def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_th
         if measured() >= 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "time", types.SimpleNamespace(sleep=sleep_then_ctrl_c, perf_counter=real_time.perf_counter,
+    monkeypatch.setattr(workers, "time", types.SimpleNamespace(sleep=sleep_then_ctrl_c, perf_counter=real_time.perf_counter,
                                                            time=real_time.time, monotonic=real_time.monotonic))
     argv = ["search", "--model", str(model), "--board", "tegra-k1", "--agent", "optuna-tpe", "--budget", str(budget),
             "--workers", "2", "--storage", optuna_url, "--tracking-uri", mlflow_url, "--seed", "2"]
@@ -110,6 +110,61 @@ def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_th
     assert 3 <= done < budget
     assert go_on[go_on.index("--budget") + 1] == str(budget - done) and "--study" in go_on
 
-    monkeypatch.setattr(cli, "time", real_time)
+    monkeypatch.setattr(workers, "time", real_time)
     assert main(["search", *go_on]) == 0
     assert measured() == budget  # the study reaches the first search's budget exactly
+
+
+def test_a_worker_killed_mid_way_is_replaced_and_the_study_ends_with_the_budget_each_trial_once_in_both_stores(
+        postgres, tmp_path, capsys, monkeypatch):
+    import collections
+    import signal
+    import time as real_time
+    import types
+
+    from agents.optuna_agents import is_measured
+    from explorer import workers
+    from explorer.workers import LOST_ATTR, WORKER_ATTR
+
+    optuna_url, mlflow_url = postgres.create_database("optuna_kill"), postgres.create_database("mlflow_kill")
+    model = tmp_path / "cnn.onnx"
+    model.write_bytes(small_cnn().SerializeToString())
+    budget = 14
+    storage = optuna.storages.RDBStorage(optuna_url)
+    killed = {}
+
+    def sleep_then_kill(seconds: float) -> None:  # kill -9 a worker while it runs a trial, once it has done two
+        real_time.sleep(min(seconds, 0.05))
+        names = optuna.get_all_study_names(storage=storage)
+        if killed or not names:
+            return
+        trials = optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False)
+        done = collections.Counter(t.user_attrs.get(WORKER_ATTR) for t in trials if is_measured(t))
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and done[t.user_attrs.get(WORKER_ATTR)] >= 2]
+        if running:
+            os.kill(int(running[0].user_attrs[WORKER_ATTR].rsplit(":", 1)[1]), signal.SIGKILL)
+            killed["trial"], killed["worker"] = running[0].number, running[0].user_attrs[WORKER_ATTR]
+
+    monkeypatch.setattr(workers, "time", types.SimpleNamespace(sleep=sleep_then_kill, monotonic=real_time.monotonic))
+    argv = ["search", "--model", str(model), "--board", "tegra-k1", "--agent", "optuna-tpe", "--budget", str(budget),
+            "--workers", "2", "--storage", optuna_url, "--tracking-uri", mlflow_url, "--seed", "3"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert killed and "killed by SIGKILL (exit -9)" in captured.err and "a new worker (seed 5)" in captured.err
+
+    search = read_search(mlflow_url, _run_id(captured.out))
+    assert search.parent.info.status == "FINISHED" and search.parent.data.metrics["trials"] == budget
+    study = optuna.load_study(study_name=search.parent.data.tags["optuna_study"], storage=optuna_url)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]  # none left running for ever
+    measured = [t for t in study.trials if is_measured(t)]
+    assert len(measured) == budget  # exactly the budget: the dead worker's share was taken up
+    logged = {int(run.data.tags["trial"]): run.data.tags["plan_digest"] for run in search.trials}
+    assert len(logged) == len(search.trials) == budget  # each trial once in MLflow ...
+    assert logged == {t.number: t.user_attrs["plan_digest"] for t in measured}  # ... and the same trials as Optuna
+    owners = {t.user_attrs[WORKER_ATTR] for t in measured}
+    assert killed["worker"] in owners and len(owners) == 3  # the two workers and the one that replaced the dead one
+    dead_trial = study.trials[killed["trial"]]
+    if dead_trial.state == optuna.trial.TrialState.FAIL:  # (it may have been told in the instant before the kill)
+        assert LOST_ATTR in dead_trial.user_attrs
+        retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead_trial.number]
+        assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE and retry[0].params == dead_trial.params
