@@ -167,4 +167,5 @@ def test_a_worker_killed_mid_way_is_replaced_and_the_study_ends_with_the_budget_
     if dead_trial.state == optuna.trial.TrialState.FAIL:  # (it may have been told in the instant before the kill)
         assert LOST_ATTR in dead_trial.user_attrs
         retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead_trial.number]
-        assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE and retry[0].params == dead_trial.params
+        planned = {**dead_trial.system_attrs.get("fixed_params", {}), **dead_trial.params}  # a queued plan killed mid-suggest
+        assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE and retry[0].params == planned
