@@ -170,7 +170,7 @@ def test_cli_zoo_train_writes_out_dir(small_zoo: Path, tmp_path: Path, capsys) -
 @pytest.mark.parametrize(("argv", "message"), [
     (["zoo", "train", "vgg16-imagenet"], "untrained weights by design.*trainable zoo models: vgg, dnn, cnn"),
     (["zoo", "train", "cnm"], "did you mean 'cnn'"),
-    (["zoo", "train", "cnn", "--epochs", "0"], "--epochs must be at least 1"),
+    (["zoo", "train", "cnn", "--epochs", "0"], "argument --epochs: 0 must be at least 1"),
 ])
 def test_cli_zoo_train_bad_input(argv: list[str], message: str, capsys) -> None:
     assert main(argv) == 2
