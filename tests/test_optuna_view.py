@@ -35,12 +35,12 @@ def problem():
     return _problem()
 
 
-def test_optuna_metric_names_and_labels():
+def test_optuna_metric_names_and_labels(tmp_path):
     # the least weight memory under a 0.5-point accuracy limit: the smallest plans break the limit
     problem = _problem(latency_ms=None, max_accuracy_drop=0.005, objective="memory")
-    agent = make_agent("optuna-tpe", storage="memory")
+    agent = make_agent("optuna-tpe", storage=f"sqlite:///{tmp_path / 'optuna.db'}")  # an RDB, as the dashboard reads
     agent.link_run("0123abcd", "sqlite:////tmp/mlflow.db")
-    result = agent.search(problem, 30, seed=1)
+    result = agent.search(problem, 20, seed=1)
     study = agent.study
     assert study.metric_names == ["memory (MB)"]  # the dashboard's axis and column title
     assert {"model": problem.graph.source, "board": "tegra-k1", "objective": "memory (MB)", "latency_limit_ms": "none",
@@ -49,7 +49,7 @@ def test_optuna_metric_names_and_labels():
             "measured_by": problem.measurer.label(problem.board)}.items() <= study.user_attrs.items()
 
     told = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs["duplicate"]]
-    assert len(told) == len(result.trials) == 30
+    assert len(told) == len(result.trials) == 20
     layers = [layer.name for layer in problem.graph.layers]
     for frozen, trial in zip(told, result.trials):
         # the parameters are the layers' decision labels, from a list of labels (what importance ranks)
@@ -103,6 +103,16 @@ def test_a_study_made_with_index_choices_is_resumed_with_indices(tmp_path, monke
     with pytest.raises(ExplorerError, match="was made for another model or design space") as error:
         make_agent("optuna-tpe", study_name=agent.study.study_name).search(other, 8, seed=0)
     assert "\n" not in str(error.value)
+
+
+def test_a_queued_trial_tells_labels_from_indices(problem):
+    """A study with only its start plans queued (no trial asked yet) stores values alone: their type decides."""
+    for labelled in (True, False):
+        study = optuna.create_study()
+        plan = problem.reference_plans()[0][1]
+        study.enqueue_trial(DesignSpace(problem, labelled=labelled).params(plan))
+        space = DesignSpace.for_study(problem, study)
+        assert space.labelled == labelled and space.plan(study.trials[0].system_attrs["fixed_params"], "s") == plan
 
 
 def test_the_search_prints_the_dashboard_command_beside_the_mlflow_one(capsys, monkeypatch, tmp_path):
