@@ -1,19 +1,35 @@
 """Optuna search agents: TPE on the problem's objective, NSGA-II on a four-metric Pareto front.
 
-Search space: one categorical parameter per decision layer, the index into
-`Problem.choices(layer)`, so every sampled plan is valid. A new study starts with enqueued trials:
-the problem's reference plans (the uncompressed model in fp32 on each processor, whole-model int8
-and fp16: what a user would try anyway), then the solver's cost-model plan (`solve_problem`, no
-measurement), so that the samplers have feasible anchors even when the additive model's plan misses
-a constraint once measured, and the best found is never worse than a reference.
+Search space: one categorical parameter per decision layer; its choices are the layer's
+`Problem.choices(layer)` as decision labels (`Decision.label`, e.g. "spatial:16/int8@gpu"), so every
+sampled plan is valid and optuna-dashboard shows (and ranks the importance of) decisions, not list
+indices. The samplers work on a choice's position in the list, so labels sample exactly as indices
+did. A study made before the labels (its parameters are indices) is resumed as it is, with indices.
 
-Constraints: before Optuna is told a trial's values, `Trial.set_constraint` records one value per
-entry of CONSTRAINTS (<= 0 when satisfied; Optuna 5 deprecates the samplers' `constraints_func` for
-this): latency, accuracy drop and memory (the worst of the weight-memory limit, a processor's
-capacity and the board's memory), each relative to its limit, and "other", 1 when the Problem
-reports a violation the others do not explain. The Problem's verdict is the authority: a feasible
-plan never gets a positive value. TPE then models every feasible trial as better than every
-infeasible one (infeasible ones ranked by total violation); NSGA-II uses constrained domination.
+Start plans: a new study starts with enqueued trials: the problem's reference plans (the
+uncompressed model in fp32 on each processor, whole-model int8 and fp16: what a user would try
+anyway), then the solver's cost-model plan (`solve_problem`, no measurement), so that the samplers
+have feasible anchors even when the additive model's plan misses a constraint once measured, and the
+best found is never worse than a reference.
+
+Constraints: before Optuna is told a trial's values, its system attribute "constraints" gets one
+value per entry of CONSTRAINTS (<= 0 when satisfied): latency, accuracy drop and memory (the worst of
+the weight-memory limit, a processor's capacity and the board's memory), each relative to its limit,
+and "other", 1 when the Problem reports a violation the others do not explain. This list is the form
+optuna-dashboard reads to mark infeasible trials, and Optuna's samplers read it too (Optuna 5's
+`Trial.set_constraint` writes "constraints:NAME" attributes, which the dashboard does not read). The
+Problem's verdict is the authority: a feasible plan never gets a positive value. TPE then models
+every feasible trial as better than every infeasible one (infeasible ones ranked by total violation,
+their values unread); NSGA-II uses constrained domination.
+
+What optuna-dashboard shows: the objectives by name with their units (`Study.set_metric_names`;
+NSGA-II's accuracy drop in points); per trial the user attributes "objective" (the problem's
+objective as measured) and, when infeasible, "violations" (the Problem's reasons); and as the study's
+user attributes the model, board, objective, limits (accuracy in points), who measured, the accuracy
+basis and the MLflow parent run and tracking URI of the last search that opened it (`link_run`). Its
+best trial of a single-objective study is the least value whatever the constraints (optuna-dashboard
+#772), so a TPE trial that is infeasible is told +inf: the best trial shown is the best feasible one,
+and TPE, which never reads an infeasible trial's value, samples as before.
 
 Storage and resume: studies live in an Optuna storage (default: SQLite `runs/optuna.db`; any
 Optuna storage URL, an Optuna storage object or "memory"), under a name derived from the model,
@@ -38,8 +54,11 @@ evaluated, or after `asks_per_trial` x budget asks.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import shlex
+import warnings
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -54,12 +73,15 @@ from explorer.errors import ExplorerError
 from explorer.paths import runs_dir
 from explorer.plan import Plan
 from explorer.problem import Evaluation, Problem
+from explorer.report import objective_label
 from explorer.solver import solve_problem
 from explorer.stores import ensure_sqlite_store, first_value, sqlite_file, table_names
 from explorer.workers import WORKER_ATTR, worker_identity
 
 PARETO_METRICS = ("latency_ms", "energy_mj", "memory_mb", "accuracy_drop")
+PARETO_METRIC_NAMES = ("latency (ms)", "energy (mJ)", "weight memory (MB)", "accuracy drop (points)")  # as told to NSGA-II
 CONSTRAINTS = ("latency", "accuracy_drop", "memory", "other")
+CONSTRAINTS_ATTR = "constraints"  # the trial system attribute optuna-dashboard and Optuna's samplers read (a list)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 log = logging.getLogger(__name__)
@@ -108,28 +130,81 @@ def pareto_front(trials: list[Trial]) -> list[Trial]:
 
 
 def _pareto_point(evaluation: Evaluation) -> list[float]:
-    return [evaluation.latency_ms, evaluation.energy_mj, evaluation.memory_mb, evaluation.accuracy_drop or 0.0]
+    """PARETO_METRICS in the units of PARETO_METRIC_NAMES (the accuracy drop in points)."""
+    return [evaluation.latency_ms, evaluation.energy_mj, evaluation.memory_mb, 100 * (evaluation.accuracy_drop or 0.0)]
+
+
+def study_settings(problem: Problem) -> dict:
+    """What a study's trials mean, as its user attributes (optuna-dashboard shows them with the study)."""
+    c = problem.constraints
+    return {"model": problem.graph.source, "board": problem.board.name, "objective": objective_label(problem),
+            "latency_limit_ms": c.latency_ms if c.latency_ms is not None else "none",
+            "max_accuracy_drop_points": round(100 * c.max_accuracy_drop, 6) if c.max_accuracy_drop is not None else "none",
+            "memory_limit_mb": c.memory_mb if c.memory_mb is not None else "none",
+            "measured_by": problem.measurer.label(problem.board), "accuracy_basis": problem.scorer.label,
+            "constraints": f"{', '.join(CONSTRAINTS)}: each relative to its limit, <= 0 when met"}
+
+
+def dashboard_command(storage: str | BaseStorage | None) -> str | None:
+    """The shell command that opens optuna-dashboard on this storage (None for one in memory)."""
+    url = default_storage_url() if storage is None else storage
+    if not isinstance(url, str) or url == "memory":
+        return None
+    command = f"optuna-dashboard {shlex.quote(url)}"
+    if importlib.util.find_spec("optuna_dashboard") is None:  # not one of explorer's dependencies
+        command += "  (pip install optuna-dashboard)"
+    return command
 
 
 class DesignSpace:
-    """Plans as Optuna parameters: one categorical index into Problem.choices per layer."""
+    """Plans as Optuna parameters: one categorical parameter per layer, its choices the layer's decision
+    labels in Problem.choices order (or, `labelled=False`, the indices that studies made before the
+    labels store)."""
 
-    def __init__(self, problem: Problem):
+    def __init__(self, problem: Problem, labelled: bool = True):
         self.layer_names = [layer.name for layer in problem.graph.layers]
         self.choices = [problem.choices(layer) for layer in problem.graph.layers]
-        self.distributions = {name: CategoricalDistribution(list(range(len(options))))
-                              for name, options in zip(self.layer_names, self.choices)}
+        self.labelled = labelled
+        values = [[d.label() for d in options] if labelled else list(range(len(options))) for options in self.choices]
+        self.distributions = {name: CategoricalDistribution(v) for name, v in zip(self.layer_names, values)}
+        self._positions = [{value: i for i, value in enumerate(v)} for v in values]  # value -> position in choices
         self.size = math.prod(len(options) for options in self.choices)
+
+    @classmethod
+    def for_study(cls, problem: Problem, study: optuna.Study) -> "DesignSpace":
+        """The design space as `study` stores it: labels, or indices in a study made before the labels
+        (resumed as it is); one line when the study was made for another model or design space."""
+        trial = next((t for t in study.get_trials(deepcopy=False) if t.distributions or t.system_attrs.get("fixed_params")), None)
+        if trial is None:
+            return cls(problem)
+        for space in (cls(problem), cls(problem, labelled=False)):
+            if space._fits(trial):
+                if not space.labelled:
+                    log.info("Optuna study %s stores choice indices (made before explorer labelled its choices): "
+                             "resumed with indices", study.study_name)
+                return space
+        raise ExplorerError(f"Optuna study {study.study_name!r} was made for another model or design space: "
+                            "give another study name or storage")
+
+    def _fits(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether the trial's parameters (a queued trial's fixed values) are this space's."""
+        if trial.distributions:
+            return all(self.distributions.get(name) == distribution for name, distribution in trial.distributions.items())
+        positions = dict(zip(self.layer_names, self._positions))
+        return all(name in positions and type(value) is type(next(iter(positions[name]))) and value in positions[name]
+                   for name, value in trial.system_attrs["fixed_params"].items())
 
     def plan(self, params: dict, study_name: str) -> Plan:
         try:
-            return Plan.from_dict({name: options[params[name]] for name, options in zip(self.layer_names, self.choices)})
-        except (KeyError, IndexError, TypeError):
+            return Plan.from_dict({name: options[positions[params[name]]]
+                                   for name, options, positions in zip(self.layer_names, self.choices, self._positions)})
+        except (KeyError, TypeError):
             raise ExplorerError(f"Optuna study {study_name!r} was made for another model or design space: "
                                 "give another study name or storage") from None
 
-    def params(self, plan: Plan) -> dict[str, int]:
-        return {name: options.index(plan[name]) for name, options in zip(self.layer_names, self.choices)}
+    def params(self, plan: Plan) -> dict[str, str | int]:
+        return {name: distribution.choices[options.index(plan[name])]
+                for (name, distribution), options in zip(self.distributions.items(), self.choices)}
 
 
 def default_study_name(problem: Problem, agent: str, seed: int) -> str:
@@ -221,6 +296,16 @@ class _OptunaAgent:
         self.asks_per_trial = asks_per_trial
         self.sampler_options = sampler_options or {}
         self.study: optuna.Study | None = None  # the last search's study
+        self.space: DesignSpace | None = None  # its design space, as the study stores it
+        self.run_link: dict[str, str] = {}  # the MLflow parent run, written to the study's user attributes
+
+    def link_run(self, run_id: str, tracking_uri: str) -> None:
+        """Name the MLflow parent run (and its tracking URI) that logs this agent's trials in its study."""
+        self.run_link = {"mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri}
+
+    def metric_names(self, problem: Problem) -> list[str]:
+        """The objectives as optuna-dashboard names them, with units."""
+        raise NotImplementedError
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         raise NotImplementedError
@@ -230,8 +315,8 @@ class _OptunaAgent:
 
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
         budgeted = BudgetedProblem(problem, budget, self.name, callback, references=False)  # enqueued instead
-        space = DesignSpace(problem)
         study = self.open_study(problem, seed)
+        space = self.space
         budgeted.result.seed_plan = self.enqueued_solver_plan(study, space)
         resumed = any(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
         if resumed and not self.shared:  # resumed: a fresh random stream, or the sampler would redraw its first proposals
@@ -251,20 +336,36 @@ class _OptunaAgent:
         return budgeted.result
 
     def open_study(self, problem: Problem, seed: int) -> optuna.Study:
-        """Create (with the start plans enqueued) or load the study; also kept as `self.study`."""
+        """Create (with the start plans enqueued) or load the study, and describe it (`_describe`); also kept
+        as `self.study`, its design space as `self.space`."""
         study_name = self.study_name or default_study_name(problem, self.name, seed)
         self.study = optuna.create_study(storage=open_storage(self.storage), study_name=study_name,
                                          sampler=self.sampler(seed), directions=self.directions, load_if_exists=True)
+        self.space = DesignSpace.for_study(problem, self.study)
         if not self.study.trials:
-            self._enqueue_start_plans(self.study, problem, DesignSpace(problem))
+            self._enqueue_start_plans(self.study, problem, self.space)
+        self._describe(self.study, problem)
         return self.study
+
+    def _describe(self, study: optuna.Study, problem: Problem) -> None:
+        """Name the objectives and write the settings and the MLflow run as study user attributes; only what
+        changed is written (every worker of a shared study opens it)."""
+        names = self.metric_names(problem)
+        if study.metric_names != names:
+            with warnings.catch_warnings():  # set_metric_names is experimental since Optuna 3.2, and what the dashboard reads
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(names)
+        stored = study.user_attrs
+        for key, value in (study_settings(problem) | self.run_link).items():
+            if stored.get(key) != value:
+                study.set_user_attr(key, value)
 
     def study_result(self, problem: Problem, study: optuna.Study) -> SearchResult:
         """Every measured trial of a (shared) study in trial-number order, as one search's result.
         Their evaluations come from the Problem's caches (measured again only where a cache is gone)."""
         measured = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not t.user_attrs.get("duplicate")]
         budgeted = BudgetedProblem(problem, max(1, len(measured)), self.name, references=False)
-        space = DesignSpace(problem)
+        space = DesignSpace.for_study(problem, study)
         for frozen in sorted(measured, key=lambda t: t.number):
             budgeted.evaluate(space.plan(frozen.params, study.study_name), frozen.user_attrs.get("source", self.source), frozen.number)
         budgeted.result.seed_plan = self.enqueued_solver_plan(study, space)
@@ -302,8 +403,10 @@ class _OptunaAgent:
                 trial.set_user_attr("error", evaluation.error[:500])
                 study.tell(trial, state=TrialState.FAIL)
                 continue
-            for key, value in zip(CONSTRAINTS, constraint_values(problem, evaluation)):
-                trial.set_constraint(key, value)
+            trial.set_user_attr("objective", evaluation.objective)
+            if not evaluation.feasible:
+                trial.set_user_attr("violations", "; ".join(evaluation.violations))
+            trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, constraint_values(problem, evaluation))
             study.tell(trial, self.values(evaluation))
 
     def _replay(self, study: optuna.Study, budgeted: BudgetedProblem, space: DesignSpace) -> None:
@@ -350,11 +453,16 @@ class OptunaTPEAgent(_OptunaAgent):
         return optuna.samplers.TPESampler(seed=seed, **options, **self.sampler_options)
 
     def values(self, evaluation: Evaluation) -> list[float]:
-        return [evaluation.objective]
+        """The objective; +inf when infeasible, so that the least value (optuna-dashboard's best trial) is
+        the best feasible one. TPE never reads it: constraints rank every infeasible trial last."""
+        return [evaluation.objective if evaluation.feasible else math.inf]
+
+    def metric_names(self, problem: Problem) -> list[str]:
+        return [objective_label(problem)]
 
 
 class OptunaNSGA2Agent(_OptunaAgent):
-    """NSGA-II over latency, energy, weight memory and accuracy drop, with constrained domination.
+    """NSGA-II over latency, energy, weight memory and accuracy drop (in points), with constrained domination.
 
     The result's best trial is the best feasible by the problem's objective; `pareto` holds the
     Pareto front of the feasible trials. The population defaults to 20 (not Optuna's 50): a
@@ -371,6 +479,9 @@ class OptunaNSGA2Agent(_OptunaAgent):
 
     def values(self, evaluation: Evaluation) -> list[float]:
         return _pareto_point(evaluation)
+
+    def metric_names(self, problem: Problem) -> list[str]:
+        return list(PARETO_METRIC_NAMES)
 
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> ParetoSearchResult:
         result = super().search(problem, budget, seed, callback)

@@ -380,6 +380,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     with SearchTracker(tracking_uri, experiment, f"{args.agent} seed {args.seed}", params, resume_run_id=args.resume) as tracker, \
             _progress() as progress:
         task = progress.add_task(f"{args.agent} search", total=args.budget, status="")
+        if args.agent.startswith("optuna"):
+            agent.link_run(tracker.run_id, tracker.tracking_uri)  # the study's user attributes name the run
         already_logged = tracker.logged_digests  # resuming: the agent replays these from the caches
 
         def on_trial(trial, result) -> None:
@@ -544,6 +546,11 @@ def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, 
 
     console.print(f"MLflow run: {run_id} (experiment {experiment!r})")
     console.print(f"open the MLflow UI: {ui_command(tracking_uri)}")
+    if args.agent.startswith("optuna"):
+        from agents.optuna_agents import dashboard_command
+
+        if dashboard := dashboard_command(args.storage):
+            console.print(f"open the Optuna dashboard: {dashboard}", soft_wrap=True)
     if result.best_plan is not None:
         from explorer.paths import runs_dir
 
@@ -564,6 +571,7 @@ def _search_worker(args: argparse.Namespace) -> None:
     agent = _search_agent(args, shared=True)
     tracking_uri, experiment, params = _search_settings(problem, args)
     with SearchTracker(tracking_uri, experiment, "", params, attach_run_id=args.parent_run) as tracker:
+        agent.link_run(tracker.run_id, tracker.tracking_uri)
         result = agent.search(problem, args.budget, args.seed, tracker.log_trial)
     failed = sum(t.failed for t in result.trials)
     print(f"worker seed {args.seed}: {len(result.trials)} trials ({result.feasible_count} feasible, {failed} failed) "
@@ -599,6 +607,7 @@ def _search_distributed(args: argparse.Namespace) -> None:
         tracker.client.set_tag(tracker.run_id, "optuna_study", study_name)
         opened = open_storage(storage)  # one connection pool for the agent's study and the supervisor
         agent = _search_agent(args, shared=True, storage=opened, study_name=study_name)
+        agent.link_run(tracker.run_id, tracker.tracking_uri)
         study = agent.open_study(problem, args.seed)
 
         def command(budget: int, seed: int) -> list[str]:

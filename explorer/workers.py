@@ -311,7 +311,7 @@ def reconcile_tracking(problem: Problem, study: optuna.Study, owners: set[str], 
         (copies if copy_ else removed).append(number)
     missing = sorted(set(measured) - kept)
     if missing:
-        space = DesignSpace(problem)
+        space = DesignSpace.for_study(problem, study)  # labels, or a pre-label study's indices
         experiment = tracker.client.get_experiment(tracker.experiment_id).name
         with SearchTracker(tracker.tracking_uri, experiment, "", {}, attach_run_id=tracker.run_id) as writer:
             result = SearchResult(source)

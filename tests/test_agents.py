@@ -23,11 +23,11 @@ SEARCH_AGENTS = ("random", "optuna-tpe", "optuna-nsga2")  # budget-filling agent
 BUDGET = 12
 
 
-def _problem(board=None, use_disk_cache=True, latency_ms=0.3, max_accuracy_drop=0.05) -> Problem:
+def _problem(board=None, use_disk_cache=True, latency_ms=0.3, max_accuracy_drop=0.05, objective="energy") -> Problem:
     graph = LayerGraph(mlp())
     scorer = AccuracyScorer(graph.model, Dataset(random_inputs(graph.model, 200), None, "random inputs"))
     return Problem(graph, board or load_board("tegra-k1"), SimMeasurer(seed=0), scorer,
-                   Constraints(latency_ms=latency_ms, max_accuracy_drop=max_accuracy_drop), Objective.parse("energy"),
+                   Constraints(latency_ms=latency_ms, max_accuracy_drop=max_accuracy_drop), Objective.parse(objective),
                    use_disk_cache=use_disk_cache)
 
 
@@ -123,8 +123,10 @@ def test_tpe_starts_from_the_reference_plans_and_the_solver_plan_and_tells_optun
     assert len(told) == BUDGET
     for frozen, trial in zip(told, result.trials):
         assert frozen.user_attrs["plan_digest"] == trial.plan.digest()
-        assert frozen.value == trial.evaluation.objective
-        assert set(frozen.constraints) == set(CONSTRAINTS)
+        assert frozen.user_attrs["objective"] == trial.evaluation.objective
+        assert frozen.value == (trial.evaluation.objective if trial.evaluation.feasible else math.inf)
+        assert frozen.system_attrs["constraints"] == constraint_values(problem, trial.evaluation)  # the list form
+        assert len(frozen.constraints) == len(CONSTRAINTS)  # ... which Optuna's samplers read too
         assert (max(frozen.constraints.values()) <= 0) == trial.evaluation.feasible
 
 

@@ -47,6 +47,7 @@ def test_two_workers_share_one_study_with_exact_trials_all_in_mlflow(postgres, t
     study = optuna.load_study(study_name=study_name, storage=optuna_url)
     measured = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs["duplicate"]]
     assert len(measured) == budget  # exact: no trial lost, none extra
+    assert study.user_attrs["mlflow_run_id"] == run_id and study.metric_names == ["energy (mJ)"]  # as optuna-dashboard shows it
     # every measured trial appears in MLflow exactly once, as a child of the search's parent run
     logged = [int(run.data.tags["trial"]) for run in search.trials]
     assert sorted(logged) == sorted(t.number for t in measured) and len(set(logged)) == budget
