@@ -189,17 +189,19 @@ class Compressor:
             new_initializers.extend(initializers)
             replaced_weights.add(layer.weight_name)
         still_used = {name for node in new_nodes for name in node.input}
-        kept = [t for t in graph.initializer if t.name not in replaced_weights or t.name in still_used]
         del graph.node[:]
         graph.node.extend(new_nodes)
-        del graph.initializer[:]
-        graph.initializer.extend(kept + new_initializers)
+        # drop the replaced weights in place: re-adding the kept ones would copy every weight once more
+        dropped = [i for i, t in enumerate(graph.initializer) if t.name in replaced_weights and t.name not in still_used]
+        for i in reversed(dropped):
+            del graph.initializer[i]
+        graph.initializer.extend(new_initializers)
         del graph.value_info[:]
         precisions = {node: decisions[layer].precision
                       for layer, nodes in self.compute_nodes(plan).items() for node in nodes
                       if decisions[layer].precision != "fp32"}
         if precisions:
-            model = apply_precisions(model, precisions, calibration_inputs, ranges, self.reduce_range)
+            model = apply_precisions(model, precisions, calibration_inputs, ranges, self.reduce_range, in_place=True)
             opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), self.graph.opset)
             if opset != self.graph.opset:  # int8's per-channel QDQ needs opset 13: the quantizer converted the model
                 model.doc_string = (f"explorer: converted from ONNX opset {self.graph.opset} to {opset} by "
