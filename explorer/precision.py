@@ -118,6 +118,7 @@ def calibration_ranges(model: onnx.ModelProto,
             path,
             augmented_model_path=str(Path(tmp, "augmented.onnx")),
             calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=True,  # weights written tensor by tensor: no second serialised copy
         )
         calibrator.collect_data(reader)
         data = calibrator.compute_data()
