@@ -5,7 +5,8 @@ here; and the vgg sensitivity table (cold and cached).
     PYTHONPATH=. .venv/bin/python benchmarks/foundation_timing.py [--repeats 3] [--only TEXT] [--json out.json]
 
 Each case runs in a fresh subprocess (so its peak resident memory is its own) with a fresh runs folder
-for the cold solve; figures are medians over the repeats. Without validation data the solve limits
+for the cold solve; figures are medians over the repeats. CPU seconds (user + system, all threads)
+say more than wall time on shared cores. Without validation data the solve limits
 ranks by the reconstruction-error bound (every layer's singular values: the SVD work this measures) and
 the sensitivity table is scored on synthetic standard-normal inputs (agreement with the uncompressed
 model, not accuracy). The vgg16-imagenet sensitivity table (hundreds of entries, each a rewrite and a
@@ -152,8 +153,9 @@ RUNNER = """
 import resource, time, json
 started = time.perf_counter()
 {body}
-print(json.dumps({{"seconds": time.perf_counter() - started,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "detail": detail}}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({{"seconds": time.perf_counter() - started, "cpu_s": usage.ru_utime + usage.ru_stime,
+                  "peak_mb": usage.ru_maxrss / 1024, "detail": detail}}))
 """
 
 
@@ -186,16 +188,19 @@ def main() -> None:
                 if fresh or folder is None:
                     folder = tempfile.mkdtemp(dir=work, prefix="runs-")
                 runs[name].append(run_case(body, folder))
-                print(f"{name}: {runs[name][-1]['seconds']:.1f} s, {runs[name][-1]['peak_mb']:.0f} MB", file=sys.stderr)
+                last = runs[name][-1]
+                print(f"{name}: {last['seconds']:.1f} s wall, {last['cpu_s']:.1f} s CPU, {last['peak_mb']:.0f} MB "
+                      f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
         for name, measured in runs.items():
             results.append({"case": name, "seconds": statistics.median(r["seconds"] for r in measured),
+                            "cpu_s": statistics.median(r["cpu_s"] for r in measured),
                             "peak_mb": statistics.median(r["peak_mb"] for r in measured),
                             "runs": measured, "detail": measured[-1]["detail"]})
     load = os.getloadavg()
     print(f"medians of {args.repeats} runs; load average at the end {load[0]:.1f} on {os.cpu_count()} cores\n")
-    print("| case | seconds | peak memory (MB) | detail |\n| --- | ---: | ---: | --- |")
+    print("| case | wall s | CPU s | peak memory (MB) | detail |\n| --- | ---: | ---: | ---: | --- |")
     for r in results:
-        print(f"| {r['case']} | {r['seconds']:.1f} | {r['peak_mb']:.0f} | {r['detail']} |")
+        print(f"| {r['case']} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | {r['peak_mb']:.0f} | {r['detail']} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
