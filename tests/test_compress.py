@@ -211,10 +211,10 @@ def test_truncated_spectrum_gives_the_full_svds_reconstruction_error(shape):
     matrix = (rng.standard_normal((rows, 40)) @ rng.standard_normal((40, cols))
               + 0.5 * rng.standard_normal(shape)).astype(np.float32)
     full = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
-    keep = 200
+    keep = 280
     top, total = top_singular_values(matrix, keep)
     assert len(top) == keep
-    for rank in (8, 40, 120, 200):
+    for rank in (8, 40, 120, 280):  # on the Gram path, 280 of 1100 vectors: all are computed, the top kept
         exact = np.sqrt(np.sum(full[rank:] ** 2) / np.sum(full**2))
         assert abs(tail_error(top, total, rank) - exact) <= 1e-4
         factors = truncated_svd(matrix, rank)  # the factors a rewrite uses reach the same error
