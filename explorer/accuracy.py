@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from explorer.cache import atomic_write_json, digest, read_json, unreadable
+from explorer.cache import AppendOnlyCache, atomic_write_json, digest, read_json, unreadable
 from explorer.compress import Compressor, Rung, decision_for, full_rank_plan
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
@@ -312,7 +312,13 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
                       precisions: tuple[str, ...] = PRECISIONS,
                       progress: Callable[[int, int], None] | None = None) -> SensitivityTable:
     """Measure (or load from cache) the drop of every layer x rung x precision applied alone (on synthetic
-    inputs, of the rungs within DEFAULT_ERROR_BOUND: the only ones a Problem offers there)."""
+    inputs, of the rungs within DEFAULT_ERROR_BOUND: the only ones a Problem offers there).
+
+    Each entry is kept on disk as soon as it is measured (an append-only partial file), so a run that
+    is interrupted (Ctrl-C) resumes where it stopped: the next call measures only the rest.
+    `progress(done, total)` is called once before the first new entry (done = entries resumed) and
+    after each one.
+    """
     if not scorer.measured:
         raise ExplorerError("the sensitivity table needs validation data: pass --data val.npz (x and optional y)")
     spec = (compressor.fractions, compressor.multiple, precisions, SENSITIVITY_VERSION, compressor.int8_scheme)
@@ -326,25 +332,42 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
         except KeyError as exc:  # valid JSON of another shape: a miss
             unreadable(path, ValueError(f"no {exc} in it"))
     table = SensitivityTable(scorer.metric, scorer.baseline.value)
-    x_calibration, _ = calibration_inputs(graph, scorer.dataset)
-    base_plan = full_rank_plan(graph)
     ladder = (lambda name: rungs_within_bound(compressor, name)) if scorer.synthetic else compressor.ladder
     jobs = [(layer, rung, precision) for layer in graph.layers for rung in ladder(layer.name)
             for precision in precisions if not (rung.method == "full" and precision == "fp32")]
-    suffixes = _SuffixRunner(graph, scorer.dataset.feeds(graph.input_names[0]))
-    ranges_by_rung: dict[tuple, dict] = {}
-    for done, (layer, rung, precision) in enumerate(jobs):
-        plan = base_plan.with_decision(layer.name, decision_for(rung, precision))
-        model = compressor.rewrite(plan, x_calibration, ranges=_ranges(compressor, ranges_by_rung, base_plan,
-                                                                       layer.name, rung, x_calibration, precision))
-        outputs = suffixes.run(model, layer.index)
-        key = table.key(layer.name, rung.method, rung.rank, precision)
-        table.drops[key] = scorer.drop(scorer.score_outputs(outputs))
-        if scorer.metric in ("top1", "agreement"):
-            table.flips[key] = float(np.mean(outputs.argmax(1) != scorer.reference_outputs.argmax(1)))
-        if progress:
-            progress(done + 1, len(jobs))
+    partial = AppendOnlyCache(path.with_suffix(".partial.jsonl"))  # entries so far: what a resumed run skips
+    todo = []
+    for layer, rung, precision in jobs:
+        entry_key = table.key(layer.name, rung.method, rung.rank, precision)
+        entry = partial.get(entry_key)
+        if isinstance(entry, dict) and "drop" in entry:
+            table.drops[entry_key] = entry["drop"]
+            if entry.get("flip") is not None:
+                table.flips[entry_key] = entry["flip"]
+        else:
+            todo.append((entry_key, layer, rung, precision))
+    if progress:
+        progress(len(jobs) - len(todo), len(jobs))
+    if todo:
+        x_calibration, _ = calibration_inputs(graph, scorer.dataset)
+        base_plan = full_rank_plan(graph)
+        suffixes = _SuffixRunner(graph, scorer.dataset.feeds(graph.input_names[0]))
+        ranges_by_rung: dict[tuple, dict] = {}
+        for done, (entry_key, layer, rung, precision) in enumerate(todo, start=len(jobs) - len(todo) + 1):
+            plan = base_plan.with_decision(layer.name, decision_for(rung, precision))
+            model = compressor.rewrite(plan, x_calibration, ranges=_ranges(compressor, ranges_by_rung, base_plan,
+                                                                           layer.name, rung, x_calibration, precision))
+            outputs = suffixes.run(model, layer.index)
+            table.drops[entry_key] = scorer.drop(scorer.score_outputs(outputs))
+            if scorer.metric in ("top1", "agreement"):
+                table.flips[entry_key] = float(np.mean(outputs.argmax(1) != scorer.reference_outputs.argmax(1)))
+            partial.put(entry_key, {"drop": table.drops[entry_key], "flip": table.flips.get(entry_key)})
+            if progress:
+                progress(done, len(jobs))
+    table.drops = {k: table.drops[k] for k in (table.key(l.name, r.method, r.rank, p) for l, r, p in jobs)}
+    table.flips = {k: table.flips[k] for k in table.drops if k in table.flips}  # in job order, however resumed
     atomic_write_json(path, table.to_json())
+    partial.path.unlink(missing_ok=True)
     return table
 
 

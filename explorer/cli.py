@@ -132,19 +132,14 @@ def cmd_rewrite(args: argparse.Namespace) -> None:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
-    from rich.progress import Progress
-
-    from explorer.accuracy import rungs_within_bound, sensitivity_table
+    from explorer.accuracy import rungs_within_bound
     from explorer.compress import Compressor
 
     graph, dataset = _load(args)
     started = time.perf_counter()
     compressor = Compressor(graph)
     scorer = _scorer(args, graph, dataset)
-    with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task("measuring sensitivity", total=None)
-        table = sensitivity_table(graph, compressor, scorer,
-                                  progress=lambda done, total: progress.update(task, completed=done, total=total))
+    table = _sensitivity(graph, compressor, scorer)
     view = Table(title=f"Accuracy drop (points of {table.metric}) when one layer alone is compressed; "
                        f"uncompressed {100 * table.baseline:.2f}% on {scorer.dataset.source}"
                        + (" (estimates, not measured)" if scorer.synthetic else ""))
@@ -316,10 +311,7 @@ def cmd_solve(args: argparse.Namespace) -> None:
 
     problem = _problem(args)
     if problem.scorer.measured:
-        with err_console.status(_sensitivity_status(problem)):
-            from explorer.accuracy import sensitivity_table
-
-            sensitivity_table(problem.graph, problem.compressor, problem.scorer)
+        _sensitivity(problem.graph, problem.compressor, problem.scorer, _sensitivity_status(problem))
     with err_console.status("solving the integer program (HiGHS), evaluating, re-solving"):
         result = solve_measured(problem)
     solution = next(s for s, e in result.rounds if s.plan == result.plan)
@@ -449,12 +441,38 @@ def _search_settings(problem, args: argparse.Namespace) -> tuple[str, str, dict]
 def _prepare(problem):
     """Measure (or recall) the sensitivity table and the baseline before a search; the baseline's Evaluation."""
     if problem.scorer.measured:
-        with err_console.status(_sensitivity_status(problem)):
-            from explorer.accuracy import sensitivity_table
-
-            sensitivity_table(problem.graph, problem.compressor, problem.scorer)
+        _sensitivity(problem.graph, problem.compressor, problem.scorer, _sensitivity_status(problem))
     with err_console.status("baseline: uncompressed fp32 on each processor"):
         return problem.baseline()
+
+
+def _sensitivity(graph, compressor, scorer, description: str = "sensitivity table"):
+    """The sensitivity table with a progress bar (count, rate, ETA); on Ctrl-C it says what was kept."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from explorer.accuracy import sensitivity_table
+
+    state = {"done": 0, "total": 0}
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task(description, total=None, rate="")
+
+        def update(done: int, total: int) -> None:
+            if not state["total"]:  # the first call: entries resumed from an interrupted run, not a rate
+                progress.reset(task, total=total, completed=done, rate="")
+            else:
+                speed = progress.tasks[0].speed
+                progress.update(task, completed=done, rate=f"{speed:.2f} entries/s" if speed else "")
+            state.update(done=done, total=total)
+
+        try:
+            return sensitivity_table(graph, compressor, scorer, progress=update)
+        except KeyboardInterrupt:
+            if state["total"]:
+                err_console.print(f"sensitivity table: {state['done']} of {state['total']} entries are kept; "
+                                  "run the same command again to measure only the rest")
+            raise
 
 
 def _progress():

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import scipy.linalg
 from onnx import helper, numpy_helper
+from threadpoolctl import threadpool_limits
 
 from explorer.cache import atomic_write_bytes, unreadable
 from explorer.errors import ExplorerError
@@ -35,6 +36,7 @@ REWRITE_CACHE_BYTES = 256 * 2**20  # rewritten models kept by Compressor.rewrite
 RUNG_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
 GEMM_OPTIONAL_BIAS_OPSET = 11  # Gemm's third input (C) is optional from this opset on
 _GRAM_THRESHOLD = 1024  # above this smaller dimension, factorise through the Gram matrix (much faster)
+_SUBSET_FRACTION = 0.25  # up to this share of a Gram matrix's eigenvectors, compute only those (measured on 4096)
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class Compressor:
         self.fractions = fractions
         self.multiple = multiple
         self._factors: dict[tuple[str, str], _Factors] = {}
-        self._singular: dict[tuple[str, str], np.ndarray] = {}
+        self._singular: dict[tuple[str, str], tuple[np.ndarray, float]] = {}
         self._ladders: dict[str, list[Rung]] = {}
         self._rewritten: collections.OrderedDict[tuple, tuple[onnx.ModelProto, int, object]] = collections.OrderedDict()
         self._rewriting: dict[tuple, threading.Event] = {}  # rewrites in progress, by key
@@ -123,27 +125,30 @@ class Compressor:
         if method == "full":
             return 0.0
         self.rung(layer_name, method, rank)
-        singular = self.singular_values(layer_name, method).astype(np.float64)
-        total = float(np.sum(singular**2))
-        return float(math.sqrt(max(total - float(np.sum(singular[:rank] ** 2)), 0.0) / total)) if total else 0.0
+        top, total = self.spectrum(layer_name, method)
+        return tail_error(top, total, rank)
 
-    def singular_values(self, layer_name: str, method: str) -> np.ndarray:
-        """All singular values of the matrix a method factorises (cached on disk per model)."""
+    def spectrum(self, layer_name: str, method: str) -> tuple[np.ndarray, float]:
+        """The top singular values of the matrix a method factorises, as many as its highest rung
+        needs, and its squared Frobenius norm (cached on disk per model); enough for every rung's error."""
         key = (layer_name, method)
         if key not in self._singular:
+            layer = self.graph.layer_by_name[layer_name]
+            keep = max(self.candidate_ranks(layer, method), default=1)
             safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in layer_name)
-            path = cache_dir("svd") / self.graph.fingerprint() / f"{safe}--{method}.npy"
+            path = cache_dir("svd") / self.graph.fingerprint() / f"{safe}--{method}--top{keep}.npz"
             try:
-                values = np.load(path, allow_pickle=False)
+                with np.load(path, allow_pickle=False) as stored:
+                    top, total = stored["top"], float(stored["total"])
             except FileNotFoundError:
-                values = None
-            except (OSError, ValueError, EOFError) as exc:  # torn or damaged: a miss
+                top = None
+            except (OSError, ValueError, EOFError, KeyError) as exc:  # torn or damaged: a miss
                 unreadable(path, exc)
-                values = None
-            if values is None:
-                values = singular_values(self._matrix(self.graph.layer_by_name[layer_name], method))
-                _atomic_save(path, values)
-            self._singular[key] = values
+                top = None
+            if top is None:
+                top, total = top_singular_values(self._matrix(layer, method), keep)
+                _atomic_save(path, top=top, total=np.float64(total))
+            self._singular[key] = (top, total)
         return self._singular[key]
 
     def ladder_with_errors(self, layer_name: str) -> list[Rung]:
@@ -184,17 +189,19 @@ class Compressor:
             new_initializers.extend(initializers)
             replaced_weights.add(layer.weight_name)
         still_used = {name for node in new_nodes for name in node.input}
-        kept = [t for t in graph.initializer if t.name not in replaced_weights or t.name in still_used]
         del graph.node[:]
         graph.node.extend(new_nodes)
-        del graph.initializer[:]
-        graph.initializer.extend(kept + new_initializers)
+        # drop the replaced weights in place: re-adding the kept ones would copy every weight once more
+        dropped = [i for i, t in enumerate(graph.initializer) if t.name in replaced_weights and t.name not in still_used]
+        for i in reversed(dropped):
+            del graph.initializer[i]
+        graph.initializer.extend(new_initializers)
         del graph.value_info[:]
         precisions = {node: decisions[layer].precision
                       for layer, nodes in self.compute_nodes(plan).items() for node in nodes
                       if decisions[layer].precision != "fp32"}
         if precisions:
-            model = apply_precisions(model, precisions, calibration_inputs, ranges, self.reduce_range)
+            model = apply_precisions(model, precisions, calibration_inputs, ranges, self.reduce_range, in_place=True)
             opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), self.graph.opset)
             if opset != self.graph.opset:  # int8's per-channel QDQ needs opset 13: the quantizer converted the model
                 model.doc_string = (f"explorer: converted from ONNX opset {self.graph.opset} to {opset} by "
@@ -324,7 +331,7 @@ class Compressor:
             dims = shape if layer.weight_on_left else shape[::-1]
         if shape_only:
             return dims
-        weight = self.graph.constant_array(layer.weight_name).astype(np.float32)
+        weight = np.asarray(self.graph.constant_array(layer.weight_name), dtype=np.float32)  # no copy of float32
         if layer.op_type == "Conv":
             return weight.reshape(dims) if method == "channel" else weight.transpose(1, 2, 0, 3).reshape(dims)
         if layer.op_type == "Gemm":
@@ -367,17 +374,45 @@ class Compressor:
 
 
 def singular_values(matrix: np.ndarray) -> np.ndarray:
-    """All singular values, largest first (through the smaller Gram matrix for large matrices)."""
-    if min(matrix.shape) < _GRAM_THRESHOLD:
-        return scipy.linalg.svdvals(matrix, check_finite=False)
-    gram = (matrix @ matrix.T) if matrix.shape[0] <= matrix.shape[1] else (matrix.T @ matrix)
-    eigenvalues = scipy.linalg.eigvalsh(gram.astype(np.float64), check_finite=False)
-    return np.sqrt(np.clip(eigenvalues[::-1], 0.0, None)).astype(np.float32)
+    """All singular values, largest first (through the smaller Gram matrix: no singular vectors)."""
+    return top_singular_values(matrix, min(matrix.shape))[0]
 
 
-def _atomic_save(path: Path, values: np.ndarray) -> None:
+def top_singular_values(matrix: np.ndarray, keep: int) -> tuple[np.ndarray, float]:
+    """The `keep` largest singular values (float64, largest first) and the squared Frobenius norm.
+
+    Eigenvalues only, of the smaller Gram matrix (float32 above _GRAM_THRESHOLD, where it is the
+    well-conditioned top of the spectrum that is kept): no singular vectors, several times faster than
+    a full SVD. A rung's tail energy is then exact: ||A||_F^2 - sum of its top sigma^2 (`tail_error`).
+    """
+    small = min(matrix.shape) < _GRAM_THRESHOLD
+    work = matrix.astype(np.float64) if small else np.asarray(matrix, dtype=np.float32)
+    gram = (work @ work.T) if work.shape[0] <= work.shape[1] else (work.T @ work)  # BLAS syrk
+    with _one_lapack_thread():
+        eigenvalues = scipy.linalg.eigh(gram, eigvals_only=True, driver="evd", overwrite_a=True, check_finite=False)
+    top = np.sqrt(np.clip(eigenvalues[::-1][:keep].astype(np.float64), 0.0, None))
+    total = float(np.einsum("ij,ij->", matrix, matrix, dtype=np.float64))
+    return top, total
+
+
+def tail_error(top: np.ndarray, total: float, rank: int) -> float:
+    """Relative Frobenius error of the best rank-`rank` approximation, from the top singular values
+    (at least `rank` of them) and the squared Frobenius norm."""
+    if rank > len(top):
+        raise ValueError(f"rank {rank} needs {rank} singular values, {len(top)} given")
+    return float(math.sqrt(max(total - float(np.sum(top[:rank] ** 2)), 0.0) / total)) if total > 0 else 0.0
+
+
+def _one_lapack_thread():
+    """BLAS limited to one thread for a LAPACK decomposition. Its tridiagonalisation is a long series of
+    small, synchronised BLAS-2 calls: on shared cores two OpenBLAS threads took 5x the CPU time and wall
+    time of one (eigenvalues of a 4096 Gram matrix, 2 cores under load); matrix products keep all threads."""
+    return threadpool_limits(1, user_api="blas")
+
+
+def _atomic_save(path: Path, **arrays: np.ndarray) -> None:
     buffer = io.BytesIO()
-    np.save(buffer, values)
+    np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -390,13 +425,19 @@ def truncated_svd(matrix: np.ndarray, keep: int) -> _Factors:
     """
     rows, cols = matrix.shape
     if min(rows, cols) < _GRAM_THRESHOLD:
-        left, singular, right = scipy.linalg.svd(matrix, full_matrices=False, check_finite=False)
+        with _one_lapack_thread():
+            left, singular, right = scipy.linalg.svd(matrix, full_matrices=False, check_finite=False)
         return _Factors(left[:, :keep].copy(), singular[:keep].copy(), right[:keep].copy())
     wide = rows <= cols
     gram = (matrix @ matrix.T) if wide else (matrix.T @ matrix)
     size = gram.shape[0]
-    eigenvalues, vectors = scipy.linalg.eigh(gram, subset_by_index=[size - keep, size - 1], driver="evr",
-                                             overwrite_a=True, check_finite=False)
+    with _one_lapack_thread():
+        if keep <= size * _SUBSET_FRACTION:  # a few eigenvectors: only those (bisection + inverse iteration)
+            eigenvalues, vectors = scipy.linalg.eigh(gram, subset_by_index=[size - keep, size - 1], driver="evx",
+                                                     overwrite_a=True, check_finite=False)
+        else:  # many: divide and conquer on all of them is faster than computing a subset
+            eigenvalues, vectors = scipy.linalg.eigh(gram, driver="evd", overwrite_a=True, check_finite=False)
+            eigenvalues, vectors = eigenvalues[size - keep:], vectors[:, size - keep:]
     order = np.argsort(eigenvalues)[::-1]
     singular = np.sqrt(np.clip(eigenvalues[order], 0.0, None))
     top = vectors[:, order].astype(np.float32)

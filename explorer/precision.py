@@ -58,6 +58,9 @@ INT8_FOLLOWER_OPS = ("Relu", "Clip", "MaxPool", "AveragePool", "Flatten", "Resha
 _MIN_INT8_OPSET = 13
 #: Calibration batch size when the model's batch dimension is dynamic (bounds calibration memory).
 _CALIBRATION_CHUNK = 64
+# input bytes per calibration batch at most (a symbolic batch): ORT holds a batch's activations, tens of
+# times its input (16 VGG-16 224x224 images at once: over 1 GB); min and max merge exactly across batches
+_CALIBRATION_BATCH_BYTES = 2**20
 
 Ranges = Mapping[str, tuple[float, float]]
 
@@ -68,6 +71,7 @@ def apply_precisions(
     calibration_inputs: np.ndarray | Mapping[str, np.ndarray] | None = None,
     ranges: Ranges | None = None,
     reduce_range: bool | None = None,
+    in_place: bool = False,
 ) -> onnx.ModelProto:
     """Return a new model in which each named node runs at the given precision; other nodes stay fp32.
 
@@ -76,13 +80,17 @@ def apply_precisions(
     the int8 nodes' activations, else ``calibration_inputs`` (a float32 batch for the first graph input, or
     input name -> batch for a model with several).
     ``reduce_range``: 7-bit weights (None: :func:`int8_reduce_range` for this machine).
-    The graph's inputs and outputs stay float32; ``model`` is not modified.
+    The graph's inputs and outputs stay float32; ``model`` is not modified unless ``in_place`` (a caller's
+    private copy: one copy of the weights fewer while ORT calibrates and quantises).
     """
     chosen = _checked_request(model, node_precisions)
     int8 = [name for name, precision in chosen.items() if precision == "int8"]
     fp16 = {name for name, precision in chosen.items() if precision == "fp16"}
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    if in_place:
+        result = model
+    else:
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
     _unshare_initializers(result.graph, set(chosen))
     if int8:
         quantised = int8 + _int8_followers(result.graph, set(int8))
@@ -110,6 +118,7 @@ def calibration_ranges(model: onnx.ModelProto,
             path,
             augmented_model_path=str(Path(tmp, "augmented.onnx")),
             calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=True,  # weights written tensor by tensor: no second serialised copy
         )
         calibrator.collect_data(reader)
         data = calibrator.compute_data()
@@ -359,8 +368,10 @@ def _calibration_batches(model: onnx.ModelProto,
                 f"{name!r} of shape {expected}"
             )
         arrays[name] = array
-        steps.add(batch or _CALIBRATION_CHUNK)
-    step = min(steps)
+        steps.add(batch)
+    sample_bytes = max(1, sum(int(np.prod(a.shape[1:])) * a.itemsize for a in arrays.values()))
+    chunk = max(1, min(_CALIBRATION_CHUNK, _CALIBRATION_BATCH_BYTES // sample_bytes))
+    step = min(batch or chunk for batch in steps)
     count = len(next(iter(arrays.values())))
     return [{name: array[i : i + step] for name, array in arrays.items()} for i in range(0, count, step)]
 

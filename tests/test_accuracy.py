@@ -144,3 +144,38 @@ def test_workers_share_the_cores_for_scoring_unless_the_user_chose(monkeypatch):
     assert "EXPLORER_SCORING_THREADS" not in os.environ  # the caller's environment is left as it was
     monkeypatch.setenv("EXPLORER_SCORING_THREADS", "3")
     assert worker_environment(2, cores=8)["EXPLORER_SCORING_THREADS"] == "3"
+
+
+def test_sensitivity_table_resumes_after_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C after k entries keeps them; the next run measures only the rest and gives the same table."""
+    graph = LayerGraph(mlp())
+    compressor = Compressor(graph)
+    scorer = AccuracyScorer(graph.model, _labelled(graph.model, 100))
+    monkeypatch.setenv("EXPLORER_RUNS", str(tmp_path / "uninterrupted"))
+    reference = sensitivity_table(graph, compressor, scorer)
+    total, stop_after = len(reference.drops), 5
+
+    monkeypatch.setenv("EXPLORER_RUNS", str(tmp_path / "interrupted"))
+    real_score = scorer.score_outputs
+    calls = []
+
+    def interrupting(outputs):
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_score(outputs)
+
+    monkeypatch.setattr(scorer, "score_outputs", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        sensitivity_table(graph, compressor, scorer)
+    assert not list((tmp_path / "interrupted" / "cache" / "sensitivity").glob("*.json"))  # no table yet
+    counted = []
+    monkeypatch.setattr(scorer, "score_outputs", lambda outputs: counted.append(1) or real_score(outputs))
+    reports = []
+    resumed = sensitivity_table(graph, compressor, scorer, progress=lambda done, total: reports.append((done, total)))
+    assert len(counted) == total - stop_after  # only the remainder was measured
+    assert reports[0] == (stop_after, total) and reports[-1] == (total, total)
+    assert resumed.drops == reference.drops and resumed.flips == reference.flips
+    assert list(resumed.drops) == list(reference.drops)  # same order, however resumed
+    assert not list((tmp_path / "interrupted" / "cache" / "sensitivity").glob("*.partial.jsonl"))
+    assert sensitivity_table(graph, compressor, scorer).from_cache

@@ -69,3 +69,29 @@ def test_data_with_the_wrong_shape_is_refused(capsys, tmp_path):
     np.savez(tmp_path / "bad.npz", x=np.zeros((4, 3, 32, 32), np.float32))
     code, _, err = run(capsys, "inspect", "--model", "vgg", "--data", str(tmp_path / "bad.npz"))
     assert code == 2 and "does not match the model input" in err
+
+
+def test_sensitivity_resumes_after_ctrl_c(capsys, tmp_path, monkeypatch):
+    import onnx
+
+    from explorer.accuracy import AccuracyScorer
+    from netbuild import mlp, random_inputs
+
+    model = mlp()
+    onnx.save(model, tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "val.npz", x=random_inputs(model, 64))
+    argv = ("sensitivity", "--model", str(tmp_path / "mlp.onnx"), "--data", str(tmp_path / "val.npz"))
+    real_score, calls = AccuracyScorer.score_outputs, []
+
+    def interrupting(self, outputs):
+        calls.append(1)
+        if len(calls) == 4 + 1:  # the baseline, then 3 entries, then Ctrl-C
+            raise KeyboardInterrupt
+        return real_score(self, outputs)
+
+    monkeypatch.setattr(AccuracyScorer, "score_outputs", interrupting)
+    code, _, err = run(capsys, *argv)
+    assert code == 130 and "3 of" in err and "run the same command again" in err
+    monkeypatch.setattr(AccuracyScorer, "score_outputs", real_score)
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "measured now" in out

@@ -175,7 +175,9 @@ def test_truncated_svd_through_the_gram_matrix_matches_a_full_svd():
     reconstruction = (factors.left * factors.singular) @ factors.right
     expected = (left[:, :32] * singular[:32]) @ right[:32]
     assert np.max(np.abs(reconstruction - expected)) <= 1e-3 * np.max(np.abs(expected))
-    np.testing.assert_allclose(singular_values(matrix)[:50], singular[:50], rtol=1e-4)
+    # eigenvalues of the float32 Gram: sigma^2 to float32 precision of the largest, what rung errors need
+    np.testing.assert_allclose(singular_values(matrix) ** 2, singular**2, atol=1e-6 * singular[0] ** 2)
+    np.testing.assert_allclose(singular_values(matrix)[:40], singular[:40], rtol=1e-4)  # the signal part
 
 
 def test_rewrite_shared_rewrites_each_rank_and_precision_choice_once(monkeypatch):
@@ -196,3 +198,38 @@ def test_rewrite_shared_rewrites_each_rank_and_precision_choice_once(monkeypatch
     other = on_cpu.with_decision(layers[1], Decision(rung.method, rung.rank, "int8", "cpu"))
     x = random_inputs(compressor.graph.model, 8)
     assert compressor.rewrite_shared(other, x) is not models[0] and len(calls) == 2
+
+
+@pytest.mark.parametrize("shape", [(300, 500), (1100, 1300)])  # the float64 path and the float32 Gram path
+def test_truncated_spectrum_gives_the_full_svds_reconstruction_error(shape):
+    """Every rung's error from the top singular values + the Frobenius norm equals the full SVD's
+    within 1e-4 (absolute, relative Frobenius error), on a low-rank-plus-noise matrix."""
+    from explorer.compress import tail_error, top_singular_values, truncated_svd
+
+    rng = np.random.default_rng(1)
+    rows, cols = shape
+    matrix = (rng.standard_normal((rows, 40)) @ rng.standard_normal((40, cols))
+              + 0.5 * rng.standard_normal(shape)).astype(np.float32)
+    full = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+    keep = 280
+    top, total = top_singular_values(matrix, keep)
+    assert len(top) == keep
+    for rank in (8, 40, 120, 280):  # on the Gram path, 280 of 1100 vectors: all are computed, the top kept
+        exact = np.sqrt(np.sum(full[rank:] ** 2) / np.sum(full**2))
+        assert abs(tail_error(top, total, rank) - exact) <= 1e-4
+        factors = truncated_svd(matrix, rank)  # the factors a rewrite uses reach the same error
+        approx = (factors.left * factors.singular) @ factors.right
+        assert abs(np.linalg.norm(matrix - approx) / np.linalg.norm(matrix) - exact) <= 1e-4
+    with pytest.raises(ValueError):
+        tail_error(top, total, keep + 1)  # an error needing more values than were kept is refused
+
+
+def test_compressor_rung_errors_match_a_full_svd_of_the_layer_matrix():
+    graph = LayerGraph(small_cnn())
+    compressor = Compressor(graph)
+    for layer in graph.layers:
+        for method in compressor.methods(layer):
+            full = np.linalg.svd(compressor._matrix(layer, method).astype(np.float64), compute_uv=False)
+            for rank in compressor.candidate_ranks(layer, method):
+                exact = np.sqrt(np.sum(full[rank:] ** 2) / np.sum(full**2))
+                assert abs(compressor.rel_error(layer.name, method, rank) - exact) <= 1e-5
