@@ -104,7 +104,8 @@ def search(problem, agent: str = "optuna-tpe", budget: int = DEFAULT_BUDGET, see
     from explorer import cli
     from explorer.tracking import SearchTracker
 
-    args = argparse.Namespace(**(settings | {"seed": seed}), agent=agent, budget=budget, tracking_uri=tracking_uri)
+    args = argparse.Namespace(**(cli.PARSER_DEFAULTS | settings | {"seed": seed}), agent=agent, budget=budget,
+                              tracking_uri=tracking_uri)  # the seed logged is the search's (the CLI has one for both)
     uri, experiment, params = cli._search_settings(problem, args)
     baseline = cli._prepare(problem)
     with SearchTracker(uri, experiment, f"{agent} seed {seed}", params) as tracker:
