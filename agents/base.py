@@ -50,6 +50,7 @@ class SearchResult:
     best_trial: Trial | None = None
     interrupted: bool = False
     seed_plan: Plan | None = None  # the solver's plan the agent started from (None: it used none)
+    run_id: str | None = None  # the MLflow parent run of a tracked search (explorer.search)
 
     @property
     def best_plan(self) -> Plan | None:

@@ -4,20 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from explorer.accuracy import AccuracyScorer
-from explorer.boards import load_board
-from explorer.graph import load_graph
-from explorer.measure import make_measurer
-from explorer.problem import Constraints, Objective, Problem
-from explorer.zoo import zoo_validation_data
+from explorer.api import load_problem
+from explorer.problem import Problem
 
 
 def zoo_problem(model: str, board: str, measure: str = "sim", objective: str = "energy",
-                latency_ms: float | None = 5000.0, max_accuracy_drop: float | None = 0.05, seed: int = 0) -> Problem:
-    """A Problem for a zoo model (its shipped validation data, if any) on a board."""
-    graph = load_graph(model)
-    return Problem(graph, load_board(board), make_measurer(measure, seed), AccuracyScorer(graph.model, zoo_validation_data(model)),
-                   Constraints(latency_ms=latency_ms, max_accuracy_drop=max_accuracy_drop), Objective.parse(objective))
+                latency_ms: float | None = 5000.0, max_accuracy_drop_points: float | None = 5.0, seed: int = 0) -> Problem:
+    """A Problem for a zoo model (its shipped validation data, if any) on a board (explorer.load_problem)."""
+    return load_problem(model, board, measure=measure, objective=objective, latency_ms=latency_ms,
+                        max_accuracy_drop_points=max_accuracy_drop_points, seed=seed)
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

@@ -81,11 +81,11 @@ def measured_rows(model: str, board: str) -> tuple[list[list[object]], Plan | No
     """One row per plan measured with --measure host; the solver plan and the host problem."""
     from explorer.solver import solve_measured
 
-    sim = zoo_problem(model, board, "sim", latency_ms=None, max_accuracy_drop=0.01)
+    sim = zoo_problem(model, board, "sim", latency_ms=None, max_accuracy_drop_points=1)
     baseline_ms = sim.baseline().latency_ms
-    sim = zoo_problem(model, board, "sim", latency_ms=1.25 * baseline_ms, max_accuracy_drop=0.01)
+    sim = zoo_problem(model, board, "sim", latency_ms=1.25 * baseline_ms, max_accuracy_drop_points=1)
     solver_plan = solve_measured(sim).plan
-    host = zoo_problem(model, board, "host", latency_ms=None, max_accuracy_drop=None)
+    host = zoo_problem(model, board, "host", latency_ms=None, max_accuracy_drop_points=None)
     layers = [name for name, _ in solver_plan.decisions]
     plans = [("all gpu fp32", Plan.uniform(layers, Decision(processor="gpu"))),
              ("all gpu fp16", Plan.uniform(layers, Decision(precision="fp16", processor="gpu"))),

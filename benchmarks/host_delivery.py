@@ -35,7 +35,7 @@ from explorer.measure import HostMeasurer
 from explorer.problem import Problem
 from explorer.report import confirmation_candidates
 
-ACCURACY_LIMIT = 0.01  # one point
+ACCURACY_LIMIT_POINTS = 1.0
 BATCHES = (1, 32)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report the parent's peak
 _PEAK_MEMORY = """
@@ -52,7 +52,7 @@ print(int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
 def problem_for(model: str, objective: str, samples: int | None) -> Problem:
     """The model on the calibrated host, measured for real, with a 1-point accuracy limit (none without data)."""
     try:
-        problem = zoo_problem(model, "host", "host", objective, latency_ms=None, max_accuracy_drop=ACCURACY_LIMIT)
+        problem = zoo_problem(model, "host", "host", objective, latency_ms=None, max_accuracy_drop_points=ACCURACY_LIMIT_POINTS)
     except ExplorerError as error:
         raise SystemExit(f"host_delivery: {error}") from None
     dataset = problem.scorer.dataset

@@ -50,6 +50,7 @@ without measuring it (behaviour cloning).
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -58,41 +59,34 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from explorer.accuracy import AccuracyScorer, SensitivityTable, sensitivity_table
-from explorer.boards import PRECISIONS, load_board
+from explorer.accuracy import SensitivityTable, sensitivity_table
+from explorer.boards import PRECISIONS
 from explorer.cost import BYTES_PER_ELEMENT, CostModel
-from explorer.data import load_graph_and_data
 from explorer.errors import ExplorerError
 from explorer.graph import DECISION_OPS
-from explorer.measure import make_measurer
 from explorer.plan import Decision, Plan
-from explorer.problem import DEFAULT_LATENCY_MS, DEFAULT_MAX_ACCURACY_DROP, Constraints, Evaluation, Objective, Problem
-from explorer.synthetic import scoring_data
+from explorer.problem import DEFAULT_MAX_ACCURACY_DROP, Evaluation, Problem
 
 OBSERVATION_HIGH = 10.0  # running ratios are clipped here (10x a budget is far outside anything useful)
 SOLVER = "solver"  # `suggestion=` default: solve the integer program on the cost model
+_PRECISION_COLOURS = {"fp32": (80, 140, 255), "fp16": (90, 220, 120), "int8": (255, 170, 60)}  # render("rgb_array")
 
 
-def make_problem(model: str = "vgg", board: str = "tegra-k1", objective: str = "energy",
-                 latency_ms: float | None = DEFAULT_LATENCY_MS,
-                 max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
-                 memory_mb: float | None = None, seed: int = 0, measure: str = "sim", data: str | None = None,
-                 data_samples: int | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
-                 synthetic_inputs: str | None = None) -> Problem:
-    """A Problem from picklable names: a zoo name or ONNX path, a board name or TOML path, and
-    validation data (an .npz path; default: the zoo model's shipped data; without data, accuracy is
-    estimated on synthetic inputs drawn as `synthetic_inputs` says, as --synthetic-inputs does).
+def make_problem(model: str = "vgg", board: str = "tegra-k1", *, max_accuracy_drop: float | None = None,
+                 **names) -> Problem:
+    """`explorer.load_problem` under its former name: the same keywords, the accuracy limit in points
+    (`max_accuracy_drop_points=1` is one point). The former fraction `max_accuracy_drop` is refused."""
+    from explorer.api import load_problem
 
-    `max_accuracy_drop` is a fraction (0.01 = one point); `data_samples` keeps the first N samples;
-    `input_shapes` sizes inputs with symbolic dimensions, as --input-shape does ({"x": (1, 3, 48, 320)}).
-    """
-    graph, dataset = load_graph_and_data(model, data, input_shapes, data_samples)
-    if synthetic_inputs is not None and data is not None:
-        raise ExplorerError("synthetic_inputs replaces data: give one of them")
-    scorer = AccuracyScorer(graph.model, scoring_data(graph, dataset, synthetic_inputs))
-    return Problem(graph, load_board(board), make_measurer(measure, seed), scorer,
-                   Constraints(latency_ms=latency_ms, max_accuracy_drop=max_accuracy_drop, memory_mb=memory_mb),
-                   Objective.parse(objective))
+    if max_accuracy_drop is not None:
+        raise ExplorerError(f"max_accuracy_drop={max_accuracy_drop!r} was a fraction; the limit is now in points: pass "
+                            f"max_accuracy_drop_points={100 * max_accuracy_drop:g} (1 = one point of accuracy)")
+    try:
+        inspect.signature(load_problem).bind(model, board, **names)
+    except TypeError as error:
+        accepted = ", ".join(inspect.signature(load_problem).parameters)
+        raise ExplorerError(f"{error}: the problem's names are explorer.load_problem's ({accepted})") from None
+    return load_problem(model, board, **names)
 
 
 def resolve_precision(requested: str, supported: tuple[str, ...]) -> str:
@@ -153,24 +147,27 @@ class _Episode:
 class DeployEnv(gym.Env):
     """One step per decision layer: (rung, processor, precision); measured reward at the end.
 
-    Build it from names (`model`, `board`, ... as `make_problem` takes them; picklable, so it works
-    in subprocess vector environments) or from an existing `problem` (a Problem or an agent's
-    BudgetedProblem; the names are then ignored). `suggestion`: "solver" (solve the integer program
-    on the cost model, no measurement), a Plan, or None. `cost_model`: the model behind the running
-    totals (default: the problem's).
+    Build it from names (`model`, `board` and the other keywords of `explorer.load_problem`, the
+    accuracy limit in points: `max_accuracy_drop_points=1`; picklable, so it works in subprocess
+    vector environments) or from an existing `problem` (a Problem or an agent's BudgetedProblem; the
+    names are then ignored). `suggestion`: "solver" (solve the integer program on the cost model, no
+    measurement), a Plan, or None. `cost_model`: the model behind the running totals (default: the
+    problem's). `render_mode`: None, "ansi" (the decisions so far as text) or "rgb_array" (one row per
+    layer, one column per processor, coloured by precision, brighter for more weights).
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
 
-    def __init__(self, model: str = "vgg", board: str = "tegra-k1", objective: str = "energy",
-                 latency_ms: float | None = DEFAULT_LATENCY_MS,
-                 max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP, memory_mb: float | None = None,
-                 seed: int = 0, measure: str = "sim", data: str | None = None, data_samples: int | None = None,
-                 problem=None, suggestion: Plan | str | None = SOLVER, cost_model: CostModel | None = None):
+    def __init__(self, model: str = "vgg", board: str = "tegra-k1", *, problem=None,
+                 suggestion: Plan | str | None = SOLVER, cost_model: CostModel | None = None,
+                 render_mode: str | None = None, **names):
         super().__init__()
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ExplorerError(f"render_mode={render_mode!r} is not one of {', '.join(self.metadata['render_modes'])} "
+                                "(or None)")
+        self.render_mode = render_mode
         if problem is None:
-            problem = make_problem(model, board, objective, latency_ms, max_accuracy_drop, memory_mb, seed, measure,
-                                   data, data_samples)
+            problem = make_problem(model, board, **names)
         self.problem = problem
         self.board = problem.board
         self.layers = list(problem.graph.layers)
@@ -252,6 +249,27 @@ class DeployEnv(gym.Env):
     def set_cost_model(self, cost_model: CostModel) -> None:
         """Use a (recalibrated) cost model for the running totals from the next reset on."""
         self._pending_cost_model = cost_model
+
+    def render(self):
+        """The episode so far as `render_mode` says: text ("ansi") or an RGB image ("rgb_array"); None without a mode."""
+        episode = self._episode
+        if self.render_mode == "ansi":
+            lines = [f"{layer.name}: {decision.label()}" for layer, decision in zip(self.layers, episode.decisions)]
+            if len(episode.decisions) < len(self.layers):
+                lines.append(f"{self.layers[len(episode.decisions)].name}: next")
+            return "\n".join(lines) + "\n"
+        if self.render_mode == "rgb_array":
+            cell = 8  # pixels per layer (rows) and per processor (columns)
+            image = np.full((len(self.layers) * cell, len(self.processor_ids) * cell, 3), 32, dtype=np.uint8)
+            for index, decision in enumerate(episode.decisions):
+                full = max(r.params for r in self.rungs[index])
+                params = next(r.params for r in self.rungs[index] if (r.method, r.rank) == decision.rung)
+                shade = 0.35 + 0.65 * params / max(full, 1)  # brighter: more weights kept
+                p = self.processor_ids.index(decision.processor)
+                image[index * cell:(index + 1) * cell, p * cell:(p + 1) * cell] = \
+                    (np.array(_PRECISION_COLOURS[decision.precision]) * shade).astype(np.uint8)
+            return image
+        return None
 
     def encode(self, layer_index: int, decision: Decision) -> np.ndarray:
         """The action that chooses `decision` at layer `layer_index`."""

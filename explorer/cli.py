@@ -221,19 +221,15 @@ def cmd_boards(args: argparse.Namespace) -> None:
 
 
 def _problem(args: argparse.Namespace):
-    """Problem for the --model/--data/--board/--measure/constraint options."""
-    from explorer.boards import load_board
-    from explorer.measure import make_measurer
-    from explorer.problem import Constraints, Objective, Problem
+    """Problem for the --model/--data/--board/--measure/constraint options (explorer.api.load_problem)."""
+    from explorer.api import load_problem
+    from explorer.graph import parse_input_shapes
 
-    graph, dataset = _load(args)
-    board = load_board(args.board)
-    constraints = Constraints(latency_ms=args.latency_ms,
-                              max_accuracy_drop=args.max_accuracy_drop / 100 if args.max_accuracy_drop is not None else None,
-                              memory_mb=args.memory_mb)
-    return Problem(graph, board, make_measurer(args.measure, args.seed, getattr(args, "wait_for_servers", 0.0)),
-                   _scorer(args, graph, dataset),
-                   constraints, Objective.parse(args.objective))
+    return load_problem(args.model, args.board, measure=args.measure, data=getattr(args, "data", None),
+                        synthetic_inputs=getattr(args, "synthetic_inputs", None),
+                        input_shapes=parse_input_shapes(getattr(args, "input_shape", None)), latency_ms=args.latency_ms,
+                        max_accuracy_drop_points=args.max_accuracy_drop, memory_mb=args.memory_mb,
+                        objective=args.objective, seed=args.seed, wait_for_servers=getattr(args, "wait_for_servers", 0.0))
 
 
 def print_evaluation(evaluation, title: str) -> None:

@@ -133,6 +133,7 @@ class Problem:
         self.use_disk_cache = use_disk_cache
         self.error_bound = error_bound  # without data: max relative reconstruction error per layer (None: no bound)
         self.calibration_inputs, self.calibration_source = calibration_inputs(graph, scorer.dataset)
+        self.settings: dict | None = None  # the names it was built from (explorer.api.load_problem), for tracking
         self.evaluations = 0  # measured (not cached) evaluations
         self._memory_cache: dict[str, Evaluation] = {}
         self._accuracy_cache: dict[str, AccuracyResult] = {}

@@ -27,7 +27,7 @@ from explorer.problem import Constraints, Objective, Problem
 from boardbuild import write_board
 from netbuild import random_inputs, small_cnn
 
-VGG = {"model": "vgg", "board": "tegra-k1", "latency_ms": 250.0, "max_accuracy_drop": 0.01, "data_samples": 300}
+VGG = {"model": "vgg", "board": "tegra-k1", "latency_ms": 250.0, "max_accuracy_drop_points": 1, "data_samples": 300}
 TIGHT = {  # processor: (memory MB, precisions, decision ops); the board holds 0.16 MB of weights
     "big": ("0.12", ("fp32", "fp16", "int8"), ("Conv", "Gemm", "MatMul")),
     "gpu": ("0.06", ("fp32", "fp16"), ("Conv", "Gemm", "MatMul")),

@@ -6,17 +6,18 @@ from sb3_contrib import MaskablePPO
 
 from agents.base import BudgetedProblem
 from agents.ppo import HEADROOM_FRACTION, LOCAL_RADIUS, Demonstration, PPOAgent, SolverGuide, behaviour_clone
-from envs import DeployEnv, make_problem
+from envs import DeployEnv
+from explorer import load_problem
 from explorer.solver import solve_measured
 
 BUDGET = 38  # 8 reference plans, then 30 of the agent's own
-VGG = {"model": "vgg", "board": "tegra-k1", "objective": "energy", "latency_ms": 250.0, "max_accuracy_drop": 0.01,
+VGG = {"model": "vgg", "board": "tegra-k1", "objective": "energy", "latency_ms": 250.0, "max_accuracy_drop_points": 1,
        "data_samples": 300}
 
 
 @pytest.fixture(scope="module")
 def problem():
-    return make_problem(**VGG)
+    return load_problem(**VGG)
 
 
 @pytest.fixture(scope="module")

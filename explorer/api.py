@@ -1,0 +1,143 @@
+"""The Python API: build a Problem from names, search it (tracked in MLflow), export the best plan.
+
+    import explorer
+    problem = explorer.load_problem("vgg", "tegra-k1", latency_ms=250, max_accuracy_drop_points=1)
+    result = explorer.search(problem, agent="optuna-tpe", budget=50)      # logged to MLflow like `explorer search`
+    path = explorer.export_plan(problem, result, "runs/bundles/vgg-tegra-k1")
+    y = explorer.Bundle.load(path).run(x)
+
+Accuracy limits are in points (1 = one point of top-1) here as on the command line; the Problem
+keeps fractions inside. `load_problem` is the one factory of a Problem from names: the CLI, the
+Gymnasium environment and the benchmarks all build theirs with it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from explorer.errors import ExplorerError
+from explorer.problem import DEFAULT_LATENCY_MS, DEFAULT_MAX_ACCURACY_DROP
+
+DEFAULT_MAX_ACCURACY_DROP_POINTS = 100 * DEFAULT_MAX_ACCURACY_DROP  # DeepX: about 5 points
+DEFAULT_BUDGET = 200  # measured evaluations, as `explorer search --budget`
+
+
+def load_problem(model: str = "vgg", board: str = "tegra-k1", *, measure: str = "sim", data: str | Path | None = None,
+                 synthetic_inputs: str | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 latency_ms: float | None = DEFAULT_LATENCY_MS,
+                 max_accuracy_drop_points: float | None = DEFAULT_MAX_ACCURACY_DROP_POINTS,
+                 memory_mb: float | None = None, objective: str = "energy", seed: int = 0,
+                 wait_for_servers: float = 0.0, data_samples: int | None = None):
+    """A Problem from names, as `explorer search` builds it from its options.
+
+    `model`: a zoo name or an ONNX path; `board`: a board name or TOML path; `measure`: sim, host or
+    remote://HOST:PORT[,...]; `data`: an .npz of validation data (default: a zoo model's shipped data;
+    `data_samples` keeps the first N); `synthetic_inputs`: score on synthetic inputs instead (as
+    --synthetic-inputs); `input_shapes`: sizes of symbolic inputs ({"x": (1, 3, 48, 320)}, as
+    --input-shape); `max_accuracy_drop_points`: the accuracy-loss limit in points (None: no limit);
+    `latency_ms`, `memory_mb`: limits (None: none); `objective`: energy, latency, memory or a weighted
+    sum; `seed`: the measurer's; `wait_for_servers`: seconds to wait for a remote measurement agent.
+    The names are kept in `problem.settings` (under the CLI's option names), so a tracked search
+    records what rebuilds the problem.
+    """
+    from explorer.accuracy import AccuracyScorer
+    from explorer.boards import load_board
+    from explorer.data import load_graph_and_data
+    from explorer.measure import make_measurer
+    from explorer.problem import Constraints, Objective, Problem
+    from explorer.synthetic import scoring_data
+
+    _check_limit("latency_ms", latency_ms)
+    _check_limit("memory_mb", memory_mb)
+    if max_accuracy_drop_points is not None and not (_is_number(max_accuracy_drop_points)
+                                                     and 0 <= max_accuracy_drop_points <= 100):
+        raise ExplorerError(f"max_accuracy_drop_points={max_accuracy_drop_points!r} must be between 0 and 100 points "
+                            "(e.g. 1 for one point of accuracy; None for no limit)")
+    if synthetic_inputs is not None and data is not None:
+        raise ExplorerError("synthetic inputs replace the data: give data (--data) or synthetic_inputs "
+                            "(--synthetic-inputs), not both")
+    objective_ = Objective.parse(objective)  # a bad objective fails before the model is loaded
+    graph, dataset = load_graph_and_data(model, data, input_shapes, data_samples)
+    drop = None if max_accuracy_drop_points is None else max_accuracy_drop_points / 100  # fractions inside
+    problem = Problem(graph, load_board(board), make_measurer(measure, seed, wait_for_servers),
+                      AccuracyScorer(graph.model, scoring_data(graph, dataset, synthetic_inputs)),
+                      Constraints(latency_ms=latency_ms, max_accuracy_drop=drop, memory_mb=memory_mb), objective_)
+    problem.settings = {  # the CLI's option names and units (PARSER_DEFAULTS), for tracking and `explorer export --run`
+        "model": model, "board": board, "measure": measure, "objective": objective, "latency_ms": latency_ms,
+        "max_accuracy_drop": max_accuracy_drop_points, "memory_mb": memory_mb, "seed": seed,
+        "data": str(data) if data is not None else None,
+        "input_shape": [f"{name}={'x'.join(str(d) for d in dims)}" for name, dims in input_shapes.items()]
+        if input_shapes else None,
+        "synthetic_inputs": synthetic_inputs}
+    return problem
+
+
+def search(problem, agent: str = "optuna-tpe", budget: int = DEFAULT_BUDGET, seed: int = 0, track: bool = True,
+           tracking_uri: str | None = None, **agent_options):
+    """Search `problem` with the agent called `agent` (ppo, optuna-tpe, optuna-nsga2, random, solver) for
+    `budget` measured evaluations; returns the agents' SearchResult.
+
+    With `track` (default) the search is logged to MLflow exactly as `explorer search` logs it: a
+    parent run with the settings (accuracy in points), one child run per trial, the reference plans and
+    the best plans confirmed by interleaved re-measurement, the summary and the plots; its run id is
+    `result.run_id` (`explorer export --run RUN_ID` reads it). The problem must come from
+    `load_problem`, whose names rebuild it. `tracking_uri`: default the store under runs/ (or
+    $EXPLORER_RUNS). `agent_options`: the agent's own keywords (e.g. storage= for Optuna).
+    """
+    from agents import make_agent
+
+    if not (isinstance(budget, int) and budget >= 1):
+        raise ExplorerError(f"budget={budget!r} must be a whole number of measured evaluations, at least 1")
+    searcher = make_agent(agent, **agent_options)
+    if not track:
+        return searcher.search(problem, budget, seed)
+    settings = getattr(problem, "settings", None)
+    if settings is None:
+        raise ExplorerError("track=True records the names that rebuild the problem: build it with "
+                            "explorer.load_problem(...), or search with track=False")
+    if settings["latency_ms"] is None or settings["max_accuracy_drop"] is None:
+        raise ExplorerError("track=True logs the search as `explorer search` does, which always has a latency and an "
+                            "accuracy limit: give latency_ms and max_accuracy_drop_points, or search with track=False")
+    # The CLI's own search lifecycle (settings, baseline, tracker, summary, confirmation), so both log alike.
+    from explorer import cli
+    from explorer.tracking import SearchTracker
+
+    args = argparse.Namespace(**(cli.PARSER_DEFAULTS | settings | {"seed": seed}), agent=agent, budget=budget,
+                              tracking_uri=tracking_uri)  # the seed logged is the search's (the CLI has one for both)
+    uri, experiment, params = cli._search_settings(problem, args)
+    baseline = cli._prepare(problem)
+    with SearchTracker(uri, experiment, f"{agent} seed {seed}", params) as tracker:
+        result = searcher.search(problem, budget, seed, tracker.log_trial)
+        cli._conclude_search(problem, tracker, result, baseline, args)
+    result.run_id = tracker.run_id
+    return result
+
+
+def export_plan(problem, found, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the bundle of `found` (a SearchResult: its best plan, or a Plan) for `problem` into `out`, as
+    `explorer export` does; returns the bundle's path. Run it with `explorer.Bundle.load(path).run(x)`."""
+    from agents.base import SearchResult
+    from explorer.export import export_bundle
+    from explorer.plan import Plan
+
+    if isinstance(found, SearchResult):
+        plan, run_id = found.best_plan, found.run_id
+        if plan is None:
+            raise ExplorerError("the search found no feasible plan to export: loosen latency_ms, "
+                                "max_accuracy_drop_points or memory_mb, or raise the budget")
+    elif isinstance(found, Plan):
+        plan, run_id = found, None
+    else:
+        raise ExplorerError(f"export_plan exports a SearchResult or a Plan, not {type(found).__name__}")
+    return export_bundle(problem, plan, Path(out), evaluation=problem.evaluate(plan), run_id=run_id, overwrite=overwrite)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_limit(name: str, value) -> None:
+    if value is not None and not (_is_number(value) and value > 0):
+        raise ExplorerError(f"{name}={value!r} must be a number above 0 (None for no limit)")
