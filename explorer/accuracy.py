@@ -32,7 +32,8 @@ from explorer.graph import LayerGraph
 from explorer.paths import cache_dir
 from explorer.precision import PRECISIONS, calibration_ranges, session_options
 
-NOT_MEASURED = "accuracy not measured (no validation data): ranks limited by a reconstruction-error bound"
+NOT_MEASURED = ("accuracy not measured (no validation data): ranks limited by a reconstruction-error bound, "
+                "precisions not limited")
 SYNTHETIC_LABEL = "estimated on synthetic inputs, not measured"
 UNLABELLED_LABEL = "agreement with the original model (no labels), not accuracy"
 SIMILARITY_DEFINITION = "similarity = 1 - relative error, v2"  # in cache keys: the score's meaning changed once

@@ -106,9 +106,22 @@ def synthetic_dataset(graph: LayerGraph, inputs: SyntheticInputs | None = None, 
     return Dataset(x=drawn.pop(first), y=None, source=source, extra=drawn, synthetic=True)
 
 
-def scoring_data(graph: LayerGraph, dataset: Dataset | None, synthetic_inputs: str | None = None) -> Dataset:
+def scoring_data(graph: LayerGraph, dataset: Dataset | None, synthetic_inputs: str | None = None) -> Dataset | None:
     """The data accuracy is scored on: the validation data, else synthetic inputs. `synthetic_inputs`
-    (--synthetic-inputs) asks for synthetic inputs even where a zoo model ships data, never with --data."""
+    (--synthetic-inputs) asks for synthetic inputs even where a zoo model ships data, never with --data.
+
+    None (accuracy not measured) for a zoo model whose weights are untrained by design, unless synthetic
+    inputs are asked for: agreement of random weights with themselves says nothing about a trained model,
+    and scoring a full-size network on synthetic inputs would cost minutes for a figure without meaning."""
     if synthetic_inputs is None and dataset is not None:
         return dataset
+    if synthetic_inputs is None and _untrained_zoo_model(graph):
+        return None
     return synthetic_dataset(graph, SyntheticInputs.parse(synthetic_inputs))
+
+
+def _untrained_zoo_model(graph: LayerGraph) -> bool:
+    from explorer.zoo import ZOO
+
+    entry = ZOO.get(str(graph.source))
+    return entry is not None and not entry.trained

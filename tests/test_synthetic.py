@@ -163,3 +163,17 @@ def test_synthetic_inputs_replace_a_zoo_models_data_when_asked(capsys):
     code, out, err = run(capsys, "measure", "--model", "vgg", "--synthetic-inputs", "normal")
     assert code == 0, err
     assert f"accuracy basis: {SYNTHETIC_LABEL}" in out and "agreement" in out
+
+
+def test_an_untrained_zoo_model_is_not_scored_unless_synthetic_inputs_are_asked_for():
+    """vgg16-imagenet's random weights agree with themselves whatever the plan: no figure, said so."""
+    import types
+
+    from explorer.graph import load_graph
+    from explorer.synthetic import scoring_data
+
+    untrained = types.SimpleNamespace(source="vgg16-imagenet")
+    assert scoring_data(untrained, None) is None
+    graph = load_graph("vgg")  # a trained zoo model without data is estimated on synthetic inputs
+    data = scoring_data(graph, None)
+    assert data is not None and data.synthetic
