@@ -629,7 +629,9 @@ def _search_args(args: argparse.Namespace, **overrides) -> list[str]:
               "objective": args.objective, "latency_ms": args.latency_ms, "max_accuracy_drop": args.max_accuracy_drop,
               "measure": args.measure, "seed": args.seed, "data": args.data, "memory_mb": args.memory_mb,
               "input_shape": args.input_shape, "synthetic_inputs": args.synthetic_inputs, "tracking_uri": args.tracking_uri, "storage": args.storage, "study": args.study,
-              "workers": args.workers if args.workers > 1 else None, "resume": None, "parent_run": None} | overrides
+              "workers": args.workers if args.workers > 1 else None,
+              "wait_for_servers": getattr(args, "wait_for_servers", 0.0) or None,  # only when not the default (0)
+              "resume": None, "parent_run": None} | overrides
     parts = []
     for key, value in values.items():
         for item in (value if isinstance(value, list) else [value]):  # a repeatable option: once per value
