@@ -910,7 +910,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one array per input by name)")
     p.add_argument("--output", help="write the first output to this .npy file, or every output by name to a .npz")
     p.add_argument("--strict", action="store_true", help="fail instead of falling back to the CPU when a provider is missing")
-    p.add_argument("--timing", action="store_true", help="per-block timing")
+    p.add_argument("--timing", action="store_true", help="per-block and total time: the median of repeated runs after "
+                   "3 warm-up runs, with its 95 %% interval")
     p.add_argument("--latency-ms", type=float, help="run the least-energy plan of the bundle within this latency")
     p.add_argument("--memory-mb", type=float, help="... within this much weight memory on the board")
     p.add_argument("--network", help="... with this network: off, or RTT_MS,MBPS (default: as the search assumed)")
