@@ -217,3 +217,26 @@ def test_an_offloaded_block_is_bounded_by_the_memory_budget_and_the_agent_stays_
         assert status == 200 and info["max_memory_bytes"] == 256 << 20
     finally:
         started.stop()
+
+
+def test_the_workers_offload_sessions_close_the_least_recently_used_to_keep_within_the_budget():
+    from explorer.offload import SessionMissing, _Sessions
+
+    one, two = small_cnn().SerializeToString(), _tile_bomb()
+    needed = lambda size: (1 << 20) + 2 * size  # this run's estimate for a model of `size` bytes
+    sessions = _Sessions(limit=16)
+    budget = (1 << 20) + 2 * len(one) + 2 * len(two)  # room for both models and the run
+    sessions.get(("a", "CPUExecutionProvider", 1), one, needed, budget)
+    sessions.get(("b", "CPUExecutionProvider", 1), two, needed, budget)
+    assert len(sessions) == 2
+    sessions.get(("a", "CPUExecutionProvider", 1), None, needed, budget)  # open: no model needed
+    with pytest.raises(SessionMissing):
+        sessions.get(("c", "CPUExecutionProvider", 1), None, needed, budget)
+    sessions.get(("c", "CPUExecutionProvider", 1), two, needed, budget)  # b, least recently used, is closed for it
+    with pytest.raises(SessionMissing):
+        sessions.get(("b", "CPUExecutionProvider", 1), None, needed, budget)
+    sessions.get(("a", "CPUExecutionProvider", 1), None, needed, budget)
+    capped = _Sessions(limit=1)
+    capped.get(("a", "CPUExecutionProvider", 1), one, needed, 1 << 40)
+    capped.get(("b", "CPUExecutionProvider", 1), two, needed, 1 << 40)
+    assert len(capped) == 1
