@@ -179,8 +179,8 @@ def open_storage(storage: str | BaseStorage | None) -> BaseStorage:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExplorerError(f"cannot open the Optuna storage {storage!r} ({first_line}): give a database URL "
                             "like sqlite:///runs/optuna.db or postgresql://user@host/db") from None
-    if rdb.engine.dialect.name == "sqlite":
-        serialise_sqlite_transactions(rdb.engine)
+    if rdb.engine.dialect.name == "sqlite":  # after Optuna's schema checks: they hold a session while they open a
+        serialise_sqlite_transactions(rdb.engine)  # second connection, which BEGIN IMMEDIATE would make wait on the first
         rdb.remove_session()
         rdb.engine.dispose()  # the connections Optuna's schema check opened lack the hook: new ones get it
     return rdb
