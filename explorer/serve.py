@@ -41,8 +41,8 @@ and for a measurement over the memory budget, 404 for an unknown model (upload i
 Retry-After when the line for the device (--max-queue) or the connections (--max-connections) are
 full. The agent keeps serving.
 
-Bounds: measurements run in a worker process (Worker) whose resident memory is watched against
---max-memory-mb (checked from the request's shapes before it queues, enforced while it runs); the
+Bounds: measurements and offloaded blocks run in a worker process (Worker) whose resident memory is
+watched against --max-memory-mb (checked from the request's shapes before it queues, enforced while it runs); the
 request checks (parse_blocks, parse_inputs, check_inputs, estimate_memory_bytes) are functions any
 endpoint that runs uploaded blocks can call.
 """
