@@ -234,8 +234,9 @@ def measured_trial_count(study: optuna.Study) -> int:
 
 def open_storage(storage: str | BaseStorage | None) -> BaseStorage:
     """None: SQLite runs/optuna.db; "memory": in memory (nothing to resume); else an Optuna storage URL
-    (postgresql://user@host/db for many workers or machines). SQLite waits up to a minute for a
-    lock, so a few local workers can share one file."""
+    (postgresql://user@host/db for many workers or machines). SQLite transactions take the write lock
+    when they begin (`serialise_sqlite_transactions`) and wait up to a minute for it, so a few local
+    workers can share one file and never take the same queued trial."""
     if storage is None:
         storage = default_storage_url()
     if isinstance(storage, BaseStorage):
@@ -248,11 +249,37 @@ def open_storage(storage: str | BaseStorage | None) -> BaseStorage:
         ensure_sqlite_store(path, "the Optuna storage", lambda file: _create_optuna_storage(file, engine_kwargs),
                             _optuna_storage_problem, _optuna_storage_has_data)
     try:
-        return RDBStorage(storage, engine_kwargs=engine_kwargs)
+        rdb = RDBStorage(storage, engine_kwargs=engine_kwargs)
     except Exception as error:  # SQLAlchemy raises several types for a bad URL
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExplorerError(f"cannot open the Optuna storage {storage!r} ({first_line}): give a database URL "
                             "like sqlite:///runs/optuna.db or postgresql://user@host/db") from None
+    if rdb.engine.dialect.name == "sqlite":  # after Optuna's schema checks: they hold a session while they open a
+        serialise_sqlite_transactions(rdb.engine)  # second connection, which BEGIN IMMEDIATE would make wait on the first
+        rdb.remove_session()
+        rdb.engine.dispose()  # the connections Optuna's schema check opened lack the hook: new ones get it
+    return rdb
+
+
+def serialise_sqlite_transactions(engine) -> None:
+    """Make every transaction on a pysqlite engine take SQLite's write lock when it begins.
+
+    SQLite has no row locks: Optuna's `SELECT ... FOR UPDATE` when a worker takes a queued trial does
+    nothing there, and Python's sqlite3 does not even begin a transaction before the SELECT, so two
+    workers could read the same WAITING trial and both run it (Optuna issues #4621, #4002).
+    SQLAlchemy's recipe for pysqlite: sqlite3 stops emitting BEGIN itself, and each transaction opens
+    with BEGIN IMMEDIATE, so the read and the update that takes a trial are one serialised step. A
+    second process waits for the lock within the connection's busy `timeout` rather than failing.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _create_optuna_storage(path, engine_kwargs: dict) -> None:

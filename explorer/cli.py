@@ -652,7 +652,9 @@ def _search_args(args: argparse.Namespace, **overrides) -> list[str]:
               "objective": args.objective, "latency_ms": args.latency_ms, "max_accuracy_drop": args.max_accuracy_drop,
               "measure": args.measure, "seed": args.seed, "data": args.data, "memory_mb": args.memory_mb,
               "input_shape": args.input_shape, "synthetic_inputs": args.synthetic_inputs, "tracking_uri": args.tracking_uri, "storage": args.storage, "study": args.study,
-              "workers": args.workers if args.workers > 1 else None, "resume": None, "parent_run": None} | overrides
+              "workers": args.workers if args.workers > 1 else None,
+              "wait_for_servers": getattr(args, "wait_for_servers", 0.0) or None,  # only when not the default (0)
+              "resume": None, "parent_run": None} | overrides
     parts = []
     for key, value in values.items():
         for item in (value if isinstance(value, list) else [value]):  # a repeatable option: once per value
@@ -931,7 +933,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one array per input by name)")
     p.add_argument("--output", help="write the first output to this .npy file, or every output by name to a .npz")
     p.add_argument("--strict", action="store_true", help="fail instead of falling back to the CPU when a provider is missing")
-    p.add_argument("--timing", action="store_true", help="per-block timing")
+    p.add_argument("--timing", action="store_true", help="per-block and total time: the median of repeated runs after "
+                   "3 warm-up runs, with its 95 %% interval")
     p.add_argument("--latency-ms", type=float, help="run the least-energy plan of the bundle within this latency")
     p.add_argument("--memory-mb", type=float, help="... within this much weight memory on the board")
     p.add_argument("--network", help="... with this network: off, or RTT_MS,MBPS (default: as the search assumed)")

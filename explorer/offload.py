@@ -4,8 +4,10 @@ Server side (`explorer serve`, route ``POST /run/SHA256?provider=P&threads=N``):
 uploaded once by its SHA-256 (``PUT /models/SHA256``, the same store and token as measurement; a bundle's
 block files are already named by that digest); the body is an ``.npz`` of the block's input tensors
 (``numpy.savez``, no pickles), the answer an ``.npz`` of its outputs plus ``__explorer__``, a JSON string
-with the compute milliseconds and the provider it ran on. The agent keeps a few open sessions (least
-recently used closed first) and runs one request at a time on the device, as it measures.
+with the compute milliseconds and the provider it ran on. A block runs as a measurement does: checked against
+the agent's memory budget (``--max-memory-mb``) from its model and tensors before it queues, then in the agent's
+memory-watched worker process, one request at a time on the device; the worker keeps a few open sessions (least
+recently used closed first, and fewer where their models and the next run would pass the budget).
 
 Client side (:class:`OffloadClient`, used by :class:`explorer.runtime.Bundle` when loaded with
 ``remote=URL``): uploads a block the agent lacks, sends the tensors, and measures every call: the network
@@ -23,7 +25,6 @@ import hashlib
 import http.client
 import io
 import json
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -44,36 +45,98 @@ class OffloadFailed(Exception):
 
 
 # ---- server side ----------------------------------------------------------------------------------
+class SessionMissing(Exception):
+    """The worker has no open session for a run job that came without its model (the agent then sends it)."""
+
+
 class _Sessions:
-    """Open sessions of offloaded blocks, by (model digest, provider, threads), least recently used out first."""
+    """Open sessions of offloaded blocks in the agent's worker process, by (model digest, provider, threads), least
+    recently used closed first: at most `limit`, and their models (counted twice, as estimate_memory_bytes counts
+    them) together with the next run's estimate within the worker's memory budget."""
 
     def __init__(self, limit: int = MAX_SESSIONS):
         self.limit = limit
-        self._open: collections.OrderedDict[tuple, tuple[ort.InferenceSession, str]] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._open: collections.OrderedDict[tuple, tuple[ort.InferenceSession, str, int]] = collections.OrderedDict()
 
-    def get(self, key: tuple, data: bytes) -> tuple[ort.InferenceSession, str]:
-        with self._lock:
-            if key in self._open:
-                self._open.move_to_end(key)
-                return self._open[key]
-        _, provider, threads = key
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        providers = list(dict.fromkeys([provider, "CPUExecutionProvider"])) if provider in ort.get_available_providers() \
-            else ["CPUExecutionProvider"]
-        session = ort.InferenceSession(data, options, providers=providers)
-        with self._lock:
-            self._open[key] = (session, session.get_providers()[0])
-            while len(self._open) > self.limit:
-                self._open.popitem(last=False)
-            return self._open[key]
+    def get(self, key: tuple, data: bytes | None, needed_bytes, budget_bytes: int) -> tuple[ort.InferenceSession, str]:
+        """The session for `key`, opened from `data` if need be (SessionMissing without it); others are closed
+        first while they and `needed_bytes(model size)` (this run's estimate) would pass `budget_bytes`."""
+        if key not in self._open and data is None:
+            raise SessionMissing(f"no open session for block {key[0][:12]}")
+        size = self._open[key][2] if key in self._open else len(data)
+        others = [k for k in self._open if k != key]
+        while others and (len(others) >= self.limit
+                          or sum(2 * self._open[k][2] for k in others) + needed_bytes(size) > budget_bytes):
+            del self._open[others.pop(0)]  # least recently used first
+        if key not in self._open:
+            _, provider, threads = key
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            providers = list(dict.fromkeys([provider, "CPUExecutionProvider"])) \
+                if provider in ort.get_available_providers() else ["CPUExecutionProvider"]
+            session = ort.InferenceSession(data, options, providers=providers)
+            self._open[key] = (session, session.get_providers()[0], size)
+        self._open.move_to_end(key)
+        return self._open[key][:2]
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+_SESSIONS = _Sessions()  # the worker process's own
+
+
+def _input_specs(feeds: dict[str, np.ndarray]) -> dict[str, tuple[list[int], str]]:
+    """The tensors as the agent's request checks describe inputs: {name: (shape, dtype name)}."""
+    return {name: (list(array.shape), array.dtype.name) for name, array in feeds.items()}
+
+
+def _check_feeds(specs: dict[str, tuple[list[int], str]], signature: dict) -> None:
+    """400 unless the tensors are exactly the block's inputs with their declared types, ranks and fixed sizes."""
+    from explorer.serve import RequestError, check_inputs
+
+    expected = [name for name, _, _ in signature["inputs"]]
+    if set(specs) != set(expected):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"the block takes {sorted(expected)}, the body has {sorted(specs)}")
+    check_inputs(specs, [signature])
+
+
+def run_job(job: dict, signatures: dict) -> dict:
+    """In the agent's worker (explorer.serve.Worker, memory-watched): run the block of a "run" job on its tensors;
+    {"outputs": {name: array}, "compute_ms", "runs_on"}."""
+    from explorer.serve import RequestError, estimate_memory_bytes, session_signature
+
+    specs = _input_specs(job["feeds"])
+    try:
+        session, runs_on = _SESSIONS.get((job["sha"], job["provider"], job["threads"]), job["data"],
+                                         lambda size: estimate_memory_bytes([], specs) + 2 * size,
+                                         job["memory_bytes"])
+    except SessionMissing:
+        raise
+    except Exception as error:  # ORT's own exception types for models it cannot load
+        raise RequestError(HTTPStatus.BAD_REQUEST,
+                           f"ONNX Runtime cannot load model {job['sha']}: {str(error).strip().splitlines()[0]}") from None
+    signatures[job["sha"]] = signature = session_signature(session)
+    _check_feeds(specs, signature)
+    started = time.perf_counter()
+    try:
+        outputs = session.run(None, job["feeds"])
+    except Exception as error:  # tensors ONNX Runtime refuses at run time
+        raise RequestError(HTTPStatus.BAD_REQUEST,
+                           f"the block cannot run on these tensors: {str(error).strip().splitlines()[0]}") from None
+    return {"outputs": dict(zip(signature["outputs"], outputs)), "compute_ms": 1e3 * (time.perf_counter() - started),
+            "runs_on": runs_on}
 
 
 def run_block(agent, path: str, body: bytes) -> bytes:
     """The answer to ``POST /run/SHA256?provider=P&threads=N`` on `agent` (an explorer.serve.Agent): the
-    block's outputs for the tensors in `body`, as .npz bytes. RequestError for anything wrong."""
-    from explorer.serve import RequestError
+    block's outputs for the tensors in `body`, as .npz bytes. RequestError for anything wrong.
+
+    The block runs as measurements do: checked against the memory budget from its model and tensors before it
+    queues (400 over it, as /measure), then in the agent's memory-watched worker process with the device to
+    itself (503 with Retry-After when the line is full or after the queue timeout; stopped past the budget: 400;
+    past the measure timeout: 504), so an offloaded block cannot take the agent down."""
+    from explorer.serve import ORT_TYPES, RequestError
 
     handled = time.perf_counter()  # the agent's whole share of the call (decoding, opening a session, running)
     bad = HTTPStatus.BAD_REQUEST
@@ -94,34 +157,25 @@ def run_block(agent, path: str, body: bytes) -> bytes:
             feeds = {name: archive[name] for name in archive.files}
     except (ValueError, OSError, EOFError) as error:
         raise RequestError(bad, f"the body is not an .npz of tensors (numpy.savez, no pickles): {error}") from None
-    sessions = getattr(agent, "offload_sessions", None)
-    if sessions is None:
-        sessions = agent.offload_sessions = _Sessions()
-    try:
-        session, runs_on = sessions.get((sha, provider, int(threads)), data)
-    except Exception as error:  # ORT's own exception types for models it cannot load
-        raise RequestError(bad, f"ONNX Runtime cannot load model {sha}: {str(error).strip().splitlines()[0]}") from None
-    expected = {i.name for i in session.get_inputs()}
-    if set(feeds) != expected:
-        raise RequestError(bad, f"the block takes {sorted(expected)}, the body has {sorted(feeds)}")
-    if not agent.device.acquire(timeout=agent.queue_timeout_s):
-        raise agent.busy(f"the device stayed busy for {agent.queue_timeout_s:g} s (queue timeout): try later")
-    try:
-        started = time.perf_counter()
-        try:
-            outputs = session.run(None, feeds)
-        except Exception as error:  # wrong shapes or types of the tensors
-            raise RequestError(bad, f"the block cannot run on these tensors: {str(error).strip().splitlines()[0]}") from None
-        compute_ms = 1e3 * (time.perf_counter() - started)
-    finally:
-        agent.device.release()
-    answer = {o.name: value for o, value in zip(session.get_outputs(), outputs)}
+    specs = _input_specs(feeds)
+    odd = sorted(name for name, (_, dtype) in specs.items() if dtype not in ORT_TYPES)
+    if odd:
+        raise RequestError(bad, f"tensor {odd[0]!r} is {specs[odd[0]][1]}: send one of {', '.join(ORT_TYPES)}")
+    agent.check_memory([{"blocks": [(sha, data, int(threads), provider)], "inputs": specs}], "the block's run")
+    known = agent.store.signatures([sha])
+    if known is not None:  # else the worker checks them once the session is open
+        _check_feeds(specs, known[0])
+    job = {"kind": "run", "sha": sha, "provider": provider, "threads": int(threads), "feeds": feeds, "data": None,
+           "memory_bytes": agent.memory_bytes}
+    answer, _, _ = agent.run_in_worker(job, model=data)
+    agent.offload_runs += 1
+    outputs = dict(answer["outputs"])
     buffer = io.BytesIO()
-    np.savez(buffer, **answer)  # encoding the answer: a small share of the agent's time, left out of agent_ms
-    answer[META_KEY] = np.array(json.dumps({"compute_ms": compute_ms, "runs_on": runs_on,
-                                            "agent_ms": 1e3 * (time.perf_counter() - handled)}))
+    np.savez(buffer, **outputs)  # encoding the answer: a small share of the agent's time, left out of agent_ms
+    outputs[META_KEY] = np.array(json.dumps({"compute_ms": answer["compute_ms"], "runs_on": answer["runs_on"],
+                                             "agent_ms": 1e3 * (time.perf_counter() - handled)}))
     buffer = io.BytesIO()
-    np.savez(buffer, **answer)
+    np.savez(buffer, **outputs)
     return buffer.getvalue()
 
 

@@ -783,8 +783,9 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
     """Load a bundle, pick its plan for the conditions given (if any), run it on the input file, optionally
     save the output (.npy); returns a summary.
 
-    A single sample without the batch axis runs as a batch of one. With `timing`, one untimed
-    warm-up run on the same input precedes the timed run. :func:`format_run_summary` renders the summary.
+    A single sample without the batch axis runs as a batch of one. With `timing`, the input is run
+    TIMING_WARMUP times untimed, then timed as :func:`time_bundle` does; each block's figure and the total
+    are medians with the 95 % interval of the median. :func:`format_run_summary` renders the summary.
     """
     from explorer.adapt import Conditions
 
@@ -802,9 +803,8 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
         if added_batch_axis:
             x = x[None]
         shape = list(x.shape)
-    if timing:
-        bundle.run_all(x)  # warm-up at the same shape: the first run of a shape allocates and plans
-    outputs, block_ms = bundle.run_all(x, timing=True)
+    timed = time_bundle(bundle, x) if timing else None
+    outputs = bundle.run_all(x)
     output = outputs[bundle.output_names[0]]
     if output_path is not None:  # .npy: the first output; .npz: every output by name
         output_path = Path(output_path).expanduser()
@@ -819,8 +819,10 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
         "output_shape": list(output.shape),
         "top1": output.argmax(axis=1).tolist() if output.ndim == 2 else None,
         "blocks": [{"index": b.index, "processor": b.processor, "provider": b.provider, "runs_on": b.runs_on,
-                    "ms": block_ms[b.index] if timing else None} for b in bundle.blocks],
-        "total_ms": sum(block_ms) if timing else None,
+                    "ms": timed["block_ms"][b.index] if timed else None,
+                    "ms_ci": timed["block_ci"][b.index] if timed else None} for b in bundle.blocks],
+        "total_ms": timed["total_ms"] if timed else None,  # the median run
+        "timing": {key: timed[key] for key in ("total_ci", "total_p10_p90", "runs", "warmup")} if timed else None,
         "fallbacks": list(bundle.fallbacks),
         "notes": list(bundle.warnings),
         "plan": bundle.current["id"],
@@ -830,6 +832,48 @@ def run_bundle_cli(bundle_dir: Path | str, input_path: Path | str, output_path: 
         "fell_back": bundle.switches[-1].reason if bundle.fallbacks_to_local else None,
         "output_path": str(output_path) if output_path is not None else None,
     }
+
+
+TIMING_WARMUP = 3  # untimed runs first: the first run of a shape allocates and plans, the next ones warm caches
+TIMING_MIN_RUNS = 10  # timed runs at least (the 95 % interval of the median needs 6)
+
+
+def time_bundle(bundle: "Bundle", x, adaptive=None) -> dict[str, Any]:
+    """Time the bundle's current plan on `x`: TIMING_WARMUP untimed runs, then timed runs until the 95 % interval
+    of the median total lies within the target of `adaptive` (explorer.blockrun.AdaptiveRepeats; default +/-3 %,
+    at least TIMING_MIN_RUNS runs), or its time cap (1 s) once the interval exists, or its most repeats.
+
+    {"block_ms": [median per block], "block_ci": [(low, high)], "total_ms": median total, "total_ci": (low, high),
+    "total_p10_p90": (p10, p90) of the runs, "runs": n, "warmup": TIMING_WARMUP}. A run that switched plans (a
+    remote block failed) starts the timing again on the plan that answered."""
+    from explorer.blockrun import AdaptiveRepeats, ci_within, median_ci, min_samples
+
+    adaptive = adaptive or AdaptiveRepeats()
+    for _ in range(TIMING_WARMUP):
+        bundle.run_all(x)
+    runs: list[list[float]] = []
+    plan, started = bundle.current["id"], time.perf_counter()
+    while len(runs) < adaptive.max_repeats:
+        _, block_ms = bundle.run_all(x, timing=True)
+        if bundle.last_plan != plan:  # another plan answered: time that one from here
+            runs, plan = [], bundle.last_plan
+        runs.append(block_ms)
+        totals = [sum(run) for run in runs]
+        if len(runs) >= TIMING_MIN_RUNS and ci_within(totals, adaptive.target, adaptive.confidence):
+            break
+        if len(runs) >= min_samples(adaptive.confidence) and time.perf_counter() - started >= adaptive.max_seconds:
+            break
+    table = np.array(runs)
+    totals = table.sum(axis=1)
+    return {"block_ms": np.median(table, axis=0).tolist(),
+            "block_ci": [median_ci(column, adaptive.confidence) for column in table.T],
+            "total_ms": float(np.median(totals)), "total_ci": median_ci(totals, adaptive.confidence),
+            "total_p10_p90": tuple(float(v) for v in np.percentile(totals, [10, 90])), "runs": len(runs),
+            "warmup": TIMING_WARMUP}
+
+
+def _ms_interval(interval) -> str:
+    return f"95 % CI {interval[0]:.3f}-{interval[1]:.3f}" if interval else "too few runs for an interval"
 
 
 def format_run_summary(summary: dict[str, Any], max_top1: int = 20) -> str:
@@ -846,12 +890,16 @@ def format_run_summary(summary: dict[str, Any], max_top1: int = 20) -> str:
     lines.append(f"input {_shape_text(summary['input_shape'])}{batch_note} -> {summary['output_name']} "
                  f"{_shape_text(summary['output_shape'])}")
     for block in summary["blocks"]:
-        ms = f", {block['ms']:.3f} ms" if block["ms"] is not None else ""
+        ms = f", {block['ms']:.3f} ms ({_ms_interval(block.get('ms_ci'))})" if block["ms"] is not None else ""
         lines.append(f"  block {block['index']}: {block['processor']} on {block['runs_on']}{ms}")
     if summary.get("fell_back"):
         lines.append(f"the remote agent failed: finished on a local plan ({summary['fell_back']})")
     if summary["total_ms"] is not None:
-        lines.append(f"total {summary['total_ms']:.3f} ms (after one warm-up run)")
+        timing = summary.get("timing") or {}
+        spread = timing.get("total_p10_p90")
+        lines.append(f"total {summary['total_ms']:.3f} ms ({_ms_interval(timing.get('total_ci'))}"
+                     + (f"; p10-p90 {spread[0]:.3f}-{spread[1]:.3f}" if spread else "")
+                     + f"): median of {timing.get('runs', 1)} runs after {timing.get('warmup', 1)} warm-up runs")
     if summary["top1"] is not None:
         shown = summary["top1"][:max_top1]
         more = f" ... ({len(summary['top1'])} in all)" if len(summary["top1"]) > max_top1 else ""

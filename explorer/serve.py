@@ -41,8 +41,8 @@ and for a measurement over the memory budget, 404 for an unknown model (upload i
 Retry-After when the line for the device (--max-queue) or the connections (--max-connections) are
 full. The agent keeps serving.
 
-Bounds: measurements run in a worker process (Worker) whose resident memory is watched against
---max-memory-mb (checked from the request's shapes before it queues, enforced while it runs); the
+Bounds: measurements and offloaded blocks run in a worker process (Worker) whose resident memory is
+watched against --max-memory-mb (checked from the request's shapes before it queues, enforced while it runs); the
 request checks (parse_blocks, parse_inputs, check_inputs, estimate_memory_bytes) are functions any
 endpoint that runs uploaded blocks can call.
 """
@@ -86,7 +86,9 @@ ADAPTIVE_FEATURE, INTERLEAVED_FEATURE = "adaptive", "interleaved"
 FEATURES = [ADAPTIVE_FEATURE, INTERLEAVED_FEATURE, "run-block"]  # run-block: explorer.offload
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "int32": "tensor(int32)",
-             "uint8": "tensor(uint8)"}  # how ONNX Runtime names them in a session's declared inputs
+             "uint8": "tensor(uint8)", "float64": "tensor(double)", "int8": "tensor(int8)", "int16": "tensor(int16)",
+             "uint16": "tensor(uint16)", "uint32": "tensor(uint32)", "uint64": "tensor(uint64)",
+             "bool": "tensor(bool)"}  # how ONNX Runtime names them in a session's declared inputs (measure draws DTYPES)
 MAX_BLOCKS = 1024  # blocks in one chain
 MAX_INPUTS = 64  # inputs one chain may describe
 MAX_INPUT_ELEMENTS = 1 << 26  # elements of all of one chain's inputs together
@@ -247,7 +249,7 @@ def estimate_memory_bytes(models: list[bytes], inputs: dict[str, tuple[list[int]
     inputs three times (the drawn arrays, and outputs of like size in ONNX Runtime's CPU arena, which grows in
     powers of two). Activations beyond that are not known without running: the worker's resident memory is
     watched while it runs."""
-    input_bytes = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
+    input_bytes = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES.get(dtype, dtype)).itemsize
                       for shape, dtype in inputs.values())
     return WORKER_RUNTIME_BYTES + 2 * sum(map(len, models)) + 3 * input_bytes
 
@@ -297,7 +299,10 @@ class ModelStore:
 
 # ---- the worker: the measurement runs in a child process with bounded memory -------------------------------
 def _worker_main(connection) -> None:
-    """The worker process: measure what the agent sends until its end of the pipe closes (the agent ended)."""
+    """The worker process: measure (or run offloaded blocks, explorer.offload) what the agent sends until its end
+    of the pipe closes (the agent ended)."""
+    from explorer.offload import SessionMissing
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the agent, which stops the worker
     while True:
         try:
@@ -307,6 +312,8 @@ def _worker_main(connection) -> None:
         signatures: dict[str, Signature] = {}
         try:
             connection.send(("ok", _run_job(job, signatures), signatures))
+        except SessionMissing as error:  # the agent sends the model, once
+            connection.send(("missing", str(error), signatures))
         except MeasurementTimeout as error:
             connection.send(("timeout", str(error), signatures))
         except ProviderUnavailable as error:
@@ -320,7 +327,13 @@ def _worker_main(connection) -> None:
 
 
 def _run_job(job: dict, signatures: dict[str, Signature]):
-    """Time one job; each chain's inputs are checked against its open sessions, then drawn."""
+    """Time one job; each chain's inputs are checked against its open sessions, then drawn. A "run" job is an
+    offloaded block on real tensors (explorer.offload.run_job)."""
+    if job["kind"] == "run":
+        from explorer.offload import run_job
+
+        return run_job(job, signatures)
+
     def chain(spec: dict):
         blocks = [BlockSpec(data, threads, provider) for _, data, threads, provider in spec["blocks"]]
 
@@ -431,6 +444,7 @@ class Agent:
         self.worker = Worker(self.memory_bytes)
         self.fingerprint = fingerprint()
         self.measurements = 0
+        self.offload_runs = 0  # offloaded blocks run (explorer.offload)
         self._waiting = 0  # requests in line for the device (bounded by max_queue)
         self._uploading = 0  # bytes of upload bodies being read (bounded by max_upload_bytes)
         self._lock = threading.Lock()
@@ -468,20 +482,28 @@ class Agent:
         return self._on_device({"kind": "interleaved", "chains": parsed, "warmup": warmup, "repeats": repeats,
                                 "seed": seed, "energy_providers": energy_providers, "adaptive": adaptive})
 
-    def check_memory(self, chains: list[dict]) -> None:
+    def check_memory(self, chains: list[dict], what: str = "the measurement") -> None:
         """400 when what a job needs at least (estimate_memory_bytes) exceeds the budget: nothing is drawn then."""
         models = list({sha: data for chain in chains for sha, data, _, _ in chain["blocks"]}.values())
         inputs = {f"{i}:{name}": spec for i, chain in enumerate(chains) for name, spec in chain["inputs"].items()}
         needed = estimate_memory_bytes(models, inputs)
         if needed > self.memory_bytes:
-            raise _bad(f"the measurement needs at least {needed / 2**20:.0f} MB (its models twice, its inputs three times, "
+            raise _bad(f"{what} needs at least {needed / 2**20:.0f} MB (its models twice, its inputs three times, "
                        f"the runtime), over this agent's budget of {self.memory_bytes / 2**20:.0f} MB: send smaller "
                        "inputs or restart the agent with a larger --max-memory-mb")
 
     def _on_device(self, job: dict) -> dict:
-        """Run a job in the worker with the device to itself (waiting in line up to the queue timeout; 503 with
-        Retry-After when the line is full)."""
+        """Check a measurement's memory, then run it in the worker (run_in_worker)."""
         self.check_memory(job["chains"])
+        answer, queued_s, measure_s = self.run_in_worker(job)
+        self.measurements += 1
+        return {"times": answer, "fingerprint": self.fingerprint, "queued_s": queued_s, "measure_s": measure_s}
+
+    def run_in_worker(self, job: dict, model: bytes | None = None) -> tuple[object, float, float]:
+        """(answer, seconds queued, seconds run) of a job run in the worker with the device to itself: it waits in
+        line up to the queue timeout (503 with Retry-After when the line is full); the worker's memory budget and
+        time limit apply, and its failures become the HTTP errors of the API. `model`: sent once more with the
+        job when the worker answers that it lacks the job's session (explorer.offload)."""
         job["timeout_s"] = self.measure_timeout_s
         with self._lock:
             if self._waiting >= self.max_queue:
@@ -500,10 +522,11 @@ class Agent:
             started = time.perf_counter()
             # the worker's own limit stops ONNX Runtime; the deadline here also covers loading and drawing
             status, answer, signatures = self.worker.run(job, self.measure_timeout_s + WORKER_GRACE_S)
+            if status == "missing" and model is not None:  # a fresh worker, or its session was closed: send the model
+                status, answer, signatures = self.worker.run({**job, "data": model}, self.measure_timeout_s + WORKER_GRACE_S)
             self.store.learn(signatures)
             measure_s = time.perf_counter() - started
             if status == "ok":
-                self.measurements += 1
                 self._recent_s = 0.5 * self._recent_s + 0.5 * measure_s
         finally:
             self.device.release()
@@ -515,7 +538,7 @@ class Agent:
             raise _bad(answer)
         if status != "ok":
             raise RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"agent error: {answer}")
-        return {"times": answer, "fingerprint": self.fingerprint, "queued_s": started - queued, "measure_s": measure_s}
+        return answer, started - queued, measure_s
 
     def _chain(self, request: dict, where: str = "") -> dict:
         """A chain's blocks and input descriptions, checked against the models' signatures where they are known."""

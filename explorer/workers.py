@@ -245,7 +245,7 @@ class Supervisor:
                       "does not count (their worker ended before telling it; tag lost)")
         if copies:
             self._say(f"MLflow: deleted a second run of trial(s) {', '.join(map(str, copies))} (two workers took the same "
-                      "queued trial: SQLite has no row locks; tag lost)")
+                      "queued trial; tag lost)")
 
     def _measured_by(self, identity: str) -> int:
         from agents.optuna_agents import is_measured

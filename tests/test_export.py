@@ -298,6 +298,27 @@ def test_an_interrupted_export_leaves_no_bundle_or_the_previous_one(exported, tm
         _load_quietly(out)
 
 
+def test_run_timing_is_a_median_of_warm_runs_with_its_interval(exported, tmp_path, cpu_only):
+    """`explorer run --timing`: warm-up runs, then repeats; each block and the total as a median with the 95 %
+    interval of the median (the total also with the runs' p10-p90), and how many runs it took."""
+    import re
+
+    _, _, _, path = exported
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((2, 1, 32, 32), dtype=np.float32))
+    summary = run_bundle_cli(path, tmp_path / "x.npy", timing=True)
+    timing = summary["timing"]
+    assert timing["warmup"] == explorer.runtime.TIMING_WARMUP == 3 and timing["runs"] >= explorer.runtime.TIMING_MIN_RUNS
+    low, high = timing["total_ci"]
+    assert low <= summary["total_ms"] <= high and timing["total_p10_p90"][0] <= summary["total_ms"] <= timing["total_p10_p90"][1]
+    text = format_run_summary(summary)
+    blocks = re.findall(r"block \d+: \w+ on \w+, (\d+\.\d{3}) ms \(95 % CI (\d+\.\d{3})-(\d+\.\d{3})\)", text)
+    assert len(blocks) == len(summary["blocks"]) and all(float(lo) <= float(ms) <= float(hi) for ms, lo, hi in blocks)
+    total = re.search(r"total (\d+\.\d{3}) ms \(95 % CI (\d+\.\d{3})-(\d+\.\d{3}); p10-p90 (\d+\.\d{3})-(\d+\.\d{3})\): "
+                      r"median of (\d+) runs after 3 warm-up runs", text)
+    assert total and float(total[2]) <= float(total[1]) <= float(total[3]) and int(total[6]) == timing["runs"]
+    assert " ms (" not in format_run_summary(run_bundle_cli(path, tmp_path / "x.npy"))  # no timing asked: no figures
+
+
 def test_run_bundle_cli_reads_input_writes_output_and_summarises(exported, tmp_path, cpu_only):
     problem, _, _, path = exported
     x = problem.scorer.dataset.x[:5]

@@ -375,7 +375,7 @@ def test_a_killed_agent_mid_sequence_loses_no_inference(offload_bundle, adapt):
     assert bundle.fallbacks_to_local == 1 and bundle.link_down is None
     assert "remote block failed: the agent at http://127.0.0.1" in bundle.switches[1].reason
     assert "p1" in bundle.switches[1].reason and bundle.switches[1].after == "p1" and bundle.switches[2].after == "p0"
-    assert agent.offload_sessions is not None and bundle.client.calls  # the new agent ran it
+    assert agent.offload_runs > 0 and bundle.client.calls  # the new agent ran it
     assert not bundle.fallbacks  # no block fell back to the local CPU
     _kill(server)
 

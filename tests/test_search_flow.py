@@ -115,3 +115,22 @@ def test_a_search_leaves_no_temporary_folders(capsys, monkeypatch, tmp_path):
     assert main(["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "ppo", "--budget", "6", "--seed", "1"]) == 0
     assert "MLflow run:" in capsys.readouterr().out
     assert [p.name for p in temporary.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+def test_the_resume_command_keeps_wait_for_servers(capsys, monkeypatch, tmp_path):
+    """The printed go-on command (and the --workers children, from the same arguments) keep --wait-for-servers."""
+    from explorer.cli import _search_args, build_parser
+    from netbuild import mlp
+
+    model = tmp_path / "mlp.onnx"
+    model.write_bytes(mlp().SerializeToString())
+    argv = ["search", "--board", "tegra-k1", "--model", str(model), "--agent", "random", "--budget", "4",
+            "--wait-for-servers", "30"]
+    real_make_agent = agents.make_agent
+    monkeypatch.setattr(agents, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), after=1))
+    assert main(argv) == 130
+    resume = " ".join(capsys.readouterr().err.split()).split("resume with: explorer search ")[1].split()
+    assert resume[resume.index("--wait-for-servers") + 1] == "30" and "--resume" in resume
+    worker = _search_args(build_parser().parse_args(argv + ["--workers", "2"]), workers=None, study="s")
+    assert worker[worker.index("--wait-for-servers") + 1] == "30"
+    assert "--wait-for-servers" not in _search_args(build_parser().parse_args(argv[:-2]))  # the default is left out

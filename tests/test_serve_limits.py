@@ -185,3 +185,58 @@ def test_the_agent_refuses_limits_that_cannot_work():
         done = subprocess.run([sys.executable, str(AGENT_ONLY), "serve", "--port", "0", *options], capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 2 and why in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_offloaded_block_is_bounded_by_the_memory_budget_and_the_agent_stays_small():
+    """POST /run (explorer.offload) runs in the memory-watched worker: a block whose run passes --max-memory-mb is
+    refused from its shapes, or stopped while it runs, with the 400 of /measure; the agent process never grows."""
+    from explorer.offload import OffloadClient, OffloadFailed
+
+    started = AgentProcess("--max-memory-mb", "256")
+    try:
+        bomb = _tile_bomb()
+        client = OffloadClient(f"http://{started.address}", TOKEN, timeout_s=120)
+        sha = started.upload(bomb)
+        before = _status(started.process.pid, "VmRSS")
+        # an 8 MB tensor, 2.4 GB of output: the worker is stopped at its budget
+        with pytest.raises(OffloadFailed, match="answered 400: the measurement's process reached .* budget of 256 MB"):
+            client.run(sha, lambda: bomb, {"x": np.ones(2 << 20, np.float32)}, "CPUExecutionProvider", 1)
+        assert _status(started.process.pid, "VmHWM") < before + 100 * 1024  # the agent process itself never grew
+        # a 48 MB tensor: refused from the shapes alone (the runtime and three times the input pass 256 MB)
+        with pytest.raises(OffloadFailed, match="answered 400: the block's run needs at least 27[0-9] MB .* budget of 256 MB"):
+            client.run(sha, lambda: bomb, {"x": np.ones(12 << 20, np.float32)}, "CPUExecutionProvider", 1)
+        with pytest.raises(OffloadFailed, match="answered 400: tensor 'x' is complex64"):
+            client.run(sha, lambda: bomb, {"x": np.ones(4, np.complex64)}, "CPUExecutionProvider", 1)
+        with pytest.raises(OffloadFailed, match="answered 400: input 'x' is tensor\\(float\\) in block 0, not int64"):
+            client.run(sha, lambda: bomb, {"x": np.ones(4, np.int64)}, "CPUExecutionProvider", 1)  # checked before it queues
+        # and it keeps running blocks: a small tensor of the same model, on a fresh worker
+        x = np.arange(1000, dtype=np.float32)
+        outputs = client.run(sha, lambda: bomb, {"x": x}, "CPUExecutionProvider", 1)
+        np.testing.assert_array_equal(outputs["y"], np.tile(x, 300))
+        status, info = started.request("GET", "/info")
+        assert status == 200 and info["max_memory_bytes"] == 256 << 20
+    finally:
+        started.stop()
+
+
+def test_the_workers_offload_sessions_close_the_least_recently_used_to_keep_within_the_budget():
+    from explorer.offload import SessionMissing, _Sessions
+
+    one, two = small_cnn().SerializeToString(), _tile_bomb()
+    needed = lambda size: (1 << 20) + 2 * size  # this run's estimate for a model of `size` bytes
+    sessions = _Sessions(limit=16)
+    budget = (1 << 20) + 2 * len(one) + 2 * len(two)  # room for both models and the run
+    sessions.get(("a", "CPUExecutionProvider", 1), one, needed, budget)
+    sessions.get(("b", "CPUExecutionProvider", 1), two, needed, budget)
+    assert len(sessions) == 2
+    sessions.get(("a", "CPUExecutionProvider", 1), None, needed, budget)  # open: no model needed
+    with pytest.raises(SessionMissing):
+        sessions.get(("c", "CPUExecutionProvider", 1), None, needed, budget)
+    sessions.get(("c", "CPUExecutionProvider", 1), two, needed, budget)  # b, least recently used, is closed for it
+    with pytest.raises(SessionMissing):
+        sessions.get(("b", "CPUExecutionProvider", 1), None, needed, budget)
+    sessions.get(("a", "CPUExecutionProvider", 1), None, needed, budget)
+    capped = _Sessions(limit=1)
+    capped.get(("a", "CPUExecutionProvider", 1), one, needed, 1 << 40)
+    capped.get(("b", "CPUExecutionProvider", 1), two, needed, 1 << 40)
+    assert len(capped) == 1
