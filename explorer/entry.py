@@ -17,6 +17,12 @@ def main(argv: list[str] | None = None) -> int:
         from explorer.serve import main as serve_main
 
         return serve_main(argv[1:])
+    import signal
+
+    def interrupt(signum, frame):  # SIGTERM while the search stack loads ends as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         from explorer.cli import main as cli_main
     except KeyboardInterrupt:  # Ctrl-C while the search stack loads: nothing started, nothing to keep

@@ -102,6 +102,7 @@ def test_a_good_plan_and_data_still_pass(capsys, inputs, tmp_path):
 # ---- interrupts ---------------------------------------------------------------------------------
 def _cli(runs: Path, *argv: str, **popen) -> subprocess.Popen:
     environment = os.environ | {"EXPLORER_RUNS": str(runs), "PYTHONPATH": str(REPO), "EXPLORER_SCORING_THREADS": "1"}
+    environment.pop("PYTEST_CURRENT_TEST", None)  # a user's process: MLflow adds session listeners under pytest
     return subprocess.Popen([sys.executable, "-m", "explorer.entry", *argv], cwd=runs, env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
