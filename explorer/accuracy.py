@@ -80,7 +80,23 @@ def inference_session(model: onnx.ModelProto) -> ort.InferenceSession:
         raise ExplorerError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 
-SCORING_BATCH = 500  # samples per ONNX Runtime call when the model's batch is symbolic
+SCORING_BATCH = 500  # samples per ONNX Runtime call when the model's batch is symbolic (at most)
+SCORING_ACTIVATION_BYTES = 256 << 20  # ...and fewer where a batch's intermediate tensors would pass this
+SIMILARITY_CHUNK_BYTES = 64 << 20  # outputs compared in float64 this many bytes of rows at a time
+
+
+def scoring_batch(model: onnx.ModelProto) -> int:
+    """Samples per ONNX Runtime call for scoring: SCORING_BATCH, fewer where one batch's intermediate
+    tensors (every one with a known shape, summed per sample: an upper bound, as ONNX Runtime reuses
+    buffers) would pass SCORING_ACTIVATION_BYTES, so that scoring memory stays near the model's size."""
+    per_sample = 0
+    for info in model.graph.value_info:
+        tensor = info.type.tensor_type
+        dims = [d.dim_value for d in tensor.shape.dim]
+        if len(dims) > 1 and all(d > 0 for d in dims[1:]) and tensor.elem_type:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize
+            per_sample += int(np.prod(dims[1:], dtype=np.int64)) * itemsize
+    return int(np.clip(SCORING_ACTIVATION_BYTES // max(per_sample, 1), 1, SCORING_BATCH))
 
 
 def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str] | None = None,
@@ -150,12 +166,14 @@ class AccuracyScorer:
 
     def __init__(self, reference: onnx.ModelProto, dataset: Dataset | None):
         self.dataset = dataset
+        self.batch = SCORING_BATCH
         self.reference_outputs: np.ndarray | None = None
         if dataset is None:
             self.metric, self.basis = "not measured", ""
             self.baseline = AccuracyResult(None, self.metric)
             return
-        self.reference_outputs = run_model(reference, dataset.x, extra=dataset.extra)
+        self.batch = scoring_batch(reference)
+        self.reference_outputs = run_model(reference, dataset.x, self.batch, extra=dataset.extra)
         classifier = self.reference_outputs.ndim == 2 and self.reference_outputs.shape[1] > 1
         if dataset.y is not None and not classifier:
             raise ExplorerError("the data has labels but the model's output is not (N, classes): drop `y` from the npz")
@@ -207,7 +225,7 @@ class AccuracyScorer:
         """Accuracy of a model on the dataset (unmeasured result without data)."""
         if self.dataset is None:
             return self.baseline
-        return self.score_outputs(run_model(model, self.dataset.x, extra=self.dataset.extra))
+        return self.score_outputs(run_model(model, self.dataset.x, self.batch, extra=self.dataset.extra))
 
     def drop(self, result: AccuracyResult) -> float | None:
         """Accuracy lost against the reference model, as a fraction (0.01 = one point)."""
@@ -233,12 +251,17 @@ def output_similarity(outputs: np.ndarray, reference: np.ndarray) -> tuple[np.nd
     """Per sample: cosine similarity and relative error ||a - b|| / ||b|| of outputs a against reference b
     (a reference output near 0 is measured against the mean reference norm instead)."""
     n = len(outputs)
-    a = outputs.reshape(n, -1).astype(np.float64)
-    b = reference.reshape(n, -1).astype(np.float64)
-    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    cosine = np.sum(a * b, 1) / np.maximum(norm_a * norm_b, 1e-12)
+    a, b = outputs.reshape(n, -1), reference.reshape(n, -1)
+    dot, norm_a, norm_b, distance = (np.empty(n) for _ in range(4))
+    step = max(1, SIMILARITY_CHUNK_BYTES // max(8 * a.shape[1], 1))  # float64 rows in chunks: outputs can be large
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        x, y = a[rows].astype(np.float64), b[rows].astype(np.float64)
+        dot[rows], norm_a[rows], norm_b[rows] = np.sum(x * y, 1), np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+        distance[rows] = np.linalg.norm(x - y, axis=1)
+    cosine = dot / np.maximum(norm_a * norm_b, 1e-12)
     floor = max(1e-6 * float(np.mean(norm_b)), 1e-12)
-    return cosine, np.linalg.norm(a - b, axis=1) / np.maximum(norm_b, floor)
+    return cosine, distance / np.maximum(norm_b, floor)
 
 
 def calibration_inputs(graph: LayerGraph, dataset: Dataset | None,
@@ -388,7 +411,8 @@ class _SuffixRunner:
         model.graph.output.extend(known.get(t) or onnx.ValueInfoProto(name=t) for t in needed if t not in graph.output_names)
         session = inference_session(model)
         names = [o.name for o in session.get_outputs()]
-        self.activations = dict(zip(names, run_batched(session, feeds, names)))
+        self.batch = scoring_batch(graph.model)
+        self.activations = dict(zip(names, run_batched(session, feeds, names, self.batch)))
         self.activations.update(feeds)
 
     def run(self, model: onnx.ModelProto, start: int) -> np.ndarray:
@@ -399,7 +423,7 @@ class _SuffixRunner:
         suffix = extract_submodel(model, inputs, self.graph.output_names[:1], self.graph, f"from_layer{start}")
         session = inference_session(suffix)
         return run_batched(session, {name: self.activations[name] for name in inputs},
-                           [session.get_outputs()[0].name])[0]
+                           [session.get_outputs()[0].name], self.batch)[0]
 
 
 def _ranges(compressor: Compressor, cache: dict, base_plan, layer_name: str, rung: Rung,

@@ -22,7 +22,7 @@ from explorer.graph import LayerGraph
 SYNTHETIC_SEED = 0  # fixed, not --seed: one set of inputs (and one cached sensitivity table) per model
 SYNTHETIC_SAMPLES = 256  # top-1 agreement in steps of 0.39 points
 SYNTHETIC_MIN_SAMPLES = 32  # the fewest, however large the model (steps of 3.1 points)
-SYNTHETIC_MEMORY_BYTES = 1 << 30  # the sensitivity table keeps every layer's input for every sample
+SYNTHETIC_MEMORY_BYTES = 256 << 20  # the sensitivity table keeps every layer's input for every sample
 _FORMS = "normal (the default: mean 0, std 1), normal:MEAN,STD or uniform:LO,HI"
 
 
