@@ -287,28 +287,45 @@ def print_plan(problem, plan, title: str) -> None:
     console.print(table)
 
 
-def print_comparison(rows: list[tuple[str, object]]) -> None:
-    """Side-by-side metrics of several evaluations: (name, Evaluation)."""
+def print_comparison(rows: list[tuple[str, object]], baseline=None) -> None:
+    """Side-by-side metrics of several evaluations: (name, Evaluation); with `baseline`, each figure's change
+    against it in percent."""
+    from explorer.report import with_change
+
     bases = sorted({e.accuracy_basis for _, e in rows if e.accuracy_basis})
-    table = Table(title="evaluated through Problem.evaluate" + (f"; accuracy: {', '.join(bases)}" if bases else ""))
+    table = Table(title="evaluated through Problem.evaluate" + (f"; accuracy: {', '.join(bases)}" if bases else "")
+                        + ("; (+N %): change against the fp32 baseline" if baseline is not None else ""))
     for column in ("plan", "latency ms", "energy mJ", "weights MB", "accuracy", "feasible", "objective"):
         table.add_column(column)
     for name, e in rows:
-        accuracy = ("not measured" if e.accuracy is None else f"{100 * e.accuracy:.2f}%"
+        accuracy = ("not measured" if e.accuracy is None else f"{100 * e.accuracy:.2f} %"
                     + (f" {e.accuracy_metric}" if e.accuracy_basis else "") + f" ({_drop_cell(e)})")
-        table.add_row(name, f"{e.latency_ms:.3f}", f"{e.energy_mj:.3f}", f"{e.memory_mb:.3f}", accuracy,
-                      "yes" if e.feasible else "no: " + "; ".join(e.violations), f"{e.objective:.4g}")
+        figures = [with_change(getattr(e, key), getattr(baseline, key) if baseline is not None else None)
+                   for key in ("latency_ms", "energy_mj", "memory_mb")]
+        table.add_row(name, *figures, accuracy, "yes" if e.feasible else "no: " + "; ".join(e.violations), f"{e.objective:.4g}")
     console.print(table)
 
 
+def print_limits(problem, best) -> None:
+    """The constraints and how close the best plan (an Evaluation, or None) comes to each; what each
+    processor id is."""
+    from explorer.report import constraint_lines, processor_legend
+
+    lines = constraint_lines(problem, best)
+    if lines:
+        console.print(("constraints (the best plan):\n  " if best is not None else "constraints:\n  ") + "\n  ".join(lines),
+                      highlight=False)
+    console.print("processors:\n  " + "\n  ".join(processor_legend(problem.board)), highlight=False)
+
+
 def _drop_cell(e) -> str:
-    """A table cell for an evaluation's drop: points, '~' marking an estimate on synthetic inputs (the table's
-    title says so), never a bare 0.00 for one."""
+    """A table cell for an evaluation's drop: 'drop 1.45 pts', '~' marking an estimate on synthetic inputs (the
+    table's title says so), never a bare 0.00 for one."""
     from explorer.accuracy import SYNTHETIC_LABEL
 
     if e.accuracy_basis != SYNTHETIC_LABEL:
-        return f"{100 * e.accuracy_drop:+.2f}"
-    return "no change seen" if abs(e.accuracy_drop) < 5e-5 else f"~{100 * e.accuracy_drop:+.2f} est."
+        return f"drop {100 * e.accuracy_drop:.2f} pts"
+    return "no change seen" if abs(e.accuracy_drop) < 5e-5 else f"drop ~{100 * e.accuracy_drop:.2f} pts est."
 
 
 def cmd_solve(args: argparse.Namespace) -> None:
@@ -330,8 +347,9 @@ def cmd_solve(args: argparse.Namespace) -> None:
                   f"{solution.status} in {solution.seconds:.2f} s")
     rows = [(name, problem.evaluate(plan)) for name, plan in problem.reference_plans()]  # the rounds had to beat them
     rows += [(f"solver round {i + 1}" + (" (chosen)" if s.plan == result.plan else ""), e) for i, (s, e) in enumerate(result.rounds)]
-    print_comparison(rows)
+    print_comparison(rows, problem.baseline())
     evaluation = result.evaluation
+    print_limits(problem, evaluation if result.feasible else None)
     if not result.feasible:
         console.print("[red]no solver round was feasible when evaluated[/]: the additive model is too optimistic here; "
                       "loosen the constraints or let a search agent take over")
@@ -377,7 +395,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     baseline = _prepare(problem)
     state = {"result": None}
     ended: AgentsUnreachable | None = None  # the measurement agents are gone: the search ends with what it has
-    with SearchTracker(tracking_uri, experiment, f"{args.agent} seed {args.seed}", params, resume_run_id=args.resume) as tracker, \
+    with SearchTracker(tracking_uri, experiment, f"{args.agent} seed {args.seed}", params, resume_run_id=args.resume,
+                       tags=_search_tags(problem, args)) as tracker, \
             _progress() as progress:
         task = progress.add_task(f"{args.agent} search", total=args.budget, status="")
         already_logged = tracker.logged_digests  # resuming: the agent replays these from the caches
@@ -444,6 +463,20 @@ def _search_settings(problem, args: argparse.Namespace) -> tuple[str, str, dict]
     return resolve_tracking_uri(args.tracking_uri), experiment, params
 
 
+def _search_tags(problem, args: argparse.Namespace) -> dict[str, str]:
+    """The parent run's tags (model, board, agent, objective, measured_by) and its description until the
+    summary replaces it."""
+    from explorer.report import constraint_lines
+    from explorer.tracking import NOTE_TAG
+
+    limits = "; ".join(constraint_lines(problem, None))
+    return {"model": Path(problem.graph.source).stem, "board": problem.board.name, "agent": args.agent,
+            "objective": problem.objective.describe(), "measured_by": problem.measurer.label(problem.board),
+            NOTE_TAG: f"{args.agent} search of {problem.graph.source} on {problem.board.name}, budget {args.budget}: "
+                      f"minimise {problem.objective.describe()}" + (f" ({limits})" if limits else "")
+                      + ". The summary replaces this when the search ends."}
+
+
 def _prepare(problem):
     """Measure (or recall) the sensitivity table and the baseline before a search; the baseline's Evaluation."""
     if problem.scorer.measured:
@@ -475,7 +508,8 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
     from explorer.report import gains, plot_settings, summary_rows
 
     rows = summary_rows(problem, result)
-    print_comparison(rows)
+    print_comparison(rows, baseline)
+    print_limits(problem, result.best)
     found_gains = gains(problem, result)
     if found_gains:
         console.print("in the search: " + "; ".join(gain.text(problem) for gain in found_gains))
@@ -492,14 +526,16 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
     console.print(f"measured by: {(result.best or baseline).measured_by}")
     if problem.scorer.synthetic:
         console.print(f"[yellow]accuracy: {problem.scorer.label}[/]")
-    summary = _summary_markdown(problem, rows, found_gains, headline, result, args)
+    summary = _summary_markdown(problem, rows, found_gains, headline, result, args, baseline)
     if ended:
         summary = summary.replace("\n\n", f"\n\n**Ended early** after {len(result.trials)} of {args.budget} evaluations: "
                                           f"{ended}\n\n", 1)
     metrics = {f"gain_over_{'best_reference' if i == 0 else 'baseline'}": gain.ratio for i, gain in enumerate(found_gains)}
     if confirmed:
         metrics |= {"confirmed_ratio_to_baseline": confirmed.ratio, "confirmed_latency_ms": confirmed.latency_ms,
-                    "confirmed_energy_mj": confirmed.energy_mj, "confirmed_accuracy": confirmed.evaluation.accuracy,
+                    "confirmed_energy_mj": confirmed.energy_mj,
+                    "confirmed_accuracy_percent": 100 * confirmed.evaluation.accuracy
+                    if confirmed.evaluation.accuracy is not None else None,
                     "confirmed_accuracy_drop_points": 100 * confirmed.evaluation.accuracy_drop
                     if confirmed.evaluation.accuracy_drop is not None else None}
         if confirmed.ratio_ci:
@@ -594,7 +630,8 @@ def _search_distributed(args: argparse.Namespace) -> None:
     params["workers"] = args.workers
     baseline = _prepare(problem)
     storage = args.storage or default_storage_url()
-    with SearchTracker(tracking_uri, experiment, f"{args.agent} x{args.workers} workers seed {args.seed}", params) as tracker:
+    with SearchTracker(tracking_uri, experiment, f"{args.agent} x{args.workers} workers seed {args.seed}", params,
+                       tags=_search_tags(problem, args)) as tracker:
         study_name = args.study or f"{default_study_name(problem, args.agent, args.seed)}-{tracker.run_id[:8]}"
         tracker.client.set_tag(tracker.run_id, "optuna_study", study_name)
         opened = open_storage(storage)  # one connection pool for the agent's study and the supervisor
@@ -638,23 +675,31 @@ def _search_args(args: argparse.Namespace, **overrides) -> list[str]:
     return parts
 
 
-def _summary_markdown(problem, rows, found_gains, headline, result, args) -> str:
-    """The search summary logged to MLflow as summary.md."""
+def _summary_markdown(problem, rows, found_gains, headline, result, args, baseline=None) -> str:
+    """The search summary logged to MLflow as summary.md and as the parent run's description."""
+    from explorer.report import constraint_lines, processor_legend, with_change
+
     lines = [f"# {args.agent} search: {problem.graph.source} on {problem.board.name}", "",
-             f"Objective: minimise {problem.objective.describe()}; latency <= {args.latency_ms:g} ms, "
-             f"accuracy drop <= {args.max_accuracy_drop:g} points" + (f", weights <= {args.memory_mb:g} MB" if args.memory_mb else "") + ".",
+             f"Objective: minimise {problem.objective.describe()}.",
              f"Accuracy: {problem.scorer.label}.",
              f"{len(result.trials)} measured evaluations, {result.feasible_count} feasible.", ""]
     if headline:
         lines += [headline[0].upper() + headline[1:] + ".", ""]
     if found_gains:
         lines += ["In the search (single measurements): " + "; ".join(gain.text(problem) for gain in found_gains) + ".", ""]
-    lines += ["| plan | latency ms | energy mJ | weights MB | accuracy | feasible | measured by |", "|---|---|---|---|---|---|---|"]
+    limits = constraint_lines(problem, result.best)
+    if limits:
+        lines += ["Constraints" + (" and the best plan's figures:" if result.best is not None else ":"), ""]
+        lines += [f"- {line}" for line in limits] + [""]
+    lines += ["(+N %): change against the fp32 baseline.", "",
+              "| plan | latency ms | energy mJ | weights MB | accuracy | feasible | measured by |", "|---|---|---|---|---|---|---|"]
     for name, e in rows:
-        lines.append(f"| {name} | {e.latency_ms:.3f} | {e.energy_mj:.3f} | {e.memory_mb:.3f} | {e.accuracy_text()} | "
-                     f"{'yes' if e.feasible else 'no'} | {e.measured_by} |")
+        figures = " | ".join(with_change(getattr(e, key), getattr(baseline, key) if baseline is not None else None)
+                             for key in ("latency_ms", "energy_mj", "memory_mb"))
+        lines.append(f"| {name} | {figures} | {e.accuracy_text()} | {'yes' if e.feasible else 'no'} | {e.measured_by} |")
     if result.best_plan is not None:
         lines += ["", "| layer | decision |", "|---|---|"] + [f"| {n} | {d.label()} |" for n, d in result.best_plan.decisions]
+    lines += ["", "Processors:", ""] + [f"- {line}" for line in processor_legend(problem.board)]
     return "\n".join(lines) + "\n"
 
 
