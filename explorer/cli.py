@@ -30,6 +30,14 @@ def _fmt_count(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _emit_json(data: dict) -> None:
+    """`--json`: the command's one JSON object on stdout (the human text went to stderr)."""
+    import json
+
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def _load(args: argparse.Namespace):
     """LayerGraph and dataset (or None) for --model/--data/--input-shape."""
     from explorer.data import load_graph_and_data
@@ -270,6 +278,12 @@ def cmd_measure(args: argparse.Namespace) -> None:
     evaluation = problem.evaluate(plan)
     print_evaluation(evaluation, f"{problem.graph.source} on {problem.board.name} ({what})")
     _zoo_note(args.model)
+    if args.json:
+        from explorer.report import constraints_json, evaluation_json
+
+        _emit_json({"command": "measure", "model": problem.graph.source, "board": problem.board.name,
+                    "constraints": constraints_json(problem), "plan": plan.to_json(),
+                    "evaluation": evaluation_json(evaluation), "blocks": evaluation.blocks})
     if not evaluation.feasible:  # scripts read the status; a person reads the last line
         console.print(f"[red]infeasible[/]: {'; '.join(evaluation.violations)}", highlight=False, soft_wrap=True)
         raise SystemExit(1)
@@ -290,7 +304,7 @@ def print_plan(problem, plan, title: str) -> None:
 def print_comparison(rows: list[tuple[str, object]], baseline=None) -> None:
     """Side-by-side metrics of several evaluations: (name, Evaluation); with `baseline`, each figure's change
     against it in percent."""
-    from explorer.report import with_change
+    from explorer.report import drop_cell, with_change
 
     bases = sorted({e.accuracy_basis for _, e in rows if e.accuracy_basis})
     table = Table(title="evaluated through Problem.evaluate" + (f"; accuracy: {', '.join(bases)}" if bases else "")
@@ -299,7 +313,7 @@ def print_comparison(rows: list[tuple[str, object]], baseline=None) -> None:
         table.add_column(column)
     for name, e in rows:
         accuracy = ("not measured" if e.accuracy is None else f"{100 * e.accuracy:.2f} %"
-                    + (f" {e.accuracy_metric}" if e.accuracy_basis else "") + f" ({_drop_cell(e)})")
+                    + (f" {e.accuracy_metric}" if e.accuracy_basis else "") + f" ({drop_cell(e)})")
         figures = [with_change(getattr(e, key), getattr(baseline, key) if baseline is not None else None)
                    for key in ("latency_ms", "energy_mj", "memory_mb")]
         table.add_row(name, *figures, accuracy, "yes" if e.feasible else "no: " + "; ".join(e.violations), f"{e.objective:.4g}")
@@ -316,16 +330,6 @@ def print_limits(problem, best) -> None:
         console.print(("constraints (the best plan):\n  " if best is not None else "constraints:\n  ") + "\n  ".join(lines),
                       highlight=False)
     console.print("processors:\n  " + "\n  ".join(processor_legend(problem.board)), highlight=False)
-
-
-def _drop_cell(e) -> str:
-    """A table cell for an evaluation's drop: 'drop 1.45 pts', '~' marking an estimate on synthetic inputs (the
-    table's title says so), never a bare 0.00 for one."""
-    from explorer.accuracy import SYNTHETIC_LABEL
-
-    if e.accuracy_basis != SYNTHETIC_LABEL:
-        return f"drop {100 * e.accuracy_drop:.2f} pts"
-    return "no change seen" if abs(e.accuracy_drop) < 5e-5 else f"drop ~{100 * e.accuracy_drop:.2f} pts est."
 
 
 def cmd_solve(args: argparse.Namespace) -> None:
@@ -360,6 +364,19 @@ def cmd_solve(args: argparse.Namespace) -> None:
         result.plan.save(Path(args.out))
         console.print(f"wrote {args.out}")
     _zoo_note(args.model)
+    if args.json:
+        from explorer.report import constraints_json, evaluation_json
+
+        baseline = problem.baseline()
+        _emit_json({"command": "solve", "model": problem.graph.source, "board": problem.board.name,
+                    "objective": problem.objective.describe(), "constraints": constraints_json(problem),
+                    "feasible": result.feasible, "plan": result.plan.to_json(),
+                    "predicted": {"latency_ms": solution.latency_s * 1e3, "energy_mj": solution.energy_j * 1e3,
+                                  "memory_mb": solution.weight_bytes / 2**20, "status": solution.status,
+                                  "solve_seconds": solution.seconds,
+                                  "accuracy_drop_points": 100 * solution.accuracy_drop if problem.scorer.measured else None},
+                    "evaluation": evaluation_json(evaluation, baseline),
+                    "rows": [{"name": name} | evaluation_json(e, baseline) for name, e in rows], "out": args.out})
 
 
 def _sensitivity_status(problem) -> str:
@@ -431,8 +448,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         progress.stop()
         if ended:
             err_console.print(f"[red]the search ended early[/] after {len(result.trials)} of {args.budget} evaluations: {ended}")
-        _conclude_search(problem, tracker, result, baseline, args, ended=str(ended) if ended else None)
-    _say_next(problem, tracking_uri, tracker.run_id, experiment, result, args)
+        report = _conclude_search(problem, tracker, result, baseline, args, ended=str(ended) if ended else None)
+    _say_next(problem, tracking_uri, tracker.run_id, experiment, result, args, report)
     if ended:
         raise ended  # one line, exit code 2; the summary is written and the parent run marked FAILED
 
@@ -501,10 +518,11 @@ def _progress_status(problem, result) -> str:
     return f"{best} | feasible {result.feasible_count}" + (f" | failed {failed}" if failed else "")
 
 
-def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespace, ended: str | None = None) -> None:
+def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespace, ended: str | None = None) -> dict:
     """Compare with the reference plans and the solver plan the agent started from, confirm the best plans
     by interleaved re-measurement, show the best confirmed plan and its gains, log summary and plots. `ended`:
-    why the search stopped before its budget (the summary says so and the parent run ends FAILED)."""
+    why the search stopped before its budget (the summary says so and the parent run ends FAILED). Returns
+    what `--json` prints of it."""
     from explorer.report import gains, plot_settings, summary_rows
 
     rows = summary_rows(problem, result)
@@ -544,6 +562,22 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
                    plot_settings=plot_settings(problem, result), metrics=metrics,
                    confirmation=confirmation.to_json() if confirmation else None,  # draws the plots in a folder it removes
                    status="FAILED" if ended else None)
+    from explorer.report import constraints_json, evaluation_json
+
+    return {"command": "search", "model": problem.graph.source, "board": problem.board.name, "agent": args.agent,
+            "objective": problem.objective.describe(), "constraints": constraints_json(problem),
+            "evaluations": len(result.trials), "feasible_evaluations": result.feasible_count, "failed_evaluations": failed,
+            "ended_early": ended, "headline": headline,
+            "gains": [{"over": gain.reference, "ratio": gain.ratio} for gain in found_gains],
+            "confirmed": None if not confirmed else {
+                "plan_digest": confirmed.plan.digest(), "ratio_to_baseline": confirmed.ratio,
+                "ratio_to_baseline_95": list(confirmed.ratio_ci) if confirmed.ratio_ci else None,
+                "latency_ms": confirmed.latency_ms, "energy_mj": confirmed.energy_mj,
+                "accuracy_drop_points": metrics.get("confirmed_accuracy_drop_points"),
+                "simulated": confirmation.simulated},
+            "best_plan": best_plan.to_json() if best_plan else None,
+            "best": evaluation_json(result.best, baseline) if result.best else None,
+            "rows": [{"name": name} | evaluation_json(e, baseline) for name, e in rows]}
 
 
 def _confirm(problem, result):
@@ -575,17 +609,23 @@ def _confirm(problem, result):
     return confirmation, headline
 
 
-def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, args: argparse.Namespace) -> None:
+def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, args: argparse.Namespace,
+              report: dict | None = None) -> None:
+    """Where the search is in MLflow and how to export its best plan; with --json, `report` and these on stdout."""
     from explorer.tracking import ui_command
 
     console.print(f"MLflow run: {run_id} (experiment {experiment!r})")
     console.print(f"open the MLflow UI: {ui_command(tracking_uri)}")
+    export = None
     if result.best_plan is not None:
         from explorer.paths import runs_dir
 
         bundle = runs_dir() / "bundles" / f"{Path(problem.graph.source).stem}-{problem.board.name}"
-        console.print(f"export the best plan: explorer export --run {run_id} --out {bundle}"
-                      + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""), soft_wrap=True)
+        export = f"explorer export --run {run_id} --out {bundle}" + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else "")
+        console.print(f"export the best plan: {export}", soft_wrap=True)
+    if args.json:
+        _emit_json((report or {}) | {"run_id": run_id, "experiment": experiment, "tracking_uri": tracking_uri,
+                                     "ui_command": ui_command(tracking_uri), "export_command": export})
 
 
 def _search_worker(args: argparse.Namespace) -> None:
@@ -656,8 +696,8 @@ def _search_distributed(args: argparse.Namespace) -> None:
             supervisor.run(lambda done: progress.update(task, completed=done, status=f"study {study_name}"))
         result = agent.study_result(problem, study)
         tracker.log_curve(result)
-        _conclude_search(problem, tracker, result, baseline, args)
-    _say_next(problem, tracking_uri, tracker.run_id, experiment, result, args)
+        report = _conclude_search(problem, tracker, result, baseline, args)
+    _say_next(problem, tracking_uri, tracker.run_id, experiment, result, args, report)
 
 
 def _search_args(args: argparse.Namespace, **overrides) -> list[str]:
@@ -884,6 +924,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --measure remote://: how long to wait (probing, with a countdown) when no measurement "
                             "agent can be reached, before the search ends with what it measured (default 0)")
 
+    def json_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout for scripts (accuracy in "
+                       "percent, drops in points, units in the key names); the tables go to stderr")
+
     p = sub.add_parser("models", help="list the built-in model zoo")
     p.set_defaults(func=cmd_models)
 
@@ -910,12 +954,14 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     problem_options(p)
     p.add_argument("--plan", help="plan.json (default: uncompressed fp32 on the best single processor)")
+    json_option(p)
     p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("solve", help="the analytic DAD/RLC plan (exact integer program on the cost model), evaluated")
     model_options(p)
     problem_options(p)
     p.add_argument("--out", help="write the plan to this JSON file")
+    json_option(p)
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("search", help="the main job: search the best plan, track every trial in MLflow")
@@ -931,6 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="Optuna study to share with other processes or machines (with --storage): this "
                    "process adds --budget trials to it")
     p.add_argument("--parent-run", help=argparse.SUPPRESS)  # set by --workers: log trials under this MLflow run
+    json_option(p)
     p.set_defaults(func=cmd_search)
 
     sub.add_parser("serve", help="run the measurement agent on a board (see `explorer serve --help`)", add_help=False)
@@ -991,6 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with termination_as_interrupt():  # from the start: an interrupt while modules load ends as cleanly
             args = build_parser().parse_args(argv)
+            console.stderr = bool(getattr(args, "json", False))  # --json: stdout holds the JSON object alone
             if not args.verbose:
                 import onnxruntime
 
@@ -1004,6 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    finally:
+        console.stderr = False
     return 0
 
 

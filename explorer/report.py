@@ -179,6 +179,18 @@ def with_change(value: float, baseline: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}" + (f" ({change})" if change and value != baseline else "")
 
 
+def drop_cell(e: Evaluation) -> str:
+    """An evaluation's accuracy drop for a table cell: 'drop 1.45 pts', '~' marking an estimate on synthetic
+    inputs, never a bare 0.00 for one ('no change seen')."""
+    from explorer.accuracy import SYNTHETIC_LABEL
+
+    if e.accuracy_drop is None:
+        return "accuracy not measured"
+    if e.accuracy_basis != SYNTHETIC_LABEL:
+        return f"drop {100 * e.accuracy_drop:.2f} pts"
+    return "no change seen" if abs(e.accuracy_drop) < 5e-5 else f"drop ~{100 * e.accuracy_drop:.2f} pts est."
+
+
 def constraint_lines(problem: Problem, evaluation: Evaluation | None) -> list[str]:
     """Each limit of the problem and, for `evaluation` (the best plan), how close it comes: 'latency <= 5000
     ms: 1.402 ms, 0.03 % of the limit'. Drops are in points."""
@@ -187,27 +199,27 @@ def constraint_lines(problem: Problem, evaluation: Evaluation | None) -> list[st
     if c.latency_ms is not None:
         line = f"latency <= {c.latency_ms:g} ms"
         if evaluation is not None:
-            line += f": {evaluation.latency_ms:.3f} ms, {100 * evaluation.latency_ms / c.latency_ms:.1f} % of the limit"
+            line += f": {evaluation.latency_ms:.3f} ms, {100 * evaluation.latency_ms / c.latency_ms:.3g} % of the limit"
         lines.append(line)
     if c.max_accuracy_drop is not None:
         line = f"accuracy drop <= {100 * c.max_accuracy_drop:g} pts"
         if evaluation is not None and evaluation.accuracy_drop is not None:
             headroom = 100 * (c.max_accuracy_drop - evaluation.accuracy_drop)
-            line += f": drop {100 * evaluation.accuracy_drop:.2f} pts, {headroom:.2f} pts below the limit"
+            line += f": {drop_cell(evaluation)}, {headroom:.2f} pts below the limit"
         elif evaluation is not None:
             line += ": accuracy not measured"
         lines.append(line)
     if c.memory_mb is not None:
         line = f"weights <= {c.memory_mb:g} MB"
         if evaluation is not None:
-            line += f": {evaluation.memory_mb:.3f} MB, {100 * evaluation.memory_mb / c.memory_mb:.1f} % of the limit"
+            line += f": {evaluation.memory_mb:.3f} MB, {100 * evaluation.memory_mb / c.memory_mb:.3g} % of the limit"
         lines.append(line)
     return lines
 
 
 def processor_legend(board) -> list[str]:
     """What each processor id of the board is, e.g. 'lpc: low-power companion Cortex-A15 core ...'."""
-    return [f"{p.id} ({p.kind}): {p.description}" for p in board.processors.values()]
+    return [f"{p.id}{'' if p.id == p.kind else f' ({p.kind})'}: {p.description}" for p in board.processors.values()]
 
 
 def evaluation_json(e: Evaluation, baseline: Evaluation | None = None) -> dict:

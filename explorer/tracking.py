@@ -2,23 +2,27 @@
 
 Layout in the tracking store (any MLflow tracking URI; default SQLite under runs/):
 
-- one **experiment** per model and board, e.g. "vgg @ tegra-k1";
-- one **parent run** per search: the settings as params, the best-so-far objective and the feasible
-  count as metric series (step = trial number), the best plan's metrics at the end, and artifacts
-  `best_plan.json`, `convergence.png`, `pareto.png`, `summary.md`;
-- one **child run per trial** ("trial N", tag `mlflow.parentRunId`): one param per decision layer
-  holding `Decision.label()` (e.g. `conv1_1 = spatial:16/int8@gpu`); metrics latency_ms,
-  latency_spread_ms, energy_mj, memory_mb, accuracy, accuracy_drop (when measured), objective,
-  feasible (0/1), eval_seconds; tags trial, source, measured_by, plan_digest, accuracy_basis (where the
-  accuracy is agreement without labels or estimated on synthetic inputs), violations (if any).
+- one **experiment** per model and board, e.g. "vgg @ tegra-k1", described (`mlflow.note.content`) by
+  EXPERIMENT_NOTE unless a user described it;
+- one **parent run** per search: the settings as params, tags SEARCH_TAGS, the best-so-far objective
+  and the feasible count as metric series (step = trial number), the best plan's metrics at the end,
+  artifacts `best_plan.json`, `convergence.png`, `pareto.png`, `summary.md`, and the summary as the
+  run's description;
+- one **child run per trial** ("trial N", tag `mlflow.parentRunId`): three params per decision layer
+  (`decision_params`: `conv1_1.rung = spatial:16`, `conv1_1.precision = int8`, `conv1_1.processor =
+  gpu`: short values, which MLflow's parallel-coordinates view keeps whole); metrics latency_ms,
+  latency_spread_ms, energy_mj, memory_mb, accuracy_percent, accuracy_drop_points (when measured),
+  objective, feasible (0/1), eval_seconds; tags trial, source, measured_by, plan_digest,
+  accuracy_basis (where the accuracy is agreement without labels or estimated on synthetic inputs),
+  violations (if any). Runs logged before (one `Decision.label()` per layer, `accuracy_drop` as a
+  fraction) still read back (`logged_plan`, `logged_drop_points`).
 
 Logging never makes the search wait: `log_trial` only puts the trial on a queue, and a worker
-thread writes what has gathered as one batch. Through MLflow's API a child run costs three calls,
-each its own transaction: tens of milliseconds, which would dominate a simulated search at a few
-milliseconds per evaluation. So on a SQL store (the default) the worker inserts a whole batch of
-finished child runs in one transaction with MLflow's own table definitions (about half a
-millisecond of CPU per trial, most of it inside SQLite). Other stores (an MLflow tracking server,
-the file store) get the store's API from a few worker threads.
+thread writes what has gathered as one batch, through MLflow's public client alone: per child run
+`create_run` (with its tags), `log_batch` (params and metrics) and `set_terminated`, on a few
+threads at once, and one `log_batch` of the parent's metric points per batch. On the default SQLite
+store that is tens of milliseconds per trial in the background (benchmarks/tracking_overhead.py
+measures what it costs a whole simulated search).
 """
 from __future__ import annotations
 
