@@ -301,22 +301,23 @@ def print_plan(problem, plan, title: str) -> None:
     console.print(table)
 
 
-def print_comparison(rows: list[tuple[str, object]], baseline=None) -> None:
+def print_comparison(rows: list[tuple[str, object]], baseline=None, objective_column: bool = True) -> None:
     """Side-by-side metrics of several evaluations: (name, Evaluation); with `baseline`, each figure's change
-    against it in percent."""
+    against it in percent; `objective_column=False` where the objective is one of the figures shown."""
     from explorer.report import drop_cell, with_change
 
     bases = sorted({e.accuracy_basis for _, e in rows if e.accuracy_basis})
     table = Table(title="evaluated through Problem.evaluate" + (f"; accuracy: {', '.join(bases)}" if bases else "")
-                        + ("; (+N %): change against the fp32 baseline" if baseline is not None else ""))
-    for column in ("plan", "latency ms", "energy mJ", "weights MB", "accuracy", "feasible", "objective"):
-        table.add_column(column)
+                        + ("; (+N%): change against the fp32 baseline" if baseline is not None else ""))
+    for column in ("plan", "latency ms", "energy mJ", "weights MB", "accuracy", "feasible") + ("objective",) * objective_column:
+        table.add_column(column, no_wrap=column == "plan")  # the figures may wrap, a plan's name reads whole
     for name, e in rows:
         accuracy = ("not measured" if e.accuracy is None else f"{100 * e.accuracy:.2f} %"
                     + (f" {e.accuracy_metric}" if e.accuracy_basis else "") + f" ({drop_cell(e)})")
         figures = [with_change(getattr(e, key), getattr(baseline, key) if baseline is not None else None)
                    for key in ("latency_ms", "energy_mj", "memory_mb")]
-        table.add_row(name, *figures, accuracy, "yes" if e.feasible else "no: " + "; ".join(e.violations), f"{e.objective:.4g}")
+        table.add_row(name, *figures, accuracy, "yes" if e.feasible else "no: " + "; ".join(e.violations),
+                      *([f"{e.objective:.4g}"] if objective_column else []))
     console.print(table)
 
 
@@ -351,7 +352,7 @@ def cmd_solve(args: argparse.Namespace) -> None:
                   f"{solution.status} in {solution.seconds:.2f} s")
     rows = [(name, problem.evaluate(plan)) for name, plan in problem.reference_plans()]  # the rounds had to beat them
     rows += [(f"solver round {i + 1}" + (" (chosen)" if s.plan == result.plan else ""), e) for i, (s, e) in enumerate(result.rounds)]
-    print_comparison(rows, problem.baseline())
+    print_comparison(rows, problem.baseline(), objective_column=problem.objective.single is None)
     evaluation = result.evaluation
     print_limits(problem, evaluation if result.feasible else None)
     if not result.feasible:
@@ -526,7 +527,7 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
     from explorer.report import gains, plot_settings, summary_rows
 
     rows = summary_rows(problem, result)
-    print_comparison(rows, baseline)
+    print_comparison(rows, baseline, objective_column=problem.objective.single is None)
     print_limits(problem, result.best)
     found_gains = gains(problem, result)
     if found_gains:
@@ -731,7 +732,7 @@ def _summary_markdown(problem, rows, found_gains, headline, result, args, baseli
     if limits:
         lines += ["Constraints" + (" and the best plan's figures:" if result.best is not None else ":"), ""]
         lines += [f"- {line}" for line in limits] + [""]
-    lines += ["(+N %): change against the fp32 baseline.", "",
+    lines += ["(+N%): change against the fp32 baseline.", "",
               "| plan | latency ms | energy mJ | weights MB | accuracy | feasible | measured by |", "|---|---|---|---|---|---|---|"]
     for name, e in rows:
         figures = " | ".join(with_change(getattr(e, key), getattr(baseline, key) if baseline is not None else None)

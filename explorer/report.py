@@ -166,15 +166,15 @@ def plot_settings(problem: Problem, result) -> PlotSettings:
 
 
 def change_text(value: float, baseline: float | None) -> str:
-    """A figure's change against the baseline's in percent, e.g. '+72 %' (slower, more) or '-12 %'."""
+    """A figure's change against the baseline's in percent, e.g. '+72%' (slower, more) or '-12%'."""
     if baseline is None or not baseline or value != value:
         return ""
     change = 100 * (value / baseline - 1)
-    return "±0 %" if abs(change) < 0.5 else f"{change:+.0f} %"
+    return "±0%" if abs(change) < 0.5 else f"{change:+.0f}%"
 
 
 def with_change(value: float, baseline: float | None, digits: int = 3) -> str:
-    """'1.402 (+72 %)': a figure and its change against the baseline (nothing added for the baseline itself)."""
+    """'1.402 (+72%)': a figure and its change against the baseline (nothing added for the baseline itself)."""
     change = change_text(value, baseline)
     return f"{value:.{digits}f}" + (f" ({change})" if change and value != baseline else "")
 

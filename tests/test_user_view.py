@@ -71,8 +71,8 @@ def test_a_search_says_its_changes_limits_and_processors_and_tags_its_run(capsys
     out, err = capsys.readouterr()
     data = json.loads(out)
     assert "constraints (the best plan):" in err and "accuracy drop <= 2 pts: " in err and "pts below the limit" in err
-    assert "lpc: Low-power companion" in err and "(+N %): change against the fp32 baseline" in err
-    assert re.search(r"\d\.\d{3} \([+-]\d+ %\)", err)  # a figure with its change against the baseline
+    assert "lpc: Low-power companion" in err and "(+N%): change against the fp32 baseline" in err
+    assert re.search(r"\d\.\d{3} \([+-]\d+%\)", err)  # a figure with its change against the baseline
     assert data["constraints"] == {"latency_ms": 5000.0, "memory_mb": None, "max_accuracy_drop_points": 2.0}
     assert data["best"]["accuracy_drop_points"] <= 2 and data["evaluations"] == 10
     assert data["export_command"].startswith(f"explorer export --run {data['run_id']}")
