@@ -44,6 +44,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars in CLI output
+# set_terminated on a tracking server prints two "View run" lines to stdout per run: one per trial would
+# flood the terminal and break --json (the search prints its own way to open the UI)
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
 logging.getLogger("alembic").setLevel(logging.WARNING)
 

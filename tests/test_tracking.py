@@ -152,11 +152,12 @@ def check_tracked_search(uri: str, run_id: str, result: SearchResult, first_tria
     assert (folder / "pareto.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_search_logged_to_a_tracking_server(mlflow_server, problem):
+def test_search_logged_to_a_tracking_server(mlflow_server, problem, capsys):
     with SearchTracker(mlflow_server, EXPERIMENT, "random seed 0", SETTINGS) as tracker:
         result = random_search(problem, 12, seed=0, callback=tracker.log_trial)
         assert 0 < result.feasible_count < 12, "the test needs feasible and infeasible trials"
         tracker.finish(result, result.best_plan.to_json(), summary_of(result), latency_budget_ms=1.2)
+    assert "View run" not in capsys.readouterr().out  # MLflow's per-run links would flood stdout (and --json)
     check_tracked_search(mlflow_server, tracker.run_id, result)
     assert MlflowClient(mlflow_server).get_experiment_by_name(EXPERIMENT).artifact_location.startswith("mlflow-artifacts:")
     assert ui_command(mlflow_server).endswith(mlflow_server)
