@@ -30,6 +30,14 @@ def _fmt_count(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _emit_json(data: dict) -> None:
+    """`--json`: the command's one JSON object on stdout (the human text went to stderr)."""
+    import json
+
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def _load(args: argparse.Namespace):
     """LayerGraph and dataset (or None) for --model/--data/--input-shape."""
     from explorer.data import load_graph_and_data
@@ -261,6 +269,12 @@ def cmd_measure(args: argparse.Namespace) -> None:
     evaluation = problem.evaluate(plan)
     print_evaluation(evaluation, f"{problem.graph.source} on {problem.board.name} ({what})")
     _zoo_note(args.model)
+    if args.json:
+        from explorer.report import constraints_json, evaluation_json
+
+        _emit_json({"command": "measure", "model": problem.graph.source, "board": problem.board.name,
+                    "constraints": constraints_json(problem), "plan": plan.to_json(),
+                    "evaluation": evaluation_json(evaluation), "blocks": evaluation.blocks})
     if not evaluation.feasible:  # scripts read the status; a person reads the last line
         console.print(f"[red]infeasible[/]: {'; '.join(evaluation.violations)}", highlight=False, soft_wrap=True)
         raise SystemExit(1)
@@ -278,28 +292,36 @@ def print_plan(problem, plan, title: str) -> None:
     console.print(table)
 
 
-def print_comparison(rows: list[tuple[str, object]]) -> None:
-    """Side-by-side metrics of several evaluations: (name, Evaluation)."""
+def print_comparison(rows: list[tuple[str, object]], baseline=None, objective_column: bool = True) -> None:
+    """Side-by-side metrics of several evaluations: (name, Evaluation); with `baseline`, each figure's change
+    against it in percent; `objective_column=False` where the objective is one of the figures shown."""
+    from explorer.report import drop_cell, with_change
+
     bases = sorted({e.accuracy_basis for _, e in rows if e.accuracy_basis})
-    table = Table(title="evaluated through Problem.evaluate" + (f"; accuracy: {', '.join(bases)}" if bases else ""))
-    for column in ("plan", "latency ms", "energy mJ", "weights MB", "accuracy", "feasible", "objective"):
-        table.add_column(column)
+    table = Table(title="evaluated through Problem.evaluate" + (f"; accuracy: {', '.join(bases)}" if bases else "")
+                        + ("; (+N%): change against the fp32 baseline" if baseline is not None else ""))
+    for column in ("plan", "latency ms", "energy mJ", "weights MB", "accuracy", "feasible") + ("objective",) * objective_column:
+        table.add_column(column, no_wrap=column == "plan")  # the figures may wrap, a plan's name reads whole
     for name, e in rows:
-        accuracy = ("not measured" if e.accuracy is None else f"{100 * e.accuracy:.2f}%"
-                    + (f" {e.accuracy_metric}" if e.accuracy_basis else "") + f" ({_drop_cell(e)})")
-        table.add_row(name, f"{e.latency_ms:.3f}", f"{e.energy_mj:.3f}", f"{e.memory_mb:.3f}", accuracy,
-                      "yes" if e.feasible else "no: " + "; ".join(e.violations), f"{e.objective:.4g}")
+        accuracy = ("not measured" if e.accuracy is None else f"{100 * e.accuracy:.2f} %"
+                    + (f" {e.accuracy_metric}" if e.accuracy_basis else "") + f" ({drop_cell(e)})")
+        figures = [with_change(getattr(e, key), getattr(baseline, key) if baseline is not None else None)
+                   for key in ("latency_ms", "energy_mj", "memory_mb")]
+        table.add_row(name, *figures, accuracy, "yes" if e.feasible else "no: " + "; ".join(e.violations),
+                      *([f"{e.objective:.4g}"] if objective_column else []))
     console.print(table)
 
 
-def _drop_cell(e) -> str:
-    """A table cell for an evaluation's drop: points, '~' marking an estimate on synthetic inputs (the table's
-    title says so), never a bare 0.00 for one."""
-    from explorer.accuracy import SYNTHETIC_LABEL
+def print_limits(problem, best) -> None:
+    """The constraints and how close the best plan (an Evaluation, or None) comes to each; what each
+    processor id is."""
+    from explorer.report import constraint_lines, processor_legend
 
-    if e.accuracy_basis != SYNTHETIC_LABEL:
-        return f"{100 * e.accuracy_drop:+.2f}"
-    return "no change seen" if abs(e.accuracy_drop) < 5e-5 else f"~{100 * e.accuracy_drop:+.2f} est."
+    lines = constraint_lines(problem, best)
+    if lines:
+        console.print(("constraints (the best plan):\n  " if best is not None else "constraints:\n  ") + "\n  ".join(lines),
+                      highlight=False)
+    console.print("processors:\n  " + "\n  ".join(processor_legend(problem.board)), highlight=False)
 
 
 def cmd_solve(args: argparse.Namespace) -> None:
@@ -318,8 +340,9 @@ def cmd_solve(args: argparse.Namespace) -> None:
                   f"{solution.status} in {solution.seconds:.2f} s")
     rows = [(name, problem.evaluate(plan)) for name, plan in problem.reference_plans()]  # the rounds had to beat them
     rows += [(f"solver round {i + 1}" + (" (chosen)" if s.plan == result.plan else ""), e) for i, (s, e) in enumerate(result.rounds)]
-    print_comparison(rows)
+    print_comparison(rows, problem.baseline(), objective_column=problem.objective.single is None)
     evaluation = result.evaluation
+    print_limits(problem, evaluation if result.feasible else None)
     if not result.feasible:
         console.print("[red]no solver round was feasible when evaluated[/]: the additive model is too optimistic here; "
                       "loosen the constraints or let a search agent take over")
@@ -330,6 +353,19 @@ def cmd_solve(args: argparse.Namespace) -> None:
         result.plan.save(Path(args.out))
         console.print(f"wrote {args.out}")
     _zoo_note(args.model)
+    if args.json:
+        from explorer.report import constraints_json, evaluation_json
+
+        baseline = problem.baseline()
+        _emit_json({"command": "solve", "model": problem.graph.source, "board": problem.board.name,
+                    "objective": problem.objective.describe(), "constraints": constraints_json(problem),
+                    "feasible": result.feasible, "plan": result.plan.to_json(),
+                    "predicted": {"latency_ms": solution.latency_s * 1e3, "energy_mj": solution.energy_j * 1e3,
+                                  "memory_mb": solution.weight_bytes / 2**20, "status": solution.status,
+                                  "solve_seconds": solution.seconds,
+                                  "accuracy_drop_points": 100 * solution.accuracy_drop if problem.scorer.measured else None},
+                    "evaluation": evaluation_json(evaluation, baseline),
+                    "rows": [{"name": name} | evaluation_json(e, baseline) for name, e in rows], "out": args.out})
 
 
 def _sensitivity_status(problem) -> str:
@@ -365,7 +401,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     baseline = _prepare(problem)
     state = {"result": None}
     ended: AgentsUnreachable | None = None  # the measurement agents are gone: the search ends with what it has
-    with SearchTracker(tracking_uri, experiment, f"{args.agent} seed {args.seed}", params, resume_run_id=args.resume) as tracker, \
+    with SearchTracker(tracking_uri, experiment, f"{args.agent} seed {args.seed}", params, resume_run_id=args.resume,
+                       tags=_search_tags(problem, args)) as tracker, \
             _progress() as progress:
         task = progress.add_task(f"{args.agent} search", total=args.budget, status="")
         if args.agent.startswith("optuna"):
@@ -402,8 +439,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         progress.stop()
         if ended:
             err_console.print(f"[red]the search ended early[/] after {len(result.trials)} of {args.budget} evaluations: {ended}")
-        _conclude_search(problem, tracker, result, baseline, args, ended=str(ended) if ended else None)
-    _say_next(problem, tracking_uri, tracker.run_id, experiment, result, args)
+        report = _conclude_search(problem, tracker, result, baseline, args, ended=str(ended) if ended else None)
+    _say_next(problem, tracking_uri, tracker.run_id, experiment, result, args, report)
     if ended:
         raise ended  # one line, exit code 2; the summary is written and the parent run marked FAILED
 
@@ -432,6 +469,20 @@ def _search_settings(problem, args: argparse.Namespace) -> tuple[str, str, dict]
                    "data_source": problem.scorer.dataset.source if problem.scorer.dataset else "none (accuracy not measured)",
                    "accuracy_basis": problem.scorer.label})
     return resolve_tracking_uri(args.tracking_uri), experiment, params
+
+
+def _search_tags(problem, args: argparse.Namespace) -> dict[str, str]:
+    """The parent run's tags (model, board, agent, objective, measured_by) and its description until the
+    summary replaces it."""
+    from explorer.report import constraint_lines
+    from explorer.tracking import NOTE_TAG
+
+    limits = "; ".join(constraint_lines(problem, None))
+    return {"model": Path(problem.graph.source).stem, "board": problem.board.name, "agent": args.agent,
+            "objective": problem.objective.describe(), "measured_by": problem.measurer.label(problem.board),
+            NOTE_TAG: f"{args.agent} search of {problem.graph.source} on {problem.board.name}, budget {args.budget}: "
+                      f"minimise {problem.objective.describe()}" + (f" ({limits})" if limits else "")
+                      + ". The summary replaces this when the search ends."}
 
 
 def _prepare(problem):
@@ -484,14 +535,16 @@ def _progress_status(problem, result) -> str:
     return f"{best} | feasible {result.feasible_count}" + (f" | failed {failed}" if failed else "")
 
 
-def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespace, ended: str | None = None) -> None:
+def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespace, ended: str | None = None) -> dict:
     """Compare with the reference plans and the solver plan the agent started from, confirm the best plans
     by interleaved re-measurement, show the best confirmed plan and its gains, log summary and plots. `ended`:
-    why the search stopped before its budget (the summary says so and the parent run ends FAILED)."""
+    why the search stopped before its budget (the summary says so and the parent run ends FAILED). Returns
+    what `--json` prints of it."""
     from explorer.report import gains, plot_settings, summary_rows
 
     rows = summary_rows(problem, result)
-    print_comparison(rows)
+    print_comparison(rows, baseline, objective_column=problem.objective.single is None)
+    print_limits(problem, result.best)
     found_gains = gains(problem, result)
     if found_gains:
         console.print("in the search: " + "; ".join(gain.text(problem) for gain in found_gains))
@@ -508,14 +561,16 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
     console.print(f"measured by: {(result.best or baseline).measured_by}")
     if problem.scorer.synthetic:
         console.print(f"[yellow]accuracy: {problem.scorer.label}[/]")
-    summary = _summary_markdown(problem, rows, found_gains, headline, result, args)
+    summary = _summary_markdown(problem, rows, found_gains, headline, result, args, baseline)
     if ended:
         summary = summary.replace("\n\n", f"\n\n**Ended early** after {len(result.trials)} of {args.budget} evaluations: "
                                           f"{ended}\n\n", 1)
     metrics = {f"gain_over_{'best_reference' if i == 0 else 'baseline'}": gain.ratio for i, gain in enumerate(found_gains)}
     if confirmed:
         metrics |= {"confirmed_ratio_to_baseline": confirmed.ratio, "confirmed_latency_ms": confirmed.latency_ms,
-                    "confirmed_energy_mj": confirmed.energy_mj, "confirmed_accuracy": confirmed.evaluation.accuracy,
+                    "confirmed_energy_mj": confirmed.energy_mj,
+                    "confirmed_accuracy_percent": 100 * confirmed.evaluation.accuracy
+                    if confirmed.evaluation.accuracy is not None else None,
                     "confirmed_accuracy_drop_points": 100 * confirmed.evaluation.accuracy_drop
                     if confirmed.evaluation.accuracy_drop is not None else None}
         if confirmed.ratio_ci:
@@ -524,6 +579,22 @@ def _conclude_search(problem, tracker, result, baseline, args: argparse.Namespac
                    plot_settings=plot_settings(problem, result), metrics=metrics,
                    confirmation=confirmation.to_json() if confirmation else None,  # draws the plots in a folder it removes
                    status="FAILED" if ended else None)
+    from explorer.report import constraints_json, evaluation_json
+
+    return {"command": "search", "model": problem.graph.source, "board": problem.board.name, "agent": args.agent,
+            "objective": problem.objective.describe(), "constraints": constraints_json(problem),
+            "evaluations": len(result.trials), "feasible_evaluations": result.feasible_count, "failed_evaluations": failed,
+            "ended_early": ended, "headline": headline,
+            "gains": [{"over": gain.reference, "ratio": gain.ratio} for gain in found_gains],
+            "confirmed": None if not confirmed else {
+                "plan_digest": confirmed.plan.digest(), "ratio_to_baseline": confirmed.ratio,
+                "ratio_to_baseline_95": list(confirmed.ratio_ci) if confirmed.ratio_ci else None,
+                "latency_ms": confirmed.latency_ms, "energy_mj": confirmed.energy_mj,
+                "accuracy_drop_points": metrics.get("confirmed_accuracy_drop_points"),
+                "simulated": confirmation.simulated},
+            "best_plan": best_plan.to_json() if best_plan else None,
+            "best": evaluation_json(result.best, baseline) if result.best else None,
+            "rows": [{"name": name} | evaluation_json(e, baseline) for name, e in rows]}
 
 
 def _confirm(problem, result):
@@ -555,22 +626,30 @@ def _confirm(problem, result):
     return confirmation, headline
 
 
-def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, args: argparse.Namespace) -> None:
+def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, args: argparse.Namespace,
+              report: dict | None = None) -> None:
+    """Where the search is in MLflow and how to export its best plan; with --json, `report` and these on stdout."""
     from explorer.tracking import ui_command
 
     console.print(f"MLflow run: {run_id} (experiment {experiment!r})")
     console.print(f"open the MLflow UI: {ui_command(tracking_uri)}")
+    dashboard = None
     if args.agent.startswith("optuna"):
         from agents.optuna_agents import dashboard_command
 
         if dashboard := dashboard_command(args.storage):
             console.print(f"open the Optuna dashboard: {dashboard}", soft_wrap=True)
+    export = None
     if result.best_plan is not None:
         from explorer.paths import runs_dir
 
         bundle = runs_dir() / "bundles" / f"{Path(problem.graph.source).stem}-{problem.board.name}"
-        console.print(f"export the best plan: explorer export --run {run_id} --out {bundle}"
-                      + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""), soft_wrap=True)
+        export = f"explorer export --run {run_id} --out {bundle}" + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else "")
+        console.print(f"export the best plan: {export}", soft_wrap=True)
+    if args.json:
+        _emit_json((report or {}) | {"run_id": run_id, "experiment": experiment, "tracking_uri": tracking_uri,
+                                     "ui_command": ui_command(tracking_uri), "dashboard_command": dashboard,
+                                     "export_command": export})
 
 
 def _search_worker(args: argparse.Namespace) -> None:
@@ -616,7 +695,8 @@ def _search_distributed(args: argparse.Namespace) -> None:
     params["workers"] = args.workers
     baseline = _prepare(problem)
     storage = args.storage or default_storage_url()
-    with SearchTracker(tracking_uri, experiment, f"{args.agent} x{args.workers} workers seed {args.seed}", params) as tracker:
+    with SearchTracker(tracking_uri, experiment, f"{args.agent} x{args.workers} workers seed {args.seed}", params,
+                       tags=_search_tags(problem, args)) as tracker:
         study_name = args.study or f"{default_study_name(problem, args.agent, args.seed)}-{tracker.run_id[:8]}"
         tracker.client.set_tag(tracker.run_id, "optuna_study", study_name)
         opened = open_storage(storage)  # one connection pool for the agent's study and the supervisor
@@ -642,8 +722,8 @@ def _search_distributed(args: argparse.Namespace) -> None:
             supervisor.run(lambda done: progress.update(task, completed=done, status=f"study {study_name}"))
         result = agent.study_result(problem, study)
         tracker.log_curve(result)
-        _conclude_search(problem, tracker, result, baseline, args)
-    _say_next(problem, tracking_uri, tracker.run_id, experiment, result, args)
+        report = _conclude_search(problem, tracker, result, baseline, args)
+    _say_next(problem, tracking_uri, tracker.run_id, experiment, result, args, report)
 
 
 def _search_args(args: argparse.Namespace, **overrides) -> list[str]:
@@ -663,23 +743,31 @@ def _search_args(args: argparse.Namespace, **overrides) -> list[str]:
     return parts
 
 
-def _summary_markdown(problem, rows, found_gains, headline, result, args) -> str:
-    """The search summary logged to MLflow as summary.md."""
+def _summary_markdown(problem, rows, found_gains, headline, result, args, baseline=None) -> str:
+    """The search summary logged to MLflow as summary.md and as the parent run's description."""
+    from explorer.report import constraint_lines, processor_legend, with_change
+
     lines = [f"# {args.agent} search: {problem.graph.source} on {problem.board.name}", "",
-             f"Objective: minimise {problem.objective.describe()}; latency <= {args.latency_ms:g} ms, "
-             f"accuracy drop <= {args.max_accuracy_drop:g} points" + (f", weights <= {args.memory_mb:g} MB" if args.memory_mb else "") + ".",
+             f"Objective: minimise {problem.objective.describe()}.",
              f"Accuracy: {problem.scorer.label}.",
              f"{len(result.trials)} measured evaluations, {result.feasible_count} feasible.", ""]
     if headline:
         lines += [headline[0].upper() + headline[1:] + ".", ""]
     if found_gains:
         lines += ["In the search (single measurements): " + "; ".join(gain.text(problem) for gain in found_gains) + ".", ""]
-    lines += ["| plan | latency ms | energy mJ | weights MB | accuracy | feasible | measured by |", "|---|---|---|---|---|---|---|"]
+    limits = constraint_lines(problem, result.best)
+    if limits:
+        lines += ["Constraints" + (" and the best plan's figures:" if result.best is not None else ":"), ""]
+        lines += [f"- {line}" for line in limits] + [""]
+    lines += ["(+N%): change against the fp32 baseline.", "",
+              "| plan | latency ms | energy mJ | weights MB | accuracy | feasible | measured by |", "|---|---|---|---|---|---|---|"]
     for name, e in rows:
-        lines.append(f"| {name} | {e.latency_ms:.3f} | {e.energy_mj:.3f} | {e.memory_mb:.3f} | {e.accuracy_text()} | "
-                     f"{'yes' if e.feasible else 'no'} | {e.measured_by} |")
+        figures = " | ".join(with_change(getattr(e, key), getattr(baseline, key) if baseline is not None else None)
+                             for key in ("latency_ms", "energy_mj", "memory_mb"))
+        lines.append(f"| {name} | {figures} | {e.accuracy_text()} | {'yes' if e.feasible else 'no'} | {e.measured_by} |")
     if result.best_plan is not None:
         lines += ["", "| layer | decision |", "|---|---|"] + [f"| {n} | {d.label()} |" for n, d in result.best_plan.decisions]
+    lines += ["", "Processors:", ""] + [f"- {line}" for line in processor_legend(problem.board)]
     return "\n".join(lines) + "\n"
 
 
@@ -864,6 +952,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --measure remote://: how long to wait (probing, with a countdown) when no measurement "
                             "agent can be reached, before the search ends with what it measured (default 0)")
 
+    def json_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout for scripts (accuracy in "
+                       "percent, drops in points, units in the key names); the tables go to stderr")
+
     p = sub.add_parser("models", help="list the built-in model zoo")
     p.set_defaults(func=cmd_models)
 
@@ -890,12 +982,14 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     problem_options(p)
     p.add_argument("--plan", help="plan.json (default: uncompressed fp32 on the best single processor)")
+    json_option(p)
     p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("solve", help="the analytic DAD/RLC plan (exact integer program on the cost model), evaluated")
     model_options(p)
     problem_options(p)
     p.add_argument("--out", help="write the plan to this JSON file")
+    json_option(p)
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("search", help="the main job: search the best plan, track every trial in MLflow")
@@ -911,6 +1005,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="Optuna study to share with other processes or machines (with --storage): this "
                    "process adds --budget trials to it")
     p.add_argument("--parent-run", help=argparse.SUPPRESS)  # set by --workers: log trials under this MLflow run
+    json_option(p)
     p.set_defaults(func=cmd_search)
 
     sub.add_parser("serve", help="run the measurement agent on a board (see `explorer serve --help`)", add_help=False)
@@ -972,6 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with termination_as_interrupt():  # from the start: an interrupt while modules load ends as cleanly
             args = build_parser().parse_args(argv)
+            console.stderr = bool(getattr(args, "json", False))  # --json: stdout holds the JSON object alone
             if not args.verbose:
                 import onnxruntime
 
@@ -985,6 +1081,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    finally:
+        console.stderr = False
     return 0
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from explorer.errors import ExplorerError
 from explorer.partition import block_boundaries
-from explorer.plan import Decision, Plan
+from explorer.plan import Plan
 
 DEFAULT_SET_SIZE = 8
 #: Two plans differ meaningfully when some figure differs by more than this fraction (accuracy drop: points).
@@ -70,19 +70,15 @@ def trial_plans(search, layer_names: list[str]) -> list[tuple[Plan, dict[str, fl
     """(Plan, metrics) of every finished feasible trial of a tracked search (explorer.tracking.read_search),
     rebuilt from the child runs' per-layer params; a trial whose rebuilt plan does not match its recorded
     digest (another model) is left out."""
-    from explorer.tracking import _layer_keys
+    from explorer.tracking import logged_plan
 
-    keys = _layer_keys(layer_names)
     found = []
     for run in search.trials:
-        metrics, params = run.data.metrics, run.data.params
-        if run.info.status != "FINISHED" or metrics.get("feasible") != 1.0 or not all(k in params for k in keys):
+        metrics = run.data.metrics
+        if run.info.status != "FINISHED" or metrics.get("feasible") != 1.0:
             continue
-        try:
-            plan = Plan(tuple((name, Decision.from_label(params[key])) for name, key in zip(layer_names, keys)))
-        except ExplorerError:
-            continue
-        if plan.digest() == run.data.tags.get("plan_digest"):
+        plan = logged_plan(run.data.params, layer_names)
+        if plan is not None and plan.digest() == run.data.tags.get("plan_digest"):
             found.append((plan, dict(metrics)))
     return found
 
@@ -150,12 +146,13 @@ def search_plan_set(problem, search, best_plan: Plan, confirmation: dict | None,
     there is left out.
     """
     from explorer.report import confirmed_figures
+    from explorer.tracking import logged_drop_points
 
     remote = {pid for pid, p in problem.board.processors.items() if p.is_remote}
 
     def candidate(plan: Plan, m: dict[str, float]) -> _Candidate:
-        drop = m.get("accuracy_drop")
-        return _Candidate(plan, m["latency_ms"], m["energy_mj"], m["memory_mb"], 100 * drop if drop is not None else 0.0,
+        drop = logged_drop_points(m)
+        return _Candidate(plan, m["latency_ms"], m["energy_mj"], m["memory_mb"], drop if drop is not None else 0.0,
                           m.get("objective", m["energy_mj"]), any(d.processor in remote for _, d in plan.decisions))
 
     trials = trial_plans(search, [layer.name for layer in problem.graph.layers])
@@ -166,7 +163,8 @@ def search_plan_set(problem, search, best_plan: Plan, confirmation: dict | None,
     best_evaluation = problem.evaluate(best_plan)
     best = pool.get(best_plan.digest()) or candidate(best_plan, {
         "latency_ms": best_evaluation.latency_ms, "energy_mj": best_evaluation.energy_mj,
-        "memory_mb": best_evaluation.memory_mb, "accuracy_drop": best_evaluation.accuracy_drop,
+        "memory_mb": best_evaluation.memory_mb,
+        "accuracy_drop_points": None if best_evaluation.accuracy_drop is None else 100 * best_evaluation.accuracy_drop,
         "objective": best_evaluation.objective})
     members = []
     for chosen, roles in thin(best, list(pool.values()), limit):

@@ -163,3 +163,86 @@ def plot_settings(problem: Problem, result) -> PlotSettings:
     drop = problem.constraints.max_accuracy_drop
     return PlotSettings(objective_label=objective_label(problem), latency_budget_ms=problem.constraints.latency_ms,
                         max_accuracy_drop_points=None if drop is None else 100 * drop, references=tuple(shown))
+
+
+def change_text(value: float, baseline: float | None) -> str:
+    """A figure's change against the baseline's in percent, e.g. '+72%' (slower, more) or '-12%'."""
+    if baseline is None or not baseline or value != value:
+        return ""
+    change = 100 * (value / baseline - 1)
+    return "±0%" if abs(change) < 0.5 else f"{change:+.0f}%"
+
+
+def with_change(value: float, baseline: float | None, digits: int = 3) -> str:
+    """'1.402 (+72%)': a figure and its change against the baseline (nothing added for the baseline itself)."""
+    change = change_text(value, baseline)
+    return f"{value:.{digits}f}" + (f" ({change})" if change and value != baseline else "")
+
+
+def drop_cell(e: Evaluation) -> str:
+    """An evaluation's accuracy drop for a table cell: 'drop 1.45 pts', '~' marking an estimate on synthetic
+    inputs, never a bare 0.00 for one ('no change seen')."""
+    from explorer.accuracy import SYNTHETIC_LABEL
+
+    if e.accuracy_drop is None:
+        return "accuracy not measured"
+    if e.accuracy_basis != SYNTHETIC_LABEL:
+        return f"drop {100 * e.accuracy_drop:.2f} pts"
+    return "no change seen" if abs(e.accuracy_drop) < 5e-5 else f"drop ~{100 * e.accuracy_drop:.2f} pts est."
+
+
+def constraint_lines(problem: Problem, evaluation: Evaluation | None) -> list[str]:
+    """Each limit of the problem and, for `evaluation` (the best plan), how close it comes: 'latency <= 5000
+    ms: 1.402 ms, 0.03 % of the limit'. Drops are in points."""
+    c = problem.constraints
+    lines = []
+    if c.latency_ms is not None:
+        line = f"latency <= {c.latency_ms:g} ms"
+        if evaluation is not None:
+            line += f": {evaluation.latency_ms:.3f} ms, {100 * evaluation.latency_ms / c.latency_ms:.3g} % of the limit"
+        lines.append(line)
+    if c.max_accuracy_drop is not None:
+        line = f"accuracy drop <= {100 * c.max_accuracy_drop:g} pts"
+        if evaluation is not None and evaluation.accuracy_drop is not None:
+            headroom = 100 * (c.max_accuracy_drop - evaluation.accuracy_drop)
+            line += f": {drop_cell(evaluation)}, {headroom:.2f} pts below the limit"
+        elif evaluation is not None:
+            line += ": accuracy not measured"
+        lines.append(line)
+    if c.memory_mb is not None:
+        line = f"weights <= {c.memory_mb:g} MB"
+        if evaluation is not None:
+            line += f": {evaluation.memory_mb:.3f} MB, {100 * evaluation.memory_mb / c.memory_mb:.3g} % of the limit"
+        lines.append(line)
+    return lines
+
+
+def processor_legend(board) -> list[str]:
+    """What each processor id of the board is, e.g. 'lpc: low-power companion Cortex-A15 core ...'."""
+    return [f"{p.id}{'' if p.id == p.kind else f' ({p.kind})'}: {p.description}" for p in board.processors.values()]
+
+
+def evaluation_json(e: Evaluation, baseline: Evaluation | None = None) -> dict:
+    """An evaluation for scripts (`--json`): units in the key names, accuracy in percent, drops in points,
+    and, with `baseline`, each figure's change against it in percent."""
+    figures = {"latency_ms": e.latency_ms, "latency_spread_ms": e.latency_spread_ms, "energy_mj": e.energy_mj,
+               "memory_mb": e.memory_mb}
+    data = figures | {
+        "energy_source": e.energy_source, "peak_memory_mb": e.peak_memory_mb,
+        "accuracy_percent": None if e.accuracy is None else 100 * e.accuracy, "accuracy_metric": e.accuracy_metric,
+        "accuracy_drop_points": None if e.accuracy_drop is None else 100 * e.accuracy_drop,
+        "accuracy_basis": e.accuracy_basis or None, "objective": e.objective, "feasible": e.feasible,
+        "violations": list(e.violations), "measured_by": e.measured_by, "plan_digest": e.plan_digest,
+        "error": e.error}
+    if baseline is not None:
+        data["change_vs_baseline_percent"] = {
+            key: 100 * (value / getattr(baseline, key) - 1) if getattr(baseline, key) else None
+            for key, value in figures.items() if key != "latency_spread_ms"}
+    return data
+
+
+def constraints_json(problem: Problem) -> dict:
+    """The problem's limits for scripts (the accuracy drop in points; null: no limit)."""
+    c = problem.constraints
+    return {"latency_ms": c.latency_ms, "memory_mb": c.memory_mb,
+            "max_accuracy_drop_points": None if c.max_accuracy_drop is None else 100 * c.max_accuracy_drop}

@@ -2,23 +2,27 @@
 
 Layout in the tracking store (any MLflow tracking URI; default SQLite under runs/):
 
-- one **experiment** per model and board, e.g. "vgg @ tegra-k1";
-- one **parent run** per search: the settings as params, the best-so-far objective and the feasible
-  count as metric series (step = trial number), the best plan's metrics at the end, and artifacts
-  `best_plan.json`, `convergence.png`, `pareto.png`, `summary.md`;
-- one **child run per trial** ("trial N", tag `mlflow.parentRunId`): one param per decision layer
-  holding `Decision.label()` (e.g. `conv1_1 = spatial:16/int8@gpu`); metrics latency_ms,
-  latency_spread_ms, energy_mj, memory_mb, accuracy, accuracy_drop (when measured), objective,
-  feasible (0/1), eval_seconds; tags trial, source, measured_by, plan_digest, accuracy_basis (where the
-  accuracy is agreement without labels or estimated on synthetic inputs), violations (if any).
+- one **experiment** per model and board, e.g. "vgg @ tegra-k1", described (`mlflow.note.content`) by
+  EXPERIMENT_NOTE unless a user described it;
+- one **parent run** per search: the settings as params, tags SEARCH_TAGS, the best-so-far objective
+  and the feasible count as metric series (step = trial number), the best plan's metrics at the end,
+  artifacts `best_plan.json`, `convergence.png`, `pareto.png`, `summary.md`, and the summary as the
+  run's description;
+- one **child run per trial** ("trial N", tag `mlflow.parentRunId`): three params per decision layer
+  (`decision_params`: `conv1_1.rung = spatial:16`, `conv1_1.precision = int8`, `conv1_1.processor =
+  gpu`: short values, which MLflow's parallel-coordinates view keeps whole); metrics latency_ms,
+  latency_spread_ms, energy_mj, memory_mb, accuracy_percent, accuracy_drop_points (when measured),
+  objective, feasible (0/1), eval_seconds; tags trial, source, measured_by, plan_digest,
+  accuracy_basis (where the accuracy is agreement without labels or estimated on synthetic inputs),
+  violations (if any). Runs logged before (one `Decision.label()` per layer, `accuracy_drop` as a
+  fraction) still read back (`logged_plan`, `logged_drop_points`).
 
 Logging never makes the search wait: `log_trial` only puts the trial on a queue, and a worker
-thread writes what has gathered as one batch. Through MLflow's API a child run costs three calls,
-each its own transaction: tens of milliseconds, which would dominate a simulated search at a few
-milliseconds per evaluation. So on a SQL store (the default) the worker inserts a whole batch of
-finished child runs in one transaction with MLflow's own table definitions (about half a
-millisecond of CPU per trial, most of it inside SQLite). Other stores (an MLflow tracking server,
-the file store) get the store's API from a few worker threads.
+thread writes what has gathered as one batch, through MLflow's public client alone: per child run
+`create_run` (with its tags), `log_batch` (params and metrics) and `set_terminated`, on a few
+threads at once, and one `log_batch` of the parent's metric points per batch. On the default SQLite
+store that is tens of milliseconds per trial in the background (benchmarks/tracking_overhead.py
+measures what it costs a whole simulated search).
 """
 from __future__ import annotations
 
@@ -34,31 +38,30 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars in CLI output
+# set_terminated on a tracking server prints two "View run" lines to stdout per run: one per trial would
+# flood the terminal and break --json (the search prints its own way to open the UI)
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
-from mlflow.entities import Metric, Param, Run, RunStatus, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param, Run  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.store.tracking.abstract_store import AbstractStore  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 
 from explorer.errors import ExplorerError  # noqa: E402
 from explorer.paths import runs_dir  # noqa: E402
+from explorer.plan import Decision, Plan  # noqa: E402
 from explorer.plots import PlotSettings, convergence_plot, pareto_plot  # noqa: E402
 from explorer.stores import ensure_sqlite_store, first_value, sqlite_file, table_names  # noqa: E402
 
-if TYPE_CHECKING:  # agents build on explorer, not the other way round; the SQL store is slow to import
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
+if TYPE_CHECKING:  # agents build on explorer, not the other way round
     from agents.base import SearchResult, Trial
 
 log = logging.getLogger(__name__)
@@ -72,12 +75,32 @@ MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_CALL = 100
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
-STORE_THREADS = 4  # child runs written at once through a store's API (a server answers in parallel)
+STORE_THREADS = 4  # child runs written at once through MLflow's client (a server answers in parallel)
 QUEUE_SIZE = 10_000  # trials waiting to be written before log_trial blocks
 BATCH_SECONDS = 0.5  # the worker gathers trials this long before writing them in one go
 _FLUSH, _STOP = "flush", "stop"  # queue markers for the worker
-TRIAL_METRICS = ("latency_ms", "latency_spread_ms", "energy_mj", "memory_mb", "peak_memory_mb",
-                 "accuracy", "accuracy_drop", "objective")
+NOTE_TAG = "mlflow.note.content"  # what MLflow's UI shows as the description of a run or an experiment
+#: The parent run's tags, so the runs table can be filtered and grouped by them.
+SEARCH_TAGS = ("model", "board", "agent", "objective", "measured_by")
+EXPERIMENT_NOTE = """Every explorer search of one model on one board.
+
+- One **parent run** per search: its settings as params (`max_accuracy_drop` in points, as
+  `--max-accuracy-drop` takes it), tags model, board, agent, objective and measured_by, the
+  best-so-far and feasible-count series, the best and confirmed figures, and its summary as its
+  description.
+- One **child run** per trial: per decision layer three params, `LAYER.rung` (full, svd:R,
+  channel:R or spatial:R), `LAYER.precision` and `LAYER.processor` (a processor id of the board);
+  metrics latency_ms, energy_mj, memory_mb, objective, feasible, `accuracy_percent` and
+  `accuracy_drop_points` (percentage points below the uncompressed model).
+
+Compare trials with the parallel-coordinates view: choose the `LAYER.*` params and a metric.
+"""
+TRIAL_METRICS = ("latency_ms", "latency_spread_ms", "energy_mj", "memory_mb", "peak_memory_mb", "objective")
+#: Accuracy metrics in the units people read (an Evaluation holds fractions): MLflow name -> Evaluation field.
+ACCURACY_METRICS = {"accuracy_percent": "accuracy", "accuracy_drop_points": "accuracy_drop"}
+#: The parts of a layer's decision, one param each ("conv1_1.rung = spatial:16"), so that MLflow's
+#: parallel-coordinates view, which shortens long values, shows every part whole.
+DECISION_PARTS = ("rung", "precision", "processor")
 
 
 def default_tracking_uri() -> str:
@@ -188,6 +211,44 @@ def _layer_keys(layer_names: list[str]) -> list[str]:
     return keys
 
 
+def decision_params(key: str, decision: Decision) -> dict[str, str]:
+    """A layer's decision as trial params: `KEY.rung`, `KEY.precision`, `KEY.processor`."""
+    rung, _, rest = decision.label().partition("/")  # the label's format lives in Decision alone
+    precision, _, processor = rest.partition("@")
+    return dict(zip((f"{key}.{part}" for part in DECISION_PARTS), (rung, precision, processor or "none")))
+
+
+def logged_decision(params: dict[str, str], key: str) -> Decision | None:
+    """The decision a trial run logged for one layer: its three params, or the one label (`KEY =
+    spatial:16/int8@gpu`) that runs of explorer before them hold; None where the run has neither.
+    Raises ExplorerError for a value that is no decision."""
+    if f"{key}.rung" in params:
+        rung, precision, processor = (params.get(f"{key}.{part}", "") for part in DECISION_PARTS)
+        return Decision.from_label(f"{rung}/{precision}" + (f"@{processor}" if processor not in ("", "none") else ""))
+    return Decision.from_label(params[key]) if key in params else None
+
+
+def logged_plan(params: dict[str, str], layer_names: list[str]) -> Plan | None:
+    """The plan of a trial run from its per-layer params (None where a layer is missing or unreadable)."""
+    decisions = []
+    for name, key in zip(layer_names, _layer_keys(layer_names)):
+        try:
+            decision = logged_decision(params, key)
+        except ExplorerError:
+            return None
+        if decision is None:
+            return None
+        decisions.append((name, decision))
+    return Plan(tuple(decisions))
+
+
+def logged_drop_points(metrics: dict[str, float]) -> float | None:
+    """A trial run's accuracy drop in points (runs before `accuracy_drop_points` logged a fraction)."""
+    if "accuracy_drop_points" in metrics:
+        return metrics["accuracy_drop_points"]
+    return 100 * metrics["accuracy_drop"] if "accuracy_drop" in metrics else None
+
+
 def _finite_metrics(values: dict[str, float | None]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
@@ -270,91 +331,35 @@ def search_confirmation(tracking_uri: str | None, run_id: str) -> dict | None:
             return None
 
 
-class _StoreWriter:
-    """Writes child runs through the tracking store's interface: works with every store (a server,
-    the file store, SQL), three calls a trial."""
+class _ClientWriter:
+    """Writes finished child runs through MLflow's public client: `create_run` (with every tag),
+    `log_batch` (params and metrics) and `set_terminated`, a few runs at once on a small thread
+    pool (a server answers in parallel; a SQL store serialises the writes itself)."""
 
-    def __init__(self, store: AbstractStore, experiment_id: str, parent_run_id: str):
-        self.store = store
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str):
+        self.client = client
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
-        self.user = store.get_run(parent_run_id).info.user_id
+        self.pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mlflow-child")
 
     def write(self, children: list[_ChildRun], parent_metrics: list[Metric]) -> None:
-        with ThreadPoolExecutor(STORE_THREADS) as pool:
-            list(pool.map(self._write_child, children))
+        list(self.pool.map(self._write_child, children))  # re-raises the first failure
         for start in range(0, len(parent_metrics), MAX_METRICS_PER_CALL):
-            self.store.log_batch(self.parent_run_id, metrics=parent_metrics[start:start + MAX_METRICS_PER_CALL],
-                                 params=[], tags=[])
+            self.client.log_batch(self.parent_run_id, metrics=parent_metrics[start:start + MAX_METRICS_PER_CALL],
+                                  synchronous=True)
 
     def _write_child(self, child: _ChildRun) -> None:
-        run = self.store.create_run(self.experiment_id, self.user, child.start_ms,
-                                    [RunTag(k, v) for k, v in child.tags.items()], child.name)
+        run = self.client.create_run(self.experiment_id, start_time=child.start_ms, tags=child.tags, run_name=child.name)
         run_id = run.info.run_id
         params = [Param(k, v) for k, v in child.params.items()]
         metrics = [Metric(k, v, child.end_ms, 0) for k, v in child.metrics.items()]
         for start in range(0, max(len(params), 1), MAX_PARAMS_PER_CALL):
-            self.store.log_batch(run_id, metrics=metrics if start == 0 else [],
-                                 params=params[start:start + MAX_PARAMS_PER_CALL], tags=[])
-        self.store.update_run_info(run_id, RunStatus.from_string(child.status), child.end_ms, None)
+            self.client.log_batch(run_id, metrics=metrics if start == 0 else [],
+                                  params=params[start:start + MAX_PARAMS_PER_CALL], synchronous=True)
+        self.client.set_terminated(run_id, child.status, child.end_ms)
 
-
-class _SqlBulkWriter(_StoreWriter):
-    """Inserts a batch of finished child runs and the parent's metric points in one transaction.
-
-    SQL stores only. It uses the store's own session factory, MLflow's own table definitions and
-    its rule for a run's latest metric values, so the rows are what `create_run` + `log_batch` +
-    `set_terminated` would write, for about half a millisecond per trial instead of tens.
-    """
-
-    def __init__(self, store: SqlAlchemyStore, experiment_id: str, parent_run_id: str):
-        super().__init__(store, experiment_id, parent_run_id)
-        from mlflow.store.tracking.dbmodels import models
-        self.models = models
-        self.artifact_root = store.get_experiment(experiment_id).artifact_location
-
-    def write(self, children: list[_ChildRun], parent_metrics: list[Metric]) -> None:
-        from mlflow.utils.uri import append_to_uri_path
-
-        m = self.models
-        runs, tags, params, metrics = [], [], [], []
-        for child in children:
-            run_id = uuid.uuid4().hex
-            runs.append({
-                "run_uuid": run_id, "name": child.name, "source_type": "UNKNOWN", "source_name": "",
-                "entry_point_name": "", "user_id": self.user,
-                "status": child.status, "start_time": child.start_ms, "end_time": child.end_ms,
-                "deleted_time": None, "source_version": "", "lifecycle_stage": "active",
-                "artifact_uri": append_to_uri_path(self.artifact_root, run_id, "artifacts"),
-                "experiment_id": int(self.experiment_id),
-            })
-            tags += [{"run_uuid": run_id, "key": k, "value": v} for k, v in child.tags.items()]
-            params += [{"run_uuid": run_id, "key": k, "value": v} for k, v in child.params.items()]
-            metrics += [{"run_uuid": run_id, "key": k, "value": v, "timestamp": child.end_ms, "step": 0, "is_nan": False}
-                        for k, v in child.metrics.items()]
-        parent_rows = [{"run_uuid": self.parent_run_id, "key": p.key, "value": p.value, "timestamp": p.timestamp,
-                        "step": p.step, "is_nan": False} for p in parent_metrics]
-        latest = {row["key"]: row for row in parent_rows}  # points come in step order
-        with self.store.ManagedSessionMaker(read_only=False) as session:
-            connection = session.connection()
-            for table, rows in ((m.SqlRun, runs), (m.SqlTag, tags), (m.SqlParam, params), (m.SqlMetric, metrics),
-                                (m.SqlLatestMetric, metrics), (m.SqlMetric, parent_rows)):
-                _insert_many(connection, table.__table__, rows)
-            self.store._update_latest_metrics_if_necessary([m.SqlMetric(**row) for row in latest.values()], session)
-
-
-def _insert_many(connection, table, rows: list[dict]) -> None:
-    """INSERT rows with the database driver's executemany.
-
-    SQLAlchemy's own executemany spends as much time building each row's parameters as the
-    database spends storing it; these rows are plain strings and numbers, so the statement is
-    compiled once for the dialect and the rows go to the driver as they are.
-    """
-    if not rows:
-        return
-    statement = table.insert().compile(dialect=connection.dialect, column_keys=list(rows[0]))
-    values = list(map(itemgetter(*statement.positiontup), rows)) if statement.positional else rows
-    connection.exec_driver_sql(str(statement), values)
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 class SearchTracker:
@@ -407,7 +412,8 @@ class SearchTracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return self.client.create_experiment(name, artifact_location=_local_artifact_root(self.tracking_uri))
+                return self.client.create_experiment(name, artifact_location=_local_artifact_root(self.tracking_uri),
+                                                     tags={NOTE_TAG: EXPERIMENT_NOTE})
             except MlflowException as exc:  # created meanwhile by another process
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -415,6 +421,8 @@ class SearchTracker:
         if experiment.lifecycle_stage != "active":
             raise ExplorerError(f"MLflow experiment {name!r} was deleted: restore it (mlflow experiments restore "
                                 f"--experiment-id {experiment.experiment_id}) or remove it for good (mlflow gc)")
+        if NOTE_TAG not in experiment.tags:  # an experiment a user described keeps its description
+            self.client.set_experiment_tag(experiment.experiment_id, NOTE_TAG, EXPERIMENT_NOTE)
         return experiment.experiment_id
 
     def _start(self, run_name: str, params: dict, tags: dict[str, str]) -> str:
@@ -459,12 +467,8 @@ class SearchTracker:
         for start in range(0, len(items), MAX_PARAMS_PER_CALL):
             self.client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_CALL])
 
-    def _make_writer(self) -> _StoreWriter:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-        store = self.client._tracking_client.store  # MLflow exposes no public accessor for the store
-        if isinstance(store, SqlAlchemyStore):
-            return _SqlBulkWriter(store, self.experiment_id, self.run_id)
-        return _StoreWriter(store, self.experiment_id, self.run_id)
+    def _make_writer(self) -> _ClientWriter:
+        return _ClientWriter(self.client, self.experiment_id, self.run_id)
 
     # ---- logging trials -----------------------------------------------------------------------
     @property
@@ -535,7 +539,9 @@ class SearchTracker:
         names = [name for name, _ in trial.plan.decisions]
         if self._layer_keys is None or len(self._layer_keys) != len(names):
             self._layer_keys = _layer_keys(names)
-        metrics = _finite_metrics({name: getattr(e, name) for name in TRIAL_METRICS})
+        metrics = _finite_metrics({name: getattr(e, name) for name in TRIAL_METRICS}
+                                  | {name: None if getattr(e, field) is None else 100 * getattr(e, field)
+                                     for name, field in ACCURACY_METRICS.items()})
         metrics["feasible"] = float(e.feasible)
         metrics["eval_seconds"] = trial.seconds
         number = trial.study_trial if self.attached and trial.study_trial is not None else item.number
@@ -544,7 +550,8 @@ class SearchTracker:
             name=name,
             start_ms=item.end_ms - int(1000 * trial.seconds),
             end_ms=item.end_ms,
-            params={key: decision.label() for key, (_, decision) in zip(self._layer_keys, trial.plan.decisions)},
+            params={k: v for key, (_, decision) in zip(self._layer_keys, trial.plan.decisions)
+                    for k, v in decision_params(key, decision).items()},
             metrics=metrics,
             tags={MLFLOW_RUN_NAME: name, MLFLOW_PARENT_RUN_ID: self.run_id, "trial": str(number),
                   "source": trial.source, "measured_by": e.measured_by, "plan_digest": e.plan_digest}
@@ -598,7 +605,8 @@ class SearchTracker:
         if best is not None:
             final |= {"best_objective": best.objective, "best_latency_ms": best.latency_ms,
                       "best_energy_mj": best.energy_mj, "best_memory_mb": best.memory_mb,
-                      "best_accuracy": best.accuracy, "best_accuracy_drop": best.accuracy_drop,
+                      "best_accuracy_percent": None if best.accuracy is None else 100 * best.accuracy,
+                      "best_accuracy_drop_points": None if best.accuracy_drop is None else 100 * best.accuracy_drop,
                       "best_trial": float(self._offset + result.best_trial.number)}
         final |= metrics or {}
         now = int(time.time() * 1000)
@@ -625,6 +633,7 @@ class SearchTracker:
         if confirmation:
             self.client.log_dict(self.run_id, confirmation, CONFIRMATION_ARTIFACT)
         self.client.log_text(self.run_id, summary_markdown, "summary.md")
+        self.client.set_tag(self.run_id, NOTE_TAG, _note(summary_markdown))  # the run's description
         self._end(status or ("KILLED" if result.interrupted else "FINISHED"))
 
     def mark_killed(self) -> None:
@@ -642,6 +651,7 @@ class SearchTracker:
     def _stop_worker(self) -> None:
         self._signal(_STOP)
         self._worker.join()
+        self._writer.close()
 
     def close(self, status: str = "FINISHED") -> None:
         """Write every queued trial and end the parent run (no-op if already ended)."""
@@ -663,6 +673,14 @@ class SearchTracker:
 
     def __repr__(self) -> str:
         return f"SearchTracker({self.tracking_uri!r}, run {self.run_id})"
+
+
+def _note(markdown: str) -> str:
+    """A description within MLflow's tag length: cut where it would not fit, and says so."""
+    if len(markdown) <= MAX_TAG_LENGTH:
+        return markdown
+    ending = "\n\n(cut here: the whole summary is the artifact summary.md)\n"
+    return markdown[:MAX_TAG_LENGTH - len(ending)].rsplit("\n", 1)[0] + ending
 
 
 def _param_text(value) -> str:

@@ -95,3 +95,26 @@ def test_sensitivity_resumes_after_ctrl_c(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(AccuracyScorer, "score_outputs", real_score)
     code, out, _ = run(capsys, *argv)
     assert code == 0 and "measured now" in out
+
+
+def test_json_output_is_one_object_in_points(capsys, tmp_path):
+    """--json: stdout is one JSON object (the tables went to stderr), accuracy in percent and drops in points."""
+    code, out, err = run(capsys, "measure", "--board", "tegra-k1", "--model", "vgg", "--json")
+    assert code == 0 and "block" in err and "┃" not in out
+    data = json.loads(out)
+    e = data["evaluation"]
+    assert data["command"] == "measure" and e["feasible"] and e["accuracy_percent"] == pytest.approx(92.5)
+    assert e["accuracy_drop_points"] == 0 and data["constraints"]["max_accuracy_drop_points"] == 5
+    assert len(data["plan"]["decisions"]) == 16 and data["blocks"]
+    code, out, err = run(capsys, "solve", "--board", "tegra-k1", "--model", "vgg", "--max-accuracy-drop", "1", "--json")
+    assert code == 0 and "solver round 1" in err
+    data = json.loads(out)
+    assert data["command"] == "solve" and data["constraints"]["max_accuracy_drop_points"] == 1
+    baseline = data["rows"][0]
+    assert baseline["change_vs_baseline_percent"] == {"latency_ms": 0.0, "energy_mj": 0.0, "memory_mb": 0.0}
+    chosen = data["evaluation"]
+    assert chosen["accuracy_drop_points"] <= 1 and chosen["change_vs_baseline_percent"]["energy_mj"] == pytest.approx(
+        100 * (chosen["energy_mj"] / baseline["energy_mj"] - 1))
+    assert "processors:" in err and "lpc: Low-power companion" in err  # what each processor id is
+    code, out, _ = run(capsys, "measure", "--board", "tegra-k1", "--model", "vgg")  # without --json: tables on stdout
+    assert code == 0 and "block" in out

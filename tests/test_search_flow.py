@@ -3,6 +3,7 @@ import os
 import signal
 
 import numpy as np
+import pytest
 
 import agents
 from explorer.cli import main
@@ -69,7 +70,7 @@ def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
     data = zoo_validation_data("vgg")
     bundle = Bundle.load(bundle_dir)
     top1 = float(np.mean(bundle.run(data.x).argmax(1) == data.y))
-    assert top1 == metrics["confirmed_accuracy"]  # the bundle reproduces the accuracy logged in MLflow
+    assert 100 * top1 == pytest.approx(metrics["confirmed_accuracy_percent"], abs=1e-9)  # the bundle reproduces what MLflow logged
     confirmed = bundle.manifest["confirmed"]
     assert confirmed["plan"]["plan_digest"] == bundle.manifest["plan"]["digest"] and confirmed["simulated"]
     assert confirmed["plan"]["ratio"] == metrics["confirmed_ratio_to_baseline"] and confirmed["baseline"]["baseline"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from agents.base import BudgetedProblem, SearchResult, Trial
@@ -23,7 +24,7 @@ from explorer.measure import SimMeasurer
 from explorer.paths import runs_dir
 from explorer.plots import pareto_front
 from explorer.problem import Constraints, Objective, Problem
-from explorer.tracking import (SearchTracker, default_tracking_uri, experiment_name, read_search,
+from explorer.tracking import (SearchTracker, default_tracking_uri, experiment_name, logged_plan, read_search,
                                search_run_settings, ui_command)
 from netbuild import random_inputs, small_cnn
 
@@ -117,11 +118,17 @@ def check_tracked_search(uri: str, run_id: str, result: SearchResult, first_tria
         assert run.data.tags["source"] == "random" and run.data.tags["measured_by"] == e.measured_by
         assert run.data.tags["plan_digest"] == trial.plan.digest()
         assert ("violations" in run.data.tags) == (not e.feasible)
-        assert run.data.params == {name: d.label() for name, d in trial.plan.decisions}
+        assert run.data.params == {f"{name}.{part}": value for name, d in trial.plan.decisions
+                                   for part, value in zip(("rung", "precision", "processor"),
+                                                          (d.label().split("/")[0], d.precision, d.processor))}
+        assert logged_plan(run.data.params, [name for name, _ in trial.plan.decisions]) == trial.plan
         metrics = run.data.metrics
         assert metrics["feasible"] == float(e.feasible)
-        for key in ("latency_ms", "energy_mj", "memory_mb", "accuracy", "accuracy_drop", "objective"):
+        for key in ("latency_ms", "energy_mj", "memory_mb", "objective"):
             assert metrics[key] == pytest.approx(getattr(e, key), rel=1e-12)
+        assert metrics["accuracy_percent"] == pytest.approx(100 * e.accuracy, rel=1e-12)  # points, not fractions
+        assert metrics["accuracy_drop_points"] == pytest.approx(100 * e.accuracy_drop, rel=1e-12, abs=1e-12)
+        assert "accuracy" not in metrics and "accuracy_drop" not in metrics
 
     client = MlflowClient(uri)
     feasible_counts = client.get_metric_history(run_id, "feasible_count")
@@ -139,15 +146,18 @@ def check_tracked_search(uri: str, run_id: str, result: SearchResult, first_tria
     folder = Path(client.download_artifacts(run_id, ""))
     assert json.loads((folder / "best_plan.json").read_text()) == result.best_plan.to_json()
     assert (folder / "summary.md").read_text() == summary_of(result)
+    assert parent.data.tags["mlflow.note.content"] == summary_of(result)  # the run's description in MLflow's UI
+    assert "accuracy_drop_points" in client.get_experiment(parent.info.experiment_id).tags["mlflow.note.content"]
     assert (folder / "convergence.png").read_bytes().startswith(PNG_MAGIC)
     assert (folder / "pareto.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_search_logged_to_a_tracking_server(mlflow_server, problem):
+def test_search_logged_to_a_tracking_server(mlflow_server, problem, capsys):
     with SearchTracker(mlflow_server, EXPERIMENT, "random seed 0", SETTINGS) as tracker:
         result = random_search(problem, 12, seed=0, callback=tracker.log_trial)
         assert 0 < result.feasible_count < 12, "the test needs feasible and infeasible trials"
         tracker.finish(result, result.best_plan.to_json(), summary_of(result), latency_budget_ms=1.2)
+    assert "View run" not in capsys.readouterr().out  # MLflow's per-run links would flood stdout (and --json)
     check_tracked_search(mlflow_server, tracker.run_id, result)
     assert MlflowClient(mlflow_server).get_experiment_by_name(EXPERIMENT).artifact_location.startswith("mlflow-artifacts:")
     assert ui_command(mlflow_server).endswith(mlflow_server)
@@ -210,9 +220,11 @@ def test_interrupted_search_is_killed_and_resumes_the_same_run(problem):
     assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
 
 
-def test_logging_is_fast_and_never_blocks_the_search(problem):
+def test_logging_never_blocks_the_search(problem):
+    """log_trial only queues: the writer threads (MLflow's public client, three calls a trial) keep up in the
+    background; what logging costs a whole search is measured by benchmarks/tracking_overhead.py."""
     sample = random_search(problem, 12, seed=0, callback=None).trials
-    trials = [Trial(n, sample[n % 12].plan, sample[n % 12].evaluation, "random", "random", 0.001) for n in range(300)]
+    trials = [Trial(n, sample[n % 12].plan, sample[n % 12].evaluation, "random", "random", 0.001) for n in range(100)]
     uri = default_tracking_uri()
     tracker = SearchTracker(uri, EXPERIMENT, "speed", SETTINGS)
     result = SearchResult("random")
@@ -224,12 +236,14 @@ def test_logging_is_fast_and_never_blocks_the_search(problem):
         call = time.perf_counter()
         tracker.log_trial(trial, result)
         slowest_call = max(slowest_call, time.perf_counter() - call)
+    queued = time.perf_counter() - started
     tracker.flush()
     elapsed = time.perf_counter() - started
     tracker.close()
-    print(f"300 trials logged in {elapsed:.2f} s ({1000 * elapsed / 300:.2f} ms per trial); slowest log_trial call {1000 * slowest_call:.2f} ms")
-    assert elapsed < 20 and slowest_call < 0.5
-    assert len(read_search(uri, tracker.run_id).trials) == 300
+    print(f"100 trials queued in {1000 * queued:.1f} ms, written in {elapsed:.2f} s ({1000 * elapsed / 100:.1f} ms per "
+          f"trial); slowest log_trial call {1000 * slowest_call:.2f} ms")
+    assert slowest_call < 0.05 and queued < 0.5 and elapsed < 60
+    assert len(read_search(uri, tracker.run_id).trials) == 100
 
 
 def test_file_store_goes_through_the_client_api(problem, tmp_path, monkeypatch):
@@ -252,3 +266,68 @@ def test_unreachable_server_fails_at_once_with_a_fix():
 def test_pareto_front_keeps_only_undominated_points():
     points = [(1.0, 5.0), (2.0, 3.0), (2.5, 4.0), (3.0, 1.0), (4.0, 1.0), (1.0, 6.0)]
     assert pareto_front(points) == [(1.0, 5.0), (2.0, 3.0), (3.0, 1.0)]
+
+
+def test_pinned_mlflow_public_api_behaviour(tmp_path):
+    """What the tracker relies on, through MLflow's public client on the pinned version: a parent and child
+    runs found by the parent tag, params and metric points of several steps in one log_batch, the end state
+    and time set_terminated gives, and descriptions (mlflow.note.content) on runs and experiments."""
+    import mlflow
+
+    pins = dict(line.strip().split("==") for line in (Path(__file__).parent.parent / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert mlflow.__version__ == pins["mlflow"], "re-check this behaviour when the MLflow pin moves"
+    client = MlflowClient(default_tracking_uri())
+    name = f"pin {time.time_ns()}"
+    experiment = client.create_experiment(name, tags={"mlflow.note.content": "experiment text"})
+    parent = client.create_run(experiment, tags={"model": "m", "mlflow.note.content": "parent text"}, run_name="search")
+    child = client.create_run(experiment, start_time=1000, tags={"mlflow.parentRunId": parent.info.run_id, "trial": "0"},
+                              run_name="trial 0")
+    client.log_batch(child.info.run_id, params=[Param("conv.rung", "spatial:16"), Param("conv.processor", "lpc")],
+                     metrics=[Metric("accuracy_drop_points", 1.45, 2000, 0)], synchronous=True)
+    client.log_batch(parent.info.run_id, metrics=[Metric("best_so_far", v, 2000, step) for step, v in enumerate((3.0, 2.0, 1.0))],
+                     synchronous=True)
+    client.set_terminated(child.info.run_id, "FAILED", end_time=3000)
+
+    found = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert [run.info.run_id for run in found] == [child.info.run_id]
+    run = found[0]
+    assert run.info.status == "FAILED" and (run.info.start_time, run.info.end_time) == (1000, 3000)
+    assert run.info.run_name == "trial 0" and run.data.tags["trial"] == "0"
+    assert run.data.params == {"conv.rung": "spatial:16", "conv.processor": "lpc"}
+    assert run.data.metrics == {"accuracy_drop_points": 1.45}
+    history = client.get_metric_history(parent.info.run_id, "best_so_far")
+    assert sorted((p.step, p.value) for p in history) == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert client.get_run(parent.info.run_id).data.metrics["best_so_far"] == 1.0  # the latest step's value
+    assert client.get_run(parent.info.run_id).data.tags["mlflow.note.content"] == "parent text"
+    assert client.get_experiment(experiment).tags["mlflow.note.content"] == "experiment text"
+    client.set_terminated(parent.info.run_id)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_trials_read_back_into_the_same_plans_in_both_param_forms(problem):
+    """The plan set and the workers rebuild plans from trial params: the three params a layer has now and
+    the one label (and the drop as a fraction) that runs logged before them."""
+    from explorer.planset import trial_plans
+    from explorer.tracking import logged_drop_points
+
+    uri = default_tracking_uri()
+    names = [layer.name for layer in problem.graph.layers]
+    with SearchTracker(uri, EXPERIMENT, "read back", SETTINGS) as tracker:
+        result = random_search(problem, 6, seed=1, callback=tracker.log_trial)
+    expected = [t.plan for t in result.trials if t.evaluation.feasible]
+    assert expected, "the test needs a feasible trial"
+    assert [plan for plan, _ in trial_plans(read_search(uri, tracker.run_id), names)] == expected
+
+    client = MlflowClient(uri)  # a trial as explorer logged it before: one label per layer, fractions
+    old = result.trials[0]
+    parent = client.create_run(tracker.experiment_id, run_name="old search")
+    child = client.create_run(tracker.experiment_id, tags={"mlflow.parentRunId": parent.info.run_id, "trial": "0",
+                                                           "plan_digest": old.plan.digest()})
+    client.log_batch(child.info.run_id, params=[Param(name, d.label()) for name, d in old.plan.decisions],
+                     metrics=[Metric("feasible", 1.0, 0, 0), Metric("accuracy_drop", 0.0145, 0, 0)], synchronous=True)
+    client.set_terminated(child.info.run_id)
+    client.set_terminated(parent.info.run_id)
+    [(plan, metrics)] = trial_plans(read_search(uri, parent.info.run_id), names)
+    assert plan == old.plan and logged_drop_points(metrics) == pytest.approx(1.45)
+    assert logged_plan({names[0]: "full/fp32@cpu"}, names) is None  # a layer missing: no plan
+    assert logged_plan({f"{n}.rung": "wide:3" for n in names}, names) is None  # not a decision: no plan

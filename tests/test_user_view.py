@@ -4,6 +4,8 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from explorer import __version__
 from explorer.cli import main
 from explorer.entry import main as entry_main
@@ -48,3 +50,40 @@ def test_the_printed_export_command_uses_the_runs_folder(capsys, monkeypatch, tm
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("export the best plan:"))
     assert f"--out {runs / 'bundles'}" in line
+
+
+def test_a_search_says_its_changes_limits_and_processors_and_tags_its_run(capsys, monkeypatch, tmp_path):
+    """The summary gives each row's change against the baseline in percent, the limits and how close the
+    best plan comes, what each processor id is; the parent run has tags and the summary as its description;
+    --json puts one object on stdout."""
+    import json
+
+    import onnx
+    from netbuild import small_cnn
+
+    from explorer.tracking import default_tracking_uri, read_search
+
+    model = tmp_path / "small.onnx"
+    onnx.save(small_cnn(), model)
+    monkeypatch.setenv("EXPLORER_RUNS", str(tmp_path / "runs"))
+    assert main(["search", "--board", "tegra-k1", "--model", str(model), "--agent", "random", "--budget", "10",
+                 "--max-accuracy-drop", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert "constraints (the best plan):" in err and "accuracy drop <= 2 pts: " in err and "pts below the limit" in err
+    assert "lpc: Low-power companion" in err and "(+N%): change against the fp32 baseline" in err
+    assert re.search(r"\d\.\d{3} \([+-]\d+%\)", err)  # a figure with its change against the baseline
+    assert data["constraints"] == {"latency_ms": 5000.0, "memory_mb": None, "max_accuracy_drop_points": 2.0}
+    assert data["best"]["accuracy_drop_points"] <= 2 and data["evaluations"] == 10
+    assert data["export_command"].startswith(f"explorer export --run {data['run_id']}")
+    parent = read_search(default_tracking_uri(), data["run_id"]).parent
+    tags = parent.data.tags
+    assert {k: tags[k] for k in ("model", "board", "agent", "objective")} == {
+        "model": "small", "board": "tegra-k1", "agent": "random", "objective": "energy"}
+    assert tags["measured_by"].startswith("sim")
+    note = tags["mlflow.note.content"]
+    assert note.startswith("# random search") and "change against the fp32 baseline" in note and "- lpc:" in note
+    assert "accuracy drop <= 2 pts" in note
+    metrics = parent.data.metrics
+    assert metrics["best_accuracy_drop_points"] == pytest.approx(data["best"]["accuracy_drop_points"])
+    assert "best_accuracy_drop" not in metrics and 0 < metrics["best_accuracy_percent"] <= 100
