@@ -14,6 +14,7 @@ import collections
 import io
 import math
 import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -142,7 +143,7 @@ class Compressor:
                     top, total = stored["top"], float(stored["total"])
             except FileNotFoundError:
                 top = None
-            except (OSError, ValueError, EOFError, KeyError) as exc:  # torn or damaged: a miss
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:  # torn or damaged: a miss
                 unreadable(path, exc)
                 top = None
             if top is None:
