@@ -44,7 +44,8 @@ def _tree_hwm_mb(pid: int) -> dict[str, float]:
     return found
 
 
-def _tile_bomb() -> bytes:
+def tile_bomb() -> bytes:
+    """A model of about a hundred bytes whose output is 300 times its input (an 8 MB input gives 2.4 GB)."""
     repeats = numpy_helper.from_array(np.array([300], dtype=np.int64), "r")
     graph = helper.make_graph([helper.make_node("Tile", ["x", "r"], ["y"])], "bomb",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
@@ -105,7 +106,7 @@ def main() -> None:
     agent = Agent(args.checkout, *args.serve_options.split())
     try:
         figures["idle_agent_mb"] = _tree_hwm_mb(agent.process.pid)
-        bomb = agent.upload(_tile_bomb())
+        bomb = agent.upload(tile_bomb())
         many = {"blocks": [{"model": bomb}], "inputs": {f"x{i}": {"shape": [1 << 20, 8], "dtype": "float32"} for i in range(8)},
                 "warmup": 0, "repeats": 1}
         figures["many_inputs"] = {"answer": agent.request("POST", "/measure", json.dumps(many).encode()),

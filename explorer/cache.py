@@ -11,6 +11,16 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder's entries (new files, renames) to disk, so a rename never exposes an
+    empty file after a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 def digest(*parts: str | bytes) -> str:
     """SHA-256 over several parts (a cache key)."""
     sha = hashlib.sha256()

@@ -39,6 +39,7 @@ import onnxruntime as ort
 from google.protobuf.message import EncodeError
 from onnx import helper
 
+from explorer.cache import fsync_path
 from explorer.errors import ExplorerError
 from explorer.partition import iter_unit_blocks
 from explorer.plan import Plan
@@ -140,8 +141,8 @@ def export_bundle(problem, plan: Plan, out_dir: Path | str, evaluation=None, pre
         manifest["digest"] = manifest_digest(manifest)
         text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
         _write_file(staging / MANIFEST_FILE, text.encode())
-        _sync_directory(staging / BLOCKS_FOLDER)
-        _sync_directory(staging)
+        fsync_path(staging / BLOCKS_FOLDER)
+        fsync_path(staging)
         _move_into_place(staging, out_dir, replacing)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -237,13 +238,6 @@ def _write_file(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sync_directory(path: Path) -> None:
-    """Make the folder's entries (new files, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _move_into_place(staging: Path, out_dir: Path, replacing: bool) -> None:
@@ -268,7 +262,7 @@ def _move_into_place(staging: Path, out_dir: Path, replacing: bool) -> None:
             raise
         finally:
             shutil.rmtree(parked, ignore_errors=True)
-    _sync_directory(out_dir.parent)
+    fsync_path(out_dir.parent)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from explorer.cache import fsync_path
 from explorer.errors import ExplorerError
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,9 @@ def _make_complete(path: Path, what: str, create: Callable[[Path], None],
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             create(temporary)
-            _fsync(temporary)
+            fsync_path(temporary)
             os.replace(temporary, path)  # atomic: other processes see no store or the complete one
-            _fsync(path.parent)
+            fsync_path(path.parent)
         finally:
             for name in (temporary, *(Path(f"{temporary}{side}") for side in _SIDE_FILES)):
                 name.unlink(missing_ok=True)
@@ -197,10 +198,3 @@ def _remove_stale_temporaries(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk, so the rename never exposes an empty file after a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,10 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.serve_bounds import tile_bomb
 from netbuild import small_cnn
 from test_serve import TOKEN, AgentProcess, _chain, _measure_request
 
@@ -29,18 +28,6 @@ def _status(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
-def _tile_bomb() -> bytes:
-    """A model of about a hundred bytes whose output is 300 times its input (an 8 MB input gives 2.4 GB)."""
-    repeats = numpy_helper.from_array(np.array([300], dtype=np.int64), "r")
-    graph = helper.make_graph([helper.make_node("Tile", ["x", "r"], ["y"])], "bomb",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m"])], [repeats])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
 @pytest.fixture
 def bounded():
     started = AgentProcess("--max-memory-mb", "400", "--max-connections", "12", "--max-queue", "4")
@@ -49,7 +36,7 @@ def bounded():
 
 
 def test_memory_bombs_are_stopped_and_the_agent_stays_small(bounded):
-    sha = bounded.upload(_tile_bomb())
+    sha = bounded.upload(tile_bomb())
     before = _status(bounded.process.pid, "VmRSS")
     # an 8 MB input, 2.4 GB of output: the worker is stopped at its 400 MB budget; the agent stays small
     request = {"blocks": [{"model": sha}], "inputs": {"x": {"shape": [2 << 20], "dtype": "float32"}}, "warmup": 0, "repeats": 1}
@@ -194,7 +181,7 @@ def test_an_offloaded_block_is_bounded_by_the_memory_budget_and_the_agent_stays_
 
     started = AgentProcess("--max-memory-mb", "256")
     try:
-        bomb = _tile_bomb()
+        bomb = tile_bomb()
         client = OffloadClient(f"http://{started.address}", TOKEN, timeout_s=120)
         sha = started.upload(bomb)
         before = _status(started.process.pid, "VmRSS")
@@ -222,7 +209,7 @@ def test_an_offloaded_block_is_bounded_by_the_memory_budget_and_the_agent_stays_
 def test_the_workers_offload_sessions_close_the_least_recently_used_to_keep_within_the_budget():
     from explorer.offload import SessionMissing, _Sessions
 
-    one, two = small_cnn().SerializeToString(), _tile_bomb()
+    one, two = small_cnn().SerializeToString(), tile_bomb()
     needed = lambda size: (1 << 20) + 2 * size  # this run's estimate for a model of `size` bytes
     sessions = _Sessions(limit=16)
     budget = (1 << 20) + 2 * len(one) + 2 * len(two)  # room for both models and the run
