@@ -88,6 +88,8 @@ class Plan:
         if not isinstance(data, dict):
             raise ExplorerError(f"plan JSON is a {type(data).__name__}, not an object: expected {{'schema_version': "
                                 f"{PLAN_SCHEMA_VERSION}, 'decisions': [...]}}")
+        if "format" in data and isinstance(data.get("plan"), dict):  # a bundle's plan.json: its (best) plan
+            data = data["plan"]
         version = data.get("schema_version", PLAN_SCHEMA_VERSION)
         # a bundle's plan.json ("format") carries the bundle's schema version, which the runtime checks
         if "format" not in data and version != PLAN_SCHEMA_VERSION:

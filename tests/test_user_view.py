@@ -87,3 +87,14 @@ def test_a_search_says_its_changes_limits_and_processors_and_tags_its_run(capsys
     metrics = parent.data.metrics
     assert metrics["best_accuracy_drop_points"] == pytest.approx(data["best"]["accuracy_drop_points"])
     assert "best_accuracy_drop" not in metrics and 0 < metrics["best_accuracy_percent"] <= 100
+
+
+def test_measure_takes_a_bundles_plan_json(capsys, tmp_path):
+    """`explorer measure --plan BUNDLE/plan.json` measures the bundle's plan (it read 'missing decisions')."""
+    plan = tmp_path / "plan.json"
+    assert main(["solve", "--board", "tegra-k1", "--model", "vgg", "--max-accuracy-drop", "1", "--out", str(plan)]) == 0
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--board", "tegra-k1", "--model", "vgg", "--plan", str(plan), "--out", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["measure", "--board", "tegra-k1", "--model", "vgg", "--plan", str(bundle / "plan.json")]) == 0
+    assert "feasible" in capsys.readouterr().out
