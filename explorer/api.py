@@ -47,7 +47,7 @@ def load_problem(model: str = "vgg", board: str = "tegra-k1", *, measure: str = 
     from explorer.data import load_graph_and_data
     from explorer.measure import make_measurer
     from explorer.problem import Constraints, Objective, Problem
-    from explorer.synthetic import scoring_data
+    from explorer.synthetic import check_one_source, scoring_data
 
     _check_limit("latency_ms", latency_ms)
     _check_limit("memory_mb", memory_mb)
@@ -55,9 +55,7 @@ def load_problem(model: str = "vgg", board: str = "tegra-k1", *, measure: str = 
                                                      and 0 <= max_accuracy_drop_points <= 100):
         raise ExplorerError(f"max_accuracy_drop_points={max_accuracy_drop_points!r} must be between 0 and 100 points "
                             "(e.g. 1 for one point of accuracy; None for no limit)")
-    if synthetic_inputs is not None and data is not None:
-        raise ExplorerError("synthetic inputs replace the data: give data (--data) or synthetic_inputs "
-                            "(--synthetic-inputs), not both")
+    check_one_source(data, synthetic_inputs)
     objective_ = Objective.parse(objective)  # a bad objective fails before the model is loaded
     graph, dataset = load_graph_and_data(model, data, input_shapes, data_samples)
     drop = None if max_accuracy_drop_points is None else max_accuracy_drop_points / 100  # fractions inside

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from explorer import __version__
+from explorer.api import DEFAULT_BUDGET
 from explorer.errors import ExplorerError, termination_as_interrupt
 
-DEFAULT_BUDGET = 200
 #: Defaults of the options that define a Problem (DeepX: 5 s per inference, about 5 points of accuracy).
 PARSER_DEFAULTS = {"model": "vgg", "board": "tegra-k1", "measure": "sim", "objective": "energy", "latency_ms": 5000.0,
                    "max_accuracy_drop": 5.0, "memory_mb": None, "seed": 0, "data": None, "input_shape": None,
@@ -50,11 +50,10 @@ def _load(args: argparse.Namespace):
 def _scorer(args: argparse.Namespace, graph, dataset):
     """The AccuracyScorer of a command: on the data, else (or with --synthetic-inputs) on synthetic inputs."""
     from explorer.accuracy import AccuracyScorer
-    from explorer.synthetic import scoring_data
+    from explorer.synthetic import check_one_source, scoring_data
 
     synthetic = getattr(args, "synthetic_inputs", None)
-    if synthetic is not None and getattr(args, "data", None):
-        raise ExplorerError("--synthetic-inputs replaces data: give --data or --synthetic-inputs, not both")
+    check_one_source(getattr(args, "data", None), synthetic)
     return AccuracyScorer(graph.model, scoring_data(graph, dataset, synthetic))
 
 

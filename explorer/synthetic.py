@@ -106,6 +106,12 @@ def synthetic_dataset(graph: LayerGraph, inputs: SyntheticInputs | None = None, 
     return Dataset(x=drawn.pop(first), y=None, source=source, extra=drawn, synthetic=True)
 
 
+def check_one_source(data: object, synthetic_inputs: str | None) -> None:
+    """Synthetic inputs replace the data: refuse both at once (before anything is loaded)."""
+    if synthetic_inputs is not None and data:
+        raise ExplorerError("--synthetic-inputs replaces the data: give --data or --synthetic-inputs, not both")
+
+
 def scoring_data(graph: LayerGraph, dataset: Dataset | None, synthetic_inputs: str | None = None) -> Dataset | None:
     """The data accuracy is scored on: the validation data, else synthetic inputs. `synthetic_inputs`
     (--synthetic-inputs) asks for synthetic inputs even where a zoo model ships data, never with --data.
