@@ -141,7 +141,8 @@ def test_a_worker_killed_mid_way_is_replaced_and_the_study_ends_with_the_budget_
             return
         trials = optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False)
         done = collections.Counter(t.user_attrs.get(WORKER_ATTR) for t in trials if is_measured(t))
-        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and done[t.user_attrs.get(WORKER_ATTR)] >= 2]
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING  # mid-way: done 2, share left
+                   and 2 <= done[t.user_attrs.get(WORKER_ATTR)] <= budget // 2 - 3]
         if running:
             os.kill(int(running[0].user_attrs[WORKER_ATTR].rsplit(":", 1)[1]), signal.SIGKILL)
             killed["trial"], killed["worker"] = running[0].number, running[0].user_attrs[WORKER_ATTR]
