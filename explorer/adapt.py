@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from explorer.errors import ExplorerError
 
@@ -266,12 +265,11 @@ def _better(plans: list[dict], a: str, b: str, conditions: Conditions, objective
 
 def available_memory_mb() -> float | None:
     """Memory the OS can give now (Linux MemAvailable; elsewhere free physical pages), None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    from explorer.blockrun import proc_field_mb
+
+    available = proc_field_mb("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (ValueError, OSError, AttributeError):

@@ -704,11 +704,16 @@ def _reset_peak_memory() -> None:
         pass
 
 
-def _peak_memory_mb() -> float | None:
+def proc_field_mb(path: str, key: str) -> float | None:
+    """A "KEY: N kB" line of a /proc file (status, meminfo) in MB; None where it is absent or unreadable."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def _peak_memory_mb() -> float | None:
+    return proc_field_mb("/proc/self/status", "VmHWM")
