@@ -171,7 +171,7 @@ class DesignSpace:
         self.size = math.prod(len(options) for options in self.choices)
 
     @classmethod
-    def for_study(cls, problem: Problem, study: optuna.Study) -> "DesignSpace":
+    def for_study(cls, problem: Problem, study: optuna.Study) -> DesignSpace:
         """The design space as `study` stores it: labels, or indices in a study made before the labels
         (resumed as it is); one line when the study was made for another model or design space."""
         trial = next((t for t in study.get_trials(deepcopy=False) if t.distributions or t.system_attrs.get("fixed_params")), None)

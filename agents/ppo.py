@@ -46,8 +46,17 @@ from explorer.accuracy import sensitivity_table
 from explorer.errors import ExplorerError
 from explorer.plan import Plan
 from explorer.problem import Problem
-from explorer.solver import (Instance, MeasuredSolve, block_observations, instance_for, objective_of, picks_for, predicted,
-                             solve, solve_measured)
+from explorer.solver import (
+    Instance,
+    MeasuredSolve,
+    block_observations,
+    instance_for,
+    objective_of,
+    picks_for,
+    predicted,
+    solve,
+    solve_measured,
+)
 
 ACCURACY_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)  # accuracy limits of the behaviour-cloning plans, x the limit
 LATENCY_SCALES = (1.0, 0.7)  # latency budgets of those plans, x the solver plan's predicted latency

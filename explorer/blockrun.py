@@ -13,9 +13,9 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -81,13 +81,13 @@ class BlockTimes:
                 "others_cores": self.others_cores, "rounds": self.rounds, "energy_uj_by_round": self.energy_uj_by_round}
 
     @classmethod
-    def from_json(cls, data: dict) -> "BlockTimes":
+    def from_json(cls, data: dict) -> BlockTimes:
         """From the agent's JSON (an older agent's answer, without the later fields, too)."""
         return cls(np.asarray(data["seconds"], dtype=float), data["energy_uj"], data["energy_source"],
                    data["peak_memory_mb"], data["providers"], data.get("number", 1), data.get("others_cores"),
                    data.get("rounds"), data.get("energy_uj_by_round"))
 
-    def round(self, index: int) -> "BlockTimes":
+    def round(self, index: int) -> BlockTimes:
         """The repeats of one round of an interleaved timing, with that round's energy."""
         if self.rounds is None:
             raise ValueError("these times were not measured in rounds")
@@ -185,7 +185,7 @@ class AdaptiveRepeats:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "AdaptiveRepeats":
+    def from_json(cls, data: dict) -> AdaptiveRepeats:
         """From JSON; ExplorerError naming what is wrong (unknown keys, bad values)."""
         if not isinstance(data, dict):
             raise ExplorerError("'adaptive' must be an object like {\"target\": 0.03, \"max_seconds\": 1.0}")

@@ -52,7 +52,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from explorer import blockrun, precision
 from explorer.blockrun import BUSY_CORES, busy_cores  # the load check, shared with the measurers
-from explorer.blockrun import cpu_times as _cpu_times, others_cores as _others_cores
+from explorer.blockrun import cpu_times as _cpu_times
+from explorer.blockrun import others_cores as _others_cores
 from explorer.boards import HOST, PRECISIONS, load_board
 from explorer.errors import ExplorerError
 from explorer.paths import TARGETS_DIR

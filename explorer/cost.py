@@ -134,7 +134,7 @@ class CostModel:
             previous = (layer, decision.processor)
         return PlanCost(latency, energy, weights, layer_latency, transfer)
 
-    def calibrated(self, observations: list[tuple[str, str, str, float, float]]) -> "CostModel":
+    def calibrated(self, observations: list[tuple[str, str, str, float, float]]) -> CostModel:
         """A copy whose factors make predictions match measurements.
 
         `observations`: (processor, op kind, precision, predicted seconds by *this* model, measured

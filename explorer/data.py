@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import gzip
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class Dataset:
         """Every model input's array by input name (x under the first input's name)."""
         return {first_input: self.x, **self.extra}
 
-    def first(self, count: int) -> "Dataset":
+    def first(self, count: int) -> Dataset:
         """The first `count` samples, every input and the labels."""
         return Dataset(self.x[:count], self.y[:count] if self.y is not None else None,
                        f"{self.source}, first {count} samples", {k: v[:count] for k, v in self.extra.items()},

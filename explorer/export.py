@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -182,7 +182,7 @@ def _manifest(problem, plan: Plan, evaluation, predicted: dict | None, run_id: s
     return _json_ready({
         "format": BUNDLE_FORMAT,
         "schema_version": BUNDLE_SCHEMA_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "explorer_version": explorer_version(),
         "exported_with": {"onnx": onnx.__version__, "onnxruntime": ort.__version__},
         "board": {"name": board.name, "digest": board.digest, "description": board.description},

@@ -19,8 +19,19 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from explorer.blockrun import (BUSY_CORES, AdaptiveRepeats, BlockRunError, BlockSpec, BlockTimes, ci_within, int8_exact,
-                               median_ci, rounds_met, time_blocks, time_interleaved)
+from explorer.blockrun import (
+    BUSY_CORES,
+    AdaptiveRepeats,
+    BlockRunError,
+    BlockSpec,
+    BlockTimes,
+    ci_within,
+    int8_exact,
+    median_ci,
+    rounds_met,
+    time_blocks,
+    time_interleaved,
+)
 from explorer.boards import Board
 from explorer.compress import Compressor
 from explorer.cost import BYTES_PER_ELEMENT
@@ -88,7 +99,7 @@ class Measurement:
             notes.append(f"measured while other processes used {self.others_cores:.1f} cores")
         return notes
 
-    def recalled(self) -> "Measurement":
+    def recalled(self) -> Measurement:
         """This measurement as recalled from a cache: its caveats, if any, are added to `measured_by` so that a
         later search shows a loose or busy figure for what it is (confirmation re-measures in any case)."""
         notes = self.caveats()
@@ -98,7 +109,7 @@ class Measurement:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Measurement":
+    def from_json(cls, data: dict) -> Measurement:
         """From `to_json`'s dict; one cached before the interval fields existed loads with them None."""
         ci = data.get("latency_ci_ms")
         return cls(**{**data, "blocks": [BlockReport(**b) for b in data["blocks"]],

@@ -32,7 +32,7 @@ class Decision:
         return f"{rung}/{self.precision}{where}"
 
     @classmethod
-    def from_label(cls, text: str) -> "Decision":
+    def from_label(cls, text: str) -> Decision:
         """The decision a :meth:`label` wrote (e.g. 'channel:16/int8@gpu'), as MLflow's trial params hold it."""
         rung, slash, rest = text.partition("/")
         precision, _, processor = rest.partition("@")
@@ -49,11 +49,11 @@ class Plan:
     decisions: tuple[tuple[str, Decision], ...]
 
     @classmethod
-    def from_dict(cls, mapping: dict[str, Decision]) -> "Plan":
+    def from_dict(cls, mapping: dict[str, Decision]) -> Plan:
         return cls(tuple(mapping.items()))
 
     @classmethod
-    def uniform(cls, layer_names, decision: Decision = Decision()) -> "Plan":
+    def uniform(cls, layer_names, decision: Decision = Decision()) -> Plan:
         """The same decision for every layer (default: the uncompressed fp32 model)."""
         return cls(tuple((name, decision) for name in layer_names))
 
@@ -63,7 +63,7 @@ class Plan:
     def as_dict(self) -> dict[str, Decision]:
         return dict(self.decisions)
 
-    def with_decision(self, layer_name: str, decision: Decision) -> "Plan":
+    def with_decision(self, layer_name: str, decision: Decision) -> Plan:
         """A copy with one layer's decision replaced."""
         return Plan(tuple((n, decision if n == layer_name else d) for n, d in self.decisions))
 
@@ -84,7 +84,7 @@ class Plan:
         return known
 
     @classmethod
-    def from_json(cls, data: dict) -> "Plan":
+    def from_json(cls, data: dict) -> Plan:
         if not isinstance(data, dict):
             raise ExplorerError(f"plan JSON is a {type(data).__name__}, not an object: expected {{'schema_version': "
                                 f"{PLAN_SCHEMA_VERSION}, 'decisions': [...]}}")
@@ -108,7 +108,7 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "Plan":
+    def load(cls, path: Path) -> Plan:
         path = Path(path)
         if not path.exists():
             raise ExplorerError(f"plan file not found: {path}")

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from explorer.accuracy import (DEFAULT_ERROR_BOUND, NOT_MEASURED, AccuracyResult, AccuracyScorer, calibration_inputs,
-                               drop_text, rungs_within_bound)
+from explorer.accuracy import (
+    DEFAULT_ERROR_BOUND,
+    NOT_MEASURED,
+    AccuracyResult,
+    AccuracyScorer,
+    calibration_inputs,
+    drop_text,
+    rungs_within_bound,
+)
 from explorer.blockrun import int8_exact
 from explorer.boards import Board
 from explorer.cache import AppendOnlyCache, atomic_write_json, digest, read_json, unreadable
@@ -47,7 +54,7 @@ class Objective:
     weights: tuple[tuple[str, float], ...] = (("energy", 1.0),)
 
     @classmethod
-    def parse(cls, text: str) -> "Objective":
+    def parse(cls, text: str) -> Objective:
         """'energy', 'latency', 'memory', or a weighted sum like 'energy:0.7,latency:0.3'."""
         weights = []
         for part in text.split(","):

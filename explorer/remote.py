@@ -30,8 +30,17 @@ from explorer.blockrun import AdaptiveRepeats, BlockTimes
 from explorer.boards import Board
 from explorer.cache import digest
 from explorer.errors import ExplorerError
-from explorer.measure import (SEARCH_REPEATS, AgentsUnreachable, Interleaved, Measurement, MeasurementFailed, block_specs,
-                              board_providers, interleaved_from_times, measurement_from_times)
+from explorer.measure import (
+    SEARCH_REPEATS,
+    AgentsUnreachable,
+    Interleaved,
+    Measurement,
+    MeasurementFailed,
+    block_specs,
+    board_providers,
+    interleaved_from_times,
+    measurement_from_times,
+)
 from explorer.serve import ADAPTIVE_FEATURE, INTERLEAVED_FEATURE, PROTOCOL_VERSION, TOKEN_ENV
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -142,7 +142,7 @@ class Bundle:
              latency_ms: float | None = None, network=None,
              memory_probe: Callable[[], float | None] | None = None, remote: str | None = None,
              token: str | None = None, remote_timeout_s: float = REMOTE_TIMEOUT_S, throttle=None,
-             probe_every_s: float = PROBE_EVERY_S, fall_back: bool = True) -> "Bundle":
+             probe_every_s: float = PROBE_EVERY_S, fall_back: bool = True) -> Bundle:
         """Read, validate and verify the bundle in folder `path` and open the sessions of one plan.
 
         `strict`: raise instead of falling back to the CPU when a block's provider is missing. `plan`: the id
@@ -838,7 +838,7 @@ TIMING_WARMUP = 3  # untimed runs first: the first run of a shape allocates and 
 TIMING_MIN_RUNS = 10  # timed runs at least (the 95 % interval of the median needs 6)
 
 
-def time_bundle(bundle: "Bundle", x, adaptive=None) -> dict[str, Any]:
+def time_bundle(bundle: Bundle, x, adaptive=None) -> dict[str, Any]:
     """Time the bundle's current plan on `x`: TIMING_WARMUP untimed runs, then timed runs until the 95 % interval
     of the median total lies within the target of `adaptive` (explorer.blockrun.AdaptiveRepeats; default +/-3 %,
     at least TIMING_MIN_RUNS runs), or its time cap (1 s) once the interval exists, or its most repeats.

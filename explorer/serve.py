@@ -72,8 +72,18 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from explorer.blockrun import (CPU_PROVIDER, AdaptiveRepeats, BlockRunError, BlockSpec, MeasurementTimeout,
-                               ProviderUnavailable, int8_exact, readable_counters, time_blocks, time_interleaved)
+from explorer.blockrun import (
+    CPU_PROVIDER,
+    AdaptiveRepeats,
+    BlockRunError,
+    BlockSpec,
+    MeasurementTimeout,
+    ProviderUnavailable,
+    int8_exact,
+    readable_counters,
+    time_blocks,
+    time_interleaved,
+)
 from explorer.errors import ExplorerError
 
 PROTOCOL_VERSION = 2  # 2: energy_providers in the request, energy counters (RAPL, NVML) in the fingerprint
@@ -170,7 +180,7 @@ def _integer(value, name: str, low: int, high: int, where: str = "") -> int:
     return value
 
 
-def parse_blocks(request: dict, store: "ModelStore", where: str = "") -> list[tuple[str, bytes, int, str]]:
+def parse_blocks(request: dict, store: ModelStore, where: str = "") -> list[tuple[str, bytes, int, str]]:
     """A chain's blocks as (SHA-256, model bytes, threads, provider): 400 for a malformed field, 404 for a model
     that is not uploaded."""
     blocks = request.get("blocks")

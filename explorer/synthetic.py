@@ -35,7 +35,7 @@ class SyntheticInputs:
     b: float = 1.0
 
     @classmethod
-    def parse(cls, text: str | None) -> "SyntheticInputs":
+    def parse(cls, text: str | None) -> SyntheticInputs:
         """'normal', 'normal:MEAN,STD' or 'uniform:LO,HI' (None: standard normal)."""
         if text is None or text.strip() == "normal":
             return cls()

@@ -659,7 +659,7 @@ class SearchTracker:
         if self._failure is not None:
             raise ExplorerError(f"MLflow logging to {self.tracking_uri} failed: {self._failure}")
 
-    def __enter__(self) -> "SearchTracker":
+    def __enter__(self) -> SearchTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
