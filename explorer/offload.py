@@ -70,9 +70,12 @@ class _Sessions:
     def get(self, key: tuple, data: bytes | None, needed_bytes, budget_bytes: int) -> tuple[ort.InferenceSession, str]:
         """The session for `key`, opened from `data` if need be (SessionMissing without it); others are closed
         first while they and `needed_bytes(model size)` (this run's estimate) would pass `budget_bytes`."""
-        if key not in self._open and data is None:
+        if key in self._open:
+            size = self._open[key][2]
+        elif data is None:
             raise SessionMissing(f"no open session for block {key[0][:12]}")
-        size = self._open[key][2] if key in self._open else len(data)
+        else:
+            size = len(data)
         others = [k for k in self._open if k != key]
         while others and (len(others) >= self.limit
                           or sum(2 * self._open[k][2] for k in others) + needed_bytes(size) > budget_bytes):
@@ -173,14 +176,20 @@ def run_block(server, path: str, body: bytes) -> bytes:
     answer, _, _ = server.run_in_worker(job, model=data)
     server.offload_runs += 1
     outputs = dict(answer["outputs"])
-    buffer = io.BytesIO()
-    np.savez(buffer, **outputs)  # encoding the answer: a small share of the server's time, left out of server_ms
+    _npz(outputs)  # encoding the answer: a small share of the server's time, left out of server_ms
     server_ms = 1e3 * (time.perf_counter() - handled)
     # agent_ms: server_ms under its old name, for older clients; it goes in the next release
     outputs[RUN_META_KEY] = np.array(json.dumps({"compute_ms": answer["compute_ms"], "runs_on": answer["runs_on"],
                                                  "server_ms": server_ms, "agent_ms": server_ms}))
+    return _npz(outputs)
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """The arrays as the bytes of an .npz file (numpy.savez; the other side loads it without pickles)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **outputs)
+    # numpy's stub types **kwds as if an array could land on savez's keyword allow_pickle (numpy >= 2.1; older
+    # numpy, which pyproject allows, would store it as an array: so it is not passed)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()
 
 
@@ -250,9 +259,7 @@ class OffloadClient:
     def run(self, sha: str, model_bytes, feeds: dict[str, np.ndarray], provider: str, threads: int) -> dict[str, np.ndarray]:
         """The block's outputs for `feeds`, run on the server; `model_bytes()` gives the block file's bytes when
         the server needs the upload (once per digest)."""
-        buffer = io.BytesIO()
-        np.savez(buffer, **feeds)
-        body = buffer.getvalue()
+        body = _npz(feeds)
         path = run_path(sha, provider, threads)
         started = time.perf_counter()
         status, answer = self._request("POST", path, body)

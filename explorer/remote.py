@@ -96,7 +96,7 @@ def parse_endpoints(spec: str) -> list[ServerEndpoint]:
     usage = "use --measure remote://HOST:PORT[,HOST:PORT...] (measurement servers started with `explorer serve`)"
     if not spec.startswith(SCHEME) or not spec[len(SCHEME):]:
         raise ExplorerError(f"{spec!r} is not a remote measurer: {usage}")
-    endpoints = []
+    endpoints: list[ServerEndpoint] = []
     for part in spec[len(SCHEME):].split(","):
         host, sep, port = part.strip().rpartition(":")
         host = host.strip("[]")
@@ -128,10 +128,11 @@ class RemoteMeasurer:
             raise ExplorerError(f"--wait-for-servers must be 0 to 604800 seconds (got {wait_for_servers_s!r})")
         self.spec = spec
         self.endpoints = parse_endpoints(spec)
-        self.token = token if token is not None else token_from_environment()
-        if not self.token:
+        token = token if token is not None else token_from_environment()
+        if not token:
             raise ExplorerError(f"remote measurement needs the measurement servers' token: set {TOKEN_ENV} (the server "
                                 "prints or reads it at start)")
+        self.token: str = token
         self.warmup, self.repeats, self.batch, self.adaptive = warmup, repeats, batch, adaptive
         self.timeout_s = timeout_s
         self.rest_s = rest_s
@@ -161,7 +162,7 @@ class RemoteMeasurer:
             reached = []
             for endpoint in self.endpoints:
                 try:
-                    endpoint.info = self._request(endpoint, "GET", INFO_PATH, timeout_s=10.0)
+                    endpoint.info = self._request(endpoint, "GET", INFO_PATH, timeout_s=10.0) or {}
                     reached.append(endpoint)
                 except ServerError as error:
                     log.warning("measurement server %s is not reachable now (%s); it will be tried again later",
@@ -244,7 +245,7 @@ class RemoteMeasurer:
         """The answer of the next free server to the request, within `timeout_s` (retried elsewhere when a server
         fails; a busy server's Retry-After is waited out, not counted as a failure)."""
         deadline = time.monotonic() + self.timeout_s
-        errors = []
+        errors: list[str] = []
         while len(errors) < self.tries:
             endpoint = self._take(deadline)
             try:
@@ -378,14 +379,14 @@ class RemoteMeasurer:
         for data in models.values():
             if limit is not None and len(data) > limit:
                 raise ServerError(f"a block is {len(data)} bytes, over the server's upload limit of {limit} "
-                                 "(restart it with a larger --max-upload-mb)", retry=False)
+                                  "(restart it with a larger --max-upload-mb)", retry=False)
         for attempt in range(2):
             for sha, data in models.items():
                 if self._request(endpoint, "HEAD", model_path(sha), ok=(200, 404), timeout_s=30.0, deadline=deadline) is None:
                     self._request(endpoint, "PUT", model_path(sha), body=data, content_type="application/octet-stream",
                                   deadline=deadline)
             try:
-                answer = self._request(endpoint, "POST", path, body=json.dumps(request).encode(), deadline=deadline)
+                answer = self._request(endpoint, "POST", path, body=json.dumps(request).encode(), deadline=deadline) or {}
                 if device_kind(answer["fingerprint"]) != device_kind(self._fingerprint or {}):  # e.g. it was down at start
                     raise ServerError(f"it is another kind of device ({device_kind(answer['fingerprint'])})")
                 return answer

@@ -123,8 +123,8 @@ class Bundle:
         self._free_after: list[list[str]] = []
         self.client = None  # explorer.offload.OffloadClient: remote blocks run on that agent
         if remote is not None:
-            from explorer.offload import OffloadClient
             from explorer.http_api import TOKEN_ENV, token_from_environment
+            from explorer.offload import OffloadClient
 
             token = token or token_from_environment()
             if not token:

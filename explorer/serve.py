@@ -60,7 +60,10 @@ import time
 import warnings
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnxruntime as ort
@@ -213,8 +216,8 @@ class ModelStore:
     def signatures(self, shas: list[str]) -> list[Signature] | None:
         """The signatures of these models, or None while one of them is not known yet."""
         with self._lock:
-            found = [self._signatures.get(sha) for sha in shas]
-        return None if None in found else found
+            found = [self._signatures[sha] for sha in shas if sha in self._signatures]
+        return found if len(found) == len(shas) else None
 
     def learn(self, signatures: dict[str, Signature]) -> None:
         with self._lock:
@@ -269,12 +272,13 @@ def _run_job(job: dict, signatures: dict[str, Signature]):
         blocks, inputs = chain(job["chains"][0])
         return time_blocks(blocks, inputs, job["warmup"], job["repeats"], timeout_s=job["timeout_s"],
                            energy_providers=job["energy_providers"], adaptive=adaptive).to_json()
+    assert adaptive is not None  # an interleaved request without it is refused before it queues
     return [t.to_json() for t in time_interleaved([chain(spec) for spec in job["chains"]], job["warmup"], job["repeats"],
                                                   adaptive, timeout_s=job["timeout_s"],
                                                   energy_providers=job["energy_providers"])]
 
 
-def _resident_bytes(pid: int) -> int | None:
+def _resident_bytes(pid: int | None) -> int | None:
     """A process's resident memory (Linux /proc; None elsewhere or once it is gone)."""
     try:
         with open(f"/proc/{pid}/statm") as statm:
@@ -293,24 +297,26 @@ class Worker:
         self.memory_bytes = memory_bytes
         self.poll_s = poll_s
         self._context = multiprocessing.get_context("spawn")  # a fork of a threaded server could deadlock
-        self._process = None
-        self._connection = None
+        self._process: BaseProcess | None = None
+        self._connection: Connection | None = None
 
-    def start(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            return
+    def start(self) -> tuple[BaseProcess, Connection]:
+        """The running worker process and this end of its pipe (a fresh one started where there is none)."""
+        if self._process is not None and self._connection is not None and self._process.is_alive():
+            return self._process, self._connection
         ours, theirs = self._context.Pipe()
-        self._process = self._context.Process(target=_worker_main, args=(theirs,), daemon=True,
-                                              name="explorer-server-worker")
-        self._process.start()
+        process = self._context.Process(target=_worker_main, args=(theirs,), daemon=True, name="explorer-server-worker")
+        process.start()
         theirs.close()
-        self._connection = ours
+        self._process, self._connection = process, ours
+        return process, ours
 
     def stop(self) -> None:
         if self._process is not None:
             self._process.kill()
             self._process.join(5)
-            self._connection.close()
+            if self._connection is not None:
+                self._connection.close()
             self._process = self._connection = None
 
     def restart(self) -> None:
@@ -321,13 +327,12 @@ class Worker:
     def run(self, job: dict, deadline_s: float) -> tuple[str, object, dict]:
         """(status, answer or message, signatures learnt); the worker is killed past the memory budget or the
         deadline (then status "memory" or "timeout")."""
-        self.start()
-        pid = self._process.pid
+        process, connection = self.start()
         try:
-            self._connection.send(job)
+            connection.send(job)
             deadline = time.monotonic() + deadline_s
-            while not self._connection.poll(self.poll_s):
-                resident = _resident_bytes(pid) or 0
+            while not connection.poll(self.poll_s):
+                resident = _resident_bytes(process.pid) or 0
                 if resident > self.memory_bytes:
                     self.restart()
                     return "memory", (f"the measurement's process reached {resident / 2**20:.0f} MB, over this server's "
@@ -337,11 +342,11 @@ class Worker:
                 if time.monotonic() > deadline:
                     self.restart()
                     return "timeout", f"the measurement ran past its {deadline_s:g} s limit and was stopped", {}
-                if not self._process.is_alive():
+                if not process.is_alive():
                     break
-            return self._connection.recv()
+            return connection.recv()
         except (EOFError, OSError, BrokenPipeError):  # it died (e.g. the kernel's OOM killer): a fresh one next time
-            code = self._process.exitcode if self._process is not None else None
+            code = process.exitcode
             self.restart()
             return "bug", f"the measurement's process ended unexpectedly (exit code {code})", {}
 
@@ -452,11 +457,11 @@ class MeasurementServer:
         finally:
             self.device.release()
         if status == "timeout":
-            raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, answer)
+            raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, str(answer))
         if status == "unavailable":  # this machine's fault: the client tries another server
-            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, answer)
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(answer))
         if status in ("bad", "memory"):
-            raise bad_request(answer)
+            raise bad_request(str(answer))
         if status != "ok":
             raise RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"server error: {answer}")
         return answer, started - queued, measure_s
@@ -746,12 +751,13 @@ class BoundedHTTPServer(ThreadingHTTPServer):
                     selector.register(connection, selectors.EVENT_READ)
                     deadlines[connection] = time.monotonic() + TURN_AWAY_S
             for key, _ in selector.select(timeout=0) if deadlines else []:
+                reading = cast(socket.socket, key.fileobj)  # what was registered: a socket
                 try:
-                    more = key.fileobj.recv(1 << 16)
+                    more = reading.recv(1 << 16)
                 except OSError:
                     more = b""
                 if not more:
-                    deadlines[key.fileobj] = 0.0
+                    deadlines[reading] = 0.0
             now = time.monotonic()
             for connection in [c for c, deadline in deadlines.items() if deadline <= now]:
                 selector.unregister(connection)
@@ -775,11 +781,13 @@ class BoundedHTTPServer(ThreadingHTTPServer):
             return False
 
 
+class BoundedHTTPServerV6(BoundedHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def make_server(host: str, port: int, measurement_server: MeasurementServer) -> BoundedHTTPServer:
     """The HTTP server (not yet serving); port 0 picks a free port."""
-    server_class = BoundedHTTPServer
-    if ":" in host:
-        server_class = type("BoundedHTTPServerV6", (BoundedHTTPServer,), {"address_family": socket.AF_INET6})
+    server_class = BoundedHTTPServerV6 if ":" in host else BoundedHTTPServer
     return server_class((host, port), measurement_server)
 
 
@@ -865,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"explorer serve: error: cannot listen on {args.host}:{args.port}: {error.strerror}: pick another --port",
               file=sys.stderr)
         return 2
-    host, port = server.server_address[:2]
+    host, port = cast(tuple[str, int], server.server_address[:2])  # an AF_INET or AF_INET6 address
     measurement_server.worker.start()  # the measurements' process, ready before the first request
     fp = measurement_server.fingerprint
     print(f"explorer measurement server listening on {host}:{port} ({fp['cpu_model']}, ONNX Runtime {fp['onnxruntime']}, "
