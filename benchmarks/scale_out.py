@@ -1,15 +1,15 @@
-"""Scaling out: evaluations per second with 1, 2 and 4 measurement agents, and with 1 and 2 Optuna workers.
+"""Scaling out: evaluations per second with 1, 2 and 4 measurement servers, and with 1 and 2 Optuna workers.
 
-    .venv/bin/explorer calibrate --quick      # once: the `host` board the agents measure
-    .venv/bin/python benchmarks/scale_out.py [--agents 1 2 4] [--plans 24] [--workers 1 2] [--budget 40] [--seeds 3]
+    .venv/bin/explorer calibrate --quick      # once: the `host` board the servers measure
+    .venv/bin/python benchmarks/scale_out.py [--servers 1 2 4] [--plans 24] [--workers 1 2] [--budget 40] [--seeds 3]
 
-Agents: `explorer serve` processes on loopback measure vgg plans for real (ONNX Runtime, the host
-board with one thread per processor, 3 warm-up runs and 15 timed repeats per plan); the random agent proposes the same plans (per seed)
-for every agent count, in batches of one plan per agent. Every plan's accuracy is scored and its
-model rewritten before timing (local work that agents do not share out: about 0.3 s per vgg plan
-here, which bounds a real search's rate whatever the number of agents), and the measurement cache is
-emptied before each run, so the table shows measurement throughput: splitting into unit blocks,
-uploads, and timing on the agents.
+Servers: `explorer serve` processes on loopback measure vgg plans for real (ONNX Runtime, the host
+board with one thread per processor, 3 warm-up runs and 15 timed repeats per plan); the random agent
+proposes the same plans (per seed) for every server count, in batches of one plan per server. Every
+plan's accuracy is scored and its model rewritten before timing (local work that servers do not share
+out: about 0.3 s per vgg plan here, which bounds a real search's rate whatever the number of servers),
+and the measurement cache is emptied before each run, so the table shows measurement throughput:
+splitting into unit blocks, uploads, and timing on the servers.
 
 Workers: `explorer search --agent optuna-tpe --workers N` (simulated tegra-k1, vgg with its
 accuracy measured) on a fresh runs folder each time (the sensitivity table and SVDs are copied in,
@@ -39,20 +39,20 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def start_agents(count: int) -> list[tuple[subprocess.Popen, str]]:
-    agents = []
+def start_servers(count: int) -> list[tuple[subprocess.Popen, str]]:
+    servers = []
     for _ in range(count):
         process = subprocess.Popen([sys.executable, "-m", "explorer.entry", "serve", "--port", "0"], cwd=ROOT,
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                   env=os.environ | {"EXPLORER_AGENT_TOKEN": TOKEN})
+                                   env=os.environ | {"EXPLORER_SERVER_TOKEN": TOKEN})
         line = process.stdout.readline()
-        agents.append((process, line.split("listening on ")[1].split(" ")[0]))
-    return agents
+        servers.append((process, line.split("listening on ")[1].split(" ")[0]))
+    return servers
 
 
 def single_threaded_host() -> Path:
     """The host profile with every processor at one ONNX Runtime thread (a copy in a temporary folder):
-    N agents then need N cores, not 2N, and do not slow each other by oversubscription."""
+    N servers then need N cores, not 2N, and do not slow each other by oversubscription."""
     import re
 
     from explorer.paths import TARGETS_DIR
@@ -65,9 +65,9 @@ def single_threaded_host() -> Path:
     return copy
 
 
-def agent_rates(counts: list[int], plans: int, seeds: int) -> dict[int, list[float]]:
-    """Evaluations per second per agent count, one value per seed."""
-    os.environ["EXPLORER_AGENT_TOKEN"] = TOKEN
+def server_rates(counts: list[int], plans: int, seeds: int) -> dict[int, list[float]]:
+    """Evaluations per second per server count, one value per seed."""
+    os.environ["EXPLORER_SERVER_TOKEN"] = TOKEN
     from agents import make_agent
     from explorer.accuracy import AccuracyScorer
     from explorer.boards import load_board
@@ -80,18 +80,18 @@ def agent_rates(counts: list[int], plans: int, seeds: int) -> dict[int, list[flo
     try:
         board = load_board(single_threaded_host())
     except ExplorerError as error:
-        raise SystemExit(f"scale_out: {error}")
+        raise SystemExit(f"scale_out: {error}") from None
     graph = load_graph("vgg")
     scorer = AccuracyScorer(graph.model, zoo_validation_data("vgg"))
-    agents = start_agents(max(counts))
+    servers = start_servers(max(counts))
     rates: dict[int, list[float]] = {count: [] for count in counts}
     try:
         for seed in range(seeds):
             for count in counts:
-                spec = "remote://" + ",".join(address for _, address in agents[:count])
-                problem = Problem(graph, board, RemoteMeasurer(spec), scorer, Constraints(latency_ms=None, max_accuracy_drop=None),
-                                  Objective.parse("latency"))
-                for plan in _plans(problem, plans, seed):  # local work first: what agents do not share out
+                spec = "remote://" + ",".join(address for _, address in servers[:count])
+                problem = Problem(graph, board, RemoteMeasurer(spec), scorer,
+                                  Constraints(latency_ms=None, max_accuracy_drop=None), Objective.parse("latency"))
+                for plan in _plans(problem, plans, seed):  # local work first: what servers do not share out
                     problem.accuracy(plan)
                     problem.compressor.rewrite_shared(plan, problem.calibration_inputs)  # (accuracy may come from disk)
                 problem.cache_file().unlink(missing_ok=True)
@@ -100,16 +100,16 @@ def agent_rates(counts: list[int], plans: int, seeds: int) -> dict[int, list[flo
                 seconds = time.perf_counter() - started
                 assert len(result.trials) == plans and not any(t.failed for t in result.trials)
                 rates[count].append(plans / seconds)
-                progress(f"  agents {count}, seed {seed}: {plans} plans in {seconds:.1f} s ({plans / seconds:.2f}/s)")
+                progress(f"  servers {count}, seed {seed}: {plans} plans in {seconds:.1f} s ({plans / seconds:.2f}/s)")
     finally:
-        for process, _ in agents:
+        for process, _ in servers:
             process.terminate()
             process.wait()
     return rates
 
 
 def _plans(problem, count: int, seed: int):
-    """The plans the random agent proposes with this seed (the same for every agent count)."""
+    """The plans the random agent proposes with this seed (the same for every server count)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -155,8 +155,8 @@ def worker_rates(counts: list[int], budget: int, seeds: int) -> tuple[dict[int, 
                 span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
                 whole[count].append(budget / seconds)
                 phase[count].append(budget / span)
-                progress(f"  workers {count}, seed {seed}: {budget} evaluations, command {seconds:.1f} s ({budget / seconds:.2f}/s), "
-                         f"search phase {span:.1f} s ({budget / span:.2f}/s)")
+                progress(f"  workers {count}, seed {seed}: {budget} evaluations, command {seconds:.1f} s "
+                         f"({budget / seconds:.2f}/s), search phase {span:.1f} s ({budget / span:.2f}/s)")
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return whole, phase
@@ -175,19 +175,19 @@ def table(title: str, what: str, rates: dict[int, list[float]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--agents", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--plans", type=int, default=24, help="plans measured per run (remote agents)")
+    parser.add_argument("--servers", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--plans", type=int, default=24, help="plans measured per run (remote servers)")
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--budget", type=int, default=60, help="evaluations per search (Optuna workers)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--skip-agents", action="store_true")
+    parser.add_argument("--skip-servers", action="store_true")
     parser.add_argument("--skip-workers", action="store_true")
     args = parser.parse_args()
     out = [f"{os.cpu_count()} cores on this machine; median over {args.seeds} seeds.", ""]
-    if not args.skip_agents:
-        progress("measurement agents on loopback (host board):")
-        out.append(table(f"Measurement agents (vgg on host, {args.plans} plans, warm-up 3, 15 repeats)", "agents",
-                         agent_rates(sorted(args.agents), args.plans, args.seeds)))
+    if not args.skip_servers:
+        progress("measurement servers on loopback (host board):")
+        out.append(table(f"Measurement servers (vgg on host, {args.plans} plans, warm-up 3, 15 repeats)", "servers",
+                         server_rates(sorted(args.servers), args.plans, args.seeds)))
     if not args.skip_workers:
         progress("Optuna workers on one study (SQLite under runs/):")
         whole, phase = worker_rates(sorted(args.workers), args.budget, args.seeds)

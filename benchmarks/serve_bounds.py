@@ -1,9 +1,9 @@
-"""The measurement agent under abuse (issue 24, item 3): memory and threads of an `explorer serve` started from
+"""The measurement server under abuse (issue 24, item 3): memory and threads of an `explorer serve` started from
 a checkout, against the requests the issue reported.
 
     python benchmarks/serve_bounds.py [--checkout PATH] [--clients 50] [--serve-options '--max-memory-mb 1024']
 
-Prints one JSON object: the agent's peak resident memory (its process, and its worker where it has one) after
+Prints one JSON object: the server's peak resident memory (its process, and its worker where it has one) after
 each scenario, the threads 300 idle connections cost, and how 50 concurrent /measure requests were answered
 (statuses, resets). Run it on two checkouts to compare (e.g. the main branch and this one).
 """
@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 TOKEN = "bench-token-0123456789"
@@ -36,8 +35,8 @@ def _status(pid: int, key: str) -> int:
 
 
 def _tree_hwm_mb(pid: int) -> dict[str, float]:
-    """Peak resident memory of the agent and of each child (its worker), MB."""
-    found = {"agent": _status(pid, "VmHWM") / 1024}
+    """Peak resident memory of the server and of each child (its worker), MB."""
+    found = {"server": _status(pid, "VmHWM") / 1024}
     children = Path(f"/proc/{pid}/task/{pid}/children")
     for child in (children.read_text().split() if children.exists() else []):
         found[f"child {child}"] = _status(int(child), "VmHWM") / 1024
@@ -65,9 +64,10 @@ def _small_mlp() -> bytes:
     return model.SerializeToString()
 
 
-class Agent:
+class Server:
     def __init__(self, checkout: Path, *options: str):
-        env = os.environ | {"EXPLORER_AGENT_TOKEN": TOKEN, "PYTHONPATH": str(checkout)}
+        # the token under both names: a checkout from before the server was called so reads only the old one
+        env = os.environ | {"EXPLORER_SERVER_TOKEN": TOKEN, "EXPLORER_AGENT_TOKEN": TOKEN, "PYTHONPATH": str(checkout)}
         self.process = subprocess.Popen([sys.executable, "-m", "explorer.entry", "serve", "--port", "0", *options],
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=checkout)
         line = self.process.stdout.readline()
@@ -103,42 +103,42 @@ def main() -> None:
     args = parser.parse_args()
     figures: dict = {"checkout": str(args.checkout)}
 
-    agent = Agent(args.checkout, *args.serve_options.split())
+    server = Server(args.checkout, *args.serve_options.split())
     try:
-        figures["idle_agent_mb"] = _tree_hwm_mb(agent.process.pid)
-        bomb = agent.upload(tile_bomb())
+        figures["idle_server_mb"] = _tree_hwm_mb(server.process.pid)
+        bomb = server.upload(tile_bomb())
         many = {"blocks": [{"model": bomb}], "inputs": {f"x{i}": {"shape": [1 << 20, 8], "dtype": "float32"} for i in range(8)},
                 "warmup": 0, "repeats": 1}
-        figures["many_inputs"] = {"answer": agent.request("POST", "/measure", json.dumps(many).encode()),
-                                  "peak_mb": _tree_hwm_mb(agent.process.pid)}
+        figures["many_inputs"] = {"answer": server.request("POST", "/measure", json.dumps(many).encode()),
+                                  "peak_mb": _tree_hwm_mb(server.process.pid)}
         tile = {"blocks": [{"model": bomb}], "inputs": {"x": {"shape": [2 << 20], "dtype": "float32"}}, "warmup": 0, "repeats": 1}
-        figures["tile_bomb_8mb_input"] = {"answer": agent.request("POST", "/measure", json.dumps(tile).encode()),
-                                          "peak_mb": _tree_hwm_mb(agent.process.pid)}
-        figures["dtype_list"] = agent.request("POST", "/measure", json.dumps(
+        figures["tile_bomb_8mb_input"] = {"answer": server.request("POST", "/measure", json.dumps(tile).encode()),
+                                          "peak_mb": _tree_hwm_mb(server.process.pid)}
+        figures["dtype_list"] = server.request("POST", "/measure", json.dumps(
             {"blocks": [{"model": bomb}], "inputs": {"x": {"shape": [4], "dtype": []}}}).encode())
-        idle = [socket.create_connection(("127.0.0.1", agent.port)) for _ in range(300)]
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(300)]
         time.sleep(1)
-        figures["threads_with_300_idle_connections"] = _status(agent.process.pid, "Threads")
+        figures["threads_with_300_idle_connections"] = _status(server.process.pid, "Threads")
         for connection in idle:
             connection.close()
         time.sleep(3)
-        mlp = agent.upload(_small_mlp())
+        mlp = server.upload(_small_mlp())
         body = json.dumps({"blocks": [{"model": mlp}], "inputs": {"x": {"shape": [64, 256]}}, "warmup": 1,
                            "repeats": 50}).encode()
         with ThreadPoolExecutor(args.clients) as pool:
-            answers = list(pool.map(lambda _: agent.request("POST", "/measure", body), range(args.clients)))
+            answers = list(pool.map(lambda _: server.request("POST", "/measure", body), range(args.clients)))
         statuses: dict[str, int] = {}
         for status, text in answers:
             key = str(status) if status > 0 else text.split(":")[0]
             statuses[key] = statuses.get(key, 0) + 1
         figures[f"{args.clients}_concurrent_measures"] = statuses
     finally:
-        agent.stop()
-    agent = Agent(args.checkout, "--max-upload-mb", "1")
+        server.stop()
+    server = Server(args.checkout, "--max-upload-mb", "1")
     try:
-        figures["upload_8mb_over_1mb_limit"] = agent.request("PUT", "/models/" + "a" * 64, b"x" * (8 << 20))
+        figures["upload_8mb_over_1mb_limit"] = server.request("PUT", "/models/" + "a" * 64, b"x" * (8 << 20))
     finally:
-        agent.stop()
+        server.stop()
     print(json.dumps(figures, indent=1))
 
 

@@ -126,13 +126,16 @@ class Interleaved:
 
 
 class MeasurementFailed(ExplorerError):
-    """A plan could not be measured (e.g. no remote agent could): the trial fails, the search goes on."""
+    """A plan could not be measured (e.g. no measurement server could): the trial fails, the search goes on."""
 
 
-class AgentsUnreachable(ExplorerError):
-    """No measurement agent can be reached any more (after --wait-for-servers): nothing more can be measured, so
+class ServersUnreachable(ExplorerError):
+    """No measurement server can be reached any more (after --wait-for-servers): nothing more can be measured, so
     the search ends with what it measured (summary written, parent run FAILED). Not a MeasurementFailed: a
     failed trial would only repeat it for every plan left in the budget."""
+
+
+AgentsUnreachable = ServersUnreachable  # the name before servers were called so: deprecated, goes in the next release
 
 
 class Measurer(Protocol):

@@ -123,10 +123,10 @@ class Bundle:
         self._free_after: list[list[str]] = []
         self.client = None  # explorer.offload.OffloadClient: remote blocks run on that agent
         if remote is not None:
+            from explorer.http_api import TOKEN_ENV, token_from_environment
             from explorer.offload import OffloadClient
-            from explorer.serve import TOKEN_ENV
 
-            token = token or os.environ.get(TOKEN_ENV)
+            token = token or token_from_environment()
             if not token:
                 raise ExplorerError(f"remote {remote}: give the agent's token (token=... or ${TOKEN_ENV})")
             self.client = OffloadClient(remote, token, remote_timeout_s, throttle)

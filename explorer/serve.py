@@ -1,50 +1,42 @@
-"""`explorer serve`: the measurement agent that runs on a board (the way TVM measures through RPC
+"""`explorer serve`: the measurement server that runs on a board (the way TVM measures through RPC
 servers on its boards).
 
 It receives unit-block ONNX models and input shapes, runs them with ONNX Runtime (warm-up, repeats)
 and answers with per-repeat, per-block timings, the energy of real counters where they cover the
-providers asked for (RAPL, NVML), the peak resident memory and a device fingerprint. It needs only
-NumPy, ONNX Runtime and nvidia-ml-py (`pip install "explorer[agent]"`): nothing here imports the
-training or search stack.
+providers asked for (RAPL, NVML), the peak resident memory and a device fingerprint; it also runs a
+bundle's remote blocks on real tensors (explorer.offload). It needs only NumPy, ONNX Runtime and
+nvidia-ml-py (`pip install "explorer[server]"`): nothing here imports the training or search stack.
 
-HTTP API (every request carries `Authorization: Bearer TOKEN`; answers are JSON):
+HTTP API (explorer.http_api holds what server and clients share; docs/http-api.md describes every field;
+every request carries `Authorization: Bearer TOKEN`; answers are JSON):
 
-- `GET /info`: the fingerprint and the agent's limits.
-- `HEAD /models/SHA256`: 200 when the agent holds that model, else 404.
+- `GET /info`: the fingerprint, the server's limits and `features` ("adaptive", "interleaved", "run-block";
+  a server without them predates them).
+- `HEAD /models/SHA256`: 200 when the server holds that model, else 404.
 - `PUT /models/SHA256`: upload one ONNX file (body); its SHA-256 must match. Kept in a bounded
   in-memory store (least recently used out first).
 - `POST /measure`: `{"blocks": [{"model": SHA256, "threads": N, "provider": "CPUExecutionProvider"}],
   "inputs": {"name": {"shape": [...], "dtype": "float32"}}, "warmup": 3, "repeats": 15, "seed": 0,
-  "energy_providers": ["CPUExecutionProvider", ...]}` (the providers the energy counters must cover;
-  default: the blocks'). Inputs are drawn on the agent (standard normal, `seed`); only ONNX and JSON
-  cross the wire. A block whose provider ONNX Runtime here has but cannot start gets 503 (the client
-  tries another agent). Optional `"adaptive": {"target": 0.03, "confidence": 0.95, "min_repeat_ms": 1.0,
-  "max_seconds": 1.0, "max_repeats": 10000}` (any subset; explorer.blockrun.AdaptiveRepeats): after
-  `repeats`, more until the interval of the median is tight or the cap (`max_seconds` below the
-  agent's measure timeout). The answer's `times` holds the seconds of every repeat, `number` (passes
-  each repeat averages) and `others_cores` (other processes' CPU use meanwhile); without `adaptive`,
-  exactly `repeats` of one pass, as agents before it did.
-- `POST /measure-interleaved`: `{"chains": [{"blocks": [...], "inputs": {...}}, ...], "warmup": 3,
-  "repeats": 5, "seed": 0, "energy_providers": [...], "adaptive": {...}}`: the chains timed interleaved
-  in rounds of `repeats` each (explorer.blockrun.time_interleaved; the first chain is the reference
-  of the per-round ratios); `times` is one answer per chain, with `rounds` and `energy_uj_by_round`.
-  `GET /info` lists `features` ("adaptive", "interleaved"); agents without them predate both.
-  `POST /run/SHA256?provider=P&threads=N`: run an uploaded block on the tensors of the body (.npz) and
-  answer its outputs (.npz): a bundle's remote blocks (explorer.offload; feature "run-block").
-  One measurement runs at a time (the device is the shared resource); others wait in line up to
-  the queue timeout (then 503), and a measurement past its time limit is stopped (504).
+  "energy_providers": [...], "adaptive": {...}}`: inputs are drawn here (standard normal, `seed`); only
+  ONNX and JSON cross the wire. With `adaptive` (explorer.blockrun.AdaptiveRepeats), repeats go on after
+  `repeats` until the interval of the median is tight or the cap; without it, exactly `repeats`.
+- `POST /measure-interleaved`: `{"chains": [{"blocks": [...], "inputs": {...}}, ...], ...}`: the chains timed
+  interleaved in rounds (explorer.blockrun.time_interleaved; the first chain is the reference).
+- `POST /run/SHA256?provider=P&threads=N`: run an uploaded block on the tensors of the body (.npz) and
+  answer its outputs (.npz): a bundle's remote blocks (explorer.offload).
+  One job runs at a time (the device is the shared resource); others wait in line up to the queue
+  timeout (then 503), and a job past its time limit is stopped (504).
 
 Errors: 401 without or with a wrong token, 413 for an upload over the size limit (the body is then
 read and dropped, so that the client gets the answer and not a reset), 400 for malformed JSON, ONNX
-or inputs (every field checked, the inputs against the blocks' declared ones, before anything is drawn)
-and for a measurement over the memory budget, 404 for an unknown model (upload it first), 503 with
-Retry-After when the line for the device (--max-queue) or the connections (--max-connections) are
-full. The agent keeps serving.
+or inputs (every field checked, the inputs against the blocks' declared ones, before anything is drawn:
+explorer.request_checks) and for a job over the memory budget, 404 for an unknown model (upload it first),
+503 with Retry-After when the line for the device (--max-queue) or the connections (--max-connections) are
+full, 503 without it for a provider that does not start here (the client tries another server). The server
+keeps serving.
 
 Bounds: measurements and offloaded blocks run in a worker process (Worker) whose resident memory is
-watched against --max-memory-mb (checked from the request's shapes before it queues, enforced while it runs); the
-request checks (parse_blocks, parse_inputs, check_inputs, estimate_memory_bytes) are functions any
-endpoint that runs uploaded blocks can call.
+watched against --max-memory-mb (checked from the request's shapes before it queues, enforced while it runs).
 """
 from __future__ import annotations
 
@@ -65,9 +57,13 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnxruntime as ort
@@ -85,27 +81,43 @@ from explorer.blockrun import (
     time_interleaved,
 )
 from explorer.errors import ExplorerError
+from explorer.http_api import (
+    AUTHORIZATION,
+    BEARER,
+    DEPRECATED_TOKEN_ENV,
+    FEATURES,
+    INFO_PATH,
+    MAX_BLOCKS,
+    MAX_CHAINS,
+    MAX_JSON_BYTES,
+    MAX_REPEATS,
+    MEASURE_INTERLEAVED_PATH,
+    MEASURE_PATH,
+    MODELS_PREFIX,
+    PROTOCOL_VERSION,
+    RETRY_AFTER,
+    RUN_PREFIX,
+    TOKEN_ENV,
+    model_path,
+    token_from_environment,
+)
+from explorer.offload import SessionMissing, run_block, run_job
+from explorer.request_checks import (
+    WORKER_RUNTIME_BYTES,
+    RequestError,
+    Signature,
+    bad_request,
+    check_inputs,
+    draw_inputs,
+    estimate_memory_bytes,
+    integer_field,
+    model_missing,
+    parse_inputs,
+    session_signature,
+)
 
-PROTOCOL_VERSION = 2  # 2: energy_providers in the request, energy counters (RAPL, NVML) in the fingerprint
-TOKEN_ENV = "EXPLORER_AGENT_TOKEN"
-MAX_JSON_BYTES = 1 << 20
-MAX_REPEATS = 10_000
-MAX_CHAINS = 64  # chains one interleaved request may time
-# What this agent does beyond protocol 2's requests (optional fields: older clients' requests work unchanged).
-ADAPTIVE_FEATURE, INTERLEAVED_FEATURE = "adaptive", "interleaved"
-FEATURES = [ADAPTIVE_FEATURE, INTERLEAVED_FEATURE, "run-block"]  # run-block: explorer.offload
-DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
-ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "int32": "tensor(int32)",
-             "uint8": "tensor(uint8)", "float64": "tensor(double)", "int8": "tensor(int8)", "int16": "tensor(int16)",
-             "uint16": "tensor(uint16)", "uint32": "tensor(uint32)", "uint64": "tensor(uint64)",
-             "bool": "tensor(bool)"}  # how ONNX Runtime names them in a session's declared inputs (measure draws DTYPES)
-MAX_BLOCKS = 1024  # blocks in one chain
-MAX_INPUTS = 64  # inputs one chain may describe
-MAX_INPUT_ELEMENTS = 1 << 26  # elements of all of one chain's inputs together
-# Memory: one measurement's budget defaults to this share of the RAM; the worker's runtime (Python, NumPy, ONNX
-# Runtime, one small session: 84 MB resident, measured 2026-12-02 on x86-64 with ONNX Runtime 1.31) is counted in.
+# Memory: one job's budget defaults to this share of the RAM (the worker's runtime counted in).
 DEFAULT_MEMORY_FRACTION = 0.5
-WORKER_RUNTIME_BYTES = 128 << 20
 MIN_MEMORY_MB = 256
 WORKER_GRACE_S = 30.0  # past the measure timeout, for loading the blocks and drawing the inputs
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -115,15 +127,6 @@ DEFAULT_MAX_QUEUE = 32
 LISTEN_BACKLOG = 1024
 TURN_AWAY_S = 2.0  # how long a turned-away client may take to read its 503 and close
 LINGER_S = 10.0  # how long an unread body is read and dropped after the answer (so the client gets the answer)
-
-
-class RequestError(Exception):
-    """A bad request: the HTTP status and a message for the client (and, for 503, when to try again)."""
-
-    def __init__(self, status: HTTPStatus, message: str, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.status = status
-        self.retry_after_s = retry_after_s
 
 
 def fingerprint() -> dict:
@@ -162,113 +165,27 @@ def default_memory_mb() -> float:
     return DEFAULT_MEMORY_FRACTION * ram / 2**20 if ram else 4096.0
 
 
-# ---- request validation: reusable by every endpoint that runs uploaded blocks ---------------------------
-# A model's signature, as ONNX Runtime reads it: {"inputs": [[name, "tensor(float)", [dims: int | str | None]]],
-# "outputs": [names]}. The agent learns it the first time it opens the model (on the device, in the worker) and
-# checks later requests against it before they queue.
-Signature = dict
-
-
-def _bad(message: str) -> RequestError:
-    return RequestError(HTTPStatus.BAD_REQUEST, message)
-
-
-def _integer(value, name: str, low: int, high: int, where: str = "") -> int:
-    """`value` when it is an integer (not a bool) in low..high, else a 400 naming the field."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _bad(f"{where}'{name}' must be an integer {low}..{high} (got {json.dumps(value)[:60]})")
-    return value
-
-
 def parse_blocks(request: dict, store: ModelStore, where: str = "") -> list[tuple[str, bytes, int, str]]:
     """A chain's blocks as (SHA-256, model bytes, threads, provider): 400 for a malformed field, 404 for a model
     that is not uploaded."""
     blocks = request.get("blocks")
     if not isinstance(blocks, list) or not blocks or len(blocks) > MAX_BLOCKS:
-        raise _bad(f"{where}the request needs a non-empty list 'blocks' (at most {MAX_BLOCKS})")
+        raise bad_request(f"{where}the request needs a non-empty list 'blocks' (at most {MAX_BLOCKS})")
     parsed = []
     for index, block in enumerate(blocks):
         sha = block.get("model") if isinstance(block, dict) else None
         if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise _bad(f"{where}block {index} needs 'model': the SHA-256 (64 lower-case hex digits) of an uploaded ONNX file")
-        threads = _integer(block.get("threads", 1), "threads", 0, 1024, f"{where}block {index}: ")
+            raise bad_request(f"{where}block {index} needs 'model': the SHA-256 (64 lower-case hex digits) of an uploaded "
+                              "ONNX file")
+        threads = integer_field(block.get("threads", 1), "threads", 0, 1024, f"{where}block {index}: ")
         provider = block.get("provider", CPU_PROVIDER)
         if not isinstance(provider, str) or not provider:
-            raise _bad(f"{where}block {index}: 'provider' must be an ONNX Runtime provider name such as {CPU_PROVIDER}")
+            raise bad_request(f"{where}block {index}: 'provider' must be an ONNX Runtime provider name such as {CPU_PROVIDER}")
         data = store.get(sha)
         if data is None:
-            raise RequestError(HTTPStatus.NOT_FOUND, f"model {sha} is not on this agent: upload it first (PUT /models/{sha})")
+            raise model_missing(sha)
         parsed.append((sha, data, threads, provider))
     return parsed
-
-
-def parse_inputs(specs, where: str = "") -> dict[str, tuple[list[int], str]]:
-    """The request's input descriptions {name: (shape, dtype)}, every field checked (400), nothing drawn."""
-    if not isinstance(specs, dict) or len(specs) > MAX_INPUTS:
-        raise _bad(f"{where}'inputs' must map at most {MAX_INPUTS} input names to {{\"shape\": [...], \"dtype\": ...}}")
-    parsed, elements = {}, 0
-    for name, spec in specs.items():
-        shape = spec.get("shape") if isinstance(spec, dict) else None
-        dtype = spec.get("dtype", "float32") if isinstance(spec, dict) else None
-        if (not isinstance(shape, list) or len(shape) > 16
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_INPUT_ELEMENTS for d in shape)
-                or not isinstance(dtype, str) or dtype not in DTYPES):
-            raise _bad(f"{where}input {name!r}: give 'shape' as at most 16 positive integers and 'dtype' one of "
-                       f"{', '.join(DTYPES)}")
-        elements += int(np.prod(shape, dtype=np.int64))
-        if elements > MAX_INPUT_ELEMENTS:
-            raise _bad(f"{where}the inputs hold more than {MAX_INPUT_ELEMENTS} (2^26) elements in all: send smaller shapes")
-        parsed[name] = (shape, dtype)
-    return parsed
-
-
-def session_signature(session: ort.InferenceSession) -> Signature:
-    """What the agent checks requests against: the declared inputs (name, type, dims) and the output names."""
-    return {"inputs": [[i.name, i.type, list(i.shape or [])] for i in session.get_inputs()],
-            "outputs": [o.name for o in session.get_outputs()]}
-
-
-def check_inputs(inputs: dict[str, tuple[list[int], str]], signatures: list[Signature], where: str = "") -> None:
-    """400 unless the inputs are exactly what the chain needs from outside (the inputs of each block that no
-    earlier block produces), each with its declared element type, rank and fixed dimensions."""
-    produced: set[str] = set()
-    needed: dict[str, tuple[int, str, list]] = {}
-    for index, signature in enumerate(signatures):
-        for name, kind, dims in signature["inputs"]:
-            if name not in produced and name not in needed:
-                needed[name] = (index, kind, dims)
-        produced.update(signature["outputs"])
-    for name, (index, kind, dims) in needed.items():
-        if name not in inputs:
-            raise _bad(f"{where}block {index} needs input {name!r}, which neither the request's inputs nor an earlier "
-                       "block provides")
-        shape, dtype = inputs[name]
-        if ORT_TYPES.get(dtype) != kind:
-            raise _bad(f"{where}input {name!r} is {kind} in block {index}, not {dtype}")
-        if len(shape) != len(dims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, shape)):
-            raise _bad(f"{where}input {name!r} has shape {shape}; block {index} declares {dims} (a name is any size)")
-    extra = sorted(set(inputs) - set(needed))
-    if extra:
-        raise _bad(f"{where}input {', '.join(map(repr, extra))} is no input of the chain (it needs "
-                   f"{', '.join(map(repr, needed)) or 'none'})")
-
-
-def estimate_memory_bytes(models: list[bytes], inputs: dict[str, tuple[list[int], str]]) -> int:
-    """What a measurement needs at least, from what is known before anything runs: the worker's own runtime, each
-    model twice (the bytes received and ONNX Runtime's initializers; prepacked weights may add more) and the
-    inputs three times (the drawn arrays, and outputs of like size in ONNX Runtime's CPU arena, which grows in
-    powers of two). Activations beyond that are not known without running: the worker's resident memory is
-    watched while it runs."""
-    input_bytes = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES.get(dtype, dtype)).itemsize
-                      for shape, dtype in inputs.values())
-    return WORKER_RUNTIME_BYTES + 2 * sum(map(len, models)) + 3 * input_bytes
-
-
-def draw_inputs(inputs: dict[str, tuple[list[int], str]], seed: int) -> dict[str, np.ndarray]:
-    """The inputs, drawn standard normal with `seed` (float32 first: no float64 copy of a large input)."""
-    rng = np.random.default_rng(seed)
-    return {name: rng.standard_normal(shape, dtype=np.float32).astype(DTYPES[dtype], copy=False)
-            for name, (shape, dtype) in inputs.items()}
 
 
 class ModelStore:
@@ -299,8 +216,8 @@ class ModelStore:
     def signatures(self, shas: list[str]) -> list[Signature] | None:
         """The signatures of these models, or None while one of them is not known yet."""
         with self._lock:
-            found = [self._signatures.get(sha) for sha in shas]
-        return None if None in found else found
+            found = [self._signatures[sha] for sha in shas if sha in self._signatures]
+        return found if len(found) == len(shas) else None
 
     def learn(self, signatures: dict[str, Signature]) -> None:
         with self._lock:
@@ -309,11 +226,9 @@ class ModelStore:
 
 # ---- the worker: the measurement runs in a child process with bounded memory -------------------------------
 def _worker_main(connection) -> None:
-    """The worker process: measure (or run offloaded blocks, explorer.offload) what the agent sends until its end
-    of the pipe closes (the agent ended)."""
-    from explorer.offload import SessionMissing
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the agent, which stops the worker
+    """The worker process: measure (or run offloaded blocks, explorer.offload) what the server sends until its end
+    of the pipe closes (the server ended)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which stops the worker
     while True:
         try:
             job = connection.recv()
@@ -322,7 +237,7 @@ def _worker_main(connection) -> None:
         signatures: dict[str, Signature] = {}
         try:
             connection.send(("ok", _run_job(job, signatures), signatures))
-        except SessionMissing as error:  # the agent sends the model, once
+        except SessionMissing as error:  # the server sends the model, once
             connection.send(("missing", str(error), signatures))
         except MeasurementTimeout as error:
             connection.send(("timeout", str(error), signatures))
@@ -332,7 +247,7 @@ def _worker_main(connection) -> None:
             connection.send(("bad", str(error), signatures))
         except MemoryError:
             connection.send(("memory", "ran out of memory", signatures))
-        except Exception as error:  # a bug: the agent answers 500 and keeps serving
+        except Exception as error:  # a bug: the server answers 500 and keeps serving
             connection.send(("bug", f"{type(error).__name__}: {error}", signatures))
 
 
@@ -340,8 +255,6 @@ def _run_job(job: dict, signatures: dict[str, Signature]):
     """Time one job; each chain's inputs are checked against its open sessions, then drawn. A "run" job is an
     offloaded block on real tensors (explorer.offload.run_job)."""
     if job["kind"] == "run":
-        from explorer.offload import run_job
-
         return run_job(job, signatures)
 
     def chain(spec: dict):
@@ -359,12 +272,13 @@ def _run_job(job: dict, signatures: dict[str, Signature]):
         blocks, inputs = chain(job["chains"][0])
         return time_blocks(blocks, inputs, job["warmup"], job["repeats"], timeout_s=job["timeout_s"],
                            energy_providers=job["energy_providers"], adaptive=adaptive).to_json()
+    assert adaptive is not None  # an interleaved request without it is refused before it queues
     return [t.to_json() for t in time_interleaved([chain(spec) for spec in job["chains"]], job["warmup"], job["repeats"],
                                                   adaptive, timeout_s=job["timeout_s"],
                                                   energy_providers=job["energy_providers"])]
 
 
-def _resident_bytes(pid: int) -> int | None:
+def _resident_bytes(pid: int | None) -> int | None:
     """A process's resident memory (Linux /proc; None elsewhere or once it is gone)."""
     try:
         with open(f"/proc/{pid}/statm") as statm:
@@ -374,7 +288,7 @@ def _resident_bytes(pid: int) -> int | None:
 
 
 class Worker:
-    """The child process measurements run in, so that one measurement's memory cannot take the agent down: its
+    """The child process measurements run in, so that one measurement's memory cannot take the server down: its
     resident memory is watched every few milliseconds and the process killed past the budget (a fresh one is
     started for the next). An address-space limit (RLIMIT_AS) would not do: ONNX Runtime's thread pools and
     glibc's per-thread arenas reserve far more address space than they touch, and by the core count."""
@@ -383,24 +297,26 @@ class Worker:
         self.memory_bytes = memory_bytes
         self.poll_s = poll_s
         self._context = multiprocessing.get_context("spawn")  # a fork of a threaded server could deadlock
-        self._process = None
-        self._connection = None
+        self._process: BaseProcess | None = None
+        self._connection: Connection | None = None
 
-    def start(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            return
+    def start(self) -> tuple[BaseProcess, Connection]:
+        """The running worker process and this end of its pipe (a fresh one started where there is none)."""
+        if self._process is not None and self._connection is not None and self._process.is_alive():
+            return self._process, self._connection
         ours, theirs = self._context.Pipe()
-        self._process = self._context.Process(target=_worker_main, args=(theirs,), daemon=True,
-                                              name="explorer-agent-worker")
-        self._process.start()
+        process = self._context.Process(target=_worker_main, args=(theirs,), daemon=True, name="explorer-server-worker")
+        process.start()
         theirs.close()
-        self._connection = ours
+        self._process, self._connection = process, ours
+        return process, ours
 
     def stop(self) -> None:
         if self._process is not None:
             self._process.kill()
             self._process.join(5)
-            self._connection.close()
+            if self._connection is not None:
+                self._connection.close()
             self._process = self._connection = None
 
     def restart(self) -> None:
@@ -411,33 +327,32 @@ class Worker:
     def run(self, job: dict, deadline_s: float) -> tuple[str, object, dict]:
         """(status, answer or message, signatures learnt); the worker is killed past the memory budget or the
         deadline (then status "memory" or "timeout")."""
-        self.start()
-        pid = self._process.pid
+        process, connection = self.start()
         try:
-            self._connection.send(job)
+            connection.send(job)
             deadline = time.monotonic() + deadline_s
-            while not self._connection.poll(self.poll_s):
-                resident = _resident_bytes(pid) or 0
+            while not connection.poll(self.poll_s):
+                resident = _resident_bytes(process.pid) or 0
                 if resident > self.memory_bytes:
                     self.restart()
-                    return "memory", (f"the measurement's process reached {resident / 2**20:.0f} MB, over this agent's "
+                    return "memory", (f"the measurement's process reached {resident / 2**20:.0f} MB, over this server's "
                                       f"budget of {self.memory_bytes / 2**20:.0f} MB (--max-memory-mb), and was stopped: "
-                                      "measure smaller blocks or inputs, or restart the agent with a larger "
+                                      "measure smaller blocks or inputs, or restart the server with a larger "
                                       "--max-memory-mb"), {}
                 if time.monotonic() > deadline:
                     self.restart()
                     return "timeout", f"the measurement ran past its {deadline_s:g} s limit and was stopped", {}
-                if not self._process.is_alive():
+                if not process.is_alive():
                     break
-            return self._connection.recv()
+            return connection.recv()
         except (EOFError, OSError, BrokenPipeError):  # it died (e.g. the kernel's OOM killer): a fresh one next time
-            code = self._process.exitcode if self._process is not None else None
+            code = process.exitcode
             self.restart()
             return "bug", f"the measurement's process ended unexpectedly (exit code {code})", {}
 
 
-class Agent:
-    """The agent's state: token, limits, model store, the device lock and the worker that measures."""
+class MeasurementServer:
+    """The server's state: token, limits, model store, the device lock and the worker that measures."""
 
     def __init__(self, token: str, max_upload_bytes: int, queue_timeout_s: float, measure_timeout_s: float,
                  store_bytes: int, memory_bytes: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
@@ -485,7 +400,8 @@ class Agent:
         """Check the request, wait for the device, time the chains interleaved in the worker."""
         chains = request.get("chains")
         if not isinstance(chains, list) or not 1 <= len(chains) <= MAX_CHAINS:
-            raise _bad(f"the request needs a list 'chains' of 1 to {MAX_CHAINS} {{\"blocks\": [...], \"inputs\": {{...}}}}")
+            raise bad_request(f"the request needs a list 'chains' of 1 to {MAX_CHAINS} "
+                              "{\"blocks\": [...], \"inputs\": {...}}")
         warmup, repeats, energy_providers, seed = self._settings(request)
         parsed = [self._chain(chain if isinstance(chain, dict) else {}, f"chain {i}: ") for i, chain in enumerate(chains)]
         adaptive = self._adaptive(request, required=True)
@@ -498,9 +414,9 @@ class Agent:
         inputs = {f"{i}:{name}": spec for i, chain in enumerate(chains) for name, spec in chain["inputs"].items()}
         needed = estimate_memory_bytes(models, inputs)
         if needed > self.memory_bytes:
-            raise _bad(f"{what} needs at least {needed / 2**20:.0f} MB (its models twice, its inputs three times, "
-                       f"the runtime), over this agent's budget of {self.memory_bytes / 2**20:.0f} MB: send smaller "
-                       "inputs or restart the agent with a larger --max-memory-mb")
+            raise bad_request(f"{what} needs at least {needed / 2**20:.0f} MB (its models twice, its inputs three times, "
+                              f"the runtime), over this server's budget of {self.memory_bytes / 2**20:.0f} MB: send smaller "
+                              "inputs or restart the server with a larger --max-memory-mb")
 
     def _on_device(self, job: dict) -> dict:
         """Check a measurement's memory, then run it in the worker (run_in_worker)."""
@@ -518,13 +434,13 @@ class Agent:
         with self._lock:
             if self._waiting >= self.max_queue:
                 raise self.busy(f"{self._waiting} requests wait for the device already (--max-queue {self.max_queue}): "
-                                "try again after Retry-After or another agent")
+                                "try again after Retry-After or another server")
             self._waiting += 1
         queued = time.perf_counter()
         try:
             if not self.device.acquire(timeout=self.queue_timeout_s):
                 raise self.busy(f"the device stayed busy for {self.queue_timeout_s:g} s (queue timeout): try another "
-                                "agent or later")
+                                "server or later")
         finally:
             with self._lock:
                 self._waiting -= 1
@@ -541,19 +457,19 @@ class Agent:
         finally:
             self.device.release()
         if status == "timeout":
-            raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, answer)
-        if status == "unavailable":  # this machine's fault: the client tries another agent
-            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, answer)
+            raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, str(answer))
+        if status == "unavailable":  # this machine's fault: the client tries another server
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(answer))
         if status in ("bad", "memory"):
-            raise _bad(answer)
+            raise bad_request(str(answer))
         if status != "ok":
-            raise RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"agent error: {answer}")
+            raise RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"server error: {answer}")
         return answer, started - queued, measure_s
 
     def _chain(self, request: dict, where: str = "") -> dict:
         """A chain's blocks and input descriptions, checked against the models' signatures where they are known."""
         if not isinstance(request, dict):
-            raise _bad(f"{where}a chain must be an object {{\"blocks\": [...], \"inputs\": {{...}}}}")
+            raise bad_request(f"{where}a chain must be an object {{\"blocks\": [...], \"inputs\": {{...}}}}")
         blocks = parse_blocks(request, self.store, where)
         inputs = parse_inputs(request.get("inputs", {}), where)
         signatures = self.store.signatures([sha for sha, *_ in blocks])
@@ -563,35 +479,35 @@ class Agent:
 
     def _settings(self, request: dict) -> tuple[int, int, list[str] | None, int]:
         """warmup, repeats, energy_providers and seed of a request."""
-        warmup = _integer(request.get("warmup", 3), "warmup", 0, MAX_REPEATS)
-        repeats = _integer(request.get("repeats", 15), "repeats", 1, MAX_REPEATS)
-        seed = _integer(request.get("seed", 0), "seed", 0, 2**63 - 1)
+        warmup = integer_field(request.get("warmup", 3), "warmup", 0, MAX_REPEATS)
+        repeats = integer_field(request.get("repeats", 15), "repeats", 1, MAX_REPEATS)
+        seed = integer_field(request.get("seed", 0), "seed", 0, 2**63 - 1)
         energy_providers = request.get("energy_providers")
         if energy_providers is not None and not (isinstance(energy_providers, list) and len(energy_providers) <= 16
                                                  and all(isinstance(p, str) for p in energy_providers)):
-            raise _bad("'energy_providers' must be a list of ONNX Runtime provider names")
+            raise bad_request("'energy_providers' must be a list of ONNX Runtime provider names")
         return warmup, repeats, energy_providers, seed
 
     def _adaptive(self, request: dict, required: bool) -> dict | None:
         """The request's adaptive repeats as JSON (None when absent and not required), within the measure timeout."""
         if request.get("adaptive") is None:
             if required:
-                raise _bad("interleaved measurement needs 'adaptive' (its target and cap)")
+                raise bad_request("interleaved measurement needs 'adaptive' (its target and cap)")
             return None
         try:
             adaptive = AdaptiveRepeats.from_json(request["adaptive"])
         except (ExplorerError, TypeError) as error:
-            raise _bad(str(error)) from None
+            raise bad_request(str(error)) from None
         if adaptive.max_seconds >= self.measure_timeout_s:
-            raise _bad(f"'adaptive' max_seconds {adaptive.max_seconds:g} must stay below this agent's measure timeout "
-                       f"of {self.measure_timeout_s:g} s (restart it with a larger --measure-timeout)")
+            raise bad_request(f"'adaptive' max_seconds {adaptive.max_seconds:g} must stay below this server's measure timeout "
+                              f"of {self.measure_timeout_s:g} s (restart it with a larger --measure-timeout)")
         return adaptive.to_json()
 
     def reserve_upload(self, length: int) -> None:
         """Count an upload body about to be read; 503 with Retry-After while others fill the upload allowance."""
         with self._lock:
             if self._uploading and self._uploading + length > self.max_upload_bytes:
-                raise self.busy(f"other uploads fill this agent's allowance of {self.max_upload_bytes} bytes in flight: "
+                raise self.busy(f"other uploads fill this server's allowance of {self.max_upload_bytes} bytes in flight: "
                                 "try again after Retry-After")
             self._uploading += length
 
@@ -601,15 +517,15 @@ class Agent:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """One HTTP request; the Agent is the server's `agent` attribute."""
+    """One HTTP request; the MeasurementServer is the HTTP server's `measurement_server` attribute."""
 
-    server_version = "explorer-agent"
+    server_version = "explorer-server"
     protocol_version = "HTTP/1.1"
     timeout = 60  # seconds a client may take to send its request (socket timeout)
 
     @property
-    def agent(self) -> Agent:
-        return self.server.agent  # type: ignore[attr-defined]
+    def measurement_server(self) -> MeasurementServer:
+        return self.server.measurement_server  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args) -> None:  # one line per request on stderr, with the client
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
@@ -624,8 +540,6 @@ class Handler(BaseHTTPRequestHandler):
         self._handle(lambda: self._upload())
 
     def do_POST(self) -> None:
-        from explorer.offload import RUN_PREFIX
-
         if self.path.startswith(RUN_PREFIX):  # a bundle's remote block on tensors (explorer.offload)
             self._handle(lambda: self._run_block())
         else:
@@ -633,31 +547,34 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- routes -----------------------------------------------------------------------------------
     def _info(self) -> tuple[HTTPStatus, dict]:
-        if self.path != "/info":
-            raise RequestError(HTTPStatus.NOT_FOUND, f"no such resource {self.path}: use /info, /models/SHA256 or /measure")
-        return HTTPStatus.OK, self.agent.info()
+        if self.path != INFO_PATH:
+            raise RequestError(HTTPStatus.NOT_FOUND, f"no such resource {self.path}: use {INFO_PATH}, {model_path('SHA256')} "
+                                                     f"or {MEASURE_PATH}")
+        return HTTPStatus.OK, self.measurement_server.info()
 
     def _has_model(self) -> tuple[HTTPStatus, dict]:
         sha = self._model_sha()
-        return (HTTPStatus.OK if self.agent.store.get(sha) is not None else HTTPStatus.NOT_FOUND), {}
+        return (HTTPStatus.OK if self.measurement_server.store.get(sha) is not None else HTTPStatus.NOT_FOUND), {}
 
     def _upload(self) -> tuple[HTTPStatus, dict]:
         sha = self._model_sha()
-        length = self._length(self.agent.max_upload_bytes)
-        self.agent.reserve_upload(length)  # the bodies read at once are bounded, not one per connection
+        length = self._length(self.measurement_server.max_upload_bytes)
+        self.measurement_server.reserve_upload(length)  # the bodies read at once are bounded, not one per connection
         try:
             data = self._read(length)
         finally:
-            self.agent.release_upload(length)
+            self.measurement_server.release_upload(length)
         if hashlib.sha256(data).hexdigest() != sha:
             raise RequestError(HTTPStatus.BAD_REQUEST, "the upload's SHA-256 does not match its URL (corrupted on the way?)")
-        self.agent.store.put(sha, data)
+        self.measurement_server.store.put(sha, data)
         return HTTPStatus.CREATED, {"model": sha, "bytes": len(data)}
 
     def _measure(self) -> tuple[HTTPStatus, dict]:
-        routes = {"/measure": self.agent.measure, "/measure-interleaved": self.agent.measure_interleaved}
+        server = self.measurement_server
+        routes = {MEASURE_PATH: server.measure, MEASURE_INTERLEAVED_PATH: server.measure_interleaved}
         if self.path not in routes:
-            raise RequestError(HTTPStatus.NOT_FOUND, f"no such resource {self.path}: POST /measure or /measure-interleaved")
+            raise RequestError(HTTPStatus.NOT_FOUND, f"no such resource {self.path}: POST {MEASURE_PATH} or "
+                                                     f"{MEASURE_INTERLEAVED_PATH}")
         body = self._read(self._length(MAX_JSON_BYTES))
         try:
             request = json.loads(body)
@@ -668,22 +585,21 @@ class Handler(BaseHTTPRequestHandler):
         return HTTPStatus.OK, routes[self.path](request)
 
     def _run_block(self) -> tuple[HTTPStatus, bytes]:
-        from explorer.offload import run_block
-
-        length = self._length(self.agent.max_upload_bytes)
-        self.agent.reserve_upload(length)  # tensors count against the bodies read at once, as uploads do
+        length = self._length(self.measurement_server.max_upload_bytes)
+        self.measurement_server.reserve_upload(length)  # tensors count against the bodies read at once, as uploads do
         try:
             body = self._read(length)
         finally:
-            self.agent.release_upload(length)
-        return HTTPStatus.OK, run_block(self.agent, self.path, body)
+            self.measurement_server.release_upload(length)
+        return HTTPStatus.OK, run_block(self.measurement_server, self.path, body)
 
     # ---- plumbing ---------------------------------------------------------------------------------
     def _model_sha(self) -> str:
-        parts = self.path.split("/")
-        if len(parts) != 3 or parts[1] != "models" or len(parts[2]) != 64 or any(c not in "0123456789abcdef" for c in parts[2]):
-            raise RequestError(HTTPStatus.NOT_FOUND, f"no such resource {self.path}: models live at /models/SHA256 (64 hex digits)")
-        return parts[2]
+        sha = self.path[len(MODELS_PREFIX):] if self.path.startswith(MODELS_PREFIX) else ""
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise RequestError(HTTPStatus.NOT_FOUND, f"no such resource {self.path}: models live at {model_path('SHA256')} "
+                                                     "(64 hex digits)")
+        return sha
 
     def _length(self, limit: int) -> int:
         """The body's Content-Length: 411 without one, 413 over `limit` (the body is then left unread)."""
@@ -692,8 +608,8 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
         if int(length) > limit:
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"the body is {int(length)} bytes, over this agent's limit of {limit} bytes "
-                               "(start the agent with a larger --max-upload-mb)")
+                               f"the body is {int(length)} bytes, over this server's limit of {limit} bytes "
+                               "(start the server with a larger --max-upload-mb)")
         return int(length)
 
     def _read(self, length: int) -> bytes:
@@ -721,16 +637,16 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def _authorised(self) -> bool:
-        header = self.headers.get("Authorization", "")
+        header = self.headers.get(AUTHORIZATION, "")
         scheme, _, token = header.partition(" ")
-        return scheme == "Bearer" and hmac.compare_digest(token.encode(), self.agent.token.encode())
+        return scheme == BEARER and hmac.compare_digest(token.encode(), self.measurement_server.token.encode())
 
     def _handle(self, route, head: bool = False) -> None:
         self._body_read = False
         retry_after = None
         try:
             if not self._authorised():
-                raise RequestError(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send 'Authorization: Bearer TOKEN' "
+                raise RequestError(HTTPStatus.UNAUTHORIZED, f"missing or wrong token: send '{AUTHORIZATION}: {BEARER} TOKEN' "
                                                             f"(the client reads it from {TOKEN_ENV})")
             status, payload = route()
         except RequestError as error:
@@ -739,7 +655,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         except Exception as error:  # a bug: answer 500, keep serving
-            status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"agent error: {type(error).__name__}: {error}"}
+            status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"server error: {type(error).__name__}: {error}"}
         linger = self._unread_body()
         if linger or status == HTTPStatus.UNAUTHORIZED:
             self.close_connection = True  # an unread body leaves the connection unusable
@@ -750,7 +666,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/octet-stream" if binary else "application/json")
             self.send_header("Content-Length", str(len(body)))
             if retry_after is not None:
-                self.send_header("Retry-After", str(int(np.ceil(retry_after))))
+                self.send_header(RETRY_AFTER, str(int(np.ceil(retry_after))))
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
@@ -764,7 +680,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def is_loopback(host: str) -> bool:
-    """Whether binding to `host` keeps the agent reachable from this machine only."""
+    """Whether binding to `host` keeps the server reachable from this machine only."""
     if host == "localhost":
         return True
     try:
@@ -773,25 +689,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class AgentServer(ThreadingHTTPServer):
-    """The HTTP server: one thread per connection up to the agent's `max_connections`; a connection beyond that
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """The HTTP server: one thread per connection up to the server's `max_connections`; a connection beyond that
     gets a 503 with Retry-After from one thread that turns them away (never a reset), and the listen backlog
     holds a burst of connections (socketserver's default of 5 resets the sixth)."""
 
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address, agent: Agent):
-        self.agent = agent
+    def __init__(self, address, measurement_server: MeasurementServer):
+        self.measurement_server = measurement_server
         self._active = 0
         self._active_lock = threading.Lock()
         self._turned_away: queue.Queue[socket.socket] = queue.Queue(maxsize=LISTEN_BACKLOG)
-        threading.Thread(target=self._turn_away_loop, daemon=True, name="explorer-agent-turn-away").start()
+        threading.Thread(target=self._turn_away_loop, daemon=True, name="explorer-server-turn-away").start()
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address) -> None:
         with self._active_lock:
-            full = self._active >= self.agent.max_connections
+            full = self._active >= self.measurement_server.max_connections
             if not full:
                 self._active += 1
         if not full:
@@ -835,12 +751,13 @@ class AgentServer(ThreadingHTTPServer):
                     selector.register(connection, selectors.EVENT_READ)
                     deadlines[connection] = time.monotonic() + TURN_AWAY_S
             for key, _ in selector.select(timeout=0) if deadlines else []:
+                reading = cast(socket.socket, key.fileobj)  # what was registered: a socket
                 try:
-                    more = key.fileobj.recv(1 << 16)
+                    more = reading.recv(1 << 16)
                 except OSError:
                     more = b""
                 if not more:
-                    deadlines[key.fileobj] = 0.0
+                    deadlines[reading] = 0.0
             now = time.monotonic()
             for connection in [c for c, deadline in deadlines.items() if deadline <= now]:
                 selector.unregister(connection)
@@ -849,10 +766,10 @@ class AgentServer(ThreadingHTTPServer):
 
     def _answer_busy(self, connection: socket.socket) -> bool:
         """Send the 503 and end the writing side; False (and closed) when the client is gone already."""
-        body = json.dumps({"error": f"this agent serves {self.agent.max_connections} connections at once "
+        body = json.dumps({"error": f"this server serves {self.measurement_server.max_connections} connections at once "
                                     "(--max-connections): try again after Retry-After"}).encode()
         answer = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                  f"Retry-After: {int(self.agent.retry_after_s())}\r\nConnection: close\r\n\r\n").encode() + body
+                  f"{RETRY_AFTER}: {int(self.measurement_server.retry_after_s())}\r\nConnection: close\r\n\r\n").encode() + body
         try:
             connection.settimeout(0.5)
             connection.sendall(answer)
@@ -864,35 +781,38 @@ class AgentServer(ThreadingHTTPServer):
             return False
 
 
-def make_server(host: str, port: int, agent: Agent) -> AgentServer:
+class BoundedHTTPServerV6(BoundedHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def make_server(host: str, port: int, measurement_server: MeasurementServer) -> BoundedHTTPServer:
     """The HTTP server (not yet serving); port 0 picks a free port."""
-    server_class = AgentServer
-    if ":" in host:
-        server_class = type("AgentServerV6", (AgentServer,), {"address_family": socket.AF_INET6})
-    return server_class((host, port), agent)
+    server_class = BoundedHTTPServerV6 if ":" in host else BoundedHTTPServer
+    return server_class((host, port), measurement_server)
 
 
 def read_token(token_file: str | None) -> str | None:
-    """The token from --token-file, else from the environment (never from the command line: ps shows it)."""
+    """The token from --token-file, else from the environment (never from the command line: ps shows it): $EXPLORER_SERVER_TOKEN,
+    or the deprecated $EXPLORER_AGENT_TOKEN with a warning."""
     if token_file:
         try:
             token = Path(token_file).read_text().strip()
         except OSError as error:
-            raise SystemExit(f"explorer serve: error: cannot read the token file {token_file}: {error.strerror}")
+            raise SystemExit(f"explorer serve: error: cannot read the token file {token_file}: {error.strerror}") from None
         if not token:
             raise SystemExit(f"explorer serve: error: the token file {token_file} is empty")
         return token
-    return os.environ.get(TOKEN_ENV) or None
+    return token_from_environment()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="explorer serve", description="Measurement agent: runs unit-block ONNX models "
+    parser = argparse.ArgumentParser(prog="explorer serve", description="Measurement server: runs unit-block ONNX models "
                                      "with ONNX Runtime on this device for `--measure remote://HOST:PORT`.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; "
                         "any other address needs a token)")
     parser.add_argument("--port", type=int, default=9190, help="port (default 9190; 0 picks a free one)")
-    parser.add_argument("--token-file", help=f"file holding the token clients must send (default: ${TOKEN_ENV}; "
-                        "on loopback without one, a random token is made and printed)")
+    parser.add_argument("--token-file", help=f"file holding the token clients must send (default: ${TOKEN_ENV}, or the "
+                        f"deprecated ${DEPRECATED_TOKEN_ENV}; on loopback without one, a random token is made and printed)")
     parser.add_argument("--max-upload-mb", type=float, default=512.0, help="largest ONNX upload accepted (default 512)")
     parser.add_argument("--store-mb", type=float, default=2048.0, help="memory kept for uploaded models (default 2048)")
     parser.add_argument("--queue-timeout", type=float, default=600.0, help="seconds a request waits for the device (default 600)")
@@ -925,7 +845,7 @@ def check_limits(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the agent until interrupted."""
+    """Run the server until interrupted."""
     args = build_parser().parse_args(argv)
     try:
         token = read_token(args.token_file)
@@ -934,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if token is None:
         if not is_loopback(args.host):
-            print(f"explorer serve: error: binding to {args.host} exposes the agent to the network: give a token "
+            print(f"explorer serve: error: binding to {args.host} exposes the server to the network: give a token "
                   f"(--token-file FILE or ${TOKEN_ENV}) that clients send, or bind to 127.0.0.1", file=sys.stderr)
             return 2
         token = secrets.token_urlsafe(24)
@@ -944,18 +864,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"explorer serve: error: {wrong}", file=sys.stderr)
         return 2
     memory_mb = args.max_memory_mb if args.max_memory_mb is not None else default_memory_mb()
-    agent = Agent(token, int(args.max_upload_mb * 2**20), args.queue_timeout, args.measure_timeout,
-                  int(args.store_mb * 2**20), int(memory_mb * 2**20), args.max_queue, args.max_connections)
+    measurement_server = MeasurementServer(token, int(args.max_upload_mb * 2**20), args.queue_timeout,
+                                           args.measure_timeout, int(args.store_mb * 2**20), int(memory_mb * 2**20),
+                                           args.max_queue, args.max_connections)
     try:
-        server = make_server(args.host, args.port, agent)
+        server = make_server(args.host, args.port, measurement_server)
     except OSError as error:
         print(f"explorer serve: error: cannot listen on {args.host}:{args.port}: {error.strerror}: pick another --port",
               file=sys.stderr)
         return 2
-    host, port = server.server_address[:2]
-    agent.worker.start()  # the measurements' process, ready before the first request
-    fp = agent.fingerprint
-    print(f"explorer agent listening on {host}:{port} ({fp['cpu_model']}, ONNX Runtime {fp['onnxruntime']}, "
+    host, port = cast(tuple[str, int], server.server_address[:2])  # an AF_INET or AF_INET6 address
+    measurement_server.worker.start()  # the measurements' process, ready before the first request
+    fp = measurement_server.fingerprint
+    print(f"explorer measurement server listening on {host}:{port} ({fp['cpu_model']}, ONNX Runtime {fp['onnxruntime']}, "
           f"providers {', '.join(fp['providers'])}; energy counters: {', '.join(fp['energy_counters']) or 'none'})",
           flush=True)
     print(f"limits: {memory_mb:.0f} MB per measurement, {args.max_queue} in line for the device, "
@@ -963,11 +884,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("explorer agent: stopped", flush=True)
+        print("explorer measurement server: stopped", flush=True)
     finally:
         server.server_close()
-        agent.worker.stop()
+        measurement_server.worker.stop()
     return 0
+
+
+# The names from before the measurement server was called a server: they work, with a DeprecationWarning, for one
+# release more, then they go.
+_DEPRECATED_NAMES = {"Agent": "MeasurementServer", "AgentServer": "BoundedHTTPServer"}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED_NAMES:
+        new = _DEPRECATED_NAMES[name]
+        warnings.warn(f"explorer.serve.{name} is deprecated and goes in the next release: use explorer.serve.{new}",
+                      DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

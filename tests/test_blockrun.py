@@ -16,7 +16,7 @@ from explorer.compress import Compressor
 from explorer.graph import LayerGraph
 from explorer.measure import HostMeasurer, board_providers
 from explorer.plan import Decision, Plan
-from explorer.remote import _device_kind
+from explorer.http_api import device_kind as _device_kind
 from netbuild import mlp
 
 CPU, CUDA = blockrun.CPU_PROVIDER, blockrun.CUDA_PROVIDER

@@ -328,9 +328,9 @@ TOKEN = "offload-test-token"
 
 
 def _start_agent(port: int = 0):
-    from explorer.serve import Agent, make_server
+    from explorer.serve import MeasurementServer, make_server
 
-    agent = Agent(TOKEN, 64 << 20, 5.0, 30.0, 256 << 20)
+    agent = MeasurementServer(TOKEN, 64 << 20, 5.0, 30.0, 256 << 20)
     server = make_server("127.0.0.1", port, agent)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, agent
@@ -373,7 +373,7 @@ def test_a_killed_agent_mid_sequence_loses_no_inference(offload_bundle, adapt):
         np.testing.assert_allclose(out, local, rtol=1e-5, atol=1e-5)  # the same model as the local plan
     assert ran == ["p0"] * 3 + ["p1"] * 3 + ["p0"] * 3
     assert bundle.fallbacks_to_local == 1 and bundle.link_down is None
-    assert "remote block failed: the agent at http://127.0.0.1" in bundle.switches[1].reason
+    assert "remote block failed: the server at http://127.0.0.1" in bundle.switches[1].reason
     assert "p1" in bundle.switches[1].reason and bundle.switches[1].after == "p1" and bundle.switches[2].after == "p0"
     assert agent.offload_runs > 0 and bundle.client.calls  # the new agent ran it
     assert not bundle.fallbacks  # no block fell back to the local CPU
@@ -457,10 +457,10 @@ def test_export_refuses_a_plan_set_without_a_search(tmp_path, capsys):
 def test_the_agent_only_install_runs_offloaded_blocks(offload_bundle):
     """The offload endpoint on an agent started as `explorer[agent]` installs it (no search or training stack)."""
     from explorer.offload import OffloadClient
-    from test_serve import TOKEN as SERVE_TOKEN, AgentProcess
+    from test_serve import TOKEN as SERVE_TOKEN, ServerProcess
 
     path, x, local, _ = offload_bundle
-    agent = AgentProcess()
+    agent = ServerProcess()
     try:
         bundle = Bundle.load(path, remote=f"http://{agent.address}", token=SERVE_TOKEN, fall_back=False)
         np.testing.assert_allclose(bundle.run(x), local, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
-"""The measurement agent's bounds (issue 24, item 3): requests checked before anything is drawn or queued,
+"""The measurement server's bounds (issue 24, item 3): requests checked before anything is drawn or queued,
 a memory budget enforced on the process a measurement runs in, connections and the queue capped with a
 503 and Retry-After (never a reset), the 413 reaching a client that sends its body, every malformed field
-a 400. Every agent is started through tests/agent_only.py (the agent-only install)."""
+a 400. Every server is started through tests/server_only.py (the server-only install)."""
 import http.client
 import json
 import socket
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from netbuild import small_cnn
+from test_serve import TOKEN, ServerProcess, _chain, _measure_request
 
 from benchmarks.serve_bounds import tile_bomb
-from netbuild import small_cnn
-from test_serve import TOKEN, AgentProcess, _chain, _measure_request
 
 SHA_OF_NOTHING = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
@@ -30,15 +30,15 @@ def _status(pid: int, key: str) -> int:
 
 @pytest.fixture
 def bounded():
-    started = AgentProcess("--max-memory-mb", "400", "--max-connections", "12", "--max-queue", "4")
+    started = ServerProcess("--max-memory-mb", "400", "--max-connections", "12", "--max-queue", "4")
     yield started
     started.stop()
 
 
-def test_memory_bombs_are_stopped_and_the_agent_stays_small(bounded):
+def test_memory_bombs_are_stopped_and_the_server_stays_small(bounded):
     sha = bounded.upload(tile_bomb())
     before = _status(bounded.process.pid, "VmRSS")
-    # an 8 MB input, 2.4 GB of output: the worker is stopped at its 400 MB budget; the agent stays small
+    # an 8 MB input, 2.4 GB of output: the worker is stopped at its 400 MB budget; the server stays small
     request = {"blocks": [{"model": sha}], "inputs": {"x": {"shape": [2 << 20], "dtype": "float32"}}, "warmup": 0, "repeats": 1}
     status, answer = bounded.request("POST", "/measure", json.dumps(request).encode())
     assert status == 400 and "budget of 400 MB" in answer["error"] and "--max-memory-mb" in answer["error"]
@@ -53,7 +53,7 @@ def test_memory_bombs_are_stopped_and_the_agent_stays_small(bounded):
     assert status == 400 and "no input of the chain" in answer["error"]
     status, answer = bounded.request("POST", "/measure", json.dumps({**request, "inputs": {"x": {"shape": [1 << 25]}}}).encode())
     assert status == 400 and "at least" in answer["error"] and "budget" in answer["error"]  # the estimate alone
-    assert _status(bounded.process.pid, "VmHWM") < before + 100 * 1024  # the agent process itself never grew
+    assert _status(bounded.process.pid, "VmHWM") < before + 100 * 1024  # the server process itself never grew
     # and it keeps measuring: a small input of the same model, then another model
     status, answer = bounded.request("POST", "/measure", json.dumps({**request, "inputs": {"x": {"shape": [1000]}}}).encode())
     assert status == 200 and answer["times"]["peak_memory_mb"] < 400
@@ -94,12 +94,12 @@ def test_every_malformed_field_is_a_400(bounded):
 
 
 def test_an_upload_over_the_limit_gets_its_413_while_sending_the_body():
-    small = AgentProcess("--max-upload-mb", "1")
+    small = ServerProcess("--max-upload-mb", "1")
     try:
         data = b"x" * (8 << 20)
         connection = http.client.HTTPConnection("127.0.0.1", small.port, timeout=30)
         connection.request("PUT", "/models/" + "a" * 64, body=data, headers={"Authorization": f"Bearer {TOKEN}"})
-        response = connection.getresponse()  # no reset: the agent reads and drops the body after answering
+        response = connection.getresponse()  # no reset: the server reads and drops the body after answering
         assert response.status == 413 and "--max-upload-mb" in json.loads(response.read())["error"]
         connection.close()
         status, answer = small.request("PUT", f"/models/{'0' * 64}", data, token="wrong")
@@ -142,7 +142,7 @@ def test_fifty_concurrent_clients_get_200_or_503_never_a_reset(bounded):
     assert all(retry is not None and int(retry) >= 1 for status, retry, _ in answers if status == 503)
     assert all("Retry-After" in json.loads(payload)["error"] for status, _, payload in answers if status == 503)
     assert peak_threads[0] <= 12 + 6  # the connection cap, the acceptor, the turn-away and the worker's pipe threads
-    assert _status(bounded.process.pid, "VmHWM") < 300 * 1024  # the agent process: no memory per waiting client
+    assert _status(bounded.process.pid, "VmHWM") < 300 * 1024  # the server process: no memory per waiting client
 
 
 def test_idle_connections_are_capped_and_the_rest_get_503(bounded):
@@ -161,25 +161,25 @@ def test_idle_connections_are_capped_and_the_rest_get_503(bounded):
         time.sleep(0.1)
 
 
-def test_the_agent_refuses_limits_that_cannot_work():
+def test_the_server_refuses_limits_that_cannot_work():
     import subprocess
     import sys
 
-    from test_serve import AGENT_ONLY
+    from test_serve import SERVER_ONLY
 
     for options, why in ((["--max-memory-mb", "10"], "--max-memory-mb"), (["--max-queue", "0"], "--max-queue"),
                          (["--max-connections", "0"], "--max-connections")):
-        done = subprocess.run([sys.executable, str(AGENT_ONLY), "serve", "--port", "0", *options], capture_output=True,
+        done = subprocess.run([sys.executable, str(SERVER_ONLY), "serve", "--port", "0", *options], capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 2 and why in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_an_offloaded_block_is_bounded_by_the_memory_budget_and_the_agent_stays_small():
+def test_an_offloaded_block_is_bounded_by_the_memory_budget_and_the_server_stays_small():
     """POST /run (explorer.offload) runs in the memory-watched worker: a block whose run passes --max-memory-mb is
-    refused from its shapes, or stopped while it runs, with the 400 of /measure; the agent process never grows."""
+    refused from its shapes, or stopped while it runs, with the 400 of /measure; the server process never grows."""
     from explorer.offload import OffloadClient, OffloadFailed
 
-    started = AgentProcess("--max-memory-mb", "256")
+    started = ServerProcess("--max-memory-mb", "256")
     try:
         bomb = tile_bomb()
         client = OffloadClient(f"http://{started.address}", TOKEN, timeout_s=120)
@@ -188,7 +188,7 @@ def test_an_offloaded_block_is_bounded_by_the_memory_budget_and_the_agent_stays_
         # an 8 MB tensor, 2.4 GB of output: the worker is stopped at its budget
         with pytest.raises(OffloadFailed, match="answered 400: the measurement's process reached .* budget of 256 MB"):
             client.run(sha, lambda: bomb, {"x": np.ones(2 << 20, np.float32)}, "CPUExecutionProvider", 1)
-        assert _status(started.process.pid, "VmHWM") < before + 100 * 1024  # the agent process itself never grew
+        assert _status(started.process.pid, "VmHWM") < before + 100 * 1024  # the server process itself never grew
         # a 48 MB tensor: refused from the shapes alone (the runtime and three times the input pass 256 MB)
         with pytest.raises(OffloadFailed, match="answered 400: the block's run needs at least 27[0-9] MB .* budget of 256 MB"):
             client.run(sha, lambda: bomb, {"x": np.ones(12 << 20, np.float32)}, "CPUExecutionProvider", 1)
@@ -210,7 +210,10 @@ def test_the_workers_offload_sessions_close_the_least_recently_used_to_keep_with
     from explorer.offload import SessionMissing, _Sessions
 
     one, two = small_cnn().SerializeToString(), tile_bomb()
-    needed = lambda size: (1 << 20) + 2 * size  # this run's estimate for a model of `size` bytes
+
+    def needed(size: int) -> int:  # this run's estimate for a model of `size` bytes
+        return (1 << 20) + 2 * size
+
     sessions = _Sessions(limit=16)
     budget = (1 << 20) + 2 * len(one) + 2 * len(two)  # room for both models and the run
     sessions.get(("a", "CPUExecutionProvider", 1), one, needed, budget)

@@ -1,8 +1,8 @@
-"""Run `explorer` as on the agent-only install (`explorer[agent]`: NumPy and ONNX Runtime): the search
-and training stack cannot be imported here, so a test that starts the agent through this script
+"""Run `explorer` as on the server-only install (`explorer[server]`: NumPy and ONNX Runtime): the search
+and training stack cannot be imported here, so a test that starts the server through this script
 shows that `explorer serve` needs none of it.
 
-    python tests/agent_only.py serve --port 0
+    python tests/server_only.py serve --port 0
 """
 import importlib.abc
 import sys
@@ -14,7 +14,7 @@ FULL_INSTALL_ONLY = ("torch", "onnx", "scipy", "optuna", "mlflow", "gymnasium", 
 class BlockFullInstall(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in FULL_INSTALL_ONLY:
-            raise ModuleNotFoundError(f"No module named {name!r} (agent-only install)", name=name)
+            raise ModuleNotFoundError(f"No module named {name!r} (server-only install)", name=name)
         return None
 
 
