@@ -1,7 +1,7 @@
 """`explorer calibrate`: measure this machine with ONNX Runtime and write the board profile `host`.
 
 What is measured (medians of timed repeats after warm-up, each session built like explorer's own:
-its processor's execution provider, :func:`explorer.precision.session_options`):
+its processor's execution provider, :func:`explorer.sessions.session_options`):
 
 - throughput (GFLOP/s; int8 in GOP/s) of single-op ONNX models, square GEMMs, a batch-1 fc layer
   (GEMV) and 3x3 convolutions, at fp32 and at the fp16 and int8 rewrites of
@@ -19,24 +19,23 @@ its processor's execution provider, :func:`explorer.precision.session_options`):
   it and back as explorer's blocks do (``[[links]]``: session.run with NumPy in and out, less the same
   run in its memory), its name, cores, clock and free memory from NVML, and its idle and busy power
   from NVML's energy counter (read from one of its steps to another);
-- cache size, core count, clock and memory are read from sysfs and /proc.
+- cache size, core count, clock and memory are read from sysfs and /proc, the GPU's from NVML
+  (:mod:`explorer.hostinfo`).
 
 The profile has two CPU processors, ``cpu`` (every core this process may use, as many ONNX Runtime
 threads) and ``cpu1`` (one thread: the single-core analogue of a "little" processor), so that plans
 on the host can have several unit blocks, and ``gpu`` where there is one. Every number in the file
 carries a comment saying how it was measured or why it is an estimate. The file is written
-atomically (temporary file, validated by :func:`explorer.boards.load_board`, then ``os.replace``): an
+atomically (:func:`explorer.cache.atomic_write`, validated by :func:`explorer.boards.load_board` first): an
 interrupted or failed calibration never leaves a broken profile and keeps the previous one.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import math
-import os
 import platform
-import re
-import socket
 import statistics
 import tempfile
 import time
@@ -55,28 +54,25 @@ from explorer.blockrun import BUSY_CORES, busy_cores  # the load check, shared w
 from explorer.blockrun import cpu_times as _cpu_times
 from explorer.blockrun import others_cores as _others_cores
 from explorer.boards import HOST, PRECISIONS, load_board
+from explorer.cache import atomic_write
 from explorer.errors import ExplorerError
+from explorer.hostinfo import HostFacts, gpu_facts, host_facts
 from explorer.paths import TARGETS_DIR
+from explorer.sessions import CPU_PROVIDER, CUDA_PROVIDER, open_session, session_options
 
 Progress = Callable[[str], None]
 
-PROVIDER = blockrun.CPU_PROVIDER
-GPU_PROVIDER = blockrun.CUDA_PROVIDER  # a machine whose ONNX Runtime can run it gets a `gpu` processor
+PROVIDER = CPU_PROVIDER
+GPU_PROVIDER = CUDA_PROVIDER  # a machine whose ONNX Runtime can run it gets a `gpu` processor
 OPSET = 17
-CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
-CPUFREQ_MAX = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
 
 #: Estimates used where nothing can be measured here (each is explained where it is written).
 ESTIMATED_CORE_ACTIVE_W = 4.0  # a server core's share of package TDP: 225-280 W / 64 cores, 205 W / 40 cores
 ESTIMATED_CORE_IDLE_W = 0.5  # a core in a C-state plus its share of the uncore
 DRAM_NJ_PER_BYTE = 0.16  # Horowitz, ISSCC 2014: ~640 pJ per 32-bit DRAM access
-FALLBACK_CLOCK_GHZ = 2.5  # a typical server core's base clock
-FALLBACK_CACHE_KB = 1024
-FALLBACK_GPU_CLOCK_GHZ = 1.5  # a data-centre GPU's boost clock (V100 1.53, A100 1.41, H100 1.98 GHz)
 ESTIMATED_GPU_CACHE_KB = 6144  # NVML does not report the L2; 6 MB is Volta's, the least of data-centre GPUs since
 ESTIMATED_GPU_ACTIVE_W = 250.0  # a data-centre GPU's board power under load (A100 PCIe 250 W; H100 SXM up to 700 W)
 ESTIMATED_GPU_IDLE_W = 50.0  # the same GPU between work (an H200 measured 122 W: benchmarks/results/host-h200.toml)
-OS_RESERVE_FRACTION = 0.9  # share of MemAvailable a model may use; the rest stays with the OS and ORT
 LINK_MB = 4  # tensor size for the CPU <-> gpu link bandwidth: a large activation, not a bulk copy
 
 
@@ -176,8 +172,8 @@ def calibrate_host(out_path: Path | None = None, quick: bool = False,
     settings = QUICK if quick else FULL
     say = progress or (lambda message: None)
     started = time.perf_counter()
-    system = _system_info()
-    say(f"host: {system['cpu_model']}, {system['cores']} cores, ONNX Runtime {ort.__version__}")
+    system = host_facts()
+    say(f"host: {system.cpu_model}, {system.cores} cores, ONNX Runtime {ort.__version__}")
     background = busy_cores(settings.load_window_s)
     if background > BUSY_CORES:
         say(f"warning: other processes use about {background:.1f} cores; measurements will be low and noisy")
@@ -195,8 +191,8 @@ def calibrate_host(out_path: Path | None = None, quick: bool = False,
 
 
 # ---- measurement ----------------------------------------------------------------------------------
-def _measure(system: dict, settings: _Settings, background: float, say: Progress) -> _Measured:
-    cores = system["cores"]
+def _measure(system: HostFacts, settings: _Settings, background: float, say: Progress) -> _Measured:
+    cores = system.cores
     gpu_unit = _gpu_unit(say)
     units = (_Unit("cpu", cores), _Unit("cpu1", 1)) + ((gpu_unit,) if gpu_unit else ())
     ops = _benchmark_ops(settings)
@@ -311,16 +307,14 @@ def _variants(op: _Op) -> dict[str, onnx.ModelProto]:
 
 
 def _session(model: onnx.ModelProto, unit: _Unit, optimized_path: str | None = None) -> ort.InferenceSession:
-    options = precision.session_options()
-    options.intra_op_num_threads = unit.threads
-    options.inter_op_num_threads = 1
+    """A session as explorer's blocks run (a node the provider lacks falls back to the CPU provider), quiet; with
+    `optimized_path`, ONNX Runtime writes its basic-optimised graph there (to see what it computes)."""
+    options = session_options(unit.threads)
     options.log_severity_level = 3
     if optimized_path is not None:
         options.optimized_model_filepath = optimized_path
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    # as explorer's blocks run: a node the provider lacks falls back to the CPU provider
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=blockrun.session_providers(unit.provider))
+    return open_session(model, unit.provider, options=options, strict=False)
 
 
 def _time_runs(run: Callable[[], object], settings: _Settings) -> float:
@@ -344,9 +338,9 @@ def _time_model(model: onnx.ModelProto, feed: dict[str, np.ndarray], unit: _Unit
     session = _session(model, unit)
     try:
         if not unit.is_gpu:
-            return _time_runs(lambda: session.run(None, feed), settings)
+            return _time_runs(functools.partial(session.run, None, feed), settings)
         binding = _device_binding(session, feed, unit)
-        return _time_runs(lambda: session.run_with_iobinding(binding), settings)
+        return _time_runs(functools.partial(session.run_with_iobinding, binding), settings)
     finally:
         del session
 
@@ -421,7 +415,7 @@ def _copy_bandwidth_gbps(size_mb: int, thread_counts: list[int], settings: _Sett
             np.copyto(target[lo:hi], source[lo:hi])
 
         with ThreadPoolExecutor(threads) as pool:
-            seconds = _time_runs(lambda: list(pool.map(part, range(threads))), timing)
+            seconds = _time_runs(lambda pool=pool, count=threads: list(pool.map(part, range(count))), timing)
         results.append(2 * source.nbytes / seconds / 1e9)
     return results
 
@@ -449,10 +443,10 @@ def _copy_timing(settings: _Settings) -> _Settings:
 
 def _ort_device(unit: _Unit) -> str:
     """ONNX Runtime's device name for OrtValues in the unit's memory."""
-    return "cuda" if unit.provider == blockrun.CUDA_PROVIDER else "cpu"
+    return "cuda" if unit.provider == CUDA_PROVIDER else "cpu"
 
 
-def _gpu_facts(unit: _Unit, settings: _Settings, system: dict) -> _Gpu:
+def _gpu_facts(unit: _Unit, settings: _Settings, system: HostFacts) -> _Gpu:
     """The gpu's name, cores, clock and free memory from NVML (estimates where NVML does not say), and what
     handing a tensor to it and back costs, measured as explorer's blocks do it: session.run of y = x * 1 with
     NumPy in and out, less the same run with both in the gpu's memory, for 8 floats (the fixed cost) and for
@@ -463,41 +457,16 @@ def _gpu_facts(unit: _Unit, settings: _Settings, system: dict) -> _Gpu:
         session = _session(_scale_model(n), unit)
         x = np.ones(n, np.float32)
         binding = _device_binding(session, {"x": x}, unit)
-        resident = _time_runs(lambda: session.run_with_iobinding(binding), timing)
-        from_numpy = _time_runs(lambda: session.run(None, {"x": x}), timing)
+        resident = _time_runs(functools.partial(session.run_with_iobinding, binding), timing)
+        from_numpy = _time_runs(functools.partial(session.run, None, {"x": x}), timing)
         round_trip[n] = max(from_numpy - resident, 0.0)  # one copy in and one out
         del session
     small, large = round_trip.values()
     link_gbps = 2 * LINK_MB * 2**20 / max(large - small, 1e-9) / 1e9
     detail = (f"median session.run of y = x * 1 on {unit.provider} with NumPy in and out, less the same with x and y "
               f"bound in the gpu's memory ({timing.min_repeats}-{timing.max_repeats} runs each)")
-    nvml = blockrun.nvml_device()
-    name = nvml[1] if nvml else "CUDA device 0"
-    cores = (1, "estimate: NVML is not readable here; the peak below is measured, not computed from cores")
-    clock = (FALLBACK_GPU_CLOCK_GHZ, f"estimate: NVML is not readable here; {FALLBACK_GPU_CLOCK_GHZ} GHz, a data-centre "
-                                     "GPU's boost clock (descriptive only: the peak below is measured)")
-    memory = (system["available_mb"], "estimate: NVML is not readable here; the CPUs' available memory")
-    if nvml:
-        import pynvml
-
-        handle = nvml[0]
-        try:
-            cores = (int(pynvml.nvmlDeviceGetNumGpuCores(handle)), "read: NVML nvmlDeviceGetNumGpuCores (CUDA cores)")
-        except (pynvml.NVMLError, AttributeError):  # not supported here, or an nvidia-ml-py without the call
-            pass
-        try:
-            mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM)
-            clock = (mhz / 1e3, "read: NVML nvmlDeviceGetMaxClockInfo (SM clock, maximum)")
-        except (pynvml.NVMLError, AttributeError):  # not supported here, or an nvidia-ml-py without the call
-            pass
-        try:
-            free_mb = pynvml.nvmlDeviceGetMemoryInfo(handle).free / 2**20
-            memory = (free_mb * OS_RESERVE_FRACTION, f"read: {OS_RESERVE_FRACTION:.0%} of the free GPU memory NVML "
-                                                     "reports at calibration time (the rest for ONNX Runtime's "
-                                                     "workspace)")
-        except (pynvml.NVMLError, AttributeError):  # not supported here, or an nvidia-ml-py without the call
-            pass
-    return _Gpu(name=_clean(name), cores=cores, clock_ghz=clock, memory_mb=memory, link_gbps=link_gbps,
+    facts = gpu_facts(system.available_mb)
+    return _Gpu(name=facts.name, cores=facts.cores, clock_ghz=facts.clock_ghz, memory_mb=facts.memory_mb, link_gbps=link_gbps,
                 link_latency_us=small / 2 * 1e6, link_detail=detail)
 
 
@@ -545,7 +514,7 @@ def _measure_power(units: tuple[_Unit, ...], ops: dict[str, _Op], settings: _Set
               f"{idle:.1f} W (sleeping), busy while running {op.label} fp32")
     for unit in cpus:
         session = _session(op.model, unit)
-        busy = _average_power_w(rapl, lambda: session.run(None, {"x": op.x}), settings.power_window_s)
+        busy = _average_power_w(rapl, functools.partial(session.run, None, {"x": op.x}), settings.power_window_s)
         del session
         if busy is None:
             no_power[unit.id] = "the RAPL counter gave no reading while the cores were busy"
@@ -568,7 +537,7 @@ def _gpu_power(unit: _Unit, op: _Op, settings: _Settings, say: Progress) -> tupl
     idle = _average_power_w(nvml, lambda: time.sleep(0.05), window_s)
     session = _session(op.model, unit)
     binding = _device_binding(session, {"x": op.x}, unit)
-    busy = _average_power_w(nvml, lambda: session.run_with_iobinding(binding), window_s)
+    busy = _average_power_w(nvml, functools.partial(session.run_with_iobinding, binding), window_s)
     del session
     if idle is None or busy is None:
         return "the NVML counter gave no reading"
@@ -576,84 +545,6 @@ def _gpu_power(unit: _Unit, op: _Op, settings: _Settings, say: Progress) -> tupl
     return (busy, min(idle, busy), f"{how}, while running {op.label} fp32 in its memory (the whole GPU)",
             f"{how}, while this process slept straight after the GPU's own measurements (the whole GPU, idle "
             "between work as between a plan's blocks)")
-
-
-# ---- system information ---------------------------------------------------------------------------
-def _read(path: Path | str) -> str | None:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return None
-
-
-def _cpuinfo_field(name: str) -> list[str]:
-    text = _read("/proc/cpuinfo") or ""
-    return [line.split(":", 1)[1].strip() for line in text.splitlines()
-            if line.split(":", 1)[0].strip() == name and ":" in line]
-
-
-def _system_info() -> dict:
-    """Cores, CPU model, clock, last-level cache and memory, each with where it came from."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    model = (_cpuinfo_field("model name") or [platform.processor() or platform.machine() or "unknown CPU"])[0]
-    info = {"cores": cores, "cpu_model": _clean(model), "hostname": _clean(socket.gethostname())}
-    info["clock_ghz"], info["clock_source"] = _clock()
-    info["cache_kb"], info["cache_source"], info["cache_shared"] = _last_level_cache()
-    meminfo = {}
-    for line in (_read("/proc/meminfo") or "").splitlines():
-        key, _, rest = line.partition(":")
-        if rest.strip().endswith("kB"):
-            meminfo[key] = int(rest.split()[0]) / 1024
-    if "MemTotal" in meminfo:
-        info["size_mb"], info["size_source"] = meminfo["MemTotal"], "read: /proc/meminfo MemTotal"
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
-        info["size_mb"], info["size_source"] = total, "read: sysconf page size x physical pages"
-    available = meminfo.get("MemAvailable", info["size_mb"] * 0.5)
-    info["available_mb"] = min(info["size_mb"], available * OS_RESERVE_FRACTION)
-    info["available_source"] = (
-        f"measured: {OS_RESERVE_FRACTION:.0%} of /proc/meminfo MemAvailable at calibration time "
-        "(the rest stays with the OS and ONNX Runtime)" if "MemAvailable" in meminfo
-        else "estimate: half of the installed memory (no MemAvailable in /proc/meminfo)")
-    return info
-
-
-def _clock() -> tuple[float, str]:
-    text = _read(CPUFREQ_MAX)
-    if text and text.strip().isdigit() and int(text) > 0:
-        return int(text) / 1e6, f"read: {CPUFREQ_MAX} (maximum clock)"
-    mhz = [float(v) for v in _cpuinfo_field("cpu MHz") if re.fullmatch(r"[\d.]+", v)]
-    if mhz and max(mhz) > 0:
-        return max(mhz) / 1e3, "read: /proc/cpuinfo 'cpu MHz' (the clock the kernel reports; no cpufreq here)"
-    match = re.search(r"@\s*([\d.]+)\s*GHz", " ".join(_cpuinfo_field("model name")))
-    if match:
-        return float(match.group(1)), "read: the nominal clock in the CPU model name"
-    return FALLBACK_CLOCK_GHZ, (f"estimate: {FALLBACK_CLOCK_GHZ} GHz, a typical server core's base clock "
-                                "(no clock in cpufreq or /proc/cpuinfo here)")
-
-
-def _last_level_cache() -> tuple[int, str, str]:
-    """(size in KB, where it came from, which CPUs share it) of cpu0's highest-level data/unified cache."""
-    best: tuple[int, int, str] | None = None
-    for index in sorted(CACHE_DIR.glob("index*")):
-        level, kind, size = (_read(index / name) for name in ("level", "type", "size"))
-        if not (level and kind and size) or kind.strip() == "Instruction":
-            continue
-        match = re.fullmatch(r"(\d+)([KMG]?)", size.strip())
-        if not match:
-            continue
-        kb = int(match.group(1)) * {"": 1 / 1024, "K": 1, "M": 1024, "G": 1024**2}[match.group(2)]
-        shared = (_read(index / "shared_cpu_list") or "?").strip()
-        if best is None or int(level) > best[0]:
-            best = (int(level), max(1, int(kb)), shared)
-    if best is None:
-        return FALLBACK_CACHE_KB, "estimate: 1 MB (no cache sizes in sysfs here)", "?"
-    return best[1], f"read: {CACHE_DIR}, L{best[0]} (last level), shared by CPUs {best[2]}", best[2]
-
-
-def _clean(text: str) -> str:
-    """A one-line string safe inside a TOML basic string and a comment."""
-    return re.sub(r'[^\x20-\x7e]|["\\]', "", " ".join(text.split()))[:120] or "unknown"
 
 
 # ---- rendering and writing ------------------------------------------------------------------------
@@ -669,9 +560,9 @@ def _line(code: str, comment: str) -> str:
     return f"{code:<34} # {comment}" if len(code) < 34 else f"{code}   # {comment}"
 
 
-def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
-    cores = system["cores"]
-    size_mb, available_mb = system["size_mb"], system["available_mb"]
+def _render(system: HostFacts, m: _Measured, elapsed_s: float, quick: bool) -> str:
+    cores = system.cores
+    size_mb, available_mb = system.size_mb, system.available_mb
     cpu_bandwidth = {u.id: m.bandwidth_gbps[u.id] for u in m.units if not u.is_gpu}
     memory_bw = max(cpu_bandwidth.values())
     best_unit = max(cpu_bandwidth, key=cpu_bandwidth.get)
@@ -681,7 +572,7 @@ def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
     gpu_text = f" and {m.gpu.name}" if m.gpu else ""
     lines = [
         f"# Board profile of this machine, written by `explorer calibrate` ({mode}) on {now}.",
-        f"# Host {system['hostname']}: {system['cpu_model']}, {cores} cores available to this process{gpu_text},",
+        f"# Host {system.hostname}: {system.cpu_model}, {cores} cores available to this process{gpu_text},",
         f"# ONNX Runtime {ort.__version__} ({providers}), onnx {onnx.__version__}, numpy {np.__version__}, "
         f"Python {platform.python_version()}; calibration took {elapsed_s:.1f} s.",
         "# Numbers marked 'measured' are medians of timed repeats after warm-up on this machine, 'read' come",
@@ -699,12 +590,12 @@ def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
         "",
         "[board]",
         f'name = "{HOST}"',
-        f'description = "This machine ({system["cpu_model"]}, {cores} cores{gpu_text}) as measured with ONNX Runtime '
+        f'description = "This machine ({system.cpu_model}, {cores} cores{gpu_text}) as measured with ONNX Runtime '
         f'{ort.__version__}"',
         "",
         "[memory]",
-        _line(f"size_mb = {_f(size_mb, 1)}", system["size_source"]),
-        _line(f"available_mb = {_f(available_mb, 1)}", system["available_source"]),
+        _line(f"size_mb = {_f(size_mb, 1)}", system.size_source),
+        _line(f"available_mb = {_f(available_mb, 1)}", system.available_source),
         _line(f"bandwidth_gbps = {_f(memory_bw, 2)}",
               f"measured: the best sustained copy bandwidth ({best_unit}); a DRAM datasheet peak is not "
               "readable here, so this is the sustained figure"),
@@ -737,9 +628,9 @@ def _render(system: dict, m: _Measured, elapsed_s: float, quick: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _render_unit(unit: _Unit, system: dict, m: _Measured, memory_bw: float, available_mb: float) -> list[str]:
+def _render_unit(unit: _Unit, system: HostFacts, m: _Measured, memory_bw: float, available_mb: float) -> list[str]:
     s = m.settings
-    cores = system["cores"]
+    cores = system.cores
     threads = unit.threads
     thread_text = _unit_text(unit)
     gflops = m.gflops[unit.id]
@@ -763,7 +654,7 @@ def _render_unit(unit: _Unit, system: dict, m: _Measured, memory_bw: float, avai
         fp16_note = "ORT computes these fp16 nodes with fp16 kernels here (seen in its optimised graph)"
     else:
         fp16_note = "whether ORT computes fp16 natively could not be determined"
-    int8_note = ("int8 is the QDQ rewrite run with precision.session_options() (ORT's defaults: its QDQ "
+    int8_note = ("int8 is the QDQ rewrite run with sessions.session_options() (ORT's defaults: its QDQ "
                  "fusion runs integer kernels on the CPU provider), as explorer runs int8 models"
                  + ("" if not unit.is_gpu else f"; {unit.provider} has no such fusion: DequantizeLinear, "
                     "float kernel, QuantizeLinear"))
@@ -814,16 +705,16 @@ def _render_unit(unit: _Unit, system: dict, m: _Measured, memory_bw: float, avai
         bandwidth = m.bandwidth_gbps[unit.id]
         threads_comment = "ONNX Runtime intra-op threads for nodes that fall back to the CPU provider"
     else:
-        description = (f"All {cores} cores of {system['cpu_model']}" if unit.id == "cpu"
-                       else f"One core of {system['cpu_model']} (single-thread, the little-processor analogue)")
-        cache_comment = system["cache_source"] + ("; a single core can use all of it" if threads < cores else "")
+        description = (f"All {cores} cores of {system.cpu_model}" if unit.id == "cpu"
+                       else f"One core of {system.cpu_model} (single-thread, the little-processor analogue)")
+        cache_comment = system.cache_source + ("; a single core can use all of it" if threads < cores else "")
         lines += [
             f'description = "{description}, ONNX Runtime {threads} thread{"s" if threads > 1 else ""}"',
             _line(f"cores = {threads}",
                   "read: os.sched_getaffinity (cores this process may use)" if unit.id == "cpu"
                   else "one core: this processor runs ONNX Runtime with one thread"),
-            _line(f"clock_ghz = {_f(system['clock_ghz'], 3)}", system["clock_source"]),
-            _line(f"cache_kb = {system['cache_kb']}", cache_comment),
+            _line(f"clock_ghz = {_f(system.clock_ghz, 3)}", system.clock_source),
+            _line(f"cache_kb = {system.cache_kb}", cache_comment),
         ]
         memory_mb, memory_comment = available_mb, "measured: all of memory.available_mb (one shared memory)"
         bandwidth = min(m.bandwidth_gbps[unit.id], memory_bw)
@@ -849,23 +740,14 @@ def _render_unit(unit: _Unit, system: dict, m: _Measured, memory_bw: float, avai
 
 
 def _write_atomically(out: Path, text: str) -> None:
-    """Write `text` next to `out`, check it loads as a board, then replace `out` in one step."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp makes the file private (0600); a profile is as readable as the one it replaces
-        os.chmod(temporary, out.stat().st_mode & 0o777 if out.exists() else 0o644)
+    """Replace `out` with `text` in one step, once the text has loaded as a board (durably; as readable as the
+    profile it replaces: mkstemp's files are private)."""
+    def loads(temporary: Path) -> None:
         try:
-            load_board(Path(temporary).resolve())
+            load_board(temporary.resolve())
         except ExplorerError as exc:
             raise ExplorerError(f"calibration produced a profile that does not load ({exc}); "
                                 f"{out} was left unchanged") from None
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
+    atomic_write(out, lambda handle: handle.write(text.encode("utf-8")), durable=True, check=loads,
+                 permissions=out.stat().st_mode & 0o777 if out.exists() else 0o644)

@@ -11,7 +11,6 @@ is always rung 0 and leaves the layer as it is.
 from __future__ import annotations
 
 import collections
-import io
 import math
 import threading
 import zipfile
@@ -25,7 +24,7 @@ import scipy.linalg
 from onnx import helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
-from explorer.cache import atomic_write_bytes, unreadable
+from explorer.cache import atomic_write, unreadable
 from explorer.errors import ExplorerError
 from explorer.graph import Layer, LayerGraph
 from explorer.paths import cache_dir
@@ -248,11 +247,12 @@ class Compressor:
         if sorted(names) != sorted(expected):
             missing = sorted(set(expected) - set(names))
             extra = sorted(set(names) - set(expected))
-            raise ExplorerError(f"plan does not match the model's decision layers (missing: {missing[:5]}, unknown: {extra[:5]}): "
-                                "make the plan for this model")
+            raise ExplorerError(f"plan does not match the model's decision layers (missing: {missing[:5]}, "
+                                f"unknown: {extra[:5]}): make the plan for this model")
         for name, decision in plan.decisions:
             if decision.precision not in PRECISIONS:
-                raise ExplorerError(f"layer {name}: unknown precision {decision.precision!r} (choose from {', '.join(PRECISIONS)})")
+                raise ExplorerError(f"layer {name}: unknown precision {decision.precision!r} "
+                                    f"(choose from {', '.join(PRECISIONS)})")
             self.rung(name, decision.method, decision.rank)
 
     def _factorised_nodes(self, layer: Layer, node: onnx.NodeProto, decision: Decision):
@@ -412,9 +412,7 @@ def _one_lapack_thread():
 
 
 def _atomic_save(path: Path, **arrays: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def truncated_svd(matrix: np.ndarray, keep: int) -> _Factors:

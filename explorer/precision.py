@@ -16,7 +16,7 @@ the weights are 7-bit: :func:`int8_reduce_range` says when to quantise so.
 
 Calibration (one pass of the whole model over the calibration batch) dominates the int8 cost, so
 callers that rewrite the same model many times compute :func:`calibration_ranges` once and pass
-them to :func:`apply_precisions`. Evaluate rewritten models with :func:`session_options`.
+them to :func:`apply_precisions`. Evaluate rewritten models under :func:`explorer.sessions.session_options`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -123,12 +122,6 @@ def calibration_ranges(model: onnx.ModelProto,
         calibrator.collect_data(reader)
         data = calibrator.compute_data()
     return {name: (float(np.min(td.lowest)), float(np.max(td.highest))) for name, td in data.items()}
-
-
-def session_options() -> ort.SessionOptions:
-    """The ONNX Runtime options rewritten models are scored and deployed with: ORT's defaults (integer
-    kernels for int8), with its default threads (see :func:`explorer.blockrun.session_options`)."""
-    return blockrun.session_options(threads=0)
 
 
 def int8_reduce_range(cpu_flags: set[str] | None = None, machine: str | None = None) -> bool:

@@ -3,10 +3,11 @@
 :meth:`Bundle.load` reads ``plan.json``, checks its schema and its own digest, refuses file names that point outside
 the bundle, verifies the SHA-256 of every file, and opens one ONNX Runtime session per unit block
 with the execution provider the board maps the block's processor to (its provider options and
-intra-op threads, on top of :func:`explorer.precision.session_options`: ONNX Runtime's defaults,
-under which int8 QDQ nodes run on integer kernels exactly as they were scored). A provider this ONNX Runtime lacks falls back to the CPU with a
-:class:`ProviderFallbackWarning`, or raises with ``strict=True``. :meth:`Bundle.run` chains the
-blocks: each gets the tensors it needs from the input and the blocks before it.
+intra-op threads, on top of :func:`explorer.sessions.session_options`: ONNX Runtime's defaults,
+under which int8 QDQ nodes run on integer kernels exactly as they were scored). A provider this ONNX
+Runtime lacks falls back to the CPU with a :class:`ProviderFallbackWarning`, or raises with
+``strict=True``. :meth:`Bundle.run` chains the blocks (:func:`explorer.sessions.run_chain`): each gets
+the tensors it needs from the input and the blocks before it.
 
 A bundle with a plan set runs one plan at a time: :meth:`Bundle.select` / :meth:`Bundle.adapt` pick the plan
 for conditions (:mod:`explorer.adapt`), ``adapt="auto"`` switches by itself with hysteresis, and with
@@ -15,12 +16,12 @@ whose remote call fails finishing on a plan that needs no network. docs/runtime.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 import time
 import warnings
 import zipfile
@@ -32,11 +33,20 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from explorer.cache import atomic_write
 from explorer.errors import ExplorerError
 from explorer.export import BUNDLE_FORMAT, BUNDLE_SCHEMA_VERSION, MANIFEST_FILE, READABLE_SCHEMA_VERSIONS, manifest_digest
-from explorer.precision import session_options
+from explorer.sessions import (
+    CPU_PROVIDER,
+    ChainStep,
+    ProviderMissing,
+    ProviderNotStarted,
+    SessionError,
+    open_session,
+    run_chain,
+    run_in_batches,
+)
 
-CPU_PROVIDER = "CPUExecutionProvider"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 1 << 20
 _EXPORT_AGAIN = "the bundle was modified; export it again"
@@ -344,20 +354,14 @@ class Bundle:
 
     def _run_all(self, feeds: dict[str, np.ndarray], timing: bool):
         self.last_plan = self.current["id"]  # the plan that answers this inference (a switch after it does not change it)
-        count_all = len(next(iter(feeds.values())))
-        step = self.fixed_batch or count_all
         block_ms = [0.0] * len(self.blocks)
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
-        for start in range(0, count_all, max(step, 1)):
-            chunk = {name: value[start:start + step] for name, value in feeds.items()}
-            count = len(next(iter(chunk.values())))
-            if count < step:
-                chunk = {name: np.concatenate([value, np.repeat(value[-1:], step - count, axis=0)])
-                         for name, value in chunk.items()}
+
+        def run(chunk: dict[str, np.ndarray]) -> list[np.ndarray]:
             values = self._chain(chunk, block_ms)
-            for name in self.output_names:
-                parts[name].append(values[name][:count])
-        outputs = {name: np.concatenate(chunks) if len(chunks) > 1 else chunks[0] for name, chunks in parts.items()}
+            return [values[name] for name in self.output_names]
+
+        step = self.fixed_batch or len(next(iter(feeds.values())))  # a fixed batch in chunks, the last one padded
+        outputs = dict(zip(self.output_names, run_in_batches(run, feeds, step, pad=True)))
         self.inferences += 1
         self._check_link()
         return (outputs, block_ms) if timing else outputs
@@ -436,23 +440,24 @@ class Bundle:
             self._switch_to(self._plan(back), f"the link to {self.client.url} is back (round trip {rtt:.1f} ms)")
 
     def _chain(self, inputs: dict[str, np.ndarray], block_ms: list[float]) -> dict[str, np.ndarray]:
-        """Run the blocks in order on one batch, adding each block's wall time to `block_ms`."""
-        values = dict(inputs)
-        for block, done_with in zip(self.blocks, self._free_after):
-            feeds = {name: values[name] for name in block.inputs}
-            start = time.perf_counter()
-            if block.session is None:  # a remote block: the agent runs it (OffloadFailed when it cannot)
-                sha = self.manifest["files"][block.file]
-                answer = self.client.run(sha, lambda: _bundle_file(self.path, block.file).read_bytes(), feeds,
-                                         block.provider, self.current["blocks"][block.index]["threads"])
-                results = [answer[name] for name in block.outputs]
-            else:
-                results = block.session.run(list(block.outputs), feeds)
-            block_ms[block.index] += (time.perf_counter() - start) * 1e3
-            values.update(zip(block.outputs, results))
-            for name in done_with:
-                values.pop(name, None)
-        return values
+        """Run the blocks in order on one batch, adding each block's wall time to `block_ms`; each tensor is
+        dropped after its last use."""
+        steps = [ChainStep(block.inputs, block.outputs, functools.partial(self._run_block, block, block_ms))
+                 for block in self.blocks]
+        return run_chain(steps, inputs, forget=self._free_after)
+
+    def _run_block(self, block: BlockSession, block_ms: list[float], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One block's outputs (in block.outputs' order), locally or on the agent; its wall time added to `block_ms`."""
+        start = time.perf_counter()
+        if block.session is None:  # a remote block: the agent runs it (OffloadFailed when it cannot)
+            sha = self.manifest["files"][block.file]
+            answer = self.client.run(sha, lambda: _bundle_file(self.path, block.file).read_bytes(), feeds,
+                                     block.provider, self.current["blocks"][block.index]["threads"])
+            results = [answer[name] for name in block.outputs]
+        else:
+            results = block.session.run(list(block.outputs), feeds)
+        block_ms[block.index] += (time.perf_counter() - start) * 1e3
+        return results
 
     def _checked_inputs(self, x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every input's batch by name, checked against its declared shape and dtype."""
@@ -672,10 +677,8 @@ def _check_sha256(name: str, actual: str, expected: str) -> None:
 def _open_session(entry: dict[str, Any], data: bytes, strict: bool,
                   fallbacks: list[str]) -> tuple[ort.InferenceSession, str]:
     """A session for one block on its provider (or on the CPU, warning, when that is missing)."""
-    provider = entry["provider"]
+    provider, threads = entry["provider"], entry["threads"]
     where = f"block {entry['index']} (processor {entry['processor']})"
-    options = session_options()
-    options.intra_op_num_threads = entry["threads"]
 
     def fall_back(reason: str) -> ort.InferenceSession:
         if strict:
@@ -684,29 +687,19 @@ def _open_session(entry: dict[str, Any], data: bytes, strict: bool,
         message = f"{where}: {reason}; running it on {CPU_PROVIDER} instead"
         fallbacks.append(message)
         warnings.warn(message, ProviderFallbackWarning, stacklevel=4)
-        return _session(entry, data, options, [CPU_PROVIDER])
+        return open_session(data, CPU_PROVIDER, threads, what=entry["file"])
 
-    if provider == CPU_PROVIDER:
-        return _session(entry, data, options, [(CPU_PROVIDER, entry["provider_options"])]), CPU_PROVIDER
-    if provider not in ort.get_available_providers():
-        available = ", ".join(ort.get_available_providers())
-        return fall_back(f"this ONNX Runtime has no {provider} (it has {available})"), CPU_PROVIDER
     try:
-        session = _session(entry, data, options, [(provider, entry["provider_options"]), CPU_PROVIDER])
-    except ExplorerError as exc:
-        return fall_back(f"{provider} could not open it ({exc})"), CPU_PROVIDER
-    runs_on = session.get_providers()[0]
-    if runs_on != provider:  # ORT gave up on the provider (e.g. missing driver libraries) on its own
+        session = open_session(data, provider, threads, provider_options=entry["provider_options"], what=entry["file"])
+    except ProviderMissing as missing:
+        return fall_back(f"this ONNX Runtime has no {provider} (it has {', '.join(missing.available)})"), CPU_PROVIDER
+    except ProviderNotStarted:  # ORT gave up on the provider (e.g. missing driver libraries) on its own
         return fall_back(f"{provider} is installed but ONNX Runtime could not start it"), CPU_PROVIDER
-    return session, runs_on
-
-
-def _session(entry: dict[str, Any], data: bytes, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(data, options, providers=providers)
-    except Exception as exc:  # ORT raises its own exception types for invalid models and options
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExplorerError(f"ONNX Runtime cannot load {entry['file']}: {first_line}") from None
+    except SessionError as error:
+        if provider == CPU_PROVIDER:
+            raise
+        return fall_back(f"{provider} could not open it ({error})"), CPU_PROVIDER
+    return session, session.get_providers()[0]
 
 
 def _check_block_io(block: BlockSession) -> None:
@@ -914,16 +907,6 @@ def _save_npy(path: Path, array: np.ndarray | dict[str, np.ndarray]) -> Path:
     if path.suffix != (".npz" if isinstance(array, dict) else ".npy"):
         raise ExplorerError(f"{path}: the output is written as .npy (the first output) or .npz (every output by name); "
                             "give a file name ending in .npy or .npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if isinstance(array, dict):
-                np.savez(handle, **array)
-            else:
-                np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    if isinstance(array, dict):
+        return atomic_write(path, lambda handle: np.savez(handle, **array))
+    return atomic_write(path, lambda handle: np.save(handle, array))
