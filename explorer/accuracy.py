@@ -76,7 +76,7 @@ class AccuracyResult:
         return self.value is not None
 
     def describe(self) -> str:
-        if not self.measured:
+        if self.value is None:
             return NOT_MEASURED
         return (f"{self.metric} {100 * self.value:.2f}% on {self.samples} samples" + (f" ({self.detail})" if self.detail else "")
                 + (f", {self.basis}" if self.basis else ""))
@@ -132,6 +132,12 @@ class AccuracyScorer:
         """The figures are estimates on synthetic inputs, not measurements."""
         return self.dataset is not None and self.dataset.synthetic
 
+    def reference(self) -> np.ndarray:
+        """The uncompressed model's outputs on the dataset, what every figure compares with."""
+        if self.reference_outputs is None:
+            raise ExplorerError("nothing is scored without validation data: pass --data val.npz (x and optional y)")
+        return self.reference_outputs
+
     @property
     def label(self) -> str:
         """What this scorer's figures are, for every surface that shows them."""
@@ -140,7 +146,7 @@ class AccuracyScorer:
         if self.synthetic:
             spread = ""
             if self.metric == "agreement":  # noise often lands in few classes: then agreement is a weak check
-                spread = f", which it puts in {len(np.unique(self.reference_outputs.argmax(1)))} classes"
+                spread = f", which it puts in {len(np.unique(self.reference().argmax(1)))} classes"
             return f"{SYNTHETIC_LABEL} ({self.metric} with the original model on {self.dataset.source}{spread})"
         return self.basis or f"top-1 on {self.dataset.source}"
 
@@ -162,19 +168,20 @@ class AccuracyScorer:
 
     def drop(self, result: AccuracyResult) -> float | None:
         """Accuracy lost against the reference model, as a fraction (0.01 = one point)."""
-        if not result.measured:
+        if result.value is None or self.baseline.value is None:
             return None
         return self.baseline.value - result.value
 
     def score_outputs(self, outputs: np.ndarray) -> AccuracyResult:
         """Accuracy of model outputs on the dataset, in this scorer's metric."""
-        n = len(outputs)
-        if self.metric == "top1":
-            return AccuracyResult(float(np.mean(outputs.argmax(1) == self.dataset.y)), "top1", n, self.basis)
+        n, reference = len(outputs), self.reference()
+        labels = self.dataset.y if self.dataset is not None else None
+        if self.metric == "top1" and labels is not None:  # top-1 is the metric where there are labels
+            return AccuracyResult(float(np.mean(outputs.argmax(1) == labels)), "top1", n, self.basis)
         if self.metric == "agreement":
-            agreement = float(np.mean(outputs.argmax(1) == self.reference_outputs.argmax(1)))
+            agreement = float(np.mean(outputs.argmax(1) == reference.argmax(1)))
             return AccuracyResult(agreement, "agreement", n, self.basis)
-        cosine, relative_error = output_similarity(outputs, self.reference_outputs)
+        cosine, relative_error = output_similarity(outputs, reference)
         # 1 - relative error is the score (it also sees a wrong scale, which cosine does not); at most the cosine
         return AccuracyResult(float(np.mean(np.clip(1.0 - relative_error, 0.0, 1.0))), "similarity", n, self.basis,
                               f"cosine {np.mean(cosine):.3f}, relative error {np.mean(relative_error):.3f}")
@@ -276,7 +283,8 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     `progress(done, total)` is called once before the first new entry (done = entries resumed) and
     after each one.
     """
-    if not scorer.measured:
+    dataset = scorer.dataset
+    if dataset is None:
         raise ExplorerError("the sensitivity table needs validation data: pass --data val.npz (x and optional y)")
     spec = (compressor.fractions, compressor.multiple, precisions, SENSITIVITY_VERSION, compressor.int8_scheme)
     ladder_spec = repr(spec + ((DEFAULT_ERROR_BOUND,) if scorer.synthetic else ()))
@@ -306,18 +314,21 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     if progress:
         progress(len(jobs) - len(todo), len(jobs))
     if todo:
-        x_calibration, _ = calibration_inputs(graph, scorer.dataset)
+        x_calibration, _ = calibration_inputs(graph, dataset)
         base_plan = full_rank_plan(graph)
-        suffixes = _SuffixRunner(graph, scorer.dataset.feeds(graph.input_names[0]))
+        suffixes = _SuffixRunner(graph, dataset.feeds(graph.input_names[0]))
         ranges_by_rung: dict[tuple, dict] = {}
         for done, (entry_key, layer, rung, precision) in enumerate(todo, start=len(jobs) - len(todo) + 1):
             plan = base_plan.with_decision(layer.name, decision_for(rung, precision))
             model = compressor.rewrite(plan, x_calibration, ranges=_ranges(compressor, ranges_by_rung, base_plan,
                                                                            layer.name, rung, x_calibration, precision))
             outputs = suffixes.run(model, layer.index)
-            table.drops[entry_key] = scorer.drop(scorer.score_outputs(outputs))
+            drop = scorer.drop(scorer.score_outputs(outputs))
+            if drop is None:
+                raise ExplorerError("the sensitivity table needs validation data: pass --data val.npz (x and optional y)")
+            table.drops[entry_key] = drop
             if scorer.metric in ("top1", "agreement"):
-                table.flips[entry_key] = float(np.mean(outputs.argmax(1) != scorer.reference_outputs.argmax(1)))
+                table.flips[entry_key] = float(np.mean(outputs.argmax(1) != scorer.reference().argmax(1)))
             partial.put(entry_key, {"drop": table.drops[entry_key], "flip": table.flips.get(entry_key)})
             if progress:
                 progress(done, len(jobs))
@@ -360,7 +371,7 @@ class _SuffixRunner:
 
 
 def _ranges(compressor: Compressor, cache: dict, base_plan, layer_name: str, rung: Rung,
-            x_calibration: np.ndarray, precision: str) -> dict | None:
+            x_calibration: np.ndarray | dict[str, np.ndarray], precision: str) -> dict | None:
     """int8 calibration ranges of the fp32 model factorised at this rung (computed once per rung)."""
     if precision != "int8":
         return None

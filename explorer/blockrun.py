@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -397,11 +398,10 @@ def time_interleaved(chains: list[tuple[list[BlockSpec], Inputs]], warmup: int, 
     if not chains or not all(blocks for blocks, _ in chains):
         raise BlockRunError("interleaved timing needs at least one chain, each with blocks")
     sessions = [[open_session(spec, i) for i, spec in enumerate(blocks)] for blocks, _ in chains]
-    chains = [(blocks, inputs(chain_sessions) if callable(inputs) else inputs)
-              for (blocks, inputs), chain_sessions in zip(chains, sessions)]
+    feeds = [inputs(chain_sessions) if callable(inputs) else inputs for (_, inputs), chain_sessions in zip(chains, sessions)]
     counters, why_none = energy_counters(energy_providers or sorted({s.provider for b, _ in chains for s in b}))
     with _limited(timeout_s) as run_options:
-        runs = [_Chain(chain_sessions, inputs, run_options) for chain_sessions, (_, inputs) in zip(sessions, chains)]
+        runs = [_Chain(chain_sessions, feed, run_options) for chain_sessions, feed in zip(sessions, feeds)]
         numbers = [run.number_for(adaptive.min_repeat_ms, run.warm_up(warmup, clock), clock) for run in runs]
         meter = _Meter(counters)
         seconds: list[list[np.ndarray]] = [[] for _ in runs]
@@ -420,7 +420,8 @@ def time_interleaved(chains: list[tuple[list[BlockSpec], Inputs]], warmup: int, 
     others = others_cores(*load)
     results = []
     for chain_sessions, parts, used, number in zip(sessions, seconds, energy, numbers):
-        by_round = None if None in used else [float(u) for u in used]
+        readings = [float(u) for u in used if u is not None]
+        by_round = readings if len(readings) == len(used) else None
         source = " + ".join(c.source for c in counters) if by_round is not None else (why_none or NO_READING)
         results.append(BlockTimes(np.concatenate(parts), None if by_round is None else sum(by_round), source, None,
                                   [s.get_providers() for s in chain_sessions], number, others,
@@ -452,7 +453,7 @@ class _limited:
             self.timer.start()
         return self.run_options
 
-    def __exit__(self, kind, error, traceback) -> bool:
+    def __exit__(self, kind, error, traceback) -> Literal[False]:
         if self.timer:
             self.timer.cancel()
         if not isinstance(error, Exception):  # none, or KeyboardInterrupt and the like: as it is
@@ -530,7 +531,8 @@ class _Meter:
         if self.coarse:  # ... and end on one
             passes += run_until_step(self.coarse[0], run_pass)
         used = [counter.used(before, counter.read()) for counter, before in zip(self.counters, self.before)]
-        return float(sum(used)) * repeats / passes if self.counters and None not in used else None
+        readings = [u for u in used if u is not None]
+        return float(sum(readings)) * repeats / passes if self.counters and len(readings) == len(used) else None
 
 
 @dataclass(frozen=True)
@@ -573,7 +575,7 @@ def energy_counters(providers: list[str]) -> tuple[list[EnergyCounter], str | No
     return counters, None
 
 
-def run_until_step(counter: EnergyCounter, run_pass: Callable[[], None]) -> int:
+def run_until_step(counter: EnergyCounter, run_pass: Callable[[], object]) -> int:
     """Run passes until `counter` advances (for at most its window); how many passes ran. Reading a coarse
     counter (NVML's) from one step to another makes its reading that of the passes run in between."""
     first, started, passes = counter.read(), time.perf_counter(), 0

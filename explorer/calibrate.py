@@ -374,7 +374,7 @@ def _fp16_computed_in_fp32() -> bool | None:
             types.update({out: a.i for a in node.attribute if a.name == "to" for out in node.output})
     gemm = next((node for node in optimized.graph.node if node.op_type == "Gemm"), None)
     weight_type = types.get(gemm.input[1]) if gemm is not None else None
-    return {TensorProto.FLOAT: True, TensorProto.FLOAT16: False}.get(weight_type)
+    return {TensorProto.FLOAT: True, TensorProto.FLOAT16: False}.get(weight_type) if weight_type is not None else None
 
 
 def _op_overhead_us(unit: _Unit, settings: _Settings) -> tuple[float, float]:
@@ -409,15 +409,20 @@ def _copy_bandwidth_gbps(size_mb: int, thread_counts: list[int], settings: _Sett
     results = []
     for threads in thread_counts:
         bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
-
-        def part(i: int, bounds: list[tuple[int, int]] = bounds) -> None:
-            lo, hi = bounds[i]
-            np.copyto(target[lo:hi], source[lo:hi])
-
         with ThreadPoolExecutor(threads) as pool:
-            seconds = _time_runs(lambda pool=pool, count=threads: list(pool.map(part, range(count))), timing)
+            seconds = _time_runs(functools.partial(_copy_in_parts, pool, source, target, bounds), timing)
         results.append(2 * source.nbytes / seconds / 1e9)
     return results
+
+
+def _copy_in_parts(pool: ThreadPoolExecutor, source: np.ndarray, target: np.ndarray,
+                   bounds: list[tuple[int, int]]) -> None:
+    """Copy `source` into `target`, each part [lo, hi) of `bounds` in one of the pool's threads."""
+    def part(lo_hi: tuple[int, int]) -> None:
+        lo, hi = lo_hi
+        np.copyto(target[lo:hi], source[lo:hi])
+
+    list(pool.map(part, bounds))
 
 
 def _device_bandwidth_gbps(unit: _Unit, settings: _Settings) -> float:
@@ -505,7 +510,7 @@ def _measure_power(units: tuple[_Unit, ...], ops: dict[str, _Op], settings: _Set
     if rapl is not None:
         say("power of the CPUs: RAPL package energy counter")
         idle = _average_power_w(rapl, lambda: time.sleep(0.05), settings.power_window_s)
-    if idle is None:
+    if rapl is None or idle is None:
         no_power.update({u.id: f"no readable RAPL energy counter ({blockrun.RAPL_ENERGY}) on this machine" for u in cpus})
         say(f"power of the CPUs: {no_power[cpus[0].id]}; estimates")
         return power, no_power
@@ -556,6 +561,11 @@ def _f(value: float, digits: int = 2) -> str:
     return f"{rounded:.{digits}f}"
 
 
+def _largest(values: dict[str, float]) -> str:
+    """The key of the largest value."""
+    return max(values, key=lambda key: values[key])
+
+
 def _line(code: str, comment: str) -> str:
     return f"{code:<34} # {comment}" if len(code) < 34 else f"{code}   # {comment}"
 
@@ -565,7 +575,7 @@ def _render(system: HostFacts, m: _Measured, elapsed_s: float, quick: bool) -> s
     size_mb, available_mb = system.size_mb, system.available_mb
     cpu_bandwidth = {u.id: m.bandwidth_gbps[u.id] for u in m.units if not u.is_gpu}
     memory_bw = max(cpu_bandwidth.values())
-    best_unit = max(cpu_bandwidth, key=cpu_bandwidth.get)
+    best_unit = _largest(cpu_bandwidth)
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     mode = "quick mode: fewer sizes and repeats" if quick else "full mode"
     providers = ", ".join(dict.fromkeys(u.provider for u in m.units))
@@ -635,7 +645,7 @@ def _render_unit(unit: _Unit, system: HostFacts, m: _Measured, memory_bw: float,
     thread_text = _unit_text(unit)
     gflops = m.gflops[unit.id]
     peaks = {p: max(gflops[p].values()) for p in PRECISIONS}
-    best = {p: m.ops[max(gflops[p], key=gflops[p].get)].label for p in PRECISIONS}
+    best = {p: m.ops[_largest(gflops[p])].label for p in PRECISIONS}
     typical = {"conv": next(o for o in m.ops.values() if o.kind == "conv"), "fc": m.ops["gemv"]}
     efficiency = {kind: min(1.0, gflops["fp32"][op.key] / peaks["fp32"]) for kind, op in typical.items()}
     reps = f"median of {s.min_repeats}-{s.max_repeats} runs after {s.warmup} warm-up"
@@ -691,6 +701,8 @@ def _render_unit(unit: _Unit, system: HostFacts, m: _Measured, memory_bw: float,
     ]
     if unit.is_gpu:
         gpu = m.gpu
+        if gpu is None:
+            raise ValueError(f"processor {unit.id} is a gpu, but its NVML facts and links were not measured")
         lines += [
             f'description = "{gpu.name}, ONNX Runtime {unit.provider}"',
             _line(f"cores = {gpu.cores[0]}", gpu.cores[1]),

@@ -192,7 +192,8 @@ def _unshare_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
 
 
 def _int8_activation_ranges(
-    model: onnx.ModelProto, int8: list[str], calibration_inputs: np.ndarray | None, ranges: Ranges | None
+    model: onnx.ModelProto, int8: list[str], calibration_inputs: np.ndarray | Mapping[str, np.ndarray] | None,
+    ranges: Ranges | None
 ) -> dict[str, tuple[float, float]]:
     """Ranges of the activations (inputs and outputs) of the int8 nodes, calibrating if ``ranges`` lack any."""
     initializers = {init.name for init in model.graph.initializer}

@@ -28,7 +28,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import onnxruntime as ort
@@ -128,7 +128,7 @@ class Bundle:
         self._memory_probe = memory_probe or (lambda: self._os_memory_mb(available_memory_mb()))
         self._hysteresis = Hysteresis()
         self._sessions: dict[tuple, tuple[ort.InferenceSession, str]] = {}
-        self.current: dict[str, Any] | None = None
+        self.current: dict[str, Any] = {}  # the plan the sessions are open for ({} until load opens one)
         self.blocks: list[BlockSession] = []
         self._free_after: list[list[str]] = []
         self.client = None  # explorer.offload.OffloadClient: remote blocks run on that agent
@@ -317,6 +317,14 @@ class Bundle:
     def input_names(self) -> list[str]:
         return [entry["name"] for entry in self.inputs]
 
+    @overload
+    def run(self, x: np.ndarray | Mapping[str, np.ndarray], timing: Literal[False] = False,
+            latency_ms: float | None = None) -> np.ndarray: ...
+
+    @overload
+    def run(self, x: np.ndarray | Mapping[str, np.ndarray], timing: Literal[True],
+            latency_ms: float | None = None) -> tuple[np.ndarray, list[float]]: ...
+
     def run(self, x: np.ndarray | Mapping[str, np.ndarray], timing: bool = False,
             latency_ms: float | None = None) -> np.ndarray | tuple[np.ndarray, list[float]]:
         """The model's first output for the batch `x` (a model with several inputs: input name -> batch) on the
@@ -325,6 +333,14 @@ class Bundle:
         outputs, block_ms = self.run_all(x, timing=True, latency_ms=latency_ms)
         first = outputs[self.output_names[0]]
         return (first, block_ms) if timing else first
+
+    @overload
+    def run_all(self, x: np.ndarray | Mapping[str, np.ndarray], timing: Literal[False] = False,
+                latency_ms: float | None = None) -> dict[str, np.ndarray]: ...
+
+    @overload
+    def run_all(self, x: np.ndarray | Mapping[str, np.ndarray], timing: Literal[True],
+                latency_ms: float | None = None) -> tuple[dict[str, np.ndarray], list[float]]: ...
 
     def run_all(self, x: np.ndarray | Mapping[str, np.ndarray], timing: bool = False, latency_ms: float | None = None
                 ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], list[float]]:
@@ -338,21 +354,24 @@ class Bundle:
         feeds = self._checked_inputs(x)
         if self.client is not None and not self._fall_back_on_failure:
             try:
-                return self._run_all(feeds, timing)
+                outputs, block_ms = self._run_all(feeds)
             except OffloadFailed as error:
                 raise ExplorerError(f"remote block failed and the plan is pinned (fall_back=False): {error}") from None
+            return (outputs, block_ms) if timing else outputs
         if self.client is not None:
             self._probe_link()
         if self.auto:
             self.watch(latency_ms)
         try:
-            return self._run_all(feeds, timing)
+            outputs, block_ms = self._run_all(feeds)
         except OffloadFailed as error:  # the same inference, finished on a plan that needs no network
             self._fall_back(f"remote block failed: {error}")
             self.fallbacks_to_local += 1
-            return self._run_all(feeds, timing)
+            outputs, block_ms = self._run_all(feeds)
+        return (outputs, block_ms) if timing else outputs
 
-    def _run_all(self, feeds: dict[str, np.ndarray], timing: bool):
+    def _run_all(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[float]]:
+        """Every output by name and each block's milliseconds, on the current plan."""
         self.last_plan = self.current["id"]  # the plan that answers this inference (a switch after it does not change it)
         block_ms = [0.0] * len(self.blocks)
 
@@ -364,7 +383,7 @@ class Bundle:
         outputs = dict(zip(self.output_names, run_in_batches(run, feeds, step, pad=True)))
         self.inferences += 1
         self._check_link()
-        return (outputs, block_ms) if timing else outputs
+        return outputs, block_ms
 
     # ---- the network link to the agent -----------------------------------------------------------
     def _network_needs(self) -> dict | None:
@@ -418,7 +437,8 @@ class Bundle:
         the plan used before the fall-back comes back at once)."""
         from explorer.offload import OffloadFailed
 
-        if time.monotonic() - self._last_probe < self._probe_every_s:
+        client = self.client
+        if client is None or time.monotonic() - self._last_probe < self._probe_every_s:
             return
         local_now = not any(b.session is None for b in self.blocks)
         if self.link_down is None and not (self.auto and local_now and self._assumed_network() is not None):
@@ -427,17 +447,17 @@ class Bundle:
         assumed = min((p["needs"]["network"]["rtt_ms"] for p in self.plans if (p.get("needs") or {}).get("network")),
                       default=None)
         try:
-            rtt = self.client.ping(timeout_s=min(self.client.timeout_s, 1.0))
+            rtt = client.ping(timeout_s=min(client.timeout_s, 1.0))
         except OffloadFailed as error:
             self.link_down = self.link_down or f"the agent did not answer a probe: {error}"
             return
         if self.link_down is None or (assumed is not None and rtt > RTT_TOLERANCE * assumed):
             return
-        log.info("the link to %s is back (round trip %.1f ms)", self.client.url, rtt)
+        log.info("the link to %s is back (round trip %.1f ms)", client.url, rtt)
         self.link_down = None
         if self._return_to is not None:
             back, self._return_to = self._return_to, None
-            self._switch_to(self._plan(back), f"the link to {self.client.url} is back (round trip {rtt:.1f} ms)")
+            self._switch_to(self._plan(back), f"the link to {client.url} is back (round trip {rtt:.1f} ms)")
 
     def _chain(self, inputs: dict[str, np.ndarray], block_ms: list[float]) -> dict[str, np.ndarray]:
         """Run the blocks in order on one batch, adding each block's wall time to `block_ms`; each tensor is
@@ -449,13 +469,15 @@ class Bundle:
     def _run_block(self, block: BlockSession, block_ms: list[float], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One block's outputs (in block.outputs' order), locally or on the agent; its wall time added to `block_ms`."""
         start = time.perf_counter()
-        if block.session is None:  # a remote block: the agent runs it (OffloadFailed when it cannot)
+        if block.session is not None:
+            results = block.session.run(list(block.outputs), feeds)
+        elif self.client is None:  # remote blocks have no session only when a client runs them (_switch_to)
+            raise ExplorerError(f"block {block.index} has no session and no agent to run it: load the bundle again")
+        else:  # a remote block: the agent runs it (OffloadFailed when it cannot)
             sha = self.manifest["files"][block.file]
             answer = self.client.run(sha, lambda: _bundle_file(self.path, block.file).read_bytes(), feeds,
                                      block.provider, self.current["blocks"][block.index]["threads"])
             results = [answer[name] for name in block.outputs]
-        else:
-            results = block.session.run(list(block.outputs), feeds)
         block_ms[block.index] += (time.perf_counter() - start) * 1e3
         return results
 
@@ -908,5 +930,6 @@ def _save_npy(path: Path, array: np.ndarray | dict[str, np.ndarray]) -> Path:
         raise ExplorerError(f"{path}: the output is written as .npy (the first output) or .npz (every output by name); "
                             "give a file name ending in .npy or .npz")
     if isinstance(array, dict):
-        return atomic_write(path, lambda handle: np.savez(handle, **array))
+        named: dict[str, Any] = array  # savez's keywords are array names (typed, the flag allow_pickle too)
+        return atomic_write(path, lambda handle: np.savez(handle, **named))
     return atomic_write(path, lambda handle: np.save(handle, array))
