@@ -6,6 +6,7 @@
   (the mean cosine is reported beside it).
 Without labels the figure is agreement with the original model, never called accuracy; on synthetic
 inputs (no data given, explorer.synthetic) it is "estimated on synthetic inputs, not measured".
+Models run on :func:`explorer.sessions.scoring_session`: the options every bundle runs with.
 
 The *sensitivity table* holds the accuracy drop of compressing one layer alone at one rung and
 precision, all else untouched; it is the additive accuracy estimate of the solver (DeepX's RLC
@@ -16,13 +17,11 @@ inputs where there is no data.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from explorer.cache import AppendOnlyCache, atomic_write_json, digest, read_json, unreadable
 from explorer.compress import Compressor, Rung, decision_for, full_rank_plan
@@ -30,7 +29,8 @@ from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
 from explorer.paths import cache_dir
-from explorer.precision import PRECISIONS, calibration_ranges, session_options
+from explorer.precision import PRECISIONS, calibration_ranges
+from explorer.sessions import SCORING_BATCH, run_batched, run_model, scoring_session
 
 NOT_MEASURED = ("accuracy not measured (no validation data): ranks limited by a reconstruction-error bound, "
                 "precisions not limited")
@@ -41,47 +41,8 @@ DEFAULT_ERROR_BOUND = 0.35  # relative Frobenius error allowed per layer when th
 CALIBRATION_SAMPLES = 128
 SYNTHETIC_CALIBRATION_SAMPLES = 16  # without data (rounded up to whole batches of a fixed batch)
 SENSITIVITY_VERSION = 2  # bump when the table's meaning changes, to invalidate caches
-
-
-SCORING_THREADS_VARIABLE = "EXPLORER_SCORING_THREADS"
-
-
-def scoring_threads() -> int:
-    """ONNX Runtime's intra-op threads for accuracy scoring: $EXPLORER_SCORING_THREADS, or 0 (its default,
-    one per core). 1 suits several searches sharing the cores; the outputs do not depend on it."""
-    value = os.environ.get(SCORING_THREADS_VARIABLE, "0").strip() or "0"
-    try:
-        threads = int(value)
-    except ValueError:
-        threads = -1
-    if threads < 0:
-        raise ExplorerError(f"{SCORING_THREADS_VARIABLE}={value!r} is not a whole number of threads: "
-                            "set it to 1, 2, ... or unset it for ONNX Runtime's default")
-    return threads
-
-
-def worker_environment(workers: int, cores: int | None = None) -> dict[str, str]:
-    """The environment for one of `workers` processes that share this machine's cores: the caller's, with
-    $EXPLORER_SCORING_THREADS set to an equal share of the cores unless the user set it already."""
-    environment = dict(os.environ)
-    if not environment.get(SCORING_THREADS_VARIABLE, "").strip():
-        environment[SCORING_THREADS_VARIABLE] = str(max(1, (cores or os.cpu_count() or 1) // workers))
-    return environment
-
-
-def inference_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session under the options every bundle runs with (int8 on integer kernels)."""
-    options, threads = session_options(), scoring_threads()
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types for invalid models
-        raise ExplorerError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
-
-
-SCORING_BATCH = 500  # samples per ONNX Runtime call when the model's batch is symbolic (at most)
-SCORING_ACTIVATION_BYTES = 256 << 20  # ...and fewer where a batch's intermediate tensors would pass this
+# samples per scoring call: SCORING_BATCH at most, and fewer where a batch's intermediate tensors would pass this
+SCORING_ACTIVATION_BYTES = 256 << 20
 SIMILARITY_CHUNK_BYTES = 64 << 20  # outputs compared in float64 this many bytes of rows at a time
 
 
@@ -97,34 +58,6 @@ def scoring_batch(model: onnx.ModelProto) -> int:
             itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize
             per_sample += int(np.prod(dims[1:], dtype=np.int64)) * itemsize
     return int(np.clip(SCORING_ACTIVATION_BYTES // max(per_sample, 1), 1, SCORING_BATCH))
-
-
-def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str] | None = None,
-                batch: int = SCORING_BATCH) -> list[np.ndarray]:
-    """The session's outputs (all, or those named) on feeds of N samples each, computed in batches: of
-    `batch` samples, or of the model's fixed batch size, the last batch padded with its last sample."""
-    declared = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
-    fixed = declared if isinstance(declared, int) and declared > 0 else None
-    step = fixed or batch
-    count = len(next(iter(feeds.values())))
-    parts: list[list[np.ndarray]] = []
-    for start in range(0, count, step):
-        chunk = {name: value[start:start + step] for name, value in feeds.items()}
-        size = len(next(iter(chunk.values())))
-        if fixed and size < fixed:  # pad the last chunk of a fixed-batch model
-            chunk = {name: np.concatenate([value, np.repeat(value[-1:], fixed - size, axis=0)])
-                     for name, value in chunk.items()}
-        parts.append([result[:size] for result in session.run(outputs, chunk)])
-    return [np.concatenate(values) for values in zip(*parts)]
-
-
-def run_model(model: onnx.ModelProto | ort.InferenceSession, x: np.ndarray, batch: int = SCORING_BATCH,
-              extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """First output of the model on inputs x (the first input; `extra`: the other inputs by name),
-    computed in batches (a fixed batch size is respected)."""
-    session = model if isinstance(model, ort.InferenceSession) else inference_session(model)
-    feeds = {session.get_inputs()[0].name: x, **(extra or {})}
-    return run_batched(session, feeds, [session.get_outputs()[0].name], batch)[0]
 
 
 @dataclass(frozen=True)
@@ -143,7 +76,7 @@ class AccuracyResult:
         return self.value is not None
 
     def describe(self) -> str:
-        if not self.measured:
+        if self.value is None:
             return NOT_MEASURED
         return (f"{self.metric} {100 * self.value:.2f}% on {self.samples} samples" + (f" ({self.detail})" if self.detail else "")
                 + (f", {self.basis}" if self.basis else ""))
@@ -199,6 +132,12 @@ class AccuracyScorer:
         """The figures are estimates on synthetic inputs, not measurements."""
         return self.dataset is not None and self.dataset.synthetic
 
+    def reference(self) -> np.ndarray:
+        """The uncompressed model's outputs on the dataset, what every figure compares with."""
+        if self.reference_outputs is None:
+            raise ExplorerError("nothing is scored without validation data: pass --data val.npz (x and optional y)")
+        return self.reference_outputs
+
     @property
     def label(self) -> str:
         """What this scorer's figures are, for every surface that shows them."""
@@ -207,7 +146,7 @@ class AccuracyScorer:
         if self.synthetic:
             spread = ""
             if self.metric == "agreement":  # noise often lands in few classes: then agreement is a weak check
-                spread = f", which it puts in {len(np.unique(self.reference_outputs.argmax(1)))} classes"
+                spread = f", which it puts in {len(np.unique(self.reference().argmax(1)))} classes"
             return f"{SYNTHETIC_LABEL} ({self.metric} with the original model on {self.dataset.source}{spread})"
         return self.basis or f"top-1 on {self.dataset.source}"
 
@@ -229,19 +168,20 @@ class AccuracyScorer:
 
     def drop(self, result: AccuracyResult) -> float | None:
         """Accuracy lost against the reference model, as a fraction (0.01 = one point)."""
-        if not result.measured:
+        if result.value is None or self.baseline.value is None:
             return None
         return self.baseline.value - result.value
 
     def score_outputs(self, outputs: np.ndarray) -> AccuracyResult:
         """Accuracy of model outputs on the dataset, in this scorer's metric."""
-        n = len(outputs)
-        if self.metric == "top1":
-            return AccuracyResult(float(np.mean(outputs.argmax(1) == self.dataset.y)), "top1", n, self.basis)
+        n, reference = len(outputs), self.reference()
+        labels = self.dataset.y if self.dataset is not None else None
+        if self.metric == "top1" and labels is not None:  # top-1 is the metric where there are labels
+            return AccuracyResult(float(np.mean(outputs.argmax(1) == labels)), "top1", n, self.basis)
         if self.metric == "agreement":
-            agreement = float(np.mean(outputs.argmax(1) == self.reference_outputs.argmax(1)))
+            agreement = float(np.mean(outputs.argmax(1) == reference.argmax(1)))
             return AccuracyResult(agreement, "agreement", n, self.basis)
-        cosine, relative_error = output_similarity(outputs, self.reference_outputs)
+        cosine, relative_error = output_similarity(outputs, reference)
         # 1 - relative error is the score (it also sees a wrong scale, which cosine does not); at most the cosine
         return AccuracyResult(float(np.mean(np.clip(1.0 - relative_error, 0.0, 1.0))), "similarity", n, self.basis,
                               f"cosine {np.mean(cosine):.3f}, relative error {np.mean(relative_error):.3f}")
@@ -343,7 +283,8 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     `progress(done, total)` is called once before the first new entry (done = entries resumed) and
     after each one.
     """
-    if not scorer.measured:
+    dataset = scorer.dataset
+    if dataset is None:
         raise ExplorerError("the sensitivity table needs validation data: pass --data val.npz (x and optional y)")
     spec = (compressor.fractions, compressor.multiple, precisions, SENSITIVITY_VERSION, compressor.int8_scheme)
     ladder_spec = repr(spec + ((DEFAULT_ERROR_BOUND,) if scorer.synthetic else ()))
@@ -373,22 +314,25 @@ def sensitivity_table(graph: LayerGraph, compressor: Compressor, scorer: Accurac
     if progress:
         progress(len(jobs) - len(todo), len(jobs))
     if todo:
-        x_calibration, _ = calibration_inputs(graph, scorer.dataset)
+        x_calibration, _ = calibration_inputs(graph, dataset)
         base_plan = full_rank_plan(graph)
-        suffixes = _SuffixRunner(graph, scorer.dataset.feeds(graph.input_names[0]))
+        suffixes = _SuffixRunner(graph, dataset.feeds(graph.input_names[0]))
         ranges_by_rung: dict[tuple, dict] = {}
         for done, (entry_key, layer, rung, precision) in enumerate(todo, start=len(jobs) - len(todo) + 1):
             plan = base_plan.with_decision(layer.name, decision_for(rung, precision))
             model = compressor.rewrite(plan, x_calibration, ranges=_ranges(compressor, ranges_by_rung, base_plan,
                                                                            layer.name, rung, x_calibration, precision))
             outputs = suffixes.run(model, layer.index)
-            table.drops[entry_key] = scorer.drop(scorer.score_outputs(outputs))
+            drop = scorer.drop(scorer.score_outputs(outputs))
+            if drop is None:
+                raise ExplorerError("the sensitivity table needs validation data: pass --data val.npz (x and optional y)")
+            table.drops[entry_key] = drop
             if scorer.metric in ("top1", "agreement"):
-                table.flips[entry_key] = float(np.mean(outputs.argmax(1) != scorer.reference_outputs.argmax(1)))
+                table.flips[entry_key] = float(np.mean(outputs.argmax(1) != scorer.reference().argmax(1)))
             partial.put(entry_key, {"drop": table.drops[entry_key], "flip": table.flips.get(entry_key)})
             if progress:
                 progress(done, len(jobs))
-    table.drops = {k: table.drops[k] for k in (table.key(l.name, r.method, r.rank, p) for l, r, p in jobs)}
+    table.drops = {k: table.drops[k] for k in (table.key(layer.name, r.method, r.rank, p) for layer, r, p in jobs)}
     table.flips = {k: table.flips[k] for k in table.drops if k in table.flips}  # in job order, however resumed
     atomic_write_json(path, table.to_json())
     partial.path.unlink(missing_ok=True)
@@ -409,7 +353,7 @@ class _SuffixRunner:
         model.CopyFrom(graph.model)
         known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
         model.graph.output.extend(known.get(t) or onnx.ValueInfoProto(name=t) for t in needed if t not in graph.output_names)
-        session = inference_session(model)
+        session = scoring_session(model)
         names = [o.name for o in session.get_outputs()]
         self.batch = scoring_batch(graph.model)
         self.activations = dict(zip(names, run_batched(session, feeds, names, self.batch)))
@@ -421,13 +365,13 @@ class _SuffixRunner:
 
         inputs = list(self.inputs[start])
         suffix = extract_submodel(model, inputs, self.graph.output_names[:1], self.graph, f"from_layer{start}")
-        session = inference_session(suffix)
+        session = scoring_session(suffix)
         return run_batched(session, {name: self.activations[name] for name in inputs},
                            [session.get_outputs()[0].name], self.batch)[0]
 
 
 def _ranges(compressor: Compressor, cache: dict, base_plan, layer_name: str, rung: Rung,
-            x_calibration: np.ndarray, precision: str) -> dict | None:
+            x_calibration: np.ndarray | dict[str, np.ndarray], precision: str) -> dict | None:
     """int8 calibration ranges of the fp32 model factorised at this rung (computed once per rung)."""
     if precision != "int8":
         return None

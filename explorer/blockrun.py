@@ -3,8 +3,10 @@ the `explorer serve` agent run.
 
 Only NumPy and ONNX Runtime are imported here (nvidia-ml-py too, when a block runs on CUDA, for NVML's
 energy counter; nothing from explorer that needs more), so the measurement agent installs without the
-training and search stack. How many repeats (the median's distribution-free interval, adaptive repeats)
-and the machine's load (other processes' CPU use) live here too, for the same reason.
+training and search stack. Sessions are opened as everywhere in explorer (:mod:`explorer.sessions`: ONNX
+Runtime's defaults, the block's threads, strictly on its provider). How many repeats (the median's
+distribution-free interval, adaptive repeats) and the machine's load (other processes' CPU use) live here too,
+for the same reason.
 """
 from __future__ import annotations
 
@@ -16,14 +18,25 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
 from explorer.errors import ExplorerError
+from explorer.sessions import (
+    CPU_PROVIDER,
+    CUDA_PROVIDER,
+    ChainStep,
+    MissingInput,
+    ProviderMissing,
+    ProviderNotStarted,
+    SessionError,
+    error_line,
+    run_chain,
+)
+from explorer.sessions import open_session as open_model_session
 
-CPU_PROVIDER = "CPUExecutionProvider"
-CUDA_PROVIDER = "CUDAExecutionProvider"
 RAPL_ENERGY = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 RAPL_SOURCE = "RAPL package counter (whole package)"
 # NVML's energy counter advances in steps (every 100 ms on an H200, measured: benchmarks/cuda_check.py), so it
@@ -269,20 +282,6 @@ def load_snapshot() -> tuple[list[int] | None, float, float]:
     return cpu_times(), time.process_time(), time.perf_counter()
 
 
-def session_options(threads: int) -> ort.SessionOptions:
-    """The ONNX Runtime options every block, scored model and bundle runs with: ORT's defaults, so that its
-    QDQ fusion runs int8 nodes on integer kernels (QLinearConv, MatMulInteger, ...), as a plain ORT session
-    of the bundle's model.onnx does. Quantisation that cannot saturate those kernels is chosen when the
-    model is rewritten (:func:`explorer.precision.int8_reduce_range`). `threads` > 0 sets the intra-op
-    threads (0: ONNX Runtime's default).
-    """
-    options = ort.SessionOptions()
-    if threads > 0:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return options
-
-
 #: CPU flags (/proc/cpuinfo) of an x86 int8 dot product that accumulates u8 x s8 in int32 (no saturation).
 X86_EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -317,30 +316,20 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def session_providers(provider: str) -> list[str]:
-    """The providers a block's session gets: its own, then the CPU provider for any node its own lacks (as
-    ONNX Runtime places nodes; :func:`open_session` checks that the block's own provider did start)."""
-    return [provider] + ([CPU_PROVIDER] if provider != CPU_PROVIDER else [])
-
-
 def open_session(spec: BlockSpec, index: int) -> ort.InferenceSession:
     """A session for one block on its provider; BlockRunError when the bytes are not a model ONNX Runtime can
     load or ONNX Runtime cannot run it on that provider here (never a silent fall-back to the CPU)."""
-    available = ort.get_available_providers()
-    if spec.provider not in available:
-        raise BlockRunError(f"block {index} needs {spec.provider}, which ONNX Runtime {ort.__version__} here lacks "
-                            f"(it has {', '.join(available)})")
     try:
-        session = ort.InferenceSession(spec.model, session_options(spec.threads),
-                                       providers=session_providers(spec.provider))
-    except Exception as error:  # ORT raises InvalidProtobuf, Fail, InvalidGraph, ... for bad models
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BlockRunError(f"ONNX Runtime could not load block {index} on {spec.provider}: {first_line[:300]}") from None
-    if session.get_providers()[0] != spec.provider:  # ORT gave up on the provider (e.g. missing CUDA libraries)
+        return open_model_session(spec.model, spec.provider, spec.threads)
+    except ProviderMissing as error:
+        raise BlockRunError(f"block {index} needs {spec.provider}, which ONNX Runtime {ort.__version__} here lacks "
+                            f"(it has {', '.join(error.available)})") from None
+    except ProviderNotStarted as error:  # ORT gave up on the provider (e.g. missing CUDA libraries)
         raise ProviderUnavailable(f"block {index} needs {spec.provider}, which ONNX Runtime here has but could not "
-                                  f"start (it would run the block on {session.get_providers()[0]}); check the driver "
-                                  "and the CUDA libraries ONNX Runtime's log names")
-    return session
+                                  f"start (it would run the block on {error.runs_on}); check the driver "
+                                  "and the CUDA libraries ONNX Runtime's log names") from None
+    except SessionError as error:
+        raise BlockRunError(f"ONNX Runtime could not load block {index} on {spec.provider}: {error.line[:300]}") from None
 
 
 def time_blocks(blocks: list[BlockSpec], inputs: Inputs, warmup: int, repeats: int,
@@ -409,11 +398,10 @@ def time_interleaved(chains: list[tuple[list[BlockSpec], Inputs]], warmup: int, 
     if not chains or not all(blocks for blocks, _ in chains):
         raise BlockRunError("interleaved timing needs at least one chain, each with blocks")
     sessions = [[open_session(spec, i) for i, spec in enumerate(blocks)] for blocks, _ in chains]
-    chains = [(blocks, inputs(chain_sessions) if callable(inputs) else inputs)
-              for (blocks, inputs), chain_sessions in zip(chains, sessions)]
+    feeds = [inputs(chain_sessions) if callable(inputs) else inputs for (_, inputs), chain_sessions in zip(chains, sessions)]
     counters, why_none = energy_counters(energy_providers or sorted({s.provider for b, _ in chains for s in b}))
     with _limited(timeout_s) as run_options:
-        runs = [_Chain(chain_sessions, inputs, run_options) for chain_sessions, (_, inputs) in zip(sessions, chains)]
+        runs = [_Chain(chain_sessions, feed, run_options) for chain_sessions, feed in zip(sessions, feeds)]
         numbers = [run.number_for(adaptive.min_repeat_ms, run.warm_up(warmup, clock), clock) for run in runs]
         meter = _Meter(counters)
         seconds: list[list[np.ndarray]] = [[] for _ in runs]
@@ -432,7 +420,8 @@ def time_interleaved(chains: list[tuple[list[BlockSpec], Inputs]], warmup: int, 
     others = others_cores(*load)
     results = []
     for chain_sessions, parts, used, number in zip(sessions, seconds, energy, numbers):
-        by_round = None if None in used else [float(u) for u in used]
+        readings = [float(u) for u in used if u is not None]
+        by_round = readings if len(readings) == len(used) else None
         source = " + ".join(c.source for c in counters) if by_round is not None else (why_none or NO_READING)
         results.append(BlockTimes(np.concatenate(parts), None if by_round is None else sum(by_round), source, None,
                                   [s.get_providers() for s in chain_sessions], number, others,
@@ -464,7 +453,7 @@ class _limited:
             self.timer.start()
         return self.run_options
 
-    def __exit__(self, kind, error, traceback) -> bool:
+    def __exit__(self, kind, error, traceback) -> Literal[False]:
         if self.timer:
             self.timer.cancel()
         if not isinstance(error, Exception):  # none, or KeyboardInterrupt and the like: as it is
@@ -473,7 +462,7 @@ class _limited:
             raise MeasurementTimeout(f"the measurement ran past its {self.timeout_s:g} s limit and was stopped") from None
         if isinstance(error, BlockRunError):
             return False
-        raise BlockRunError(f"running the blocks failed: {str(error).strip().splitlines()[0][:300]}") from None
+        raise BlockRunError(f"running the blocks failed: {error_line(error, 300)}") from None
 
 
 class _Chain:
@@ -542,7 +531,8 @@ class _Meter:
         if self.coarse:  # ... and end on one
             passes += run_until_step(self.coarse[0], run_pass)
         used = [counter.used(before, counter.read()) for counter, before in zip(self.counters, self.before)]
-        return float(sum(used)) * repeats / passes if self.counters and None not in used else None
+        readings = [u for u in used if u is not None]
+        return float(sum(readings)) * repeats / passes if self.counters and len(readings) == len(used) else None
 
 
 @dataclass(frozen=True)
@@ -585,7 +575,7 @@ def energy_counters(providers: list[str]) -> tuple[list[EnergyCounter], str | No
     return counters, None
 
 
-def run_until_step(counter: EnergyCounter, run_pass: Callable[[], None]) -> int:
+def run_until_step(counter: EnergyCounter, run_pass: Callable[[], object]) -> int:
     """Run passes until `counter` advances (for at most its window); how many passes ran. Reading a coarse
     counter (NVML's) from one step to another makes its reading that of the passes run in between."""
     first, started, passes = counter.read(), time.perf_counter(), 0
@@ -602,24 +592,30 @@ def _terminate(run_options: ort.RunOptions) -> None:
 def _chain(sessions: list[ort.InferenceSession], inputs: dict[str, np.ndarray],
            run_options: ort.RunOptions) -> tuple[list[dict[str, np.ndarray]], list[list[str]]]:
     """One pass through the chain: every block's feed (checked against its declared inputs) and output names."""
-    values = dict(inputs)
-    feeds, outputs = [], []
-    for index, session in enumerate(sessions):
-        feed = {}
-        for declared in session.get_inputs():
-            if declared.name not in values:
-                raise BlockRunError(f"block {index} needs input {declared.name!r}, which neither the request's inputs "
-                                    "nor an earlier block provides")
-            feed[declared.name] = values[declared.name]
+    feeds: list[dict[str, np.ndarray]] = []
+    outputs: list[list[str]] = []
+
+    def step(index: int, session: ort.InferenceSession) -> ChainStep:
         names = [o.name for o in session.get_outputs()]
-        try:
-            values.update(zip(names, session.run(names, feed, run_options)))
-        except Exception as error:
-            if run_options.terminate:
-                raise
-            raise BlockRunError(f"block {index} rejected its inputs: {str(error).strip().splitlines()[0][:300]}") from None
-        feeds.append(feed)
-        outputs.append(names)
+
+        def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            try:
+                results = session.run(names, feed, run_options)
+            except Exception as error:
+                if run_options.terminate:
+                    raise
+                raise BlockRunError(f"block {index} rejected its inputs: {error_line(error, 300)}") from None
+            feeds.append(feed)
+            outputs.append(names)
+            return results
+
+        return ChainStep([declared.name for declared in session.get_inputs()], names, run)
+
+    try:
+        run_chain([step(index, session) for index, session in enumerate(sessions)], inputs)
+    except MissingInput as missing:
+        raise BlockRunError(f"block {missing.block} needs input {missing.name!r}, which neither the request's inputs "
+                            "nor an earlier block provides") from None
     return feeds, outputs
 
 

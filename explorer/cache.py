@@ -1,4 +1,5 @@
-"""Small on-disk JSON cache with atomic writes: an interrupted write never leaves a broken file."""
+"""Small on-disk JSON caches, and the one atomic file write (:func:`atomic_write`) that they and every other
+file explorer replaces use: an interrupted write never leaves a broken file."""
 from __future__ import annotations
 
 import hashlib
@@ -6,10 +7,11 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
-
 
 
 def fsync_path(path: Path) -> None:
@@ -21,6 +23,7 @@ def fsync_path(path: Path) -> None:
     finally:
         os.close(fd)
 
+
 def digest(*parts: str | bytes) -> str:
     """SHA-256 over several parts (a cache key)."""
     sha = hashlib.sha256()
@@ -30,18 +33,36 @@ def digest(*parts: str | bytes) -> str:
     return sha.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary file in the same folder, then rename it over `path`."""
+def atomic_write(path: Path | str, write: Callable[[BinaryIO], object], *, durable: bool = False,
+                 permissions: int | None = None, check: Callable[[Path], object] | None = None) -> Path:
+    """Replace the file `path` in one step, the one way explorer does it: `write` fills a temporary file in the
+    same folder, which is renamed over `path` (after `check` of the temporary file's path, when given, has not
+    raised). Readers see the old file or the new one, never a torn one; an interrupted or failed write leaves the
+    old file and no temporary one. `durable`: the data reaches the disk before the rename, so that a power cut
+    cannot expose an empty file. `permissions`: the new file's mode (default: private, 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a torn one
+            write(handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        if permissions is not None:
+            os.chmod(tmp, permissions)
+        if check is not None:
+            check(Path(tmp))
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def atomic_write_json(path: Path, data) -> None:
@@ -63,7 +84,8 @@ def read_json(path: Path):
 
 def unreadable(path: Path, error: BaseException) -> None:
     """One line for a cache file that cannot be read: it counts as a miss and is written again."""
-    log.warning("cache file %s is unreadable (%s): ignored, recomputed", path, str(error).splitlines()[0] if str(error) else type(error).__name__)
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    log.warning("cache file %s is unreadable (%s): ignored, recomputed", path, reason)
 
 
 class AppendOnlyCache:

@@ -676,7 +676,7 @@ def _search_distributed(args: argparse.Namespace) -> None:
     """`--workers N`: N local worker processes share one Optuna study and one MLflow parent run
     (explorer/workers.py starts and watches them, and replaces one that dies)."""
     from agents.optuna_agents import default_storage_url, default_study_name, open_storage
-    from explorer.accuracy import worker_environment
+    from explorer.sessions import worker_environment
     from explorer.paths import runs_dir
     from explorer.tracking import SearchTracker
     from explorer.workers import Supervisor

@@ -11,13 +11,13 @@ is always rung 0 and leaves the layer as it is.
 from __future__ import annotations
 
 import collections
-import io
 import math
 import threading
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,7 +25,7 @@ import scipy.linalg
 from onnx import helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
-from explorer.cache import atomic_write_bytes, unreadable
+from explorer.cache import atomic_write, unreadable
 from explorer.errors import ExplorerError
 from explorer.graph import Layer, LayerGraph
 from explorer.paths import cache_dir
@@ -125,9 +125,9 @@ class Compressor:
         """Relative Frobenius reconstruction error of a layer's weights at a rung (0 at full rank)."""
         if method == "full":
             return 0.0
-        self.rung(layer_name, method, rank)
+        rung = self.rung(layer_name, method, rank)
         top, total = self.spectrum(layer_name, method)
-        return tail_error(top, total, rank)
+        return tail_error(top, total, _factor_rank(rung.rank))
 
     def spectrum(self, layer_name: str, method: str) -> tuple[np.ndarray, float]:
         """The top singular values of the matrix a method factorises, as many as its highest rung
@@ -165,7 +165,7 @@ class Compressor:
             result[name] = [name] if decision.method == "full" else [f"{name}.factor1", f"{name}.factor2"]
         return result
 
-    def rewrite(self, plan: Plan, calibration_inputs: np.ndarray | None = None,
+    def rewrite(self, plan: Plan, calibration_inputs: np.ndarray | Mapping[str, np.ndarray] | None = None,
                 ranges: Mapping[str, tuple[float, float]] | None = None) -> onnx.ModelProto:
         """The model with every layer factorised and set to the precision its decision says.
 
@@ -214,7 +214,8 @@ class Compressor:
         """How int8 layers are quantised and run (part of every cache key that depends on it)."""
         return int8_scheme(self.reduce_range)
 
-    def rewrite_shared(self, plan: Plan, calibration_inputs: np.ndarray | None = None) -> onnx.ModelProto:
+    def rewrite_shared(self, plan: Plan,
+                       calibration_inputs: np.ndarray | Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
         """`rewrite`, remembered for the plan's ranks and precisions (placement does not change the
         model), so scoring a plan's accuracy and measuring it rewrite once. The model is shared: read
         it, do not modify it. At most REWRITE_CACHE_BYTES of models are kept (least recent out first)."""
@@ -248,15 +249,16 @@ class Compressor:
         if sorted(names) != sorted(expected):
             missing = sorted(set(expected) - set(names))
             extra = sorted(set(names) - set(expected))
-            raise ExplorerError(f"plan does not match the model's decision layers (missing: {missing[:5]}, unknown: {extra[:5]}): "
-                                "make the plan for this model")
+            raise ExplorerError(f"plan does not match the model's decision layers (missing: {missing[:5]}, "
+                                f"unknown: {extra[:5]}): make the plan for this model")
         for name, decision in plan.decisions:
             if decision.precision not in PRECISIONS:
-                raise ExplorerError(f"layer {name}: unknown precision {decision.precision!r} (choose from {', '.join(PRECISIONS)})")
+                raise ExplorerError(f"layer {name}: unknown precision {decision.precision!r} "
+                                    f"(choose from {', '.join(PRECISIONS)})")
             self.rung(name, decision.method, decision.rank)
 
     def _factorised_nodes(self, layer: Layer, node: onnx.NodeProto, decision: Decision):
-        rank = decision.rank
+        rank = _factor_rank(decision.rank)
         factors = self._svd(layer, decision.method)
         sqrt_s = np.sqrt(factors.singular[:rank]).astype(np.float32)
         first = (factors.left[:, :rank] * sqrt_s).astype(np.float32)  # (rows, r)
@@ -322,6 +324,7 @@ class Compressor:
     def _matrix(self, layer: Layer, method: str, shape_only: bool = False):
         """The 2-D matrix the method factorises (or just its shape)."""
         shape = layer.weight_shape
+        dims: tuple[int, ...]
         if layer.op_type == "Conv":
             c_out, c_in, kh, kw = shape
             dims = (c_out, c_in * kh * kw) if method == "channel" else (c_in * kh, c_out * kw)
@@ -411,10 +414,16 @@ def _one_lapack_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def _atomic_save(path: Path, **arrays: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+def _atomic_save(path: Path, **arrays: np.ndarray | np.generic) -> None:
+    named: dict[str, Any] = dict(arrays)  # savez's keywords are array names (typed, the flag allow_pickle too)
+    atomic_write(path, lambda handle: np.savez(handle, **named))
+
+
+def _factor_rank(rank: int | None) -> int:
+    """The rank of a factorised rung (every rung but full rank has one)."""
+    if rank is None:
+        raise ExplorerError("a factorised layer needs a rank: only the full-rank rung has none")
+    return rank
 
 
 def truncated_svd(matrix: np.ndarray, keep: int) -> _Factors:

@@ -13,11 +13,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
 from explorer.plan import Plan
+from explorer.sessions import ChainStep, run_chain, scoring_session
 
 
 @dataclass(frozen=True)
@@ -181,13 +183,14 @@ def _value_info(model: onnx.ModelProto, graph: LayerGraph, tensor: str,
     return helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None)
 
 
-def run_blocks(blocks: list[UnitBlock], feeds: dict[str, np.ndarray], sessions=None) -> dict[str, np.ndarray]:
-    """Run the blocks in order on CPU ONNX Runtime sessions; returns every tensor that crossed."""
-    from explorer.accuracy import inference_session
+def run_blocks(blocks: list[UnitBlock], feeds: dict[str, np.ndarray],
+               sessions: list[ort.InferenceSession] | None = None) -> dict[str, np.ndarray]:
+    """Run the blocks in order on CPU ONNX Runtime sessions (`sessions`, or scoring sessions opened one at a
+    time); returns every tensor that crossed."""
+    def runner(i: int, block: UnitBlock):
+        def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            session = sessions[i] if sessions else scoring_session(block.model)
+            return session.run(list(block.outputs), feed)
+        return run
 
-    values = dict(feeds)
-    for i, block in enumerate(blocks):
-        session = sessions[i] if sessions else inference_session(block.model)
-        results = session.run(list(block.outputs), {name: values[name] for name in block.inputs})
-        values.update(zip(block.outputs, results))
-    return values
+    return run_chain([ChainStep(block.inputs, block.outputs, runner(i, block)) for i, block in enumerate(blocks)], feeds)

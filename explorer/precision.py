@@ -16,7 +16,7 @@ the weights are 7-bit: :func:`int8_reduce_range` says when to quantise so.
 
 Calibration (one pass of the whole model over the calibration batch) dominates the int8 cost, so
 callers that rewrite the same model many times compute :func:`calibration_ranges` once and pass
-them to :func:`apply_precisions`. Evaluate rewritten models with :func:`session_options`.
+them to :func:`apply_precisions`. Evaluate rewritten models under :func:`explorer.sessions.session_options`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -125,12 +124,6 @@ def calibration_ranges(model: onnx.ModelProto,
     return {name: (float(np.min(td.lowest)), float(np.max(td.highest))) for name, td in data.items()}
 
 
-def session_options() -> ort.SessionOptions:
-    """The ONNX Runtime options rewritten models are scored and deployed with: ORT's defaults (integer
-    kernels for int8), with its default threads (see :func:`explorer.blockrun.session_options`)."""
-    return blockrun.session_options(threads=0)
-
-
 def int8_reduce_range(cpu_flags: set[str] | None = None, machine: str | None = None) -> bool:
     """Whether int8 weights must be 7-bit so that ORT's u8 x s8 kernels cannot saturate on this CPU (or on
     the one ``cpu_flags`` and ``machine`` describe): see :func:`explorer.blockrun.int8_exact`."""
@@ -199,7 +192,8 @@ def _unshare_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
 
 
 def _int8_activation_ranges(
-    model: onnx.ModelProto, int8: list[str], calibration_inputs: np.ndarray | None, ranges: Ranges | None
+    model: onnx.ModelProto, int8: list[str], calibration_inputs: np.ndarray | Mapping[str, np.ndarray] | None,
+    ranges: Ranges | None
 ) -> dict[str, tuple[float, float]]:
     """Ranges of the activations (inputs and outputs) of the int8 nodes, calibrating if ``ranges`` lack any."""
     initializers = {init.name for init in model.graph.initializer}

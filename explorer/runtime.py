@@ -3,10 +3,11 @@
 :meth:`Bundle.load` reads ``plan.json``, checks its schema and its own digest, refuses file names that point outside
 the bundle, verifies the SHA-256 of every file, and opens one ONNX Runtime session per unit block
 with the execution provider the board maps the block's processor to (its provider options and
-intra-op threads, on top of :func:`explorer.precision.session_options`: ONNX Runtime's defaults,
-under which int8 QDQ nodes run on integer kernels exactly as they were scored). A provider this ONNX Runtime lacks falls back to the CPU with a
-:class:`ProviderFallbackWarning`, or raises with ``strict=True``. :meth:`Bundle.run` chains the
-blocks: each gets the tensors it needs from the input and the blocks before it.
+intra-op threads, on top of :func:`explorer.sessions.session_options`: ONNX Runtime's defaults,
+under which int8 QDQ nodes run on integer kernels exactly as they were scored). A provider this ONNX
+Runtime lacks falls back to the CPU with a :class:`ProviderFallbackWarning`, or raises with
+``strict=True``. :meth:`Bundle.run` chains the blocks (:func:`explorer.sessions.run_chain`): each gets
+the tensors it needs from the input and the blocks before it.
 
 A bundle with a plan set runs one plan at a time: :meth:`Bundle.select` / :meth:`Bundle.adapt` pick the plan
 for conditions (:mod:`explorer.adapt`), ``adapt="auto"`` switches by itself with hysteresis, and with
@@ -15,28 +16,37 @@ whose remote call fails finishing on a plan that needs no network. docs/runtime.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 import time
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import onnxruntime as ort
 
+from explorer.cache import atomic_write
 from explorer.errors import ExplorerError
 from explorer.export import BUNDLE_FORMAT, BUNDLE_SCHEMA_VERSION, MANIFEST_FILE, READABLE_SCHEMA_VERSIONS, manifest_digest
-from explorer.precision import session_options
+from explorer.sessions import (
+    CPU_PROVIDER,
+    ChainStep,
+    ProviderMissing,
+    ProviderNotStarted,
+    SessionError,
+    open_session,
+    run_chain,
+    run_in_batches,
+)
 
-CPU_PROVIDER = "CPUExecutionProvider"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 1 << 20
 _EXPORT_AGAIN = "the bundle was modified; export it again"
@@ -118,7 +128,7 @@ class Bundle:
         self._memory_probe = memory_probe or (lambda: self._os_memory_mb(available_memory_mb()))
         self._hysteresis = Hysteresis()
         self._sessions: dict[tuple, tuple[ort.InferenceSession, str]] = {}
-        self.current: dict[str, Any] | None = None
+        self.current: dict[str, Any] = {}  # the plan the sessions are open for ({} until load opens one)
         self.blocks: list[BlockSession] = []
         self._free_after: list[list[str]] = []
         self.client = None  # explorer.offload.OffloadClient: remote blocks run on that agent
@@ -307,6 +317,14 @@ class Bundle:
     def input_names(self) -> list[str]:
         return [entry["name"] for entry in self.inputs]
 
+    @overload
+    def run(self, x: np.ndarray | Mapping[str, np.ndarray], timing: Literal[False] = False,
+            latency_ms: float | None = None) -> np.ndarray: ...
+
+    @overload
+    def run(self, x: np.ndarray | Mapping[str, np.ndarray], timing: Literal[True],
+            latency_ms: float | None = None) -> tuple[np.ndarray, list[float]]: ...
+
     def run(self, x: np.ndarray | Mapping[str, np.ndarray], timing: bool = False,
             latency_ms: float | None = None) -> np.ndarray | tuple[np.ndarray, list[float]]:
         """The model's first output for the batch `x` (a model with several inputs: input name -> batch) on the
@@ -315,6 +333,14 @@ class Bundle:
         outputs, block_ms = self.run_all(x, timing=True, latency_ms=latency_ms)
         first = outputs[self.output_names[0]]
         return (first, block_ms) if timing else first
+
+    @overload
+    def run_all(self, x: np.ndarray | Mapping[str, np.ndarray], timing: Literal[False] = False,
+                latency_ms: float | None = None) -> dict[str, np.ndarray]: ...
+
+    @overload
+    def run_all(self, x: np.ndarray | Mapping[str, np.ndarray], timing: Literal[True],
+                latency_ms: float | None = None) -> tuple[dict[str, np.ndarray], list[float]]: ...
 
     def run_all(self, x: np.ndarray | Mapping[str, np.ndarray], timing: bool = False, latency_ms: float | None = None
                 ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], list[float]]:
@@ -328,39 +354,36 @@ class Bundle:
         feeds = self._checked_inputs(x)
         if self.client is not None and not self._fall_back_on_failure:
             try:
-                return self._run_all(feeds, timing)
+                outputs, block_ms = self._run_all(feeds)
             except OffloadFailed as error:
                 raise ExplorerError(f"remote block failed and the plan is pinned (fall_back=False): {error}") from None
+            return (outputs, block_ms) if timing else outputs
         if self.client is not None:
             self._probe_link()
         if self.auto:
             self.watch(latency_ms)
         try:
-            return self._run_all(feeds, timing)
+            outputs, block_ms = self._run_all(feeds)
         except OffloadFailed as error:  # the same inference, finished on a plan that needs no network
             self._fall_back(f"remote block failed: {error}")
             self.fallbacks_to_local += 1
-            return self._run_all(feeds, timing)
+            outputs, block_ms = self._run_all(feeds)
+        return (outputs, block_ms) if timing else outputs
 
-    def _run_all(self, feeds: dict[str, np.ndarray], timing: bool):
+    def _run_all(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[float]]:
+        """Every output by name and each block's milliseconds, on the current plan."""
         self.last_plan = self.current["id"]  # the plan that answers this inference (a switch after it does not change it)
-        count_all = len(next(iter(feeds.values())))
-        step = self.fixed_batch or count_all
         block_ms = [0.0] * len(self.blocks)
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
-        for start in range(0, count_all, max(step, 1)):
-            chunk = {name: value[start:start + step] for name, value in feeds.items()}
-            count = len(next(iter(chunk.values())))
-            if count < step:
-                chunk = {name: np.concatenate([value, np.repeat(value[-1:], step - count, axis=0)])
-                         for name, value in chunk.items()}
+
+        def run(chunk: dict[str, np.ndarray]) -> list[np.ndarray]:
             values = self._chain(chunk, block_ms)
-            for name in self.output_names:
-                parts[name].append(values[name][:count])
-        outputs = {name: np.concatenate(chunks) if len(chunks) > 1 else chunks[0] for name, chunks in parts.items()}
+            return [values[name] for name in self.output_names]
+
+        step = self.fixed_batch or len(next(iter(feeds.values())))  # a fixed batch in chunks, the last one padded
+        outputs = dict(zip(self.output_names, run_in_batches(run, feeds, step, pad=True)))
         self.inferences += 1
         self._check_link()
-        return (outputs, block_ms) if timing else outputs
+        return outputs, block_ms
 
     # ---- the network link to the agent -----------------------------------------------------------
     def _network_needs(self) -> dict | None:
@@ -414,7 +437,8 @@ class Bundle:
         the plan used before the fall-back comes back at once)."""
         from explorer.offload import OffloadFailed
 
-        if time.monotonic() - self._last_probe < self._probe_every_s:
+        client = self.client
+        if client is None or time.monotonic() - self._last_probe < self._probe_every_s:
             return
         local_now = not any(b.session is None for b in self.blocks)
         if self.link_down is None and not (self.auto and local_now and self._assumed_network() is not None):
@@ -423,36 +447,39 @@ class Bundle:
         assumed = min((p["needs"]["network"]["rtt_ms"] for p in self.plans if (p.get("needs") or {}).get("network")),
                       default=None)
         try:
-            rtt = self.client.ping(timeout_s=min(self.client.timeout_s, 1.0))
+            rtt = client.ping(timeout_s=min(client.timeout_s, 1.0))
         except OffloadFailed as error:
             self.link_down = self.link_down or f"the agent did not answer a probe: {error}"
             return
         if self.link_down is None or (assumed is not None and rtt > RTT_TOLERANCE * assumed):
             return
-        log.info("the link to %s is back (round trip %.1f ms)", self.client.url, rtt)
+        log.info("the link to %s is back (round trip %.1f ms)", client.url, rtt)
         self.link_down = None
         if self._return_to is not None:
             back, self._return_to = self._return_to, None
-            self._switch_to(self._plan(back), f"the link to {self.client.url} is back (round trip {rtt:.1f} ms)")
+            self._switch_to(self._plan(back), f"the link to {client.url} is back (round trip {rtt:.1f} ms)")
 
     def _chain(self, inputs: dict[str, np.ndarray], block_ms: list[float]) -> dict[str, np.ndarray]:
-        """Run the blocks in order on one batch, adding each block's wall time to `block_ms`."""
-        values = dict(inputs)
-        for block, done_with in zip(self.blocks, self._free_after):
-            feeds = {name: values[name] for name in block.inputs}
-            start = time.perf_counter()
-            if block.session is None:  # a remote block: the agent runs it (OffloadFailed when it cannot)
-                sha = self.manifest["files"][block.file]
-                answer = self.client.run(sha, lambda: _bundle_file(self.path, block.file).read_bytes(), feeds,
-                                         block.provider, self.current["blocks"][block.index]["threads"])
-                results = [answer[name] for name in block.outputs]
-            else:
-                results = block.session.run(list(block.outputs), feeds)
-            block_ms[block.index] += (time.perf_counter() - start) * 1e3
-            values.update(zip(block.outputs, results))
-            for name in done_with:
-                values.pop(name, None)
-        return values
+        """Run the blocks in order on one batch, adding each block's wall time to `block_ms`; each tensor is
+        dropped after its last use."""
+        steps = [ChainStep(block.inputs, block.outputs, functools.partial(self._run_block, block, block_ms))
+                 for block in self.blocks]
+        return run_chain(steps, inputs, forget=self._free_after)
+
+    def _run_block(self, block: BlockSession, block_ms: list[float], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One block's outputs (in block.outputs' order), locally or on the agent; its wall time added to `block_ms`."""
+        start = time.perf_counter()
+        if block.session is not None:
+            results = block.session.run(list(block.outputs), feeds)
+        elif self.client is None:  # remote blocks have no session only when a client runs them (_switch_to)
+            raise ExplorerError(f"block {block.index} has no session and no agent to run it: load the bundle again")
+        else:  # a remote block: the agent runs it (OffloadFailed when it cannot)
+            sha = self.manifest["files"][block.file]
+            answer = self.client.run(sha, lambda: _bundle_file(self.path, block.file).read_bytes(), feeds,
+                                     block.provider, self.current["blocks"][block.index]["threads"])
+            results = [answer[name] for name in block.outputs]
+        block_ms[block.index] += (time.perf_counter() - start) * 1e3
+        return results
 
     def _checked_inputs(self, x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every input's batch by name, checked against its declared shape and dtype."""
@@ -672,10 +699,8 @@ def _check_sha256(name: str, actual: str, expected: str) -> None:
 def _open_session(entry: dict[str, Any], data: bytes, strict: bool,
                   fallbacks: list[str]) -> tuple[ort.InferenceSession, str]:
     """A session for one block on its provider (or on the CPU, warning, when that is missing)."""
-    provider = entry["provider"]
+    provider, threads = entry["provider"], entry["threads"]
     where = f"block {entry['index']} (processor {entry['processor']})"
-    options = session_options()
-    options.intra_op_num_threads = entry["threads"]
 
     def fall_back(reason: str) -> ort.InferenceSession:
         if strict:
@@ -684,29 +709,19 @@ def _open_session(entry: dict[str, Any], data: bytes, strict: bool,
         message = f"{where}: {reason}; running it on {CPU_PROVIDER} instead"
         fallbacks.append(message)
         warnings.warn(message, ProviderFallbackWarning, stacklevel=4)
-        return _session(entry, data, options, [CPU_PROVIDER])
+        return open_session(data, CPU_PROVIDER, threads, what=entry["file"])
 
-    if provider == CPU_PROVIDER:
-        return _session(entry, data, options, [(CPU_PROVIDER, entry["provider_options"])]), CPU_PROVIDER
-    if provider not in ort.get_available_providers():
-        available = ", ".join(ort.get_available_providers())
-        return fall_back(f"this ONNX Runtime has no {provider} (it has {available})"), CPU_PROVIDER
     try:
-        session = _session(entry, data, options, [(provider, entry["provider_options"]), CPU_PROVIDER])
-    except ExplorerError as exc:
-        return fall_back(f"{provider} could not open it ({exc})"), CPU_PROVIDER
-    runs_on = session.get_providers()[0]
-    if runs_on != provider:  # ORT gave up on the provider (e.g. missing driver libraries) on its own
+        session = open_session(data, provider, threads, provider_options=entry["provider_options"], what=entry["file"])
+    except ProviderMissing as missing:
+        return fall_back(f"this ONNX Runtime has no {provider} (it has {', '.join(missing.available)})"), CPU_PROVIDER
+    except ProviderNotStarted:  # ORT gave up on the provider (e.g. missing driver libraries) on its own
         return fall_back(f"{provider} is installed but ONNX Runtime could not start it"), CPU_PROVIDER
-    return session, runs_on
-
-
-def _session(entry: dict[str, Any], data: bytes, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(data, options, providers=providers)
-    except Exception as exc:  # ORT raises its own exception types for invalid models and options
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExplorerError(f"ONNX Runtime cannot load {entry['file']}: {first_line}") from None
+    except SessionError as error:
+        if provider == CPU_PROVIDER:
+            raise
+        return fall_back(f"{provider} could not open it ({error})"), CPU_PROVIDER
+    return session, session.get_providers()[0]
 
 
 def _check_block_io(block: BlockSession) -> None:
@@ -914,16 +929,7 @@ def _save_npy(path: Path, array: np.ndarray | dict[str, np.ndarray]) -> Path:
     if path.suffix != (".npz" if isinstance(array, dict) else ".npy"):
         raise ExplorerError(f"{path}: the output is written as .npy (the first output) or .npz (every output by name); "
                             "give a file name ending in .npy or .npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if isinstance(array, dict):
-                np.savez(handle, **array)
-            else:
-                np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    if isinstance(array, dict):
+        named: dict[str, Any] = array  # savez's keywords are array names (typed, the flag allow_pickle too)
+        return atomic_write(path, lambda handle: np.savez(handle, **named))
+    return atomic_write(path, lambda handle: np.save(handle, array))

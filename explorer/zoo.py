@@ -500,7 +500,7 @@ def build_vgg16_imagenet(seed: int = 0) -> onnx.ModelProto:
 # ---- evaluation ---------------------------------------------------------------------------------
 def onnx_top1(model: onnx.ModelProto | str | Path, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy of an ONNX classifier on (x, y) with ONNX Runtime on the CPU."""
-    from explorer.accuracy import run_model
+    from explorer.sessions import run_model
 
     loaded = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     return float(np.mean(run_model(loaded, x).argmax(axis=1) == y))

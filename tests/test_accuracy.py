@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from explorer.accuracy import (NOT_MEASURED, AccuracyScorer, run_model, rungs_within_bound, scoring_threads,
-                               sensitivity_table, worker_environment)
+from explorer.accuracy import NOT_MEASURED, AccuracyScorer, rungs_within_bound, sensitivity_table
+from explorer.sessions import run_model, scoring_threads, worker_environment
 from explorer.compress import Compressor, decision_for, full_rank_plan
 from explorer.data import Dataset
 from explorer.errors import ExplorerError

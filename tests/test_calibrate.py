@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from explorer import calibrate
+from explorer import calibrate, hostprofile
 from explorer.boards import PRECISIONS, load_board
 from explorer.errors import ExplorerError
 
@@ -105,9 +105,9 @@ def test_interrupt_while_writing_keeps_the_previous_profile(tmp_path, monkeypatc
     def interrupt(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(calibrate, "load_board", interrupt)
+    monkeypatch.setattr(hostprofile, "load_board", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        calibrate._write_atomically(target, "[board]\n")
+        hostprofile.write_profile(target, "[board]\n")
     assert target.read_text() == "old profile\n"
     assert [p.name for p in tmp_path.iterdir()] == ["host.toml"]
 
@@ -116,7 +116,7 @@ def test_a_profile_that_does_not_load_is_not_written(tmp_path):
     target = tmp_path / "host.toml"
     target.write_text("old profile\n")
     with pytest.raises(ExplorerError, match="does not load.*left unchanged"):
-        calibrate._write_atomically(target, '[board]\nname = "host"\n')
+        hostprofile.write_profile(target, '[board]\nname = "host"\n')
     assert target.read_text() == "old profile\n"
     assert [p.name for p in tmp_path.iterdir()] == ["host.toml"]
 
@@ -153,7 +153,7 @@ def test_power_is_measured_from_rapl_and_nvml_when_readable(monkeypatch):
     monkeypatch.setattr(calibrate.blockrun, "nvml_counter",
                         lambda: calibrate.blockrun.EnergyCounter("NVML (fake)", fake.read, window_s=0.1))
     ops = {"gemv": calibrate._gemm_op("gemv", 1, 64, 64, "fc", calibrate.np.random.default_rng(0))}
-    units = (calibrate._Unit("cpu", 2), calibrate._Unit("cpu1", 1), calibrate._Unit("gpu", 1, kind="gpu"))
+    units = (hostprofile.Unit("cpu", 2), hostprofile.Unit("cpu1", 1), hostprofile.Unit("gpu", 1, kind="gpu"))
     power, no_power = calibrate._measure_power(units, ops, calibrate.QUICK, lambda message: None)
     assert not no_power
     active, idle, active_how, _ = power["cpu"]
@@ -169,7 +169,7 @@ def test_without_counters_power_is_an_estimate_that_says_why(monkeypatch):
     monkeypatch.setattr(calibrate.blockrun, "rapl_counter", lambda: None)
     monkeypatch.setattr(calibrate.blockrun, "nvml_counter", lambda: None)
     ops = {"gemv": calibrate._gemm_op("gemv", 1, 64, 64, "fc", calibrate.np.random.default_rng(0))}
-    units = (calibrate._Unit("cpu", 2), calibrate._Unit("gpu", 1, kind="gpu"))
+    units = (hostprofile.Unit("cpu", 2), hostprofile.Unit("gpu", 1, kind="gpu"))
     power, no_power = calibrate._measure_power(units, ops, calibrate.QUICK, lambda message: None)
     assert not power
     assert "RAPL" in no_power["cpu"] and "NVML" in no_power["gpu"]

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from explorer.accuracy import run_model
+from explorer.sessions import run_model
 from explorer.compress import Compressor, decision_for, full_rank_plan
 from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph, load_graph

@@ -9,7 +9,8 @@ import onnx
 import pytest
 
 from corpus import CASES, Case, recogniser, transformer_block
-from explorer.accuracy import AccuracyScorer, inference_session, run_batched
+from explorer.accuracy import AccuracyScorer
+from explorer.sessions import run_batched, scoring_session
 from explorer.boards import load_board
 from explorer.cli import main
 from explorer.compress import Compressor, full_rank_plan
@@ -34,7 +35,7 @@ def run(capsys, *argv):
 
 
 def all_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = inference_session(model)
+    session = scoring_session(model)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, run_batched(session, feeds, names)))
 

@@ -13,7 +13,7 @@ import pytest
 import explorer.export
 import explorer.partition
 import explorer.runtime
-from explorer.accuracy import AccuracyScorer, run_model
+from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
@@ -23,6 +23,7 @@ from explorer.measure import SimMeasurer
 from explorer.plan import Decision, Plan
 from explorer.problem import Constraints, Objective, Problem
 from explorer.runtime import Bundle, ProviderFallbackWarning, format_run_summary, run_bundle_cli
+from explorer.sessions import run_model
 from explorer.zoo import zoo_validation_data
 
 SAMPLES = 300

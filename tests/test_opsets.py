@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from explorer.accuracy import run_model
+from explorer.sessions import run_model
 from explorer.compress import Compressor, decision_for, full_rank_plan
 from explorer.graph import LayerGraph
 from explorer.partition import run_blocks, unit_blocks

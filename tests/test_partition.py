@@ -2,7 +2,7 @@
 import numpy as np
 import onnx
 
-from explorer.accuracy import run_model
+from explorer.sessions import run_model
 from explorer.compress import Compressor, decision_for
 from explorer.graph import LayerGraph, load_graph
 from explorer.partition import block_boundaries, run_blocks, unit_blocks

@@ -108,7 +108,7 @@ def test_a_plan_set_stores_shared_blocks_once(setup):
     for name, plan_id in _ids(path).items():  # every plan runs, and gives its own model's outputs
         bundle.use(plan_id)
         reference = problem.compressor.rewrite(PLANS[name], problem.calibration_inputs)
-        from explorer.accuracy import run_model
+        from explorer.sessions import run_model
 
         np.testing.assert_allclose(bundle.run(x), run_model(reference, x), rtol=1e-4, atol=1e-4)
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from explorer.accuracy import AccuracyScorer, calibration_inputs, run_model, sensitivity_table
+from explorer.accuracy import AccuracyScorer, calibration_inputs, sensitivity_table
 from explorer.boards import load_board
 from explorer.cli import main
 from explorer.compress import Compressor
@@ -15,6 +15,7 @@ from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph, parse_input_shapes
 from explorer.measure import block_specs
 from explorer.plan import Decision, Plan
+from explorer.sessions import run_model
 from netbuild import lenet5, ocr_cnn
 
 

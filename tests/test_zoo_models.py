@@ -69,7 +69,7 @@ def test_shipped_subset_is_the_metric_subset() -> None:
 @pytest.mark.parametrize("name", ["vgg", "dnn", "cnn"])
 def test_export_matches_torch(name: str) -> None:
     """BatchNorm folding and the ONNX graph compute what the torch network computes (eval mode)."""
-    from explorer.accuracy import run_model
+    from explorer.sessions import run_model
 
     recipe = zoo.SMALL_RECIPES[name][0]
     build, export = zoo_train._ARCHS[name]
