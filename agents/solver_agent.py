@@ -1,7 +1,7 @@
 """The analytic DAD/RLC plan alone: solve, measure, recalibrate and re-solve.
 
-Its trials are what `explorer.measured_solver.MeasuredSolver.solve` evaluates: the baseline plan (the bound the
-solver must beat), then one plan per round. It stops when a round beats the best measured plan,
+Its trials are what `explorer.measured_solver.MeasuredSolver.solve` evaluates: the reference plans (the
+best feasible one is the bound the solver must beat), then one plan per round. It stops when a round beats the best measured plan,
 when the model predicts nothing better, when the rounds run out or at the budget, whichever comes
 first, so it may use fewer evaluations than the budget. Deterministic: the seed is not used.
 """

@@ -1,12 +1,12 @@
 """The solver's side of a PPO search: its plans to imitate, and re-solves as the search measures.
 
 The measured solver's rounds (`MeasuredSolver.solve`) start the search; the guide goes on with the same
-MeasuredSolver. At each refresh it absorbs every trial measured since (recalibrating the cost model and
-fitting the accuracy budget to the measured/estimated loss), re-solves with the best measured plan as
-incumbent and measures that plan, then up to `local_proposals` plans the solver predicts best within
-LOCAL_RADIUS layers of the best measured plan; the best measured plan becomes the suggestion. Every other
-refresh, the local plans and the suggestion start from the best measured plan with accuracy headroom
-instead (`SolverGuide.refresh`).
+MeasuredSolver. At each refresh it absorbs every trial measured since (the rounds' cost model fitted to
+every trial of the search, the accuracy budget to their measured/estimated loss: `fit_accuracy`),
+re-solves with the best measured plan as incumbent and measures that plan, then up to `local_proposals`
+plans the solver predicts best within LOCAL_RADIUS layers of the best measured plan; the best measured
+plan becomes the suggestion. Every other refresh, the local plans and the suggestion start from the best
+measured plan with accuracy headroom instead (`SolverGuide.refresh`).
 """
 from __future__ import annotations
 
@@ -73,8 +73,7 @@ class SolverGuide:
         Every other refresh, local proposals and suggestion start instead from the best plan that
         leaves accuracy headroom (`best_with_headroom`): a best plan at the accuracy limit has no
         neighbour that compresses more, one with headroom does, so the search does not stall there."""
-        for trial in self.problem.result.trials[self._absorbed:]:
-            self.solver.absorb(trial.plan, trial.evaluation)
+        self.solver.absorb((trial.plan, trial.evaluation) for trial in self.problem.result.trials[self._absorbed:])
         self._absorbed = len(self.problem.result.trials)
         self.solver.fit_accuracy()
         instance = self.solver.instance()

@@ -3,15 +3,21 @@ the best measured plan as incumbent.
 
 The additive model misjudges real effects (accuracy drops compound; overheads, shapes and contention it
 lacks). A `MeasuredSolver` keeps what the measurements taught it: the cost model recalibrated per
-(processor, op kind, precision) from every measured block it absorbed, and the accuracy budget it gives
+(processor, op kind, precision) from the measured blocks it absorbed, and the accuracy budget it gives
 the program (a factor on the limit, from the measured/estimated accuracy loss). Its own rounds
 (`MeasuredSolver.solve`, `solve_measured`) serve the `solver` agent and `explorer solve`, and start PPO,
 whose `SolverGuide` goes on re-solving with the same MeasuredSolver between rollouts.
+
+Two ways to learn, for two paces: a round of `solve` corrects the model it was solved on (`settle` after
+each absorbed plan) and tightens the accuracy budget while plans break the limit (`tighten_accuracy`), so
+a few rounds reach a feasible plan; the guide pools the many trials of a search (one fit of the settled
+model to all of them, which the median makes robust to noise) and fits the budget to a high quantile of
+their measured/estimated accuracy loss (`fit_accuracy`).
 """
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,26 +65,39 @@ class MeasuredSolver:
         self.problem = problem
         self.evaluate = evaluate or problem.evaluate
         self.base_model = cost_model or problem.cost_model
-        self.cost_model = self.base_model  # the base model fitted to every measured block absorbed
+        self.cost_model = self.base_model  # the base model fitted to the measured blocks absorbed since it became the base
         self.sensitivity = (sensitivity_table(problem.graph, problem.compressor, problem.scorer)
                             if problem.scorer.measured else None)
         self.time_limit_s = time_limit_s
         self.accuracy_scale = 1.0  # factor on the accuracy limit the program gets
-        self.accuracy_pairs: list[tuple[float, float]] = []  # (estimated, measured) accuracy loss per absorbed plan
-        self._observations: list[Observation] = []
-        self._absorbed: set[str] = set()
+        self._observations: dict[str, list[Observation]] = {}  # by plan digest, since the base model became the base
+        self._accuracy: dict[str, tuple[float, float]] = {}  # by plan digest: (estimated, measured) accuracy loss
 
-    def absorb(self, plan: Plan, evaluation: Evaluation) -> None:
-        """Learn from a measured plan (once per plan; a failed measurement teaches nothing): its blocks
-        recalibrate the cost model, its accuracy loss joins `accuracy_pairs`."""
-        if evaluation.failed or plan.digest() in self._absorbed:
-            return
-        self._absorbed.add(plan.digest())
-        self._observations += block_observations(self.problem, self.base_model, plan, evaluation)
-        self.cost_model = self.base_model.calibrated(self._observations)
-        if self.sensitivity is not None and evaluation.accuracy_drop is not None:
-            estimate = sum(self.sensitivity.estimate(name, d.method, d.rank, d.precision) for name, d in plan.decisions)
-            self.accuracy_pairs.append((estimate, evaluation.accuracy_drop))
+    def absorb(self, measured: Iterable[tuple[Plan, Evaluation]]) -> None:
+        """Learn from measured plans (a failed measurement teaches nothing): the base model is fitted to their
+        blocks and those absorbed before (a median ratio per processor, op kind and precision), their accuracy
+        loss joins `accuracy_pairs`. A plan absorbed again is counted once."""
+        for plan, evaluation in measured:
+            key = plan.digest()
+            if evaluation.failed:
+                continue
+            if key not in self._observations:
+                self._observations[key] = block_observations(self.problem, self.base_model, plan, evaluation)
+            if self.sensitivity is not None and evaluation.accuracy_drop is not None and key not in self._accuracy:
+                estimate = sum(self.sensitivity.estimate(name, d.method, d.rank, d.precision) for name, d in plan.decisions)
+                self._accuracy[key] = (estimate, evaluation.accuracy_drop)
+        self.cost_model = self.base_model.calibrated([o for observations in self._observations.values() for o in observations])
+
+    def settle(self) -> None:
+        """Make the recalibrated cost model the base: what was absorbed is built into it, and what is absorbed
+        next is fitted from it (each round of `solve` corrects the model that round was solved on)."""
+        self.base_model = self.cost_model
+        self._observations = {}
+
+    @property
+    def accuracy_pairs(self) -> list[tuple[float, float]]:
+        """(estimated, measured) accuracy loss of every plan absorbed (the estimate: the sensitivity table's sum)."""
+        return list(self._accuracy.values())
 
     def instance(self) -> Instance:
         """The program on the recalibrated cost model, with the Problem's accuracy limit."""
@@ -135,7 +154,8 @@ class MeasuredSolver:
                 break  # the (recalibrated) model predicts nothing better than the best measured plan
             evaluation = self.evaluate(solution.plan)
             history.append((solution, evaluation))
-            self.absorb(solution.plan, evaluation)
+            self.absorb([(solution.plan, evaluation)])
+            self.settle()
             if evaluation.feasible:
                 if best_known is None or evaluation.objective < self.evaluate(best_known).objective:
                     break

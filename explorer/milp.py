@@ -25,7 +25,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 import numpy as np
 from scipy.optimize import LinearConstraint
@@ -71,13 +70,12 @@ class Choice:
     weight_bytes: float
     accuracy_drop: float  # estimate from the sensitivity table (0 when not measured)
 
+    processor: str = field(init=False, repr=False, compare=False)  # the decision's, never None
+
     def __post_init__(self) -> None:
         if self.decision.processor is None:
             raise ValueError(f"a choice of the integer program runs on a processor: {self.decision} has none")
-
-    @property
-    def processor(self) -> str:
-        return cast(str, self.decision.processor)  # never None (__post_init__)
+        object.__setattr__(self, "processor", self.decision.processor)  # frozen: set once, read in every total
 
 
 @dataclass

@@ -213,3 +213,23 @@ def test_measured_solve_names_the_bound_it_could_not_beat(monkeypatch):
     best_reference, _, _ = problem.best_reference()
     with pytest.raises(ExplorerError, match=rf"nothing better than the best reference plan \({re.escape(best_reference)}\)"):
         solve_measured(problem)
+
+
+def test_the_measured_solver_counts_a_plan_once_and_settles_its_fit_into_the_base():
+    """`absorb` fits the base cost model to the measured blocks (a plan absorbed again counts once, as does
+    its accuracy pair); `settle` makes the fitted model the base that later measurements correct."""
+    from explorer.measured_solver import MeasuredSolver
+
+    problem = _problem(load_board("tegra-k1"), latency_ms=1e4, max_accuracy_drop=1.0)
+    solver = MeasuredSolver(problem)
+    plan = problem.baseline_plan()
+    evaluation = problem.evaluate(plan)
+    solver.absorb([(plan, evaluation)])
+    fitted = solver.cost_model.factors
+    assert fitted != problem.cost_model.factors and solver.base_model is problem.cost_model
+    solver.absorb([(plan, evaluation), (plan, evaluation)])
+    assert solver.cost_model.factors == fitted and len(solver.accuracy_pairs) == 1
+    solver.settle()
+    assert solver.base_model.factors == fitted
+    solver.absorb([(plan, evaluation)])  # measured again against the settled model, which predicts it
+    assert solver.cost_model.factors.keys() == fitted.keys() and len(solver.accuracy_pairs) == 1
