@@ -91,7 +91,7 @@ class SolverGuide:
     def best_with_headroom(self) -> Trial | None:
         """The best feasible trial whose measured accuracy loss is at most HEADROOM_FRACTION of the
         limit (None without an accuracy limit or such a trial)."""
-        limit = self.problem.constraints.max_accuracy_drop
+        limit = self.solver.problem.constraints.max_accuracy_drop
         if not limit:
             return None
         roomy = [t for t in self.problem.result.trials if t.evaluation.feasible
@@ -108,7 +108,7 @@ class SolverGuide:
             return None
         local = copy.copy(instance)
         predicted_anchor = predicted(local, anchor_picks)
-        limit = self.problem.constraints.max_accuracy_drop
+        limit = self.solver.problem.constraints.max_accuracy_drop
         if local.accuracy_limit is not None and limit is not None and anchor.evaluation.accuracy_drop is not None:
             headroom = max(limit - anchor.evaluation.accuracy_drop, 0.0)
             local.accuracy_limit = predicted_anchor["accuracy_drop"] + headroom * self.solver.accuracy_scale
