@@ -1,7 +1,7 @@
 """The analytic DAD/RLC plan alone: solve, measure, recalibrate and re-solve.
 
-Its trials are what `explorer.solver.solve_measured` evaluates: the baseline plan (the bound the
-solver must beat), then one plan per round. It stops when a round beats the best measured plan,
+Its trials are what `explorer.measured_solver.MeasuredSolver.solve` evaluates: the reference plans (the
+best feasible one is the bound the solver must beat), then one plan per round. It stops when a round beats the best measured plan,
 when the model predicts nothing better, when the rounds run out or at the budget, whichever comes
 first, so it may use fewer evaluations than the budget. Deterministic: the seed is not used.
 """
@@ -11,8 +11,8 @@ import logging
 
 from agents.base import BudgetedProblem, BudgetExhausted, SearchResult, TrialCallback
 from explorer.errors import ExplorerError
+from explorer.measured_solver import MeasuredSolver
 from explorer.problem import Problem
-from explorer.solver import solve_measured
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ class SolverAgent:
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
         budgeted = BudgetedProblem(problem, budget, self.name, callback)
         try:
-            budgeted.result.seed_plan = solve_measured(budgeted, rounds=self.rounds, time_limit_s=self.time_limit_s).plan
+            solver = MeasuredSolver(budgeted.problem, budgeted.evaluate, time_limit_s=self.time_limit_s)
+            budgeted.result.seed_plan = solver.solve(self.rounds).plan
         except BudgetExhausted:
             pass
         except ExplorerError as error:  # nothing (better) on the model: the measured plans are the result

@@ -79,7 +79,7 @@ def nvml_cadence(seconds: float = 3.0) -> str:
 
 def measured_rows(model: str, board: str) -> tuple[list[list[object]], Plan | None, object]:
     """One row per plan measured with --measure host; the solver plan and the host problem."""
-    from explorer.solver import solve_measured
+    from explorer.measured_solver import solve_measured
 
     sim = zoo_problem(model, board, "sim", latency_ms=None, max_accuracy_drop_points=1)
     baseline_ms = sim.baseline().latency_ms

@@ -54,9 +54,9 @@ from explorer.cache import atomic_write_json, digest, read_json
 from explorer.errors import ExplorerError, termination_as_interrupt
 from explorer.graph import load_graph
 from explorer.measure import SimMeasurer
+from explorer.measured_solver import solve_measured
 from explorer.paths import runs_dir
 from explorer.problem import Constraints, Objective, Problem
-from explorer.solver import solve_measured
 from explorer.zoo import zoo_validation_data
 
 AGENT_OPTIONS = {"optuna-tpe": {"storage": "memory"}, "optuna-nsga2": {"storage": "memory"}}  # fresh studies

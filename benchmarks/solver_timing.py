@@ -16,7 +16,9 @@ import sys
 import time
 
 from benchmarks.common import markdown_table, write_json, zoo_problem
-from explorer.solver import instance_for, solve, solve_cache_bypassed
+from explorer.highs import solve_cache_bypassed
+from explorer.milp import solve
+from explorer.solver import instance_for
 
 # (model, board, latency budget ms, accuracy-drop limit in points, every rung offered even without data)
 CASES = [("vgg", "tegra-k1", 250.0, 1.0, False), ("vgg", "snapdragon-800", 250.0, 1.0, False),

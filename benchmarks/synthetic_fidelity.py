@@ -25,8 +25,8 @@ from explorer.boards import load_board
 from explorer.data import Dataset
 from explorer.graph import load_graph
 from explorer.measure import make_measurer
+from explorer.measured_solver import solve_measured
 from explorer.problem import Constraints, Problem
-from explorer.solver import solve_measured
 from explorer.synthetic import SyntheticInputs, synthetic_dataset
 from explorer.zoo import zoo_validation_data
 

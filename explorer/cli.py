@@ -324,7 +324,7 @@ def print_limits(problem, best) -> None:
 
 
 def cmd_solve(args: argparse.Namespace) -> None:
-    from explorer.solver import solve_measured
+    from explorer.measured_solver import solve_measured
 
     problem = _problem(args)
     if problem.scorer.measured:

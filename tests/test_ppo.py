@@ -5,10 +5,12 @@ import pytest
 from sb3_contrib import MaskablePPO
 
 from agents.base import BudgetedProblem
-from agents.ppo import HEADROOM_FRACTION, LOCAL_RADIUS, Demonstration, PPOAgent, SolverGuide, behaviour_clone
+from agents.behaviour_cloning import Demonstration, behaviour_clone
+from agents.ppo import PPOAgent
+from agents.solver_guide import HEADROOM_FRACTION, LOCAL_RADIUS, SolverGuide
 from envs import DeployEnv
 from explorer import load_problem
-from explorer.solver import solve_measured
+from explorer.measured_solver import MeasuredSolver
 
 BUDGET = 38  # 8 reference plans, then 30 of the agent's own
 VGG = {"model": "vgg", "board": "tegra-k1", "objective": "energy", "latency_ms": 250.0, "max_accuracy_drop_points": 1,
@@ -23,7 +25,8 @@ def problem():
 @pytest.fixture(scope="module")
 def solver_objective(problem) -> float:
     """The measured solver plan's objective (what PPO's first trials evaluate)."""
-    measured = solve_measured(BudgetedProblem(problem, 100, "solver"))
+    budgeted = BudgetedProblem(problem, 100, "solver")
+    measured = MeasuredSolver(problem, budgeted.evaluate).solve()
     assert measured.feasible
     return measured.evaluation.objective
 
@@ -60,7 +63,8 @@ def test_local_proposals_stay_near_the_best_measured_plan_or_the_best_with_headr
             if e.feasible and (best is None or e.objective < best.evaluation.objective):
                 best = earlier
                 anchors.append(earlier.plan)
-            if e.feasible and e.accuracy_drop <= HEADROOM_FRACTION * limit and (roomy is None or e.objective < roomy.evaluation.objective):
+            roomier = roomy is None or e.objective < roomy.evaluation.objective
+            if e.feasible and e.accuracy_drop <= HEADROOM_FRACTION * limit and roomier:
                 roomy = earlier
                 anchors.append(earlier.plan)
         assert 1 <= min(_distance(trial.plan, anchor) for anchor in anchors) <= LOCAL_RADIUS
@@ -70,7 +74,7 @@ def test_every_other_refresh_suggests_the_best_plan_with_accuracy_headroom(runs,
     """Refreshes alternate the suggestion: the best measured plan, then the best one whose measured
     accuracy loss is within HEADROOM_FRACTION of the limit (here the plans of a search, replayed; the
     fraction lowered so that the search's best plan, 1 of the 300 images lost, has too little headroom)."""
-    monkeypatch.setattr("agents.ppo.HEADROOM_FRACTION", 0.2)
+    monkeypatch.setattr("agents.solver_guide.HEADROOM_FRACTION", 0.2)
     budgeted = BudgetedProblem(problem, BUDGET + 10, "ppo")
     for trial in runs[0].trials:
         budgeted.evaluate(trial.plan, trial.source)

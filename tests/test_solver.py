@@ -4,19 +4,21 @@ import re
 
 import numpy as np
 import pytest
+from boardbuild import write_board
+from netbuild import mlp, random_inputs, redundant_mlp, small_cnn
+from test_solver_boundary import Grid, check
 
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
+from explorer.highs import _highs_debug_prints_hidden, _libc
 from explorer.measure import SimMeasurer
+from explorer.milp import Choice, Instance, picks_for, predicted, solve
 from explorer.plan import Decision
 from explorer.problem import Constraints, Objective, Problem
-from explorer.solver import Choice, Instance, _highs_debug_prints_hidden, _libc, picks_for, predicted, solve, solve_problem
-from boardbuild import write_board
-from netbuild import mlp, random_inputs, redundant_mlp, small_cnn
-from test_solver_boundary import Grid, check
+from explorer.solver import solve_problem
 
 PROCESSORS = ["cpu", "gpu", "dsp"]
 
@@ -33,8 +35,9 @@ def _random_instance(rng: np.random.Generator, layers=4, rungs=3, precisions=("f
                 for precision in precisions:
                     shrink = (1 - 0.3 * r) * (0.6 if precision == "int8" else 1.0)
                     latency = base * shrink / speed[p] * rng.uniform(0.8, 1.2)
+                    drop = (0.01 * r + (0.005 if precision == "int8" else 0)) * rng.uniform(0.5, 1.5)
                     options.append(Choice(Decision("svd" if r else "full", 8 * r or None, precision, p), latency,
-                                          latency * power[p], 1e6 * shrink, (0.01 * r + (0.005 if precision == "int8" else 0)) * rng.uniform(0.5, 1.5)))
+                                          latency * power[p], 1e6 * shrink, drop))
         choices.append(options)
     transfer = [{(a, b): (rng.uniform(0, 2e-3), rng.uniform(0, 4e-3)) for a in PROCESSORS for b in PROCESSORS if a != b}
                 for _ in range(layers - 1)]
@@ -90,11 +93,11 @@ def test_excluded_plans_and_the_neighbourhood_bound_the_search():
 def test_a_program_solved_before_is_recalled_with_the_same_answer(monkeypatch):
     """The solve cache: the same program (instance, incumbent, exclusions, time limit) is answered from
     runs/cache/solves/ without calling HiGHS, identically (an infeasible one too); any change solves anew."""
-    from explorer import solver
+    from explorer import highs
 
     calls = []
-    real_milp = solver.milp
-    monkeypatch.setattr(solver, "milp", lambda *args, **kwargs: calls.append(1) or real_milp(*args, **kwargs))
+    real_milp = highs.milp
+    monkeypatch.setattr(highs, "milp", lambda *args, **kwargs: calls.append(1) or real_milp(*args, **kwargs))
     instance = _random_instance(np.random.default_rng(31))
     instance.latency_budget_s, instance.accuracy_limit, instance.memory_limit_bytes = 1.0, 1.0, None
     first = solve(instance, time_limit_s=17.0)
@@ -186,7 +189,7 @@ def test_solver_prediction_equals_the_cost_models_plan_cost():
 
 
 def test_measured_solve_accepts_an_incumbent():
-    from explorer.solver import solve_measured
+    from explorer.measured_solver import solve_measured
 
     problem = _problem(load_board("tegra-k1"), latency_ms=1e4, max_accuracy_drop=1.0)
     first = solve_measured(problem)
@@ -195,17 +198,38 @@ def test_measured_solve_accepts_an_incumbent():
 
 
 def test_measured_solve_names_the_bound_it_could_not_beat(monkeypatch):
-    import explorer.solver as solver_module
-    from explorer.solver import Solution, solve_measured
+    import explorer.measured_solver as measured_module
+    from explorer.measured_solver import solve_measured
+    from explorer.milp import Solution
 
     problem = _problem(load_board("tegra-k1"), latency_ms=1e4, max_accuracy_drop=1.0)
     first = solve_measured(problem)
     assert first.feasible and first.evaluation.objective < problem.baseline().objective  # the incumbent is the bound
     nan = float("nan")
     nothing = Solution(None, "infeasible", nan, nan, nan, nan, nan, 0.0, "nothing beats the bound")
-    monkeypatch.setattr(solver_module, "solve", lambda *args, **kwargs: nothing)
+    monkeypatch.setattr(measured_module, "solve", lambda *args, **kwargs: nothing)
     with pytest.raises(ExplorerError, match="nothing better than the incumbent plan"):
         solve_measured(problem, incumbent=first.plan)
     best_reference, _, _ = problem.best_reference()
     with pytest.raises(ExplorerError, match=rf"nothing better than the best reference plan \({re.escape(best_reference)}\)"):
         solve_measured(problem)
+
+
+def test_the_measured_solver_counts_a_plan_once_and_settles_its_fit_into_the_base():
+    """`absorb` fits the base cost model to the measured blocks (a plan absorbed again counts once, as does
+    its accuracy pair); `settle` makes the fitted model the base that later measurements correct."""
+    from explorer.measured_solver import MeasuredSolver
+
+    problem = _problem(load_board("tegra-k1"), latency_ms=1e4, max_accuracy_drop=1.0)
+    solver = MeasuredSolver(problem)
+    plan = problem.baseline_plan()
+    evaluation = problem.evaluate(plan)
+    solver.absorb([(plan, evaluation)])
+    fitted = solver.cost_model.factors
+    assert fitted != problem.cost_model.factors and solver.base_model is problem.cost_model
+    solver.absorb([(plan, evaluation), (plan, evaluation)])
+    assert solver.cost_model.factors == fitted and len(solver.accuracy_pairs) == 1
+    solver.settle()
+    assert solver.base_model.factors == fitted
+    solver.absorb([(plan, evaluation)])  # measured again against the settled model, which predicts it
+    assert solver.cost_model.factors.keys() == fitted.keys() and len(solver.accuracy_pairs) == 1

@@ -17,20 +17,21 @@ import re
 
 import numpy as np
 import pytest
+from boardbuild import write_board
+from netbuild import _Builder, mlp, random_inputs
 from scipy.optimize import OptimizeResult
 
-from explorer import solver as solver_module
+from explorer import highs
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.compress import Compressor
 from explorer.data import Dataset
 from explorer.graph import LayerGraph
+from explorer.highs import solve_cache_bypassed
 from explorer.measure import SimMeasurer
+from explorer.milp import FEASIBILITY_RTOL, OBJECTIVE_RTOL, Instance, picks_for, solve
 from explorer.problem import Constraints, Objective, Problem
-from explorer.solver import (FEASIBILITY_RTOL, OBJECTIVE_RTOL, Instance, instance_for, picks_for, solve,
-                             solve_cache_bypassed)
-from boardbuild import write_board
-from netbuild import _Builder, mlp, random_inputs
+from explorer.solver import instance_for
 
 OBJECTIVES = ("energy", "latency", "memory", "energy:0.5,latency:0.5", "latency:0.3,memory:0.7")
 SCALES = (1e-5, 1.0, 1e4)  # ns and nJ, the boards' own (~0.1 ms, ~0.1 mJ), s and J
@@ -93,26 +94,28 @@ class Grid:
         assert np.prod(self.shape) <= 120_000  # small instances: a brute force of at most ~1e5 plans
         index = {p: i for i, p in enumerate(instance.processors)}
 
-        def axis(values, l):  # layer l's per-choice values on axis l
+        def axis(values, layer):  # the layer's per-choice values on its own axis
             shape = [1] * layers
-            shape[l] = len(values)
+            shape[layer] = len(values)
             return np.asarray(values, dtype=float).reshape(shape)
 
         def total(value):
-            return sum(axis([value(c) for c in instance.choices[l]], l) for l in range(layers))
+            return sum(axis([value(c) for c in instance.choices[layer]], layer) for layer in range(layers))
 
-        procs = [axis([index[c.decision.processor] for c in instance.choices[l]], l).astype(int) for l in range(layers)]
+        procs = [axis([index[c.decision.processor] for c in instance.choices[layer]], layer).astype(int)
+                 for layer in range(layers)]
         metrics = {"latency": total(lambda c: c.latency_s), "energy": total(lambda c: c.energy_j),
                    "memory": total(lambda c: c.weight_bytes)}
         for position, metric in ((0, "latency"), (1, "energy")):
-            metrics[metric] = metrics[metric] + axis([instance.entry[c.decision.processor][position] for c in instance.choices[0]], 0)
+            metrics[metric] = metrics[metric] + axis([instance.entry[c.decision.processor][position]
+                                                      for c in instance.choices[0]], 0)
             metrics[metric] = metrics[metric] + axis([instance.exit[c.decision.processor][position]
                                                       for c in instance.choices[-1]], layers - 1)
-            for l in range(layers - 1):
+            for boundary in range(layers - 1):
                 matrix = np.zeros((len(index), len(index)))
-                for (a, b), pair in instance.transfer[l].items():
+                for (a, b), pair in instance.transfer[boundary].items():
                     matrix[index[a], index[b]] = pair[position]
-                metrics[metric] = metrics[metric] + matrix[procs[l], procs[l + 1]]
+                metrics[metric] = metrics[metric] + matrix[procs[boundary], procs[boundary + 1]]
         self.metrics = {m: np.broadcast_to(v, self.shape).ravel() for m, v in metrics.items()}
         self.drop = np.broadcast_to(total(lambda c: c.accuracy_drop), self.shape).ravel()
         self.on = {p: np.broadcast_to(total(lambda c, p=p: c.weight_bytes * (c.decision.processor == p)), self.shape).ravel()
@@ -283,7 +286,7 @@ def _answering(instance: Instance, picks_per_call: list[list[int]], real_milp):
         if len(calls) > len(picks_per_call):
             return real_milp(c, **kwargs)
         x = np.zeros(len(c))
-        x[[offsets[l] + p for l, p in enumerate(picks_per_call[len(calls) - 1])]] = 1.0
+        x[[offsets[layer] + p for layer, p in enumerate(picks_per_call[len(calls) - 1])]] = 1.0
         return OptimizeResult(status=0, x=x, fun=float(c @ x), message="Optimization terminated successfully.")
 
     return milp, calls
@@ -296,8 +299,8 @@ def test_a_returned_plan_that_breaks_a_limit_is_excluded_and_the_program_solved_
     instance = _instance("cnn4", "tegra-k1", "energy", str(tmp_path))
     free = solve(instance)
     tight = dataclasses.replace(instance, latency_budget_s=free.latency_s * (1 - 1e-6))
-    milp, calls = _answering(tight, [picks_for(instance, free.plan)], solver_module.milp)
-    monkeypatch.setattr(solver_module, "milp", milp)
+    milp, calls = _answering(tight, [picks_for(instance, free.plan)], highs.milp)
+    monkeypatch.setattr(highs, "milp", milp)
     with solve_cache_bypassed():
         solution = solve(tight)
     assert len(calls) == 2 and solution.optimal and solution.plan != free.plan
@@ -310,8 +313,8 @@ def test_a_solver_that_keeps_breaking_a_limit_gives_no_plan(tmp_path, monkeypatc
     instance = _instance("cnn4", "tegra-k1", "energy", str(tmp_path))
     free = solve(instance)
     tight = dataclasses.replace(instance, latency_budget_s=free.latency_s * (1 - 1e-6))
-    milp, calls = _answering(tight, [picks_for(instance, free.plan)] * 20, solver_module.milp)
-    monkeypatch.setattr(solver_module, "milp", milp)
+    milp, calls = _answering(tight, [picks_for(instance, free.plan)] * 20, highs.milp)
+    monkeypatch.setattr(highs, "milp", milp)
     with solve_cache_bypassed():
         solution = solve(tight)
     assert solution.plan is None and solution.status == "infeasible" and len(calls) == 2
@@ -326,14 +329,14 @@ def test_optimal_is_said_only_when_the_plan_has_the_objective_highs_proved(tmp_p
     objective = grid.objective(instance)
     feasible = np.flatnonzero(grid.feasible(instance))
     worse = grid_picks(grid, int(feasible[np.argsort(objective[feasible])[len(feasible) // 2]]))
-    milp, _ = _answering(instance, [worse], solver_module.milp)
+    milp, _ = _answering(instance, [worse], highs.milp)
 
     def claims_less(c, **kwargs):
         result = milp(c, **kwargs)
         result.fun *= 0.5
         return result
 
-    monkeypatch.setattr(solver_module, "milp", claims_less)
+    monkeypatch.setattr(highs, "milp", claims_less)
     with solve_cache_bypassed():
         solution = solve(instance)
     assert solution.status == "feasible" and not solution.optimal and picks_for(instance, solution.plan) == worse
