@@ -40,12 +40,12 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from agents.base import BudgetedProblem, BudgetExhausted, SearchResult, Trial, TrialCallback
 from envs.deploy import DeployEnv
 from explorer.accuracy import sensitivity_table
 from explorer.errors import ExplorerError
 from explorer.plan import Plan
 from explorer.problem import Problem
+from explorer.searching import BudgetedProblem, BudgetExhausted, SearchResult, Trial, TrialCallback
 from explorer.solver import (
     Instance,
     MeasuredSolve,
@@ -85,6 +85,7 @@ class PPOAgent:
     observation), recalibrating the cost model and re-solving as it measures."""
 
     name = "ppo"
+    anytime = False  # PPO's updates depend on the budget: a smaller budget is another search
 
     def __init__(self, episodes_per_update: int = 8, parallel_episodes: int = 4, minibatches: int = 2,
                  epochs: int = 4, learning_rate: float = 3e-4, entropy_coef: float = 0.01, clip_range: float = 0.2,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from agents.base import BudgetedProblem, BudgetExhausted, SearchResult, TrialCallback
 from explorer.errors import ExplorerError
 from explorer.problem import Problem
+from explorer.searching import BudgetedProblem, BudgetExhausted, SearchResult, TrialCallback
 from explorer.solver import solve_measured
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from agents import AGENTS, make_agent
-from agents.base import SearchResult, Trial
+from explorer.searching import SearchResult, Trial
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.cache import atomic_write_json, digest, read_json

@@ -446,7 +446,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def _search_agent(args: argparse.Namespace, shared: bool = False, **options):
     """The --agent, with the Optuna options (--storage, --study) where it is an Optuna agent."""
-    from agents import make_agent
+    from explorer.registry import make_agent
 
     if args.agent.startswith("optuna"):
         options = {"storage": args.storage, "study_name": args.study, "shared": shared} | options
@@ -634,7 +634,7 @@ def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, 
     console.print(f"open the MLflow UI: {ui_command(tracking_uri)}")
     dashboard = None
     if args.agent.startswith("optuna"):
-        from agents.optuna_agents import dashboard_command
+        from explorer.studies import dashboard_command
 
         if dashboard := dashboard_command(args.storage):
             console.print(f"open the Optuna dashboard: {dashboard}", soft_wrap=True)
@@ -675,7 +675,7 @@ def _search_worker(args: argparse.Namespace) -> None:
 def _search_distributed(args: argparse.Namespace) -> None:
     """`--workers N`: N local worker processes share one Optuna study and one MLflow parent run
     (explorer/workers.py starts and watches them, and replaces one that dies)."""
-    from agents.optuna_agents import default_storage_url, default_study_name, open_storage
+    from explorer.studies import default_storage_url, default_study_name, open_storage
     from explorer.accuracy import worker_environment
     from explorer.paths import runs_dir
     from explorer.tracking import SearchTracker

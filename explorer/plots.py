@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from agents.base import SearchResult, Trial
+    from explorer.searching import SearchResult, Trial
 
 #: How far past the data a limit may lie and still be drawn (as a share of the data's span).
 LIMIT_MARGIN = 0.5
@@ -34,8 +34,9 @@ class PlotSettings:
     references: tuple[tuple[str, float], ...] = ()
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats on both coordinates (both minimised), by the first one."""
+def staircase(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates (both minimised), by the first one: the step line
+    of a panel's front (explorer.searching.pareto_front is the trials' front on every metric at once)."""
     front: list[tuple[float, float]] = []
     for x, y in sorted(set(points)):
         if not front or y < front[-1][1]:
@@ -80,7 +81,7 @@ def _tradeoff_panel(axes: Axes, result: SearchResult, x_of, x_label: str, limit:
         axes.scatter(*zip(*infeasible), s=12, marker="x", color="tab:gray", alpha=0.6, label="infeasible")
     if feasible:
         axes.scatter(*zip(*feasible), s=14, color="tab:blue", alpha=0.6, label="feasible")
-        front = pareto_front(feasible)
+        front = staircase(feasible)
         axes.step(*zip(*front), where="post", color="tab:orange", linewidth=1.5)
         axes.scatter(*zip(*front), s=40, facecolors="none", edgecolors="tab:orange", label="Pareto front (feasible)")
     best = result.best_trial

@@ -62,7 +62,7 @@ from explorer.plots import PlotSettings, convergence_plot, pareto_plot  # noqa: 
 from explorer.stores import ensure_sqlite_store, first_value, sqlite_file, table_names  # noqa: E402
 
 if TYPE_CHECKING:  # agents build on explorer, not the other way round
-    from agents.base import SearchResult, Trial
+    from explorer.searching import SearchResult, Trial
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from agents import AGENTS, make_agent
-from agents.optuna_agents import CONSTRAINTS, PARETO_METRICS, constraint_values, default_study_name
+from agents.optuna_agents import CONSTRAINTS, constraint_values
+from explorer.searching import PARETO_METRICS
+from explorer.studies import default_study_name
 from agents.random_search import design_space_size
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board

@@ -80,7 +80,7 @@ def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_th
     import time as real_time
     import types
 
-    from agents.optuna_agents import measured_trial_count
+    from explorer.studies import measured_trial_count
     from explorer import workers
 
     optuna_url, mlflow_url = postgres.create_database("optuna_go_on"), postgres.create_database("mlflow_go_on")
@@ -123,7 +123,7 @@ def test_a_worker_killed_mid_way_is_replaced_and_the_study_ends_with_the_budget_
     import time as real_time
     import types
 
-    from agents.optuna_agents import is_measured
+    from explorer.studies import is_measured
     from explorer import workers
     from explorer.workers import LOST_ATTR, WORKER_ATTR
 

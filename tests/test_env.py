@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
-from agents.base import BudgetedProblem
+from explorer.searching import BudgetedProblem
 from envs import DEPLOY_ID, DeployEnv
 from envs.deploy import plan_reward, resolve_precision
 from explorer.accuracy import AccuracyScorer

@@ -8,9 +8,10 @@ import onnx
 import optuna
 import pytest
 
-from agents import make_agent
-from agents.optuna_agents import (CONSTRAINTS_ATTR, PARETO_METRIC_NAMES, DesignSpace, constraint_values,
-                                  dashboard_command, default_storage_url)
+from explorer.registry import make_agent
+from agents.optuna_agents import CONSTRAINTS_ATTR, constraint_values
+from explorer.searching import PARETO_METRIC_NAMES
+from explorer.studies import DesignSpace, dashboard_command, default_storage_url
 from explorer.boards import load_board
 from explorer.cli import main
 from explorer.errors import ExplorerError

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import explorer.export
-from agents.base import SearchResult, Trial
+from explorer.searching import SearchResult, Trial
 from explorer.accuracy import AccuracyScorer
 from explorer.adapt import Conditions, choose
 from explorer.boards import load_board

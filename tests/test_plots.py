@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from agents.base import BudgetedProblem
+from explorer.searching import BudgetedProblem
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.data import Dataset
@@ -73,7 +73,7 @@ def test_a_weighted_objective_is_labelled_relative_to_the_baseline():
 
 
 def test_plots_of_a_search_without_trials_draw():
-    from agents.base import SearchResult
+    from explorer.searching import SearchResult
     empty = SearchResult(agent="random")
     assert len(pareto_figure(empty, PlotSettings(latency_budget_ms=5.0)).axes) == 2
     assert convergence_figure(empty).axes[0].get_ylabel() == "objective (lower is better)"

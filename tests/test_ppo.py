@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sb3_contrib import MaskablePPO
 
-from agents.base import BudgetedProblem
+from explorer.searching import BudgetedProblem
 from agents.ppo import HEADROOM_FRACTION, LOCAL_RADIUS, Demonstration, PPOAgent, SolverGuide, behaviour_clone
 from envs import DeployEnv
 from explorer import load_problem

@@ -116,7 +116,7 @@ def _search_argv(model: Path) -> list[str]:
 
 def _no_store_or_a_complete_one(runs: Path) -> None:
     """Each store of the runs folder is absent or complete (what the search would open as it is)."""
-    from agents.optuna_agents import _optuna_storage_problem
+    from explorer.studies import _optuna_storage_problem
     from explorer.stores import _complete
     from explorer.tracking import _mlflow_store_problem
 

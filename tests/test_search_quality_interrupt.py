@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from agents.base import SearchResult, Trial
+from explorer.searching import SearchResult, Trial
 from benchmarks import search_quality
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board

@@ -14,7 +14,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from agents.base import BudgetedProblem, SearchResult, Trial
+from explorer.searching import BudgetedProblem, SearchResult, Trial
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.data import Dataset
@@ -22,7 +22,7 @@ from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
 from explorer.measure import SimMeasurer
 from explorer.paths import runs_dir
-from explorer.plots import pareto_front
+from explorer.plots import staircase
 from explorer.problem import Constraints, Objective, Problem
 from explorer.tracking import (SearchTracker, default_tracking_uri, experiment_name, logged_plan, read_search,
                                search_run_settings, ui_command)
@@ -263,9 +263,9 @@ def test_unreachable_server_fails_at_once_with_a_fix():
     assert time.perf_counter() - started < 10
 
 
-def test_pareto_front_keeps_only_undominated_points():
+def test_staircase_keeps_only_undominated_points():
     points = [(1.0, 5.0), (2.0, 3.0), (2.5, 4.0), (3.0, 1.0), (4.0, 1.0), (1.0, 6.0)]
-    assert pareto_front(points) == [(1.0, 5.0), (2.0, 3.0), (3.0, 1.0)]
+    assert staircase(points) == [(1.0, 5.0), (2.0, 3.0), (3.0, 1.0)]
 
 
 def test_pinned_mlflow_public_api_behaviour(tmp_path):

@@ -9,8 +9,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from rich.console import Console
 
-from agents.base import SearchResult, Trial
-from agents.optuna_agents import DesignSpace, OptunaTPEAgent, is_measured, open_storage
+from explorer.searching import SearchResult, Trial
+from agents.optuna_agents import OptunaTPEAgent
+from explorer.studies import DesignSpace, is_measured, open_storage
 from explorer import workers
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board

@@ -1,11 +1,15 @@
-"""What every search agent shares: the protocol, the budgeted evaluator and the result.
+"""What a search is, whoever runs it: the Agent protocol, the budgeted problem, trials, the result, the Pareto front.
 
-An agent proposes plans and learns from their evaluations; the budget counts *measured*
-evaluations, i.e. distinct plans (asking again for a plan already evaluated in this search costs
-nothing and is not a new trial). Every agent goes through `BudgetedProblem.evaluate`, so trials,
-best-so-far curves and the budget are kept in one place. A search's first trials are the problem's
-reference plans (`Problem.reference_plans`: what a user would try anyway), so the best plan a search
-reports is never worse than any of them.
+An agent proposes plans and learns from their evaluations; the budget counts *measured* evaluations,
+i.e. distinct plans (asking again for a plan already evaluated in this search costs nothing and is not
+a new trial). Every agent goes through `BudgetedProblem.evaluate`, so trials, best-so-far curves and
+the budget are kept in one place. A search's first trials are the problem's reference plans
+(`Problem.reference_plans`: what a user would try anyway), so the best plan a search reports is never
+worse than any of them.
+
+The agents live in agents/ and build on this module; the core (tracking, plots, workers, the CLI)
+reads their results through it and makes them by name (explorer.registry.make_agent), never importing
+agents/. (Not `explorer/search.py`: that submodule would replace the API function `explorer.search`.)
 """
 from __future__ import annotations
 
@@ -13,10 +17,27 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
 
 from explorer.plan import Plan
-from explorer.problem import Evaluation, Problem
+from explorer.problem import Constraints, Evaluation, Objective, Problem
+
+if TYPE_CHECKING:
+    import optuna
+
+    from explorer.accuracy import AccuracyScorer
+    from explorer.boards import Board
+    from explorer.compress import Compressor, Rung
+    from explorer.cost import CostModel
+    from explorer.graph import Layer, LayerGraph
+    from explorer.measure import Measurer
+    from explorer.plan import Decision
+
+#: The metrics of the Pareto front (all minimised), and their names with units as NSGA-II is told them.
+PARETO_METRICS = ("latency_ms", "energy_mj", "memory_mb", "accuracy_drop")
+PARETO_METRIC_NAMES = ("latency (ms)", "energy (mJ)", "weight memory (MB)", "accuracy drop (points)")
 
 
 class BudgetExhausted(Exception):
@@ -69,11 +90,31 @@ class SearchResult:
 TrialCallback = Callable[[Trial, SearchResult], None]
 
 
+def pareto_point(evaluation: Evaluation) -> list[float]:
+    """PARETO_METRICS in the units of PARETO_METRIC_NAMES (the accuracy drop in points)."""
+    return [evaluation.latency_ms, evaluation.energy_mj, evaluation.memory_mb, 100 * (evaluation.accuracy_drop or 0.0)]
+
+
+def pareto_front(trials: list[Trial]) -> list[Trial]:
+    """The feasible trials that no other feasible trial dominates on PARETO_METRICS (all minimised)."""
+    feasible = [t for t in trials if t.evaluation.feasible]
+    if not feasible:
+        return []
+    points = np.array([pareto_point(t.evaluation) for t in feasible])
+    front = []
+    for trial, point in zip(feasible, points):
+        dominated = np.any(np.all(points <= point, axis=1) & np.any(points < point, axis=1))
+        if not dominated:
+            front.append(trial)
+    return front
+
+
 class BudgetedProblem:
     """A Problem seen through a budget: counts distinct plans, records trials and best-so-far.
 
-    Attribute access other than `evaluate` is passed through to the Problem, so code written for
-    a Problem (the solver's measured loop, the environment) runs unchanged on a budget.
+    It offers the Problem's description and design space (graph, board, constraints, choices,
+    reference plans...) by name, so code written for a Problem (the solver's measured loop, the
+    environment) runs on a budget unchanged; `problem` is the Problem itself.
     """
 
     def __init__(self, problem: Problem, budget: int, agent: str, callback: TrialCallback | None = None,
@@ -92,9 +133,68 @@ class BudgetedProblem:
         self._failed_in_batch: dict[str, Evaluation] = {}  # failed plans of the last batch, not yet asked for again
         self._references_pending = references
 
-    def __getattr__(self, name):
-        return getattr(self.problem, name)
+    # ---- the Problem's description and design space, as it has them now -------------------------
+    @property
+    def graph(self) -> LayerGraph:
+        return self.problem.graph
 
+    @property
+    def board(self) -> Board:
+        return self.problem.board
+
+    @property
+    def measurer(self) -> Measurer:
+        return self.problem.measurer
+
+    @property
+    def scorer(self) -> AccuracyScorer:
+        return self.problem.scorer
+
+    @property
+    def constraints(self) -> Constraints:
+        return self.problem.constraints
+
+    @property
+    def objective(self) -> Objective:
+        return self.problem.objective
+
+    @property
+    def compressor(self) -> Compressor:
+        return self.problem.compressor
+
+    @property
+    def cost_model(self) -> CostModel:
+        return self.problem.cost_model
+
+    @property
+    def parallelism(self) -> int:
+        return self.problem.parallelism
+
+    def rungs(self, layer: Layer) -> list[Rung]:
+        return self.problem.rungs(layer)
+
+    def choices(self, layer: Layer) -> list[Decision]:
+        return self.problem.choices(layer)
+
+    def validate(self, plan: Plan) -> None:
+        self.problem.validate(plan)
+
+    def uniform_plan(self, processor: str, precision: str = "fp32") -> Plan:
+        return self.problem.uniform_plan(processor, precision)
+
+    def baseline_plan(self) -> Plan:
+        return self.problem.baseline_plan()
+
+    def reference_plans(self) -> list[tuple[str, Plan]]:
+        return self.problem.reference_plans()
+
+    def random_plan(self, rng: np.random.Generator) -> Plan:
+        return self.problem.random_plan(rng)
+
+    def objective_value(self, evaluation: Evaluation) -> float:
+        return self.problem.objective_value(evaluation)
+
+    # ---- evaluation through the budget ----------------------------------------------------------
     @property
     def remaining(self) -> int:
         return self.budget - len(self.result.trials)
@@ -156,10 +256,35 @@ class BudgetedProblem:
             self.callback(trial, result)
 
 
+@runtime_checkable
 class Agent(Protocol):
-    """A search agent."""
+    """A search agent: what the CLI, the API, the benchmarks and the tests ask of every agent."""
 
-    name: str
+    name: str  # its name in explorer.registry.AGENT_REGISTRY
+    anytime: bool  # its proposals do not depend on the budget: best_so_far[n - 1] is its result at budget n
 
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
-        """Search for the best feasible plan within `budget` measured evaluations."""
+        """Search for the best feasible plan within `budget` measured evaluations (distinct plans),
+        deterministic for a seed; Ctrl-C ends it early with the trials so far (`interrupted` set)."""
+        ...
+
+
+@runtime_checkable
+class StudyAgent(Agent, Protocol):
+    """An agent that keeps its trials in an Optuna study, which other processes may share (the Optuna
+    agents): what a tracked or distributed search asks of it besides `search`."""
+
+    source: str  # Trial.source of the plans its sampler proposes
+    study: optuna.Study | None  # the last search's study
+
+    def link_run(self, run_id: str, tracking_uri: str) -> None:
+        """Name the MLflow parent run (and its tracking URI) that logs its trials, in its study."""
+        ...
+
+    def open_study(self, problem: Problem, seed: int) -> optuna.Study:
+        """Create (with the start plans enqueued) or load the study of this problem and seed."""
+        ...
+
+    def study_result(self, problem: Problem, study: optuna.Study) -> SearchResult:
+        """Every measured trial of a (shared) study, in trial-number order, as one search's result."""
+        ...
