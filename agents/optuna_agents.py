@@ -65,7 +65,7 @@ from optuna.trial import TrialState
 
 from explorer.errors import ExplorerError
 from explorer.plan import Plan
-from explorer.problem import Evaluation, Problem
+from explorer.problem import CONSTRAINT_KINDS, Evaluation, Problem
 from explorer.report import objective_label
 from explorer.searching import (
     PARETO_METRIC_NAMES,
@@ -82,7 +82,7 @@ from explorer.solver import solve_problem
 from explorer.studies import DesignSpace, default_study_name, open_storage
 from explorer.workers import WORKER_ATTR, worker_identity
 
-CONSTRAINTS = ("latency", "accuracy_drop", "memory", "other")
+CONSTRAINTS = (*CONSTRAINT_KINDS, "other")
 CONSTRAINTS_ATTR = "constraints"  # the trial system attribute optuna-dashboard and Optuna's samplers read (a list)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -96,22 +96,10 @@ class ParetoSearchResult(SearchResult):
     pareto: list[Trial] = field(default_factory=list)
 
 
-def constraint_values(problem: Problem, evaluation: Evaluation) -> list[float]:
-    """One value per entry of CONSTRAINTS, <= 0 when satisfied, consistent with evaluation.feasible."""
-    c = problem.constraints
-    latency = (evaluation.latency_ms - c.latency_ms) / max(c.latency_ms, 1e-12) if c.latency_ms is not None else 0.0
-    accuracy = 0.0
-    if c.max_accuracy_drop is not None and evaluation.accuracy_drop is not None:  # a zero limit counts as 0.1 point
-        accuracy = (evaluation.accuracy_drop - c.max_accuracy_drop) / max(c.max_accuracy_drop, 1e-3)
-    memory = [(evaluation.memory_mb - c.memory_mb) / max(c.memory_mb, 1e-12)] if c.memory_mb is not None else []
-    local = 0.0
-    for pid, mb in evaluation.memory_mb_by_processor.items():
-        processor = problem.board.processor(pid)
-        memory.append((mb - processor.memory_mb) / max(processor.memory_mb, 1e-12))
-        local += 0.0 if processor.is_remote else mb
-    available = problem.board.memory.available_mb
-    memory.append((local - available) / max(available, 1e-12))
-    values = [latency, accuracy, max(memory)]
+def constraint_values(evaluation: Evaluation) -> list[float]:
+    """One value per entry of CONSTRAINTS, <= 0 when satisfied, consistent with evaluation.feasible: the
+    evaluation's worst relative excess of each kind (0 where no constraint of that kind applies)."""
+    values = [evaluation.worst_excess(kind) or 0.0 for kind in CONSTRAINT_KINDS]
     if evaluation.feasible:
         return [min(v, 0.0) for v in values] + [0.0]
     return values + [0.0 if max(values) > 0 else 1.0]
@@ -254,7 +242,7 @@ class _OptunaAgent:
             trial.set_user_attr("objective", evaluation.objective)
             if not evaluation.feasible:
                 trial.set_user_attr("violations", "; ".join(evaluation.violations))
-            trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, constraint_values(problem, evaluation))
+            trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, constraint_values(evaluation))
             study.tell(trial, self.values(evaluation))
 
     def _replay(self, study: optuna.Study, budgeted: BudgetedProblem, space: DesignSpace) -> None:

@@ -42,7 +42,7 @@ Reward: 0 until the last step; then, from the measured Evaluation, ``reference /
 feasible plan (> 0; the reference is the cost model's prediction of the uncompressed fp32 baseline,
 so no measurement is spent outside the agent's budget) and ``-1 - log(1 + violation)`` for an
 infeasible one (<= -1), violation being the sum of the relative excesses over the latency budget,
-accuracy limit and memory capacities. Every infeasible plan scores below every feasible one.
+accuracy limit and memory capacities (`Evaluation.total_excess`). Every infeasible plan scores below every feasible one.
 ``info`` of the last step carries the `evaluation` and the `plan`; every step's ``info`` its
 `decision`. `set_suggestion` and `set_cost_model` (an agent's re-solves and recalibrations) take
 effect at the next reset; `demonstration(plan)` replays a plan's (observation, masks, action) pairs
@@ -100,32 +100,15 @@ def resolve_precision(requested: str, supported: tuple[str, ...]) -> str:
     return max(supported, key=lambda p: BYTES_PER_ELEMENT[p])
 
 
-def violation(problem, evaluation: Evaluation) -> float:
-    """Sum of relative excesses over the constraints the evaluation breaks (0 when feasible)."""
-    c = problem.constraints
-    excess = 0.0
-    if c.latency_ms is not None:
-        excess += max(0.0, evaluation.latency_ms / c.latency_ms - 1)
-    if c.max_accuracy_drop is not None and evaluation.accuracy_drop is not None:
-        excess += max(0.0, evaluation.accuracy_drop - c.max_accuracy_drop) / max(c.max_accuracy_drop, 1e-3)
-    if c.memory_mb is not None:
-        excess += max(0.0, evaluation.memory_mb / c.memory_mb - 1)
-    local = 0.0
-    for pid, mb in evaluation.memory_mb_by_processor.items():
-        processor = problem.board.processor(pid)
-        excess += max(0.0, mb / processor.memory_mb - 1)
-        local += 0.0 if processor.is_remote else mb
-    return excess + max(0.0, local / problem.board.memory.available_mb - 1)
-
-
-def plan_reward(problem, evaluation: Evaluation, reference: float) -> float:
-    """Feasible: reference / objective (> 0). Infeasible: -1 - log(1 + violation) (<= -1). A failed
-    measurement (nothing known about the plan) scores -1: below every feasible plan, not a lesson."""
+def plan_reward(evaluation: Evaluation, reference: float) -> float:
+    """Feasible: reference / objective (> 0). Infeasible: -1 - log(1 + violation) (<= -1), the violation being
+    the evaluation's total excess over its constraints. A failed measurement (nothing known about the plan)
+    scores -1: below every feasible plan, not a lesson."""
     if evaluation.feasible:
         return float(reference / max(evaluation.objective, 1e-12))
     if evaluation.failed:
         return -1.0
-    return float(-1.0 - math.log1p(violation(problem, evaluation)))
+    return float(-1.0 - math.log1p(evaluation.total_excess))
 
 
 @dataclass
@@ -227,7 +210,7 @@ class DeployEnv(gym.Env):
         if terminated:
             plan = self.plan_of(episode)
             evaluation = self.problem.evaluate(plan)
-            reward = plan_reward(self.problem, evaluation, self.reference)
+            reward = plan_reward(evaluation, self.reference)
             info.update(plan=plan, evaluation=evaluation)
         else:
             self._rectangle = self._offer(episode)

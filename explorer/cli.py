@@ -245,9 +245,9 @@ def print_evaluation(evaluation, title: str) -> None:
     for column in ("block", "processor", "layers", "latency ms", "spread ms", "transfer in ms", "energy mJ", "weights MB"):
         table.add_column(column, overflow="fold")
     for b in evaluation.blocks:
-        layers = b["layers"][0] if len(b["layers"]) == 1 else f"{b['layers'][0]} .. {b['layers'][-1]} ({len(b['layers'])})"
-        table.add_row(str(b["index"]), b["processor"], layers, f"{b['latency_ms']:.3f}", f"{b['spread_ms']:.3f}",
-                      f"{b['transfer_ms']:.3f}", f"{b['energy_mj']:.3f}", f"{b['weight_mb']:.3f}")
+        layers = b.layers[0] if len(b.layers) == 1 else f"{b.layers[0]} .. {b.layers[-1]} ({len(b.layers)})"
+        table.add_row(str(b.index), b.processor, layers, f"{b.latency_ms:.3f}", f"{b.spread_ms:.3f}",
+                      f"{b.transfer_ms:.3f}", f"{b.energy_mj:.3f}", f"{b.weight_mb:.3f}")
     console.print(table)
     console.print(f"latency {evaluation.latency_ms:.3f} ms (spread {evaluation.latency_spread_ms:.3f}), "
                   f"energy {evaluation.energy_mj:.3f} mJ ({evaluation.energy_source}), weights {evaluation.memory_mb:.2f} MB"
@@ -273,7 +273,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
 
         _emit_json({"command": "measure", "model": problem.graph.source, "board": problem.board.name,
                     "constraints": constraints_json(problem), "plan": plan.to_json(),
-                    "evaluation": evaluation_json(evaluation), "blocks": evaluation.blocks})
+                    "evaluation": evaluation_json(evaluation), "blocks": evaluation.to_json()["blocks"]})
     if not evaluation.feasible:  # scripts read the status; a person reads the last line
         console.print(f"[red]infeasible[/]: {'; '.join(evaluation.violations)}", highlight=False, soft_wrap=True)
         raise SystemExit(1)

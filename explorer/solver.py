@@ -699,11 +699,11 @@ def block_observations(problem, cost_model, plan: Plan, evaluation) -> list[tupl
     layers = problem.graph.layer_by_name
     for block in evaluation.blocks:
         costs = []
-        for name in block["layers"]:
+        for name in block.layers:
             decision = plan[name]
             rung = problem.compressor.rung(name, decision.method, decision.rank)
             costs.append((layers[name], decision, cost_model.layer_cost(layers[name], rung, decision.precision, decision.processor).latency_s))
         predicted_s = sum(c for _, _, c in costs)
-        ratio = (block["latency_ms"] / 1e3) / max(predicted_s, 1e-12)
+        ratio = (block.latency_ms / 1e3) / max(predicted_s, 1e-12)
         observations += [(d.processor, layer.kind, d.precision, c, c * ratio) for layer, d, c in costs]
     return observations

@@ -118,7 +118,7 @@ def test_suggestion_replays_exactly_and_reward_is_measured(vgg_env):
         assert terminated == (index == len(vgg_env.layers) - 1)
     assert info["plan"] == vgg_env.suggestion
     assert info["evaluation"] is vgg_env.problem.evaluate(info["plan"])
-    assert reward == plan_reward(vgg_env.problem, info["evaluation"], vgg_env.reference)
+    assert reward == plan_reward(info["evaluation"], vgg_env.reference)
     with pytest.raises(ExplorerError, match="reset"):
         vgg_env.step(vgg_env.encode(0, vgg_env.suggestion.decisions[0][1]))
 

@@ -59,7 +59,7 @@ def test_optuna_metric_names_and_labels(tmp_path):
         assert all(frozen.distributions[name].choices == tuple(d.label() for d in problem.choices(layer))
                    for name, layer in zip(layers, problem.graph.layers))
         assert _dashboard_feasible(frozen) == trial.evaluation.feasible
-        assert frozen.system_attrs[CONSTRAINTS_ATTR] == constraint_values(problem, trial.evaluation)
+        assert frozen.system_attrs[CONSTRAINTS_ATTR] == constraint_values(trial.evaluation)
         assert frozen.user_attrs["objective"] == trial.evaluation.objective
         if trial.evaluation.feasible:
             assert frozen.value == trial.evaluation.objective and "violations" not in frozen.user_attrs

@@ -29,7 +29,7 @@ def test_evaluate_reports_everything_and_caches():
     assert evaluation.latency_ms > 0 and evaluation.energy_mj > 0 and evaluation.memory_mb > 0
     assert "simulated" in evaluation.measured_by and evaluation.energy_source == "simulated"
     assert evaluation.accuracy is not None and evaluation.accuracy_metric == "agreement"
-    assert evaluation.blocks and sum(len(b["layers"]) for b in evaluation.blocks) == len(problem.graph.layers)
+    assert evaluation.blocks and sum(len(b.layers) for b in evaluation.blocks) == len(problem.graph.layers)
     assert problem.evaluations == 1
     assert problem.evaluate(plan) is evaluation and problem.evaluations == 1
     fresh = _problem()  # a new process would read the disk cache
@@ -106,7 +106,7 @@ def test_host_measurement_is_real_and_repeatable(tmp_path):
     problem._memory_cache.clear()
     second = problem.evaluate(plan)
     assert "host" in first.measured_by and first.latency_ms > 0 and first.latency_spread_ms >= 0
-    assert len(first.blocks) == 3 and all(b["latency_ms"] > 0 for b in first.blocks)
+    assert len(first.blocks) == 3 and all(b.latency_ms > 0 for b in first.blocks)
     assert first.peak_memory_mb is None or first.peak_memory_mb > 10
     assert "modelled" in first.energy_source or "RAPL" in first.energy_source
     # repeatable: the two medians agree within half the value or a few spreads (the machine may be busy)

@@ -119,9 +119,9 @@ def test_remote_measurement_matches_the_host_measurement(agent, board, monkeypat
     plan = remote.uniform_plan("cpu").with_decision(remote.graph.layers[2].name, Decision(processor="cpu1"))
     r, h = remote.evaluate(plan), host.evaluate(plan)
     assert "remote" in r.measured_by and agent.address in r.measured_by and "ONNX Runtime" in r.measured_by
-    assert [b["layers"] for b in r.blocks] == [b["layers"] for b in h.blocks] and len(r.blocks) == 3
+    assert [b.layers for b in r.blocks] == [b.layers for b in h.blocks] and len(r.blocks) == 3
     assert r.memory_mb_by_processor == h.memory_mb_by_processor and r.accuracy == h.accuracy
-    assert r.latency_ms > 0 and all(b["latency_ms"] > 0 for b in r.blocks)
+    assert r.latency_ms > 0 and all(b.latency_ms > 0 for b in r.blocks)
     # the same machine runs both: the medians agree within a factor of 3 (a busy machine varies)
     assert h.latency_ms / 3 <= r.latency_ms <= 3 * h.latency_ms
     assert f"agent {agent.address}" in r.energy_source or "RAPL" in r.energy_source
