@@ -19,7 +19,7 @@ import numpy as np
 from benchmarks.common import markdown_table, write_json
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
-from explorer.graph import load_graph
+from explorer.zoo import load_graph
 from explorer.measure import HostMeasurer
 from explorer.problem import Constraints, Problem
 from explorer.zoo import zoo_validation_data

@@ -52,7 +52,7 @@ from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.cache import atomic_write_json, digest, read_json
 from explorer.errors import ExplorerError, termination_as_interrupt
-from explorer.graph import load_graph
+from explorer.zoo import load_graph
 from explorer.measure import SimMeasurer
 from explorer.paths import runs_dir
 from explorer.problem import Constraints, Objective, Problem

@@ -23,7 +23,7 @@ from benchmarks.common import markdown_table, write_json
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.data import Dataset
-from explorer.graph import load_graph
+from explorer.zoo import load_graph
 from explorer.measure import make_measurer
 from explorer.problem import Constraints, Problem
 from explorer.solver import solve_measured

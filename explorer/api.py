@@ -44,7 +44,7 @@ def load_problem(model: str = "vgg", board: str = "tegra-k1", *, measure: str = 
     """
     from explorer.accuracy import AccuracyScorer
     from explorer.boards import load_board
-    from explorer.data import load_graph_and_data
+    from explorer.zoo import load_graph_and_data
     from explorer.measure import make_measurer
     from explorer.problem import Constraints, Objective, Problem
     from explorer.synthetic import check_one_source, scoring_data

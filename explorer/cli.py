@@ -40,7 +40,7 @@ def _emit_json(data: dict) -> None:
 
 def _load(args: argparse.Namespace):
     """LayerGraph and dataset (or None) for --model/--data/--input-shape."""
-    from explorer.data import load_graph_and_data
+    from explorer.zoo import load_graph_and_data
     from explorer.graph import parse_input_shapes
 
     return load_graph_and_data(args.model, getattr(args, "data", None),

@@ -39,6 +39,7 @@ from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
 from explorer.partition import unit_blocks
 from explorer.plan import Plan
+from explorer.registry import Registry
 from explorer.sim import SimResult, simulate
 
 # What a search's real measurements aim for (AdaptiveRepeats' defaults: +/-3 % at 95 %, 1 ms per repeat, a 1 s
@@ -173,6 +174,11 @@ class SimMeasurer:
     def __init__(self, seed: int = 0):
         self.seed = seed
 
+    @classmethod
+    def from_spec(cls, spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> SimMeasurer:
+        """As `--measure sim` makes it (see make_measurer)."""
+        return cls(seed)
+
     def identity(self, board: Board) -> str:
         return f"sim-v1:seed={self.seed}"
 
@@ -250,6 +256,11 @@ class HostMeasurer:
         self.repeats = repeats
         self.batch = batch
         self.adaptive = adaptive
+
+    @classmethod
+    def from_spec(cls, spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> HostMeasurer:
+        """As `--measure host` makes it (see make_measurer); no seed: real measurements."""
+        return cls()
 
     def int8_exact(self) -> bool:
         return int8_exact()
@@ -361,15 +372,20 @@ def interleaved_from_times(times: list[BlockTimes], blocks: list[list], compress
     return results
 
 
+#: Measurer classes by the name `--measure` starts with (a spec NAME or NAME://ADDRESS); each has a classmethod
+#: `from_spec(spec, seed, wait_for_servers_s)` that makes it from the whole spec.
+MEASURER_REGISTRY: Registry[type] = Registry("measurer", {
+    "sim": "explorer.measure:SimMeasurer",
+    "host": "explorer.measure:HostMeasurer",
+    "remote": "explorer.remote:RemoteMeasurer",
+}, hint="use --measure sim, host or remote://HOST:PORT[,HOST:PORT...]")
+
+
 def make_measurer(spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> Measurer:
     """A measurer from its command-line name: sim, host or remote://HOST:PORT[,HOST:PORT...] (which waits up to
     `wait_for_servers_s` for an agent when none is reachable)."""
-    if spec == "sim":
-        return SimMeasurer(seed)
-    if spec == "host":
-        return HostMeasurer()
-    if spec.startswith("remote://"):
-        from explorer.remote import RemoteMeasurer
-
-        return RemoteMeasurer(spec, wait_for_servers_s=wait_for_servers_s)
-    raise ExplorerError(f"unknown measurer {spec!r}: use --measure sim, host or remote://HOST:PORT[,HOST:PORT...]")
+    name = spec.partition("://")[0]
+    if name not in MEASURER_REGISTRY:
+        raise MEASURER_REGISTRY.unknown(spec)
+    measurer: Measurer = MEASURER_REGISTRY[name].from_spec(spec, seed=seed, wait_for_servers_s=wait_for_servers_s)
+    return measurer

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from explorer.errors import ExplorerError
@@ -41,10 +41,11 @@ def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
-class Registry(Mapping[str, T], Generic[T]):
+class Registry(MutableMapping[str, T], Generic[T]):
     """Names -> objects, each given as a "module:Attr" entry point (imported when first asked for) or as
-    the object itself. A read-only Mapping of the loaded objects, in registration order; `lookup` is
-    the one-line-error form of `[name]`.
+    the object itself. A Mapping of the loaded objects, in registration order (as Gymnasium's registry is
+    a dict); `lookup` is the one-line-error form of `[name]`; `register` adds a name that is not taken,
+    `registry[name] = target` sets or replaces one.
 
     `kind` names what it holds in errors ("agent"); `hint` says how to choose ("`explorer models` lists
     them"; default: the known names)."""
@@ -61,9 +62,7 @@ class Registry(Mapping[str, T], Generic[T]):
         """Add `name` (ValueError if it is taken): `target` is an entry point "module:Attr" or the object."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered already")
-        self._entries[name] = target
-        if not isinstance(target, str):
-            self._loaded[name] = target
+        self[name] = target
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)
@@ -89,6 +88,16 @@ class Registry(Mapping[str, T], Generic[T]):
             target = self._entries[name]  # KeyError for an unknown name, as a Mapping does
             self._loaded[name] = load_entry_point(target) if isinstance(target, str) else target
         return self._loaded[name]
+
+    def __setitem__(self, name: str, target: str | T) -> None:
+        self._entries[name] = target
+        self._loaded.pop(name, None)
+        if not isinstance(target, str):
+            self._loaded[name] = target
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+        self._loaded.pop(name, None)
 
     def __contains__(self, name: object) -> bool:  # without importing the entry point
         return name in self._entries

@@ -39,7 +39,7 @@ def test_measure_and_solve_on_the_simulated_board(capsys, tmp_path):
 
 def test_rewrite_writes_a_model_and_scores_it(capsys, tmp_path):
     from explorer.compress import Compressor, decision_for, full_rank_plan
-    from explorer.graph import load_graph
+    from explorer.zoo import load_graph
 
     graph = load_graph("vgg")
     compressor = Compressor(graph)

@@ -9,7 +9,8 @@ from onnx import numpy_helper
 from explorer.accuracy import run_model
 from explorer.compress import Compressor, decision_for, full_rank_plan
 from explorer.errors import ExplorerError
-from explorer.graph import LayerGraph, load_graph
+from explorer.graph import LayerGraph
+from explorer.zoo import load_graph
 from explorer.plan import Decision, Plan
 from explorer.zoo import zoo_validation_data
 from netbuild import mlp, random_inputs, residual_cnn, small_cnn

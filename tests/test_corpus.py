@@ -13,7 +13,7 @@ from explorer.accuracy import AccuracyScorer, inference_session, run_batched
 from explorer.boards import load_board
 from explorer.cli import main
 from explorer.compress import Compressor, full_rank_plan
-from explorer.data import load_graph_and_data
+from explorer.zoo import load_graph_and_data
 from explorer.errors import ExplorerError
 from explorer.export import export_bundle
 from explorer.graph import LayerGraph

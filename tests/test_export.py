@@ -18,7 +18,7 @@ from explorer.boards import load_board
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.export import MANIFEST_FILE, MODEL_FILE, export_bundle
-from explorer.graph import load_graph
+from explorer.zoo import load_graph
 from explorer.measure import SimMeasurer
 from explorer.plan import Decision, Plan
 from explorer.problem import Constraints, Objective, Problem

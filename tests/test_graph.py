@@ -5,7 +5,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from explorer.errors import ExplorerError
-from explorer.graph import LayerGraph, load_graph
+from explorer.graph import LayerGraph
+from explorer.zoo import load_graph
 from netbuild import mlp, residual_cnn, small_cnn
 
 

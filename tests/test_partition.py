@@ -4,7 +4,8 @@ import onnx
 
 from explorer.accuracy import run_model
 from explorer.compress import Compressor, decision_for
-from explorer.graph import LayerGraph, load_graph
+from explorer.graph import LayerGraph
+from explorer.zoo import load_graph
 from explorer.partition import block_boundaries, run_blocks, unit_blocks
 from explorer.plan import Plan
 from explorer.zoo import zoo_validation_data

@@ -17,7 +17,7 @@ from explorer.cli import main
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.export import MANIFEST_FILE, export_bundle
-from explorer.graph import load_graph
+from explorer.zoo import load_graph
 from explorer.measure import SimMeasurer
 from explorer.plan import Decision, Plan
 from explorer.planset import (ROLE_BEST, ROLE_LOCAL, ROLE_SMALLEST_LOCAL, SetMember, parse_plans_option,

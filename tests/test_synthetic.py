@@ -169,7 +169,7 @@ def test_an_untrained_zoo_model_is_not_scored_unless_synthetic_inputs_are_asked_
     """vgg16-imagenet's random weights agree with themselves whatever the plan: no figure, said so."""
     import types
 
-    from explorer.graph import load_graph
+    from explorer.zoo import load_graph
     from explorer.synthetic import scoring_data
 
     untrained = types.SimpleNamespace(source="vgg16-imagenet")

@@ -14,7 +14,8 @@ import torch
 from explorer import zoo, zoo_train
 from explorer.cli import main
 from explorer.data import load_fashion_mnist
-from explorer.graph import LayerGraph, load_graph
+from explorer.graph import LayerGraph
+from explorer.zoo import load_graph
 from explorer.paths import cache_dir
 
 DECISION_LAYERS = {"vgg": 16, "dnn": 4, "cnn": 21}  # 13 conv + 3 FC; 4 FC; stem + 16 block convs + 3 shortcuts + FC
