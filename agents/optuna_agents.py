@@ -58,6 +58,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import optuna
 from optuna.storages import BaseStorage
@@ -122,7 +123,7 @@ class _OptunaAgent:
     name = ""
     source = ""  # Trial.source of sampled plans
     anytime = True  # proposals do not depend on the budget: best_so_far[n - 1] is the result at budget n
-    directions: list[str] = []
+    directions: list[Literal["minimize", "maximize"]] = []
 
     def __init__(self, storage: str | BaseStorage | None = None, study_name: str | None = None,
                  asks_per_trial: int = 20, sampler_options: dict | None = None, shared: bool = False):
@@ -151,8 +152,7 @@ class _OptunaAgent:
 
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
         budgeted = BudgetedProblem(problem, budget, self.name, callback, references=False)  # enqueued instead
-        study = self.open_study(problem, seed)
-        space = self.space
+        study, space = self._open_study(problem, seed)
         budgeted.result.seed_plan = self.enqueued_solver_plan(study, space)
         resumed = any(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
         if resumed and not self.shared:  # resumed: a fresh random stream, or the sampler would redraw its first proposals
@@ -174,14 +174,18 @@ class _OptunaAgent:
     def open_study(self, problem: Problem, seed: int) -> optuna.Study:
         """Create (with the start plans enqueued) or load the study, and describe it (`_describe`); also kept
         as `self.study`, its design space as `self.space`."""
+        return self._open_study(problem, seed)[0]
+
+    def _open_study(self, problem: Problem, seed: int) -> tuple[optuna.Study, DesignSpace]:
         study_name = self.study_name or default_study_name(problem, self.name, seed)
-        self.study = optuna.create_study(storage=open_storage(self.storage), study_name=study_name,
-                                         sampler=self.sampler(seed), directions=self.directions, load_if_exists=True)
-        self.space = DesignSpace.for_study(problem, self.study)
-        if not self.study.trials:
-            self._enqueue_start_plans(self.study, problem, self.space)
-        self._describe(self.study, problem)
-        return self.study
+        study = optuna.create_study(storage=open_storage(self.storage), study_name=study_name,
+                                    sampler=self.sampler(seed), directions=self.directions, load_if_exists=True)
+        space = DesignSpace.for_study(problem, study)
+        if not study.trials:
+            self._enqueue_start_plans(study, problem, space)
+        self._describe(study, problem)
+        self.study, self.space = study, space
+        return study, space
 
     def _describe(self, study: optuna.Study, problem: Problem) -> None:
         """Name the objectives and write the settings and the MLflow run as study user attributes; only what
@@ -199,11 +203,13 @@ class _OptunaAgent:
     def study_result(self, problem: Problem, study: optuna.Study) -> SearchResult:
         """Every measured trial of a (shared) study in trial-number order, as one search's result.
         Their evaluations come from the Problem's caches (measured again only where a cache is gone)."""
-        measured = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not t.user_attrs.get("duplicate")]
+        measured = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if not t.user_attrs.get("duplicate")]
         budgeted = BudgetedProblem(problem, max(1, len(measured)), self.name, references=False)
         space = DesignSpace.for_study(problem, study)
         for frozen in sorted(measured, key=lambda t: t.number):
-            budgeted.evaluate(space.plan(frozen.params, study.study_name), frozen.user_attrs.get("source", self.source), frozen.number)
+            budgeted.evaluate(space.plan(frozen.params, study.study_name), frozen.user_attrs.get("source", self.source),
+                              frozen.number)
         budgeted.result.seed_plan = self.enqueued_solver_plan(study, space)
         return budgeted.result
 
@@ -236,7 +242,7 @@ class _OptunaAgent:
             trial.set_user_attr("duplicate", plan.digest() in measured_before)  # left out of the study's result
             measured_before.add(plan.digest())
             if evaluation.failed:
-                trial.set_user_attr("error", evaluation.error[:500])
+                trial.set_user_attr("error", (evaluation.error or "")[:500])
                 study.tell(trial, state=TrialState.FAIL)
                 continue
             trial.set_user_attr("objective", evaluation.objective)
@@ -266,6 +272,9 @@ class _OptunaAgent:
         except ExplorerError as error:
             log.warning("no solver plan to start from (%s)", error)
             return
+        if solver_plan is None:  # the model finds nothing feasible
+            log.warning("no solver plan to start from (the cost model finds no feasible plan)")
+            return
         study.enqueue_trial(space.params(solver_plan), user_attrs={"source": "solver"}, skip_if_exists=True)
 
     @staticmethod
@@ -282,10 +291,11 @@ class OptunaTPEAgent(_OptunaAgent):
 
     name = "optuna-tpe"
     source = "tpe"
-    directions = ["minimize"]
+    directions: list[Literal["minimize", "maximize"]] = ["minimize"]
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        options = {"constant_liar": True} if self.shared else {}  # workers in parallel avoid each other's running trials
+        # workers in parallel avoid each other's running trials
+        options: dict[str, Any] = {"constant_liar": True} if self.shared else {}
         return optuna.samplers.TPESampler(seed=seed, **options, **self.sampler_options)
 
     def values(self, evaluation: Evaluation) -> list[float]:
@@ -307,7 +317,7 @@ class OptunaNSGA2Agent(_OptunaAgent):
 
     name = "optuna-nsga2"
     source = "nsga2"
-    directions = ["minimize"] * len(PARETO_METRICS)
+    directions: list[Literal["minimize", "maximize"]] = ["minimize"] * len(PARETO_METRICS)
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         options = {"population_size": 20, **self.sampler_options}

@@ -124,7 +124,7 @@ class _Episode:
 
     @property
     def previous(self) -> str:
-        return self.decisions[-1].processor if self.decisions else self.host
+        return _placed(self.decisions[-1]) if self.decisions else self.host
 
 
 class DeployEnv(gym.Env):
@@ -198,7 +198,7 @@ class DeployEnv(gym.Env):
         self._rectangle = self._offer(self._episode)
         return self._observation(self._episode), {}
 
-    def step(self, action):
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         episode = self._episode
         if len(episode.decisions) == len(self.layers):
             raise ExplorerError("the episode is over: call reset() before step()")
@@ -317,16 +317,17 @@ class DeployEnv(gym.Env):
         index = len(episode.decisions)
         layer = self.layers[index]
         rung = self.problem.compressor.rung(layer.name, decision.method, decision.rank)
-        cost = self.cost_model.layer_cost(layer, rung, decision.precision, decision.processor)
+        processor = _placed(decision)
+        cost = self.cost_model.layer_cost(layer, rung, decision.precision, processor)
         if index == 0:
-            seconds, joules = self.cost_model.input_transfer(decision.processor)
+            seconds, joules = self.cost_model.input_transfer(processor)
         else:
-            seconds, joules = self.cost_model.transfer(self.layers[index - 1], episode.previous, decision.processor)
+            seconds, joules = self.cost_model.transfer(self.layers[index - 1], episode.previous, processor)
         episode.latency_s += cost.latency_s + seconds
         episode.energy_j += cost.energy_j + joules
         if self.sensitivity is not None:
             episode.accuracy_loss += self.sensitivity.estimate(layer.name, rung.method, rung.rank, decision.precision)
-        episode.weight_bytes[decision.processor] = episode.weight_bytes.get(decision.processor, 0.0) + cost.weight_bytes
+        episode.weight_bytes[processor] = episode.weight_bytes.get(processor, 0.0) + cost.weight_bytes
         episode.decisions.append(decision)
 
     def _offer(self, episode: _Episode) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -351,7 +352,7 @@ class DeployEnv(gym.Env):
                 runnable = sorted({PRECISIONS.index(q) for p in procs for q in self._precisions[p]})
                 for qsize in range(len(runnable), 0, -1):
                     for precs in itertools.combinations(runnable, qsize):
-                        rungs = tuple(np.flatnonzero(decoded[:, list(procs)][:, :, list(precs)].all(axis=(1, 2))))
+                        rungs = tuple(int(r) for r in np.flatnonzero(decoded[:, list(procs)][:, :, list(precs)].all(axis=(1, 2))))
                         if not rungs:
                             continue
                         distinct = sum(len({resolve_precision(PRECISIONS[q], self._precisions[p]) for q in precs})
@@ -361,9 +362,11 @@ class DeployEnv(gym.Env):
                         score = (holds, distinct)
                         if best_score is None or score > best_score:
                             best, best_score = (rungs, procs, precs), score
-                        if distinct == total:
+                        if distinct == total and best is not None:
                             return best  # the whole admissible set is a rectangle
-        return best  # not None: _admissible offers at least one valid decision
+        if best is None:  # cannot happen: _admissible offers at least one valid decision
+            raise ExplorerError(f"no valid decision for layer {self.layers[index].name}")
+        return best
 
     def _rectangles_without_memory_limits(self) -> list[tuple] | None:
         """Per layer, every valid option, when even the largest options of all layers on any one
@@ -413,20 +416,20 @@ class DeployEnv(gym.Env):
         option, for each completion candidate (all on one processor; the suggestion's placement)."""
         n_layers, n_procs = len(self.layers), len(self.processor_ids)
         smallest = np.full((n_layers, n_procs), math.inf)
-        for l, rungs in enumerate(self.rungs):
+        for i, rungs in enumerate(self.rungs):
             for p in range(n_procs):
-                if self._capable[l][p]:
+                if self._capable[i][p]:
                     narrowest = min(BYTES_PER_ELEMENT[q] for q in self._precisions[p])
-                    smallest[l, p] = min(r.params for r in rungs) * narrowest
+                    smallest[i, p] = min(r.params for r in rungs) * narrowest
         placements = [[p] * n_layers for p in range(n_procs)]
         if self.suggestion is not None:
             placements.append([self.processor_ids.index(d.processor) for _, d in self.suggestion.decisions])
         candidates = []
         for placement in placements:
             need = np.zeros((n_layers + 1, n_procs))
-            for l in range(n_layers - 1, -1, -1):
-                need[l] = need[l + 1]
-                need[l, placement[l]] += smallest[l, placement[l]]
+            for i in range(n_layers - 1, -1, -1):
+                need[i] = need[i + 1]
+                need[i, placement[i]] += smallest[i, placement[i]]
             if np.isfinite(need).all():
                 candidates.append(need)
         return np.array(candidates) if candidates else np.zeros((0, n_layers + 1, n_procs))
@@ -434,11 +437,14 @@ class DeployEnv(gym.Env):
     def _suggested_indices(self, index: int) -> tuple[int, int, int] | None:
         if self.suggestion is None:
             return None
-        return tuple(int(a) for a in self.encode(index, self.suggestion.decisions[index][1]))
+        r, p, q = (int(a) for a in self.encode(index, self.suggestion.decisions[index][1]))
+        return r, p, q
 
     def _initial_suggestion(self, suggestion: Plan | str | None) -> Plan | None:
-        if suggestion != SOLVER:
+        if suggestion is None or isinstance(suggestion, Plan):
             return suggestion
+        if suggestion != SOLVER:
+            raise ExplorerError(f"suggestion={suggestion!r}: give {SOLVER!r}, a Plan or None")
         from explorer.solver import solve_problem
 
         try:
@@ -459,7 +465,8 @@ class DeployEnv(gym.Env):
         activation_out = [4 * math.prod(layer.output_shape or (0,)) for layer in layers]
         position = np.arange(len(layers)) / max(len(layers) - 1, 1)
         offered = np.array([len(r) for r in self.rungs]) / self.max_rungs
-        return np.column_stack([onehot, scaled([l.flops for l in layers]), scaled([l.params for l in layers]),
+        return np.column_stack([onehot, scaled([layer.flops for layer in layers]),
+                                scaled([layer.params for layer in layers]),
                                 scaled(activation_in), scaled(activation_out), position, offered])
 
     def _baseline_cost(self):
@@ -495,8 +502,9 @@ class DeployEnv(gym.Env):
         local = (weights * self._local).sum() / self._local_capacity
         previous = np.eye(n)[self.processor_ids.index(episode.previous)]
         suggestion = np.zeros(1 + n + len(PRECISIONS))
-        if self.suggestion is not None and index < len(self.layers):
-            r, p, q = self._suggested_indices(index)
+        suggested = self._suggested_indices(index) if index < len(self.layers) else None
+        if suggested is not None:
+            r, p, q = suggested
             suggestion[0] = r / max(self.max_rungs - 1, 1)
             suggestion[1 + p] = 1.0
             suggestion[1 + n + q] = 1.0
@@ -508,3 +516,10 @@ def _metrics(cost) -> dict[str, float]:
     """A PlanCost in the Evaluation's units: mJ, ms, MB."""
     return {"energy": cost.energy_j * 1e3, "latency": cost.latency_s * 1e3,
             "memory": sum(cost.weight_bytes_by_processor.values()) / 2**20}
+
+
+def _placed(decision: Decision) -> str:
+    """The processor of a decision the environment made (decode always places a layer)."""
+    if decision.processor is None:
+        raise ExplorerError(f"decision {decision.label()} has no processor: every step places its layer")
+    return decision.processor

@@ -84,7 +84,7 @@ def search(problem, agent: str = "optuna-tpe", budget: int = DEFAULT_BUDGET, see
     `load_problem`, whose names rebuild it. `tracking_uri`: default the store under runs/ (or
     $EXPLORER_RUNS). `agent_options`: the agent's own keywords (e.g. storage= for Optuna).
     """
-    from explorer.registry import make_agent
+    from explorer.searching import make_agent
 
     if not (isinstance(budget, int) and budget >= 1):
         raise ExplorerError(f"budget={budget!r} must be a whole number of measured evaluations, at least 1")

@@ -446,7 +446,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def _search_agent(args: argparse.Namespace, shared: bool = False, **options):
     """The --agent, with the Optuna options (--storage, --study) where it is an Optuna agent."""
-    from explorer.registry import make_agent
+    from explorer.searching import make_agent
 
     if args.agent.startswith("optuna"):
         options = {"storage": args.storage, "study_name": args.study, "shared": shared} | options

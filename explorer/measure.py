@@ -92,8 +92,9 @@ class Measurement:
         """Why this figure deserves less trust, in words (empty when none applies)."""
         notes = []
         if self.ci_target_met is False:
-            width = ("none (too few repeats)" if self.latency_ci_ms is None else
-                     f"+/-{100 * max(self.latency_ms - self.latency_ci_ms[0], self.latency_ci_ms[1] - self.latency_ms) / self.latency_ms:.1f} %")
+            ci = self.latency_ci_ms
+            width = ("none (too few repeats)" if ci is None else
+                     f"+/-{100 * max(self.latency_ms - ci[0], ci[1] - self.latency_ms) / self.latency_ms:.1f} %")
             notes.append(f"its {100 * (self.ci_confidence or 0.95):g} % interval, {width}, missed the "
                          f"+/-{100 * self.ci_target:g} % target before the cap")
         if self.busy:
@@ -153,11 +154,11 @@ class Measurer(Protocol):
         (see explorer.blockrun.int8_exact); where not, plans are quantised with 7-bit weights."""
 
     def measure(self, graph: LayerGraph, compressor: Compressor, board: Board, plan: Plan,
-                calibration_inputs: np.ndarray | None) -> Measurement:
+                calibration_inputs: np.ndarray | dict[str, np.ndarray] | None) -> Measurement:
         """Measure one plan (MeasurementFailed when this plan cannot be measured now)."""
 
     def measure_interleaved(self, graph: LayerGraph, compressor: Compressor, board: Board, plans: list[Plan],
-                            calibration_inputs: np.ndarray | None, repeats: int,
+                            calibration_inputs: np.ndarray | dict[str, np.ndarray] | None, repeats: int,
                             adaptive: AdaptiveRepeats) -> list[Interleaved]:
         """Measure the plans afresh, interleaved in rounds of `repeats` each, until every plan's interval and
         its per-round ratio to the first plan are within `adaptive`'s target, or its cap (see
@@ -372,9 +373,16 @@ def interleaved_from_times(times: list[BlockTimes], blocks: list[list], compress
     return results
 
 
-#: Measurer classes by the name `--measure` starts with (a spec NAME or NAME://ADDRESS); each has a classmethod
-#: `from_spec(spec, seed, wait_for_servers_s)` that makes it from the whole spec.
-MEASURER_REGISTRY: Registry[type] = Registry("measurer", {
+class MeasurerClass(Protocol):
+    """A registered measurer class: it makes itself from the whole `--measure` spec."""
+
+    def from_spec(self, spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> Measurer:
+        """The measurer `spec` asks for (`seed`: the simulator's; `wait_for_servers_s`: a remote one's wait)."""
+        ...
+
+
+#: Measurer classes by the name `--measure` starts with (a spec NAME or NAME://ADDRESS).
+MEASURER_REGISTRY: Registry[MeasurerClass] = Registry("measurer", {
     "sim": "explorer.measure:SimMeasurer",
     "host": "explorer.measure:HostMeasurer",
     "remote": "explorer.remote:RemoteMeasurer",
@@ -387,5 +395,4 @@ def make_measurer(spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> 
     name = spec.partition("://")[0]
     if name not in MEASURER_REGISTRY:
         raise MEASURER_REGISTRY.unknown(spec)
-    measurer: Measurer = MEASURER_REGISTRY[name].from_spec(spec, seed=seed, wait_for_servers_s=wait_for_servers_s)
-    return measurer
+    return MEASURER_REGISTRY[name].from_spec(spec, seed=seed, wait_for_servers_s=wait_for_servers_s)

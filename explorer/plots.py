@@ -48,6 +48,11 @@ def _finite(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(x, y) for x, y in points if math.isfinite(x) and math.isfinite(y)]
 
 
+def _columns(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """The x values and the y values of some points (what matplotlib takes)."""
+    return [x for x, _ in points], [y for _, y in points]
+
+
 def limit_in_range(limit: float | None, values: list[float]) -> bool:
     """Whether a limit lies close enough to the data to be drawn without squeezing it."""
     if limit is None or not values:
@@ -78,12 +83,12 @@ def _tradeoff_panel(axes: Axes, result: SearchResult, x_of, x_label: str, limit:
 
     feasible, infeasible = points(True), points(False)
     if infeasible:
-        axes.scatter(*zip(*infeasible), s=12, marker="x", color="tab:gray", alpha=0.6, label="infeasible")
+        axes.scatter(*_columns(infeasible), s=12, marker="x", color="tab:gray", alpha=0.6, label="infeasible")
     if feasible:
-        axes.scatter(*zip(*feasible), s=14, color="tab:blue", alpha=0.6, label="feasible")
+        axes.scatter(*_columns(feasible), s=14, color="tab:blue", alpha=0.6, label="feasible")
         front = staircase(feasible)
-        axes.step(*zip(*front), where="post", color="tab:orange", linewidth=1.5)
-        axes.scatter(*zip(*front), s=40, facecolors="none", edgecolors="tab:orange", label="Pareto front (feasible)")
+        axes.step(*_columns(front), where="post", color="tab:orange", linewidth=1.5)
+        axes.scatter(*_columns(front), s=40, facecolors="none", edgecolors="tab:orange", label="Pareto front (feasible)")
     best = result.best_trial
     if best is not None and x_of(best) is not None:
         axes.scatter([x_of(best)], [best.evaluation.energy_mj], s=160, marker="*", color="tab:red", zorder=5, label="best")
@@ -129,7 +134,7 @@ def convergence_figure(result: SearchResult, settings: PlotSettings = PlotSettin
     for feasible, colour, label in ((True, "tab:blue", "feasible trial"), (False, "tab:gray", "infeasible trial")):
         points = _finite([(n, t.evaluation.objective) for n, t in numbered if t.evaluation.feasible == feasible])
         if points:
-            axes.scatter(*zip(*points), s=10, alpha=0.5, color=colour, label=label, marker="o" if feasible else "x")
+            axes.scatter(*_columns(points), s=10, alpha=0.5, color=colour, label=label, marker="o" if feasible else "x")
     agents = list(dict.fromkeys(t.agent for t in result.trials))
     for agent, colour in zip(agents, _AGENT_COLOURS * (1 + len(agents) // len(_AGENT_COLOURS))):
         best, curve = math.inf, []

@@ -60,7 +60,8 @@ class Objective:
         for part in text.split(","):
             name, _, weight = part.strip().partition(":")
             if name not in OBJECTIVES:
-                raise ExplorerError(f"unknown objective {name!r}: use one of {', '.join(OBJECTIVES)} or a weighted sum like energy:0.7,latency:0.3")
+                raise ExplorerError(f"unknown objective {name!r}: use one of {', '.join(OBJECTIVES)} "
+                                    "or a weighted sum like energy:0.7,latency:0.3")
             try:
                 value = float(weight) if weight else 1.0
             except ValueError:
@@ -220,7 +221,8 @@ class Problem:
             raise ExplorerError("the plan's layers are not this model's decision layers: make the plan for this model")
         for (name, decision), layer in zip(plan.decisions, self.graph.layers):
             if decision.processor is None:
-                raise ExplorerError(f"layer {name} has no processor: every decision needs one of {', '.join(self.board.processor_ids)}")
+                raise ExplorerError(f"layer {name} has no processor: every decision needs one of "
+                                    f"{', '.join(self.board.processor_ids)}")
             processor = self.board.processor(decision.processor)
             if decision.precision not in processor.precisions:
                 raise ExplorerError(f"layer {name}: {decision.processor} of {self.board.name} does not run {decision.precision} "
@@ -248,11 +250,10 @@ class Problem:
     def evaluate_many(self, plans: list[Plan]) -> list[Evaluation]:
         """Evaluate several plans; those not cached are measured together (in parallel where the
         measurer can: remote agents) while their accuracy is scored here."""
-        evaluations: list[Evaluation | None] = [self._recalled(plan) for plan in plans]
-        todo = {plan.digest(): plan for plan, e in zip(plans, evaluations) if e is None}
-        if todo:
-            measured = self._measure_new(list(todo.values()))
-            evaluations = [e if e is not None else measured[plan.digest()] for plan, e in zip(plans, evaluations)]
+        recalled = [self._recalled(plan) for plan in plans]
+        todo = {plan.digest(): plan for plan, e in zip(plans, recalled) if e is None}
+        measured = self._measure_new(list(todo.values())) if todo else {}
+        evaluations = [e if e is not None else measured[plan.digest()] for plan, e in zip(plans, recalled)]
         for evaluation in evaluations:
             if math.isnan(evaluation.objective):
                 evaluation.objective = self.objective_value(evaluation)
@@ -275,10 +276,10 @@ class Problem:
 
     def _measure_new(self, plans: list[Plan]) -> dict[str, Evaluation]:
         """Measure plans that no cache holds; accuracy is scored meanwhile. Failed ones are not cached."""
-        def measure_all() -> list:
+        def measure_all() -> list[Measurement | MeasurementFailed]:
             if len(plans) > 1 and hasattr(self.measurer, "measure_many"):
                 return self.measurer.measure_many(self.graph, self.compressor, self.board, plans, self.calibration_inputs)
-            results = []
+            results: list[Measurement | MeasurementFailed] = []
             for plan in plans:
                 try:
                     results.append(self.measurer.measure(self.graph, self.compressor, self.board, plan, self.calibration_inputs))
@@ -344,11 +345,13 @@ class Problem:
             result = (AccuracyResult(stored["value"], stored["metric"], stored["samples"], self.scorer.basis,
                                      stored.get("detail", "")) if stored is not None else None)
         except (KeyError, TypeError, IndexError, AttributeError) as exc:  # valid JSON of another shape: a miss
-            unreadable(path, ValueError(f"no {exc} in it"))
+            if path is not None:
+                unreadable(path, ValueError(f"no {exc} in it"))
             result = None
         if result is None:
             if self.scorer.measured:
-                result = self.scorer.score(self.compressor.rewrite_shared(plan, self.calibration_inputs))
+                # rewrite_shared takes a model's input name -> batch too; compress.py annotates an array alone
+                result = self.scorer.score(self.compressor.rewrite_shared(plan, self.calibration_inputs))  # type: ignore[arg-type]
                 if path:
                     atomic_write_json(path, asdict(result))
             else:
@@ -424,7 +427,8 @@ class Problem:
                 candidates.append((plan, self._measured(plan)))
         if not candidates:
             raise ExplorerError(f"no processor of {self.board.name} runs the whole model in fp32: there is no baseline")
-        candidates.sort(key=lambda pe: (not pe[1].feasible, metric_value(first, pe[1].latency_ms, pe[1].energy_mj, pe[1].memory_mb)))
+        candidates.sort(key=lambda pe: (not pe[1].feasible,
+                                        metric_value(first, pe[1].latency_ms, pe[1].energy_mj, pe[1].memory_mb)))
         return candidates
 
     def reference_plans(self) -> list[tuple[str, Plan]]:
@@ -470,7 +474,8 @@ def _violation(e: Excess, accuracy_basis: str) -> str:
     if e.kind == "latency":
         return f"latency {e.value:.3f} ms > budget {e.limit:g} ms"
     if e.kind == "accuracy_drop":
-        return f"accuracy drop {100 * e.value:.2f} points > limit {100 * e.limit:g}" + (f" ({accuracy_basis})" if accuracy_basis else "")
+        basis = f" ({accuracy_basis})" if accuracy_basis else ""
+        return f"accuracy drop {100 * e.value:.2f} points > limit {100 * e.limit:g}{basis}"
     if e.subject == "weight memory":
         return f"weight memory {e.value:.2f} MB > limit {e.limit:g} MB"
     if e.subject == "board memory":

@@ -1,25 +1,22 @@
 """Things made by name: a name maps to a "module:Attr" entry point, imported on first use (as Gymnasium's registry).
 
-One mechanism for the search agents (`AGENT_REGISTRY`, `make_agent`), the measurers (explorer.measure's
-`MEASURER_REGISTRY`, `make_measurer`) and the model zoo (explorer.zoo's `ZOO`). An entry point names its
+One mechanism for the search agents (explorer.searching's `AGENT_REGISTRY`, `make_agent`), the measurers
+(explorer.measure's `MEASURER_REGISTRY`, `make_measurer`) and the model zoo (explorer.zoo's `ZOO`). An entry point names its
 target by string, so a registry never imports what it lists until it is asked for: naming the core's
 registries costs nothing, the core does not import agents/ (which build on it), and asking for "random"
 does not load torch. An unknown name is one ExplorerError with the closest known name ("did you mean").
 
+    from explorer.searching import AGENT_REGISTRY
     AGENT_REGISTRY.register("my-agent", "mypackage.agents:MyAgent")   # then --agent my-agent
 """
 from __future__ import annotations
 
 import difflib
 import importlib
-import inspect
 from collections.abc import Iterator, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from explorer.errors import ExplorerError
-
-if TYPE_CHECKING:
-    from explorer.searching import Agent
 
 T = TypeVar("T")
 
@@ -107,25 +104,3 @@ class Registry(MutableMapping[str, T], Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-#: The search agents (explorer.searching.Agent), one module each under agents/.
-AGENT_REGISTRY: Registry[type[Agent]] = Registry("agent", {
-    "ppo": "agents.ppo:PPOAgent",
-    "optuna-tpe": "agents.optuna_agents:OptunaTPEAgent",
-    "optuna-nsga2": "agents.optuna_agents:OptunaNSGA2Agent",
-    "random": "agents.random_search:RandomAgent",
-    "solver": "agents.solver_agent:SolverAgent",
-})
-
-
-def make_agent(name: str, **options: Any) -> Agent:
-    """The agent called `name`, built with its keyword options (ExplorerError for an unknown name or option)."""
-    cls = AGENT_REGISTRY.lookup(name)
-    try:
-        inspect.signature(cls).bind(**options)
-    except TypeError as error:
-        accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
-        raise ExplorerError(f"agent {name!r} does not take these options ({error}): it accepts "
-                            f"{', '.join(accepted) or 'none'}") from None
-    return cls(**options)

@@ -8,21 +8,24 @@ the budget are kept in one place. A search's first trials are the problem's refe
 worse than any of them.
 
 The agents live in agents/ and build on this module; the core (tracking, plots, workers, the CLI)
-reads their results through it and makes them by name (explorer.registry.make_agent), never importing
-agents/. (Not `explorer/search.py`: that submodule would replace the API function `explorer.search`.)
+reads their results through it and makes them by name (`make_agent`, through `AGENT_REGISTRY`), never
+importing agents/. (Not `explorer/search.py`: that submodule would replace the API function `explorer.search`.)
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from explorer.errors import ExplorerError
 from explorer.plan import Plan
 from explorer.problem import Constraints, Evaluation, Objective, Problem
+from explorer.registry import Registry
 
 if TYPE_CHECKING:
     import optuna
@@ -260,7 +263,7 @@ class BudgetedProblem:
 class Agent(Protocol):
     """A search agent: what the CLI, the API, the benchmarks and the tests ask of every agent."""
 
-    name: str  # its name in explorer.registry.AGENT_REGISTRY
+    name: str  # its name in AGENT_REGISTRY
     anytime: bool  # its proposals do not depend on the budget: best_so_far[n - 1] is its result at budget n
 
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
@@ -288,3 +291,25 @@ class StudyAgent(Agent, Protocol):
     def study_result(self, problem: Problem, study: optuna.Study) -> SearchResult:
         """Every measured trial of a (shared) study, in trial-number order, as one search's result."""
         ...
+
+
+#: The search agents by name, one module each under agents/ (named by entry point: agents/ builds on this module).
+AGENT_REGISTRY: Registry[type[Agent]] = Registry("agent", {
+    "ppo": "agents.ppo:PPOAgent",
+    "optuna-tpe": "agents.optuna_agents:OptunaTPEAgent",
+    "optuna-nsga2": "agents.optuna_agents:OptunaNSGA2Agent",
+    "random": "agents.random_search:RandomAgent",
+    "solver": "agents.solver_agent:SolverAgent",
+})
+
+
+def make_agent(name: str, **options: Any) -> Agent:
+    """The agent called `name`, built with its keyword options (ExplorerError for an unknown name or option)."""
+    cls = AGENT_REGISTRY.lookup(name)
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as error:
+        accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+        raise ExplorerError(f"agent {name!r} does not take these options ({error}): it accepts "
+                            f"{', '.join(accepted) or 'none'}") from None
+    return cls(**options)

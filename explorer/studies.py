@@ -18,7 +18,7 @@ import math
 import shlex
 
 import optuna
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import CategoricalChoiceType, CategoricalDistribution
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.trial import TrialState
 
@@ -89,7 +89,7 @@ class DesignSpace:
             raise ExplorerError(f"Optuna study {study_name!r} was made for another model or design space: "
                                 "give another study name or storage") from None
 
-    def params(self, plan: Plan) -> dict[str, str | int]:
+    def params(self, plan: Plan) -> dict[str, CategoricalChoiceType]:
         return {name: distribution.choices[options.index(plan[name])]
                 for (name, distribution), options in zip(self.distributions.items(), self.choices)}
 

@@ -250,7 +250,8 @@ class Supervisor:
                       "queued trial; tag lost)")
 
     def _measured_by(self, identity: str) -> int:
-        return sum(1 for t in self.study.get_trials(deepcopy=False) if is_measured(t) and t.user_attrs.get(WORKER_ATTR) == identity)
+        return sum(1 for t in self.study.get_trials(deepcopy=False)
+                   if is_measured(t) and t.user_attrs.get(WORKER_ATTR) == identity)
 
     def _fail_orphans(self, owners: set[str], reason: str, unowned: bool = False) -> tuple[list[int], list[int]]:
         """Fail the RUNNING trials of these (ended) workers, and queue each again with its parameters
@@ -289,8 +290,11 @@ def reconcile_tracking(problem: Problem, study: optuna.Study, owners: set[str], 
     have ended."""
     from explorer.tracking import SearchTracker, read_search
 
-    measured = {t.number: t for t in study.get_trials(deepcopy=False) if is_measured(t) and t.user_attrs.get(WORKER_ATTR) in owners}
-    kept, removed, copies = set(), [], []
+    measured = {t.number: t for t in study.get_trials(deepcopy=False)
+                if is_measured(t) and t.user_attrs.get(WORKER_ATTR) in owners}
+    kept: set[int] = set()
+    removed: list[int] = []
+    copies: list[int] = []
     for run in read_search(tracker.tracking_uri, tracker.run_id).trials:
         number = int(run.data.tags.get("trial", -1))
         if number in measured and number not in kept:

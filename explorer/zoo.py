@@ -246,6 +246,7 @@ def load_graph_and_data(model: str, data: Path | str | None = None,
     first: the graph's symbolic input sizes come from `input_shapes` (--input-shape) and the data."""
     onnx_model, source = load_model(model)
     declared = declared_input_shapes(onnx_model)
+    dataset: Dataset | None
     if data is not None:
         first = next(iter(declared.values()), None)
         dataset = load_npz_dataset(data, first, {name: dims for name, dims in list(declared.items())[1:]})
@@ -322,19 +323,19 @@ def cached_build(recipe: Recipe, progress: bool = True) -> Path:
     return path
 
 
-def _zoo_train_module() -> Any:
+def _trainer(function: str) -> Any:
+    """A function of explorer.zoo_train (torch, which builds on this module: named by entry point)."""
     try:
-        from explorer import zoo_train
+        return load_entry_point(f"explorer.zoo_train:{function}")
     except ImportError:
         raise ExplorerError("training a zoo model needs torch: run bash .ci/setup (it installs torch==2.13.0)") from None
-    return zoo_train
 
 
 def train_to(recipe: Recipe, path: Path, data_dir: Path | None = None, progress: bool = True,
              console: Any = None) -> dict[str, Any]:
     """Train `recipe`, write its ONNX file to `path` and its metrics to `path` with suffix .json, both
     atomically (an interrupted build leaves no file). Returns the metrics."""
-    model, metrics = _zoo_train_module().train_recipe(recipe, data_dir=data_dir, progress=progress, console=console)
+    model, metrics = _trainer("train_recipe")(recipe, data_dir=data_dir, progress=progress, console=console)
     data = model.SerializeToString()
     metrics["onnx_bytes"] = len(data)
     metrics["sha256"] = hashlib.sha256(data).hexdigest()
@@ -370,7 +371,7 @@ def train(name: str, out_dir: Path | None = None, epochs: int | None = None, see
         path = Path(out_dir) / f"{name}.onnx" if out_dir is not None else cached_path(recipe)
     before = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
     if name == "vgg":
-        metrics = _zoo_train_module().train_vgg(path.parent, recipe, data_dir=data_dir, progress=progress)
+        metrics = _trainer("train_vgg")(path.parent, recipe, data_dir=data_dir, progress=progress)
         metrics["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     else:
         from rich.console import Console

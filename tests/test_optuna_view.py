@@ -8,7 +8,7 @@ import onnx
 import optuna
 import pytest
 
-from explorer.registry import make_agent
+from explorer.searching import make_agent
 from agents.optuna_agents import CONSTRAINTS_ATTR, constraint_values
 from explorer.searching import PARETO_METRIC_NAMES
 from explorer.studies import DesignSpace, dashboard_command, default_storage_url

@@ -10,7 +10,7 @@ import time
 import onnx
 import pytest
 
-from explorer import registry
+from explorer import searching
 from boardbuild import write_board
 from explorer.boards import load_board
 from explorer.cli import main
@@ -43,8 +43,8 @@ def remote_search(tmp_path, monkeypatch):
 
 
 def _stop_after(monkeypatch, trials: int, action) -> None:
-    real_make_agent = registry.make_agent
-    monkeypatch.setattr(registry, "make_agent",
+    real_make_agent = searching.make_agent
+    monkeypatch.setattr(searching, "make_agent",
                         lambda name, **options: _InterruptedAgent(real_make_agent(name, **options), trials, action))
 
 

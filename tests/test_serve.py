@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from explorer.registry import make_agent
+from explorer.searching import make_agent
 from explorer.accuracy import AccuracyScorer
 from explorer.blockrun import AdaptiveRepeats
 from explorer.boards import load_board
