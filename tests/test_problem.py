@@ -129,3 +129,24 @@ def test_without_data_compressed_rungs_within_the_error_bound_are_valid():
     evaluation = problem.evaluate(plan)
     assert evaluation.accuracy is None and "not measured" in evaluation.accuracy_text()
     problem.random_plan(np.random.default_rng(0))
+
+
+def test_every_constraint_has_one_excess_that_feasibility_violations_reward_and_optuna_read():
+    from agents.optuna_agents import constraint_values
+    from envs.deploy import plan_reward
+
+    problem = _problem(constraints=Constraints(latency_ms=1e-3, max_accuracy_drop=0.0, memory_mb=1e-4))
+    evaluation = problem.evaluate(problem.uniform_plan("cpu", "int8"))
+    kinds = [(e.kind, e.subject) for e in evaluation.excess]
+    assert kinds == [("latency", "latency"), ("accuracy_drop", "accuracy drop"), ("memory", "weight memory"),
+                     ("memory", "cpu"), ("memory", "board memory")]
+    broken = [e for e in evaluation.excess if e.broken]
+    assert not evaluation.feasible and len(evaluation.violations) == len(broken) >= 2
+    assert all(e.relative > 0 for e in broken) and all(e.relative <= 0 for e in evaluation.excess if not e.broken)
+    assert evaluation.total_excess == pytest.approx(sum(e.relative for e in broken))
+    assert plan_reward(evaluation, 1.0) == pytest.approx(-1 - np.log1p(evaluation.total_excess))
+    values = constraint_values(evaluation)
+    assert values[0] == evaluation.worst_excess("latency") > 0 and values[2] == evaluation.worst_excess("memory") > 0
+    loose = _problem(constraints=Constraints(latency_ms=None, max_accuracy_drop=None)).evaluate(problem.uniform_plan("cpu"))
+    assert loose.feasible and [e.subject for e in loose.excess] == ["cpu", "board memory"] and loose.total_excess == 0
+    assert constraint_values(loose) == [0.0, 0.0, loose.worst_excess("memory"), 0.0]
