@@ -1,10 +1,11 @@
 """Optuna search agents: TPE on the problem's objective, NSGA-II on a four-metric Pareto front.
 
-Search space: one categorical parameter per decision layer; its choices are the layer's
-`Problem.choices(layer)` as decision labels (`Decision.label`, e.g. "spatial:16/int8@gpu"), so every
-sampled plan is valid and optuna-dashboard shows (and ranks the importance of) decisions, not list
-indices. The samplers work on a choice's position in the list, so labels sample exactly as indices
-did. A study made before the labels (its parameters are indices) is resumed as it is, with indices.
+Search space (explorer.studies.DesignSpace): one categorical parameter per decision layer; its choices
+are the layer's `Problem.choices(layer)` as decision labels (`Decision.label`, e.g.
+"spatial:16/int8@gpu"), so every sampled plan is valid and optuna-dashboard shows (and ranks the
+importance of) decisions, not list indices. The samplers work on a choice's position in the list, so
+labels sample exactly as indices did. A study made before the labels (its parameters are indices) is
+resumed as it is, with indices.
 
 Start plans: a new study starts with enqueued trials: the problem's reference plans (the
 uncompressed model in fp32 on each processor, whole-model int8 and fp16: what a user would try
@@ -13,9 +14,10 @@ have feasible anchors even when the additive model's plan misses a constraint on
 best found is never worse than a reference.
 
 Constraints: before Optuna is told a trial's values, its system attribute "constraints" gets one
-value per entry of CONSTRAINTS (<= 0 when satisfied): latency, accuracy drop and memory (the worst of
-the weight-memory limit, a processor's capacity and the board's memory), each relative to its limit,
-and "other", 1 when the Problem reports a violation the others do not explain. This list is the form
+value per entry of CONSTRAINTS (<= 0 when satisfied), read from the Evaluation's excess
+(`Evaluation.worst_excess`): latency, accuracy drop and memory (the worst of the weight-memory limit, a
+processor's capacity and the board's memory), each relative to its limit, and "other", 1 when the
+Problem reports a violation the others do not explain. This list is the form
 optuna-dashboard reads to mark infeasible trials, and Optuna's samplers read it too (Optuna 5's
 `Trial.set_constraint` writes "constraints:NAME" attributes, which the dashboard does not read). The
 Problem's verdict is the authority: a feasible plan never gets a positive value. TPE then models
@@ -31,8 +33,8 @@ best trial of a single-objective study is the least value whatever the constrain
 #772), so a TPE trial that is infeasible is told +inf: the best trial shown is the best feasible one,
 and TPE, which never reads an infeasible trial's value, samples as before.
 
-Storage and resume: studies live in an Optuna storage (default: SQLite `runs/optuna.db`; any
-Optuna storage URL, an Optuna storage object or "memory"), under a name derived from the model,
+Storage and resume: studies live in an Optuna storage (explorer.studies.open_storage: default SQLite
+`runs/optuna.db`; any Optuna storage URL, an Optuna storage object or "memory"), under a name derived from the model,
 board, objective, agent, seed and a hash of the remaining settings (constraints, measurer, data,
 board file). An existing study is resumed: its complete trials are replayed in order through the
 BudgetedProblem (their measurements come from the Problem's caches; only a plan whose cache is gone
