@@ -1,10 +1,11 @@
 """Optuna search agents: TPE on the problem's objective, NSGA-II on a four-metric Pareto front.
 
-Search space: one categorical parameter per decision layer; its choices are the layer's
-`Problem.choices(layer)` as decision labels (`Decision.label`, e.g. "spatial:16/int8@gpu"), so every
-sampled plan is valid and optuna-dashboard shows (and ranks the importance of) decisions, not list
-indices. The samplers work on a choice's position in the list, so labels sample exactly as indices
-did. A study made before the labels (its parameters are indices) is resumed as it is, with indices.
+Search space (explorer.studies.DesignSpace): one categorical parameter per decision layer; its choices
+are the layer's `Problem.choices(layer)` as decision labels (`Decision.label`, e.g.
+"spatial:16/int8@gpu"), so every sampled plan is valid and optuna-dashboard shows (and ranks the
+importance of) decisions, not list indices. The samplers work on a choice's position in the list, so
+labels sample exactly as indices did. A study made before the labels (its parameters are indices) is
+resumed as it is, with indices.
 
 Start plans: a new study starts with enqueued trials: the problem's reference plans (the
 uncompressed model in fp32 on each processor, whole-model int8 and fp16: what a user would try
@@ -13,9 +14,10 @@ have feasible anchors even when the additive model's plan misses a constraint on
 best found is never worse than a reference.
 
 Constraints: before Optuna is told a trial's values, its system attribute "constraints" gets one
-value per entry of CONSTRAINTS (<= 0 when satisfied): latency, accuracy drop and memory (the worst of
-the weight-memory limit, a processor's capacity and the board's memory), each relative to its limit,
-and "other", 1 when the Problem reports a violation the others do not explain. This list is the form
+value per entry of CONSTRAINTS (<= 0 when satisfied), read from the Evaluation's excess
+(`Evaluation.worst_excess`): latency, accuracy drop and memory (the worst of the weight-memory limit, a
+processor's capacity and the board's memory), each relative to its limit, and "other", 1 when the
+Problem reports a violation the others do not explain. This list is the form
 optuna-dashboard reads to mark infeasible trials, and Optuna's samplers read it too (Optuna 5's
 `Trial.set_constraint` writes "constraints:NAME" attributes, which the dashboard does not read). The
 Problem's verdict is the authority: a feasible plan never gets a positive value. TPE then models
@@ -31,8 +33,8 @@ best trial of a single-objective study is the least value whatever the constrain
 #772), so a TPE trial that is infeasible is told +inf: the best trial shown is the best feasible one,
 and TPE, which never reads an infeasible trial's value, samples as before.
 
-Storage and resume: studies live in an Optuna storage (default: SQLite `runs/optuna.db`; any
-Optuna storage URL, an Optuna storage object or "memory"), under a name derived from the model,
+Storage and resume: studies live in an Optuna storage (explorer.studies.open_storage: default SQLite
+`runs/optuna.db`; any Optuna storage URL, an Optuna storage object or "memory"), under a name derived from the model,
 board, objective, agent, seed and a hash of the remaining settings (constraints, measurer, data,
 board file). An existing study is resumed: its complete trials are replayed in order through the
 BudgetedProblem (their measurements come from the Problem's caches; only a plan whose cache is gone
@@ -54,33 +56,36 @@ evaluated, or after `asks_per_trial` x budget asks.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-import shlex
 import warnings
 from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
-import numpy as np
 import optuna
-from optuna.distributions import CategoricalDistribution
-from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
-from agents.base import BudgetedProblem, BudgetExhausted, SearchResult, Trial, TrialCallback
-from explorer.cache import digest
 from explorer.errors import ExplorerError
-from explorer.paths import runs_dir
 from explorer.plan import Plan
-from explorer.problem import Evaluation, Problem
+from explorer.problem import CONSTRAINT_KINDS, Evaluation, Problem
 from explorer.report import objective_label
+from explorer.searching import (
+    PARETO_METRIC_NAMES,
+    PARETO_METRICS,
+    BudgetedProblem,
+    BudgetExhausted,
+    SearchResult,
+    Trial,
+    TrialCallback,
+    pareto_front,
+    pareto_point,
+)
 from explorer.solver import solve_problem
-from explorer.stores import ensure_sqlite_store, first_value, sqlite_file, table_names
+from explorer.studies import DesignSpace, default_study_name, open_storage
 from explorer.workers import WORKER_ATTR, worker_identity
 
-PARETO_METRICS = ("latency_ms", "energy_mj", "memory_mb", "accuracy_drop")
-PARETO_METRIC_NAMES = ("latency (ms)", "energy (mJ)", "weight memory (MB)", "accuracy drop (points)")  # as told to NSGA-II
-CONSTRAINTS = ("latency", "accuracy_drop", "memory", "other")
+CONSTRAINTS = (*CONSTRAINT_KINDS, "other")
 CONSTRAINTS_ATTR = "constraints"  # the trial system attribute optuna-dashboard and Optuna's samplers read (a list)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -94,44 +99,13 @@ class ParetoSearchResult(SearchResult):
     pareto: list[Trial] = field(default_factory=list)
 
 
-def constraint_values(problem: Problem, evaluation: Evaluation) -> list[float]:
-    """One value per entry of CONSTRAINTS, <= 0 when satisfied, consistent with evaluation.feasible."""
-    c = problem.constraints
-    latency = (evaluation.latency_ms - c.latency_ms) / max(c.latency_ms, 1e-12) if c.latency_ms is not None else 0.0
-    accuracy = 0.0
-    if c.max_accuracy_drop is not None and evaluation.accuracy_drop is not None:  # a zero limit counts as 0.1 point
-        accuracy = (evaluation.accuracy_drop - c.max_accuracy_drop) / max(c.max_accuracy_drop, 1e-3)
-    memory = [(evaluation.memory_mb - c.memory_mb) / max(c.memory_mb, 1e-12)] if c.memory_mb is not None else []
-    local = 0.0
-    for pid, mb in evaluation.memory_mb_by_processor.items():
-        processor = problem.board.processor(pid)
-        memory.append((mb - processor.memory_mb) / max(processor.memory_mb, 1e-12))
-        local += 0.0 if processor.is_remote else mb
-    available = problem.board.memory.available_mb
-    memory.append((local - available) / max(available, 1e-12))
-    values = [latency, accuracy, max(memory)]
+def constraint_values(evaluation: Evaluation) -> list[float]:
+    """One value per entry of CONSTRAINTS, <= 0 when satisfied, consistent with evaluation.feasible: the
+    evaluation's worst relative excess of each kind (0 where no constraint of that kind applies)."""
+    values = [evaluation.worst_excess(kind) or 0.0 for kind in CONSTRAINT_KINDS]
     if evaluation.feasible:
         return [min(v, 0.0) for v in values] + [0.0]
     return values + [0.0 if max(values) > 0 else 1.0]
-
-
-def pareto_front(trials: list[Trial]) -> list[Trial]:
-    """The feasible trials that no other feasible trial dominates on PARETO_METRICS (all minimised)."""
-    feasible = [t for t in trials if t.evaluation.feasible]
-    if not feasible:
-        return []
-    points = np.array([_pareto_point(t.evaluation) for t in feasible])
-    front = []
-    for trial, point in zip(feasible, points):
-        dominated = np.any(np.all(points <= point, axis=1) & np.any(points < point, axis=1))
-        if not dominated:
-            front.append(trial)
-    return front
-
-
-def _pareto_point(evaluation: Evaluation) -> list[float]:
-    """PARETO_METRICS in the units of PARETO_METRIC_NAMES (the accuracy drop in points)."""
-    return [evaluation.latency_ms, evaluation.energy_mj, evaluation.memory_mb, 100 * (evaluation.accuracy_drop or 0.0)]
 
 
 def study_settings(problem: Problem) -> dict:
@@ -145,175 +119,13 @@ def study_settings(problem: Problem) -> dict:
             "constraints": f"{', '.join(CONSTRAINTS)}: each relative to its limit, <= 0 when met"}
 
 
-def dashboard_command(storage: str | BaseStorage | None) -> str | None:
-    """The shell command that opens optuna-dashboard on this storage (None for one in memory)."""
-    url = default_storage_url() if storage is None else storage
-    if not isinstance(url, str) or url == "memory":
-        return None
-    command = f"optuna-dashboard {shlex.quote(url)}"
-    if importlib.util.find_spec("optuna_dashboard") is None:  # not one of explorer's dependencies
-        command += "  (pip install optuna-dashboard)"
-    return command
-
-
-class DesignSpace:
-    """Plans as Optuna parameters: one categorical parameter per layer, its choices the layer's decision
-    labels in Problem.choices order (or, `labelled=False`, the indices that studies made before the
-    labels store)."""
-
-    def __init__(self, problem: Problem, labelled: bool = True):
-        self.layer_names = [layer.name for layer in problem.graph.layers]
-        self.choices = [problem.choices(layer) for layer in problem.graph.layers]
-        self.labelled = labelled
-        values = [[d.label() for d in options] if labelled else list(range(len(options))) for options in self.choices]
-        self.distributions = {name: CategoricalDistribution(v) for name, v in zip(self.layer_names, values)}
-        self._positions = [{value: i for i, value in enumerate(v)} for v in values]  # value -> position in choices
-        self.size = math.prod(len(options) for options in self.choices)
-
-    @classmethod
-    def for_study(cls, problem: Problem, study: optuna.Study) -> DesignSpace:
-        """The design space as `study` stores it: labels, or indices in a study made before the labels
-        (resumed as it is); one line when the study was made for another model or design space."""
-        trial = next((t for t in study.get_trials(deepcopy=False) if t.distributions or t.system_attrs.get("fixed_params")), None)
-        if trial is None:
-            return cls(problem)
-        for space in (cls(problem), cls(problem, labelled=False)):
-            if space._fits(trial):
-                if not space.labelled:
-                    log.info("Optuna study %s stores choice indices (made before explorer labelled its choices): "
-                             "resumed with indices", study.study_name)
-                return space
-        raise ExplorerError(f"Optuna study {study.study_name!r} was made for another model or design space: "
-                            "give another study name or storage")
-
-    def _fits(self, trial: optuna.trial.FrozenTrial) -> bool:
-        """Whether the trial's parameters (a queued trial's fixed values) are this space's."""
-        if trial.distributions:
-            return all(self.distributions.get(name) == distribution for name, distribution in trial.distributions.items())
-        positions = dict(zip(self.layer_names, self._positions))
-        return all(name in positions and type(value) is type(next(iter(positions[name]))) and value in positions[name]
-                   for name, value in trial.system_attrs["fixed_params"].items())
-
-    def plan(self, params: dict, study_name: str) -> Plan:
-        try:
-            return Plan.from_dict({name: options[positions[params[name]]]
-                                   for name, options, positions in zip(self.layer_names, self.choices, self._positions)})
-        except (KeyError, TypeError):
-            raise ExplorerError(f"Optuna study {study_name!r} was made for another model or design space: "
-                                "give another study name or storage") from None
-
-    def params(self, plan: Plan) -> dict[str, str | int]:
-        return {name: distribution.choices[options.index(plan[name])]
-                for (name, distribution), options in zip(self.distributions.items(), self.choices)}
-
-
-def default_study_name(problem: Problem, agent: str, seed: int) -> str:
-    """agent-model-board-objective-seed-settings: a study is resumed only under the same settings."""
-    objective = problem.objective.single or "+".join(f"{name}{weight:g}" for name, weight in problem.objective.weights)
-    settings = digest(repr(problem.constraints), problem.board.digest, problem.measurer.identity(problem.board),
-                      problem.scorer.data_digest())
-    return f"{agent}-{problem.graph.fingerprint()[:12]}-{problem.board.name}-{objective}-seed{seed}-{settings[:8]}"
-
-
-def default_storage_url() -> str:
-    """The default Optuna storage: SQLite runs/optuna.db."""
-    return f"sqlite:///{(runs_dir() / 'optuna.db').resolve()}"
-
-
-def is_measured(trial: optuna.trial.FrozenTrial) -> bool:
-    """A trial that spent a measurement: complete and not a repeat, or failed measuring (not one failed
-    because its worker died: that one is queued again)."""
-    return ((trial.state == TrialState.COMPLETE and not trial.user_attrs.get("duplicate"))
-            or (trial.state == TrialState.FAIL and "error" in trial.user_attrs))
-
-
-def measured_trial_count(study: optuna.Study) -> int:
-    """Trials of the study that spent a measurement (`is_measured`)."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)) if is_measured(t))
-
-
-def open_storage(storage: str | BaseStorage | None) -> BaseStorage:
-    """None: SQLite runs/optuna.db; "memory": in memory (nothing to resume); else an Optuna storage URL
-    (postgresql://user@host/db for many workers or machines). SQLite transactions take the write lock
-    when they begin (`serialise_sqlite_transactions`) and wait up to a minute for it, so a few local
-    workers can share one file and never take the same queued trial."""
-    if storage is None:
-        storage = default_storage_url()
-    if isinstance(storage, BaseStorage):
-        return storage
-    if storage == "memory":
-        return InMemoryStorage()
-    engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-    path = sqlite_file(storage)
-    if path is not None:  # made atomically under a lock: a kill or a second process never half-makes it
-        ensure_sqlite_store(path, "the Optuna storage", lambda file: _create_optuna_storage(file, engine_kwargs),
-                            _optuna_storage_problem, _optuna_storage_has_data)
-    try:
-        rdb = RDBStorage(storage, engine_kwargs=engine_kwargs)
-    except Exception as error:  # SQLAlchemy raises several types for a bad URL
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ExplorerError(f"cannot open the Optuna storage {storage!r} ({first_line}): give a database URL "
-                            "like sqlite:///runs/optuna.db or postgresql://user@host/db") from None
-    if rdb.engine.dialect.name == "sqlite":  # after Optuna's schema checks: they hold a session while they open a
-        serialise_sqlite_transactions(rdb.engine)  # second connection, which BEGIN IMMEDIATE would make wait on the first
-        rdb.remove_session()
-        rdb.engine.dispose()  # the connections Optuna's schema check opened lack the hook: new ones get it
-    return rdb
-
-
-def serialise_sqlite_transactions(engine) -> None:
-    """Make every transaction on a pysqlite engine take SQLite's write lock when it begins.
-
-    SQLite has no row locks: Optuna's `SELECT ... FOR UPDATE` when a worker takes a queued trial does
-    nothing there, and Python's sqlite3 does not even begin a transaction before the SELECT, so two
-    workers could read the same WAITING trial and both run it (Optuna issues #4621, #4002).
-    SQLAlchemy's recipe for pysqlite: sqlite3 stops emitting BEGIN itself, and each transaction opens
-    with BEGIN IMMEDIATE, so the read and the update that takes a trial are one serialised step. A
-    second process waits for the lock within the connection's busy `timeout` rather than failing.
-    """
-    from sqlalchemy import event
-
-    @event.listens_for(engine, "connect")
-    def _no_driver_begin(dbapi_connection, _record) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin_immediate(connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def _create_optuna_storage(path, engine_kwargs: dict) -> None:
-    """A complete Optuna storage in a new SQLite file: Optuna's tables, version row and schema stamp."""
-    storage = RDBStorage(f"sqlite:///{path}", engine_kwargs=engine_kwargs)
-    storage.remove_session()
-    storage.engine.dispose()
-
-
-def _optuna_storage_problem(connection) -> str | None:
-    """What an Optuna SQLite storage lacks (None: complete); Optuna stamps its schema version last."""
-    from optuna.storages._rdb import models
-
-    missing = sorted(set(models.BaseModel.metadata.tables) - table_names(connection))
-    if missing:
-        return f"{len(missing)} of its tables missing, e.g. {missing[0]}"
-    if first_value(connection, "SELECT schema_version FROM version_info") is None:
-        return "no version row"
-    if first_value(connection, "SELECT version_num FROM alembic_version") is None:
-        return "no schema version"
-    return None
-
-
-def _optuna_storage_has_data(connection) -> bool:
-    return first_value(connection, "SELECT 1 FROM studies LIMIT 1") is not None
-
-
 class _OptunaAgent:
     """The ask/evaluate/tell loop shared by the TPE and NSGA-II agents."""
 
     name = ""
     source = ""  # Trial.source of sampled plans
     anytime = True  # proposals do not depend on the budget: best_so_far[n - 1] is the result at budget n
-    directions: list[str] = []
+    directions: list[Literal["minimize", "maximize"]] = []
 
     def __init__(self, storage: str | BaseStorage | None = None, study_name: str | None = None,
                  asks_per_trial: int = 20, sampler_options: dict | None = None, shared: bool = False):
@@ -342,8 +154,7 @@ class _OptunaAgent:
 
     def search(self, problem: Problem, budget: int, seed: int, callback: TrialCallback | None = None) -> SearchResult:
         budgeted = BudgetedProblem(problem, budget, self.name, callback, references=False)  # enqueued instead
-        study = self.open_study(problem, seed)
-        space = self.space
+        study, space = self._open_study(problem, seed)
         budgeted.result.seed_plan = self.enqueued_solver_plan(study, space)
         resumed = any(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
         if resumed and not self.shared:  # resumed: a fresh random stream, or the sampler would redraw its first proposals
@@ -365,14 +176,18 @@ class _OptunaAgent:
     def open_study(self, problem: Problem, seed: int) -> optuna.Study:
         """Create (with the start plans enqueued) or load the study, and describe it (`_describe`); also kept
         as `self.study`, its design space as `self.space`."""
+        return self._open_study(problem, seed)[0]
+
+    def _open_study(self, problem: Problem, seed: int) -> tuple[optuna.Study, DesignSpace]:
         study_name = self.study_name or default_study_name(problem, self.name, seed)
-        self.study = optuna.create_study(storage=open_storage(self.storage), study_name=study_name,
-                                         sampler=self.sampler(seed), directions=self.directions, load_if_exists=True)
-        self.space = DesignSpace.for_study(problem, self.study)
-        if not self.study.trials:
-            self._enqueue_start_plans(self.study, problem, self.space)
-        self._describe(self.study, problem)
-        return self.study
+        study = optuna.create_study(storage=open_storage(self.storage), study_name=study_name,
+                                    sampler=self.sampler(seed), directions=self.directions, load_if_exists=True)
+        space = DesignSpace.for_study(problem, study)
+        if not study.trials:
+            self._enqueue_start_plans(study, problem, space)
+        self._describe(study, problem)
+        self.study, self.space = study, space
+        return study, space
 
     def _describe(self, study: optuna.Study, problem: Problem) -> None:
         """Name the objectives and write the settings and the MLflow run as study user attributes; only what
@@ -390,11 +205,13 @@ class _OptunaAgent:
     def study_result(self, problem: Problem, study: optuna.Study) -> SearchResult:
         """Every measured trial of a (shared) study in trial-number order, as one search's result.
         Their evaluations come from the Problem's caches (measured again only where a cache is gone)."""
-        measured = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not t.user_attrs.get("duplicate")]
+        measured = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if not t.user_attrs.get("duplicate")]
         budgeted = BudgetedProblem(problem, max(1, len(measured)), self.name, references=False)
         space = DesignSpace.for_study(problem, study)
         for frozen in sorted(measured, key=lambda t: t.number):
-            budgeted.evaluate(space.plan(frozen.params, study.study_name), frozen.user_attrs.get("source", self.source), frozen.number)
+            budgeted.evaluate(space.plan(frozen.params, study.study_name), frozen.user_attrs.get("source", self.source),
+                              frozen.number)
         budgeted.result.seed_plan = self.enqueued_solver_plan(study, space)
         return budgeted.result
 
@@ -427,13 +244,13 @@ class _OptunaAgent:
             trial.set_user_attr("duplicate", plan.digest() in measured_before)  # left out of the study's result
             measured_before.add(plan.digest())
             if evaluation.failed:
-                trial.set_user_attr("error", evaluation.error[:500])
+                trial.set_user_attr("error", (evaluation.error or "")[:500])
                 study.tell(trial, state=TrialState.FAIL)
                 continue
             trial.set_user_attr("objective", evaluation.objective)
             if not evaluation.feasible:
                 trial.set_user_attr("violations", "; ".join(evaluation.violations))
-            trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, constraint_values(problem, evaluation))
+            trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, constraint_values(evaluation))
             study.tell(trial, self.values(evaluation))
 
     def _replay(self, study: optuna.Study, budgeted: BudgetedProblem, space: DesignSpace) -> None:
@@ -457,6 +274,9 @@ class _OptunaAgent:
         except ExplorerError as error:
             log.warning("no solver plan to start from (%s)", error)
             return
+        if solver_plan is None:  # the model finds nothing feasible
+            log.warning("no solver plan to start from (the cost model finds no feasible plan)")
+            return
         study.enqueue_trial(space.params(solver_plan), user_attrs={"source": "solver"}, skip_if_exists=True)
 
     @staticmethod
@@ -473,10 +293,11 @@ class OptunaTPEAgent(_OptunaAgent):
 
     name = "optuna-tpe"
     source = "tpe"
-    directions = ["minimize"]
+    directions: list[Literal["minimize", "maximize"]] = ["minimize"]
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        options = {"constant_liar": True} if self.shared else {}  # workers in parallel avoid each other's running trials
+        # workers in parallel avoid each other's running trials
+        options: dict[str, Any] = {"constant_liar": True} if self.shared else {}
         return optuna.samplers.TPESampler(seed=seed, **options, **self.sampler_options)
 
     def values(self, evaluation: Evaluation) -> list[float]:
@@ -498,14 +319,14 @@ class OptunaNSGA2Agent(_OptunaAgent):
 
     name = "optuna-nsga2"
     source = "nsga2"
-    directions = ["minimize"] * len(PARETO_METRICS)
+    directions: list[Literal["minimize", "maximize"]] = ["minimize"] * len(PARETO_METRICS)
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         options = {"population_size": 20, **self.sampler_options}
         return optuna.samplers.NSGAIISampler(seed=seed, **options)
 
     def values(self, evaluation: Evaluation) -> list[float]:
-        return _pareto_point(evaluation)
+        return pareto_point(evaluation)
 
     def metric_names(self, problem: Problem) -> list[str]:
         return list(PARETO_METRIC_NAMES)

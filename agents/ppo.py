@@ -30,7 +30,6 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import set_random_seed
 
-from agents.base import BudgetedProblem, BudgetExhausted, SearchResult, TrialCallback
 from agents.batched_vec_env import BatchedEvaluationVecEnv
 from agents.behaviour_cloning import Demonstration, behaviour_clone, demonstrations, fast_torch
 from agents.solver_guide import SolverGuide
@@ -39,6 +38,7 @@ from explorer.errors import ExplorerError
 from explorer.measured_solver import MeasuredSolver
 from explorer.plan import Plan
 from explorer.problem import Problem
+from explorer.searching import BudgetedProblem, BudgetExhausted, SearchResult, TrialCallback
 
 BEST_ALTERNATIVES = 4  # best measured plans imitated (lightly) when re-anchoring
 
@@ -48,6 +48,7 @@ class PPOAgent:
     observation), recalibrating the cost model and re-solving as it measures."""
 
     name = "ppo"
+    anytime = False  # PPO's updates depend on the budget: a smaller budget is another search
 
     def __init__(self, episodes_per_update: int = 8, parallel_episodes: int = 4, minibatches: int = 2,
                  epochs: int = 4, learning_rate: float = 3e-4, entropy_coef: float = 0.01, clip_range: float = 0.2,

@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from agents.base import BudgetedProblem, SearchResult, TrialCallback
 from explorer.problem import Problem
+from explorer.searching import BudgetedProblem, SearchResult, TrialCallback
 
 
 def design_space_size(problem: Problem) -> int:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 
-from agents.base import BudgetedProblem, BudgetExhausted, SearchResult, TrialCallback
 from explorer.errors import ExplorerError
 from explorer.measured_solver import MeasuredSolver
 from explorer.problem import Problem
+from explorer.searching import BudgetedProblem, BudgetExhausted, SearchResult, TrialCallback
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import copy
 
-from agents.base import BudgetedProblem, Trial
 from explorer.cost import CostModel
 from explorer.measured_solver import MeasuredSolve, MeasuredSolver
 from explorer.milp import Instance, picks_for, predicted, solve
 from explorer.plan import Plan
+from explorer.searching import BudgetedProblem, Trial
 
 ACCURACY_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)  # accuracy limits of the behaviour-cloning plans, x the limit
 LATENCY_SCALES = (1.0, 0.7)  # latency budgets of those plans, x the solver plan's predicted latency

@@ -62,7 +62,7 @@ from explorer.adapt import NETWORK_OFF, Conditions, Hysteresis, Link, estimate  
 from explorer.boards import load_board  # noqa: E402
 from explorer.errors import ExplorerError  # noqa: E402
 from explorer.export import export_bundle  # noqa: E402
-from explorer.graph import load_graph  # noqa: E402
+from explorer.zoo import load_graph  # noqa: E402
 from explorer.measure import SimMeasurer  # noqa: E402
 from explorer.plan import Decision, Plan  # noqa: E402
 from explorer.planset import SetMember  # noqa: E402

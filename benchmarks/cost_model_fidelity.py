@@ -19,7 +19,7 @@ import numpy as np
 from benchmarks.common import markdown_table, write_json
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
-from explorer.graph import load_graph
+from explorer.zoo import load_graph
 from explorer.measure import HostMeasurer
 from explorer.problem import Constraints, Problem
 from explorer.zoo import zoo_validation_data
@@ -34,12 +34,12 @@ def block_pairs(problem: Problem, plans, cost_model) -> list[list[tuple]]:
         blocks = []
         for block in evaluation.blocks:
             layers = []
-            for name in block["layers"]:
+            for name in block.layers:
                 d = plan[name]
                 layer = problem.graph.layer_by_name[name]
                 rung = problem.compressor.rung(name, d.method, d.rank)
                 layers.append((d.processor, layer.kind, d.precision, cost_model.layer_cost(layer, rung, d.precision, d.processor).latency_s))
-            blocks.append((layers, block["latency_ms"] / 1e3))
+            blocks.append((layers, block.latency_ms / 1e3))
         per_plan.append(blocks)
     return per_plan
 

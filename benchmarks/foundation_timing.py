@@ -85,7 +85,7 @@ def _partial_sensitivity(model: str, data: str, entries: int) -> str:
         import time
         from explorer.accuracy import AccuracyScorer, sensitivity_table
         from explorer.compress import Compressor
-        from explorer.data import load_graph_and_data
+        from explorer.zoo import load_graph_and_data
         graph, dataset = load_graph_and_data({model!r}, {data!r})
         compressor, scorer = Compressor(graph), AccuracyScorer(graph.model, dataset)
         marks = []
@@ -137,7 +137,7 @@ def cases(work: Path) -> list[tuple[str, str, bool]]:
     vgg = """
         from explorer.accuracy import AccuracyScorer, sensitivity_table
         from explorer.compress import Compressor
-        from explorer.graph import load_graph
+        from explorer.zoo import load_graph
         from explorer.zoo import zoo_validation_data
         graph = load_graph("vgg"); compressor = Compressor(graph)
         scorer = AccuracyScorer(graph.model, zoo_validation_data("vgg"))

@@ -47,12 +47,12 @@ import time
 from dataclasses import dataclass, field, replace
 
 from agents import AGENTS, make_agent
-from agents.base import SearchResult, Trial
+from explorer.searching import SearchResult, Trial
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.cache import atomic_write_json, digest, read_json
 from explorer.errors import ExplorerError, termination_as_interrupt
-from explorer.graph import load_graph
+from explorer.zoo import load_graph
 from explorer.measure import SimMeasurer
 from explorer.measured_solver import solve_measured
 from explorer.paths import runs_dir

@@ -23,7 +23,7 @@ from benchmarks.common import markdown_table, write_json
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.data import Dataset
-from explorer.graph import load_graph
+from explorer.zoo import load_graph
 from explorer.measure import make_measurer
 from explorer.measured_solver import solve_measured
 from explorer.problem import Constraints, Problem

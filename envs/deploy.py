@@ -42,7 +42,7 @@ Reward: 0 until the last step; then, from the measured Evaluation, ``reference /
 feasible plan (> 0; the reference is the cost model's prediction of the uncompressed fp32 baseline,
 so no measurement is spent outside the agent's budget) and ``-1 - log(1 + violation)`` for an
 infeasible one (<= -1), violation being the sum of the relative excesses over the latency budget,
-accuracy limit and memory capacities. Every infeasible plan scores below every feasible one.
+accuracy limit and memory capacities (`Evaluation.total_excess`). Every infeasible plan scores below every feasible one.
 ``info`` of the last step carries the `evaluation` and the `plan`; every step's ``info`` its
 `decision`. `set_suggestion` and `set_cost_model` (an agent's re-solves and recalibrations) take
 effect at the next reset; `demonstration(plan)` replays a plan's (observation, masks, action) pairs
@@ -100,32 +100,15 @@ def resolve_precision(requested: str, supported: tuple[str, ...]) -> str:
     return max(supported, key=lambda p: BYTES_PER_ELEMENT[p])
 
 
-def violation(problem, evaluation: Evaluation) -> float:
-    """Sum of relative excesses over the constraints the evaluation breaks (0 when feasible)."""
-    c = problem.constraints
-    excess = 0.0
-    if c.latency_ms is not None:
-        excess += max(0.0, evaluation.latency_ms / c.latency_ms - 1)
-    if c.max_accuracy_drop is not None and evaluation.accuracy_drop is not None:
-        excess += max(0.0, evaluation.accuracy_drop - c.max_accuracy_drop) / max(c.max_accuracy_drop, 1e-3)
-    if c.memory_mb is not None:
-        excess += max(0.0, evaluation.memory_mb / c.memory_mb - 1)
-    local = 0.0
-    for pid, mb in evaluation.memory_mb_by_processor.items():
-        processor = problem.board.processor(pid)
-        excess += max(0.0, mb / processor.memory_mb - 1)
-        local += 0.0 if processor.is_remote else mb
-    return excess + max(0.0, local / problem.board.memory.available_mb - 1)
-
-
-def plan_reward(problem, evaluation: Evaluation, reference: float) -> float:
-    """Feasible: reference / objective (> 0). Infeasible: -1 - log(1 + violation) (<= -1). A failed
-    measurement (nothing known about the plan) scores -1: below every feasible plan, not a lesson."""
+def plan_reward(evaluation: Evaluation, reference: float) -> float:
+    """Feasible: reference / objective (> 0). Infeasible: -1 - log(1 + violation) (<= -1), the violation being
+    the evaluation's total excess over its constraints. A failed measurement (nothing known about the plan)
+    scores -1: below every feasible plan, not a lesson."""
     if evaluation.feasible:
         return float(reference / max(evaluation.objective, 1e-12))
     if evaluation.failed:
         return -1.0
-    return float(-1.0 - math.log1p(violation(problem, evaluation)))
+    return float(-1.0 - math.log1p(evaluation.total_excess))
 
 
 @dataclass
@@ -141,7 +124,7 @@ class _Episode:
 
     @property
     def previous(self) -> str:
-        return self.decisions[-1].processor if self.decisions else self.host
+        return _placed(self.decisions[-1]) if self.decisions else self.host
 
 
 class DeployEnv(gym.Env):
@@ -215,7 +198,7 @@ class DeployEnv(gym.Env):
         self._rectangle = self._offer(self._episode)
         return self._observation(self._episode), {}
 
-    def step(self, action):
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         episode = self._episode
         if len(episode.decisions) == len(self.layers):
             raise ExplorerError("the episode is over: call reset() before step()")
@@ -227,7 +210,7 @@ class DeployEnv(gym.Env):
         if terminated:
             plan = self.plan_of(episode)
             evaluation = self.problem.evaluate(plan)
-            reward = plan_reward(self.problem, evaluation, self.reference)
+            reward = plan_reward(evaluation, self.reference)
             info.update(plan=plan, evaluation=evaluation)
         else:
             self._rectangle = self._offer(episode)
@@ -334,16 +317,17 @@ class DeployEnv(gym.Env):
         index = len(episode.decisions)
         layer = self.layers[index]
         rung = self.problem.compressor.rung(layer.name, decision.method, decision.rank)
-        cost = self.cost_model.layer_cost(layer, rung, decision.precision, decision.processor)
+        processor = _placed(decision)
+        cost = self.cost_model.layer_cost(layer, rung, decision.precision, processor)
         if index == 0:
-            seconds, joules = self.cost_model.input_transfer(decision.processor)
+            seconds, joules = self.cost_model.input_transfer(processor)
         else:
-            seconds, joules = self.cost_model.transfer(self.layers[index - 1], episode.previous, decision.processor)
+            seconds, joules = self.cost_model.transfer(self.layers[index - 1], episode.previous, processor)
         episode.latency_s += cost.latency_s + seconds
         episode.energy_j += cost.energy_j + joules
         if self.sensitivity is not None:
             episode.accuracy_loss += self.sensitivity.estimate(layer.name, rung.method, rung.rank, decision.precision)
-        episode.weight_bytes[decision.processor] = episode.weight_bytes.get(decision.processor, 0.0) + cost.weight_bytes
+        episode.weight_bytes[processor] = episode.weight_bytes.get(processor, 0.0) + cost.weight_bytes
         episode.decisions.append(decision)
 
     def _offer(self, episode: _Episode) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -368,7 +352,7 @@ class DeployEnv(gym.Env):
                 runnable = sorted({PRECISIONS.index(q) for p in procs for q in self._precisions[p]})
                 for qsize in range(len(runnable), 0, -1):
                     for precs in itertools.combinations(runnable, qsize):
-                        rungs = tuple(np.flatnonzero(decoded[:, list(procs)][:, :, list(precs)].all(axis=(1, 2))))
+                        rungs = tuple(int(r) for r in np.flatnonzero(decoded[:, list(procs)][:, :, list(precs)].all(axis=(1, 2))))
                         if not rungs:
                             continue
                         distinct = sum(len({resolve_precision(PRECISIONS[q], self._precisions[p]) for q in precs})
@@ -378,9 +362,11 @@ class DeployEnv(gym.Env):
                         score = (holds, distinct)
                         if best_score is None or score > best_score:
                             best, best_score = (rungs, procs, precs), score
-                        if distinct == total:
+                        if distinct == total and best is not None:
                             return best  # the whole admissible set is a rectangle
-        return best  # not None: _admissible offers at least one valid decision
+        if best is None:  # cannot happen: _admissible offers at least one valid decision
+            raise ExplorerError(f"no valid decision for layer {self.layers[index].name}")
+        return best
 
     def _rectangles_without_memory_limits(self) -> list[tuple] | None:
         """Per layer, every valid option, when even the largest options of all layers on any one
@@ -430,20 +416,20 @@ class DeployEnv(gym.Env):
         option, for each completion candidate (all on one processor; the suggestion's placement)."""
         n_layers, n_procs = len(self.layers), len(self.processor_ids)
         smallest = np.full((n_layers, n_procs), math.inf)
-        for l, rungs in enumerate(self.rungs):
+        for i, rungs in enumerate(self.rungs):
             for p in range(n_procs):
-                if self._capable[l][p]:
+                if self._capable[i][p]:
                     narrowest = min(BYTES_PER_ELEMENT[q] for q in self._precisions[p])
-                    smallest[l, p] = min(r.params for r in rungs) * narrowest
+                    smallest[i, p] = min(r.params for r in rungs) * narrowest
         placements = [[p] * n_layers for p in range(n_procs)]
         if self.suggestion is not None:
             placements.append([self.processor_ids.index(d.processor) for _, d in self.suggestion.decisions])
         candidates = []
         for placement in placements:
             need = np.zeros((n_layers + 1, n_procs))
-            for l in range(n_layers - 1, -1, -1):
-                need[l] = need[l + 1]
-                need[l, placement[l]] += smallest[l, placement[l]]
+            for i in range(n_layers - 1, -1, -1):
+                need[i] = need[i + 1]
+                need[i, placement[i]] += smallest[i, placement[i]]
             if np.isfinite(need).all():
                 candidates.append(need)
         return np.array(candidates) if candidates else np.zeros((0, n_layers + 1, n_procs))
@@ -451,11 +437,14 @@ class DeployEnv(gym.Env):
     def _suggested_indices(self, index: int) -> tuple[int, int, int] | None:
         if self.suggestion is None:
             return None
-        return tuple(int(a) for a in self.encode(index, self.suggestion.decisions[index][1]))
+        r, p, q = (int(a) for a in self.encode(index, self.suggestion.decisions[index][1]))
+        return r, p, q
 
     def _initial_suggestion(self, suggestion: Plan | str | None) -> Plan | None:
-        if suggestion != SOLVER:
+        if suggestion is None or isinstance(suggestion, Plan):
             return suggestion
+        if suggestion != SOLVER:
+            raise ExplorerError(f"suggestion={suggestion!r}: give {SOLVER!r}, a Plan or None")
         from explorer.solver import solve_problem
 
         try:
@@ -476,7 +465,8 @@ class DeployEnv(gym.Env):
         activation_out = [4 * math.prod(layer.output_shape or (0,)) for layer in layers]
         position = np.arange(len(layers)) / max(len(layers) - 1, 1)
         offered = np.array([len(r) for r in self.rungs]) / self.max_rungs
-        return np.column_stack([onehot, scaled([l.flops for l in layers]), scaled([l.params for l in layers]),
+        return np.column_stack([onehot, scaled([layer.flops for layer in layers]),
+                                scaled([layer.params for layer in layers]),
                                 scaled(activation_in), scaled(activation_out), position, offered])
 
     def _baseline_cost(self):
@@ -512,8 +502,9 @@ class DeployEnv(gym.Env):
         local = (weights * self._local).sum() / self._local_capacity
         previous = np.eye(n)[self.processor_ids.index(episode.previous)]
         suggestion = np.zeros(1 + n + len(PRECISIONS))
-        if self.suggestion is not None and index < len(self.layers):
-            r, p, q = self._suggested_indices(index)
+        suggested = self._suggested_indices(index) if index < len(self.layers) else None
+        if suggested is not None:
+            r, p, q = suggested
             suggestion[0] = r / max(self.max_rungs - 1, 1)
             suggestion[1 + p] = 1.0
             suggestion[1 + n + q] = 1.0
@@ -525,3 +516,10 @@ def _metrics(cost) -> dict[str, float]:
     """A PlanCost in the Evaluation's units: mJ, ms, MB."""
     return {"energy": cost.energy_j * 1e3, "latency": cost.latency_s * 1e3,
             "memory": sum(cost.weight_bytes_by_processor.values()) / 2**20}
+
+
+def _placed(decision: Decision) -> str:
+    """The processor of a decision the environment made (decode always places a layer)."""
+    if decision.processor is None:
+        raise ExplorerError(f"decision {decision.label()} has no processor: every step places its layer")
+    return decision.processor

@@ -44,10 +44,10 @@ def load_problem(model: str = "vgg", board: str = "tegra-k1", *, measure: str = 
     """
     from explorer.accuracy import AccuracyScorer
     from explorer.boards import load_board
-    from explorer.data import load_graph_and_data
     from explorer.measure import make_measurer
     from explorer.problem import Constraints, Objective, Problem
     from explorer.synthetic import check_one_source, scoring_data
+    from explorer.zoo import load_graph_and_data
 
     _check_limit("latency_ms", latency_ms)
     _check_limit("memory_mb", memory_mb)
@@ -84,7 +84,7 @@ def search(problem, agent: str = "optuna-tpe", budget: int = DEFAULT_BUDGET, see
     `load_problem`, whose names rebuild it. `tracking_uri`: default the store under runs/ (or
     $EXPLORER_RUNS). `agent_options`: the agent's own keywords (e.g. storage= for Optuna).
     """
-    from agents import make_agent
+    from explorer.searching import make_agent
 
     if not (isinstance(budget, int) and budget >= 1):
         raise ExplorerError(f"budget={budget!r} must be a whole number of measured evaluations, at least 1")
@@ -116,9 +116,9 @@ def search(problem, agent: str = "optuna-tpe", budget: int = DEFAULT_BUDGET, see
 def export_plan(problem, found, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the bundle of `found` (a SearchResult: its best plan, or a Plan) for `problem` into `out`, as
     `explorer export` does; returns the bundle's path. Run it with `explorer.Bundle.load(path).run(x)`."""
-    from agents.base import SearchResult
     from explorer.export import export_bundle
     from explorer.plan import Plan
+    from explorer.searching import SearchResult
 
     if isinstance(found, SearchResult):
         plan, run_id = found.best_plan, found.run_id

@@ -40,8 +40,8 @@ def _emit_json(data: dict) -> None:
 
 def _load(args: argparse.Namespace):
     """LayerGraph and dataset (or None) for --model/--data/--input-shape."""
-    from explorer.data import load_graph_and_data
     from explorer.graph import parse_input_shapes
+    from explorer.zoo import load_graph_and_data
 
     return load_graph_and_data(args.model, getattr(args, "data", None),
                                parse_input_shapes(getattr(args, "input_shape", None)))
@@ -245,9 +245,9 @@ def print_evaluation(evaluation, title: str) -> None:
     for column in ("block", "processor", "layers", "latency ms", "spread ms", "transfer in ms", "energy mJ", "weights MB"):
         table.add_column(column, overflow="fold")
     for b in evaluation.blocks:
-        layers = b["layers"][0] if len(b["layers"]) == 1 else f"{b['layers'][0]} .. {b['layers'][-1]} ({len(b['layers'])})"
-        table.add_row(str(b["index"]), b["processor"], layers, f"{b['latency_ms']:.3f}", f"{b['spread_ms']:.3f}",
-                      f"{b['transfer_ms']:.3f}", f"{b['energy_mj']:.3f}", f"{b['weight_mb']:.3f}")
+        layers = b.layers[0] if len(b.layers) == 1 else f"{b.layers[0]} .. {b.layers[-1]} ({len(b.layers)})"
+        table.add_row(str(b.index), b.processor, layers, f"{b.latency_ms:.3f}", f"{b.spread_ms:.3f}",
+                      f"{b.transfer_ms:.3f}", f"{b.energy_mj:.3f}", f"{b.weight_mb:.3f}")
     console.print(table)
     console.print(f"latency {evaluation.latency_ms:.3f} ms (spread {evaluation.latency_spread_ms:.3f}), "
                   f"energy {evaluation.energy_mj:.3f} mJ ({evaluation.energy_source}), weights {evaluation.memory_mb:.2f} MB"
@@ -273,7 +273,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
 
         _emit_json({"command": "measure", "model": problem.graph.source, "board": problem.board.name,
                     "constraints": constraints_json(problem), "plan": plan.to_json(),
-                    "evaluation": evaluation_json(evaluation), "blocks": evaluation.blocks})
+                    "evaluation": evaluation_json(evaluation), "blocks": evaluation.to_json()["blocks"]})
     if not evaluation.feasible:  # scripts read the status; a person reads the last line
         console.print(f"[red]infeasible[/]: {'; '.join(evaluation.violations)}", highlight=False, soft_wrap=True)
         raise SystemExit(1)
@@ -446,7 +446,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def _search_agent(args: argparse.Namespace, shared: bool = False, **options):
     """The --agent, with the Optuna options (--storage, --study) where it is an Optuna agent."""
-    from agents import make_agent
+    from explorer.searching import make_agent
 
     if args.agent.startswith("optuna"):
         options = {"storage": args.storage, "study_name": args.study, "shared": shared} | options
@@ -634,7 +634,7 @@ def _say_next(problem, tracking_uri: str, run_id: str, experiment: str, result, 
     console.print(f"open the MLflow UI: {ui_command(tracking_uri)}")
     dashboard = None
     if args.agent.startswith("optuna"):
-        from agents.optuna_agents import dashboard_command
+        from explorer.studies import dashboard_command
 
         if dashboard := dashboard_command(args.storage):
             console.print(f"open the Optuna dashboard: {dashboard}", soft_wrap=True)
@@ -675,9 +675,9 @@ def _search_worker(args: argparse.Namespace) -> None:
 def _search_distributed(args: argparse.Namespace) -> None:
     """`--workers N`: N local worker processes share one Optuna study and one MLflow parent run
     (explorer/workers.py starts and watches them, and replaces one that dies)."""
-    from agents.optuna_agents import default_storage_url, default_study_name, open_storage
-    from explorer.sessions import worker_environment
     from explorer.paths import runs_dir
+    from explorer.sessions import worker_environment
+    from explorer.studies import default_storage_url, default_study_name, open_storage
     from explorer.tracking import SearchTracker
     from explorer.workers import Supervisor
 

@@ -6,14 +6,10 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from explorer.errors import ExplorerError
-
-if TYPE_CHECKING:
-    from explorer.graph import LayerGraph
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -176,28 +172,3 @@ def _input_array(path: Path, name: str, x: np.ndarray, input_shape) -> np.ndarra
         raise ExplorerError(f"{path}: {name} has {int(x.size - finite.sum())} of {x.size} values that are NaN or infinite; "
                             "give finite inputs (replace or drop those samples)")
     return x
-
-
-def load_graph_and_data(model: str, data: Path | str | None = None,
-                        input_shapes: Mapping[str, Sequence[int]] | None = None,
-                        data_samples: int | None = None) -> tuple[LayerGraph, Dataset | None]:
-    """The LayerGraph of a zoo name or ONNX path and its validation data (an .npz path; default: a zoo
-    model's shipped data, none for other models; `data_samples` keeps the first N). The data is read
-    first: the graph's symbolic input sizes come from `input_shapes` (--input-shape) and the data."""
-    from explorer.graph import LayerGraph, declared_input_shapes, load_model
-    from explorer.zoo import ZOO, zoo_validation_data
-
-    onnx_model, source = load_model(model)
-    declared = declared_input_shapes(onnx_model)
-    if data is not None:
-        first = next(iter(declared.values()), None)
-        dataset = load_npz_dataset(data, first, {name: dims for name, dims in list(declared.items())[1:]})
-    else:
-        dataset = zoo_validation_data(model) if model in ZOO else None
-    if dataset is not None and data_samples is not None:
-        dataset = dataset.first(data_samples)
-    data_shapes = None
-    if dataset is not None:
-        data_shapes = {name: value.shape for name, value in dataset.feeds(next(iter(declared), "x")).items()}
-    graph = LayerGraph(onnx_model, source, input_shapes, data_shapes)
-    return graph, dataset

@@ -265,29 +265,24 @@ class LayerGraph:
 
 
 # ---- loading --------------------------------------------------------------------------------------
-def load_model(name_or_path: str) -> tuple[onnx.ModelProto, str]:
-    """Load a zoo model by name or an ONNX file by path; return the model and a description."""
+def is_model_path(name_or_path: str) -> bool:
+    """Whether a --model value names an ONNX file (else a zoo model: explorer.zoo resolves names)."""
     path = Path(name_or_path)
-    if path.suffix == ".onnx" or path.exists() or "/" in name_or_path:
-        if not path.exists():
-            raise ExplorerError(f"model file not found: {path} (give an existing .onnx file or a zoo name from `explorer models`)")
-        try:
-            model = onnx.load(str(path))
-        except Exception as exc:  # onnx raises DecodeError and others for non-ONNX bytes
-            raise ExplorerError(f"{path} is not an ONNX model ({type(exc).__name__}): export your network to ONNX first") from None
-        if not model.graph.node:
-            raise ExplorerError(f"{path} is not an ONNX model (no graph nodes): export your network to ONNX first")
-        return model, str(path)
-    from explorer.zoo import zoo_model
-
-    return zoo_model(name_or_path), name_or_path
+    return path.suffix == ".onnx" or path.exists() or "/" in name_or_path
 
 
-def load_graph(name_or_path: str, input_shapes: Mapping[str, Sequence[int]] | None = None,
-               data_shape: Sequence[int] | None = None) -> LayerGraph:
-    """LayerGraph of a zoo model name or ONNX file path, with its input shapes resolved (see LayerGraph)."""
-    model, source = load_model(name_or_path)
-    return LayerGraph(model, source, input_shapes, data_shape)
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """The ONNX model in a file; one ExplorerError when it is missing or not an ONNX model."""
+    path = Path(path)
+    if not path.exists():
+        raise ExplorerError(f"model file not found: {path} (give an existing .onnx file or a zoo name from `explorer models`)")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError and others for non-ONNX bytes
+        raise ExplorerError(f"{path} is not an ONNX model ({type(exc).__name__}): export your network to ONNX first") from None
+    if not model.graph.node:
+        raise ExplorerError(f"{path} is not an ONNX model (no graph nodes): export your network to ONNX first")
+    return model
 
 
 # ---- input shapes ---------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
 from explorer.partition import unit_blocks
 from explorer.plan import Plan
+from explorer.registry import Registry
 from explorer.sim import SimResult, simulate
 
 # What a search's real measurements aim for (AdaptiveRepeats' defaults: +/-3 % at 95 %, 1 ms per repeat, a 1 s
@@ -91,8 +92,9 @@ class Measurement:
         """Why this figure deserves less trust, in words (empty when none applies)."""
         notes = []
         if self.ci_target_met is False:
-            width = ("none (too few repeats)" if self.latency_ci_ms is None else
-                     f"+/-{100 * max(self.latency_ms - self.latency_ci_ms[0], self.latency_ci_ms[1] - self.latency_ms) / self.latency_ms:.1f} %")
+            ci = self.latency_ci_ms
+            width = ("none (too few repeats)" if ci is None else
+                     f"+/-{100 * max(self.latency_ms - ci[0], ci[1] - self.latency_ms) / self.latency_ms:.1f} %")
             notes.append(f"its {100 * (self.ci_confidence or 0.95):g} % interval, {width}, missed the "
                          f"+/-{100 * self.ci_target:g} % target before the cap")
         if self.busy:
@@ -155,11 +157,11 @@ class Measurer(Protocol):
         (see explorer.blockrun.int8_exact); where not, plans are quantised with 7-bit weights."""
 
     def measure(self, graph: LayerGraph, compressor: Compressor, board: Board, plan: Plan,
-                calibration_inputs: np.ndarray | None) -> Measurement:
+                calibration_inputs: np.ndarray | dict[str, np.ndarray] | None) -> Measurement:
         """Measure one plan (MeasurementFailed when this plan cannot be measured now)."""
 
     def measure_interleaved(self, graph: LayerGraph, compressor: Compressor, board: Board, plans: list[Plan],
-                            calibration_inputs: np.ndarray | None, repeats: int,
+                            calibration_inputs: np.ndarray | dict[str, np.ndarray] | None, repeats: int,
                             adaptive: AdaptiveRepeats) -> list[Interleaved]:
         """Measure the plans afresh, interleaved in rounds of `repeats` each, until every plan's interval and
         its per-round ratio to the first plan are within `adaptive`'s target, or its cap (see
@@ -175,6 +177,11 @@ class SimMeasurer:
 
     def __init__(self, seed: int = 0):
         self.seed = seed
+
+    @classmethod
+    def from_spec(cls, spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> SimMeasurer:
+        """As `--measure sim` makes it (see make_measurer)."""
+        return cls(seed)
 
     def identity(self, board: Board) -> str:
         return f"sim-v1:seed={self.seed}"
@@ -253,6 +260,11 @@ class HostMeasurer:
         self.repeats = repeats
         self.batch = batch
         self.adaptive = adaptive
+
+    @classmethod
+    def from_spec(cls, spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> HostMeasurer:
+        """As `--measure host` makes it (see make_measurer); no seed: real measurements."""
+        return cls()
 
     def int8_exact(self) -> bool:
         return int8_exact()
@@ -364,15 +376,26 @@ def interleaved_from_times(times: list[BlockTimes], blocks: list[list], compress
     return results
 
 
+class MeasurerClass(Protocol):
+    """A registered measurer class: it makes itself from the whole `--measure` spec."""
+
+    def from_spec(self, spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> Measurer:
+        """The measurer `spec` asks for (`seed`: the simulator's; `wait_for_servers_s`: a remote one's wait)."""
+        ...
+
+
+#: Measurer classes by the name `--measure` starts with (a spec NAME or NAME://ADDRESS).
+MEASURER_REGISTRY: Registry[MeasurerClass] = Registry("measurer", {
+    "sim": "explorer.measure:SimMeasurer",
+    "host": "explorer.measure:HostMeasurer",
+    "remote": "explorer.remote:RemoteMeasurer",
+}, hint="use --measure sim, host or remote://HOST:PORT[,HOST:PORT...]")
+
+
 def make_measurer(spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> Measurer:
     """A measurer from its command-line name: sim, host or remote://HOST:PORT[,HOST:PORT...] (which waits up to
     `wait_for_servers_s` for an agent when none is reachable)."""
-    if spec == "sim":
-        return SimMeasurer(seed)
-    if spec == "host":
-        return HostMeasurer()
-    if spec.startswith("remote://"):
-        from explorer.remote import RemoteMeasurer
-
-        return RemoteMeasurer(spec, wait_for_servers_s=wait_for_servers_s)
-    raise ExplorerError(f"unknown measurer {spec!r}: use --measure sim, host or remote://HOST:PORT[,HOST:PORT...]")
+    name = spec.partition("://")[0]
+    if name not in MEASURER_REGISTRY:
+        raise MEASURER_REGISTRY.unknown(spec)
+    return MEASURER_REGISTRY[name].from_spec(spec, seed=seed, wait_for_servers_s=wait_for_servers_s)

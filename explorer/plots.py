@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from agents.base import SearchResult, Trial
+    from explorer.searching import SearchResult, Trial
 
 #: How far past the data a limit may lie and still be drawn (as a share of the data's span).
 LIMIT_MARGIN = 0.5
@@ -34,8 +34,9 @@ class PlotSettings:
     references: tuple[tuple[str, float], ...] = ()
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats on both coordinates (both minimised), by the first one."""
+def staircase(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates (both minimised), by the first one: the step line
+    of a panel's front (explorer.searching.pareto_front is the trials' front on every metric at once)."""
     front: list[tuple[float, float]] = []
     for x, y in sorted(set(points)):
         if not front or y < front[-1][1]:
@@ -45,6 +46,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def _finite(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(x, y) for x, y in points if math.isfinite(x) and math.isfinite(y)]
+
+
+def _columns(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """The x values and the y values of some points (what matplotlib takes)."""
+    return [x for x, _ in points], [y for _, y in points]
 
 
 def limit_in_range(limit: float | None, values: list[float]) -> bool:
@@ -77,12 +83,12 @@ def _tradeoff_panel(axes: Axes, result: SearchResult, x_of, x_label: str, limit:
 
     feasible, infeasible = points(True), points(False)
     if infeasible:
-        axes.scatter(*zip(*infeasible), s=12, marker="x", color="tab:gray", alpha=0.6, label="infeasible")
+        axes.scatter(*_columns(infeasible), s=12, marker="x", color="tab:gray", alpha=0.6, label="infeasible")
     if feasible:
-        axes.scatter(*zip(*feasible), s=14, color="tab:blue", alpha=0.6, label="feasible")
-        front = pareto_front(feasible)
-        axes.step(*zip(*front), where="post", color="tab:orange", linewidth=1.5)
-        axes.scatter(*zip(*front), s=40, facecolors="none", edgecolors="tab:orange", label="Pareto front (feasible)")
+        axes.scatter(*_columns(feasible), s=14, color="tab:blue", alpha=0.6, label="feasible")
+        front = staircase(feasible)
+        axes.step(*_columns(front), where="post", color="tab:orange", linewidth=1.5)
+        axes.scatter(*_columns(front), s=40, facecolors="none", edgecolors="tab:orange", label="Pareto front (feasible)")
     best = result.best_trial
     if best is not None and x_of(best) is not None:
         axes.scatter([x_of(best)], [best.evaluation.energy_mj], s=160, marker="*", color="tab:red", zorder=5, label="best")
@@ -128,7 +134,7 @@ def convergence_figure(result: SearchResult, settings: PlotSettings = PlotSettin
     for feasible, colour, label in ((True, "tab:blue", "feasible trial"), (False, "tab:gray", "infeasible trial")):
         points = _finite([(n, t.evaluation.objective) for n, t in numbered if t.evaluation.feasible == feasible])
         if points:
-            axes.scatter(*zip(*points), s=10, alpha=0.5, color=colour, label=label, marker="o" if feasible else "x")
+            axes.scatter(*_columns(points), s=10, alpha=0.5, color=colour, label=label, marker="o" if feasible else "x")
     agents = list(dict.fromkeys(t.agent for t in result.trials))
     for agent, colour in zip(agents, _AGENT_COLOURS * (1 + len(agents) // len(_AGENT_COLOURS))):
         best, curve = math.inf, []

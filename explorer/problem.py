@@ -29,7 +29,7 @@ from explorer.compress import Compressor, Rung
 from explorer.cost import CostModel
 from explorer.errors import ExplorerError
 from explorer.graph import Layer, LayerGraph
-from explorer.measure import Measurement, MeasurementFailed, Measurer
+from explorer.measure import BlockReport, Measurement, MeasurementFailed, Measurer
 from explorer.paths import cache_dir
 from explorer.plan import Decision, Plan
 
@@ -60,7 +60,8 @@ class Objective:
         for part in text.split(","):
             name, _, weight = part.strip().partition(":")
             if name not in OBJECTIVES:
-                raise ExplorerError(f"unknown objective {name!r}: use one of {', '.join(OBJECTIVES)} or a weighted sum like energy:0.7,latency:0.3")
+                raise ExplorerError(f"unknown objective {name!r}: use one of {', '.join(OBJECTIVES)} "
+                                    "or a weighted sum like energy:0.7,latency:0.3")
             try:
                 value = float(weight) if weight else 1.0
             except ValueError:
@@ -83,6 +84,36 @@ def metric_value(name: str, latency_ms: float, energy_mj: float, memory_mb: floa
     return {"energy": energy_mj, "latency": latency_ms, "memory": memory_mb}[name]
 
 
+#: What a constraint limits; every Excess is of one kind (Optuna's constraint list has one value per kind).
+CONSTRAINT_KINDS = ("latency", "accuracy_drop", "memory")
+ACCURACY_LIMIT_FLOOR = 1e-3  # a zero accuracy limit counts as 0.1 point when an excess is made relative to it
+
+
+@dataclass(frozen=True)
+class Excess:
+    """One constraint of one plan: the measured value against its limit, and how far past it, relative.
+
+    Made once, by `Problem.evaluate`, for every constraint that applies (the latency budget, the accuracy
+    limit, the total weight-memory limit, each processor holding weights and the board's memory): the
+    Evaluation's feasibility and violations, the environment's reward and Optuna's constraints all read it.
+    """
+
+    kind: str  # one of CONSTRAINT_KINDS
+    subject: str  # what is limited: "latency", "accuracy drop", "weight memory" (total), a processor id, "board memory"
+    value: float  # ms, fraction, MB
+    limit: float
+
+    @property
+    def broken(self) -> bool:
+        return self.value > self.limit
+
+    @property
+    def relative(self) -> float:
+        """(value - limit) / limit: > 0 when broken, <= 0 when met (a zero limit counts as a small one)."""
+        floor = ACCURACY_LIMIT_FLOOR if self.kind == "accuracy_drop" else 1e-12
+        return (self.value - self.limit) / max(self.limit, floor)
+
+
 @dataclass
 class Evaluation:
     """Everything known about one plan: measured cost, accuracy, feasibility, objective."""
@@ -97,11 +128,12 @@ class Evaluation:
     accuracy: float | None
     accuracy_metric: str
     accuracy_drop: float | None
-    feasible: bool
-    violations: list[str]
+    feasible: bool  # no constraint broken (and measured at all)
+    violations: list[str]  # the broken constraints (or the failed measurement), in words
     objective: float
     measured_by: str
-    blocks: list[dict] = field(default_factory=list)
+    blocks: list[BlockReport] = field(default_factory=list)
+    excess: list[Excess] = field(default_factory=list)  # every constraint that applies (none for a failed measurement)
     peak_memory_mb: float | None = None
     error: str | None = None  # the measurement failed (a failed trial: infeasible, not cached)
     accuracy_basis: str = ""  # "" (top-1 on labels), accuracy.UNLABELLED_LABEL or accuracy.SYNTHETIC_LABEL
@@ -110,6 +142,16 @@ class Evaluation:
     @property
     def failed(self) -> bool:
         return self.error is not None
+
+    @property
+    def total_excess(self) -> float:
+        """The sum of the relative excesses of the broken constraints (0 when none is broken)."""
+        return sum(max(0.0, e.relative) for e in self.excess)
+
+    def worst_excess(self, kind: str) -> float | None:
+        """The largest relative excess of the constraints of one kind (None: no constraint of that kind)."""
+        values = [e.relative for e in self.excess if e.kind == kind]
+        return max(values) if values else None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -179,7 +221,8 @@ class Problem:
             raise ExplorerError("the plan's layers are not this model's decision layers: make the plan for this model")
         for (name, decision), layer in zip(plan.decisions, self.graph.layers):
             if decision.processor is None:
-                raise ExplorerError(f"layer {name} has no processor: every decision needs one of {', '.join(self.board.processor_ids)}")
+                raise ExplorerError(f"layer {name} has no processor: every decision needs one of "
+                                    f"{', '.join(self.board.processor_ids)}")
             processor = self.board.processor(decision.processor)
             if decision.precision not in processor.precisions:
                 raise ExplorerError(f"layer {name}: {decision.processor} of {self.board.name} does not run {decision.precision} "
@@ -207,11 +250,10 @@ class Problem:
     def evaluate_many(self, plans: list[Plan]) -> list[Evaluation]:
         """Evaluate several plans; those not cached are measured together (in parallel where the
         measurer can: remote agents) while their accuracy is scored here."""
-        evaluations: list[Evaluation | None] = [self._recalled(plan) for plan in plans]
-        todo = {plan.digest(): plan for plan, e in zip(plans, evaluations) if e is None}
-        if todo:
-            measured = self._measure_new(list(todo.values()))
-            evaluations = [e if e is not None else measured[plan.digest()] for plan, e in zip(plans, evaluations)]
+        recalled = [self._recalled(plan) for plan in plans]
+        todo = {plan.digest(): plan for plan, e in zip(plans, recalled) if e is None}
+        measured = self._measure_new(list(todo.values())) if todo else {}
+        evaluations = [e if e is not None else measured[plan.digest()] for plan, e in zip(plans, recalled)]
         for evaluation in evaluations:
             if math.isnan(evaluation.objective):
                 evaluation.objective = self.objective_value(evaluation)
@@ -234,10 +276,10 @@ class Problem:
 
     def _measure_new(self, plans: list[Plan]) -> dict[str, Evaluation]:
         """Measure plans that no cache holds; accuracy is scored meanwhile. Failed ones are not cached."""
-        def measure_all() -> list:
+        def measure_all() -> list[Measurement | MeasurementFailed]:
             if len(plans) > 1 and hasattr(self.measurer, "measure_many"):
                 return self.measurer.measure_many(self.graph, self.compressor, self.board, plans, self.calibration_inputs)
-            results = []
+            results: list[Measurement | MeasurementFailed] = []
             for plan in plans:
                 try:
                     results.append(self.measurer.measure(self.graph, self.compressor, self.board, plan, self.calibration_inputs))
@@ -303,11 +345,13 @@ class Problem:
             result = (AccuracyResult(stored["value"], stored["metric"], stored["samples"], self.scorer.basis,
                                      stored.get("detail", "")) if stored is not None else None)
         except (KeyError, TypeError, IndexError, AttributeError) as exc:  # valid JSON of another shape: a miss
-            unreadable(path, ValueError(f"no {exc} in it"))
+            if path is not None:
+                unreadable(path, ValueError(f"no {exc} in it"))
             result = None
         if result is None:
             if self.scorer.measured:
-                result = self.scorer.score(self.compressor.rewrite_shared(plan, self.calibration_inputs))
+                # rewrite_shared takes a model's input name -> batch too; compress.py annotates an array alone
+                result = self.scorer.score(self.compressor.rewrite_shared(plan, self.calibration_inputs))  # type: ignore[arg-type]
                 if path:
                     atomic_write_json(path, asdict(result))
             else:
@@ -319,33 +363,37 @@ class Problem:
         accuracy = self.accuracy(plan)
         drop = self.scorer.drop(accuracy)
         memory_mb = sum(m.memory_mb_by_processor.values())
-        violations = []
-        c = self.constraints
-        if c.latency_ms is not None and m.latency_ms > c.latency_ms:
-            violations.append(f"latency {m.latency_ms:.3f} ms > budget {c.latency_ms:g} ms")
-        if c.max_accuracy_drop is not None and drop is not None and drop > c.max_accuracy_drop:
-            violations.append(f"accuracy drop {100 * drop:.2f} points > limit {100 * c.max_accuracy_drop:g}"
-                              + (f" ({accuracy.basis})" if accuracy.basis else ""))
-        if c.memory_mb is not None and memory_mb > c.memory_mb:
-            violations.append(f"weight memory {memory_mb:.2f} MB > limit {c.memory_mb:g} MB")
-        local = 0.0
-        for pid, mb in m.memory_mb_by_processor.items():
-            processor = self.board.processor(pid)
-            if mb > processor.memory_mb:
-                violations.append(f"{pid} holds {mb:.1f} MB of weights > its {processor.memory_mb:g} MB")
-            if not processor.is_remote:
-                local += mb
-        if local > self.board.memory.available_mb:
-            violations.append(f"weights {local:.1f} MB > the board's available {self.board.memory.available_mb:g} MB")
+        excess = self.excess(m.latency_ms, drop, m.memory_mb_by_processor)
+        violations = [_violation(e, accuracy.basis) for e in excess if e.broken]
         evaluation = Evaluation(
             plan_digest=plan_digest, latency_ms=m.latency_ms, latency_spread_ms=m.latency_spread_ms,
             energy_mj=m.energy_mj, energy_source=m.energy_source, memory_mb=memory_mb,
             memory_mb_by_processor=m.memory_mb_by_processor, accuracy=accuracy.value,
             accuracy_metric=accuracy.metric, accuracy_drop=drop, feasible=not violations, violations=violations,
-            objective=math.nan, measured_by=m.measured_by, blocks=[dict(vars(b)) for b in m.blocks],
+            objective=math.nan, measured_by=m.measured_by, blocks=list(m.blocks), excess=excess,
             peak_memory_mb=m.peak_memory_mb, accuracy_basis=accuracy.basis, accuracy_samples=accuracy.samples,
         )
         return evaluation
+
+    def excess(self, latency_ms: float, accuracy_drop: float | None, memory_mb_by_processor: dict[str, float]) -> list[Excess]:
+        """Every constraint that applies to a plan measured so: the latency budget, the accuracy limit (when the
+        drop is known), the weight-memory limit, the capacity of each processor holding weights, and the
+        board's available memory for the weights held on it (not on a remote processor)."""
+        c = self.constraints
+        excess = []
+        if c.latency_ms is not None:
+            excess.append(Excess("latency", "latency", latency_ms, c.latency_ms))
+        if c.max_accuracy_drop is not None and accuracy_drop is not None:
+            excess.append(Excess("accuracy_drop", "accuracy drop", accuracy_drop, c.max_accuracy_drop))
+        if c.memory_mb is not None:
+            excess.append(Excess("memory", "weight memory", sum(memory_mb_by_processor.values()), c.memory_mb))
+        local = 0.0
+        for pid, mb in memory_mb_by_processor.items():
+            processor = self.board.processor(pid)
+            excess.append(Excess("memory", pid, mb, processor.memory_mb))
+            local += 0.0 if processor.is_remote else mb
+        excess.append(Excess("memory", "board memory", local, self.board.memory.available_mb))
+        return excess
 
     def objective_value(self, e: Evaluation) -> float:
         """The scalar to minimise (single metric as is; weighted sums relative to the baseline)."""
@@ -379,7 +427,8 @@ class Problem:
                 candidates.append((plan, self._measured(plan)))
         if not candidates:
             raise ExplorerError(f"no processor of {self.board.name} runs the whole model in fp32: there is no baseline")
-        candidates.sort(key=lambda pe: (not pe[1].feasible, metric_value(first, pe[1].latency_ms, pe[1].energy_mj, pe[1].memory_mb)))
+        candidates.sort(key=lambda pe: (not pe[1].feasible,
+                                        metric_value(first, pe[1].latency_ms, pe[1].energy_mj, pe[1].memory_mb)))
         return candidates
 
     def reference_plans(self) -> list[tuple[str, Plan]]:
@@ -418,3 +467,17 @@ class Problem:
             options = self.choices(layer)
             decisions[layer.name] = options[int(rng.integers(len(options)))]
         return Plan.from_dict(decisions)
+
+
+def _violation(e: Excess, accuracy_basis: str) -> str:
+    """A broken constraint in words."""
+    if e.kind == "latency":
+        return f"latency {e.value:.3f} ms > budget {e.limit:g} ms"
+    if e.kind == "accuracy_drop":
+        basis = f" ({accuracy_basis})" if accuracy_basis else ""
+        return f"accuracy drop {100 * e.value:.2f} points > limit {100 * e.limit:g}{basis}"
+    if e.subject == "weight memory":
+        return f"weight memory {e.value:.2f} MB > limit {e.limit:g} MB"
+    if e.subject == "board memory":
+        return f"weights {e.value:.1f} MB > the board's available {e.limit:g} MB"
+    return f"{e.subject} holds {e.value:.1f} MB of weights > its {e.limit:g} MB"

@@ -148,6 +148,11 @@ class RemoteMeasurer:
         self._probe_lock = threading.Lock()  # one thread probes unreachable servers, the others wait for its verdict
         self._unreachable: ServersUnreachable | None = None  # once every server stayed unreachable: for good
 
+    @classmethod
+    def from_spec(cls, spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> RemoteMeasurer:
+        """As `--measure remote://HOST:PORT[,...]` makes it (explorer.measure.make_measurer); no seed: real hardware."""
+        return cls(spec, wait_for_servers_s=wait_for_servers_s)
+
     @property
     def parallelism(self) -> int:
         """Plans measured at once: one per server."""

@@ -80,13 +80,13 @@ def block_observations(problem: Problem, cost_model: CostModel, plan: Plan, eval
     layers = problem.graph.layer_by_name
     for block in evaluation.blocks:
         costs = []
-        for name in block["layers"]:
+        for name in block.layers:
             decision = plan[name]
             rung = problem.compressor.rung(name, decision.method, decision.rank)
             cost = cost_model.layer_cost(layers[name], rung, decision.precision, _processor(decision))
             costs.append((layers[name], decision, cost.latency_s))
         predicted_s = sum(c for _, _, c in costs)
-        ratio = (block["latency_ms"] / 1e3) / max(predicted_s, 1e-12)
+        ratio = (block.latency_ms / 1e3) / max(predicted_s, 1e-12)
         observations += [(_processor(d), layer.kind, d.precision, c, c * ratio) for layer, d, c in costs]
     return observations
 

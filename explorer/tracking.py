@@ -62,7 +62,7 @@ from explorer.plots import PlotSettings, convergence_plot, pareto_plot  # noqa: 
 from explorer.stores import ensure_sqlite_store, first_value, sqlite_file, table_names  # noqa: E402
 
 if TYPE_CHECKING:  # agents build on explorer, not the other way round
-    from agents.base import SearchResult, Trial
+    from explorer.searching import SearchResult, Trial
 
 log = logging.getLogger(__name__)
 
@@ -479,7 +479,7 @@ class SearchTracker:
         return {run.data.tags.get("plan_digest") for run in read_search(self.tracking_uri, self.run_id).trials}
 
     def log_trial(self, trial: Trial, result: SearchResult) -> None:
-        """Queue one trial for logging (an `agents.base.TrialCallback`); returns at once."""
+        """Queue one trial for logging (an `explorer.searching.TrialCallback`); returns at once."""
         if self._ended:
             raise RuntimeError(f"MLflow run {self.run_id} has ended: log trials before finish()/close()")
         if self._failure is not None:

@@ -40,9 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # explorer does not import the agents at module level (agents build on explorer)
-    import optuna
-    from optuna.storages import BaseStorage
+import optuna
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from explorer.searching import SearchResult, Trial
+from explorer.studies import DesignSpace, is_measured, measured_trial_count
+
+if TYPE_CHECKING:
     from rich.console import Console
 
     from explorer.problem import Problem
@@ -108,8 +113,6 @@ class Supervisor:
                  command: Callable[[int, int], list[str]], go_on: Callable[[int], list[str]], *, budget: int,
                  workers: int, seed: int, folder: Path, env: dict[str, str], console: Console, source: str,
                  shared_study: bool):
-        from agents.optuna_agents import measured_trial_count
-
         self.problem, self.study, self.storage, self.tracker = problem, study, storage, tracker
         self.command, self.go_on = command, go_on
         self.budget, self.workers, self.seed = budget, workers, seed
@@ -145,8 +148,6 @@ class Supervisor:
 
     def done(self) -> int:
         """Measured trials this search added to the study."""
-        from agents.optuna_agents import measured_trial_count
-
         return measured_trial_count(self.study) - self.already
 
     def _start(self, slot: int, budget: int, seed: int) -> _Worker:
@@ -249,21 +250,14 @@ class Supervisor:
                       "queued trial; tag lost)")
 
     def _measured_by(self, identity: str) -> int:
-        from agents.optuna_agents import is_measured
-
-        return sum(1 for t in self.study.get_trials(deepcopy=False) if is_measured(t) and t.user_attrs.get(WORKER_ATTR) == identity)
+        return sum(1 for t in self.study.get_trials(deepcopy=False)
+                   if is_measured(t) and t.user_attrs.get(WORKER_ATTR) == identity)
 
     def _fail_orphans(self, owners: set[str], reason: str, unowned: bool = False) -> tuple[list[int], list[int]]:
         """Fail the RUNNING trials of these (ended) workers, and queue each again with its parameters
         (unless a worker died while sampling them: then they are incomplete and nothing was measured).
         `unowned`: also those without an owner (a worker died inside `ask`, before it could set it).
         Returns the numbers of the trials failed and of those queued again."""
-        import optuna
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
-        from optuna.trial import TrialState
-
-        from agents.optuna_agents import DesignSpace
-
         layers = set(DesignSpace(self.problem).layer_names)
         study_id = self.storage.get_study_id_from_name(self.study.study_name)
         failed, queued = [], []
@@ -294,12 +288,13 @@ def reconcile_tracking(problem: Problem, study: optuna.Study, owners: set[str], 
     is the source of truth): log those MLflow lacks, delete those Optuna does not count and second
     copies. Returns the trial numbers logged, deleted and deleted as copies. Call when those workers
     have ended."""
-    from agents.base import SearchResult, Trial
-    from agents.optuna_agents import DesignSpace, is_measured
     from explorer.tracking import SearchTracker, read_search
 
-    measured = {t.number: t for t in study.get_trials(deepcopy=False) if is_measured(t) and t.user_attrs.get(WORKER_ATTR) in owners}
-    kept, removed, copies = set(), [], []
+    measured = {t.number: t for t in study.get_trials(deepcopy=False)
+                if is_measured(t) and t.user_attrs.get(WORKER_ATTR) in owners}
+    kept: set[int] = set()
+    removed: list[int] = []
+    copies: list[int] = []
     for run in read_search(tracker.tracking_uri, tracker.run_id).trials:
         number = int(run.data.tags.get("trial", -1))
         if number in measured and number not in kept:

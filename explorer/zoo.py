@@ -1,5 +1,6 @@
 """The built-in model zoo: networks the project trains on Fashion-MNIST (`vgg`, `dnn`, `cnn`) and the
-full-size, untrained VGG-16.
+full-size, untrained VGG-16; and where a `--model` value becomes a model (`load_model`, `load_graph`,
+`load_graph_and_data`): a zoo name through the registry `ZOO`, a path through explorer.graph.load_onnx.
 
 `vgg` ships in zoo_data/. `dnn` and `cnn` are too large to commit: the first use trains each one from its
 recipe (seeded, deterministic, minutes on 2 CPU cores) and caches the ONNX file under `cache_dir("zoo")`,
@@ -8,11 +9,10 @@ keyed by a digest of the recipe and the torch version. Training itself lives in 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fcntl
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -24,9 +24,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from explorer.cache import atomic_write_bytes, atomic_write_json, digest, read_json
-from explorer.data import Dataset
+from explorer.data import Dataset, load_npz_dataset
 from explorer.errors import ExplorerError
+from explorer.graph import LayerGraph, declared_input_shapes, is_model_path, load_onnx
 from explorer.paths import ZOO_DATA_DIR, cache_dir
+from explorer.registry import Registry, load_entry_point
 
 OPSET = 17
 IR_VERSION = 9  # onnxruntime 1.31 refuses the newer IR version that onnx 1.23 writes by default
@@ -108,6 +110,7 @@ class ZooEntry:
     trained: bool
     note: str
     recipe: Recipe | None = None  # how `explorer zoo train NAME` trains it
+    build: str | None = None  # "module:function" that returns its ONNX model (None: its file, shipped or trained)
     shipped_file: str | None = None  # file in zoo_data/; None with a recipe: built on first use and cached
     validation_file: str | None = None  # shipped labelled validation data in zoo_data/
     params: int | None = None
@@ -124,8 +127,10 @@ def _first_use_note(name: str, size_mb: float, minutes: float) -> str:
             "scored on the shipped 2,000 labelled Fashion-MNIST test images")
 
 
-ZOO: dict[str, ZooEntry] = {
-    "vgg": ZooEntry(
+#: The zoo by name (a Registry: unknown names get "did you mean"); another package adds its own models with
+#: ZOO.register(name, ZooEntry(..., build="package.module:function")).
+ZOO: Registry[ZooEntry] = Registry("zoo model", {entry.name: entry for entry in (
+    ZooEntry(
         name="vgg",
         description=(
             f"VGG-16 layer structure (13 conv + 3 FC) at reduced width (stages {'-'.join(map(str, VGG_WIDTHS))}, "
@@ -140,7 +145,7 @@ ZOO: dict[str, ZooEntry] = {
         recipe=RECIPES["vgg"], shipped_file=VGG_FILE, validation_file=VAL_FILE,
         params=256_546, size_mb=1.03, mflops=9.93, top1_test=92.90, top1_subset=92.50, train_seconds=1147,
     ),
-    "dnn": ZooEntry(
+    ZooEntry(
         name="dnn",
         description=(
             "DeepX-style fully connected DNN: Flatten 1024, 3 hidden FC layers of 2048 (ReLU, Dropout 0.2 in "
@@ -152,7 +157,7 @@ ZOO: dict[str, ZooEntry] = {
         recipe=RECIPES["dnn"], validation_file=VAL_FILE,
         params=10_512_394, size_mb=42.05, mflops=21.01, top1_test=89.16, top1_subset=88.50, train_seconds=416,
     ),
-    "cnn": ZooEntry(
+    ZooEntry(
         name="cnn",
         description=(
             "ResNet-18-style CNN: stride-2 stem conv, 4 stages of 2 basic residual blocks (widths 32-64-128-256, "
@@ -164,7 +169,7 @@ ZOO: dict[str, ZooEntry] = {
         recipe=RECIPES["cnn"], validation_file=VAL_FILE,
         params=2_794_634, size_mb=11.19, mflops=69.36, top1_test=92.96, top1_subset=92.75, train_seconds=624,
     ),
-    "vgg16-imagenet": ZooEntry(
+    ZooEntry(
         name="vgg16-imagenet",
         description="full-size VGG-16 (13 conv + 3 FC, 138M parameters), 3x224x224 input, 1000 classes",
         input_shape=(1, 3, 224, 224),
@@ -173,17 +178,9 @@ ZOO: dict[str, ZooEntry] = {
             "weights are untrained (seeded random), so its accuracy cannot be measured; "
             "for accuracy bring your own trained ONNX file and data (--model PATH.onnx --data val.npz)"
         ),
-        params=138_357_544, size_mb=553.4,
+        params=138_357_544, size_mb=553.4, build="explorer.zoo:build_vgg16_imagenet",
     ),
-}
-
-
-def _lookup(name: str) -> ZooEntry:
-    if name in ZOO:
-        return ZOO[name]
-    close = difflib.get_close_matches(name, ZOO, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ExplorerError(f"unknown zoo model {name!r}: {hint}`explorer models` lists them")
+)}, hint="`explorer models` lists them")
 
 
 def trainable_names() -> list[str]:
@@ -193,15 +190,16 @@ def trainable_names() -> list[str]:
 
 def zoo_model(name: str) -> onnx.ModelProto:
     """The ONNX model of zoo entry `name`: shipped, cached (trained now if it is not yet), or built in memory."""
-    entry = _lookup(name)
-    if entry.name == "vgg16-imagenet":
-        return build_vgg16_imagenet()
+    entry = ZOO.lookup(name)
+    if entry.build is not None:
+        model: onnx.ModelProto = load_entry_point(entry.build)()
+        return model
     return onnx.load(str(zoo_file(entry.name)))
 
 
 def zoo_file(name: str, progress: bool = True) -> Path:
     """The ONNX file of a trained zoo entry: the shipped one, or the cached build (trained on first use)."""
-    entry = _lookup(name)
+    entry = ZOO.lookup(name)
     if entry.recipe is None:
         raise ExplorerError(f"zoo model {name!r} is built in memory and has no file")
     if entry.shipped_file is not None:
@@ -214,7 +212,7 @@ def zoo_file(name: str, progress: bool = True) -> Path:
 
 def zoo_validation_data(name: str) -> Dataset | None:
     """Shipped labelled validation data for zoo entry `name`, or None if it has none."""
-    entry = _lookup(name)
+    entry = ZOO.lookup(name)
     if entry.validation_file is None:
         return None
     path = ZOO_DATA_DIR / entry.validation_file
@@ -223,6 +221,44 @@ def zoo_validation_data(name: str) -> Dataset | None:
     with np.load(path) as archive:
         x, y = archive["x"], archive["y"]
     return Dataset(x=x, y=y, source=f"Fashion-MNIST held-out subset ({len(x)} test images)")
+
+
+# ---- a --model value: a zoo name or an ONNX file ---------------------------------------------------
+def load_model(name_or_path: str) -> tuple[onnx.ModelProto, str]:
+    """The model a --model value names (an ONNX file by path, else a zoo model by name) and its description."""
+    if is_model_path(name_or_path):
+        return load_onnx(name_or_path), str(Path(name_or_path))
+    return zoo_model(name_or_path), name_or_path
+
+
+def load_graph(name_or_path: str, input_shapes: Mapping[str, Sequence[int]] | None = None,
+               data_shape: Sequence[int] | None = None) -> LayerGraph:
+    """LayerGraph of a zoo model name or ONNX file path, with its input shapes resolved (see LayerGraph)."""
+    model, source = load_model(name_or_path)
+    return LayerGraph(model, source, input_shapes, data_shape)
+
+
+def load_graph_and_data(model: str, data: Path | str | None = None,
+                        input_shapes: Mapping[str, Sequence[int]] | None = None,
+                        data_samples: int | None = None) -> tuple[LayerGraph, Dataset | None]:
+    """The LayerGraph of a zoo name or ONNX path and its validation data (an .npz path; default: a zoo
+    model's shipped data, none for other models; `data_samples` keeps the first N). The data is read
+    first: the graph's symbolic input sizes come from `input_shapes` (--input-shape) and the data."""
+    onnx_model, source = load_model(model)
+    declared = declared_input_shapes(onnx_model)
+    dataset: Dataset | None
+    if data is not None:
+        first = next(iter(declared.values()), None)
+        dataset = load_npz_dataset(data, first, {name: dims for name, dims in list(declared.items())[1:]})
+    else:
+        dataset = zoo_validation_data(model) if model in ZOO else None
+    if dataset is not None and data_samples is not None:
+        dataset = dataset.first(data_samples)
+    data_shapes = None
+    if dataset is not None:
+        data_shapes = {name: value.shape for name, value in dataset.feeds(next(iter(declared), "x")).items()}
+    graph = LayerGraph(onnx_model, source, input_shapes, data_shapes)
+    return graph, dataset
 
 
 # ---- cached builds --------------------------------------------------------------------------------
@@ -287,19 +323,19 @@ def cached_build(recipe: Recipe, progress: bool = True) -> Path:
     return path
 
 
-def _zoo_train_module() -> Any:
+def _trainer(function: str) -> Any:
+    """A function of explorer.zoo_train (torch, which builds on this module: named by entry point)."""
     try:
-        from explorer import zoo_train
+        return load_entry_point(f"explorer.zoo_train:{function}")
     except ImportError:
         raise ExplorerError("training a zoo model needs torch: run bash .ci/setup (it installs torch==2.13.0)") from None
-    return zoo_train
 
 
 def train_to(recipe: Recipe, path: Path, data_dir: Path | None = None, progress: bool = True,
              console: Any = None) -> dict[str, Any]:
     """Train `recipe`, write its ONNX file to `path` and its metrics to `path` with suffix .json, both
     atomically (an interrupted build leaves no file). Returns the metrics."""
-    model, metrics = _zoo_train_module().train_recipe(recipe, data_dir=data_dir, progress=progress, console=console)
+    model, metrics = _trainer("train_recipe")(recipe, data_dir=data_dir, progress=progress, console=console)
     data = model.SerializeToString()
     metrics["onnx_bytes"] = len(data)
     metrics["sha256"] = hashlib.sha256(data).hexdigest()
@@ -317,7 +353,7 @@ def train(name: str, out_dir: Path | None = None, epochs: int | None = None, see
     default recipe's build. Returns the ONNX path and the metrics (with `same_as_before`: whether a file that
     was there had the same bytes; None if there was none).
     """
-    entry = _lookup(name)
+    entry = ZOO.lookup(name)
     if entry.recipe is None:
         raise ExplorerError(
             f"{name!r} has untrained weights by design and is built in memory; "
@@ -335,7 +371,7 @@ def train(name: str, out_dir: Path | None = None, epochs: int | None = None, see
         path = Path(out_dir) / f"{name}.onnx" if out_dir is not None else cached_path(recipe)
     before = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
     if name == "vgg":
-        metrics = _zoo_train_module().train_vgg(path.parent, recipe, data_dir=data_dir, progress=progress)
+        metrics = _trainer("train_vgg")(path.parent, recipe, data_dir=data_dir, progress=progress)
         metrics["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     else:
         from rich.console import Console

@@ -8,9 +8,8 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from netbuild import _Builder, lenet5, ocr_cnn
+from onnx import TensorProto, helper, numpy_helper
 
 
 @dataclass(frozen=True)

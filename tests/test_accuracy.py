@@ -3,14 +3,14 @@ import os
 
 import numpy as np
 import pytest
+from netbuild import mlp, random_inputs, small_cnn
 
 from explorer.accuracy import NOT_MEASURED, AccuracyScorer, rungs_within_bound, sensitivity_table
-from explorer.sessions import run_model, scoring_threads, worker_environment
 from explorer.compress import Compressor, decision_for, full_rank_plan
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
-from netbuild import mlp, random_inputs, small_cnn
+from explorer.sessions import run_model, scoring_threads, worker_environment
 
 
 def _labelled(model, count=200, seed=1):

@@ -4,9 +4,11 @@ import math
 
 import numpy as np
 import pytest
+from boardbuild import write_board
+from netbuild import mlp, random_inputs
 
 from agents import AGENTS, make_agent
-from agents.optuna_agents import CONSTRAINTS, PARETO_METRICS, constraint_values, default_study_name
+from agents.optuna_agents import CONSTRAINTS, constraint_values
 from agents.random_search import design_space_size
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
@@ -15,9 +17,9 @@ from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
 from explorer.measure import SimMeasurer
 from explorer.problem import Constraints, Objective, Problem
+from explorer.searching import PARETO_METRICS
 from explorer.solver import solve_problem
-from boardbuild import write_board
-from netbuild import mlp, random_inputs
+from explorer.studies import default_study_name
 
 SEARCH_AGENTS = ("random", "optuna-tpe", "optuna-nsga2")  # budget-filling agents
 BUDGET = 12
@@ -125,7 +127,7 @@ def test_tpe_starts_from_the_reference_plans_and_the_solver_plan_and_tells_optun
         assert frozen.user_attrs["plan_digest"] == trial.plan.digest()
         assert frozen.user_attrs["objective"] == trial.evaluation.objective
         assert frozen.value == (trial.evaluation.objective if trial.evaluation.feasible else math.inf)
-        assert frozen.system_attrs["constraints"] == constraint_values(problem, trial.evaluation)  # the list form
+        assert frozen.system_attrs["constraints"] == constraint_values(trial.evaluation)  # the list form
         assert len(frozen.constraints) == len(CONSTRAINTS)  # ... which Optuna's samplers read too
         assert (max(frozen.constraints.values()) <= 0) == trial.evaluation.feasible
 
@@ -134,7 +136,7 @@ def test_constraint_values_agree_with_the_problems_feasibility(problem):
     result = _agent("optuna-tpe").search(problem, 30, seed=1)
     assert 0 < result.feasible_count < 30
     for trial in result.trials:
-        values = constraint_values(problem, trial.evaluation)
+        values = constraint_values(trial.evaluation)
         assert len(values) == len(CONSTRAINTS)
         assert (max(values) <= 0) == trial.evaluation.feasible
         if trial.evaluation.latency_ms > problem.constraints.latency_ms:

@@ -11,12 +11,12 @@ import gymnasium
 import numpy as np
 import onnx
 import pytest
+from netbuild import mlp
 
 import envs
 import explorer
 from explorer.errors import ExplorerError
 from explorer.tracking import read_search
-from netbuild import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "api.md"

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 import pytest
+from netbuild import mlp
 from onnx import TensorProto, helper
 
 from explorer import blockrun, measure
@@ -14,10 +15,9 @@ from explorer.blockrun import BlockRunError, BlockSpec, EnergyCounter, energy_co
 from explorer.boards import load_board
 from explorer.compress import Compressor
 from explorer.graph import LayerGraph
+from explorer.http_api import device_kind as _device_kind
 from explorer.measure import HostMeasurer, board_providers
 from explorer.plan import Decision, Plan
-from explorer.http_api import device_kind as _device_kind
-from netbuild import mlp
 
 CPU, CUDA = blockrun.CPU_PROVIDER, blockrun.CUDA_PROVIDER
 

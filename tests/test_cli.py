@@ -39,7 +39,7 @@ def test_measure_and_solve_on_the_simulated_board(capsys, tmp_path):
 
 def test_rewrite_writes_a_model_and_scores_it(capsys, tmp_path):
     from explorer.compress import Compressor, decision_for, full_rank_plan
-    from explorer.graph import load_graph
+    from explorer.zoo import load_graph
 
     graph = load_graph("vgg")
     compressor = Compressor(graph)
@@ -73,9 +73,9 @@ def test_data_with_the_wrong_shape_is_refused(capsys, tmp_path):
 
 def test_sensitivity_resumes_after_ctrl_c(capsys, tmp_path, monkeypatch):
     import onnx
+    from netbuild import mlp, random_inputs
 
     from explorer.accuracy import AccuracyScorer
-    from netbuild import mlp, random_inputs
 
     model = mlp()
     onnx.save(model, tmp_path / "mlp.onnx")

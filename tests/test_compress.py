@@ -4,15 +4,15 @@ import pickle
 import numpy as np
 import onnx
 import pytest
+from netbuild import mlp, random_inputs, residual_cnn, small_cnn
 from onnx import numpy_helper
 
-from explorer.sessions import run_model
 from explorer.compress import Compressor, decision_for, full_rank_plan
 from explorer.errors import ExplorerError
-from explorer.graph import LayerGraph, load_graph
+from explorer.graph import LayerGraph
 from explorer.plan import Decision, Plan
-from explorer.zoo import zoo_validation_data
-from netbuild import mlp, random_inputs, residual_cnn, small_cnn
+from explorer.sessions import run_model
+from explorer.zoo import load_graph, zoo_validation_data
 
 BUILDERS = {"mlp": mlp, "small_cnn": small_cnn, "residual_cnn": residual_cnn}
 

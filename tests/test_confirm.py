@@ -3,6 +3,8 @@ from confirmed figures only. The outlier scenarios use a fake measurer (injected
 the simulated and host runs check that confirmation works through the real measurers."""
 import numpy as np
 import pytest
+from boardbuild import write_board
+from netbuild import small_cnn
 
 from explorer.accuracy import AccuracyScorer
 from explorer.blockrun import AdaptiveRepeats, ci_within, median_ci
@@ -13,8 +15,6 @@ from explorer.graph import LayerGraph
 from explorer.measure import BlockReport, HostMeasurer, Interleaved, Measurement, SimMeasurer
 from explorer.plan import Decision
 from explorer.problem import Constraints, Objective, Problem
-from boardbuild import write_board
-from netbuild import small_cnn
 
 NO_LIMITS = Constraints(latency_ms=None, max_accuracy_drop=None)
 

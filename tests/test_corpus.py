@@ -7,14 +7,12 @@ import json
 import numpy as np
 import onnx
 import pytest
-
 from corpus import CASES, Case, recogniser, transformer_block
+
 from explorer.accuracy import AccuracyScorer
-from explorer.sessions import run_batched, scoring_session
 from explorer.boards import load_board
 from explorer.cli import main
 from explorer.compress import Compressor, full_rank_plan
-from explorer.data import load_graph_and_data
 from explorer.errors import ExplorerError
 from explorer.export import export_bundle
 from explorer.graph import LayerGraph
@@ -22,6 +20,8 @@ from explorer.measure import SimMeasurer
 from explorer.plan import Decision, Plan
 from explorer.problem import Constraints, Objective, Problem
 from explorer.runtime import Bundle
+from explorer.sessions import run_batched, scoring_session
+from explorer.zoo import load_graph_and_data
 
 SAMPLES = 24
 # blocks placed on the board's GPU run on this machine's CPU (no CUDA here): expected, and said once per block

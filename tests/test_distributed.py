@@ -9,12 +9,12 @@ import os
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from netbuild import small_cnn
+from pgserver import TemporaryPostgres, postgres_bin
 
 from explorer.cli import main
 from explorer.paths import runs_dir
 from explorer.tracking import read_search, search_run_settings
-from netbuild import small_cnn
-from pgserver import TemporaryPostgres, postgres_bin
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,8 @@ def test_an_interrupted_distributed_search_says_how_to_go_on_and_that_reaches_th
     import time as real_time
     import types
 
-    from agents.optuna_agents import measured_trial_count
     from explorer import workers
+    from explorer.studies import measured_trial_count
 
     optuna_url, mlflow_url = postgres.create_database("optuna_go_on"), postgres.create_database("mlflow_go_on")
     model = tmp_path / "cnn.onnx"
@@ -123,8 +123,8 @@ def test_a_worker_killed_mid_way_is_replaced_and_the_study_ends_with_the_budget_
     import time as real_time
     import types
 
-    from agents.optuna_agents import is_measured
     from explorer import workers
+    from explorer.studies import is_measured
     from explorer.workers import LOST_ATTR, WORKER_ATTR
 
     optuna_url, mlflow_url = postgres.create_database("optuna_kill"), postgres.create_database("mlflow_kill")

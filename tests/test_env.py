@@ -8,13 +8,14 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 import pytest
+from boardbuild import write_board
 from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from netbuild import random_inputs, small_cnn
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
-from agents.base import BudgetedProblem
 from envs import DEPLOY_ID, DeployEnv
 from envs.deploy import plan_reward, resolve_precision
 from explorer.accuracy import AccuracyScorer
@@ -24,8 +25,7 @@ from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
 from explorer.measure import SimMeasurer
 from explorer.problem import Constraints, Objective, Problem
-from boardbuild import write_board
-from netbuild import random_inputs, small_cnn
+from explorer.searching import BudgetedProblem
 
 VGG = {"model": "vgg", "board": "tegra-k1", "latency_ms": 250.0, "max_accuracy_drop_points": 1, "data_samples": 300}
 TIGHT = {  # processor: (memory MB, precisions, decision ops); the board holds 0.16 MB of weights
@@ -118,7 +118,7 @@ def test_suggestion_replays_exactly_and_reward_is_measured(vgg_env):
         assert terminated == (index == len(vgg_env.layers) - 1)
     assert info["plan"] == vgg_env.suggestion
     assert info["evaluation"] is vgg_env.problem.evaluate(info["plan"])
-    assert reward == plan_reward(vgg_env.problem, info["evaluation"], vgg_env.reference)
+    assert reward == plan_reward(info["evaluation"], vgg_env.reference)
     with pytest.raises(ExplorerError, match="reset"):
         vgg_env.step(vgg_env.encode(0, vgg_env.suggestion.decisions[0][1]))
 

@@ -18,13 +18,12 @@ from explorer.boards import load_board
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.export import MANIFEST_FILE, MODEL_FILE, export_bundle
-from explorer.graph import load_graph
 from explorer.measure import SimMeasurer
 from explorer.plan import Decision, Plan
 from explorer.problem import Constraints, Objective, Problem
 from explorer.runtime import Bundle, ProviderFallbackWarning, format_run_summary, run_bundle_cli
 from explorer.sessions import run_model
-from explorer.zoo import zoo_validation_data
+from explorer.zoo import load_graph, zoo_validation_data
 
 SAMPLES = 300
 

@@ -2,11 +2,12 @@
 import numpy as np
 import onnx
 import pytest
+from netbuild import mlp, residual_cnn, small_cnn
 from onnx import TensorProto, helper
 
 from explorer.errors import ExplorerError
-from explorer.graph import LayerGraph, load_graph
-from netbuild import mlp, residual_cnn, small_cnn
+from explorer.graph import LayerGraph
+from explorer.zoo import load_graph
 
 
 def test_mlp_layers_flops_and_params():

@@ -6,19 +6,30 @@ import itertools
 import numpy as np
 import onnxruntime as ort
 import pytest
+from netbuild import small_cnn
 from onnx import TensorProto, helper
 from scipy import stats
 
 from explorer import blockrun
 from explorer.accuracy import AccuracyScorer
-from explorer.blockrun import (AdaptiveRepeats, BlockSpec, BlockTimes, EnergyCounter, ci_within, median_ci,
-                               median_ci_ranks, min_samples, rounds_met, time_blocks, time_interleaved)
+from explorer.blockrun import (
+    AdaptiveRepeats,
+    BlockSpec,
+    BlockTimes,
+    EnergyCounter,
+    ci_within,
+    median_ci,
+    median_ci_ranks,
+    min_samples,
+    rounds_met,
+    time_blocks,
+    time_interleaved,
+)
 from explorer.boards import load_board
 from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
 from explorer.measure import BlockReport, Measurement, SimMeasurer
 from explorer.problem import Constraints, Objective, Problem
-from netbuild import small_cnn
 
 
 def _matmul_block(n: int = 8) -> bytes:

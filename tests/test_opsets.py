@@ -3,13 +3,13 @@ network at opsets 9, 11, 13 and 17 passes onnx.checker and runs in ONNX Runtime.
 import numpy as np
 import onnx
 import pytest
+from netbuild import lenet5
 
-from explorer.sessions import run_model
 from explorer.compress import Compressor, decision_for, full_rank_plan
 from explorer.graph import LayerGraph
 from explorer.partition import run_blocks, unit_blocks
 from explorer.plan import Decision
-from netbuild import lenet5
+from explorer.sessions import run_model
 
 OPSETS = (9, 11, 13, 17)
 

@@ -7,15 +7,15 @@ import math
 import onnx
 import optuna
 import pytest
+from test_agents import _problem
 
-from agents import make_agent
-from agents.optuna_agents import (CONSTRAINTS_ATTR, PARETO_METRIC_NAMES, DesignSpace, constraint_values,
-                                  dashboard_command, default_storage_url)
+from agents.optuna_agents import CONSTRAINTS_ATTR, constraint_values
 from explorer.boards import load_board
 from explorer.cli import main
 from explorer.errors import ExplorerError
 from explorer.plan import Decision
-from test_agents import _problem
+from explorer.searching import PARETO_METRIC_NAMES, make_agent
+from explorer.studies import DesignSpace, dashboard_command, default_storage_url
 
 
 def _dashboard_feasible(frozen: optuna.trial.FrozenTrial) -> bool:
@@ -58,7 +58,7 @@ def test_optuna_metric_names_and_labels(tmp_path):
         assert all(frozen.distributions[name].choices == tuple(d.label() for d in problem.choices(layer))
                    for name, layer in zip(layers, problem.graph.layers))
         assert _dashboard_feasible(frozen) == trial.evaluation.feasible
-        assert frozen.system_attrs[CONSTRAINTS_ATTR] == constraint_values(problem, trial.evaluation)
+        assert frozen.system_attrs[CONSTRAINTS_ATTR] == constraint_values(trial.evaluation)
         assert frozen.user_attrs["objective"] == trial.evaluation.objective
         if trial.evaluation.feasible:
             assert frozen.value == trial.evaluation.objective and "violations" not in frozen.user_attrs

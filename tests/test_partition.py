@@ -1,14 +1,14 @@
 """Unit blocks: maximal same-processor runs, valid ONNX each, chained they reproduce the model."""
 import numpy as np
 import onnx
+from netbuild import random_inputs, residual_cnn, small_cnn
 
-from explorer.sessions import run_model
 from explorer.compress import Compressor, decision_for
-from explorer.graph import LayerGraph, load_graph
+from explorer.graph import LayerGraph
 from explorer.partition import block_boundaries, run_blocks, unit_blocks
 from explorer.plan import Plan
-from explorer.zoo import zoo_validation_data
-from netbuild import random_inputs, residual_cnn, small_cnn
+from explorer.sessions import run_model
+from explorer.zoo import load_graph, zoo_validation_data
 
 
 def _random_plan(graph, compressor, rng, processors=("cpu", "gpu", "dsp"), precisions=("fp32", "fp16", "int8")):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import explorer.export
-from agents.base import SearchResult, Trial
 from explorer.accuracy import AccuracyScorer
 from explorer.adapt import Conditions, choose
 from explorer.boards import load_board
@@ -17,15 +16,14 @@ from explorer.cli import main
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.export import MANIFEST_FILE, export_bundle
-from explorer.graph import load_graph
 from explorer.measure import SimMeasurer
 from explorer.plan import Decision, Plan
-from explorer.planset import (ROLE_BEST, ROLE_LOCAL, ROLE_SMALLEST_LOCAL, SetMember, parse_plans_option,
-                              search_plan_set)
+from explorer.planset import ROLE_BEST, ROLE_LOCAL, ROLE_SMALLEST_LOCAL, SetMember, parse_plans_option, search_plan_set
 from explorer.problem import Constraints, Objective, Problem
 from explorer.runtime import Bundle, ProviderFallbackWarning
+from explorer.searching import SearchResult, Trial
 from explorer.tracking import SearchTracker, default_tracking_uri, read_search
-from explorer.zoo import zoo_validation_data
+from explorer.zoo import load_graph, zoo_validation_data
 
 SAMPLES = 100
 LAYERS = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2",
@@ -430,7 +428,7 @@ def test_run_command_offloads_and_falls_back(offload_bundle, tmp_path, capsys, m
 
 def test_the_scenario_benchmark_meets_more_budgets_at_no_more_energy(tmp_path):
     """benchmarks/adaptation.py, simulated replay: the adaptive runtime against the single best static plan."""
-    from benchmarks.adaptation import make_bundle, phases, replay_sim, _wait_energy_mj
+    from benchmarks.adaptation import _wait_energy_mj, make_bundle, phases, replay_sim
 
     path, problem = make_bundle(tmp_path)
     bundle = _quiet_load(path)
@@ -456,8 +454,10 @@ def test_export_refuses_a_plan_set_without_a_search(tmp_path, capsys):
 
 def test_the_agent_only_install_runs_offloaded_blocks(offload_bundle):
     """The offload endpoint on an agent started as `explorer[agent]` installs it (no search or training stack)."""
+    from test_serve import TOKEN as SERVE_TOKEN
+    from test_serve import ServerProcess
+
     from explorer.offload import OffloadClient
-    from test_serve import TOKEN as SERVE_TOKEN, ServerProcess
 
     path, x, local, _ = offload_bundle
     agent = ServerProcess()

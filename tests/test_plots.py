@@ -1,8 +1,8 @@
 """The search's plots fit their data, carry units, and show the agents and reference plans."""
 import numpy as np
 import pytest
+from netbuild import random_inputs, small_cnn
 
-from agents.base import BudgetedProblem
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.data import Dataset
@@ -11,7 +11,7 @@ from explorer.measure import SimMeasurer
 from explorer.plots import PlotSettings, convergence_figure, limit_in_range, pareto_figure
 from explorer.problem import Constraints, Objective, Problem
 from explorer.report import objective_label, plot_settings
-from netbuild import random_inputs, small_cnn
+from explorer.searching import BudgetedProblem
 
 
 def make_problem(latency_ms: float | None) -> Problem:
@@ -73,7 +73,7 @@ def test_a_weighted_objective_is_labelled_relative_to_the_baseline():
 
 
 def test_plots_of_a_search_without_trials_draw():
-    from agents.base import SearchResult
+    from explorer.searching import SearchResult
     empty = SearchResult(agent="random")
     assert len(pareto_figure(empty, PlotSettings(latency_budget_ms=5.0)).axes) == 2
     assert convergence_figure(empty).axes[0].get_ylabel() == "objective (lower is better)"

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from sb3_contrib import MaskablePPO
 
-from agents.base import BudgetedProblem
 from agents.behaviour_cloning import Demonstration, behaviour_clone
 from agents.ppo import PPOAgent
 from agents.solver_guide import HEADROOM_FRACTION, LOCAL_RADIUS, SolverGuide
 from envs import DeployEnv
 from explorer import load_problem
 from explorer.measured_solver import MeasuredSolver
+from explorer.searching import BudgetedProblem
 
 BUDGET = 38  # 8 reference plans, then 30 of the agent's own
 VGG = {"model": "vgg", "board": "tegra-k1", "objective": "energy", "latency_ms": 250.0, "max_accuracy_drop_points": 1,

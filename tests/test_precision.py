@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from explorer.errors import ExplorerError
-from explorer.precision import (INT8_FOLLOWER_OPS, PRECISIONS, apply_precisions, calibration_ranges, int8_reduce_range,
-                                int8_scheme)
+from explorer.precision import INT8_FOLLOWER_OPS, PRECISIONS, apply_precisions, calibration_ranges, int8_reduce_range, int8_scheme
 from explorer.sessions import session_options
 
 CNN_COMPUTE = ("conv1", "conv2", "fc1", "fc2")

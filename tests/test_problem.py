@@ -1,6 +1,8 @@
 """Problem.evaluate: validation, caching (memory and disk), feasibility, accuracy by ranks only, host measurement."""
 import numpy as np
 import pytest
+from boardbuild import write_board
+from netbuild import random_inputs, small_cnn
 
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
@@ -11,8 +13,6 @@ from explorer.graph import LayerGraph
 from explorer.measure import HostMeasurer, SimMeasurer
 from explorer.plan import Decision
 from explorer.problem import Constraints, Objective, Problem
-from boardbuild import write_board
-from netbuild import random_inputs, small_cnn
 
 
 def _problem(board="tegra-k1", constraints=Constraints(), measurer=None, objective="energy"):
@@ -29,7 +29,7 @@ def test_evaluate_reports_everything_and_caches():
     assert evaluation.latency_ms > 0 and evaluation.energy_mj > 0 and evaluation.memory_mb > 0
     assert "simulated" in evaluation.measured_by and evaluation.energy_source == "simulated"
     assert evaluation.accuracy is not None and evaluation.accuracy_metric == "agreement"
-    assert evaluation.blocks and sum(len(b["layers"]) for b in evaluation.blocks) == len(problem.graph.layers)
+    assert evaluation.blocks and sum(len(b.layers) for b in evaluation.blocks) == len(problem.graph.layers)
     assert problem.evaluations == 1
     assert problem.evaluate(plan) is evaluation and problem.evaluations == 1
     fresh = _problem()  # a new process would read the disk cache
@@ -106,7 +106,7 @@ def test_host_measurement_is_real_and_repeatable(tmp_path):
     problem._memory_cache.clear()
     second = problem.evaluate(plan)
     assert "host" in first.measured_by and first.latency_ms > 0 and first.latency_spread_ms >= 0
-    assert len(first.blocks) == 3 and all(b["latency_ms"] > 0 for b in first.blocks)
+    assert len(first.blocks) == 3 and all(b.latency_ms > 0 for b in first.blocks)
     assert first.peak_memory_mb is None or first.peak_memory_mb > 10
     assert "modelled" in first.energy_source or "RAPL" in first.energy_source
     # repeatable: the two medians agree within half the value or a few spreads (the machine may be busy)
@@ -129,3 +129,24 @@ def test_without_data_compressed_rungs_within_the_error_bound_are_valid():
     evaluation = problem.evaluate(plan)
     assert evaluation.accuracy is None and "not measured" in evaluation.accuracy_text()
     problem.random_plan(np.random.default_rng(0))
+
+
+def test_every_constraint_has_one_excess_that_feasibility_violations_reward_and_optuna_read():
+    from agents.optuna_agents import constraint_values
+    from envs.deploy import plan_reward
+
+    problem = _problem(constraints=Constraints(latency_ms=1e-3, max_accuracy_drop=0.0, memory_mb=1e-4))
+    evaluation = problem.evaluate(problem.uniform_plan("cpu", "int8"))
+    kinds = [(e.kind, e.subject) for e in evaluation.excess]
+    assert kinds == [("latency", "latency"), ("accuracy_drop", "accuracy drop"), ("memory", "weight memory"),
+                     ("memory", "cpu"), ("memory", "board memory")]
+    broken = [e for e in evaluation.excess if e.broken]
+    assert not evaluation.feasible and len(evaluation.violations) == len(broken) >= 2
+    assert all(e.relative > 0 for e in broken) and all(e.relative <= 0 for e in evaluation.excess if not e.broken)
+    assert evaluation.total_excess == pytest.approx(sum(e.relative for e in broken))
+    assert plan_reward(evaluation, 1.0) == pytest.approx(-1 - np.log1p(evaluation.total_excess))
+    values = constraint_values(evaluation)
+    assert values[0] == evaluation.worst_excess("latency") > 0 and values[2] == evaluation.worst_excess("memory") > 0
+    loose = _problem(constraints=Constraints(latency_ms=None, max_accuracy_drop=None)).evaluate(problem.uniform_plan("cpu"))
+    assert loose.feasible and [e.subject for e in loose.excess] == ["cpu", "board memory"] and loose.total_excess == 0
+    assert constraint_values(loose) == [0.0, 0.0, loose.worst_excess("memory"), 0.0]

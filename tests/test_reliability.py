@@ -116,8 +116,8 @@ def _search_argv(model: Path) -> list[str]:
 
 def _no_store_or_a_complete_one(runs: Path) -> None:
     """Each store of the runs folder is absent or complete (what the search would open as it is)."""
-    from agents.optuna_agents import _optuna_storage_problem
     from explorer.stores import _complete
+    from explorer.studies import _optuna_storage_problem
     from explorer.tracking import _mlflow_store_problem
 
     for name, check in (("mlflow.db", _mlflow_store_problem), ("optuna.db", _optuna_storage_problem)):

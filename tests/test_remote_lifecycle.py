@@ -14,7 +14,7 @@ from netbuild import small_cnn
 from test_search_flow import _InterruptedAgent
 from test_serve import TOKEN, ServerProcess, _problem
 
-import agents
+from explorer import searching
 from explorer.boards import load_board
 from explorer.cli import main
 from explorer.http_api import TOKEN_ENV
@@ -43,8 +43,8 @@ def remote_search(tmp_path, monkeypatch):
 
 
 def _stop_after(monkeypatch, trials: int, action) -> None:
-    real_make_agent = agents.make_agent
-    monkeypatch.setattr(agents, "make_agent",
+    real_make_agent = searching.make_agent
+    monkeypatch.setattr(searching, "make_agent",
                         lambda name, **options: _InterruptedAgent(real_make_agent(name, **options), trials, action))
 
 

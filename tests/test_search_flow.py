@@ -5,7 +5,7 @@ import signal
 import numpy as np
 import pytest
 
-import agents
+from explorer import searching
 from explorer.cli import main
 from explorer.runtime import Bundle
 from explorer.tracking import default_tracking_uri, read_search
@@ -42,8 +42,8 @@ def _run_id(out: str) -> str:
 def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
     argv = ["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "11", "--seed", "3",
             "--max-accuracy-drop", "100"]  # every random plan is feasible, so there is a best to export
-    real_make_agent = agents.make_agent
-    monkeypatch.setattr(agents, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), after=5))
+    real_make_agent = searching.make_agent
+    monkeypatch.setattr(searching, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), after=5))
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "interrupted after 5 evaluations" in err and "KILLED" in err
@@ -51,7 +51,7 @@ def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
     killed = read_search(default_tracking_uri(), run_id)
     assert killed.parent.info.status == "KILLED" and len(killed.trials) == 5
 
-    monkeypatch.setattr(agents, "make_agent", real_make_agent)
+    monkeypatch.setattr(searching, "make_agent", real_make_agent)
     assert main(argv + ["--resume", run_id]) == 0
     out = capsys.readouterr().out
     assert _run_id(out) == run_id
@@ -89,9 +89,9 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(capsys, monkeypatch):
     outer_handler = lambda signum, frame: unhandled.append(signum)  # noqa: E731
     previous = signal.signal(signal.SIGTERM, outer_handler)
     try:
-        real_make_agent = agents.make_agent
+        real_make_agent = searching.make_agent
         send_sigterm = lambda: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
-        monkeypatch.setattr(agents, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), 3, send_sigterm))
+        monkeypatch.setattr(searching, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), 3, send_sigterm))
         assert main(["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "6",
                      "--seed", "4", "--max-accuracy-drop", "100"]) == 130
         assert signal.getsignal(signal.SIGTERM) is outer_handler  # put back when the command ends
@@ -120,15 +120,16 @@ def test_a_search_leaves_no_temporary_folders(capsys, monkeypatch, tmp_path):
 
 def test_the_resume_command_keeps_wait_for_servers(capsys, monkeypatch, tmp_path):
     """The printed go-on command (and the --workers children, from the same arguments) keep --wait-for-servers."""
-    from explorer.cli import _search_args, build_parser
     from netbuild import mlp
+
+    from explorer.cli import _search_args, build_parser
 
     model = tmp_path / "mlp.onnx"
     model.write_bytes(mlp().SerializeToString())
     argv = ["search", "--board", "tegra-k1", "--model", str(model), "--agent", "random", "--budget", "4",
             "--wait-for-servers", "30"]
-    real_make_agent = agents.make_agent
-    monkeypatch.setattr(agents, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), after=1))
+    real_make_agent = searching.make_agent
+    monkeypatch.setattr(searching, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), after=1))
     assert main(argv) == 130
     resume = " ".join(capsys.readouterr().err.split()).split("resume with: explorer search ")[1].split()
     assert resume[resume.index("--wait-for-servers") + 1] == "30" and "--resume" in resume

@@ -5,8 +5,8 @@ import json
 import sys
 
 import pytest
+from netbuild import mlp, random_inputs
 
-from agents.base import SearchResult, Trial
 from benchmarks import search_quality
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
@@ -15,7 +15,7 @@ from explorer.graph import LayerGraph
 from explorer.measure import SimMeasurer
 from explorer.paths import runs_dir
 from explorer.problem import Constraints, Objective, Problem
-from netbuild import mlp, random_inputs
+from explorer.searching import SearchResult, Trial
 
 
 def _problem() -> Problem:

@@ -17,7 +17,6 @@ import pytest
 from boardbuild import write_board
 from netbuild import random_inputs, small_cnn
 
-from agents import make_agent
 from explorer.accuracy import AccuracyScorer
 from explorer.blockrun import AdaptiveRepeats
 from explorer.boards import load_board
@@ -30,6 +29,7 @@ from explorer.measure import HostMeasurer
 from explorer.plan import Decision
 from explorer.problem import Constraints, Objective, Problem
 from explorer.remote import RemoteMeasurer, ServerError, parse_endpoints
+from explorer.searching import make_agent
 
 TOKEN = "test-token-0123456789"
 SERVER_ONLY = Path(__file__).with_name("server_only.py")
@@ -127,9 +127,9 @@ def test_remote_measurement_matches_the_host_measurement(server, board, monkeypa
     plan = remote.uniform_plan("cpu").with_decision(remote.graph.layers[2].name, Decision(processor="cpu1"))
     r, h = remote.evaluate(plan), host.evaluate(plan)
     assert "remote" in r.measured_by and server.address in r.measured_by and "ONNX Runtime" in r.measured_by
-    assert [b["layers"] for b in r.blocks] == [b["layers"] for b in h.blocks] and len(r.blocks) == 3
+    assert [b.layers for b in r.blocks] == [b.layers for b in h.blocks] and len(r.blocks) == 3
     assert r.memory_mb_by_processor == h.memory_mb_by_processor and r.accuracy == h.accuracy
-    assert r.latency_ms > 0 and all(b["latency_ms"] > 0 for b in r.blocks)
+    assert r.latency_ms > 0 and all(b.latency_ms > 0 for b in r.blocks)
     # the same machine runs both: the medians agree within a factor of 3 (a busy machine varies)
     assert h.latency_ms / 3 <= r.latency_ms <= 3 * h.latency_ms
     assert f"server {server.address}" in r.energy_source or "RAPL" in r.energy_source

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from netbuild import lenet5, ocr_cnn
 
 from explorer.accuracy import AccuracyScorer, calibration_inputs, sensitivity_table
 from explorer.boards import load_board
@@ -16,7 +17,6 @@ from explorer.graph import LayerGraph, parse_input_shapes
 from explorer.measure import block_specs
 from explorer.plan import Decision, Plan
 from explorer.sessions import run_model
-from netbuild import lenet5, ocr_cnn
 
 
 def run(capsys, *argv):

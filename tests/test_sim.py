@@ -1,5 +1,7 @@
 """The simulated board: deterministic for a seed, and richer than the additive cost model."""
 import pytest
+from boardbuild import write_board
+from netbuild import branchy_cnn, small_cnn
 
 from explorer.boards import load_board
 from explorer.compress import Compressor, decision_for
@@ -7,8 +9,7 @@ from explorer.cost import CostModel
 from explorer.graph import LayerGraph
 from explorer.plan import Plan
 from explorer.sim import simulate
-from boardbuild import write_board
-from netbuild import branchy_cnn, small_cnn
+
 
 def _plan(graph, processors, rungs=None, precision="fp32"):
     compressor = Compressor(graph)

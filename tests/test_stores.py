@@ -196,7 +196,7 @@ def test_a_half_made_optuna_storage_is_rebuilt_and_used(tmp_path, caplog):
     from optuna.storages._rdb import models
     from sqlalchemy import create_engine
 
-    from agents.optuna_agents import open_storage
+    from explorer.studies import open_storage
 
     path = tmp_path / "optuna.db"
     engine = create_engine(f"sqlite:///{path}")
@@ -211,7 +211,7 @@ def test_a_half_made_optuna_storage_is_rebuilt_and_used(tmp_path, caplog):
 
 _OPEN_BOTH = """
 import sys
-from agents.optuna_agents import open_storage
+from explorer.studies import open_storage
 from explorer.tracking import tracking_client
 folder = sys.argv[1]
 print(len(tracking_client(f"sqlite:///{folder}/mlflow.db").search_experiments()),

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from mlflow.tracking import MlflowClient
+from netbuild import lenet5, mlp, random_inputs, small_cnn
 
 from explorer.accuracy import SYNTHETIC_LABEL, UNLABELLED_LABEL, AccuracyScorer
 from explorer.boards import load_board
@@ -13,12 +14,11 @@ from explorer.cli import main
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
+from explorer.measure import SimMeasurer
 from explorer.plan import Plan
 from explorer.problem import Constraints, Problem
-from explorer.measure import SimMeasurer
 from explorer.synthetic import SyntheticInputs, synthetic_dataset
 from explorer.tracking import read_search
-from netbuild import lenet5, mlp, random_inputs, small_cnn
 
 # a drop shown as zero: "+0.00", "-0.00", "drop 0.00" (an unmeasured figure must never read so)
 ZERO_DROP = re.compile(r"(?<![\d.])[+-]0\.00(?!\d)|drop 0\.00(?!\d)")
@@ -169,8 +169,8 @@ def test_an_untrained_zoo_model_is_not_scored_unless_synthetic_inputs_are_asked_
     """vgg16-imagenet's random weights agree with themselves whatever the plan: no figure, said so."""
     import types
 
-    from explorer.graph import load_graph
     from explorer.synthetic import scoring_data
+    from explorer.zoo import load_graph
 
     untrained = types.SimpleNamespace(source="vgg16-imagenet")
     assert scoring_data(untrained, None) is None

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from netbuild import random_inputs, small_cnn
 
-from agents.base import BudgetedProblem, SearchResult, Trial
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.data import Dataset
@@ -22,11 +22,18 @@ from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
 from explorer.measure import SimMeasurer
 from explorer.paths import runs_dir
-from explorer.plots import pareto_front
+from explorer.plots import staircase
 from explorer.problem import Constraints, Objective, Problem
-from explorer.tracking import (SearchTracker, default_tracking_uri, experiment_name, logged_plan, read_search,
-                               search_run_settings, ui_command)
-from netbuild import random_inputs, small_cnn
+from explorer.searching import BudgetedProblem, SearchResult, Trial
+from explorer.tracking import (
+    SearchTracker,
+    default_tracking_uri,
+    experiment_name,
+    logged_plan,
+    read_search,
+    search_run_settings,
+    ui_command,
+)
 
 EXPERIMENT = experiment_name("small_cnn", "tegra-k1")
 SETTINGS = {"model": "small_cnn", "board": "tegra-k1", "agent": "random", "budget": 12, "objective": "energy",
@@ -263,9 +270,9 @@ def test_unreachable_server_fails_at_once_with_a_fix():
     assert time.perf_counter() - started < 10
 
 
-def test_pareto_front_keeps_only_undominated_points():
+def test_staircase_keeps_only_undominated_points():
     points = [(1.0, 5.0), (2.0, 3.0), (2.5, 4.0), (3.0, 1.0), (4.0, 1.0), (1.0, 6.0)]
-    assert pareto_front(points) == [(1.0, 5.0), (2.0, 3.0), (3.0, 1.0)]
+    assert staircase(points) == [(1.0, 5.0), (2.0, 3.0), (3.0, 1.0)]
 
 
 def test_pinned_mlflow_public_api_behaviour(tmp_path):

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
+from netbuild import mlp, random_inputs
 from optuna.trial import TrialState
 from rich.console import Console
 
-from agents.base import SearchResult, Trial
-from agents.optuna_agents import DesignSpace, OptunaTPEAgent, is_measured, open_storage
+from agents.optuna_agents import OptunaTPEAgent
 from explorer import workers
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
@@ -18,9 +18,10 @@ from explorer.data import Dataset
 from explorer.graph import LayerGraph
 from explorer.measure import SimMeasurer
 from explorer.problem import Constraints, Objective, Problem
+from explorer.searching import SearchResult, Trial
+from explorer.studies import DesignSpace, is_measured, open_storage
 from explorer.tracking import SearchTracker, read_search
 from explorer.workers import LOST_ATTR, RECOVERED_TAG, WORKER_ATTR, Supervisor, worker_identity
-from netbuild import mlp, random_inputs
 
 EXPERIMENT = "mlp @ tegra-k1"
 DEAD = "elsewhere:4242"  # the identity of a worker that is gone
@@ -247,9 +248,9 @@ def test_sqlite_storage_waits_for_a_writer_within_its_busy_timeout(tmp_path):
 def test_two_workers_on_the_default_sqlite_storage_end_with_exactly_the_budget_in_optuna_and_mlflow(mlflow_uri, tmp_path,
                                                                                                    monkeypatch, capsys):
     import optuna
+    from netbuild import small_cnn
 
     from explorer.cli import main
-    from netbuild import small_cnn
 
     monkeypatch.setenv("EXPLORER_RUNS", str(tmp_path / "runs"))  # a fresh default storage, runs/optuna.db
     model = tmp_path / "cnn.onnx"

@@ -14,8 +14,9 @@ import torch
 from explorer import zoo, zoo_train
 from explorer.cli import main
 from explorer.data import load_fashion_mnist
-from explorer.graph import LayerGraph, load_graph
+from explorer.graph import LayerGraph
 from explorer.paths import cache_dir
+from explorer.zoo import load_graph
 
 DECISION_LAYERS = {"vgg": 16, "dnn": 4, "cnn": 21}  # 13 conv + 3 FC; 4 FC; stem + 16 block convs + 3 shortcuts + FC
 TOLERANCE_POINTS = 5.0  # another CPU rounds differently (see zoo.SMALL_RECIPES); a broken recipe falls to ~10 %
