@@ -83,6 +83,42 @@ def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
     assert {p["digest"] for p in plans} <= set(digests) | {plans[0]["digest"]}
 
 
+def test_an_interrupted_search_prints_what_it_found_as_json_with_the_resume_command(capsys, monkeypatch):
+    """`--json` on an interrupted search: its JSON so far, `"interrupted": true` and the command that resumes it."""
+    import json
+
+    argv = ["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "9", "--seed", "6",
+            "--max-accuracy-drop", "100", "--json"]
+    real_make_agent = agents.make_agent
+    monkeypatch.setattr(agents, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), after=4))
+    assert main(argv) == 130
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["interrupted"] is True and data["command"] == "search" and data["evaluations"] == 4
+    assert data["best"]["feasible"] and data["best_plan"] and data["confirmed"] is None
+    assert [row["name"] for row in data["rows"]][-1] == "best found by random"
+    assert data["resume_command"].startswith("explorer search ") and f"--resume {data['run_id']}" in data["resume_command"]
+    assert " ".join(err.split()).split("resume with: ")[1].startswith(data["resume_command"])
+    killed = read_search(default_tracking_uri(), data["run_id"])
+    assert killed.parent.info.status == "KILLED" and len(killed.trials) == 4
+
+
+def test_a_search_interrupted_before_it_started_prints_json_too(capsys, monkeypatch):
+    """Ctrl-C while the baseline is measured: nothing found, no MLflow run; the same command starts it again."""
+    import json
+
+    import explorer.searchrun
+
+    monkeypatch.setattr(explorer.searchrun, "prepare", lambda problem: _press_ctrl_c())
+    argv = ["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "3", "--json"]
+    assert main(argv) == 130
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["interrupted"] is True and data["evaluations"] == 0 and data["run_id"] is None
+    assert data["resume_command"].startswith("explorer search ") and "--resume" not in data["resume_command"]
+    assert "explorer: interrupted" in err
+
+
 def test_sigterm_stops_a_search_as_ctrl_c_does(capsys, monkeypatch):
     """`kill` or a scheduler's SIGTERM: the search stops cleanly (run KILLED, resumable), not mid-write."""
     unhandled = []  # what the test's own handler sees: a SIGTERM that main() did not take over
