@@ -70,7 +70,8 @@ def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
     data = zoo_validation_data("vgg")
     bundle = Bundle.load(bundle_dir)
     top1 = float(np.mean(bundle.run(data.x).argmax(1) == data.y))
-    assert 100 * top1 == pytest.approx(metrics["confirmed_accuracy_percent"], abs=1e-9)  # the bundle reproduces what MLflow logged
+    # the bundle reproduces what MLflow logged
+    assert 100 * top1 == pytest.approx(metrics["confirmed_accuracy_percent"], abs=1e-9)
     confirmed = bundle.manifest["confirmed"]
     assert confirmed["plan"]["plan_digest"] == bundle.manifest["plan"]["digest"] and confirmed["simulated"]
     assert confirmed["plan"]["ratio"] == metrics["confirmed_ratio_to_baseline"] and confirmed["baseline"]["baseline"]
@@ -127,7 +128,8 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(capsys, monkeypatch):
     try:
         real_make_agent = agents.make_agent
         send_sigterm = lambda: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
-        monkeypatch.setattr(agents, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), 3, send_sigterm))
+        monkeypatch.setattr(agents, "make_agent",
+                            lambda name, **options: _InterruptedAgent(real_make_agent(name), 3, send_sigterm))
         assert main(["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "6",
                      "--seed", "4", "--max-accuracy-drop", "100"]) == 130
         assert signal.getsignal(signal.SIGTERM) is outer_handler  # put back when the command ends
@@ -156,8 +158,9 @@ def test_a_search_leaves_no_temporary_folders(capsys, monkeypatch, tmp_path):
 
 def test_the_resume_command_keeps_wait_for_servers(capsys, monkeypatch, tmp_path):
     """The printed go-on command (and the --workers children, from the same arguments) keep --wait-for-servers."""
-    from explorer.cli import _search_args, build_parser
     from netbuild import mlp
+
+    from explorer.cli import _search_args, build_parser
 
     model = tmp_path / "mlp.onnx"
     model.write_bytes(mlp().SerializeToString())
