@@ -62,12 +62,12 @@ from explorer.adapt import NETWORK_OFF, Conditions, Hysteresis, Link, estimate  
 from explorer.boards import load_board  # noqa: E402
 from explorer.errors import ExplorerError  # noqa: E402
 from explorer.export import export_bundle  # noqa: E402
-from explorer.zoo import load_graph  # noqa: E402
 from explorer.measure import SimMeasurer  # noqa: E402
 from explorer.plan import Decision, Plan  # noqa: E402
 from explorer.planset import SetMember  # noqa: E402
 from explorer.problem import Constraints, Objective, Problem  # noqa: E402
 from explorer.runtime import REMOTE_TIMEOUT_S, Bundle, ProviderFallbackWarning  # noqa: E402
+from explorer.zoo import load_graph  # noqa: E402
 
 BOARD = "tegra-k1-cloud"
 GOOD, DEGRADED = Link(50.0, 20.0), Link(300.0, 2.0)

@@ -19,10 +19,9 @@ import numpy as np
 from benchmarks.common import markdown_table, write_json
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
-from explorer.zoo import load_graph
 from explorer.measure import HostMeasurer
 from explorer.problem import Constraints, Problem
-from explorer.zoo import zoo_validation_data
+from explorer.zoo import load_graph, zoo_validation_data
 
 
 def block_pairs(problem: Problem, plans, cost_model) -> list[list[tuple]]:

@@ -28,12 +28,12 @@ import onnx
 
 from agents import make_agent
 from benchmarks.common import markdown_table, write_json, zoo_problem
-from explorer.confirm import CONFIRM_REPEATS, confirm
+from explorer.confirm import CONFIRM_REPEATS
 from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.measure import HostMeasurer
 from explorer.problem import Problem
-from explorer.report import confirmation_candidates
+from explorer.searchrun import confirm_search, run_agent
 
 ACCURACY_LIMIT_POINTS = 1.0
 BATCHES = (1, 32)
@@ -68,9 +68,10 @@ def searched_best(model: str, objective: str, agent: str, budget: int, seed: int
     """One search and its confirmation: the best confirmed plan and how the search went."""
     problem = problem_for(model, objective, samples)
     started = time.perf_counter()
-    result = make_agent(agent).search(problem, budget, seed)
-    candidates = confirmation_candidates(problem, result)
-    confirmation = confirm(problem, [plan for _, plan in candidates])
+    result = run_agent(make_agent(agent), problem, budget, seed)
+    if result.interrupted:  # a partial search is not the one the table reports
+        raise SystemExit(f"host_delivery: the {objective} search was interrupted after {len(result.trials)} evaluations")
+    confirmation, _ = confirm_search(problem, result)
     best = confirmation.best()
     print(f"  {objective} search: {len(result.trials)} evaluations in {time.perf_counter() - started:.0f} s; best "
           f"confirmed {'baseline' if best.is_baseline else best.plan.digest()[:12]} (ratio {best.ratio:.3f})", file=sys.stderr)

@@ -72,10 +72,9 @@ def server_rates(counts: list[int], plans: int, seeds: int) -> dict[int, list[fl
     from explorer.accuracy import AccuracyScorer
     from explorer.boards import load_board
     from explorer.errors import ExplorerError
-    from explorer.zoo import load_graph
     from explorer.problem import Constraints, Objective, Problem
     from explorer.remote import RemoteMeasurer
-    from explorer.zoo import zoo_validation_data
+    from explorer.zoo import load_graph, zoo_validation_data
 
     try:
         board = load_board(single_threaded_host())

@@ -47,17 +47,17 @@ import time
 from dataclasses import dataclass, field, replace
 
 from agents import AGENTS, make_agent
-from explorer.searching import SearchResult, Trial
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.cache import atomic_write_json, digest, read_json
 from explorer.errors import ExplorerError, termination_as_interrupt
-from explorer.zoo import load_graph
 from explorer.measure import SimMeasurer
 from explorer.measured_solver import solve_measured
 from explorer.paths import runs_dir
 from explorer.problem import Constraints, Objective, Problem
-from explorer.zoo import zoo_validation_data
+from explorer.searching import SearchResult, Trial
+from explorer.searchrun import run_agent
+from explorer.zoo import load_graph, zoo_validation_data
 
 AGENT_OPTIONS = {"optuna-tpe": {"storage": "memory"}, "optuna-nsga2": {"storage": "memory"}}  # fresh studies
 
@@ -144,14 +144,9 @@ def search(agent_name: str, problem: Problem, budget: int, seed: int, label: str
             progress(f"  {label}: {trial.number + 1}/{budget} evaluations, best {result.best_so_far[-1]:.4g}")
 
     started = time.perf_counter()
-    result = None
-    try:
-        result = agent.search(problem, budget, seed, callback=report)
-        interrupted = result.interrupted  # every agent catches Ctrl-C and returns what it has
-    except KeyboardInterrupt:  # one that arrives before the agent's own handler is in place
-        interrupted = True
-    if interrupted:  # a partial run must not be read as a whole one (nor stored as a reference)
-        partial = partial_best(result, budget, seed) if result is not None else None
+    result = run_agent(agent, problem, budget, seed, report)  # Ctrl-C at any instant: what it has, interrupted
+    if result.interrupted:  # a partial run must not be read as a whole one (nor stored as a reference)
+        partial = partial_best(result, budget, seed)
         kept = keep_partial_best(partial, problem, label) if partial else None
         raise SearchStopped(f"search_quality: interrupted during {label} after {measured} evaluations; it is no run "
                             f"of the table (the evaluations are cached: a rerun recalls them quickly)"

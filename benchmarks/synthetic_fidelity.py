@@ -23,12 +23,11 @@ from benchmarks.common import markdown_table, write_json
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.data import Dataset
-from explorer.zoo import load_graph
 from explorer.measure import make_measurer
 from explorer.measured_solver import solve_measured
 from explorer.problem import Constraints, Problem
 from explorer.synthetic import SyntheticInputs, synthetic_dataset
-from explorer.zoo import zoo_validation_data
+from explorer.zoo import load_graph, zoo_validation_data
 
 # normalised Fashion-MNIST pixels: (0 - 0.2190) / 0.3318 .. (1 - 0.2190) / 0.3318 (explorer.data)
 DISTRIBUTIONS = ("normal", "uniform:-0.66,2.354")

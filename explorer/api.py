@@ -12,13 +12,19 @@ Gymnasium environment and the benchmarks all build theirs with it.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from explorer.accuracy import AccuracyScorer
+from explorer.boards import load_board
 from explorer.errors import ExplorerError
-from explorer.problem import DEFAULT_LATENCY_MS, DEFAULT_MAX_ACCURACY_DROP
+from explorer.export import export_bundle
+from explorer.measure import make_measurer
+from explorer.plan import Plan
+from explorer.problem import DEFAULT_LATENCY_MS, DEFAULT_MAX_ACCURACY_DROP, Constraints, Objective, Problem
+from explorer.synthetic import check_one_source, scoring_data
+from explorer.zoo import load_graph_and_data
 
 DEFAULT_MAX_ACCURACY_DROP_POINTS = 100 * DEFAULT_MAX_ACCURACY_DROP  # DeepX: about 5 points
 DEFAULT_BUDGET = 200  # measured evaluations, as `explorer search --budget`
@@ -42,13 +48,6 @@ def load_problem(model: str = "vgg", board: str = "tegra-k1", *, measure: str = 
     The names are kept in `problem.settings` (under the CLI's option names), so a tracked search
     records what rebuilds the problem.
     """
-    from explorer.accuracy import AccuracyScorer
-    from explorer.boards import load_board
-    from explorer.measure import make_measurer
-    from explorer.problem import Constraints, Objective, Problem
-    from explorer.synthetic import check_one_source, scoring_data
-    from explorer.zoo import load_graph_and_data
-
     _check_limit("latency_ms", latency_ms)
     _check_limit("memory_mb", memory_mb)
     if max_accuracy_drop_points is not None and not (_is_number(max_accuracy_drop_points)
@@ -73,15 +72,16 @@ def load_problem(model: str = "vgg", board: str = "tegra-k1", *, measure: str = 
 
 
 def search(problem, agent: str = "optuna-tpe", budget: int = DEFAULT_BUDGET, seed: int = 0, track: bool = True,
-           tracking_uri: str | None = None, **agent_options):
+           tracking_uri: str | None = None, resume: str | None = None, **agent_options):
     """Search `problem` with the agent called `agent` (ppo, optuna-tpe, optuna-nsga2, random, solver) for
     `budget` measured evaluations; returns the agents' SearchResult.
 
-    With `track` (default) the search is logged to MLflow exactly as `explorer search` logs it: a
-    parent run with the settings (accuracy in points), one child run per trial, the reference plans and
+    With `track` (default) this is the search run of `explorer search` (explorer.searchrun): a parent run
+    in MLflow with the settings (accuracy in points), one child run per trial, the reference plans and
     the best plans confirmed by interleaved re-measurement, the summary and the plots; its run id is
-    `result.run_id` (`explorer export --run RUN_ID` reads it). The problem must come from
-    `load_problem`, whose names rebuild it. `tracking_uri`: default the store under runs/ (or
+    `result.run_id` (`explorer export --run RUN_ID` reads it). Ctrl-C ends it with what it has:
+    `result.interrupted`, the run KILLED, and `resume=result.run_id` continues it. The problem must come
+    from `load_problem`, whose names rebuild it. `tracking_uri`: default the store under runs/ (or
     $EXPLORER_RUNS). `agent_options`: the agent's own keywords (e.g. storage= for Optuna).
     """
     from explorer.searching import make_agent
@@ -98,26 +98,20 @@ def search(problem, agent: str = "optuna-tpe", budget: int = DEFAULT_BUDGET, see
     if settings["latency_ms"] is None or settings["max_accuracy_drop"] is None:
         raise ExplorerError("track=True logs the search as `explorer search` does, which always has a latency and an "
                             "accuracy limit: give latency_ms and max_accuracy_drop_points, or search with track=False")
-    # The CLI's own search lifecycle (settings, baseline, tracker, summary, confirmation), so both log alike.
-    from explorer import cli
-    from explorer.tracking import SearchTracker
+    from explorer.searchrun import SearchRun  # MLflow: imported by a tracked search only
 
-    args = argparse.Namespace(**(cli.PARSER_DEFAULTS | settings | {"seed": seed}), agent=agent, budget=budget,
-                              tracking_uri=tracking_uri)  # the seed logged is the search's (the CLI has one for both)
-    uri, experiment, params = cli._search_settings(problem, args)
-    baseline = cli._prepare(problem)
-    with SearchTracker(uri, experiment, f"{agent} seed {seed}", params) as tracker:
-        result = searcher.search(problem, budget, seed, tracker.log_trial)
-        cli._conclude_search(problem, tracker, result, baseline, args)
-    result.run_id = tracker.run_id
+    # the seed logged is the search's (the CLI has one for both the measurer and the search)
+    run = SearchRun(problem, agent, budget, seed, settings | {"seed": seed}, tracking_uri)
+    result = run.run(searcher, resume_run_id=resume)
+    result.run_id = run.run_id
+    if run.ended:
+        raise run.ended  # the measurement agents could not be reached: the summary of what was measured is logged
     return result
 
 
 def export_plan(problem, found, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the bundle of `found` (a SearchResult: its best plan, or a Plan) for `problem` into `out`, as
     `explorer export` does; returns the bundle's path. Run it with `explorer.Bundle.load(path).run(x)`."""
-    from explorer.export import export_bundle
-    from explorer.plan import Plan
     from explorer.searching import SearchResult
 
     if isinstance(found, SearchResult):

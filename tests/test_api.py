@@ -51,7 +51,7 @@ def test_import_explorer_loads_no_search_stack_and_the_names_resolve_lazily():
     assert out.returncode == 0, out.stderr
     assert "'search'" in out.stdout and "'export_plan'" in out.stdout
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
-        explorer.nonsense
+        _ = explorer.nonsense
 
 
 def test_points_in_the_api_give_the_constraints_of_the_cli(mlp_path):
@@ -102,6 +102,36 @@ def test_search_tracks_in_mlflow_with_points_and_exports_a_bundle_that_runs(mlp_
     assert y.shape == (1, 10) and np.isfinite(y).all()
     with pytest.raises(ExplorerError, match="SearchResult or a Plan"):
         explorer.export_plan(problem, "best", tmp_path / "other")
+
+
+def test_an_interrupted_tracked_search_returns_what_it_found_and_resumes(mlp_path, monkeypatch):
+    """explorer.search runs the CLI's search run: Ctrl-C gives the partial result (its MLflow run KILLED) and
+    resume=RUN_ID continues it, as `explorer search --resume` does."""
+    from explorer import searching
+
+    real_make_agent = searching.make_agent
+
+    class Interrupted:
+        name = "random"
+
+        def search(self, problem, budget, seed, callback=None):
+            def stop_after_two(trial, result):
+                callback(trial, result)
+                if len(result.trials) == 2:
+                    raise KeyboardInterrupt
+
+            return real_make_agent("random").search(problem, budget, seed, stop_after_two)
+
+    monkeypatch.setattr(searching, "make_agent", lambda name, **options: Interrupted())
+    problem = explorer.load_problem(mlp_path, "tegra-k1", max_accuracy_drop_points=100)
+    result = explorer.search(problem, agent="random", budget=4, seed=1)
+    assert result.interrupted and len(result.trials) == 2 and result.run_id
+    assert read_search(None, result.run_id).parent.info.status == "KILLED"
+    monkeypatch.setattr(searching, "make_agent", real_make_agent)
+    resumed = explorer.search(problem, agent="random", budget=4, seed=1, resume=result.run_id)
+    tracked = read_search(None, result.run_id)
+    assert not resumed.interrupted and resumed.run_id == result.run_id
+    assert tracked.parent.info.status == "FINISHED" and len(tracked.trials) == 4
 
 
 def test_register_is_the_registration_and_gymnasium_1_loads_no_plugin_entry_points(tmp_path, mlp_path):

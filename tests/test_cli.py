@@ -45,7 +45,8 @@ def test_rewrite_writes_a_model_and_scores_it(capsys, tmp_path):
     compressor = Compressor(graph)
     plan = full_rank_plan(graph).with_decision("fc2", decision_for(compressor.ladder("fc2")[1], "int8"))
     plan.save(tmp_path / "plan.json")
-    code, out, _ = run(capsys, "rewrite", "--model", "vgg", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "m.onnx"))
+    code, out, _ = run(capsys, "rewrite", "--model", "vgg", "--plan", str(tmp_path / "plan.json"),
+                       "--out", str(tmp_path / "m.onnx"))
     assert code == 0 and (tmp_path / "m.onnx").exists() and "top1" in out and "int8 calibrated on 128 validation samples" in out
 
 

@@ -70,7 +70,8 @@ def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
     data = zoo_validation_data("vgg")
     bundle = Bundle.load(bundle_dir)
     top1 = float(np.mean(bundle.run(data.x).argmax(1) == data.y))
-    assert 100 * top1 == pytest.approx(metrics["confirmed_accuracy_percent"], abs=1e-9)  # the bundle reproduces what MLflow logged
+    # the bundle reproduces what MLflow logged
+    assert 100 * top1 == pytest.approx(metrics["confirmed_accuracy_percent"], abs=1e-9)
     confirmed = bundle.manifest["confirmed"]
     assert confirmed["plan"]["plan_digest"] == bundle.manifest["plan"]["digest"] and confirmed["simulated"]
     assert confirmed["plan"]["ratio"] == metrics["confirmed_ratio_to_baseline"] and confirmed["baseline"]["baseline"]
@@ -83,6 +84,42 @@ def test_interrupt_resume_export_run(capsys, monkeypatch, tmp_path):
     assert {p["digest"] for p in plans} <= set(digests) | {plans[0]["digest"]}
 
 
+def test_an_interrupted_search_prints_what_it_found_as_json_with_the_resume_command(capsys, monkeypatch):
+    """`--json` on an interrupted search: its JSON so far, `"interrupted": true` and the command that resumes it."""
+    import json
+
+    argv = ["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "9", "--seed", "6",
+            "--max-accuracy-drop", "100", "--json"]
+    real_make_agent = searching.make_agent
+    monkeypatch.setattr(searching, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), after=4))
+    assert main(argv) == 130
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["interrupted"] is True and data["command"] == "search" and data["evaluations"] == 4
+    assert data["best"]["feasible"] and data["best_plan"] and data["confirmed"] is None
+    assert [row["name"] for row in data["rows"]][-1] == "best found by random"
+    assert data["resume_command"].startswith("explorer search ") and f"--resume {data['run_id']}" in data["resume_command"]
+    assert " ".join(err.split()).split("resume with: ")[1].startswith(data["resume_command"])
+    killed = read_search(default_tracking_uri(), data["run_id"])
+    assert killed.parent.info.status == "KILLED" and len(killed.trials) == 4
+
+
+def test_a_search_interrupted_before_it_started_prints_json_too(capsys, monkeypatch):
+    """Ctrl-C while the baseline is measured: nothing found, no MLflow run; the same command starts it again."""
+    import json
+
+    import explorer.searchrun
+
+    monkeypatch.setattr(explorer.searchrun, "prepare", lambda problem: _press_ctrl_c())
+    argv = ["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "3", "--json"]
+    assert main(argv) == 130
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["interrupted"] is True and data["evaluations"] == 0 and data["run_id"] is None
+    assert data["resume_command"].startswith("explorer search ") and "--resume" not in data["resume_command"]
+    assert "explorer: interrupted" in err
+
+
 def test_sigterm_stops_a_search_as_ctrl_c_does(capsys, monkeypatch):
     """`kill` or a scheduler's SIGTERM: the search stops cleanly (run KILLED, resumable), not mid-write."""
     unhandled = []  # what the test's own handler sees: a SIGTERM that main() did not take over
@@ -91,7 +128,8 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(capsys, monkeypatch):
     try:
         real_make_agent = searching.make_agent
         send_sigterm = lambda: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
-        monkeypatch.setattr(searching, "make_agent", lambda name, **options: _InterruptedAgent(real_make_agent(name), 3, send_sigterm))
+        monkeypatch.setattr(searching, "make_agent",
+                            lambda name, **options: _InterruptedAgent(real_make_agent(name), 3, send_sigterm))
         assert main(["search", "--board", "tegra-k1", "--model", "vgg", "--agent", "random", "--budget", "6",
                      "--seed", "4", "--max-accuracy-drop", "100"]) == 130
         assert signal.getsignal(signal.SIGTERM) is outer_handler  # put back when the command ends
