@@ -1,5 +1,10 @@
 """Board profiles: the processors, memory and transfer paths of a target board (``targets/NAME.toml``).
 
+Where a name is looked up: the user's own ``targets/`` folder in the working directory first (where
+``explorer calibrate`` writes ``host.toml``), then the profiles shipped with explorer (the package data
+of ``explorer.targets``, read with importlib.resources, so an installed wheel finds them from any
+folder). A path to a .toml file is read as it is.
+
 A profile is validated in full when it is loaded; any problem is one :class:`ExplorerError` whose
 message names the file, the key path (``processors.gpu.peak_gflops.int4``) and the fix.
 ``targets/README.md`` documents the schema and units.
@@ -17,11 +22,12 @@ import math
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
 
 from explorer.errors import ExplorerError
-from explorer.paths import TARGETS_DIR
+from explorer.paths import PACKAGE_DIR, TARGETS_DIR
 
 PRECISIONS = ("fp32", "fp16", "int8")
 KINDS = ("cpu", "lpc", "gpu", "dsp", "remote")
@@ -167,13 +173,34 @@ class Board:
         }
 
 
+def shipped_dir() -> Path:
+    """The folder of the board profiles shipped with explorer (the package data of explorer.targets)."""
+    try:
+        return Path(str(resources.files("explorer.targets")))
+    except ModuleNotFoundError:  # a source tree used without installing it (the package-dir mapping is the install's)
+        return PACKAGE_DIR.parent / "targets"
+
+
+def board_dirs() -> tuple[Path, ...]:
+    """Where board names are looked up, first match winning: the user's targets/ folder, then the shipped one."""
+    return Path(TARGETS_DIR).resolve(), shipped_dir()
+
+
+def board_files() -> dict[str, Path]:
+    """Each board name and the profile it loads ('host' only once `explorer calibrate` wrote it), sorted by name."""
+    files: dict[str, Path] = {}
+    for folder in reversed(board_dirs()):  # the user's folder last, so that its files replace the shipped ones
+        files.update((path.stem, path) for path in folder.glob("*.toml"))
+    return dict(sorted(files.items()))
+
+
 def board_names() -> list[str]:
-    """Names of the board profiles in targets/, sorted ('host' only once `explorer calibrate` wrote it)."""
-    return sorted(path.stem for path in TARGETS_DIR.glob("*.toml"))
+    """Names of the board profiles (the user's targets/ and the shipped ones), sorted."""
+    return list(board_files())
 
 
 def load_board(name_or_path: str | Path) -> Board:
-    """Load and validate a board: a name (targets/NAME.toml) or a path to a .toml file."""
+    """Load and validate a board: a name (targets/NAME.toml, the user's or a shipped one) or a path to a .toml file."""
     path, name = _locate(str(name_or_path))
     try:
         raw = path.read_bytes()
@@ -196,15 +223,17 @@ def _locate(name_or_path: str) -> tuple[Path, str | None]:
             raise ExplorerError(f"{path}: no such board profile; give an existing .toml file or a "
                                 "board name (`explorer boards` lists them)")
         return path, None
-    path = TARGETS_DIR / f"{name_or_path}.toml"
-    if path.is_file():
-        return path, name_or_path
+    files = board_files()
+    if name_or_path in files:
+        return files[name_or_path], name_or_path
+    own = board_dirs()[0] / f"{name_or_path}.toml"
     if name_or_path == HOST:
-        raise ExplorerError(f"{path}: no profile of this machine yet; run `explorer calibrate` to "
+        raise ExplorerError(f"{own}: no profile of this machine yet; run `explorer calibrate` to "
                             "measure it and write this file")
-    close = difflib.get_close_matches(name_or_path, board_names(), n=1)
+    close = difflib.get_close_matches(name_or_path, files, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ExplorerError(f"{path}: unknown board '{name_or_path}'; {hint}`explorer boards` lists them")
+    raise ExplorerError(f"{own}: unknown board '{name_or_path}' (not there nor among the shipped profiles); {hint}"
+                        "`explorer boards` lists them")
 
 
 # ---- validation -----------------------------------------------------------------------------------
@@ -232,7 +261,7 @@ class _Table:
             self.fail(None, f"expected a table, got {_type_name(data)}; {_SCHEMA_HINT}")
         self.data: dict[str, Any] = data
         unknown = [key for key in data if key not in allowed] if allowed is not None else []
-        if unknown:
+        if unknown and allowed is not None:
             close = difflib.get_close_matches(unknown[0], allowed, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             self.fail(unknown[0], f"unknown {what} '{unknown[0]}'; {hint}allowed: {', '.join(allowed)}")
@@ -380,7 +409,7 @@ def _parse_processor(procs: _Table, pid: str, memory: Memory) -> Processor:
         t.fail("threads", f"{threads} threads on {cores} cores; use at most {cores}")
     options = t.table("provider_options", None) if t.has("provider_options") else None
     for key, value in (options.data if options else {}).items():
-        if not isinstance(value, str):
+        if options is not None and not isinstance(value, str):
             options.fail(key, f"expected a string, got {_type_name(value)}")
     provider = t.string("provider")
     if not provider.endswith("ExecutionProvider"):
@@ -437,8 +466,8 @@ def _resolve_links(top: _Table, processors: dict[str, Processor], memory: Memory
         for b in ids[i + 1:]:
             if frozenset((a, b)) in declared:
                 links.append(declared[frozenset((a, b))])
-            elif processors[a].is_remote or processors[b].is_remote:
-                links.append(_network_link(a, b, network))
+            elif network is not None and (processors[a].is_remote or processors[b].is_remote):
+                links.append(_network_link(a, b, network))  # (_parse_board requires [network] with a remote processor)
             elif memory.shared:
                 links.append(Link((a, b), memory.bandwidth_gbps / 2, memory.transfer_latency_us,
                                   2 * memory.energy_nj_per_byte, 0.0, "memory"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ZOO_DATA_DIR = PACKAGE_DIR / "zoo_data"
-TARGETS_DIR = PACKAGE_DIR.parent / "targets"
+TARGETS_DIR = Path("targets")  # the user's own board profiles, in the working directory (calibrate writes host.toml there)
 
 
 def runs_dir() -> Path:

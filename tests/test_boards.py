@@ -8,9 +8,8 @@ import re
 import pytest
 
 from explorer import boards
-from explorer.boards import HOST, KINDS, board_names, load_board
+from explorer.boards import HOST, KINDS, board_names, load_board, shipped_dir
 from explorer.errors import ExplorerError
-from explorer.paths import TARGETS_DIR
 
 SHIPPED = {
     "tegra-k1": {"cpu": "cpu", "lpc": "lpc", "gpu": "gpu"},
@@ -18,7 +17,7 @@ SHIPPED = {
     "snapdragon-800": {"cpu": "cpu", "gpu": "gpu", "dsp": "dsp"},
     "snapdragon-400": {"cpu": "cpu", "gpu": "gpu", "dsp": "dsp"},
 }
-PROFILE_FILES = sorted(p for p in TARGETS_DIR.glob("*.toml") if p.stem != HOST)
+PROFILE_FILES = sorted(p for p in shipped_dir().glob("*.toml") if p.stem != HOST)
 
 
 # ---- shipped boards -------------------------------------------------------------------------------
@@ -36,7 +35,7 @@ def test_shipped_board_loads_with_its_processors(name):
         assert proc.kind in KINDS
         assert set(proc.peak_gflops) == set(proc.precisions)
         assert set(proc.efficiency) == {"conv", "fc"}
-    assert load_board(TARGETS_DIR / f"{name}.toml") == board  # a path works as well as a name
+    assert load_board(shipped_dir() / f"{name}.toml") == board  # a path works as well as a name
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -130,10 +129,27 @@ def test_unknown_board_name_suggests_the_closest():
 
 
 def test_absent_host_profile_says_to_calibrate(tmp_path, monkeypatch):
-    monkeypatch.setattr(boards, "TARGETS_DIR", tmp_path)
+    monkeypatch.setattr(boards, "board_dirs", lambda: (tmp_path, tmp_path / "shipped"))
     assert board_names() == []
     with pytest.raises(ExplorerError, match="explorer calibrate"):
         load_board(HOST)
+
+
+def test_a_users_targets_folder_wins_over_the_shipped_profiles_from_any_folder(tmp_path, monkeypatch):
+    shipped = load_board("tegra-k1")
+    assert shipped.path.parent == shipped_dir()
+    monkeypatch.chdir(tmp_path)
+    assert load_board("tegra-k1") == shipped  # the shipped profiles are found from another folder
+    (tmp_path / "targets").mkdir()
+    own = shipped.path.read_text().replace('description = "', 'description = "my copy: ', 1)
+    (tmp_path / "targets" / "tegra-k1.toml").write_text(own)
+    (tmp_path / "targets" / "tiny.toml").write_text(GOOD)
+    board = load_board("tegra-k1")
+    assert board.path == tmp_path / "targets" / "tegra-k1.toml" and board.description.startswith("my copy: ")
+    assert {"tiny", *SHIPPED} <= set(board_names())
+    with pytest.raises(ExplorerError, match=re.escape(str(tmp_path / "targets" / "host.toml"))):
+        monkeypatch.setattr(boards, "shipped_dir", lambda: tmp_path / "none")
+        load_board(HOST)  # this machine's profile is looked for (and written by calibrate) in the user's folder
 
 
 def test_missing_file(tmp_path):
@@ -143,7 +159,7 @@ def test_missing_file(tmp_path):
 
 def test_name_must_match_the_file_when_loaded_by_name(tmp_path, monkeypatch):
     (tmp_path / "tiny.toml").write_text(GOOD.replace('name = "tiny"', 'name = "other"'))
-    monkeypatch.setattr(boards, "TARGETS_DIR", tmp_path)
+    monkeypatch.setattr(boards, "board_dirs", lambda: (tmp_path, tmp_path / "shipped"))
     with pytest.raises(ExplorerError, match=r"board\.name"):
         load_board("tiny")
     assert load_board(str(tmp_path / "tiny.toml")).name == "other"
