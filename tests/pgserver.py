@@ -1,5 +1,5 @@
 """A throw-away PostgreSQL server for the distributed-search tests, from Debian's `postgresql`
-package (installed by .ci/setup): initdb in a temporary folder, trust authentication on a free
+package (installed by `.ci/setup --tests`): initdb in a temporary folder, trust authentication on a free
 loopback port, stopped and removed afterwards. As root, the server runs as the `postgres` user
 (PostgreSQL refuses to run as root).
 """
@@ -27,7 +27,7 @@ class TemporaryPostgres:
     def __init__(self):
         self.bin = postgres_bin()
         if self.bin is None:
-            raise RuntimeError("PostgreSQL is not installed: run `bash .ci/setup` (it installs Debian's postgresql)")
+            raise RuntimeError("PostgreSQL is not installed: run `bash .ci/setup --tests` (it installs Debian's postgresql)")
         self.folder = Path(tempfile.mkdtemp(prefix="explorer-pg-"))
         self.data = self.folder / "data"
         with socket.socket() as s:

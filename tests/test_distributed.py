@@ -1,6 +1,6 @@
 """Distributed search: worker processes share one Optuna study on PostgreSQL and one MLflow store.
 
-The PostgreSQL server comes from Debian's `postgresql` package (installed by .ci/setup) and is
+The PostgreSQL server comes from Debian's `postgresql` package (installed by `.ci/setup --tests`) and is
 started for this module in a temporary folder. Without the package the tests are skipped, except
 under CI=true, where they fail.
 """
@@ -21,8 +21,8 @@ from explorer.tracking import read_search, search_run_settings
 def postgres():
     if postgres_bin() is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL is not installed on CI: .ci/setup installs Debian's postgresql")
-        pytest.skip("PostgreSQL is not installed (bash .ci/setup installs it)")
+            pytest.fail("PostgreSQL is not installed on CI: `.ci/setup --tests` installs Debian's postgresql")
+        pytest.skip("PostgreSQL is not installed (bash .ci/setup --tests installs it)")
     with TemporaryPostgres() as server:
         yield server
 
