@@ -38,6 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +250,7 @@ def logged_drop_points(metrics: dict[str, float]) -> float | None:
     return 100 * metrics["accuracy_drop"] if "accuracy_drop" in metrics else None
 
 
-def _finite_metrics(values: dict[str, float | None]) -> dict[str, float]:
+def _finite_metrics(values: Mapping[str, float | None]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
@@ -418,6 +419,8 @@ class SearchTracker:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:  # created and deleted for good meanwhile
+                    raise
         if experiment.lifecycle_stage != "active":
             raise ExplorerError(f"MLflow experiment {name!r} was deleted: restore it (mlflow experiments restore "
                                 f"--experiment-id {experiment.experiment_id}) or remove it for good (mlflow gc)")
@@ -476,7 +479,8 @@ class SearchTracker:
         """Plan digests of the trials the run already had when it was resumed (empty for a new run)."""
         if not self._offset:
             return set()
-        return {run.data.tags.get("plan_digest") for run in read_search(self.tracking_uri, self.run_id).trials}
+        return {run.data.tags["plan_digest"] for run in read_search(self.tracking_uri, self.run_id).trials
+                if "plan_digest" in run.data.tags}
 
     def log_trial(self, trial: Trial, result: SearchResult) -> None:
         """Queue one trial for logging (an `agents.base.TrialCallback`); returns at once."""
@@ -557,7 +561,7 @@ class SearchTracker:
                   "source": trial.source, "measured_by": e.measured_by, "plan_digest": e.plan_digest}
             | ({"accuracy_basis": e.accuracy_basis} if e.accuracy_basis else {})
             | ({"violations": "; ".join(e.violations)[:MAX_TAG_LENGTH]} if e.violations else {})
-            | ({"failed": e.error[:MAX_TAG_LENGTH]} if e.failed else {}),
+            | ({"failed": e.error[:MAX_TAG_LENGTH]} if e.error is not None else {}),  # e.failed
             status="FAILED" if e.failed else "FINISHED",
         )
 
@@ -593,16 +597,17 @@ class SearchTracker:
 
         Artifacts: best_plan.json (unless `best_plan_json` is empty: no feasible plan), summary.md,
         every plot in `plots` (artifact file name -> local file), and convergence.png and pareto.png
-        drawn here unless `plots` has them (with `plot_settings`, else only the latency budget); `metrics` are logged with the best_* ones; `confirmation` (the
-        confirmed re-measurement, JSON) as confirmation.json. The run ends KILLED when the search was
-        interrupted, else FINISHED, unless `status` says otherwise (FAILED: it ended early). After a resume, the best_* metrics, the plots and the artifacts
-        describe `result` (pass one that covers the whole search), while the best_so_far series and
+        drawn here unless `plots` has them (with `plot_settings`, else only the latency budget); `metrics`
+        are logged with the best_* ones; `confirmation` (the confirmed re-measurement, JSON) as
+        confirmation.json. The run ends KILLED when the search was interrupted, else FINISHED, unless
+        `status` says otherwise (FAILED: it ended early). After a resume, the best_* metrics, the plots
+        and the artifacts describe `result` (pass one that covers the whole search), while the best_so_far series and
         the feasible count carry on from the trials logged before.
         """
         self.flush()
         best = result.best
-        final = {"trials": float(self._offset + self._logged)}
-        if best is not None:
+        final: dict[str, float | None] = {"trials": float(self._offset + self._logged)}
+        if best is not None and result.best_trial is not None:
             final |= {"best_objective": best.objective, "best_latency_ms": best.latency_ms,
                       "best_energy_mj": best.energy_mj, "best_memory_mb": best.memory_mb,
                       "best_accuracy_percent": None if best.accuracy is None else 100 * best.accuracy,
@@ -614,7 +619,7 @@ class SearchTracker:
         settings = plot_settings or PlotSettings(latency_budget_ms=latency_budget_ms)
         with tempfile.TemporaryDirectory() as folder:
             files = {name: Path(path) for name, path in (plots or {}).items()}
-            for name, path in files.items():
+            for path in files.values():
                 if not path.is_file():
                     raise ExplorerError(f"plot {path} does not exist: write the file before finish()")
             if "convergence.png" not in files:
