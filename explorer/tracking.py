@@ -19,10 +19,14 @@ Layout in the tracking store (any MLflow tracking URI; default SQLite under runs
 
 Logging never makes the search wait: `log_trial` only puts the trial on a queue, and a worker
 thread writes what has gathered as one batch, through MLflow's public client alone: per child run
-`create_run` (with its tags), `log_batch` (params and metrics) and `set_terminated`, on a few
-threads at once, and one `log_batch` of the parent's metric points per batch. On the default SQLite
-store that is tens of milliseconds per trial in the background (benchmarks/tracking_overhead.py
-measures what it costs a whole simulated search).
+the three calls the client needs, `create_run` (with its tags, name and start time), one
+`log_batch` (params and metrics) and `set_terminated` (status and end time), and one `log_batch` of
+the parent's metric points per batch. A tracking server gets the child runs on a few threads at
+once (its round trips overlap); a SQLite or file store on one (it serialises writes anyway: more
+threads only wait on its lock). On the default SQLite store that is about 20 ms of CPU per trial in
+the background, MLflow's own per-call work (a SQLAlchemy session, the run's or experiment's lookup
+and a commit per store call, six per trial); benchmarks/tracking_overhead.py measures what it costs
+a whole simulated search.
 """
 from __future__ import annotations
 
@@ -76,7 +80,8 @@ MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_CALL = 100
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
-STORE_THREADS = 4  # child runs written at once through MLflow's client (a server answers in parallel)
+STORE_THREADS = 4  # child runs written at once through MLflow's client to a server or database server
+LOCAL_SCHEMES = ("sqlite", "file")  # stores in local files: one writer thread (see writer_threads)
 QUEUE_SIZE = 10_000  # trials waiting to be written before log_trial blocks
 BATCH_SECONDS = 0.5  # the worker gathers trials this long before writing them in one go
 _FLUSH, _STOP = "flush", "stop"  # queue markers for the worker
@@ -332,19 +337,29 @@ def search_confirmation(tracking_uri: str | None, run_id: str) -> dict | None:
             return None
 
 
-class _ClientWriter:
-    """Writes finished child runs through MLflow's public client: `create_run` (with every tag),
-    `log_batch` (params and metrics) and `set_terminated`, a few runs at once on a small thread
-    pool (a server answers in parallel; a SQL store serialises the writes itself)."""
+def writer_threads(uri: str) -> int:
+    """Child runs written at once: one for a store in local files (SQLite locks the whole file per
+    write, so a second thread only waits and costs CPU switching), STORE_THREADS for a server."""
+    return 1 if _scheme(uri) in LOCAL_SCHEMES else STORE_THREADS
 
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str):
+
+class _ClientWriter:
+    """Writes finished child runs through MLflow's public client, three calls per run (the fewest
+    the client allows): `create_run` (every tag, the name and start time), one `log_batch` (params
+    and metrics) and `set_terminated` (status and end time); `threads` runs at once."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, threads: int):
         self.client = client
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
-        self.pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mlflow-child")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="mlflow-child") if threads > 1 else None
 
     def write(self, children: list[_ChildRun], parent_metrics: list[Metric]) -> None:
-        list(self.pool.map(self._write_child, children))  # re-raises the first failure
+        if self.pool is None:
+            for child in children:
+                self._write_child(child)
+        else:
+            list(self.pool.map(self._write_child, children))  # re-raises the first failure
         for start in range(0, len(parent_metrics), MAX_METRICS_PER_CALL):
             self.client.log_batch(self.parent_run_id, metrics=parent_metrics[start:start + MAX_METRICS_PER_CALL],
                                   synchronous=True)
@@ -360,7 +375,8 @@ class _ClientWriter:
         self.client.set_terminated(run_id, child.status, child.end_ms)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 class SearchTracker:
@@ -471,7 +487,7 @@ class SearchTracker:
             self.client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_CALL])
 
     def _make_writer(self) -> _ClientWriter:
-        return _ClientWriter(self.client, self.experiment_id, self.run_id)
+        return _ClientWriter(self.client, self.experiment_id, self.run_id, writer_threads(self.tracking_uri))
 
     # ---- logging trials -----------------------------------------------------------------------
     @property
