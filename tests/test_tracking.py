@@ -270,6 +270,14 @@ def test_unreachable_server_fails_at_once_with_a_fix():
     assert time.perf_counter() - started < 10
 
 
+def test_local_stores_get_one_writer_thread_and_servers_several():
+    """SQLite locks its whole file per write: a second writer thread would only wait on it."""
+    from explorer.tracking import STORE_THREADS, writer_threads
+
+    assert writer_threads("sqlite:////tmp/runs/mlflow.db") == writer_threads("file:///tmp/mlruns") == 1
+    assert writer_threads("http://127.0.0.1:5000") == writer_threads("postgresql+psycopg://h/db") == STORE_THREADS > 1
+
+
 def test_pareto_front_keeps_only_undominated_points():
     points = [(1.0, 5.0), (2.0, 3.0), (2.5, 4.0), (3.0, 1.0), (4.0, 1.0), (1.0, 6.0)]
     assert pareto_front(points) == [(1.0, 5.0), (2.0, 3.0), (3.0, 1.0)]
