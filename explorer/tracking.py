@@ -135,10 +135,11 @@ def _create_mlflow_store(path: Path) -> None:
     artifacts = (path.parent / ARTIFACTS_FOLDER).resolve().as_uri()  # where MLflow would put experiment 0's
     try:
         SqlAlchemyStore(uri, artifacts)
-    finally:  # MLflow keeps one engine per URI for the process: close the temporary file's
-        engine = SqlAlchemyStore._engine_map.pop(uri, None)
-        if engine is not None:
-            engine.dispose()
+    finally:  # MLflow keeps one engine per URI for the process: close the temporary file's (the map is
+        for name in ("_engine_map", "_db_uri_sql_alchemy_engine_map"):  # private; MLflow 2 named it so)
+            engine = getattr(SqlAlchemyStore, name, {}).pop(uri, None)
+            if engine is not None:
+                engine.dispose()
 
 
 def _mlflow_store_problem(connection) -> str | None:
