@@ -70,9 +70,10 @@ def main() -> None:
                       f"CPU {times[tracked][-1][1]:.2f} s", flush=True)
     wall = {tracked: statistics.median(w for w, _ in runs_) for tracked, runs_ in times.items()}
     cpu = {tracked: statistics.median(c for _, c in runs_) for tracked, runs_ in times.items()}
-    rows: list[list[object]] = [[name, f"{wall[tracked]:.2f}", " ".join(f"{w:.2f}" for w, _ in times[tracked]), f"{cpu[tracked]:.2f}",
-             " ".join(f"{c:.2f}" for _, c in times[tracked])]
-            for name, tracked in (("untracked", False), ("tracked (SQLite, public client)", True))]
+    rows: list[list[object]] = [
+        [name, f"{wall[tracked]:.2f}", " ".join(f"{w:.2f}" for w, _ in times[tracked]), f"{cpu[tracked]:.2f}",
+         " ".join(f"{c:.2f}" for _, c in times[tracked])]
+        for name, tracked in (("untracked", False), ("tracked (SQLite, public client)", True))]
     print()
     print(markdown_table(["random search", "median wall s", "each", "median CPU s", "each"], rows))
     print(f"\ntracking overhead ({args.budget} evaluations, {args.model} on {args.board}, simulated, "
