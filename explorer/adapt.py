@@ -82,7 +82,7 @@ def parse_network(value) -> Link | str | None:
             rtt, mbps = (float(p) for p in parts) if len(parts) == 2 else (None, None)
         except ValueError:
             rtt = mbps = None
-        if rtt is None:
+        if rtt is None or mbps is None:
             raise ExplorerError(f"--network {value!r}: give off, or the round trip in ms and the bandwidth in Mbit/s "
                                 "as RTT_MS,MBPS (e.g. 50,20)")
         return _check_link(rtt, mbps, value)
@@ -147,8 +147,9 @@ def estimate(entry: dict, conditions: Conditions) -> Estimate:
 
 def _score(estimate_: Estimate, weights: list, figures_of) -> float:
     """The objective the search used, for ranking plans under the conditions (lower is better)."""
-    values = {"latency": estimate_.latency_ms, "energy": estimate_.energy_mj, "memory": estimate_.memory_mb}
-    if any(values.get(name) is None for name, _ in weights):
+    figures = {"latency": estimate_.latency_ms, "energy": estimate_.energy_mj, "memory": estimate_.memory_mb}
+    values = {name: value for name, value in figures.items() if value is not None}
+    if any(name not in values for name, _ in weights):
         return estimate_.objective
     if len(weights) == 1:
         return values[weights[0][0]]

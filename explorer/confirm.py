@@ -38,7 +38,8 @@ class ConfirmedPlan:
 
     plan: Plan
     is_baseline: bool
-    measurement: Measurement  # fresh: median over all rounds, its interval, repeats, target met, load; energy: median of the rounds'
+    measurement: Measurement  # fresh: median over all rounds, its interval, repeats, target met, load;
+    #                           energy: median of the rounds'
     evaluation: Evaluation  # the problem's scoring of that measurement: feasibility, accuracy, memory, objective
     searched: Evaluation | None  # what the search had for this plan (memory or disk cache), None if nothing
     rounds: int
@@ -129,8 +130,9 @@ def confirm(problem: Problem, candidates: list[Plan], baseline: Plan | None = No
         problem.validate(plan)
     searched = [problem._recalled(plan) for plan in plans]  # for comparison only: nothing below reads them
     started = time.perf_counter()
-    results: list[Interleaved] = measurer.measure_interleaved(problem.graph, problem.compressor, problem.board, plans,
-                                                              problem.calibration_inputs, repeats, adaptive)
+    results: list[Interleaved] = measurer.measure_interleaved(  # the protocol types calibration_inputs narrower
+        problem.graph, problem.compressor, problem.board, plans,  # than Problem holds them (one array per input)
+        problem.calibration_inputs, repeats, adaptive)  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
     base_rounds = results[0].rounds
     confirmed = []
@@ -141,7 +143,7 @@ def confirm(problem: Problem, candidates: list[Plan], baseline: Plan | None = No
         ratios = {name: np.array([_metric(name, r) / max(_metric(name, b), 1e-12)
                                   for r, b in zip(result.rounds, base_rounds)]) for name in ("latency", "energy", "memory")}
         weights = problem.objective.weights
-        objective = sum(w * ratios[name] for name, w in weights) / sum(w for _, w in weights)
+        objective = np.asarray(sum(w * ratios[name] for name, w in weights) / sum(w for _, w in weights))
         measurement = result.measurement
         if result.rounds:  # the rounds' median energy: one round's counter glitch does not move it
             measurement = replace(measurement, energy_mj=float(np.median([r.energy_mj for r in result.rounds])))

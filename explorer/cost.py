@@ -2,8 +2,9 @@
 
 Roofline-style: a layer takes max(FLOPs / (peak x efficiency), bytes / bandwidth) plus a fixed
 overhead per op it launches; its energy is that time at the processor's active power plus the idle
-power of the local processors that wait, plus the DRAM energy of the bytes it moves. A cut between two processors costs the transfer of the tensors that
-cross it over the board's link. Weight memory is parameters x bytes per element.
+power of the local processors that wait, plus the DRAM energy of the bytes it moves. A cut between
+two processors costs the transfer of the tensors that cross it over the board's link. Weight memory
+is parameters x bytes per element.
 
 It is deliberately simple and additive, so that it is exact inside a mixed-integer program. It can
 be calibrated: per (processor, op kind, precision) latency factors fitted from measurements.
@@ -115,7 +116,7 @@ class CostModel:
     def plan_cost(self, plan: Plan) -> PlanCost:
         """Additive totals of a plan: layers, transfers at every change of processor, and bringing the
         input from / the output back to the host (what the solver optimises)."""
-        first, last = plan.decisions[0][1].processor, plan.decisions[-1][1].processor
+        first, last = plan.decisions[0][1].placed_processor, plan.decisions[-1][1].placed_processor
         (in_s, in_j), (out_s, out_j) = self.input_transfer(first), self.output_transfer(last)
         latency, energy, transfer = in_s + out_s, in_j + out_j, in_s + out_s
         weights: dict[str, int] = {}
@@ -123,15 +124,16 @@ class CostModel:
         previous = None
         for (name, decision), layer in zip(plan.decisions, self.graph.layers):
             rung = self.compressor.rung(name, decision.method, decision.rank)
-            cost = self.layer_cost(layer, rung, decision.precision, decision.processor)
+            processor = decision.placed_processor
+            cost = self.layer_cost(layer, rung, decision.precision, processor)
             latency += cost.latency_s
             energy += cost.energy_j
             layer_latency.append(cost.latency_s)
-            weights[decision.processor] = weights.get(decision.processor, 0) + cost.weight_bytes
+            weights[processor] = weights.get(processor, 0) + cost.weight_bytes
             if previous is not None:
-                seconds, joules = self.transfer(previous[0], previous[1], decision.processor)
+                seconds, joules = self.transfer(previous[0], previous[1], processor)
                 latency, energy, transfer = latency + seconds, energy + joules, transfer + seconds
-            previous = (layer, decision.processor)
+            previous = (layer, processor)
         return PlanCost(latency, energy, weights, layer_latency, transfer)
 
     def calibrated(self, observations: list[tuple[str, str, str, float, float]]) -> CostModel:

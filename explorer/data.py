@@ -123,11 +123,12 @@ def load_npz_dataset(path: Path | str, input_shape: tuple | list | None,
         raise ExplorerError(f"{path} has no array named 'x' (arrays found: {found}): save inputs as x=...")
     x = _input_array(path, "x", arrays["x"], input_shape)
     extra = {}
-    for name, shape in (other_inputs or {}).items():
+    others = other_inputs or {}
+    for name, shape in others.items():
         if name not in arrays:
-            listed = ", ".join(["x=..."] + [f"{n}=..." for n in other_inputs])
+            listed = ", ".join(["x=..."] + [f"{n}=..." for n in others])
             raise ExplorerError(f"{path} has no array named {name!r} for the model's input {name!r}: the model takes "
-                                f"{len(other_inputs) + 1} inputs; save them with numpy.savez(path, {listed}, y=labels)")
+                                f"{len(others) + 1} inputs; save them with numpy.savez(path, {listed}, y=labels)")
         extra[name] = _input_array(path, name, arrays[name], shape)
         if len(extra[name]) != len(x):
             raise ExplorerError(f"{path}: {name} has {len(extra[name])} samples but x has {len(x)}; give every input "

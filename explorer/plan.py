@@ -25,6 +25,13 @@ class Decision:
         """The compression rung (method, rank) of this decision."""
         return (self.method, self.rank)
 
+    @property
+    def placed_processor(self) -> str:
+        """The processor id, for code that needs a placed decision (ExplorerError if it is not placed)."""
+        if self.processor is None:
+            raise ExplorerError(f"decision {self.label()} is not placed on a processor: place every layer first")
+        return self.processor
+
     def label(self) -> str:
         """Compact readable form, e.g. 'channel:16/int8@gpu'."""
         rung = "full" if self.method == "full" else f"{self.method}:{self.rank}"
@@ -102,7 +109,8 @@ class Plan:
                 for entry in data["decisions"]
             ))
         except (KeyError, TypeError) as exc:
-            raise ExplorerError(f"plan JSON is malformed (missing {exc}): expected {{'decisions': [{{'layer': ..., 'method': ..., 'rank': ..., 'precision': ...}}]}}") from None
+            raise ExplorerError(f"plan JSON is malformed (missing {exc}): expected "
+                                "{'decisions': [{'layer': ..., 'method': ..., 'rank': ..., 'precision': ...}]}") from None
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")

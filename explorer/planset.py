@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from explorer.errors import ExplorerError
 from explorer.partition import block_boundaries
 from explorer.plan import Plan
+
+if TYPE_CHECKING:  # the problem module builds on this one
+    from explorer.problem import Evaluation
 
 DEFAULT_SET_SIZE = 8
 #: Two plans differ meaningfully when some figure differs by more than this fraction (accuracy drop: points).
@@ -34,7 +38,7 @@ class SetMember:
     """One plan of a bundle's set: the plan, its evaluation, its confirmed figures (or None), its roles."""
 
     plan: Plan
-    evaluation: object  # explorer.problem.Evaluation
+    evaluation: Evaluation | None
     confirmed: dict | None = None
     roles: list[str] = field(default_factory=list)
 
@@ -163,9 +167,8 @@ def search_plan_set(problem, search, best_plan: Plan, confirmation: dict | None,
     best_evaluation = problem.evaluate(best_plan)
     best = pool.get(best_plan.digest()) or candidate(best_plan, {
         "latency_ms": best_evaluation.latency_ms, "energy_mj": best_evaluation.energy_mj,
-        "memory_mb": best_evaluation.memory_mb,
-        "accuracy_drop_points": None if best_evaluation.accuracy_drop is None else 100 * best_evaluation.accuracy_drop,
-        "objective": best_evaluation.objective})
+        "memory_mb": best_evaluation.memory_mb, "objective": best_evaluation.objective}
+        | ({} if best_evaluation.accuracy_drop is None else {"accuracy_drop_points": 100 * best_evaluation.accuracy_drop}))
     members = []
     for chosen, roles in thin(best, list(pool.values()), limit):
         evaluation = best_evaluation if chosen is best else problem.evaluate(chosen.plan)
@@ -202,7 +205,7 @@ def network_needs(problem, plan: Plan) -> dict | None:
 
 def describe(problem, plan: Plan) -> str:
     """A short description of a plan: its processors in block order and its precisions and factorisations."""
-    processors = list(dict.fromkeys(b.processor for b in block_boundaries(problem.graph, plan)))
+    processors = list(dict.fromkeys(d.placed_processor for _, d in plan.decisions))  # in block order
     precisions: dict[str, int] = {}
     for _, d in plan.decisions:
         precisions[d.precision] = precisions.get(d.precision, 0) + 1

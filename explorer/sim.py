@@ -43,7 +43,7 @@ class SimBlock:
 
     index: int
     processor: str
-    layers: list[str]
+    layers: tuple[str, ...]
     latency_s: float  # compute time of the block, contention included
     transfer_in_s: float  # time to bring its inputs over links
     energy_j: float  # active energy of its processor + DRAM + incoming transfers
@@ -69,9 +69,10 @@ def layer_work(graph: LayerGraph, compressor: Compressor, plan: Plan):
         rung = compressor.rung(name, decision.method, decision.rank)
         weight_bytes = rung.params * BYTES_PER_ELEMENT[decision.precision]
         activations = ACTIVATION_BYTES * (math.prod(layer.input_shape or (0,)) + math.prod(layer.output_shape or (0,)))
-        if rung.method != "full":  # the hidden tensor between the two factors
-            activations += ACTIVATION_BYTES * rung.rank * max(1, math.prod(layer.output_shape[2:]))
-        narrowest = rung.rank if rung.method != "full" else min(layer.weight_shape[:2])
+        rank = rung.rank if rung.method != "full" else None  # a factorised layer's rank
+        if rank is not None:  # the hidden tensor between the two factors
+            activations += ACTIVATION_BYTES * rank * max(1, math.prod(layer.output_shape[2:]))
+        narrowest = rank if rank is not None else min(layer.weight_shape[:2])
         compute = compute_nodes(rung)
         ops = compute + extra_nodes(decision.precision, compute) + len(layer.node_names) - 1
         work.append((rung.flops, weight_bytes + activations, narrowest, ops, weight_bytes))
@@ -100,8 +101,8 @@ def simulate(board: Board, graph: LayerGraph, compressor: Compressor, plan: Plan
     decisions = [d for _, d in plan.decisions]
     host = board.processor_ids[0]
     blocks = []
-    for index, boundary in enumerate(boundaries):
-        processor = board.processor(boundary.processor)
+    for boundary in boundaries:
+        processor = board.processor(decisions[boundary.start].placed_processor)  # the block's processor
         compute_s = memory_s = dram_bytes = weight_bytes = 0.0
         for i in range(boundary.start, boundary.end):
             flops, nbytes, narrowest, ops, weights = work[i]

@@ -19,10 +19,14 @@ Layout in the tracking store (any MLflow tracking URI; default SQLite under runs
 
 Logging never makes the search wait: `log_trial` only puts the trial on a queue, and a worker
 thread writes what has gathered as one batch, through MLflow's public client alone: per child run
-`create_run` (with its tags), `log_batch` (params and metrics) and `set_terminated`, on a few
-threads at once, and one `log_batch` of the parent's metric points per batch. On the default SQLite
-store that is tens of milliseconds per trial in the background (benchmarks/tracking_overhead.py
-measures what it costs a whole simulated search).
+the three calls the client needs, `create_run` (with its tags, name and start time), one
+`log_batch` (params and metrics) and `set_terminated` (status and end time), and one `log_batch` of
+the parent's metric points per batch. A tracking server gets the child runs on a few threads at
+once (its round trips overlap); a SQLite or file store on one (it serialises writes anyway: more
+threads only wait on its lock). On the default SQLite store that is about 20 ms of CPU per trial in
+the background, MLflow's own per-call work (a SQLAlchemy session, the run's or experiment's lookup
+and a commit per store call, six per trial); benchmarks/tracking_overhead.py measures what it costs
+a whole simulated search.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +80,8 @@ MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_CALL = 100
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
-STORE_THREADS = 4  # child runs written at once through MLflow's client (a server answers in parallel)
+STORE_THREADS = 4  # child runs written at once through MLflow's client to a server or database server
+LOCAL_SCHEMES = ("sqlite", "file")  # stores in local files: one writer thread (see writer_threads)
 QUEUE_SIZE = 10_000  # trials waiting to be written before log_trial blocks
 BATCH_SECONDS = 0.5  # the worker gathers trials this long before writing them in one go
 _FLUSH, _STOP = "flush", "stop"  # queue markers for the worker
@@ -129,10 +135,11 @@ def _create_mlflow_store(path: Path) -> None:
     artifacts = (path.parent / ARTIFACTS_FOLDER).resolve().as_uri()  # where MLflow would put experiment 0's
     try:
         SqlAlchemyStore(uri, artifacts)
-    finally:  # MLflow keeps one engine per URI for the process: close the temporary file's
-        engine = SqlAlchemyStore._engine_map.pop(uri, None)
-        if engine is not None:
-            engine.dispose()
+    finally:  # MLflow keeps one engine per URI for the process: close the temporary file's (the map is
+        for name in ("_engine_map", "_db_uri_sql_alchemy_engine_map"):  # private; MLflow 2 named it so)
+            engine = getattr(SqlAlchemyStore, name, {}).pop(uri, None)
+            if engine is not None:
+                engine.dispose()
 
 
 def _mlflow_store_problem(connection) -> str | None:
@@ -249,7 +256,7 @@ def logged_drop_points(metrics: dict[str, float]) -> float | None:
     return 100 * metrics["accuracy_drop"] if "accuracy_drop" in metrics else None
 
 
-def _finite_metrics(values: dict[str, float | None]) -> dict[str, float]:
+def _finite_metrics(values: Mapping[str, float | None]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
@@ -331,19 +338,29 @@ def search_confirmation(tracking_uri: str | None, run_id: str) -> dict | None:
             return None
 
 
-class _ClientWriter:
-    """Writes finished child runs through MLflow's public client: `create_run` (with every tag),
-    `log_batch` (params and metrics) and `set_terminated`, a few runs at once on a small thread
-    pool (a server answers in parallel; a SQL store serialises the writes itself)."""
+def writer_threads(uri: str) -> int:
+    """Child runs written at once: one for a store in local files (SQLite locks the whole file per
+    write, so a second thread only waits and costs CPU switching), STORE_THREADS for a server."""
+    return 1 if _scheme(uri) in LOCAL_SCHEMES else STORE_THREADS
 
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str):
+
+class _ClientWriter:
+    """Writes finished child runs through MLflow's public client, three calls per run (the fewest
+    the client allows): `create_run` (every tag, the name and start time), one `log_batch` (params
+    and metrics) and `set_terminated` (status and end time); `threads` runs at once."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, threads: int):
         self.client = client
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
-        self.pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mlflow-child")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="mlflow-child") if threads > 1 else None
 
     def write(self, children: list[_ChildRun], parent_metrics: list[Metric]) -> None:
-        list(self.pool.map(self._write_child, children))  # re-raises the first failure
+        if self.pool is None:
+            for child in children:
+                self._write_child(child)
+        else:
+            list(self.pool.map(self._write_child, children))  # re-raises the first failure
         for start in range(0, len(parent_metrics), MAX_METRICS_PER_CALL):
             self.client.log_batch(self.parent_run_id, metrics=parent_metrics[start:start + MAX_METRICS_PER_CALL],
                                   synchronous=True)
@@ -359,7 +376,8 @@ class _ClientWriter:
         self.client.set_terminated(run_id, child.status, child.end_ms)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 class SearchTracker:
@@ -418,6 +436,8 @@ class SearchTracker:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:  # created and deleted for good meanwhile
+                    raise
         if experiment.lifecycle_stage != "active":
             raise ExplorerError(f"MLflow experiment {name!r} was deleted: restore it (mlflow experiments restore "
                                 f"--experiment-id {experiment.experiment_id}) or remove it for good (mlflow gc)")
@@ -468,7 +488,7 @@ class SearchTracker:
             self.client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_CALL])
 
     def _make_writer(self) -> _ClientWriter:
-        return _ClientWriter(self.client, self.experiment_id, self.run_id)
+        return _ClientWriter(self.client, self.experiment_id, self.run_id, writer_threads(self.tracking_uri))
 
     # ---- logging trials -----------------------------------------------------------------------
     @property
@@ -476,7 +496,8 @@ class SearchTracker:
         """Plan digests of the trials the run already had when it was resumed (empty for a new run)."""
         if not self._offset:
             return set()
-        return {run.data.tags.get("plan_digest") for run in read_search(self.tracking_uri, self.run_id).trials}
+        return {run.data.tags["plan_digest"] for run in read_search(self.tracking_uri, self.run_id).trials
+                if "plan_digest" in run.data.tags}
 
     def log_trial(self, trial: Trial, result: SearchResult) -> None:
         """Queue one trial for logging (an `explorer.searching.TrialCallback`); returns at once."""
@@ -557,7 +578,7 @@ class SearchTracker:
                   "source": trial.source, "measured_by": e.measured_by, "plan_digest": e.plan_digest}
             | ({"accuracy_basis": e.accuracy_basis} if e.accuracy_basis else {})
             | ({"violations": "; ".join(e.violations)[:MAX_TAG_LENGTH]} if e.violations else {})
-            | ({"failed": e.error[:MAX_TAG_LENGTH]} if e.failed else {}),
+            | ({"failed": e.error[:MAX_TAG_LENGTH]} if e.error is not None else {}),  # e.failed
             status="FAILED" if e.failed else "FINISHED",
         )
 
@@ -593,16 +614,17 @@ class SearchTracker:
 
         Artifacts: best_plan.json (unless `best_plan_json` is empty: no feasible plan), summary.md,
         every plot in `plots` (artifact file name -> local file), and convergence.png and pareto.png
-        drawn here unless `plots` has them (with `plot_settings`, else only the latency budget); `metrics` are logged with the best_* ones; `confirmation` (the
-        confirmed re-measurement, JSON) as confirmation.json. The run ends KILLED when the search was
-        interrupted, else FINISHED, unless `status` says otherwise (FAILED: it ended early). After a resume, the best_* metrics, the plots and the artifacts
-        describe `result` (pass one that covers the whole search), while the best_so_far series and
+        drawn here unless `plots` has them (with `plot_settings`, else only the latency budget); `metrics`
+        are logged with the best_* ones; `confirmation` (the confirmed re-measurement, JSON) as
+        confirmation.json. The run ends KILLED when the search was interrupted, else FINISHED, unless
+        `status` says otherwise (FAILED: it ended early). After a resume, the best_* metrics, the plots
+        and the artifacts describe `result` (pass one that covers the whole search), while the best_so_far series and
         the feasible count carry on from the trials logged before.
         """
         self.flush()
         best = result.best
-        final = {"trials": float(self._offset + self._logged)}
-        if best is not None:
+        final: dict[str, float | None] = {"trials": float(self._offset + self._logged)}
+        if best is not None and result.best_trial is not None:
             final |= {"best_objective": best.objective, "best_latency_ms": best.latency_ms,
                       "best_energy_mj": best.energy_mj, "best_memory_mb": best.memory_mb,
                       "best_accuracy_percent": None if best.accuracy is None else 100 * best.accuracy,
@@ -614,7 +636,7 @@ class SearchTracker:
         settings = plot_settings or PlotSettings(latency_budget_ms=latency_budget_ms)
         with tempfile.TemporaryDirectory() as folder:
             files = {name: Path(path) for name, path in (plots or {}).items()}
-            for name, path in files.items():
+            for path in files.values():
                 if not path.is_file():
                     raise ExplorerError(f"plot {path} does not exist: write the file before finish()")
             if "convergence.png" not in files:

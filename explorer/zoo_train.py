@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # Training threads that sleep instead of spinning while they wait: on a machine whose cores other work shares,
 # spinning threads made 2-thread training 3-4x slower. Read once by OpenMP when torch loads it (so only if torch
@@ -44,16 +44,17 @@ Pair = tuple[np.ndarray, np.ndarray]
 def _deterministic(threads: int) -> Iterator[None]:
     """Fixed threads and deterministic algorithms inside the block; the caller's settings afterwards."""
     previous = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
+    # fill_uninitialized_memory is set on the module at run time; torch's stubs do not declare it
+    fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False  # costs ~30 % of a CPU step, not needed here
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]  # ~30 % of a CPU step
     try:
         yield
     finally:
         torch.set_num_threads(previous[0])
         torch.use_deterministic_algorithms(previous[1])
-        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
 
 
 def train_recipe(recipe: Recipe, data_dir: Path | None = None, progress: bool = True,
@@ -249,6 +250,8 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Pair:
     """Numpy (weight, bias) of `conv` with the following BatchNorm folded in (eval statistics)."""
     w = conv.weight.detach().double().numpy()
     gamma, beta = bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy()
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("a BatchNorm2d without running statistics cannot be folded")
     mean, var = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
     scale = gamma / np.sqrt(var + bn.eps)
     return (w * scale[:, None, None, None]).astype(np.float32), (beta - mean * scale).astype(np.float32)
@@ -284,15 +287,17 @@ def _export_dnn(net: nn.Sequential, recipe: Recipe) -> onnx.ModelProto:
 
 def _export_cnn(net: _ResNet, recipe: Recipe) -> onnx.ModelProto:
     def folded(unit: _ConvBN) -> Pair:
-        return _fold(unit[0], unit[1])
+        return _fold(cast(nn.Conv2d, unit[0]), cast(nn.BatchNorm2d, unit[1]))
 
     blocks = [
         [ResidualBlock(folded(b.conv1), folded(b.conv2), folded(b.shortcut) if b.shortcut is not None else None,
-                       b.stride) for b in stage]
+                       b.stride) for b in cast(Iterable[_BasicBlock], stage)]
         for stage in net.stages
     ]
     return resnet_onnx(folded(net.stem), blocks, _linear(net.fc), (1, 32, 32), "cnn_fashion_mnist",
                        stem_stride=recipe.stem_stride)
 
 
-_ARCHS = {"vgg": (_torch_vgg, _export_vgg), "dnn": (_torch_dnn, _export_dnn), "cnn": (_ResNet, _export_cnn)}
+#: Per architecture: the torch network for a recipe, and its export to ONNX.
+_ARCHS: dict[str, tuple[Callable[[Recipe], nn.Module], Callable[[Any, Recipe], onnx.ModelProto]]] = {
+    "vgg": (_torch_vgg, _export_vgg), "dnn": (_torch_dnn, _export_dnn), "cnn": (_ResNet, _export_cnn)}

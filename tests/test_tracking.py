@@ -91,7 +91,7 @@ def mlflow_server(tmp_path_factory):
                         break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-2000:]}") from None
                 time.sleep(0.25)
         yield uri
     finally:
@@ -270,45 +270,17 @@ def test_unreachable_server_fails_at_once_with_a_fix():
     assert time.perf_counter() - started < 10
 
 
+def test_local_stores_get_one_writer_thread_and_servers_several():
+    """SQLite locks its whole file per write: a second writer thread would only wait on it."""
+    from explorer.tracking import STORE_THREADS, writer_threads
+
+    assert writer_threads("sqlite:////tmp/runs/mlflow.db") == writer_threads("file:///tmp/mlruns") == 1
+    assert writer_threads("http://127.0.0.1:5000") == writer_threads("postgresql+psycopg://h/db") == STORE_THREADS > 1
+
+
 def test_staircase_keeps_only_undominated_points():
     points = [(1.0, 5.0), (2.0, 3.0), (2.5, 4.0), (3.0, 1.0), (4.0, 1.0), (1.0, 6.0)]
     assert staircase(points) == [(1.0, 5.0), (2.0, 3.0), (3.0, 1.0)]
-
-
-def test_pinned_mlflow_public_api_behaviour(tmp_path):
-    """What the tracker relies on, through MLflow's public client on the pinned version: a parent and child
-    runs found by the parent tag, params and metric points of several steps in one log_batch, the end state
-    and time set_terminated gives, and descriptions (mlflow.note.content) on runs and experiments."""
-    import mlflow
-
-    pins = dict(line.strip().split("==") for line in (Path(__file__).parent.parent / "constraints.txt").read_text().splitlines() if "==" in line)
-    assert mlflow.__version__ == pins["mlflow"], "re-check this behaviour when the MLflow pin moves"
-    client = MlflowClient(default_tracking_uri())
-    name = f"pin {time.time_ns()}"
-    experiment = client.create_experiment(name, tags={"mlflow.note.content": "experiment text"})
-    parent = client.create_run(experiment, tags={"model": "m", "mlflow.note.content": "parent text"}, run_name="search")
-    child = client.create_run(experiment, start_time=1000, tags={"mlflow.parentRunId": parent.info.run_id, "trial": "0"},
-                              run_name="trial 0")
-    client.log_batch(child.info.run_id, params=[Param("conv.rung", "spatial:16"), Param("conv.processor", "lpc")],
-                     metrics=[Metric("accuracy_drop_points", 1.45, 2000, 0)], synchronous=True)
-    client.log_batch(parent.info.run_id, metrics=[Metric("best_so_far", v, 2000, step) for step, v in enumerate((3.0, 2.0, 1.0))],
-                     synchronous=True)
-    client.set_terminated(child.info.run_id, "FAILED", end_time=3000)
-
-    found = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert [run.info.run_id for run in found] == [child.info.run_id]
-    run = found[0]
-    assert run.info.status == "FAILED" and (run.info.start_time, run.info.end_time) == (1000, 3000)
-    assert run.info.run_name == "trial 0" and run.data.tags["trial"] == "0"
-    assert run.data.params == {"conv.rung": "spatial:16", "conv.processor": "lpc"}
-    assert run.data.metrics == {"accuracy_drop_points": 1.45}
-    history = client.get_metric_history(parent.info.run_id, "best_so_far")
-    assert sorted((p.step, p.value) for p in history) == [(0, 3.0), (1, 2.0), (2, 1.0)]
-    assert client.get_run(parent.info.run_id).data.metrics["best_so_far"] == 1.0  # the latest step's value
-    assert client.get_run(parent.info.run_id).data.tags["mlflow.note.content"] == "parent text"
-    assert client.get_experiment(experiment).tags["mlflow.note.content"] == "experiment text"
-    client.set_terminated(parent.info.run_id)
-    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 def test_trials_read_back_into_the_same_plans_in_both_param_forms(problem):
