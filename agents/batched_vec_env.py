@@ -6,7 +6,7 @@ from typing import cast
 from stable_baselines3.common.vec_env import DummyVecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
-from envs.deploy import DeployEnv
+from explorer.envs.deploy import DeployEnv
 
 
 class BatchedEvaluationVecEnv(DummyVecEnv):

@@ -20,7 +20,7 @@ from gymnasium import spaces
 from sb3_contrib import MaskablePPO
 from sb3_contrib.common.maskable.distributions import MaskableMultiCategoricalDistribution
 
-from envs.deploy import DeployEnv
+from explorer.envs.deploy import DeployEnv
 from explorer.plan import Plan
 
 

@@ -4,13 +4,13 @@ Seeded by the solver:
 1. the measured solver's rounds (`MeasuredSolver.solve`: the reference plans, then solve -> measure ->
    recalibrate rounds; every evaluation counted in the budget) go first, so the best-so-far is never
    worse than the solver's measured plan;
-2. the policy is warm-started by behaviour cloning (`agents.behaviour_cloning`) of the plans the
+2. the policy is warm-started by behaviour cloning (`explorer.agents.behaviour_cloning`) of the plans the
    integer program gives on the cost model for several accuracy limits and latency budgets
    (`SolverGuide.alternatives`), replayed through the environment without measuring them;
 3. the suggestion for each layer is part of the observation.
 Extending it: PPO optimises the *measured* reward; every `recalibrate_every` measured trials, and
 whenever `stuck_episodes` episodes in a row repeated known plans, the solver's side
-(`agents.solver_guide.SolverGuide`) learns from the trials, re-solves with the best measured plan as
+(`explorer.agents.solver_guide.SolverGuide`) learns from the trials, re-solves with the best measured plan as
 incumbent, measures its plan and up to `local_proposals` plans near the best measured one, and the
 policy is re-anchored on the new suggestion by a short behaviour cloning (the best measured plans are
 then the alternatives).
@@ -30,10 +30,10 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import set_random_seed
 
-from agents.batched_vec_env import BatchedEvaluationVecEnv
-from agents.behaviour_cloning import Demonstration, behaviour_clone, demonstrations, fast_torch
-from agents.solver_guide import SolverGuide
-from envs.deploy import DeployEnv
+from explorer.agents.batched_vec_env import BatchedEvaluationVecEnv
+from explorer.agents.behaviour_cloning import Demonstration, behaviour_clone, demonstrations, fast_torch
+from explorer.agents.solver_guide import SolverGuide
+from explorer.envs.deploy import DeployEnv
 from explorer.errors import ExplorerError
 from explorer.measured_solver import MeasuredSolver
 from explorer.plan import Plan

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from agents import make_agent
 from benchmarks.common import markdown_table, write_json, zoo_problem
+from explorer.agents import make_agent
 from explorer.confirm import CONFIRM_REPEATS
 from explorer.data import Dataset
 from explorer.errors import ExplorerError

@@ -68,8 +68,8 @@ def single_threaded_host() -> Path:
 def server_rates(counts: list[int], plans: int, seeds: int) -> dict[int, list[float]]:
     """Evaluations per second per server count, one value per seed."""
     os.environ["EXPLORER_SERVER_TOKEN"] = TOKEN
-    from agents import make_agent
     from explorer.accuracy import AccuracyScorer
+    from explorer.agents import make_agent
     from explorer.boards import load_board
     from explorer.errors import ExplorerError
     from explorer.problem import Constraints, Objective, Problem

@@ -46,8 +46,8 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 
-from agents import AGENTS, make_agent
 from explorer.accuracy import AccuracyScorer
+from explorer.agents import AGENTS, make_agent
 from explorer.boards import load_board
 from explorer.cache import atomic_write_json, digest, read_json
 from explorer.errors import ExplorerError, termination_as_interrupt

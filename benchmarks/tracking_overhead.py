@@ -30,8 +30,8 @@ def timed_search(model: str, board: str, budget: int, tracked: bool, runs: str |
     a tracked search logs to a fresh SQLite store of its own."""
     with tempfile.TemporaryDirectory() as fresh, tempfile.TemporaryDirectory() as store:
         os.environ["EXPLORER_RUNS"] = runs or fresh
-        from agents import make_agent
         from benchmarks.common import zoo_problem
+        from explorer.agents import make_agent
         from explorer.tracking import DATABASE_FILE, SearchTracker, experiment_name
 
         problem = zoo_problem(model, board)

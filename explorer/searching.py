@@ -295,11 +295,11 @@ class StudyAgent(Agent, Protocol):
 
 #: The search agents by name, one module each under agents/ (named by entry point: agents/ builds on this module).
 AGENT_REGISTRY: Registry[type[Agent]] = Registry("agent", {
-    "ppo": "agents.ppo:PPOAgent",
-    "optuna-tpe": "agents.optuna_agents:OptunaTPEAgent",
-    "optuna-nsga2": "agents.optuna_agents:OptunaNSGA2Agent",
-    "random": "agents.random_search:RandomAgent",
-    "solver": "agents.solver_agent:SolverAgent",
+    "ppo": "explorer.agents.ppo:PPOAgent",
+    "optuna-tpe": "explorer.agents.optuna_agents:OptunaTPEAgent",
+    "optuna-nsga2": "explorer.agents.optuna_agents:OptunaNSGA2Agent",
+    "random": "explorer.agents.random_search:RandomAgent",
+    "solver": "explorer.agents.solver_agent:SolverAgent",
 })
 
 

@@ -7,10 +7,10 @@ import pytest
 from boardbuild import write_board
 from netbuild import mlp, random_inputs
 
-from agents import AGENTS, make_agent
-from agents.optuna_agents import CONSTRAINTS, constraint_values
-from agents.random_search import design_space_size
 from explorer.accuracy import AccuracyScorer
+from explorer.agents import AGENTS, make_agent
+from explorer.agents.optuna_agents import CONSTRAINTS, constraint_values
+from explorer.agents.random_search import design_space_size
 from explorer.boards import load_board
 from explorer.data import Dataset
 from explorer.errors import ExplorerError

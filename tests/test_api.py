@@ -13,8 +13,8 @@ import onnx
 import pytest
 from netbuild import mlp
 
-import envs
 import explorer
+from explorer import envs
 from explorer.errors import ExplorerError
 from explorer.tracking import read_search
 
@@ -42,7 +42,7 @@ def mlp_path(tmp_path) -> str:
 
 
 def test_import_explorer_loads_no_search_stack_and_the_names_resolve_lazily():
-    code = ("import sys, explorer; heavy = [m for m in ('explorer.api', 'agents', 'envs', 'gymnasium', 'optuna', 'mlflow', "
+    code = ("import sys, explorer; heavy = [m for m in ('explorer.api', 'explorer.agents', 'explorer.envs', 'gymnasium', 'optuna', 'mlflow', "
             "'torch', 'scipy') if m in sys.modules]; assert not heavy, heavy; "
             "import explorer.export; assert callable(explorer.export_plan) and callable(explorer.load_problem); "
             "from explorer.runtime import Bundle; assert explorer.Bundle is Bundle; print(sorted(explorer.__all__))")
@@ -138,21 +138,21 @@ def test_register_is_the_registration_and_gymnasium_1_loads_no_plugin_entry_poin
     gymnasium.registry.pop(envs.DEPLOY_ID)
     envs.register()
     envs.register()  # idempotent
-    assert gymnasium.spec(envs.DEPLOY_ID).entry_point == "envs.deploy:DeployEnv"
+    assert gymnasium.spec(envs.DEPLOY_ID).entry_point == "explorer.envs.deploy:DeployEnv"
     # Gymnasium 1.x removed the `gymnasium.envs` entry-point group: an installed entry point would register nothing.
-    # (If a future Gymnasium loads them again, this fails: then add one to pyproject.toml naming envs:register.)
+    # (If a future Gymnasium loads them again, this fails: then add one to pyproject.toml naming explorer.envs:register.)
     dist = tmp_path / "explorer_plugin-0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: explorer-plugin\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text("[gymnasium.envs]\nexplorer = envs:register\n")
+    (dist / "entry_points.txt").write_text("[gymnasium.envs]\nexplorer = explorer.envs:register\n")
     code = ("import sys, importlib.metadata as m; sys.path.insert(0, sys.argv[1]); "
-            "assert [e.value for e in m.entry_points(group='gymnasium.envs')] == ['envs:register']; "
+            "assert [e.value for e in m.entry_points(group='gymnasium.envs')] == ['explorer.envs:register']; "
             "import gymnasium; print('explorer/Deploy-v0' in gymnasium.registry); "
-            "gymnasium.make('envs:explorer/Deploy-v0', model=sys.argv[2]); print('explorer/Deploy-v0' in gymnasium.registry)")
+            "gymnasium.make('explorer.envs:explorer/Deploy-v0', model=sys.argv[2]); print('explorer/Deploy-v0' in gymnasium.registry)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path), mlp_path], cwd=ROOT, capture_output=True, text=True,
                          env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "True"]  # not by the entry point; by the "envs:" module prefix
+    assert out.stdout.split() == ["False", "True"]  # not by the entry point; by the "explorer.envs:" module prefix
 
 
 def test_render_modes_and_make_vec_env_without_a_warning(mlp_path):
@@ -160,7 +160,7 @@ def test_render_modes_and_make_vec_env_without_a_warning(mlp_path):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        vec = make_vec_env("envs:explorer/Deploy-v0", n_envs=1, seed=0, env_kwargs={"model": mlp_path})
+        vec = make_vec_env("explorer.envs:explorer/Deploy-v0", n_envs=1, seed=0, env_kwargs={"model": mlp_path})
     assert not [w for w in caught if "render" in str(w.message)], [str(w.message) for w in caught]
     assert vec.render_mode == "rgb_array"
     vec.reset()

@@ -16,11 +16,11 @@ from netbuild import random_inputs, small_cnn
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
-from envs import DEPLOY_ID, DeployEnv
-from envs.deploy import plan_reward, resolve_precision
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import PRECISIONS, load_board
 from explorer.data import Dataset
+from explorer.envs import DEPLOY_ID, DeployEnv
+from explorer.envs.deploy import plan_reward, resolve_precision
 from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
 from explorer.measure import SimMeasurer
@@ -219,7 +219,7 @@ def test_subprocess_vector_env_matches_the_single_env(vgg_env):
             actions.append(_masked_action(vgg_env, rng))
             _, reward, terminated, _, info = vgg_env.step(actions[-1])
         episodes.append((actions, reward, info["plan"]))
-    vector = SubprocVecEnv([functools.partial(gymnasium.make, f"envs:{DEPLOY_ID}", **VGG)] * 2)
+    vector = SubprocVecEnv([functools.partial(gymnasium.make, f"explorer.envs:{DEPLOY_ID}", **VGG)] * 2)
     try:
         vector.seed(0)
         vector.reset()

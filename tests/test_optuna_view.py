@@ -9,7 +9,7 @@ import optuna
 import pytest
 from test_agents import _problem
 
-from agents.optuna_agents import CONSTRAINTS_ATTR, constraint_values
+from explorer.agents.optuna_agents import CONSTRAINTS_ATTR, constraint_values
 from explorer.boards import load_board
 from explorer.cli import main
 from explorer.errors import ExplorerError

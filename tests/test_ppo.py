@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from sb3_contrib import MaskablePPO
 
-from agents.behaviour_cloning import Demonstration, behaviour_clone
-from agents.ppo import PPOAgent
-from agents.solver_guide import HEADROOM_FRACTION, LOCAL_RADIUS, SolverGuide
-from envs import DeployEnv
 from explorer import load_problem
+from explorer.agents.behaviour_cloning import Demonstration, behaviour_clone
+from explorer.agents.ppo import PPOAgent
+from explorer.agents.solver_guide import HEADROOM_FRACTION, LOCAL_RADIUS, SolverGuide
+from explorer.envs import DeployEnv
 from explorer.measured_solver import MeasuredSolver
 from explorer.searching import BudgetedProblem
 
@@ -74,7 +74,7 @@ def test_every_other_refresh_suggests_the_best_plan_with_accuracy_headroom(runs,
     """Refreshes alternate the suggestion: the best measured plan, then the best one whose measured
     accuracy loss is within HEADROOM_FRACTION of the limit (here the plans of a search, replayed; the
     fraction lowered so that the search's best plan, 1 of the 300 images lost, has too little headroom)."""
-    monkeypatch.setattr("agents.solver_guide.HEADROOM_FRACTION", 0.2)
+    monkeypatch.setattr("explorer.agents.solver_guide.HEADROOM_FRACTION", 0.2)
     budgeted = BudgetedProblem(problem, BUDGET + 10, "ppo")
     for trial in runs[0].trials:
         budgeted.evaluate(trial.plan, trial.source)

@@ -132,8 +132,8 @@ def test_without_data_compressed_rungs_within_the_error_bound_are_valid():
 
 
 def test_every_constraint_has_one_excess_that_feasibility_violations_reward_and_optuna_read():
-    from agents.optuna_agents import constraint_values
-    from envs.deploy import plan_reward
+    from explorer.agents.optuna_agents import constraint_values
+    from explorer.envs.deploy import plan_reward
 
     problem = _problem(constraints=Constraints(latency_ms=1e-3, max_accuracy_drop=0.0, memory_mb=1e-4))
     evaluation = problem.evaluate(problem.uniform_plan("cpu", "int8"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agents import AGENTS
+from explorer.agents import AGENTS
 from explorer.errors import ExplorerError
 from explorer.measure import MEASURER_REGISTRY, SimMeasurer, make_measurer
 from explorer.registry import Registry, load_entry_point
@@ -61,7 +61,7 @@ def test_measurers_and_zoo_models_are_made_by_name_with_one_line_errors():
 
 def test_measure_resolves_remote_by_name_without_importing_it():
     code = ("import sys, explorer.measure, explorer.zoo, explorer.searching; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('agents', 'envs') or m == 'explorer.remote'))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('explorer.agents', 'explorer.envs') or m == 'explorer.remote'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
     assert out.strip() == "[]"

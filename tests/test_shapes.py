@@ -178,7 +178,7 @@ def test_fixed_batch_opset9_model_solves_searches_exports_and_runs(capsys, files
 
 
 def test_make_problem_takes_input_shapes(tmp_path):
-    from envs.deploy import make_problem
+    from explorer.envs.deploy import make_problem
 
     onnx.save(ocr_cnn(), tmp_path / "ocr.onnx")
     problem = make_problem(str(tmp_path / "ocr.onnx"), input_shapes={"x": (1, 3, 48, 192)})

@@ -10,9 +10,9 @@ from netbuild import mlp, random_inputs
 from optuna.trial import TrialState
 from rich.console import Console
 
-from agents.optuna_agents import OptunaTPEAgent
 from explorer import workers
 from explorer.accuracy import AccuracyScorer
+from explorer.agents.optuna_agents import OptunaTPEAgent
 from explorer.boards import load_board
 from explorer.data import Dataset
 from explorer.graph import LayerGraph
