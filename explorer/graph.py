@@ -160,12 +160,11 @@ class LayerGraph:
                     consumed_by[name].add(index)
         layers = []
         for index, group in enumerate(groups):
-            node = next(n for n in group if n.op_type in DECISION_OPS and self._weight_input(n))
-            layers.append(self._make_layer(index, node, group, produced_by, consumed_by))
+            node, weight_name = next((n, w) for n in group if n.op_type in DECISION_OPS and (w := self._weight_input(n)))
+            layers.append(self._make_layer(index, node, weight_name, group, produced_by, consumed_by))
         return layers
 
-    def _make_layer(self, index, node, group, produced_by, consumed_by) -> Layer:
-        weight_name = self._weight_input(node)
+    def _make_layer(self, index, node, weight_name: str, group, produced_by, consumed_by) -> Layer:
         weight_shape = self.constant_shape(weight_name)
         params = int(np.prod(weight_shape))
         bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -360,14 +359,14 @@ def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str
         if data is not None and len(data) != len(dims):
             raise ExplorerError(f"the data's {x_name} has shape {_shape_text(data)}, but input {name!r} of {source} is "
                                 f"{shown}: give {x_name} as (N, {_shape_text(dims[1:])})")
-        sizes: list[int] = []
+        sizes: list[int | None] = []
         missing: list[str] = []
         for axis, dim in enumerate(dims):
-            fixed = isinstance(dim, int) and dim > 0
             if axis == 0:
                 continue
             from_data = data[axis] if data is not None else None
-            if fixed:
+            size: int | None
+            if isinstance(dim, int) and dim > 0:
                 if want is not None and want[axis] != dim:
                     raise ExplorerError(f"--input-shape {name}={_shape_text(want)} contradicts the model: dimension {axis} of "
                                         f"input {name!r} is fixed at {dim} ({shown})")
@@ -387,19 +386,19 @@ def resolve_input_shapes(model: onnx.ModelProto, source: str, given: Mapping[str
             example = "x".join(["1"] + [str(s) if s is not None else str(d or "?") for s, d in zip(sizes, dims[1:])])
             raise ExplorerError(f"{source}: input {name!r} has symbolic dimensions {shown} ({', '.join(missing)} unknown): "
                                 f"give their sizes with --input-shape {name}={example} (your sizes), or give data with --data")
-        batch = dims[0]
-        fixed_batch = isinstance(batch, int) and batch > 0
-        if fixed_batch and want is not None and want[0] != batch:
+        declared_batch = dims[0]
+        fixed: int | None = declared_batch if isinstance(declared_batch, int) and declared_batch > 0 else None
+        if fixed is not None and want is not None and want[0] != fixed:
             raise ExplorerError(f"--input-shape {name}={_shape_text(want)} contradicts the model: input {name!r} has a "
-                                f"fixed batch of {batch} ({shown}); give {batch} as the first dimension")
-        if not fixed_batch and want is not None and want[0] > 1:
-            batch, fixed_batch = want[0], True  # the user fixes the batch
-        if not fixed_batch:
-            batch = 1
+                                f"fixed batch of {fixed} ({shown}); give {fixed} as the first dimension")
+        if fixed is None and want is not None and want[0] > 1:
+            fixed = want[0]  # the user fixes the batch
+        fixed_batch = fixed is not None
+        batch = fixed if fixed is not None else 1
         if fixed_batch and data is not None and data[0] < batch:
             raise ExplorerError(f"the data has {data[0]} samples, fewer than the fixed batch of {batch} of input {name!r}: "
                                 f"give at least {batch} samples (the last batch is padded)")
-        resolved[name] = InputShape(name, (batch, *sizes), fixed_batch)
+        resolved[name] = InputShape(name, (batch, *(s for s in sizes if s is not None)), fixed_batch)  # none missing
     return resolved
 
 

@@ -14,7 +14,7 @@ in one run, fresh, until tight or a cap), what explorer/confirm.py confirms a se
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -96,7 +96,7 @@ class Measurement:
             width = ("none (too few repeats)" if ci is None else
                      f"+/-{100 * max(self.latency_ms - ci[0], ci[1] - self.latency_ms) / self.latency_ms:.1f} %")
             notes.append(f"its {100 * (self.ci_confidence or 0.95):g} % interval, {width}, missed the "
-                         f"+/-{100 * self.ci_target:g} % target before the cap")
+                         f"+/-{100 * (self.ci_target or 0.0):g} % target before the cap")
         if self.busy:
             notes.append(f"measured while other processes used {self.others_cores:.1f} cores")
         return notes
@@ -223,8 +223,8 @@ class SimMeasurer:
         """A Measurement from a simulation; with `latencies_ms` (the repeats it is the median of) its interval."""
         blocks = [BlockReport(b.index, b.processor, list(b.layers), b.latency_s * 1e3, 0.0, b.transfer_in_s * 1e3,
                               b.energy_j * 1e3, b.weight_bytes / 2**20) for b in result.blocks]
-        interval = {}
-        if latencies_ms is not None:
+        interval: dict[str, Any] = {}
+        if latencies_ms is not None and adaptive is not None:
             interval = dict(latency_ci_ms=median_ci(latencies_ms, adaptive.confidence), ci_confidence=adaptive.confidence,
                             ci_target=adaptive.target,
                             ci_target_met=ci_within(latencies_ms, adaptive.target, adaptive.confidence),
@@ -281,7 +281,7 @@ class HostMeasurer:
         available = set(ort.get_available_providers())
         for plan in plans:
             for name, decision in plan.decisions:
-                provider = board.processor(decision.processor).provider
+                provider = board.processor(decision.placed_processor).provider
                 if provider not in available:
                     raise ExplorerError(
                         f"host measurement runs on this machine, but layer {name} is placed on {decision.processor} of "

@@ -28,7 +28,7 @@ class BlockBoundary:
 
     start: int  # index of its first layer
     end: int  # one past its last layer
-    processor: str | None
+    processor: str
     layer_names: tuple[str, ...]
     inputs: tuple[str, ...]  # tensors crossing into the block (from earlier blocks or the graph input)
     outputs: tuple[str, ...]  # tensors crossing out of it (to later blocks or the graph output)
@@ -43,7 +43,7 @@ class UnitBlock:
     model: onnx.ModelProto
 
     @property
-    def processor(self) -> str | None:
+    def processor(self) -> str:
         return self.boundary.processor
 
     @property
@@ -81,7 +81,7 @@ def block_boundaries(graph: LayerGraph, plan: Plan) -> list[BlockBoundary]:
         layers = [graph.layers[i] for i in run]
         produced = [o for layer in layers for n in layer.node_names for o in graph.node_by_name[n].output]
         outputs = tuple(t for t in produced if t in needed)
-        boundaries.append(BlockBoundary(run[0], run[-1] + 1, plan.decisions[run[0]][1].processor,
+        boundaries.append(BlockBoundary(run[0], run[-1] + 1, plan.decisions[run[0]][1].placed_processor,
                                         tuple(layer.name for layer in layers), run_inputs(graph, run[0], run[-1] + 1), outputs))
     return boundaries
 

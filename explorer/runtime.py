@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 import warnings

@@ -10,7 +10,7 @@ from explorer.accuracy import SensitivityTable, sensitivity_table
 from explorer.cost import CostModel
 from explorer.errors import ExplorerError
 from explorer.milp import Choice, Instance, Solution, objective_of, picks_for, predicted, solve
-from explorer.plan import Decision, Plan
+from explorer.plan import Plan
 from explorer.problem import Evaluation, Problem
 
 Observation = tuple[str, str, str, float, float]  # processor, op kind, precision, predicted s, measured s
@@ -29,7 +29,7 @@ def instance_for(problem: Problem, cost_model: CostModel | None = None,
         options = []
         for decision in problem.choices(layer):
             rung = problem.compressor.rung(layer.name, decision.method, decision.rank)
-            cost = cost_model.layer_cost(layer, rung, decision.precision, _processor(decision))
+            cost = cost_model.layer_cost(layer, rung, decision.precision, decision.placed_processor)
             drop = sensitivity.estimate(layer.name, rung.method, rung.rank, decision.precision) if sensitivity else 0.0
             options.append(Choice(decision, cost.latency_s, cost.energy_j, cost.weight_bytes, drop))
         choices.append(options)
@@ -83,16 +83,9 @@ def block_observations(problem: Problem, cost_model: CostModel, plan: Plan, eval
         for name in block.layers:
             decision = plan[name]
             rung = problem.compressor.rung(name, decision.method, decision.rank)
-            cost = cost_model.layer_cost(layers[name], rung, decision.precision, _processor(decision))
+            cost = cost_model.layer_cost(layers[name], rung, decision.precision, decision.placed_processor)
             costs.append((layers[name], decision, cost.latency_s))
         predicted_s = sum(c for _, _, c in costs)
         ratio = (block.latency_ms / 1e3) / max(predicted_s, 1e-12)
-        observations += [(_processor(d), layer.kind, d.precision, c, c * ratio) for layer, d, c in costs]
+        observations += [(d.placed_processor, layer.kind, d.precision, c, c * ratio) for layer, d, c in costs]
     return observations
-
-
-def _processor(decision: Decision) -> str:
-    """Where a decision runs: the Problem's choices and evaluated plans are placed (Problem.validate)."""
-    if decision.processor is None:
-        raise ExplorerError(f"the decision {decision.label()} has no processor: place every layer on one of the board's")
-    return decision.processor
