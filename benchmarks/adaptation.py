@@ -199,7 +199,7 @@ class Agent:
         self.port, self.token, self.process = port, token, None
 
     def start(self) -> None:
-        env = dict(os.environ, EXPLORER_AGENT_TOKEN=self.token)
+        env = dict(os.environ, EXPLORER_SERVER_TOKEN=self.token)
         self.process = subprocess.Popen([sys.executable, "-m", "explorer.entry", "serve", "--port", str(self.port)],
                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         deadline = time.monotonic() + 60

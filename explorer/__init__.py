@@ -1,7 +1,7 @@
 """explorer: per-layer rank, processor and precision plans for a trained network on a multi-processor board.
 
 The Python API (explorer/api.py, docs/api.md): `load_problem`, `search`, `export_plan` and the runtime's
-`Bundle`. They are loaded on first use, because `explorer serve` runs on the agent-only install (NumPy
+`Bundle`. They are loaded on first use, because `explorer serve` runs on the server-only install (NumPy
 and ONNX Runtime) and importing this package must not pull in the search stack.
 """
 from importlib import import_module, metadata

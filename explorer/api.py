@@ -44,7 +44,7 @@ def load_problem(model: str = "vgg", board: str = "tegra-k1", *, measure: str = 
     --synthetic-inputs); `input_shapes`: sizes of symbolic inputs ({"x": (1, 3, 48, 320)}, as
     --input-shape); `max_accuracy_drop_points`: the accuracy-loss limit in points (None: no limit);
     `latency_ms`, `memory_mb`: limits (None: none); `objective`: energy, latency, memory or a weighted
-    sum; `seed`: the measurer's; `wait_for_servers`: seconds to wait for a remote measurement agent.
+    sum; `seed`: the measurer's; `wait_for_servers`: seconds to wait for a remote measurement server.
     The names are kept in `problem.settings` (under the CLI's option names), so a tracked search
     records what rebuilds the problem.
     """
@@ -105,7 +105,7 @@ def search(problem, agent: str = "optuna-tpe", budget: int = DEFAULT_BUDGET, see
     result = run.run(searcher, resume_run_id=resume)
     result.run_id = run.run_id
     if run.ended:
-        raise run.ended  # the measurement agents could not be reached: the summary of what was measured is logged
+        raise run.ended  # the measurement servers could not be reached: the summary of what was measured is logged
     return result
 
 

@@ -2,7 +2,7 @@
 the `explorer serve` agent run.
 
 Only NumPy and ONNX Runtime are imported here (nvidia-ml-py too, when a block runs on CUDA, for NVML's
-energy counter; nothing from explorer that needs more), so the measurement agent installs without the
+energy counter; nothing from explorer that needs more), so the measurement server installs without the
 training and search stack. Sessions are opened as everywhere in explorer (:mod:`explorer.sessions`: ONNX
 Runtime's defaults, the block's threads, strictly on its provider). How many repeats (the median's
 distribution-free interval, adaptive repeats) and the machine's load (other processes' CPU use) live here too,
@@ -48,7 +48,7 @@ NVML_WINDOW_S = 1.0
 BUSY_CORES = 0.25
 Clock = Callable[[], float]
 # A chain's inputs, or what draws them once its sessions are open (so that they are checked against the blocks'
-# declared inputs before anything is allocated for them: the measurement agent's way).
+# declared inputs before anything is allocated for them: the measurement server's way).
 Inputs = dict[str, np.ndarray] | Callable[[list[ort.InferenceSession]], dict[str, np.ndarray]]
 
 
@@ -636,7 +636,7 @@ def rapl_range_uj() -> float | None:
 
 
 def readable_counters() -> list[str]:
-    """The energy counters readable here, by name (what an agent reports)."""
+    """The energy counters readable here, by name (what a server reports)."""
     rapl, nvml = rapl_counter(), nvml_counter()
     return (["RAPL"] if rapl else []) + ([nvml.source] if nvml else [])
 

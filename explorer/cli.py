@@ -333,8 +333,10 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     path = calibrate_host(Path(args.out) if args.out else None, quick=args.quick,
                           progress=lambda message: err_console.print(f"calibrate: {message}"))
-    board = "host" if Path(path).resolve() == (TARGETS_DIR / "host.toml").resolve() else str(path)
-    console.print(f"wrote {path}: use it with --board {board}", soft_wrap=True)
+    if Path(path).resolve() == (TARGETS_DIR / "host.toml").resolve():  # ./targets is where names are looked up first
+        console.print(f"wrote {path}: use it with --board host from this folder (or --board {path} from any)", soft_wrap=True)
+    else:
+        console.print(f"wrote {path}: use it with --board {path}", soft_wrap=True)
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -426,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="board profile name (see `explorer boards`) or path to a .toml")
         p.add_argument("--measure", default=PARSER_DEFAULTS["measure"],
                        help="sim (simulated board), host (this machine, with --board host) or remote://HOST:PORT[,HOST:PORT...] "
-                            "(boards running `explorer serve`; token in $EXPLORER_AGENT_TOKEN)")
+                            "(boards running `explorer serve`; token in $EXPLORER_SERVER_TOKEN)")
         p.add_argument("--objective", default=PARSER_DEFAULTS["objective"],
                        help="energy, latency, memory, or a weighted sum like energy:0.7,latency:0.3")
         p.add_argument("--latency-ms", type=positive_float, default=PARSER_DEFAULTS["latency_ms"],
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=seed_int, default=PARSER_DEFAULTS["seed"])
         p.add_argument("--wait-for-servers", type=non_negative_float, default=0.0, metavar="SECONDS",
                        help="with --measure remote://: how long to wait (probing, with a countdown) when no measurement "
-                            "agent can be reached, before the search ends with what it measured (default 0)")
+                            "server can be reached, before the search ends with what it measured (default 0)")
 
     def json_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout for scripts (accuracy in "
@@ -495,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     json_option(p)
     p.set_defaults(func=cmd_search)
 
-    sub.add_parser("serve", help="run the measurement agent on a board (see `explorer serve --help`)", add_help=False)
+    sub.add_parser("serve", help="run the measurement server on a board (see `explorer serve --help`)", add_help=False)
 
     p = sub.add_parser("export",
                        help="export a plan as a bundle the runtime executes (plan.json, model.onnx, one ONNX per block)")
@@ -522,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-mb", type=float, help="... within this much weight memory on the board")
     p.add_argument("--network", help="... with this network: off, or RTT_MS,MBPS (default: as the search assumed)")
     p.add_argument("--remote", metavar="http://HOST:PORT", help="run the plan's remote blocks on this `explorer serve` "
-                   "agent (token in $EXPLORER_AGENT_TOKEN); without it they run on the local CPU")
+                   "server (token in $EXPLORER_SERVER_TOKEN); without it they run on the local CPU")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("calibrate", help="measure this machine with ONNX Runtime and write the `host` board profile")
@@ -548,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one command; user errors print one line and exit 2."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:  # the measurement agent parses its own options
+    if argv[:1] == ["serve"]:  # the measurement server parses its own options
         from explorer.serve import main as serve_main
 
         return serve_main(argv[1:])

@@ -118,7 +118,7 @@ def confirm(problem: Problem, candidates: list[Plan], baseline: Plan | None = No
             repeats: int = REPEATS_PER_ROUND, adaptive: AdaptiveRepeats = CONFIRM_REPEATS) -> Confirmation:
     """Measure `candidates` and `baseline` (default: the problem's baseline plan) afresh, interleaved, through
     the problem's measurer (its `measure_interleaved`), and score them by the problem's constraints and
-    objective. MeasurementFailed when the measurer cannot measure them now (e.g. no remote agent could)."""
+    objective. MeasurementFailed when the measurer cannot measure them now (e.g. no measurement server could)."""
     if repeats < 1:
         raise ExplorerError(f"confirmation needs at least 1 repeat per round (got {repeats})")
     measurer = problem.measurer

@@ -1,4 +1,4 @@
-"""The `explorer` console script: `explorer serve` runs on the agent-only install (NumPy and ONNX
+"""The `explorer` console script: `explorer serve` runs on the server-only install (NumPy and ONNX
 Runtime); every other command needs the full install and is handed to explorer.cli."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as error:
         command = f"`explorer {argv[0]}`" if argv else "explorer"
         print(f"explorer: error: {command} needs the full install (missing {error.name}): pip install 'explorer[full]'; "
-              "this install (explorer[agent]) runs only `explorer serve`", file=sys.stderr)
+              "this install (explorer[server]) runs only `explorer serve`", file=sys.stderr)
         return 2
     return cli_main(argv)
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import sys
 import urllib.parse
+import warnings
+from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any
 
 # 2: energy_providers in the request, energy counters (RAPL, NVML) in the fingerprint. Features (below) extend a
 # version with optional fields, so that older clients' requests work unchanged.
@@ -98,3 +101,17 @@ def token_from_environment() -> str | None:
         print(f"explorer: warning: ${DEPRECATED_TOKEN_ENV} is deprecated and goes in the next release: "
               f"set ${TOKEN_ENV} instead", file=sys.stderr, flush=True)
     return token or None
+
+
+def deprecated_names(module: str, names: dict[str, str], namespace: dict[str, Any]) -> Callable[[str], Any]:
+    """A module's `__getattr__` (PEP 562) that still serves the names from before the measurement server was
+    called a server (old -> new), with a DeprecationWarning, for one release more."""
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            warnings.warn(f"{module}.{name} is deprecated and goes in the next release: use {module}.{names[name]}",
+                          DeprecationWarning, stacklevel=2)
+            return namespace[names[name]]
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

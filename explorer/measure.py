@@ -394,7 +394,7 @@ MEASURER_REGISTRY: Registry[MeasurerClass] = Registry("measurer", {
 
 def make_measurer(spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> Measurer:
     """A measurer from its command-line name: sim, host or remote://HOST:PORT[,HOST:PORT...] (which waits up to
-    `wait_for_servers_s` for an agent when none is reachable)."""
+    `wait_for_servers_s` for a server when none is reachable)."""
     name = spec.partition("://")[0]
     if name not in MEASURER_REGISTRY:
         raise MEASURER_REGISTRY.unknown(spec)

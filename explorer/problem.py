@@ -242,14 +242,14 @@ class Problem:
     def evaluate(self, plan: Plan) -> Evaluation:
         """Measure (or recall) a plan and score it; the only path agents use.
 
-        A measurement that fails (MeasurementFailed: no remote agent could measure it) gives a
+        A measurement that fails (MeasurementFailed: no measurement server could measure it) gives a
         failed, infeasible Evaluation that is not cached, so the plan can be measured again later.
         """
         return self.evaluate_many([plan])[0]
 
     def evaluate_many(self, plans: list[Plan]) -> list[Evaluation]:
         """Evaluate several plans; those not cached are measured together (in parallel where the
-        measurer can: remote agents) while their accuracy is scored here."""
+        measurer can: measurement servers) while their accuracy is scored here."""
         recalled = [self._recalled(plan) for plan in plans]
         todo = {plan.digest(): plan for plan, e in zip(plans, recalled) if e is None}
         measured = self._measure_new(list(todo.values())) if todo else {}
@@ -287,7 +287,7 @@ class Problem:
                     results.append(error)
             return results
 
-        if self.parallelism > 1:  # remote agents measure while the accuracy is scored here
+        if self.parallelism > 1:  # measurement servers measure while the accuracy is scored here
             with ThreadPoolExecutor(max_workers=1) as pool:
                 pending = pool.submit(measure_all)
                 try:

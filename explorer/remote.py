@@ -23,7 +23,6 @@ import queue
 import socket
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ from explorer.http_api import (
     TOKEN_ENV,
     auth_headers,
     busy_seconds,
+    deprecated_names,
     device_kind,
     model_path,
     token_from_environment,
@@ -462,13 +462,4 @@ def _require(endpoints: list[ServerEndpoint], feature: str, what: str) -> None:
 
 # The names from before the measurement server was called a server: they work, with a DeprecationWarning, for one
 # release more, then they go.
-_DEPRECATED_NAMES = {"AgentError": "ServerError", "AgentEndpoint": "ServerEndpoint"}
-
-
-def __getattr__(name: str):
-    if name in _DEPRECATED_NAMES:
-        new = _DEPRECATED_NAMES[name]
-        warnings.warn(f"explorer.remote.{name} is deprecated and goes in the next release: use explorer.remote.{new}",
-                      DeprecationWarning, stacklevel=2)
-        return globals()[new]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = deprecated_names(__name__, {"AgentError": "ServerError", "AgentEndpoint": "ServerEndpoint"}, globals())

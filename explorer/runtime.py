@@ -137,7 +137,7 @@ class Bundle:
 
             token = token or token_from_environment()
             if not token:
-                raise ExplorerError(f"remote {remote}: give the agent's token (token=... or ${TOKEN_ENV})")
+                raise ExplorerError(f"remote {remote}: give the server's token (token=... or ${TOKEN_ENV})")
             self.client = OffloadClient(remote, token, remote_timeout_s, throttle)
         self.link_down: str | None = None  # why the link is taken as down (None: up), until a probe answers
         self.fallbacks_to_local = 0  # inferences finished on a local plan after a remote block failed
@@ -159,7 +159,7 @@ class Bundle:
         each inference, within `latency_ms` (or the budget passed to :meth:`run`), the megabytes of weights
         `memory_probe()` says the bundle may use (default: what the OS has available plus what the current
         plan's weights hold) and `network` (None: as the search assumed, 'off', 'RTT,MBPS').
-        `remote`: the `explorer serve` agent (http://HOST:PORT, its token in `token` or $EXPLORER_AGENT_TOKEN) that
+        `remote`: the `explorer serve` server (http://HOST:PORT, its token in `token` or $EXPLORER_SERVER_TOKEN) that
         runs the remote blocks (without it they run on the local CPU, with a warning); a call that fails or
         takes longer than `remote_timeout_s` finishes the inference on a plan that needs no network, and the
         agent is probed every `probe_every_s` until it answers again. `throttle`: an explorer.adapt.Link every
@@ -907,7 +907,7 @@ def format_run_summary(summary: dict[str, Any], max_top1: int = 20) -> str:
         ms = f", {block['ms']:.3f} ms ({_ms_interval(block.get('ms_ci'))})" if block["ms"] is not None else ""
         lines.append(f"  block {block['index']}: {block['processor']} on {block['runs_on']}{ms}")
     if summary.get("fell_back"):
-        lines.append(f"the remote agent failed: finished on a local plan ({summary['fell_back']})")
+        lines.append(f"the measurement server failed: finished on a local plan ({summary['fell_back']})")
     if summary["total_ms"] is not None:
         timing = summary.get("timing") or {}
         spread = timing.get("total_p10_p90")

@@ -57,7 +57,6 @@ import socket
 import sys
 import threading
 import time
-import warnings
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.connection import Connection
@@ -98,6 +97,7 @@ from explorer.http_api import (
     RETRY_AFTER,
     RUN_PREFIX,
     TOKEN_ENV,
+    deprecated_names,
     model_path,
     token_from_environment,
 )
@@ -893,16 +893,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # The names from before the measurement server was called a server: they work, with a DeprecationWarning, for one
 # release more, then they go.
-_DEPRECATED_NAMES = {"Agent": "MeasurementServer", "AgentServer": "BoundedHTTPServer"}
-
-
-def __getattr__(name: str):
-    if name in _DEPRECATED_NAMES:
-        new = _DEPRECATED_NAMES[name]
-        warnings.warn(f"explorer.serve.{name} is deprecated and goes in the next release: use explorer.serve.{new}",
-                      DeprecationWarning, stacklevel=2)
-        return globals()[new]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = deprecated_names(__name__, {"Agent": "MeasurementServer", "AgentServer": "BoundedHTTPServer"}, globals())
 
 
 if __name__ == "__main__":

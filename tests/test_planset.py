@@ -422,7 +422,7 @@ def test_run_command_offloads_and_falls_back(offload_bundle, tmp_path, capsys, m
     _kill(server)
     assert main(["run", str(path), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"), "--remote", url]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "the remote agent failed: finished on a local plan (remote block failed" in out and "block 0: cpu" in out
+    assert "the measurement server failed: finished on a local plan (remote block failed" in out and "block 0: cpu" in out
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), local, rtol=1e-5, atol=1e-5)
 
 
@@ -453,7 +453,7 @@ def test_export_refuses_a_plan_set_without_a_search(tmp_path, capsys):
 
 
 def test_the_agent_only_install_runs_offloaded_blocks(offload_bundle):
-    """The offload endpoint on an agent started as `explorer[agent]` installs it (no search or training stack)."""
+    """The offload endpoint on an agent started as `explorer[server]` installs it (no search or training stack)."""
     from test_serve import TOKEN as SERVE_TOKEN
     from test_serve import ServerProcess
 
