@@ -122,7 +122,7 @@ def confirm(problem: Problem, candidates: list[Plan], baseline: Plan | None = No
     if repeats < 1:
         raise ExplorerError(f"confirmation needs at least 1 repeat per round (got {repeats})")
     measurer = problem.measurer
-    if not callable(getattr(measurer, "measure_interleaved", None)):
+    if not callable(getattr(measurer, "measure_interleaved", None)):  # a measurer registered by a user may lack it
         raise ExplorerError(f"the {measurer.name} measurer cannot confirm plans: it has no measure_interleaved")
     baseline = baseline or problem.baseline_plan()
     plans = list({plan.digest(): plan for plan in [baseline, *candidates]}.values())  # baseline first, once each

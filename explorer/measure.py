@@ -145,6 +145,7 @@ class Measurer(Protocol):
 
     name: str
     simulated: bool  # a model of the board, not a measurement of hardware
+    parallelism: int = 1  # plans measured at once (agents batch their proposals to match)
 
     def identity(self, board: Board) -> str:
         """What the cache key needs to know about this measurer (changes invalidate cached results)."""
@@ -167,8 +168,23 @@ class Measurer(Protocol):
         its per-round ratio to the first plan are within `adaptive`'s target, or its cap (see
         explorer.blockrun.time_interleaved). One Interleaved per plan, in order."""
 
+    def measure_many(self, graph: LayerGraph, compressor: Compressor, board: Board, plans: list[Plan],
+                     calibration_inputs: np.ndarray | dict[str, np.ndarray] | None) -> list[Measurement | MeasurementFailed]:
+        """Measure several plans, in order: each a Measurement, or the MeasurementFailed it met. One after the
+        other unless the measurer measures in parallel (measurement servers)."""
+        results: list[Measurement | MeasurementFailed] = []
+        for plan in plans:
+            try:
+                results.append(self.measure(graph, compressor, board, plan, calibration_inputs))
+            except MeasurementFailed as error:
+                results.append(error)
+        return results
 
-class SimMeasurer:
+    def cancel(self) -> None:
+        """End the measurer's waits at once (Ctrl-C while it measures in another thread); none by default."""
+
+
+class SimMeasurer(Measurer):
     """The simulated board (a model, not hardware)."""
 
     name = "sim"
@@ -245,7 +261,7 @@ def _median_result(results: list[SimResult]) -> SimResult:
     return replace(median, latency_spread_s=ordered[-1].latency_s - ordered[0].latency_s)
 
 
-class HostMeasurer:
+class HostMeasurer(Measurer):
     """Real ONNX Runtime measurement of the plan's unit blocks on this machine."""
 
     name = "host"

@@ -237,7 +237,7 @@ class Problem:
     @property
     def parallelism(self) -> int:
         """How many plans the measurer measures at once (agents batch their proposals to match)."""
-        return getattr(self.measurer, "parallelism", 1)
+        return self.measurer.parallelism
 
     def evaluate(self, plan: Plan) -> Evaluation:
         """Measure (or recall) a plan and score it; the only path agents use.
@@ -277,15 +277,7 @@ class Problem:
     def _measure_new(self, plans: list[Plan]) -> dict[str, Evaluation]:
         """Measure plans that no cache holds; accuracy is scored meanwhile. Failed ones are not cached."""
         def measure_all() -> list[Measurement | MeasurementFailed]:
-            if len(plans) > 1 and hasattr(self.measurer, "measure_many"):
-                return self.measurer.measure_many(self.graph, self.compressor, self.board, plans, self.calibration_inputs)
-            results: list[Measurement | MeasurementFailed] = []
-            for plan in plans:
-                try:
-                    results.append(self.measurer.measure(self.graph, self.compressor, self.board, plan, self.calibration_inputs))
-                except MeasurementFailed as error:
-                    results.append(error)
-            return results
+            return self.measurer.measure_many(self.graph, self.compressor, self.board, plans, self.calibration_inputs)
 
         if self.parallelism > 1:  # measurement servers measure while the accuracy is scored here
             with ThreadPoolExecutor(max_workers=1) as pool:
@@ -295,7 +287,7 @@ class Problem:
                         self.accuracy(plan)
                     measurements = pending.result()
                 except KeyboardInterrupt:  # end the measurer's waits now, or leaving the pool waits for them
-                    getattr(self.measurer, "cancel", lambda: None)()
+                    self.measurer.cancel()
                     raise
         else:
             measurements = measure_all()

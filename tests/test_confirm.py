@@ -12,14 +12,14 @@ from explorer.boards import load_board
 from explorer.confirm import best_confirmed, confirm
 from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
-from explorer.measure import BlockReport, HostMeasurer, Interleaved, Measurement, SimMeasurer
+from explorer.measure import BlockReport, HostMeasurer, Interleaved, Measurement, Measurer, SimMeasurer
 from explorer.plan import Decision
 from explorer.problem import Constraints, Objective, Problem
 
 NO_LIMITS = Constraints(latency_ms=None, max_accuracy_drop=None)
 
 
-class LuckyMeasurer:
+class LuckyMeasurer(Measurer):
     """Each plan has a true latency (ms) and energy; plan `lucky`'s first measurement comes out at 0.5 ms (a
     noise outlier the cache keeps). Interleaved rounds are honest: the true figures with 1 % seeded noise."""
 
