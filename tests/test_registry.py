@@ -61,7 +61,7 @@ def test_measurers_and_zoo_models_are_made_by_name_with_one_line_errors():
 
 def test_measure_resolves_remote_by_name_without_importing_it():
     code = ("import sys, explorer.measure, explorer.zoo, explorer.searching; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('explorer.agents', 'explorer.envs') or m == 'explorer.remote'))")
+            "print(sorted(m for m in sys.modules if m.startswith(('explorer.agents', 'explorer.envs')) or m == 'explorer.remote'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
     assert out.strip() == "[]"
@@ -74,11 +74,16 @@ def _imported_modules(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}  # `from explorer import agents`
     return names
 
 
+def _agents_or_envs(module: str) -> bool:
+    return any(module == package or module.startswith(package + ".") for package in ("explorer.agents", "explorer.envs"))
+
+
 def test_the_core_never_imports_agents_or_envs():
-    offending = {str(path.relative_to(ROOT)): sorted(m for m in _imported_modules(path) if m.split(".")[0] in ("agents", "envs"))
+    offending = {str(path.relative_to(ROOT)): sorted(m for m in _imported_modules(path) if _agents_or_envs(m))
                  for path in sorted((ROOT / "explorer").glob("*.py"))}
+    assert _agents_or_envs("explorer.agents.ppo") and not _agents_or_envs("explorer.agentsx")
     assert {path: modules for path, modules in offending.items() if modules} == {}

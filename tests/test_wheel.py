@@ -82,7 +82,7 @@ def test_from_another_folder_explorer_comes_from_the_wheel_and_finds_its_boards(
             "from gymnasium.envs.registration import load_env_creator; "
             "print(explorer.__file__, explorer.agents.__file__, explorer.envs.__file__, shipped_dir(), "
             "load_board('tegra-k1').path, load_env_creator(gymnasium.spec('explorer/Deploy-v0').entry_point).__module__); "
-            "print(*[importlib.util.find_spec(name) for name in ('explorer.agents', 'explorer.envs', 'benchmarks')])")
+            "print(*[importlib.util.find_spec(name) for name in ('agents', 'envs', 'benchmarks')])")
     places, collisions = installed.run("python", "-c", code).stdout.splitlines()
     *files, env_module = places.split()
     assert all(Path(f).is_relative_to(installed.site_packages / "explorer") for f in files), files
