@@ -375,9 +375,8 @@ def _gpu_facts(unit: Unit, settings: Settings, system: HostFacts) -> Gpu:
     link_gbps = 2 * LINK_MB * 2**20 / max(large - small, 1e-9) / 1e9
     detail = (f"median session.run of y = x * 1 on {unit.provider} with NumPy in and out, less the same with x and y "
               f"bound in the gpu's memory ({timing.min_repeats}-{timing.max_repeats} runs each)")
-    facts = gpu_facts(system.available_mb)
-    return Gpu(name=facts.name, cores=facts.cores, clock_ghz=facts.clock_ghz, memory_mb=facts.memory_mb, link_gbps=link_gbps,
-                link_latency_us=small / 2 * 1e6, link_detail=detail, link_mb=LINK_MB)
+    return Gpu(facts=gpu_facts(system.available_mb), link_gbps=link_gbps, link_latency_us=small / 2 * 1e6,
+               link_detail=detail, link_mb=LINK_MB)
 
 
 # ---- power ----------------------------------------------------------------------------------------

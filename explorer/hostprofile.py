@@ -23,7 +23,7 @@ from explorer.blockrun import BUSY_CORES
 from explorer.boards import HOST, PRECISIONS, load_board
 from explorer.cache import atomic_write
 from explorer.errors import ExplorerError
-from explorer.hostinfo import HostFacts
+from explorer.hostinfo import GpuFacts, HostFacts
 from explorer.sessions import CPU_PROVIDER
 
 #: Estimates used where nothing can be measured here (each is explained where it is written).
@@ -89,10 +89,7 @@ class Unit:
 class Gpu:
     """What NVML says of the GPU (each value with where it came from), and the path between it and the CPUs."""
 
-    name: str
-    cores: tuple[int, str]
-    clock_ghz: tuple[float, str]
-    memory_mb: tuple[float, str]
+    facts: GpuFacts
     link_gbps: float  # host <-> device copy bandwidth, measured
     link_latency_us: float  # one small copy, measured
     link_detail: str  # how both were measured
@@ -145,7 +142,7 @@ def render_profile(system: HostFacts, m: Measured, elapsed_s: float, quick: bool
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     mode = "quick mode: fewer sizes and repeats" if quick else "full mode"
     providers = ", ".join(dict.fromkeys(u.provider for u in m.units))
-    gpu_text = f" and {m.gpu.name}" if m.gpu else ""
+    gpu_text = f" and {m.gpu.facts.name}" if m.gpu else ""
     lines = [
         f"# Board profile of this machine, written by `explorer calibrate` ({mode}) on {now}.",
         f"# Host {system.hostname}: {system.cpu_model}, {cores} cores available to this process{gpu_text},",
@@ -266,9 +263,9 @@ def _render_unit(unit: Unit, system: HostFacts, m: Measured, memory_bw: float, a
         f'kind = "{unit.kind}"',
     ]
     if unit.is_gpu:
-        gpu = m.gpu
-        if gpu is None:
+        if m.gpu is None:
             raise ValueError(f"processor {unit.id} is a gpu, but its NVML facts and links were not measured")
+        gpu = m.gpu.facts
         lines += [
             f'description = "{gpu.name}, ONNX Runtime {unit.provider}"',
             _line(f"cores = {gpu.cores[0]}", gpu.cores[1]),
