@@ -13,12 +13,11 @@ import socket
 import struct
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import onnx
 import pytest
+from mlflowserver import wait_until_healthy
 from netbuild import small_cnn
 
 from explorer.cli import main
@@ -62,16 +61,7 @@ def mlflow_ui(tracked_search, tmp_path_factory):
                                   stderr=subprocess.STDOUT, start_new_session=True)  # its workers share its group
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until_healthy(url, server, 120, log)
         yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -6,13 +6,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from mlflowserver import wait_until_healthy
 from netbuild import random_inputs, small_cnn
 
 from explorer.accuracy import AccuracyScorer
@@ -83,16 +83,7 @@ def mlflow_server(tmp_path_factory):
         env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no background job runner
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-2000:]}") from None
-                time.sleep(0.25)
+        wait_until_healthy(uri, server, 60, folder / "server.log")
         yield uri
     finally:
         server.terminate()
