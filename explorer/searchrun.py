@@ -10,7 +10,7 @@ reopen an interrupted one: its trials are replayed from the caches, not logged t
 logging each trial; then compare with the reference plans, confirm the best plans by interleaved
 re-measurement and log the summary, its metrics and plots. Ctrl-C or SIGTERM (as KeyboardInterrupt) during
 the search ends it with what it has: the parent run is marked KILLED and `--resume RUN_ID` continues it.
-Measurement agents that stay unreachable end it early: what was measured is summarised, the run FAILED.
+Measurement servers that stay unreachable end it early: what was measured is summarised, the run FAILED.
 `run_agent` is the interrupt-safe core alone, for the benchmarks' untracked searches.
 """
 from __future__ import annotations
@@ -45,14 +45,14 @@ from explorer.report import (
     summary_markdown,
     summary_rows,
 )
-from explorer.searching import SearchResult, TrialCallback
+from explorer.searching import Agent, SearchResult, TrialCallback
 from explorer.sessions import worker_environment
 from explorer.studies import default_storage_url, default_study_name, open_storage
 from explorer.tracking import NOTE_TAG, SearchTracker, resolve_tracking_uri
 from explorer.workers import Supervisor
 
 
-def run_agent(agent, problem: Problem, budget: int, seed: int, on_trial: TrialCallback | None = None) -> SearchResult:
+def run_agent(agent: Agent, problem: Problem, budget: int, seed: int, on_trial: TrialCallback | None = None) -> SearchResult:
     """`agent.search(problem, budget, seed, on_trial)`, stopped by Ctrl-C at any instant: every agent catches
     KeyboardInterrupt and returns what it has (`interrupted` set); one that arrives before the agent's own
     handler is in place gives the trials seen so far (none: an empty result), marked interrupted too."""
@@ -66,7 +66,7 @@ def run_agent(agent, problem: Problem, budget: int, seed: int, on_trial: TrialCa
     try:
         return agent.search(problem, budget, seed, record)
     except KeyboardInterrupt:
-        result = seen[0] if seen else SearchResult(agent=getattr(agent, "name", "agent"))
+        result = seen[0] if seen else SearchResult(agent=agent.name)
         result.interrupted = True
         return result
 
