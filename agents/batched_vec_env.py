@@ -11,7 +11,7 @@ from explorer.envs.deploy import DeployEnv
 
 class BatchedEvaluationVecEnv(DummyVecEnv):
     """DummyVecEnv of DeployEnvs, which end their episodes on the same step (one step per layer): when
-    the problem measures several plans at once (remote agents), the plans those steps complete are
+    the problem measures several plans at once (measurement servers), the plans those steps complete are
     evaluated together first, in environment order, and the environments then find them evaluated.
     With one plan at a time it is DummyVecEnv."""
 

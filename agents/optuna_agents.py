@@ -164,7 +164,7 @@ class _OptunaAgent:
         try:
             if not self.shared:
                 self._replay(study, budgeted, space)
-            batch = max(1, problem.parallelism)  # plans measured at once (remote agents)
+            batch = max(1, problem.parallelism)  # plans measured at once (measurement servers)
             for _ in range(self.asks_per_trial * budget // batch + 1):
                 if len(trials) >= target:
                     break

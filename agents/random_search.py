@@ -34,7 +34,7 @@ class RandomAgent:
         trials = budgeted.result.trials
         target = min(budget, design_space_size(problem))
         rng = np.random.default_rng(seed)
-        batch = max(1, problem.parallelism)  # plans measured at once (remote agents)
+        batch = max(1, problem.parallelism)  # plans measured at once (measurement servers)
         try:
             for _ in range(self.attempts_per_trial * budget // batch + 1):
                 if len(trials) >= target:

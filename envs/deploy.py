@@ -124,7 +124,7 @@ class _Episode:
 
     @property
     def previous(self) -> str:
-        return _placed(self.decisions[-1]) if self.decisions else self.host
+        return self.decisions[-1].placed_processor if self.decisions else self.host
 
 
 class DeployEnv(gym.Env):
@@ -317,7 +317,7 @@ class DeployEnv(gym.Env):
         index = len(episode.decisions)
         layer = self.layers[index]
         rung = self.problem.compressor.rung(layer.name, decision.method, decision.rank)
-        processor = _placed(decision)
+        processor = decision.placed_processor
         cost = self.cost_model.layer_cost(layer, rung, decision.precision, processor)
         if index == 0:
             seconds, joules = self.cost_model.input_transfer(processor)
@@ -518,8 +518,3 @@ def _metrics(cost) -> dict[str, float]:
             "memory": sum(cost.weight_bytes_by_processor.values()) / 2**20}
 
 
-def _placed(decision: Decision) -> str:
-    """The processor of a decision the environment made (decode always places a layer)."""
-    if decision.processor is None:
-        raise ExplorerError(f"decision {decision.label()} has no processor: every step places its layer")
-    return decision.processor

@@ -180,7 +180,11 @@ def cmd_search(args: argparse.Namespace) -> None:
             result = run.run(agent, resume_run_id=args.resume)
     except KeyboardInterrupt:  # before the search or after it (while confirming): the JSON of what is known
         if args.json and not args.parent_run:
-            _emit_interrupted(args, run, _search_args(args, resume=run.run_id if run else None))
+            if args.workers > 1:  # --workers takes no --resume: its supervisor's command goes on (none yet: run it again)
+                go_on = run.go_on_args if run is not None and run.run_id else _search_args(args)
+            else:
+                go_on = _search_args(args, resume=run.run_id if run else None)
+            _emit_interrupted(args, run, go_on)
         raise
     except SystemExit as stop:  # the supervisor of --workers stopped the search (and said how to go on)
         if stop.code == 130 and args.json and run is not None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from explorer.blockrun import AdaptiveRepeats, ci_within, median_ci
 from explorer.errors import ExplorerError
-from explorer.measure import Interleaved, Measurement
+from explorer.measure import Interleaved, Measurement, Measurer
 from explorer.plan import Plan
 from explorer.problem import Evaluation, Problem, metric_value
 
@@ -122,7 +122,8 @@ def confirm(problem: Problem, candidates: list[Plan], baseline: Plan | None = No
     if repeats < 1:
         raise ExplorerError(f"confirmation needs at least 1 repeat per round (got {repeats})")
     measurer = problem.measurer
-    if not callable(getattr(measurer, "measure_interleaved", None)):  # a measurer registered by a user may lack it
+    # a measurer registered by a user may not implement it (the protocol's own is a stub)
+    if getattr(type(measurer), "measure_interleaved", Measurer.measure_interleaved) is Measurer.measure_interleaved:
         raise ExplorerError(f"the {measurer.name} measurer cannot confirm plans: it has no measure_interleaved")
     baseline = baseline or problem.baseline_plan()
     plans = list({plan.digest(): plan for plan in [baseline, *candidates]}.values())  # baseline first, once each

@@ -197,6 +197,7 @@ class SimMeasurer(Measurer):
     @classmethod
     def from_spec(cls, spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> SimMeasurer:
         """As `--measure sim` makes it (see make_measurer)."""
+        _no_address(spec, "sim")
         return cls(seed)
 
     def identity(self, board: Board) -> str:
@@ -280,6 +281,7 @@ class HostMeasurer(Measurer):
     @classmethod
     def from_spec(cls, spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> HostMeasurer:
         """As `--measure host` makes it (see make_measurer); no seed: real measurements."""
+        _no_address(spec, "host")
         return cls()
 
     def int8_exact(self) -> bool:
@@ -406,6 +408,13 @@ MEASURER_REGISTRY: Registry[MeasurerClass] = Registry("measurer", {
     "host": "explorer.measure:HostMeasurer",
     "remote": "explorer.remote:RemoteMeasurer",
 }, hint="use --measure sim, host or remote://HOST:PORT[,HOST:PORT...]")
+
+
+def _no_address(spec: str, name: str) -> None:
+    """`sim` and `host` measure here: `host://ADDRESS` is a typo of remote://, never a silent local measurement."""
+    if spec != name:
+        raise ExplorerError(f"--measure {spec}: {name} measures on this machine and takes no address; give --measure {name}, "
+                            "or remote://HOST:PORT to measure on a measurement server")
 
 
 def make_measurer(spec: str, seed: int = 0, wait_for_servers_s: float = 0.0) -> Measurer:

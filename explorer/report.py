@@ -616,7 +616,8 @@ def print_search_figures(problem: Problem, result, rows: list[tuple[str, Evaluat
         console.print("in the search: " + "; ".join(gain.text(problem) for gain in found_gains))
     failed = sum(t.failed for t in result.trials)
     if failed:
-        console.print(f"[yellow]{failed} trial(s) failed[/]: no agent could measure them (see the FAILED child runs in MLflow)")
+        console.print(f"[yellow]{failed} trial(s) failed[/]: no measurement server could measure them "
+                      "(see the FAILED child runs in MLflow)")
 
 
 def print_confirmation(confirmation, names: dict[str, str], headline: str) -> None:
@@ -698,15 +699,17 @@ def confirmed_metrics(found_gains: list[Gain], confirmed) -> dict[str, float]:
 def search_json(problem: Problem, agent: str, result, baseline: Evaluation | None, *, headline: str | None = None,
                 confirmation=None, best_plan=None, ended: str | None = None, interrupted: bool = False) -> dict:
     """A search for scripts (`explorer search --json`): its figures, gains, confirmation and best plan; an
-    interrupted one's has what it found so far (no confirmation) and `"interrupted": true`."""
-    rows = summary_rows(problem, result)
+    interrupted one's has what it found so far (no confirmation) and `"interrupted": true`. Without a measured
+    `baseline` (interrupted before it) there are no rows or gains: the reference plans are not measured after Ctrl-C."""
+    rows = summary_rows(problem, result) if baseline is not None else []
     confirmed = confirmation.best() if confirmation else None
     best_plan = best_plan if best_plan is not None else result.best_plan
     return {"command": "search", "model": problem.graph.source, "board": problem.board.name, "agent": agent,
             "objective": problem.objective.describe(), "constraints": constraints_json(problem),
             "interrupted": interrupted, "evaluations": len(result.trials), "feasible_evaluations": result.feasible_count,
             "failed_evaluations": sum(t.failed for t in result.trials), "ended_early": ended, "headline": headline,
-            "gains": [{"over": gain.reference, "ratio": gain.ratio} for gain in gains(problem, result)],
+            "gains": [{"over": gain.reference, "ratio": gain.ratio}
+                      for gain in (gains(problem, result) if baseline is not None else [])],
             "confirmed": None if not confirmed else {
                 "plan_digest": confirmed.plan.digest(), "ratio_to_baseline": confirmed.ratio,
                 "ratio_to_baseline_95": list(confirmed.ratio_ci) if confirmed.ratio_ci else None,

@@ -213,8 +213,11 @@ class SearchRun:
                     supervisor.run(lambda done: progress.done(done, f"study {study_name}"))
                 except SystemExit as stop:
                     if stop.code == 130:  # interrupted (the supervisor said so): what the study has, for `--json`
-                        self.result = agent.study_result(problem, shared)
-                        self.result.interrupted = True
+                        try:
+                            self.result = agent.study_result(problem, shared)
+                            self.result.interrupted = True
+                        except Exception as error:  # the interruption stands; its report goes without the study
+                            err_console.print(f"[yellow]the study could not be read after the interruption[/]: {error}")
                     raise
             result = agent.study_result(problem, shared)
             self.result = result

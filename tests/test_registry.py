@@ -54,6 +54,9 @@ def test_measurers_and_zoo_models_are_made_by_name_with_one_line_errors():
         make_measurer("hots")
     with pytest.raises(ExplorerError, match="not a remote measurer"):
         make_measurer("remote")  # the name alone: remote needs addresses
+    for spec in ("host://10.0.0.5:9190", "sim://x"):  # a typo of remote:// never measures here silently
+        with pytest.raises(ExplorerError, match="takes no address"):
+            make_measurer(spec)
     assert isinstance(ZOO["vgg"], ZooEntry) and ZOO["vgg16-imagenet"].build == "explorer.zoo:build_vgg16_imagenet"
     with pytest.raises(ExplorerError, match="unknown zoo model 'vgg-16': did you mean 'vgg'"):
         ZOO.lookup("vgg-16")

@@ -72,8 +72,8 @@ def test_the_old_class_names_are_importable_with_a_deprecation_warning(module, o
 
 
 def test_the_old_exception_name_is_the_new_exception():
-    """measure.AgentsUnreachable is a plain alias, without a warning: the CLI (another module) still catches it
-    by that name until it moves to ServersUnreachable."""
+    """measure.AgentsUnreachable is a plain alias of ServersUnreachable, without a warning: an `except` clause
+    names the class, so a warning on access would fire in a user's handler whether or not it is raised."""
     from explorer.measure import AgentsUnreachable, ServersUnreachable
 
     assert AgentsUnreachable is ServersUnreachable
