@@ -254,7 +254,7 @@ def _say_next(args: argparse.Namespace, run, result) -> None:
     from explorer.tracking import ui_command
 
     console.print(f"MLflow run: {run.run_id} (experiment {run.experiment!r})")
-    console.print(f"open the MLflow UI: {ui_command(run.tracking_uri)}")
+    console.print(f"open the MLflow UI: {ui_command(run.tracking_uri)}", soft_wrap=True)  # a command to copy: never wrapped
     dashboard = None
     if args.agent.startswith("optuna"):
         from explorer.studies import dashboard_command
@@ -263,7 +263,8 @@ def _say_next(args: argparse.Namespace, run, result) -> None:
             console.print(f"open the Optuna dashboard: {dashboard}", soft_wrap=True)
     export = None
     if result.best_plan is not None:
-        bundle = runs_dir() / "bundles" / f"{Path(run.problem.graph.source).stem}-{run.problem.board.name}"
+        # one folder per search, so the printed command works as printed after an earlier search's export
+        bundle = runs_dir() / "bundles" / f"{Path(run.problem.graph.source).stem}-{run.problem.board.name}-{run.run_id[:8]}"
         export = (f"explorer export --run {run.run_id} --out {bundle}"
                   + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""))
         console.print(f"export the best plan: {export}", soft_wrap=True)
@@ -322,7 +323,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     console.print(f"wrote bundle {path} ({len(evaluation.blocks)} unit blocks; {evaluation.measured_by})")
     if plan_set:
         report.print_plan_set(path)
-    console.print(f"run it: explorer run {path} --input x.npy [--output y.npy] [--timing]")
+    console.print(f"run it: explorer run {path} --input x.npy [--output y.npy] [--timing]", soft_wrap=True)
 
 
 def cmd_run(args: argparse.Namespace) -> None:

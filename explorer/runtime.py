@@ -471,7 +471,7 @@ class Bundle:
         if block.session is not None:
             results = block.session.run(list(block.outputs), feeds)
         elif self.client is None:  # remote blocks have no session only when a client runs them (_switch_to)
-            raise ExplorerError(f"block {block.index} has no session and no agent to run it: load the bundle again")
+            raise ExplorerError(f"block {block.index} has no session and no server to run it: load the bundle again")
         else:  # a remote block: the agent runs it (OffloadFailed when it cannot)
             sha = self.manifest["files"][block.file]
             answer = self.client.run(sha, lambda: _bundle_file(self.path, block.file).read_bytes(), feeds,

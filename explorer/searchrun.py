@@ -130,6 +130,11 @@ class SearchRun:
         an interrupted one. Interrupted: the run is marked KILLED and the result comes back `interrupted`."""
         problem = self.problem
         self.baseline = prepare(problem)
+        references = len(problem.reference_plans())
+        if self.budget <= references:  # the reference plans come first and count: the agent would get no turn
+            err_console.print(f"[yellow]note:[/] the first {references} evaluations are the reference plans (what you "
+                              f"would try without explorer): --budget {self.budget} leaves {self.agent_name} no plan of "
+                              f"its own; give more than {references}", soft_wrap=True)
         with SearchTracker(self.tracking_uri, self.experiment, f"{self.agent_name} seed {self.seed}", self.params,
                            resume_run_id=resume_run_id, tags=self.tags()) as tracker, \
                 search_progress(problem, f"{self.agent_name} search", self.budget) as progress:

@@ -47,9 +47,11 @@ def test_the_printed_export_command_uses_the_runs_folder(capsys, monkeypatch, tm
     runs = tmp_path / "elsewhere"
     monkeypatch.setenv("EXPLORER_RUNS", str(runs))
     assert main(["search", "--board", "tegra-k1", "--model", str(model), "--agent", "random", "--budget", "3"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     line = next(line for line in out.splitlines() if line.startswith("export the best plan:"))
     assert f"--out {runs / 'bundles'}" in line
+    # 3 evaluations are all reference plans (tegra-k1 has 8): the search says the agent got no turn
+    assert "--budget 3 leaves random no plan of its own" in " ".join(err.split())
 
 
 def test_a_search_says_its_changes_limits_and_processors_and_tags_its_run(capsys, monkeypatch, tmp_path):
