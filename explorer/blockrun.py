@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from explorer.errors import ExplorerError
+from explorer.errors import ExplorerError, error_line
 from explorer.sessions import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
@@ -32,7 +32,6 @@ from explorer.sessions import (
     ProviderMissing,
     ProviderNotStarted,
     SessionError,
-    error_line,
     run_chain,
 )
 from explorer.sessions import open_session as open_model_session

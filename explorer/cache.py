@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from explorer.errors import error_line
+
 log = logging.getLogger(__name__)
 
 
@@ -84,8 +86,7 @@ def read_json(path: Path):
 
 def unreadable(path: Path, error: BaseException) -> None:
     """One line for a cache file that cannot be read: it counts as a miss and is written again."""
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    log.warning("cache file %s is unreadable (%s): ignored, recomputed", path, reason)
+    log.warning("cache file %s is unreadable (%s): ignored, recomputed", path, error_line(error))
 
 
 class AppendOnlyCache:

@@ -51,6 +51,7 @@ from explorer.blockrun import BUSY_CORES, busy_cores  # the load check, shared w
 from explorer.blockrun import cpu_times as _cpu_times
 from explorer.blockrun import others_cores as _others_cores
 from explorer.boards import HOST, PRECISIONS
+from explorer.errors import error_line
 from explorer.hostinfo import HostFacts, gpu_facts, host_facts
 from explorer.hostprofile import BenchmarkOp, Gpu, Measured, Settings, Unit, render_profile, write_profile
 from explorer.paths import TARGETS_DIR
@@ -156,7 +157,7 @@ def _gpu_unit(say: Progress) -> Unit | None:
         session = blockrun.open_session(blockrun.BlockSpec(probe.model.SerializeToString(), 1, GPU_PROVIDER), 0)
         session.run(None, {"x": probe.x})
     except Exception as error:  # BlockRunError, or ORT's own for a kernel, memory or library failure when running
-        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        reason = error_line(error, 300)
         say(f"warning: ONNX Runtime has {GPU_PROVIDER} but cannot run a model on it ({reason}); "
             "the profile gets no gpu processor")
         return None

@@ -12,6 +12,15 @@ class ExplorerError(Exception):
     """Bad input or an unmet precondition: the message says what is wrong and how to fix it."""
 
 
+def error_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of a library's error, at most `limit` characters; its type's name when it says nothing.
+    Messages of ONNX Runtime, ONNX and SQLite run over many lines (stack frames, node dumps): the first says
+    what is wrong."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if limit is None else line[:limit]
+
+
 @contextmanager
 def termination_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM (`kill`, `timeout`, a scheduler stopping a job) raises KeyboardInterrupt

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from explorer.errors import ExplorerError
+from explorer.errors import ExplorerError, error_line
 
 DECISION_OPS = ("Conv", "Gemm", "MatMul")
 MAX_IR_VERSION = 10  # ONNX Runtime 1.31 refuses models newer than this
@@ -525,7 +525,7 @@ def _run_shapes(model: onnx.ModelProto, source: str, inputs: Mapping[str, InputS
     input of the resolved shape (standard normal floats, zero integers; seed 0); {} where ONNX Runtime
     cannot load the model (ops it lacks: they stay unsized). ExplorerError if it loads but does not run
     at that shape (sizes the model was not exported for)."""
-    import onnxruntime as ort
+    from explorer.sessions import SessionError, open_session, session_options  # ONNX Runtime: only when a shape is missing
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -533,18 +533,18 @@ def _run_shapes(model: onnx.ModelProto, source: str, inputs: Mapping[str, InputS
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in graph_outputs)
     dtypes = {v.name: v.type.tensor_type.elem_type for v in probe.graph.input}
     feeds = _synthetic_feeds({name: inputs[name] for name in dtypes if name in inputs}, dtypes)
-    options = ort.SessionOptions()
+    options = session_options()
     options.log_severity_level = 4  # its failure is reported below, in one line
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception:  # ORT raises its own types; an op it lacks (a custom domain): those tensors stay unsized
+        session = open_session(probe, options=options, strict=False, what="the shape probe")
+    except SessionError:  # an op ONNX Runtime lacks (a custom domain): those tensors stay unsized
         return {}
     wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
     try:
         values = session.run(wanted, feeds)
     except Exception as exc:
         shown = ", ".join(f"{name}={'x'.join(map(str, shape.dims))}" for name, shape in inputs.items())
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = error_line(exc)
         raise ExplorerError(f"{source}: the model does not run at its input shape {shown} (ONNX Runtime: {reason[:300]}): "
                             "give the sizes it was exported for with --input-shape or the data") from None
     return {name: (tuple(int(d) for d in np.shape(value)), onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype))

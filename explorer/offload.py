@@ -34,7 +34,7 @@ from http import HTTPStatus
 import numpy as np
 import onnxruntime as ort
 
-from explorer.errors import ExplorerError
+from explorer.errors import ExplorerError, error_line
 from explorer.http_api import INFO_PATH, RUN_META_KEY, RUN_PREFIX, auth_headers, model_path, run_path
 from explorer.request_checks import (
     ORT_TYPES,
@@ -44,6 +44,7 @@ from explorer.request_checks import (
     model_missing,
     session_signature,
 )
+from explorer.sessions import CPU_PROVIDER, SessionError, open_session
 
 MAX_SESSIONS = 16  # open sessions a server keeps for offloaded blocks
 LINK_WINDOW = 8  # recent calls the link estimate reads
@@ -80,13 +81,10 @@ class _Sessions:
         while others and (len(others) >= self.limit
                           or sum(2 * self._open[k][2] for k in others) + needed_bytes(size) > budget_bytes):
             del self._open[others.pop(0)]  # least recently used first
-        if key not in self._open:
-            _, provider, threads = key
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            providers = list(dict.fromkeys([provider, "CPUExecutionProvider"])) \
-                if provider in ort.get_available_providers() else ["CPUExecutionProvider"]
-            session = ort.InferenceSession(data, options, providers=providers)
+        if key not in self._open and data is not None:  # not open: `data` came (SessionMissing above otherwise)
+            sha, provider, threads = key
+            usable = provider if provider in ort.get_available_providers() else CPU_PROVIDER  # runs_on says which
+            session = open_session(data, usable, threads, strict=False, what=f"model {sha}")
             self._open[key] = (session, session.get_providers()[0], size)
         self._open.move_to_end(key)
         return self._open[key][:2]
@@ -119,11 +117,8 @@ def run_job(job: dict, signatures: dict) -> dict:
         session, runs_on = _SESSIONS.get((job["sha"], job["provider"], job["threads"]), job["data"],
                                          lambda size: estimate_memory_bytes([], specs) + 2 * size,
                                          job["memory_bytes"])
-    except SessionMissing:
-        raise
-    except Exception as error:  # ORT's own exception types for models it cannot load
-        raise RequestError(HTTPStatus.BAD_REQUEST,
-                           f"ONNX Runtime cannot load model {job['sha']}: {str(error).strip().splitlines()[0]}") from None
+    except SessionError as error:  # "ONNX Runtime cannot load model SHA: its first line"
+        raise RequestError(HTTPStatus.BAD_REQUEST, str(error)) from None
     signatures[job["sha"]] = signature = session_signature(session)
     _check_feeds(specs, signature)
     started = time.perf_counter()
@@ -131,7 +126,7 @@ def run_job(job: dict, signatures: dict) -> dict:
         outputs = session.run(None, job["feeds"])
     except Exception as error:  # tensors ONNX Runtime refuses at run time
         raise RequestError(HTTPStatus.BAD_REQUEST,
-                           f"the block cannot run on these tensors: {str(error).strip().splitlines()[0]}") from None
+                           f"the block cannot run on these tensors: {error_line(error)}") from None
     return {"outputs": dict(zip(signature["outputs"], outputs)), "compute_ms": 1e3 * (time.perf_counter() - started),
             "runs_on": runs_on}
 

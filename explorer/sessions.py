@@ -1,14 +1,15 @@
 """ONNX Runtime sessions, opened and run the one way explorer does it.
 
 Every session explorer opens - a model being scored, a measured unit block, a calibration benchmark,
-a block of an exported bundle - starts from :func:`session_options`: ONNX Runtime's defaults, so that
-its QDQ fusion runs int8 nodes on integer kernels (QLinearConv, MatMulInteger, ...) exactly as a plain
-ONNX Runtime session of a bundle's ``model.onnx`` does ("scored as deployed"). Only the intra-op
-threads are set. :func:`open_session` opens one on a provider (strictly: an error when that provider
-is missing or ONNX Runtime gives up on it, never a silent fall-back to the CPU), errors say the first
-line of ONNX Runtime's message (:func:`error_line`); :func:`run_batched` runs feeds in batches (a fixed
-batch honoured) and :func:`run_chain` runs unit blocks in order, each fed from the inputs and the
-blocks before it.
+an offloaded block on a measurement server, a block of an exported bundle, the shape probe - starts from
+:func:`session_options`: ONNX Runtime's defaults, so that its QDQ fusion runs int8 nodes on integer
+kernels (QLinearConv, MatMulInteger, ...) exactly as a plain ONNX Runtime session of a bundle's
+``model.onnx`` does ("scored as deployed"). Only the intra-op threads are set. :func:`open_session`
+opens one on a provider (strictly: an error when that provider is missing or ONNX Runtime gives up on
+it, never a silent fall-back to the CPU), errors say the first line of ONNX Runtime's message
+(:func:`explorer.errors.error_line`); :func:`run_batched` runs feeds in batches (a fixed batch
+honoured) and :func:`run_chain` runs unit blocks in order, each fed from the inputs and the blocks
+before it.
 
 Only NumPy and ONNX Runtime are imported here (and explorer.errors): the measurement server's install
 has nothing more.
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from explorer.errors import ExplorerError
+from explorer.errors import ExplorerError, error_line
 
 if TYPE_CHECKING:
     import onnx
@@ -81,14 +82,6 @@ def session_providers(provider: str, provider_options: Mapping[str, str] | None 
 
 
 # ---- opening a session -------------------------------------------------------------------------------
-def error_line(error: BaseException, limit: int | None = None) -> str:
-    """The first line of an (ONNX Runtime) error, at most `limit` characters; its type's name when it says nothing.
-    ORT's messages run over many lines (stack frames, node dumps): the first says what is wrong."""
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if limit is None else line[:limit]
-
-
 class SessionError(ExplorerError):
     """ONNX Runtime could not open a session (`line`: the first line of its error)."""
 

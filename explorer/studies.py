@@ -23,7 +23,7 @@ from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.trial import TrialState
 
 from explorer.cache import digest
-from explorer.errors import ExplorerError
+from explorer.errors import ExplorerError, error_line
 from explorer.paths import runs_dir
 from explorer.plan import Plan
 from explorer.problem import Problem
@@ -138,7 +138,7 @@ def open_storage(storage: str | BaseStorage | None) -> BaseStorage:
     try:
         rdb = RDBStorage(storage, engine_kwargs=engine_kwargs)
     except Exception as error:  # SQLAlchemy raises several types for a bad URL
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = error_line(error)
         raise ExplorerError(f"cannot open the Optuna storage {storage!r} ({first_line}): give a database URL "
                             "like sqlite:///runs/optuna.db or postgresql://user@host/db") from None
     if rdb.engine.dialect.name == "sqlite":  # after Optuna's schema checks: they hold a session while they open a

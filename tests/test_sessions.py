@@ -10,13 +10,13 @@ from onnx import TensorProto, helper
 from explorer import blockrun, hostinfo
 from explorer.cache import atomic_write
 from explorer.errors import ExplorerError
+from explorer.errors import error_line
 from explorer.sessions import (
     CPU_PROVIDER,
     ChainStep,
     MissingInput,
     ProviderMissing,
     SessionError,
-    error_line,
     open_session,
     run_batched,
     run_chain,
