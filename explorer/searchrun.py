@@ -23,6 +23,7 @@ from typing import Any
 from explorer.confirm import Confirmation, confirm
 from explorer.measure import MeasurementFailed, ServersUnreachable
 from explorer.paths import runs_dir
+from explorer.plan import Plan
 from explorer.problem import Evaluation, Problem
 from explorer.report import (
     confirmation_candidates,
@@ -71,11 +72,12 @@ def run_agent(agent: Agent, problem: Problem, budget: int, seed: int, on_trial: 
         return result
 
 
-def confirm_search(problem: Problem, result: SearchResult) -> tuple[Confirmation, dict[str, str]]:
-    """The search's best plans and the best reference (report.confirmation_candidates) measured again
-    interleaved with the baseline (explorer.confirm; the baseline alone when nothing was feasible), and
-    the names of the plans."""
-    candidates = confirmation_candidates(problem, result)
+def confirm_search(problem: Problem, result: SearchResult,
+                   candidates: list[tuple[str, Plan]] | None = None) -> tuple[Confirmation, dict[str, str]]:
+    """The search's best plans and the best reference (`candidates`, default report.confirmation_candidates)
+    measured again interleaved with the baseline (explorer.confirm; the baseline alone when nothing was
+    feasible), and the names of the plans."""
+    candidates = confirmation_candidates(problem, result) if candidates is None else candidates
     return confirm(problem, [plan for _, plan in candidates]), {plan.digest(): name for name, plan in candidates}
 
 
@@ -261,7 +263,7 @@ class SearchRun:
             return None, None
         with err_console.status(f"confirming: {len(candidates)} plans and the baseline measured again, interleaved"):
             try:
-                confirmation, names = confirm_search(self.problem, result)
+                confirmation, names = confirm_search(self.problem, result, candidates)
             except (MeasurementFailed, ServersUnreachable) as error:
                 console.print(f"[yellow]not confirmed[/]: {error}; the figures above are the search's single measurements")
                 return None, None
