@@ -68,6 +68,10 @@ def load_problem(model: str = "vgg", board: str = "tegra-k1", *, measure: str = 
         "input_shape": [f"{name}={'x'.join(str(d) for d in dims)}" for name, dims in input_shapes.items()]
         if input_shapes else None,
         "synthetic_inputs": synthetic_inputs}
+    if not problem.measurer.simulated:  # a real device: its measured kernel table, when it has one
+        from explorer.kernels import device_cost_model
+
+        problem.cost_model, problem.cost_model_note = device_cost_model(problem)
     return problem
 
 

@@ -335,6 +335,21 @@ def cmd_run(args: argparse.Namespace) -> None:
         err_console.print(f"[yellow]warning:[/] {message}")
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    """Measure the model's kernel table on the device (resumable), and say what it holds and how well it predicts."""
+    from explorer.kernels import profile
+
+    problem = _problem(args)
+    if problem.measurer.simulated:
+        raise ExplorerError("--measure sim: a simulated board needs no kernel table (its simulator is the device); profile "
+                            "a real one: --board host --measure host, or --measure remote://HOST:PORT")
+    with report.profile_progress(problem) as update:
+        result = profile(problem, progress=update, seed=args.seed, budget=args.plans)
+    report.print_profile(problem, result)
+    if args.json:
+        emit_json(report.profile_json(problem, result))
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     path = calibrate_host(Path(args.out) if args.out else None, quick=args.quick,
                           progress=lambda message: err_console.print(f"calibrate: {message}"))
@@ -531,6 +546,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote", metavar="http://HOST:PORT", help="run the plan's remote blocks on this `explorer serve` "
                    "server (token in $EXPLORER_SERVER_TOKEN); without it they run on the local CPU")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("profile", help="measure the model's kernel table on the device (what the solver prices plans "
+                       "with on real hardware); resumable")
+    model_options(p)
+    problem_options(p)
+    p.add_argument("--plans", type=positive_int, help="measure at most this many designed plans, those whose terms the "
+                   "predictor is least sure of first (default: all)")
+    json_option(p)
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("calibrate", help="measure this machine with ONNX Runtime and write the `host` board profile")
     p.add_argument("--out", help="output TOML (default: targets/host.toml)")

@@ -19,7 +19,7 @@ import numpy as np
 from explorer.boards import Board, Processor
 from explorer.compress import Compressor, Rung
 from explorer.graph import Layer, LayerGraph
-from explorer.plan import Plan
+from explorer.plan import Decision, Plan
 
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
 ACTIVATION_BYTES = 4  # boundaries between layers stay fp32 (casts and QDQ live inside the layer)
@@ -71,19 +71,41 @@ class CostModel:
 
     def layer_cost(self, layer: Layer, rung: Rung, precision: str, processor_id: str) -> LayerCost:
         """Latency, energy and weight bytes of one layer at one (rung, precision, processor)."""
+        latency = self.layer_latency_s(layer, rung, precision, processor_id)
+        return LayerCost(latency, self.energy_j(layer, rung, precision, processor_id, latency),
+                         rung.params * BYTES_PER_ELEMENT[precision])
+
+    def layer_latency_s(self, layer: Layer, rung: Rung, precision: str, processor_id: str) -> float:
+        """Roofline latency of one layer at one choice, with launch overheads and calibration factor."""
         processor = self.board.processor(processor_id)
         weight_bytes = rung.params * BYTES_PER_ELEMENT[precision]
-        activation_bytes = ACTIVATION_BYTES * (self._elements(layer.input_shape) + self._elements(layer.output_shape))
         peak = processor.peak_gflops[precision] * 1e9 * processor.efficiency[layer.kind]
         compute_s = rung.flops / peak
-        memory_s = (weight_bytes + activation_bytes) / (processor.bandwidth_gbps * 1e9)
+        memory_s = (weight_bytes + self._activation_bytes(layer)) / (processor.bandwidth_gbps * 1e9)
         compute = compute_nodes(rung)
         ops = compute + extra_nodes(precision, compute) + len(layer.node_names) - 1
         latency = max(compute_s, memory_s) + ops * processor.launch_overhead_us * 1e-6
-        latency *= self.factors.get((processor_id, layer.kind, precision), 1.0)
-        dram_j = 0.0 if processor.is_remote else (weight_bytes + activation_bytes) * self.board.memory.energy_nj_per_byte * 1e-9
+        return latency * self.factors.get((processor_id, layer.kind, precision), 1.0)
+
+    def energy_j(self, layer: Layer, rung: Rung, precision: str, processor_id: str, latency_s: float) -> float:
+        """Energy of one layer that takes `latency_s`: at the processor's active power, the other local processors
+        idle meanwhile, plus the DRAM energy of the bytes it moves (none on a remote processor)."""
+        processor = self.board.processor(processor_id)
+        moved = rung.params * BYTES_PER_ELEMENT[precision] + self._activation_bytes(layer)
+        dram_j = 0.0 if processor.is_remote else moved * self.board.memory.energy_nj_per_byte * 1e-9
         waiting_w = sum(p.idle_power_w for pid, p in self.board.processors.items() if pid != processor_id and not p.is_remote)
-        return LayerCost(latency, latency * (processor.active_power_w + waiting_w) + dram_j, weight_bytes)
+        return latency_s * (processor.active_power_w + waiting_w) + dram_j
+
+    def _activation_bytes(self, layer: Layer) -> int:
+        return ACTIVATION_BYTES * (self._elements(layer.input_shape) + self._elements(layer.output_shape))
+
+    #: Whether costs between neighbouring layers depend on their precisions too (see `boundary`).
+    by_precision = False
+
+    def boundary(self, index: int, first: Decision, second: Decision) -> tuple[float, float]:
+        """(seconds, joules) between layer `index` at `first` and layer index + 1 at `second`: here the transfer
+        when they are on different processors."""
+        return self.transfer(self.graph.layers[index], first.placed_processor, second.placed_processor)
 
     def transfer(self, layer: Layer, from_processor: str, to_processor: str) -> tuple[float, float]:
         """(seconds, joules) to move a layer's outgoing tensors to the next layer's processor."""
@@ -121,8 +143,8 @@ class CostModel:
         latency, energy, transfer = in_s + out_s, in_j + out_j, in_s + out_s
         weights: dict[str, int] = {}
         layer_latency = []
-        previous = None
-        for (name, decision), layer in zip(plan.decisions, self.graph.layers):
+        previous: Decision | None = None
+        for index, ((name, decision), layer) in enumerate(zip(plan.decisions, self.graph.layers)):
             rung = self.compressor.rung(name, decision.method, decision.rank)
             processor = decision.placed_processor
             cost = self.layer_cost(layer, rung, decision.precision, processor)
@@ -131,9 +153,9 @@ class CostModel:
             layer_latency.append(cost.latency_s)
             weights[processor] = weights.get(processor, 0) + cost.weight_bytes
             if previous is not None:
-                seconds, joules = self.transfer(previous[0], previous[1], processor)
+                seconds, joules = self.boundary(index - 1, previous, decision)
                 latency, energy, transfer = latency + seconds, energy + joules, transfer + seconds
-            previous = (layer, processor)
+            previous = decision
         return PlanCost(latency, energy, weights, layer_latency, transfer)
 
     def calibrated(self, observations: list[tuple[str, str, str, float, float]]) -> CostModel:

@@ -13,6 +13,7 @@ in one run, fresh, until tight or a cap), what explorer/confirm.py confirms a se
 """
 from __future__ import annotations
 
+import platform
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
@@ -33,10 +34,12 @@ from explorer.blockrun import (
     time_interleaved,
 )
 from explorer.boards import Board
+from explorer.cache import digest
 from explorer.compress import Compressor
 from explorer.cost import BYTES_PER_ELEMENT
 from explorer.errors import ExplorerError
 from explorer.graph import LayerGraph
+from explorer.hostinfo import host_facts
 from explorer.partition import unit_blocks
 from explorer.plan import Plan
 from explorer.registry import Registry
@@ -45,6 +48,19 @@ from explorer.sim import SimResult, simulate
 # What a search's real measurements aim for (AdaptiveRepeats' defaults: +/-3 % at 95 %, 1 ms per repeat, a 1 s
 # cap per plan); confirmation aims for the same interval with a longer cap (explorer/confirm.py).
 SEARCH_REPEATS = AdaptiveRepeats()
+
+
+@dataclass(frozen=True)
+class Device:
+    """What a measurer measures on, for caches of device costs (explorer.kernels): what the device is and the ONNX
+    Runtime it runs; either changing means new costs."""
+
+    fingerprint: str  # e.g. "AMD EPYC 7B13 x2 (x86_64)", or a simulated board
+    onnxruntime: str
+    simulated: bool = False
+
+    def key(self, *more: str) -> str:
+        return digest(self.fingerprint, self.onnxruntime, str(self.simulated), *more)
 
 
 @dataclass
@@ -153,6 +169,9 @@ class Measurer(Protocol):
     def label(self, board: Board) -> str:
         """Who measures, in words (shown with every result)."""
 
+    def device(self, board: Board) -> Device:
+        """The device it measures on (what kernel tables are kept for)."""
+
     def int8_exact(self) -> bool:
         """Whether full-range int8 weights are exact on the integer kernels of the device it measures
         (see explorer.blockrun.int8_exact); where not, plans are quantised with 7-bit weights."""
@@ -202,6 +221,9 @@ class SimMeasurer(Measurer):
 
     def identity(self, board: Board) -> str:
         return f"sim-v1:seed={self.seed}"
+
+    def device(self, board: Board) -> Device:
+        return Device(f"simulated {board.name} ({board.digest[:12]}), seed {self.seed}", "simulated", simulated=True)
 
     def int8_exact(self) -> bool:
         return True  # a model of the board: the plans are scored (and quantised) for this machine alone
@@ -286,6 +308,10 @@ class HostMeasurer(Measurer):
 
     def int8_exact(self) -> bool:
         return int8_exact()
+
+    def device(self, board: Board) -> Device:
+        facts = host_facts()
+        return Device(f"{facts.cpu_model} x{facts.cores} ({platform.machine()})", ort.__version__)
 
     def identity(self, board: Board) -> str:
         fixed = f"{ort.__version__}:w{self.warmup}:r{self.repeats}:b{self.batch}"

@@ -69,6 +69,9 @@ class Choice:
     energy_j: float
     weight_bytes: float
     accuracy_drop: float  # estimate from the sensitivity table (0 when not measured)
+    # What the costs between this layer and its neighbours depend on (Instance.transfer, entry and exit are keyed
+    # by it): its processor unless given (a kernel table's costs depend on the processor and the precision).
+    state: str = ""
 
     processor: str = field(init=False, repr=False, compare=False)  # the decision's, never None
 
@@ -76,6 +79,8 @@ class Choice:
         if self.decision.processor is None:
             raise ValueError(f"a choice of the integer program runs on a processor: {self.decision} has none")
         object.__setattr__(self, "processor", self.decision.processor)  # frozen: set once, read in every total
+        if not self.state:
+            object.__setattr__(self, "state", self.decision.processor)
 
 
 @dataclass
@@ -85,8 +90,9 @@ class Instance:
     layer_names: list[str]
     choices: list[list[Choice]]
     processors: list[str]
-    transfer: list[dict[tuple[str, str], tuple[float, float]]]  # per boundary l -> l+1: (s, J) for p != q
-    entry: dict[str, tuple[float, float]]  # (s, J) to bring the input to the first layer's processor
+    # per boundary l -> l+1: (s, J) between the states of the two layers (a pair not given costs nothing)
+    transfer: list[dict[tuple[str, str], tuple[float, float]]]
+    entry: dict[str, tuple[float, float]]  # (s, J) to bring the input to the first layer's state
     exit: dict[str, tuple[float, float]]  # (s, J) to bring the output back
     capacity_bytes: dict[str, float]  # per processor
     local: set[str] = field(default_factory=set)  # processors that share the board's memory
@@ -95,6 +101,12 @@ class Instance:
     accuracy_limit: float | None = None
     memory_limit_bytes: float | None = None
     weights: dict[str, float] = field(default_factory=lambda: {"energy": 1.0})  # metric -> weight / scale
+    states: list[str] = field(default_factory=list)  # the choices' states when they are not just processors
+
+    @property
+    def boundary_states(self) -> list[str]:
+        """What transfer, entry and exit are keyed by: the states, or the processors."""
+        return self.states or self.processors
 
 
 @dataclass
@@ -176,10 +188,11 @@ def _terms(instance: Instance, picks: Sequence[int], metric: str, processors: fr
     if metric == "memory":
         return [c.weight_bytes for c in chosen if processors is None or c.processor in processors]
     position, attribute = {"latency": (0, "latency_s"), "energy": (1, "energy_j")}[metric]
-    procs = [c.processor for c in chosen]
+    states = [c.state for c in chosen]
     terms = [getattr(c, attribute) for c in chosen]
-    terms += [instance.entry[procs[0]][position], instance.exit[procs[-1]][position]]
-    terms += [instance.transfer[b][(procs[b], procs[b + 1])][position] for b in range(len(procs) - 1) if procs[b] != procs[b + 1]]
+    terms += [instance.entry[states[0]][position], instance.exit[states[-1]][position]]
+    terms += [instance.transfer[b][pair][position] for b, pair in enumerate(zip(states, states[1:]))
+              if pair in instance.transfer[b]]
     return terms
 
 
@@ -297,17 +310,17 @@ class _Program:
 
     def __init__(self, instance: Instance):
         self.instance = instance
-        self.procs = instance.processors
+        self.states = instance.boundary_states
         self.offsets = np.cumsum([0] + [len(c) for c in instance.choices])
         self.n_x = int(self.offsets[-1])
         self.n_layers = len(instance.choices)
-        p = len(self.procs)
+        p = len(self.states)
         self.n_y = (self.n_layers - 1) * p * p
         self.n = self.n_x + self.n_y
-        self.proc_index = {q: i for i, q in enumerate(self.procs)}
+        self.state_index = {q: i for i, q in enumerate(self.states)}
         every = [choice for choices in instance.choices for choice in choices]
         self.layer_of = np.repeat(np.arange(self.n_layers), np.diff(self.offsets))
-        self.proc_of = np.array([self.proc_index[c.processor] for c in every], dtype=np.int64)
+        self.state_of = np.array([self.state_index[c.state] for c in every], dtype=np.int64)
         attributes = (("latency", "latency_s"), ("energy", "energy_j"), ("memory", "weight_bytes"), ("accuracy", "accuracy_drop"))
         self.values = {metric: np.array([getattr(c, attribute) for c in every], dtype=float) for metric, attribute in attributes}
         self.proc_name = [c.processor for c in every]
@@ -319,7 +332,7 @@ class _Program:
         return int(self.offsets[layer] + choice)
 
     def y(self, boundary: int, p: int, q: int) -> int:
-        k = len(self.procs)
+        k = len(self.states)
         return self.n_x + boundary * k * k + p * k + q
 
     def metric_row(self, metric: str, processors: frozenset[str] | None = None) -> np.ndarray:
@@ -340,14 +353,14 @@ class _Program:
                 values[[name not in processors for name in self.proc_name]] = 0.0
             position = {"latency": 0, "energy": 1}.get(metric)
             if position is not None:
-                entry = np.array([inst.entry[q][position] for q in self.procs])
-                exit_ = np.array([inst.exit[q][position] for q in self.procs])
+                entry = np.array([inst.entry[q][position] for q in self.states])
+                exit_ = np.array([inst.exit[q][position] for q in self.states])
                 first, last = self.layer_of == 0, self.layer_of == self.n_layers - 1
-                values[first] += entry[self.proc_of[first]]
-                values[last] += exit_[self.proc_of[last]]
+                values[first] += entry[self.state_of[first]]
+                values[last] += exit_[self.state_of[last]]
                 for boundary, costs in enumerate(inst.transfer):
                     for (a, b), pair in costs.items():
-                        row[self.y(boundary, self.proc_index[a], self.proc_index[b])] = pair[position]
+                        row[self.y(boundary, self.state_index[a], self.state_index[b])] = pair[position]
             row[:self.n_x] = values
         self._rows[key] = row
         return row
@@ -385,12 +398,12 @@ class _Program:
     def _structure(self) -> LinearConstraint:
         """Exactly one choice per layer; the flows y sum to the placements on both sides of each boundary:
         row n_layers + 2 (l P + p) is layer l's side on processor p, the next row layer l + 1's."""
-        n_layers, k = self.n_layers, len(self.procs)
+        n_layers, k = self.n_layers, len(self.states)
         j = np.arange(self.n_x)
         before, after = self.layer_of < n_layers - 1, self.layer_of > 0
         boundary, p, q = np.unravel_index(np.arange(self.n_y), (max(n_layers - 1, 0), k, k))
-        rows = np.concatenate([self.layer_of, n_layers + 2 * (self.layer_of[before] * k + self.proc_of[before]),
-                               n_layers + 2 * ((self.layer_of[after] - 1) * k + self.proc_of[after]) + 1,
+        rows = np.concatenate([self.layer_of, n_layers + 2 * (self.layer_of[before] * k + self.state_of[before]),
+                               n_layers + 2 * ((self.layer_of[after] - 1) * k + self.state_of[after]) + 1,
                                n_layers + 2 * (boundary * k + p), n_layers + 2 * (boundary * k + q) + 1])
         cols = np.concatenate([j, j[before], j[after], self.n_x + np.arange(self.n_y), self.n_x + np.arange(self.n_y)])
         data = np.concatenate([np.ones(self.n_x), -np.ones(int(before.sum()) + int(after.sum())), np.ones(2 * self.n_y)])

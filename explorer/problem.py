@@ -178,7 +178,8 @@ class Problem:
         self.objective = objective
         # int8 quantised so that neither this machine (it scores every plan) nor the measured device saturates
         self.compressor = compressor or Compressor(graph, reduce_range=not (int8_exact() and measurer.int8_exact()))
-        self.cost_model = CostModel(board, graph, self.compressor)
+        self.cost_model: CostModel = CostModel(board, graph, self.compressor)
+        self.cost_model_note = "roofline model" + (" of the simulated board" if measurer.simulated else "")  # what it is
         self.use_disk_cache = use_disk_cache
         self.error_bound = error_bound  # without data: max relative reconstruction error per layer (None: no bound)
         self.calibration_inputs, self.calibration_source = calibration_inputs(graph, scorer.dataset)

@@ -49,6 +49,7 @@ from explorer.http_api import (
 )
 from explorer.measure import (
     SEARCH_REPEATS,
+    Device,
     Interleaved,
     Measurement,
     MeasurementFailed,
@@ -190,6 +191,11 @@ class RemoteMeasurer:
                 self._free.put(endpoint)
             self._fingerprint = reached[0].info["fingerprint"]
             return self._fingerprint
+
+    def device(self, board: Board) -> Device:
+        fp = self._connect()
+        return Device(f"{fp.get('cpu_model')} x{fp.get('cpu_count')} ({fp.get('machine')}), "
+                      f"{'+'.join(fp.get('providers', []))}", str(fp.get("onnxruntime")))
 
     def identity(self, board: Board) -> str:
         fp = self._connect()

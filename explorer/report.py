@@ -510,6 +510,7 @@ def print_solution(problem: Problem, result, rows: list[tuple[str, Evaluation]])
     solution = chosen_solution(result)
     print_plan(problem, result.plan, f"solver plan for {problem.graph.source} on {problem.board.name} "
                                      f"(objective: {problem.objective.describe()})")
+    console.print(f"cost model: {problem.cost_model_note}")
     console.print(f"predicted by the cost model: latency {solution.latency_s * 1e3:.3f} ms, "
                   f"energy {solution.energy_j * 1e3:.3f} mJ, weights {solution.weight_bytes / 2**20:.3f} MB, "
                   f"{_solver_accuracy_text(problem, solution)}; {solution.status} in {solution.seconds:.2f} s")
@@ -544,7 +545,8 @@ def solve_json(problem: Problem, result, rows: list[tuple[str, Evaluation]], out
     return {"command": "solve", "model": problem.graph.source, "board": problem.board.name,
             "objective": problem.objective.describe(), "constraints": constraints_json(problem),
             "feasible": result.feasible, "plan": result.plan.to_json(),
-            "predicted": {"latency_ms": solution.latency_s * 1e3, "energy_mj": solution.energy_j * 1e3,
+            "predicted": {"cost_model": problem.cost_model_note,
+                          "latency_ms": solution.latency_s * 1e3, "energy_mj": solution.energy_j * 1e3,
                           "memory_mb": solution.weight_bytes / 2**20, "status": solution.status,
                           "solve_seconds": solution.seconds,
                           "accuracy_drop_points": 100 * solution.accuracy_drop if problem.scorer.measured else None},
@@ -720,3 +722,51 @@ def search_json(problem: Problem, agent: str, result, baseline: Evaluation | Non
             "best_plan": best_plan.to_json() if best_plan else None,
             "best": evaluation_json(result.best, baseline) if result.best else None,
             "rows": [{"name": name} | evaluation_json(e, baseline) for name, e in rows]}
+
+
+# ---- kernel tables (explorer profile) ---------------------------------------------------------------
+@contextmanager
+def profile_progress(problem: Problem) -> Iterator:
+    """A progress bar (plans, rate, ETA) for `explorer.kernels.profile`; yields its `progress` callback. On Ctrl-C
+    it says what was kept and how to go on."""
+    state = {"done": 0, "total": 0, "start": 0}
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task(f"kernel table of {problem.graph.source} (designed plans)", total=None)
+
+        def update(done: int, total: int) -> None:
+            if not state["total"]:  # the first call: plans measured before (a resumed profile), not a rate
+                progress.reset(task, total=total, completed=done)
+                state["start"] = done
+            else:
+                progress.update(task, completed=done)
+            state.update(done=done, total=total)
+
+        try:
+            yield update
+        except KeyboardInterrupt:
+            kept = state["done"] - state["start"]
+            err_console.print(f"interrupted: {kept} plan(s) measured now are kept ({state['done']} of {state['total']} in "
+                              "all); the same command goes on from there", soft_wrap=True)
+            raise
+
+
+def print_profile(problem: Problem, result) -> None:
+    """What `explorer profile` measured, the table it gives for this model, and where it is kept."""
+    counts = result.table.counts()
+    console.print(f"measured {result.measured} designed plan(s) ({result.blocks_now} blocks) in {result.seconds:.0f} s"
+                  + (f"; {result.recalled} were measured before" if result.recalled else "")
+                  + (f"; [red]{result.failed} failed[/]" if result.failed else ""))
+    console.print(f"kernel table of {result.table.device.fingerprint}, ONNX Runtime {result.table.device.onnxruntime}: "
+                  f"{counts['layer']} layer, {counts['merge']} merge, {counts['pair']} pair and {counts['edge']} edge terms "
+                  f"fitted to {result.table.blocks} measured blocks (every model profiled on this device)", soft_wrap=True)
+    console.print(f"kept in {result.store.path}", soft_wrap=True)
+
+
+def profile_json(problem: Problem, result) -> dict:
+    return {"command": "profile", "model": problem.graph.source, "board": problem.board.name,
+            "device": result.table.device.fingerprint, "onnxruntime": result.table.device.onnxruntime,
+            "plans_measured": result.measured, "plans_before": result.recalled, "plans_failed": result.failed,
+            "blocks_measured": result.blocks_now, "seconds": result.seconds, "terms": result.table.counts(),
+            "blocks_fitted": result.table.blocks, "store": str(result.store.path)}

@@ -10,7 +10,7 @@ from explorer.accuracy import SensitivityTable, sensitivity_table
 from explorer.cost import CostModel
 from explorer.errors import ExplorerError
 from explorer.milp import Choice, Instance, Solution, objective_of, picks_for, predicted, solve
-from explorer.plan import Plan
+from explorer.plan import Decision, Plan
 from explorer.problem import Evaluation, Problem
 
 Observation = tuple[str, str, str, float, float]  # processor, op kind, precision, predicted s, measured s
@@ -24,6 +24,7 @@ def instance_for(problem: Problem, cost_model: CostModel | None = None,
     graph, board = problem.graph, problem.board
     if sensitivity is None and problem.scorer.measured:
         sensitivity = sensitivity_table(graph, problem.compressor, problem.scorer)
+    state = (lambda d: f"{d.placed_processor}/{d.precision}") if cost_model.by_precision else (lambda d: d.placed_processor)
     choices = []
     for layer in graph.layers:
         options = []
@@ -31,13 +32,17 @@ def instance_for(problem: Problem, cost_model: CostModel | None = None,
             rung = problem.compressor.rung(layer.name, decision.method, decision.rank)
             cost = cost_model.layer_cost(layer, rung, decision.precision, decision.placed_processor)
             drop = sensitivity.estimate(layer.name, rung.method, rung.rank, decision.precision) if sensitivity else 0.0
-            options.append(Choice(decision, cost.latency_s, cost.energy_j, cost.weight_bytes, drop))
+            options.append(Choice(decision, cost.latency_s, cost.energy_j, cost.weight_bytes, drop, state(decision)))
         choices.append(options)
     processors = list(board.processor_ids)
-    transfer = [{(a, b): cost_model.transfer(layer, a, b) for a in processors for b in processors if a != b}
-                for layer in graph.layers[:-1]]
-    entry = {p: cost_model.input_transfer(p) for p in processors}
-    exit_ = {p: cost_model.output_transfer(p) for p in processors}
+    # what the costs between neighbours depend on: a representative decision per state
+    states = {c.state: Decision(precision=c.decision.precision, processor=c.decision.placed_processor)
+              for options in choices for c in options}
+    transfer = [{(a, b): cost_model.boundary(index, first, second) for a, first in states.items()
+                 for b, second in states.items() if cost_model.by_precision or a != b}
+                for index in range(len(graph.layers) - 1)]
+    entry = {s: cost_model.input_transfer(d.placed_processor) for s, d in states.items()}
+    exit_ = {s: cost_model.output_transfer(d.placed_processor) for s, d in states.items()}
     c = problem.constraints
     instance = Instance(
         layer_names=[layer.name for layer in graph.layers], choices=choices, processors=processors,
@@ -48,6 +53,7 @@ def instance_for(problem: Problem, cost_model: CostModel | None = None,
         latency_budget_s=c.latency_ms / 1e3 if c.latency_ms is not None else None,
         accuracy_limit=c.max_accuracy_drop if sensitivity is not None else None,
         memory_limit_bytes=c.memory_mb * 2**20 if c.memory_mb is not None else None,
+        states=list(states) if cost_model.by_precision else [],
     )
     weights = dict(problem.objective.weights)
     if len(weights) > 1:  # relative to the baseline plan's predicted metrics

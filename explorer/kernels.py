@@ -1,0 +1,563 @@
+"""Measured kernel tables: what each decision of a model costs on one device, fitted from measured unit blocks.
+
+A plan's latency on a device is the sum of its unit blocks' times, and a block's time is modelled as a sum of
+terms, each measured on the device as ONNX Runtime runs (and fuses) the nodes:
+
+* a layer term: one layer at one (rung, precision, processor) alone in its block, with the weight-free ops that
+  travel with it. It carries the block's fixed cost once (a session run, feeding its inputs, fetching its
+  outputs);
+* a merge term per processor: what two neighbouring layers save by sharing one block (one fixed cost less: one
+  session run, one wake-up of its thread pool; negative), and a pair term per two neighbouring layers at two
+  precisions on top of it (the casts and quantize/dequantize pairs that consecutive fp16 or int8 layers share);
+* an edge term: a block followed by an int8 layer on another processor ends with that layer's QuantizeLinear
+  (the crossing travels as uint8: :mod:`explorer.partition`).
+
+So block = its layers' terms + a merge and a pair term per neighbouring pair + its edge term, and the whole model is additive
+in choices and in pairs of neighbouring choices: exactly what the integer program solves (its states are
+(processor, precision): :mod:`explorer.solver`). Terms are keyed by a signature of what the device runs (op
+types, attributes and shapes of the layer's nodes, the rung, the precision, the processor and its provider and
+threads), not by model: identical layers of two models share entries.
+
+The terms are fitted by least squares (relative errors) to the measured blocks of designed plans: processors
+alternating layer by layer (every block one layer: layer and edge terms), then pairs of layers on one processor
+at every pair of precisions (pair terms). They are measured through the measurer protocol (this machine, or
+measurement servers in parallel), each plan with the measurer's adaptive repeats. Observations are kept per
+device (its fingerprint and ONNX Runtime version: either changing starts a new table) in an append-only file,
+so an interrupted profile resumes where it stopped.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from explorer.cache import AppendOnlyCache, digest
+from explorer.compress import Rung
+from explorer.cost import CostModel, PlanCost
+from explorer.graph import Layer, LayerGraph
+from explorer.measure import Device, Measurement
+from explorer.partition import BlockBoundary, block_boundaries
+from explorer.paths import cache_dir
+from explorer.plan import Decision, Plan
+
+TABLE_VERSION = "kernels-v1"
+KINDS = ("layer", "merge", "pair", "edge")
+# Pair and edge terms are corrections, each seen in few blocks: they are pulled towards 0 with this weight (a term
+# of the median block's size costs the fit as much as this fraction of that block's relative error), so that a
+# term only one noisy block supports does not take that block's noise whole.
+_RIDGE = 0.3
+_HUBER = 0.1  # blocks the fit misses by more than this (relative) are weighted down in proportion (robust fit)
+_ROBUST_ROUNDS = 4
+
+
+def term_kind(key: str) -> str:
+    """'layer', 'pair' or 'edge'."""
+    return key.partition(":")[0]
+
+
+@dataclass
+class TermInfo:
+    """What a term is, for the predictor and for people: its kind and its features."""
+
+    kind: str
+    features: dict[str, float | str]
+
+
+class Terms:
+    """The terms of one model's plans on one board: signatures and features."""
+
+    def __init__(self, graph: LayerGraph, board, compressor):
+        self.graph, self.board, self.compressor = graph, board, compressor
+        self.signatures = [self._signature(layer) for layer in graph.layers]
+        self.index = {layer.name: layer.index for layer in graph.layers}
+
+    def _signature(self, layer: Layer) -> str:
+        """What the device runs for this layer, whatever the model: its nodes' op types and attributes, its shapes,
+        and whether it reads the graph's input (an int8 first layer quantises that input itself)."""
+        parts: list[str | bytes] = [layer.op_type, str(layer.weight_shape), str(layer.input_shape), str(layer.output_shape),
+                                    str(len(layer.inputs)), str(len(layer.outputs)), str(layer.index == 0)]
+        for name in layer.node_names:
+            node = self.graph.node_by_name[name]
+            parts += [node.op_type, *model_attributes(node)]
+        return digest(*parts)[:24]
+
+    def _processor(self, decision: Decision) -> str:
+        processor = self.board.processor(decision.placed_processor)
+        return f"{decision.placed_processor}|{processor.provider}|{processor.threads}"
+
+    def layer(self, index: int, decision: Decision) -> str:
+        return "layer:" + digest(self.signatures[index], decision.method, str(decision.rank), decision.precision,
+                                 self._processor(decision))[:32]
+
+    def merge(self, decision: Decision) -> str:
+        """Two neighbouring layers in one block on this decision's processor (any model)."""
+        return "merge:" + digest(self._processor(decision))[:32]
+
+    def pair(self, index: int, first: Decision, second: Decision) -> str:
+        """Layers index and index + 1 in one block (on first's processor)."""
+        return "pair:" + digest(self.signatures[index], self.signatures[index + 1], first.precision, second.precision,
+                                self._processor(first))[:32]
+
+    def edge(self, index: int, decision: Decision) -> str:
+        """Layer index ends its block and the next layer, elsewhere, is int8."""
+        return "edge:" + digest(self.signatures[index], decision.precision, self._processor(decision))[:32]
+
+    def block(self, plan: Plan, boundary: BlockBoundary, followed_by: Decision | None) -> list[str]:
+        """The terms of one block of `plan` (`followed_by`: the next block's first decision, if any)."""
+        decisions = [plan.decisions[i][1] for i in range(boundary.start, boundary.end)]
+        keys = [self.layer(i, d) for i, d in zip(range(boundary.start, boundary.end), decisions)]
+        for i, a, b in zip(range(boundary.start, boundary.end - 1), decisions, decisions[1:]):
+            keys += [self.merge(a), self.pair(i, a, b)]
+        if followed_by is not None and followed_by.precision == "int8":
+            keys.append(self.edge(boundary.end - 1, decisions[-1]))
+        return keys
+
+    def blocks(self, plan: Plan) -> list[list[str]]:
+        """The terms of every block of `plan`, in order."""
+        boundaries = block_boundaries(self.graph, plan)
+        return [self.block(plan, b, plan.decisions[b.end][1] if k + 1 < len(boundaries) else None)
+                for k, b in enumerate(boundaries)]
+
+    def info(self, key_kind: str, index: int, first: Decision, second: Decision | None = None) -> TermInfo:
+        """Features of a term (what the predictor learns from): sizes, work, precision and processor."""
+        layer = self.graph.layers[index]
+        processor = self.board.processor(first.placed_processor)
+        common: dict[str, float | str] = {"precision": first.precision, "provider": processor.provider,
+                                          "threads": float(processor.threads), "op": layer.op_type,
+                                          "out_elements": float(np.prod(layer.output_shape) if layer.output_shape else 0)}
+        if key_kind == "layer":
+            rung = self.compressor.rung(layer.name, first.method, first.rank)
+            kernel = float(np.prod(layer.weight_shape[2:])) if len(layer.weight_shape) > 2 else 1.0
+            return TermInfo("layer", {**common, "method": first.method, "flops": float(rung.flops),
+                                      "params": float(rung.params), "rank": float(first.rank or 0),
+                                      "in_elements": float(np.prod(layer.input_shape) if layer.input_shape else 0),
+                                      "kernel": kernel, "nodes": float(len(layer.node_names)),
+                                      "first": float(index == 0)})
+        if key_kind == "pair":
+            assert second is not None
+            following = self.graph.layers[index + 1]
+            return TermInfo("pair", {**common, "next_precision": second.precision, "next_op": following.op_type,
+                                     "nodes": float(len(layer.node_names) + len(following.node_names))})
+        return TermInfo(key_kind, common)
+
+    def plan_infos(self, plan: Plan) -> dict[str, TermInfo]:
+        """Every term of `plan` with its features."""
+        infos: dict[str, TermInfo] = {}
+        boundaries = block_boundaries(self.graph, plan)
+        for k, b in enumerate(boundaries):
+            decisions = [plan.decisions[i][1] for i in range(b.start, b.end)]
+            for i, d in zip(range(b.start, b.end), decisions):
+                infos[self.layer(i, d)] = self.info("layer", i, d)
+            for i, a, c in zip(range(b.start, b.end - 1), decisions, decisions[1:]):
+                infos[self.merge(a)] = self.info("merge", i, a)
+                infos[self.pair(i, a, c)] = self.info("pair", i, a, c)
+            if k + 1 < len(boundaries) and plan.decisions[b.end][1].precision == "int8":
+                infos[self.edge(b.end - 1, decisions[-1])] = self.info("edge", b.end - 1, decisions[-1])
+        return infos
+
+
+# ---- the table: terms fitted to measured blocks --------------------------------------------------
+@dataclass
+class KernelTable:
+    """Seconds per term on one device, fitted to its measured blocks; `observed`: blocks each term appeared in."""
+
+    device: Device
+    seconds: dict[str, float] = field(default_factory=dict)
+    observed: dict[str, int] = field(default_factory=dict)
+    infos: dict[str, TermInfo] = field(default_factory=dict)  # features of every term (the predictor's samples)
+    blocks: int = 0  # measured blocks fitted
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.seconds
+
+    def block_seconds(self, keys: list[str]) -> float | None:
+        """A block's predicted seconds, or None when a term is not in the table."""
+        if any(key not in self.seconds for key in keys):
+            return None
+        return float(sum(self.seconds[key] for key in keys))
+
+    def counts(self) -> dict[str, int]:
+        """Entries per kind."""
+        return {kind: sum(term_kind(k) == kind for k in self.seconds) for kind in KINDS}
+
+
+def fit_terms(observations: list[tuple[list[str], float]]) -> tuple[dict[str, float], dict[str, int]]:
+    """Seconds per term from measured blocks (terms, seconds), by least squares on relative errors (each block
+    weighted by 1 / its time), pair and edge terms held towards 0 (see _RIDGE)."""
+    keys = sorted({key for terms, _ in observations for key in terms})
+    if not keys:
+        return {}, {}
+    column = {key: j for j, key in enumerate(keys)}
+    times = np.array([seconds for _, seconds in observations], dtype=float)
+    weight = 1.0 / np.maximum(times, 1e-7)
+    rows = np.zeros((len(observations), len(keys)))
+    for r, (terms, _) in enumerate(observations):
+        for key in terms:
+            rows[r, column[key]] += 1.0
+    counts = rows.sum(axis=0)
+    ridge = np.array([_RIDGE if term_kind(key) in ("pair", "edge") else 0.0 for key in keys]) / float(np.median(times))
+    robust = np.ones(len(observations))
+    for _ in range(_ROBUST_ROUNDS):  # Huber weights: a block measured in a burst of load pulls its terms less
+        a = np.vstack([rows * (weight * robust)[:, None], np.diag(ridge)])
+        b = np.concatenate([robust, np.zeros(len(keys))])
+        solution, *_ = np.linalg.lstsq(a, b, rcond=None)
+        relative = np.abs(rows @ solution * weight - 1.0)
+        robust = 1.0 / np.maximum(1.0, relative / _HUBER)
+    return {key: float(solution[column[key]]) for key in keys}, {key: int(counts[column[key]]) for key in keys}
+
+
+class KernelStore:
+    """One device's measured blocks (every model profiled on it), in an append-only file under
+    runs/cache/kernels named by the device's key: a new device or ONNX Runtime version starts a new file."""
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.path = cache_dir("kernels") / f"{device.key(TABLE_VERSION)}.jsonl"
+        self.cache = AppendOnlyCache(self.path)
+
+    @staticmethod
+    def plan_key(graph: LayerGraph, compressor, plan: Plan, batch: int) -> str:
+        return digest(TABLE_VERSION, graph.fingerprint(), compressor.int8_scheme, plan.digest(), str(batch))
+
+    def get(self, key: str) -> dict | None:
+        return self.cache.get(key)
+
+    def put(self, key: str, terms: Terms, plan: Plan, measurement: Measurement) -> None:
+        """Keep a measured plan's blocks as (terms, seconds), with every term's features."""
+        per_block = terms.blocks(plan)
+        if len(per_block) != len(measurement.blocks):
+            raise ValueError("a measurement's blocks are not the plan's")
+        infos = terms.plan_infos(plan)
+        self.cache.put(key, {"device": self.device.fingerprint, "onnxruntime": self.device.onnxruntime,
+                             "model": terms.graph.fingerprint(), "plan": plan.digest(),
+                             "blocks": [[keys, report.latency_ms / 1e3] for keys, report in zip(per_block, measurement.blocks)],
+                             "terms": {k: [info.kind, info.features] for k, info in infos.items()}})
+
+    def entries(self) -> list[dict]:
+        return [value for value in self.cache._load().values() if isinstance(value, dict)]
+
+    def table(self) -> KernelTable:
+        """The table fitted to every block measured on this device."""
+        observations: list[tuple[list[str], float]] = []
+        infos: dict[str, TermInfo] = {}
+        for entry in self.entries():
+            observations += [(list(keys), float(seconds)) for keys, seconds in entry["blocks"]]
+            infos.update({k: TermInfo(kind, features) for k, (kind, features) in entry["terms"].items()})
+        seconds, observed = fit_terms(observations)
+        return KernelTable(self.device, seconds, observed, infos, len(observations))
+
+
+# ---- profiling: designed plans measured on the device -------------------------------------------
+def design_plans(problem, seed: int = 0) -> list[Plan]:
+    """Plans whose blocks identify every term of the model: for each pair of processors, the layers alternate
+    between them (every block one layer) until each layer has had each of its decisions on each processor; then
+    layers in pairs on one processor (P P Q Q ...) at every pair of precisions, at random rungs, so that each
+    neighbouring pair of layers shares a block at each pair of precisions. Deterministic with `seed`."""
+    rng = np.random.default_rng(seed)
+    graph = problem.graph
+    layers = graph.layers
+    options = {layer.index: problem.choices(layer) for layer in layers}
+    processors = list(problem.board.processor_ids)
+
+    def on(index: int, processor: str, precision: str | None = None) -> list[Decision]:
+        return [d for d in options[index] if d.processor == processor and (precision is None or d.precision == precision)]
+
+    def default(index: int, processor: str) -> Decision:
+        full = [d for d in on(index, processor) if d.method == "full" and d.precision == "fp32"]
+        return (full or on(index, processor) or options[index])[0]
+
+    plans: dict[str, Plan] = {}
+
+    def add(decisions: list[Decision]) -> None:
+        plan = Plan.from_dict({layer.name: d for layer, d in zip(layers, decisions)})
+        plans.setdefault(plan.digest(), plan)
+
+    if len(processors) == 1:  # one processor: every plan is one block; whole plans at each precision, random rungs
+        p = processors[0]
+        for _ in range(3 * max(len(options[layer.index]) for layer in layers)):
+            add([on(layer.index, p)[int(rng.integers(len(on(layer.index, p))))] for layer in layers])
+        return list(plans.values())
+    couples = [(processors[k], processors[(k + 1) % len(processors)]) for k in range(len(processors))]
+    for p, q in couples:  # singles: every decision on p, its neighbours on q
+        for parity in (0, 1):
+            measured = [layer.index for layer in layers if layer.index % 2 == parity and on(layer.index, p)]
+            if not measured:
+                continue
+            orders = {i: rng.permutation(len(on(i, p))) for i in measured}
+            for t in range(max(len(on(i, p)) for i in measured)):
+                add([on(i, p)[orders[i][t % len(orders[i])]] if i in orders else default(i, q) for i in range(len(layers))])
+    for p, q in couples[: max(1, len(couples) // 2) if len(processors) == 2 else len(couples)]:  # pairs: P P Q Q ...
+        precisions = sorted(set(problem.board.processor(p).precisions) | set(problem.board.processor(q).precisions))
+        for offset in range(4):
+            for a in precisions:
+                for b in precisions:
+                    decisions = []
+                    for i in range(len(layers)):
+                        where = p if (i + offset) % 4 < 2 else q
+                        precision = a if (i + offset) % 2 == 0 else b
+                        choices = on(i, where, precision)
+                        decisions.append(choices[int(rng.integers(len(choices)))] if choices else default(i, where))
+                    add(decisions)
+    return list(plans.values())
+
+
+@dataclass
+class ProfileResult:
+    """What `profile` did: plans measured now, found from before, failed; the time it took; the table."""
+
+    measured: int
+    recalled: int
+    failed: int
+    seconds: float
+    table: KernelTable
+    store: KernelStore
+    blocks_now: int = 0
+
+
+def profile(problem, progress: Callable[[int, int], None] | None = None, seed: int = 0,
+            plans: Iterable[Plan] | None = None, budget: int | None = None) -> ProfileResult:
+    """Measure the designed plans of `problem` (or `plans`) on its measurer's device that are not yet in the
+    device's store, `problem.measurer.parallelism` at a time, each kept as soon as it is measured (Ctrl-C loses at
+    most the plans in flight). With `budget`, at most that many: in rounds, each measuring the plans whose
+    unmeasured layer terms the predictor (fitted to everything measured on the device so far) is least sure of.
+    `progress(done, total)` after each batch, first with what was there before."""
+    measurer = problem.measurer
+    store = KernelStore(measurer.device(problem.board))
+    terms = Terms(problem.graph, problem.board, problem.compressor)
+    wanted = list(plans) if plans is not None else design_plans(problem, seed)
+    batch = getattr(measurer, "batch", 1)
+    keyed = [(store.plan_key(problem.graph, problem.compressor, plan, batch), plan) for plan in wanted]
+    todo = [(key, plan) for key, plan in keyed if store.get(key) is None]
+    recalled = len(keyed) - len(todo)
+    total = len(keyed) if budget is None else recalled + min(budget, len(todo))
+    started, measured, failed, blocks_now = time.monotonic(), 0, 0, 0
+    if progress:
+        progress(recalled, total)
+    if todo:
+        warm_up(problem)
+    step = max(1, measurer.parallelism)
+    round_size = len(todo) if budget is None else max(step, budget // 4)
+    while todo and recalled + measured + failed < total:
+        left = total - recalled - measured - failed
+        if budget is not None and measured + failed:
+            todo = _least_sure_first(store.table(), terms, todo)
+        chosen, todo = todo[:min(round_size, left)], todo[min(round_size, left):]
+        for start in range(0, len(chosen), step):
+            chunk = chosen[start:start + step]
+            results = measurer.measure_many(problem.graph, problem.compressor, problem.board,
+                                            [plan for _, plan in chunk], problem.calibration_inputs)
+            for (key, plan), result in zip(chunk, results):
+                if isinstance(result, Measurement):
+                    store.put(key, terms, plan, result)
+                    measured += 1
+                    blocks_now += len(result.blocks)
+                else:
+                    failed += 1
+            if progress:
+                progress(recalled + measured + failed, total)
+    return ProfileResult(measured, recalled, failed, time.monotonic() - started, store.table(), store, blocks_now)
+
+
+def _least_sure_first(table: KernelTable, terms: Terms, todo: list[tuple[str, Plan]]) -> list[tuple[str, Plan]]:
+    """`todo` ordered by how unsure the predictor (fitted to `table`) is of the plans' layer terms the table
+    lacks (adaptive sampling: measure next where it knows least)."""
+    from explorer.predictor import KernelPredictor
+
+    predictor = KernelPredictor([(table.infos[k], s) for k, s in table.seconds.items() if k in table.infos])
+
+    def unsure(plan: Plan) -> float:
+        spread = 0.0
+        for key, info in terms.plan_infos(plan).items():
+            if info.kind == "layer" and key not in table.seconds:
+                spread += min(predictor.predict(info)[1], 10.0)
+        return spread
+
+    return sorted(todo, key=lambda item: -unsure(item[1]))
+
+
+@dataclass
+class CheckResult:
+    """Table against measurement on held-out plans: relative errors (predicted / measured - 1) of each plan's blocks
+    and whole plans, and how many terms the table lacked (priced by the fallback)."""
+
+    block_errors: list[float]
+    plan_errors: list[float]
+    fallback_terms: int
+
+    def within(self, errors: list[float], tolerance: float) -> float:
+        return float(np.mean(np.abs(np.asarray(errors)) <= tolerance)) if len(errors) else float("nan")
+
+
+def warm_up(problem) -> None:
+    """Measure the baseline plan once and forget it: a process's first measurements run slow (lazy initialisation,
+    cold caches and allocator), which would bias the first plans measured."""
+    problem.measurer.measure(problem.graph, problem.compressor, problem.board, problem.baseline_plan(),
+                             problem.calibration_inputs)
+
+
+def check(problem, model: KernelCostModel, plans: list[Plan]) -> CheckResult:
+    """Measure `plans` (not used in the fit) and compare every block and plan with `model`'s prediction."""
+    warm_up(problem)
+    results = problem.measurer.measure_many(problem.graph, problem.compressor, problem.board, plans,
+                                            problem.calibration_inputs)
+    block_errors, plan_errors = [], []
+    for plan, result in zip(plans, results):
+        if not isinstance(result, Measurement):
+            continue
+        predicted = model.block_seconds(plan)
+        block_errors += [p / (b.latency_ms / 1e3) - 1 for p, b in zip(predicted, result.blocks)]
+        plan_errors.append(sum(predicted) / (result.latency_ms / 1e3) - 1)
+    return CheckResult(block_errors, plan_errors, model.sources.get("predictor", 0) + model.sources.get("roofline", 0))
+
+
+def plan_seconds(table: KernelTable, terms: Terms, plan: Plan) -> tuple[float | None, list[float | None]]:
+    """A plan's predicted seconds from the table alone and per block (None where a term is missing)."""
+    per_block = [table.block_seconds(keys) for keys in terms.blocks(plan)]
+    total = None if any(b is None for b in per_block) else float(sum(b for b in per_block if b is not None))
+    return total, per_block
+
+
+def model_attributes(node: onnx.NodeProto) -> list[bytes]:
+    """A node's attributes, serialised in name order (part of a layer's signature)."""
+    return [attribute.SerializeToString() for attribute in sorted(node.attribute, key=lambda a: a.name)]
+
+
+# ---- the cost model on a kernel table -------------------------------------------------------------
+class KernelCostModel(CostModel):
+    """The cost model on one device's kernel table: a layer's latency is its layer term, the cost between two
+    neighbouring layers a pair term (one processor) or an edge term (a cut before an int8 layer); energy follows
+    from that latency as in CostModel (the board's powers). A term the table lacks comes from the predictor
+    when there is one, else from the roofline model; `sources` counts which priced what."""
+
+    by_precision = True
+
+    def __init__(self, board, graph: LayerGraph, compressor, table: KernelTable, predictor=None,
+                 factors: dict[tuple[str, str, str], float] | None = None):
+        super().__init__(board, graph, compressor, factors)
+        self.table, self.predictor = table, predictor
+        self.terms = Terms(graph, board, compressor)
+        self.sources: Counter[str] = Counter()
+        self._priced: dict[str, tuple[float, str]] = {}
+
+    def _price(self, key: str, info: Callable[[], TermInfo], roofline: Callable[[], float]) -> float:
+        if key not in self._priced:
+            if key in self.table.seconds:
+                self._priced[key] = self.table.seconds[key], "table"
+            elif self.predictor is not None:
+                self._priced[key] = self.predictor.predict(info())[0], "predictor"
+            else:
+                self._priced[key] = roofline(), "roofline"
+            self.sources[self._priced[key][1]] += 1
+        return self._priced[key][0]
+
+    def source(self, key: str) -> str | None:
+        """Where a priced term's seconds came from: table, predictor or roofline (None: not priced yet)."""
+        return self._priced[key][1] if key in self._priced else None
+
+    def layer_latency_s(self, layer: Layer, rung: Rung, precision: str, processor_id: str) -> float:
+        decision = Decision(rung.method, rung.rank, precision, processor_id)
+        seconds = self._price(self.terms.layer(layer.index, decision), lambda: self.terms.info("layer", layer.index, decision),
+                              lambda: super(KernelCostModel, self).layer_latency_s(layer, rung, precision, processor_id))
+        return seconds * self.factors.get((processor_id, layer.kind, precision), 1.0)
+
+    def boundary(self, index: int, first: Decision, second: Decision) -> tuple[float, float]:
+        _, joules = super().boundary(index, first, second)  # the link's energy (the time is in the measured blocks)
+        if first.placed_processor == second.placed_processor:
+            seconds = self._price(self.terms.merge(first), lambda: self.terms.info("merge", index, first), lambda: 0.0)
+            seconds += self._price(self.terms.pair(index, first, second),
+                                   lambda: self.terms.info("pair", index, first, second), lambda: 0.0)
+        elif second.precision == "int8":
+            seconds = self._price(self.terms.edge(index, first), lambda: self.terms.info("edge", index, first), lambda: 0.0)
+        else:
+            seconds = 0.0
+        processor = self.board.processor(first.placed_processor)
+        return seconds, joules + seconds * processor.active_power_w
+
+    def input_transfer(self, processor_id: str) -> tuple[float, float]:
+        return 0.0, super().input_transfer(processor_id)[1]  # feeding the first block is in its measured time
+
+    def output_transfer(self, processor_id: str) -> tuple[float, float]:
+        return 0.0, super().output_transfer(processor_id)[1]
+
+    def block_seconds(self, plan: Plan) -> list[float]:
+        """Each unit block's predicted seconds (table, else predictor, else roofline for each term)."""
+        blocks = []
+        for boundary in block_boundaries(self.graph, plan):
+            seconds = 0.0
+            for i in range(boundary.start, boundary.end):
+                name, decision = plan.decisions[i]
+                rung = self.compressor.rung(name, decision.method, decision.rank)
+                seconds += self.layer_latency_s(self.graph.layers[i], rung, decision.precision, decision.placed_processor)
+                if i + 1 < len(plan.decisions):
+                    seconds += self.boundary(i, decision, plan.decisions[i + 1][1])[0]
+            blocks.append(seconds)
+        return blocks
+
+    def plan_prediction(self, plan: Plan) -> tuple[PlanCost, bool]:
+        """The plan's predicted cost (as the solver sees it) and whether the table priced every term of it (False:
+        some came from the predictor or the roofline model, so the prediction is less sure)."""
+        cost = self.plan_cost(plan)
+        every = list(self.terms.plan_infos(plan))
+        return cost, all(self.source(key) == "table" for key in every if self.source(key) is not None)
+
+    def calibrated(self, observations: list[tuple[str, str, str, float, float]]) -> KernelCostModel:
+        base = super().calibrated(observations)
+        return KernelCostModel(self.board, self.graph, self.compressor, self.table, self.predictor, base.factors)
+
+    def describe(self) -> str:
+        """Where its figures come from, in words (shown with every solve and search on a real device)."""
+        counts = self.table.counts()
+        text = (f"kernel table of {self.table.device.fingerprint}, ONNX Runtime {self.table.device.onnxruntime} "
+                f"({counts['layer']} layer, {counts['merge']} merge, {counts['pair']} pair, {counts['edge']} edge terms "
+                f"from {self.table.blocks} "
+                "measured blocks)")
+        if self.sources:
+            text += "; terms priced: " + ", ".join(f"{n} from the {what}" for what, n in sorted(self.sources.items()))
+        if self.sources.get("roofline"):
+            text += " (the roofline model for terms not in the table: `explorer profile` measures them)"
+        return text
+
+
+# ---- which cost model a problem gets -----------------------------------------------------------------
+def profile_command(problem) -> str:
+    """The command that profiles this problem's model on its device."""
+    settings = getattr(problem, "settings", None) or {}
+    model = settings.get("model", problem.graph.source)
+    board = settings.get("board", problem.board.name)
+    measure = settings.get("measure", problem.measurer.name)
+    return f"explorer profile --board {board} --model {model} --measure {measure}"
+
+
+def device_cost_model(problem) -> tuple[CostModel, str]:
+    """The cost model a problem on a real device should solve on, and what it is in words: its kernel table when
+    this device has one (terms it lacks predicted from every term measured on the device, when there are enough),
+    else the roofline model, which says so. A simulated board keeps its roofline model (the simulator is the
+    device)."""
+    if problem.measurer.simulated:
+        return problem.cost_model, "roofline model of the simulated board"
+    store = KernelStore(problem.measurer.device(problem.board))
+    table = store.table()
+    terms = Terms(problem.graph, problem.board, problem.compressor)
+    wanted = {terms.layer(layer.index, d) for layer in problem.graph.layers for d in problem.choices(layer)}
+    missing = len(wanted - set(table.seconds))
+    if missing == len(wanted) and not table.seconds:
+        return problem.cost_model, (f"roofline model (no kernel table of this device: `{profile_command(problem)}` measures "
+                                    "one; predictions on a real device are guesses without it)")
+    predictor = None
+    if missing:
+        from explorer.predictor import KernelPredictor
+
+        predictor = KernelPredictor([(table.infos[k], s) for k, s in table.seconds.items() if k in table.infos])
+        if not predictor.knows("layer"):
+            predictor = None
+    model = KernelCostModel(problem.board, problem.graph, problem.compressor, table, predictor)
+    note = model.describe()
+    if missing:
+        share = f"{missing} of the model's {len(wanted)} layer choices are not in the table"
+        note += (f"; {share}: predicted by {predictor.describe()}" if predictor else
+                 f"; {share}: the roofline model prices them") + f" (`{profile_command(problem)}` measures them)"
+    return model, note
