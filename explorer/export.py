@@ -205,7 +205,7 @@ def _manifest(problem, plan: Plan, evaluation, predicted: dict | None, run_id: s
         "objective": {"description": problem.objective.describe(), "weights": [list(w) for w in problem.objective.weights]},
         # how every block and model.onnx ran when scored and measured (runtime.Bundle opens them so)
         "session": {"options": "ONNX Runtime defaults (QDQ fusion on: int8 on integer kernels), intra-op threads per "
-                               "block", "int8": problem.compressor.int8_scheme},
+                               "block, no spinning between runs", "int8": problem.compressor.int8_scheme},
         "blocks": [],
         "predicted": predicted,
         "measured": evaluation.to_json() if evaluation is not None else None,

@@ -315,7 +315,7 @@ class HostMeasurer(Measurer):
 
     def identity(self, board: Board) -> str:
         fixed = f"{ort.__version__}:w{self.warmup}:r{self.repeats}:b{self.batch}"
-        return f"host-v3:{fixed}:{self.adaptive.identity()}" if self.adaptive else f"host-v2:{fixed}"
+        return f"host-v4:{fixed}:{self.adaptive.identity()}" if self.adaptive else f"host-v2:{fixed}"
 
     def label(self, board: Board) -> str:
         how = self.adaptive.describe() if self.adaptive else f"median of {self.repeats}"

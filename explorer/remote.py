@@ -200,7 +200,7 @@ class RemoteMeasurer:
     def identity(self, board: Board) -> str:
         fp = self._connect()
         fixed = f"{digest(device_kind(fp))}:w{self.warmup}:r{self.repeats}:b{self.batch}"
-        return f"remote-v3:{fixed}:{self.adaptive.identity()}" if self.adaptive else f"remote-v2:{fixed}"
+        return f"remote-v4:{fixed}:{self.adaptive.identity()}" if self.adaptive else f"remote-v2:{fixed}"
 
     def int8_exact(self) -> bool:
         """From the servers' fingerprint; a server too old to say counts as not exact (7-bit weights)."""

@@ -147,7 +147,7 @@ def test_remote_measurements_carry_their_interval_and_the_servers_load(server, b
     assert m.latency_ci_ms[0] <= m.latency_ms <= m.latency_ci_ms[1] and m.others_cores is not None
     assert m.ci_target_met == (max(m.latency_ms - m.latency_ci_ms[0], m.latency_ci_ms[1] - m.latency_ms)
                                <= 0.03 * m.latency_ms)
-    assert "cap 1 s" in m.measured_by and measurer.identity(board).startswith("remote-v3:")
+    assert "cap 1 s" in m.measured_by and measurer.identity(board).startswith("remote-v4:")
     other = plan.with_decision(problem.graph.layers[2].name, Decision(processor="cpu1"))
     results = measurer.measure_interleaved(problem.graph, problem.compressor, board, [plan, other], None, 5, adaptive)
     assert len(results) == 2 and len(results[0].rounds) == len(results[1].rounds) >= 1

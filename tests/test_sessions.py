@@ -41,6 +41,10 @@ def test_session_options_are_onnx_runtime_defaults_but_the_threads():
     threaded = session_options(3)
     assert threaded.intra_op_num_threads == 3 and threaded.inter_op_num_threads == 1
     assert threaded.graph_optimization_level == plain.graph_optimization_level
+    # a board processor's sessions run as a chain, taking turns on the same cores: no spinning between runs
+    assert threaded.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError):  # ORT's default (spinning) where no threads are set: the entry is absent
+        default.get_session_config_entry("session.intra_op.allow_spinning")
 
 
 def test_open_session_fails_in_one_line_and_strictly_on_its_provider():
