@@ -1,106 +1,139 @@
-"""Cost-model fidelity on this machine: predicted vs measured latency per unit block.
+"""Cost-model fidelity on this machine: predicted against measured latency of held-out random plans, per unit block
+and per whole plan, for the roofline model, the measured kernel table and the predictor on a model it never saw.
 
-    .venv/bin/python benchmarks/cost_model_fidelity.py [--plans 50] [--plans-large 10] [--calibrate] [--json out.json]
+    PYTHONPATH=. .venv/bin/python benchmarks/cost_model_fidelity.py [--models vgg,dnn,cnn] [--plans 24] [--json F]
 
-Random plans of vgg and vgg16-imagenet on the `host` board (written by `explorer calibrate`; with
---calibrate it is measured first) are measured for real with ONNX Runtime (HostMeasurer). Every
-unit block's measured median latency is compared with the additive cost model's prediction (sum of
-its layers), raw and after calibration: per-(processor, op kind, precision) factors fitted on the
-other half of the plans (two-fold cross-fitting, so no block is predicted by factors fitted on it).
-Reported: the share of blocks within +/-10 % and +/-25 %.
+Needs the `host` board (`explorer calibrate`). For each model: its kernel table is profiled on this machine
+(`explorer profile`: designed plans, resumed from the store when they were measured before; the profiling time is
+what this run spent), then `--plans` random plans (seeded, never part of the fit) are measured and compared with
+* the roofline model (the board profile's peaks, bandwidths and launch overheads; additive over layers),
+* the kernel table (explorer.kernels: layer, merge, pair and edge terms; at the device's speed of the moment,
+  followed with the model's reference plan),
+* the predictor (explorer.predictor) fitted only to the tables of the other models (train on two, test on the
+  third); the device's speed followed as for the table,
+and measured a second time, the repeatability floor: the share of blocks and plans whose second measurement lies
+within +/-10 % of the first (no model can be surer than the device is repeatable). Reported: the share of blocks
+and of plans within +/-10 % and +/-25 %, and the median of predicted/measured.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import numpy as np
 
-from benchmarks.common import markdown_table, write_json
-from explorer.accuracy import AccuracyScorer
-from explorer.boards import load_board
-from explorer.measure import HostMeasurer
-from explorer.problem import Constraints, Problem
-from explorer.zoo import load_graph, zoo_validation_data
+from benchmarks.common import markdown_table, write_json, zoo_problem
+from explorer.cost import CostModel
+from explorer.kernels import KernelCostModel, KernelStore, check, profile, warm_up
+from explorer.predictor import KernelPredictor
+from explorer.problem import Problem
 
 
-def block_pairs(problem: Problem, plans, cost_model) -> list[list[tuple]]:
-    """Per plan, per block: (observations for calibration, predicted s, measured s)."""
-    per_plan = []
-    for index, plan in enumerate(plans):
-        print(f"  plan {index + 1}/{len(plans)}", file=sys.stderr)
-        evaluation = problem.evaluate(plan)
-        blocks = []
-        for block in evaluation.blocks:
-            layers = []
+def shares(errors: list[float]) -> dict[str, float]:
+    e = np.abs(np.asarray(errors, dtype=float))
+    return {"n": int(len(e)), "within_10": float(np.mean(e <= 0.10)) if len(e) else float("nan"),
+            "within_25": float(np.mean(e <= 0.25)) if len(e) else float("nan"),
+            "median_ratio": float(np.median(np.asarray(errors) + 1.0)) if len(e) else float("nan")}
+
+
+def roofline_errors(problem: Problem, plans, measurements) -> tuple[list[float], list[float]]:
+    """Roofline predictions (blocks: the sum of their layers and of the transfers into them) against measurements."""
+    model = CostModel(problem.board, problem.graph, problem.compressor)
+    blocks, whole = [], []
+    for plan, measured in zip(plans, measurements):
+        predicted_total = model.plan_cost(plan).latency_s
+        index = 0
+        for block in measured.blocks:
+            seconds = 0.0
             for name in block.layers:
-                d = plan[name]
-                layer = problem.graph.layer_by_name[name]
-                rung = problem.compressor.rung(name, d.method, d.rank)
-                layers.append((d.processor, layer.kind, d.precision, cost_model.layer_cost(layer, rung, d.precision, d.processor).latency_s))
-            blocks.append((layers, block.latency_ms / 1e3))
-        per_plan.append(blocks)
-    return per_plan
+                decision = plan[name]
+                rung = problem.compressor.rung(name, decision.method, decision.rank)
+                seconds += model.layer_cost(problem.graph.layer_by_name[name], rung, decision.precision,
+                                            decision.placed_processor).latency_s
+                if index:
+                    seconds += model.boundary(index - 1, plan.decisions[index - 1][1], decision)[0]
+                index += 1
+            blocks.append(seconds / (block.latency_ms / 1e3) - 1)
+        whole.append(predicted_total / (measured.latency_ms / 1e3) - 1)
+    return blocks, whole
 
 
-def shares(pairs: list[tuple[float, float]]) -> tuple[float, float]:
-    errors = np.array([abs(p - m) / m for p, m in pairs])
-    return float(np.mean(errors <= 0.10)), float(np.mean(errors <= 0.25))
-
-
-def evaluate_model(model: str, plans_count: int, seed: int, measurer: HostMeasurer) -> dict:
-    graph = load_graph(model)
-    problem = Problem(graph, load_board("host"), measurer, AccuracyScorer(graph.model, zoo_validation_data(model)),
-                      Constraints(latency_ms=None, max_accuracy_drop=None))
-    problem.use_disk_cache = False
-    rng = np.random.default_rng(seed)
-    plans = [problem.random_plan(rng) for _ in range(plans_count)]
-    model_cost = problem.cost_model
-    per_plan = block_pairs(problem, plans, model_cost)
-    raw = [(sum(c for *_, c in layers), measured) for blocks in per_plan for layers, measured in blocks]
-    calibrated = []
-    halves = (range(0, plans_count, 2), range(1, plans_count, 2))
-    for fit, test in (halves, halves[::-1]):
-        observations = []
-        for i in fit:
-            for layers, measured in per_plan[i]:
-                predicted = sum(c for *_, c in layers)
-                observations += [(p, k, q, c, c * measured / predicted) for p, k, q, c in layers]
-        fitted = model_cost.calibrated(observations)
-        for i in test:
-            for layers, measured in per_plan[i]:
-                predicted = sum(c * fitted.factors.get((p, k, q), 1.0) for p, k, q, c in layers)
-                calibrated.append((predicted, measured))
-    raw10, raw25 = shares(raw)
-    cal10, cal25 = shares(calibrated)
-    return {"model": model, "plans": plans_count, "blocks": len(raw), "raw_within_10": raw10, "raw_within_25": raw25,
-            "calibrated_within_10": cal10, "calibrated_within_25": cal25,
-            "median_ratio_raw": float(np.median([m / p for p, m in raw]))}
+def evaluate(models: list[str], plans_count: int, seed: int) -> list[dict]:
+    problems = {name: zoo_problem(name, "host", measure="host", latency_ms=None, max_accuracy_drop_points=None)
+                for name in models}
+    fingerprints = {name: problem.graph.fingerprint() for name, problem in problems.items()}
+    profiled = {}
+    for name, problem in problems.items():
+        print(f"{name}: profiling (designed plans)", file=sys.stderr)
+        started = time.monotonic()
+        result = profile(problem, seed=seed)
+        profiled[name] = (result, time.monotonic() - started)
+    records = []
+    for name, problem in problems.items():
+        result, profile_s = profiled[name]
+        store = result.store
+        table = store.table()
+        rng = np.random.default_rng(seed + 1000)
+        plans = [problem.random_plan(rng) for _ in range(plans_count)]
+        print(f"{name}: {plans_count} held-out random plans, the kernel table", file=sys.stderr)
+        table_model = KernelCostModel(problem.board, problem.graph, problem.compressor, table)
+        table_check = check(problem, table_model, plans)
+        others = {fingerprints[m] for m in models if m != name}
+        unseen = store.table(models=others)
+        unseen.references[fingerprints[name]] = table.references[fingerprints[name]]  # the device's speed, not kernels
+        predictor = KernelPredictor([(unseen.infos[k], s) for k, s in unseen.seconds.items() if k in unseen.infos])
+        predicted_model = KernelCostModel(problem.board, problem.graph, problem.compressor, unseen, predictor)
+        print(f"{name}: the predictor trained on {', '.join(m for m in models if m != name)}", file=sys.stderr)
+        predictor_check = check(problem, predicted_model, plans)
+        print(f"{name}: measuring the plans twice (repeatability, roofline)", file=sys.stderr)
+        warm_up(problem)
+        first = problem.measurer.measure_many(problem.graph, problem.compressor, problem.board, plans,
+                                              problem.calibration_inputs)
+        second = problem.measurer.measure_many(problem.graph, problem.compressor, problem.board, plans,
+                                               problem.calibration_inputs)
+        repeat_blocks = [a.latency_ms / b.latency_ms - 1 for m, n in zip(first, second) for a, b in zip(m.blocks, n.blocks)]
+        repeat_plans = [m.latency_ms / n.latency_ms - 1 for m, n in zip(first, second)]
+        roof_blocks, roof_plans = roofline_errors(problem, plans, first)
+        counts = table.counts()
+        records.append({
+            "model": name, "plans": plans_count, "profile_seconds": profile_s, "plans_profiled": result.measured,
+            "plans_recalled": result.recalled, "terms": counts, "fallback_terms_predictor": predictor_check.fallback_terms,
+            "speeds": table_check.speeds,
+            "roofline": {"blocks": shares(roof_blocks), "plans": shares(roof_plans)},
+            "table": {"blocks": shares(table_check.block_errors), "plans": shares(table_check.plan_errors)},
+            "predictor": {"blocks": shares(predictor_check.block_errors), "plans": shares(predictor_check.plan_errors),
+                          "trained_on": [m for m in models if m != name]},
+            "repeat": {"blocks": shares(repeat_blocks), "plans": shares(repeat_plans)},
+        })
+    return records
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plans", type=int, default=50, help="random plans of vgg")
-    parser.add_argument("--plans-large", type=int, default=10, help="random plans of vgg16-imagenet (each takes seconds)")
-    parser.add_argument("--calibrate", action="store_true", help="measure this machine first (explorer calibrate)")
+    parser.add_argument("--models", default="vgg,dnn,cnn", help="zoo models (the predictor of each is trained on the others)")
+    parser.add_argument("--plans", type=int, default=24, help="held-out random plans per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     args = parser.parse_args()
-    if args.calibrate:
-        from explorer.calibrate import calibrate_host
+    records = evaluate(args.models.split(","), args.plans, args.seed)
 
-        calibrate_host(progress=lambda message: print(f"calibrate: {message}", file=sys.stderr))
-    records = []
-    for model, count, measurer in (("vgg", args.plans, HostMeasurer(warmup=3, repeats=15)),
-                                   ("vgg16-imagenet", args.plans_large, HostMeasurer(warmup=1, repeats=5))):
-        if count:
-            print(f"{model}: {count} random plans on host", file=sys.stderr)
-            records.append(evaluate_model(model, count, args.seed, measurer))
-    rows = [[r["model"], r["plans"], r["blocks"], f"{100 * r['raw_within_10']:.0f}%", f"{100 * r['raw_within_25']:.0f}%",
-             f"{100 * r['calibrated_within_10']:.0f}%", f"{100 * r['calibrated_within_25']:.0f}%", f"{r['median_ratio_raw']:.2f}"]
-            for r in records]
-    print(markdown_table(["model", "random plans", "blocks", "raw within 10%", "raw within 25%", "calibrated within 10%",
-                          "calibrated within 25%", "median measured/predicted (raw)"], rows))
+    def cell(r: dict, what: str, level: str, key: str) -> str:
+        return f"{100 * r[what][level][key]:.0f}%"
+
+    rows = []
+    for r in records:
+        for what in ("roofline", "table", "predictor", "repeat"):
+            label = {"repeat": "measured again (floor)", "predictor": f"predictor (trained on {'+'.join(r['predictor']['trained_on'])})"}.get(what, what)
+            rows.append([r["model"], label, r["table"]["blocks"]["n"], cell(r, what, "blocks", "within_10"),
+                         cell(r, what, "blocks", "within_25"), cell(r, what, "plans", "within_10"),
+                         cell(r, what, "plans", "within_25"), f"{r[what]['plans']['median_ratio']:.2f}"])
+    print(markdown_table(["model", "prediction", "blocks", "blocks within 10%", "blocks within 25%", "plans within 10%",
+                          "plans within 25%", "median predicted/measured (plans)"], rows))
+    print()
+    print(markdown_table(["model", "profiling time", "designed plans measured (before)", "terms (layer/merge/pair/edge)"],
+                         [[r["model"], f"{r['profile_seconds']:.0f} s", f"{r['plans_profiled']} ({r['plans_recalled']})",
+                           "/".join(str(r["terms"][k]) for k in ("layer", "merge", "pair", "edge"))] for r in records]))
     write_json(args.json, records)
 
 

@@ -76,7 +76,7 @@ def load_problem(model: str = "vgg", board: str = "tegra-k1", *, measure: str = 
 
 
 def search(problem, agent: str = "optuna-tpe", budget: int = DEFAULT_BUDGET, seed: int = 0, track: bool = True,
-           tracking_uri: str | None = None, resume: str | None = None, **agent_options):
+           tracking_uri: str | None = None, resume: str | None = None, screen: bool = True, **agent_options):
     """Search `problem` with the agent called `agent` (ppo, optuna-tpe, optuna-nsga2, random, solver) for
     `budget` measured evaluations; returns the agents' SearchResult.
 
@@ -86,13 +86,17 @@ def search(problem, agent: str = "optuna-tpe", budget: int = DEFAULT_BUDGET, see
     `result.run_id` (`explorer export --run RUN_ID` reads it). Ctrl-C ends it with what it has:
     `result.interrupted`, the run KILLED, and `resume=result.run_id` continues it. The problem must come
     from `load_problem`, whose names rebuild it. `tracking_uri`: default the store under runs/ (or
-    $EXPLORER_RUNS). `agent_options`: the agent's own keywords (e.g. storage= for Optuna).
+    $EXPLORER_RUNS). `screen=False` measures every plan (as `--no-screen`; it sets `problem.screening`): on a real
+    device with a kernel table, plans it predicts far from the best are otherwise answered with the prediction and
+    not measured (explorer.screening; `result.predicted` counts them). `agent_options`: the agent's own keywords
+    (e.g. storage= for Optuna).
     """
     from explorer.searching import make_agent
 
     if not (isinstance(budget, int) and budget >= 1):
         raise ExplorerError(f"budget={budget!r} must be a whole number of measured evaluations, at least 1")
     searcher = make_agent(agent, **agent_options)
+    problem.screening = screen
     if not track:
         return searcher.search(problem, budget, seed)
     settings = getattr(problem, "settings", None)

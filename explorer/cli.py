@@ -147,16 +147,25 @@ def cmd_solve(args: argparse.Namespace) -> None:
     rows += [(f"solver round {i + 1}" + (" (chosen)" if s.plan == result.plan else ""), e)
              for i, (s, e) in enumerate(result.rounds)]
     report.print_solution(problem, result, rows)
+    confirmation = None
+    if not problem.measurer.simulated:  # the plan against the references again, interleaved: the figures to trust
+        from explorer.confirm import confirm
+
+        references = [plan for _, plan in problem.reference_plans()]
+        with err_console.status("confirming: the solver's plan and the reference plans measured again, interleaved"):
+            confirmation = confirm(problem, [result.plan, *references])
+        report.print_solve_confirmation(problem, result, confirmation)
     if args.out:
         result.plan.save(Path(args.out))
         console.print(f"wrote {args.out}")
     zoo_note(args.model)
     if args.json:
-        emit_json(report.solve_json(problem, result, rows, args.out))
+        emit_json(report.solve_json(problem, result, rows, args.out, confirmation))
 
 
 def cmd_search(args: argparse.Namespace) -> None:
     """The main job: search, track every trial in MLflow, summarise, say how to export."""
+    from explorer.screening import Screen
     from explorer.searchrun import SearchRun
 
     if args.workers > 1:
@@ -164,9 +173,18 @@ def cmd_search(args: argparse.Namespace) -> None:
     elif args.parent_run and (not args.study or not args.agent.startswith("optuna")):
         raise ExplorerError("--parent-run makes this process a worker of a distributed search: give the Optuna --agent, "
                             "--study and --storage of that search too")
+
+    def search_args(**overrides) -> list[str]:  # this search's arguments, --no-screen kept
+        return _search_args(args, **overrides) + (["--no-screen"] if args.no_screen else [])
+
     run = None
     try:
         problem = _problem(args)
+        problem.screening = not args.no_screen
+        if (args.study or args.parent_run or args.workers > 1) and Screen.off_reason(problem) is None:
+            problem.screening = False  # a shared study's trials are measured ones: its workers reconcile them so
+            if not args.parent_run:
+                err_console.print("[yellow]note:[/] a shared Optuna study measures every plan (no screening)")
         agent = None if args.workers > 1 else _search_agent(args, shared=bool(args.study or args.parent_run))
         run = SearchRun(problem, args.agent, args.budget, args.seed, {key: getattr(args, key) for key in PARSER_DEFAULTS},
                         args.tracking_uri)
@@ -174,16 +192,15 @@ def cmd_search(args: argparse.Namespace) -> None:
             return _search_worker(args, run, agent)
         if args.workers > 1:
             result = run.run_distributed(args.workers, args.storage, args.study,
-                                         lambda **options: _search_agent(args, shared=True, **options),
-                                         lambda **overrides: _search_args(args, **overrides))
+                                         lambda **options: _search_agent(args, shared=True, **options), search_args)
         else:
             result = run.run(agent, resume_run_id=args.resume)
     except KeyboardInterrupt:  # before the search or after it (while confirming): the JSON of what is known
         if args.json and not args.parent_run:
             if args.workers > 1:  # --workers takes no --resume: its supervisor's command goes on (none yet: run it again)
-                go_on = run.go_on_args if run is not None and run.run_id else _search_args(args)
+                go_on = run.go_on_args if run is not None and run.run_id else search_args()
             else:
-                go_on = _search_args(args, resume=run.run_id if run else None)
+                go_on = search_args(resume=run.run_id if run else None)
             _emit_interrupted(args, run, go_on)
         raise
     except SystemExit as stop:  # the supervisor of --workers stopped the search (and said how to go on)
@@ -191,7 +208,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             _emit_interrupted(args, run, run.go_on_args)
         raise
     if result.interrupted:
-        resume = _search_args(args, resume=run.run_id)
+        resume = search_args(resume=run.run_id)
         err_console.print(f"resume with: explorer search {' '.join(resume)}")
         if args.json:
             _emit_interrupted(args, run, resume)
@@ -345,9 +362,19 @@ def cmd_profile(args: argparse.Namespace) -> None:
                             "a real one: --board host --measure host, or --measure remote://HOST:PORT")
     with report.profile_progress(problem) as update:
         result = profile(problem, progress=update, seed=args.seed, budget=args.plans)
-    report.print_profile(problem, result)
+    held_out = None
+    if args.check:  # additivity on plans the fit never saw
+        import numpy as np
+
+        from explorer.kernels import KernelCostModel, check
+
+        rng = np.random.default_rng(args.seed + 1000)
+        model = KernelCostModel(problem.board, problem.graph, problem.compressor, result.table)
+        with err_console.status(f"checking the table on {args.check} random plans it was not fitted to"):
+            held_out = check(problem, model, [problem.random_plan(rng) for _ in range(args.check)])
+    report.print_profile(problem, result, held_out)
     if args.json:
-        emit_json(report.profile_json(problem, result))
+        emit_json(report.profile_json(problem, result, held_out))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -514,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="Optuna study to share with other processes or machines (with --storage): this "
                    "process adds --budget trials to it")
     p.add_argument("--parent-run", help=argparse.SUPPRESS)  # set by --workers: log trials under this MLflow run
+    p.add_argument("--no-screen", action="store_true",
+                   help="measure every plan the agent proposes (on a real device with a kernel table, plans it predicts "
+                   "far from the best are otherwise answered with the prediction and not measured)")
     json_option(p)
     p.set_defaults(func=cmd_search)
 
@@ -553,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     problem_options(p)
     p.add_argument("--plans", type=positive_int, help="measure at most this many designed plans, those whose terms the "
                    "predictor is least sure of first (default: all)")
+    p.add_argument("--check", type=int, default=6, metavar="N", help="then measure N random plans the table was not "
+                   "fitted to and report how well it predicts them (default 6; 0: no check)")
     json_option(p)
     p.set_defaults(func=cmd_profile)
 

@@ -6,9 +6,9 @@ terms, each measured on the device as ONNX Runtime runs (and fuses) the nodes:
 * a layer term: one layer at one (rung, precision, processor) alone in its block, with the weight-free ops that
   travel with it. It carries the block's fixed cost once (a session run, feeding its inputs, fetching its
   outputs);
-* a merge term per processor: what two neighbouring layers save by sharing one block (one fixed cost less: one
-  session run, one wake-up of its thread pool; negative), and a pair term per two neighbouring layers at two
-  precisions on top of it (the casts and quantize/dequantize pairs that consecutive fp16 or int8 layers share);
+* a merge term per processor and shape of the tensor between two neighbouring layers: what they save by sharing
+  one block (one fixed cost less: a session run, handing that tensor over; negative), and a pair term per two
+  neighbouring layers at two precisions on top of it (the casts and quantize/dequantize pairs that consecutive fp16 or int8 layers share);
 * an edge term: a block followed by an int8 layer on another processor ends with that layer's QuantizeLinear
   (the crossing travels as uint8: :mod:`explorer.partition`).
 
@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from scipy.sparse import csr_matrix, diags, vstack
+from scipy.sparse.linalg import lsqr
 
 from explorer.cache import AppendOnlyCache, digest
 from explorer.compress import Rung
@@ -44,7 +46,7 @@ from explorer.partition import BlockBoundary, block_boundaries
 from explorer.paths import cache_dir
 from explorer.plan import Decision, Plan
 
-TABLE_VERSION = "kernels-v1"
+TABLE_VERSION = "kernels-v3"
 KINDS = ("layer", "merge", "pair", "edge")
 # Pair and edge terms are corrections, each seen in few blocks: they are pulled towards 0 with this weight (a term
 # of the median block's size costs the fit as much as this fraction of that block's relative error), so that a
@@ -52,6 +54,8 @@ KINDS = ("layer", "merge", "pair", "edge")
 _RIDGE = 0.3
 _HUBER = 0.1  # blocks the fit misses by more than this (relative) are weighted down in proportion (robust fit)
 _ROBUST_ROUNDS = 4
+REFERENCE_EVERY = 6  # designed plans measured between two measurements of the reference plan (the device's speed)
+SPEED_WINDOW = 2  # the device's speed at a reference measurement: the median of it and this many on each side
 
 
 def term_kind(key: str) -> str:
@@ -93,9 +97,10 @@ class Terms:
         return "layer:" + digest(self.signatures[index], decision.method, str(decision.rank), decision.precision,
                                  self._processor(decision))[:32]
 
-    def merge(self, decision: Decision) -> str:
-        """Two neighbouring layers in one block on this decision's processor (any model)."""
-        return "merge:" + digest(self._processor(decision))[:32]
+    def merge(self, index: int, decision: Decision) -> str:
+        """Layers index and index + 1 in one block on this decision's processor: keyed by the tensor between them
+        (its shape) and the processor, any model (what one fixed cost less saves grows with what is handed over)."""
+        return "merge:" + digest(str(self.graph.layers[index].output_shape), self._processor(decision))[:32]
 
     def pair(self, index: int, first: Decision, second: Decision) -> str:
         """Layers index and index + 1 in one block (on first's processor)."""
@@ -111,7 +116,7 @@ class Terms:
         decisions = [plan.decisions[i][1] for i in range(boundary.start, boundary.end)]
         keys = [self.layer(i, d) for i, d in zip(range(boundary.start, boundary.end), decisions)]
         for i, a, b in zip(range(boundary.start, boundary.end - 1), decisions, decisions[1:]):
-            keys += [self.merge(a), self.pair(i, a, b)]
+            keys += [self.merge(i, a), self.pair(i, a, b)]
         if followed_by is not None and followed_by.precision == "int8":
             keys.append(self.edge(boundary.end - 1, decisions[-1]))
         return keys
@@ -153,7 +158,7 @@ class Terms:
             for i, d in zip(range(b.start, b.end), decisions):
                 infos[self.layer(i, d)] = self.info("layer", i, d)
             for i, a, c in zip(range(b.start, b.end - 1), decisions, decisions[1:]):
-                infos[self.merge(a)] = self.info("merge", i, a)
+                infos[self.merge(i, a)] = self.info("merge", i, a)
                 infos[self.pair(i, a, c)] = self.info("pair", i, a, c)
             if k + 1 < len(boundaries) and plan.decisions[b.end][1].precision == "int8":
                 infos[self.edge(b.end - 1, decisions[-1])] = self.info("edge", b.end - 1, decisions[-1])
@@ -170,6 +175,7 @@ class KernelTable:
     observed: dict[str, int] = field(default_factory=dict)
     infos: dict[str, TermInfo] = field(default_factory=dict)  # features of every term (the predictor's samples)
     blocks: int = 0  # measured blocks fitted
+    references: dict[str, float] = field(default_factory=dict)  # model fingerprint -> its reference plan's typical seconds
 
     def __contains__(self, key: str) -> bool:
         return key in self.seconds
@@ -194,17 +200,17 @@ def fit_terms(observations: list[tuple[list[str], float]]) -> tuple[dict[str, fl
     column = {key: j for j, key in enumerate(keys)}
     times = np.array([seconds for _, seconds in observations], dtype=float)
     weight = 1.0 / np.maximum(times, 1e-7)
-    rows = np.zeros((len(observations), len(keys)))
-    for r, (terms, _) in enumerate(observations):
-        for key in terms:
-            rows[r, column[key]] += 1.0
-    counts = rows.sum(axis=0)
+    entries = [(r, column[key]) for r, (terms, _) in enumerate(observations) for key in terms]
+    rows = csr_matrix((np.ones(len(entries)), ([r for r, _ in entries], [c for _, c in entries])),
+                      shape=(len(observations), len(keys)))  # a key twice in a block counts twice
+    counts = np.asarray(rows.sum(axis=0)).ravel()
     ridge = np.array([_RIDGE if term_kind(key) in ("pair", "edge") else 0.0 for key in keys]) / float(np.median(times))
     robust = np.ones(len(observations))
+    solution = np.zeros(len(keys))
     for _ in range(_ROBUST_ROUNDS):  # Huber weights: a block measured in a burst of load pulls its terms less
-        a = np.vstack([rows * (weight * robust)[:, None], np.diag(ridge)])
+        a = vstack([diags(weight * robust) @ rows, diags(ridge)]).tocsr()
         b = np.concatenate([robust, np.zeros(len(keys))])
-        solution, *_ = np.linalg.lstsq(a, b, rcond=None)
+        solution = lsqr(a, b, atol=1e-14, btol=1e-14, conlim=1e12, iter_lim=50 * len(keys), x0=solution)[0]
         relative = np.abs(rows @ solution * weight - 1.0)
         robust = 1.0 / np.maximum(1.0, relative / _HUBER)
     return {key: float(solution[column[key]]) for key in keys}, {key: int(counts[column[key]]) for key in keys}
@@ -226,37 +232,56 @@ class KernelStore:
     def get(self, key: str) -> dict | None:
         return self.cache.get(key)
 
-    def put(self, key: str, terms: Terms, plan: Plan, measurement: Measurement) -> None:
-        """Keep a measured plan's blocks as (terms, seconds), with every term's features."""
+    def put(self, key: str, terms: Terms, plan: Plan, measurement: Measurement, reference_s: float) -> None:
+        """Keep a measured plan's blocks as (terms, seconds), with every term's features and the reference plan's
+        seconds measured just before (the device's speed then)."""
         per_block = terms.blocks(plan)
         if len(per_block) != len(measurement.blocks):
             raise ValueError("a measurement's blocks are not the plan's")
         infos = terms.plan_infos(plan)
         self.cache.put(key, {"device": self.device.fingerprint, "onnxruntime": self.device.onnxruntime,
-                             "model": terms.graph.fingerprint(), "plan": plan.digest(),
+                             "model": terms.graph.fingerprint(), "plan": plan.digest(), "reference_s": reference_s,
                              "blocks": [[keys, report.latency_ms / 1e3] for keys, report in zip(per_block, measurement.blocks)],
                              "terms": {k: [info.kind, info.features] for k, info in infos.items()}})
 
     def entries(self) -> list[dict]:
         return [value for value in self.cache._load().values() if isinstance(value, dict)]
 
-    def table(self) -> KernelTable:
-        """The table fitted to every block measured on this device."""
+    def table(self, models: set[str] | None = None) -> KernelTable:
+        """The table fitted to every block measured on this device (of the models with these fingerprints only, when
+        given: e.g. to predict a model the table has not seen), each at the device's typical speed: a plan's
+        blocks scaled by (the median of its model's reference measurements / the reference measured just before
+        it), so that the device's drift over a profile (a shared machine's speed wanders by tens of per cent over
+        minutes) does not land on the terms measured in a slow or a fast minute."""
+        entries = [e for e in self.entries() if models is None or e["model"] in models]
+        by_model: dict[str, list[float]] = {}
+        position = []  # each entry's reference measurement: its index in its model's list
+        for entry in entries:  # the reference measurements of each model, in the order they were made
+            values = by_model.setdefault(entry["model"], [])
+            if not values or values[-1] != entry["reference_s"]:
+                values.append(float(entry["reference_s"]))
+            position.append((entry["model"], len(values) - 1))
+        typical = {model: float(np.median(values)) for model, values in by_model.items()}
         observations: list[tuple[list[str], float]] = []
         infos: dict[str, TermInfo] = {}
-        for entry in self.entries():
-            observations += [(list(keys), float(seconds)) for keys, seconds in entry["blocks"]]
+        for entry, (model, at) in zip(entries, position):
+            values = by_model[model]
+            # one reference measurement is itself noisy: the speed then is the median of its neighbours in time
+            then = float(np.median(values[max(0, at - SPEED_WINDOW):at + SPEED_WINDOW + 1]))
+            speed = typical[model] / then
+            observations += [(list(keys), float(seconds) * speed) for keys, seconds in entry["blocks"]]
             infos.update({k: TermInfo(kind, features) for k, (kind, features) in entry["terms"].items()})
         seconds, observed = fit_terms(observations)
-        return KernelTable(self.device, seconds, observed, infos, len(observations))
+        return KernelTable(self.device, seconds, observed, infos, len(observations), typical)
 
 
 # ---- profiling: designed plans measured on the device -------------------------------------------
 def design_plans(problem, seed: int = 0) -> list[Plan]:
     """Plans whose blocks identify every term of the model: for each pair of processors, the layers alternate
-    between them (every block one layer) until each layer has had each of its decisions on each processor; then
-    layers in pairs on one processor (P P Q Q ...) at every pair of precisions, at random rungs, so that each
-    neighbouring pair of layers shares a block at each pair of precisions. Deterministic with `seed`."""
+    between them (every block one layer) until each layer has had each of its decisions on each processor; the
+    same with every other layer int8 (the edge terms); then layers in pairs on one processor (P P Q Q ...) at
+    every pair of precisions, at random rungs, so that each neighbouring pair of layers shares a block at each
+    pair of precisions. Deterministic with `seed`."""
     rng = np.random.default_rng(seed)
     graph = problem.graph
     layers = graph.layers
@@ -290,6 +315,18 @@ def design_plans(problem, seed: int = 0) -> list[Plan]:
             orders = {i: rng.permutation(len(on(i, p))) for i in measured}
             for t in range(max(len(on(i, p)) for i in measured)):
                 add([on(i, p)[orders[i][t % len(orders[i])]] if i in orders else default(i, q) for i in range(len(layers))])
+    for p, q in couples:  # edges: every other layer on p at each precision, each followed by an int8 layer on q
+        for parity in (0, 1):
+            for precision in problem.board.processor(p).precisions:
+                decisions = []
+                for i in range(len(layers)):
+                    int8_next = [d for d in on(i, q, "int8") if d.method == "full"]
+                    choices = on(i, p, precision)
+                    if i % 2 == parity and choices:
+                        decisions.append(choices[int(rng.integers(len(choices)))])
+                    else:
+                        decisions.append(int8_next[0] if int8_next else default(i, q))
+                add(decisions)
     for p, q in couples[: max(1, len(couples) // 2) if len(processors) == 2 else len(couples)]:  # pairs: P P Q Q ...
         precisions = sorted(set(problem.board.processor(p).precisions) | set(problem.board.processor(q).precisions))
         for offset in range(4):
@@ -303,6 +340,27 @@ def design_plans(problem, seed: int = 0) -> list[Plan]:
                         decisions.append(choices[int(rng.integers(len(choices)))] if choices else default(i, where))
                     add(decisions)
     return list(plans.values())
+
+
+def reference_plan(problem) -> Plan:
+    """The plan a profile measures again and again to follow the device's speed: fp32 at full rank, the layers
+    alternating between the first two processors (a chain of blocks like those it measures), or the baseline."""
+    processors = list(problem.board.processor_ids)
+    if len(processors) < 2:
+        return problem.baseline_plan()
+    decisions = {}
+    for layer in problem.graph.layers:
+        wanted = processors[layer.index % 2]
+        options = [d for d in problem.choices(layer) if d.method == "full" and d.precision == "fp32"]
+        decisions[layer.name] = next((d for d in options if d.processor == wanted), options[0] if options else
+                                     problem.choices(layer)[0])
+    return Plan.from_dict(decisions)
+
+
+def reference_seconds(problem) -> float:
+    """The reference plan measured now (seconds): the device's current speed."""
+    return problem.measurer.measure(problem.graph, problem.compressor, problem.board, reference_plan(problem),
+                                    problem.calibration_inputs).latency_ms / 1e3
 
 
 @dataclass
@@ -340,6 +398,7 @@ def profile(problem, progress: Callable[[int, int], None] | None = None, seed: i
     if todo:
         warm_up(problem)
     step = max(1, measurer.parallelism)
+    since_reference, reference_s = REFERENCE_EVERY, 0.0
     round_size = len(todo) if budget is None else max(step, budget // 4)
     while todo and recalled + measured + failed < total:
         left = total - recalled - measured - failed
@@ -348,11 +407,14 @@ def profile(problem, progress: Callable[[int, int], None] | None = None, seed: i
         chosen, todo = todo[:min(round_size, left)], todo[min(round_size, left):]
         for start in range(0, len(chosen), step):
             chunk = chosen[start:start + step]
+            if since_reference >= REFERENCE_EVERY:
+                reference_s, since_reference = reference_seconds(problem), 0
+            since_reference += len(chunk)
             results = measurer.measure_many(problem.graph, problem.compressor, problem.board,
                                             [plan for _, plan in chunk], problem.calibration_inputs)
             for (key, plan), result in zip(chunk, results):
                 if isinstance(result, Measurement):
-                    store.put(key, terms, plan, result)
+                    store.put(key, terms, plan, result, reference_s)
                     measured += 1
                     blocks_now += len(result.blocks)
                 else:
@@ -368,13 +430,12 @@ def _least_sure_first(table: KernelTable, terms: Terms, todo: list[tuple[str, Pl
     from explorer.predictor import KernelPredictor
 
     predictor = KernelPredictor([(table.infos[k], s) for k, s in table.seconds.items() if k in table.infos])
+    unknown = {key: info for _, plan in todo for key, info in terms.plan_infos(plan).items()
+               if info.kind == "layer" and key not in table.seconds}
+    spreads = dict(zip(unknown, (min(spread, 10.0) for _, spread in predictor.predict_many(list(unknown.values())))))
 
     def unsure(plan: Plan) -> float:
-        spread = 0.0
-        for key, info in terms.plan_infos(plan).items():
-            if info.kind == "layer" and key not in table.seconds:
-                spread += min(predictor.predict(info)[1], 10.0)
-        return spread
+        return sum(spreads.get(key, 0.0) for key in terms.plan_infos(plan))
 
     return sorted(todo, key=lambda item: -unsure(item[1]))
 
@@ -382,11 +443,17 @@ def _least_sure_first(table: KernelTable, terms: Terms, todo: list[tuple[str, Pl
 @dataclass
 class CheckResult:
     """Table against measurement on held-out plans: relative errors (predicted / measured - 1) of each plan's blocks
-    and whole plans, and how many terms the table lacked (priced by the fallback)."""
+    and whole plans, how many terms the table lacked (priced by the fallback), the device's speed meanwhile."""
 
     block_errors: list[float]
     plan_errors: list[float]
     fallback_terms: int
+    speeds: list[float] = field(default_factory=list)  # the device's speed at each check against the table's (1: same)
+
+    @property
+    def speed(self) -> float:
+        """The factor the predictions were scaled by: the device's time now over its typical time in the table."""
+        return float(np.median(self.speeds)) if self.speeds else 1.0
 
     def within(self, errors: list[float], tolerance: float) -> float:
         return float(np.mean(np.abs(np.asarray(errors)) <= tolerance)) if len(errors) else float("nan")
@@ -400,18 +467,27 @@ def warm_up(problem) -> None:
 
 
 def check(problem, model: KernelCostModel, plans: list[Plan]) -> CheckResult:
-    """Measure `plans` (not used in the fit) and compare every block and plan with `model`'s prediction."""
+    """Measure `plans` (not used in the fit) and compare every block and plan with `model`'s prediction at the
+    device's current speed (the reference plan measured before every few plans, against its typical time in the
+    table: `speeds` keeps each factor)."""
     warm_up(problem)
-    results = problem.measurer.measure_many(problem.graph, problem.compressor, problem.board, plans,
-                                            problem.calibration_inputs)
+    typical = model.table.references.get(problem.graph.fingerprint())
+    measured: list[tuple[Plan, Measurement]] = []
+    speeds = []
+    for start in range(0, len(plans), REFERENCE_EVERY):
+        chunk = plans[start:start + REFERENCE_EVERY]
+        speeds.append(reference_seconds(problem) / typical if typical else 1.0)
+        results = problem.measurer.measure_many(problem.graph, problem.compressor, problem.board, chunk,
+                                                problem.calibration_inputs)
+        measured += [(plan, result) for plan, result in zip(chunk, results) if isinstance(result, Measurement)]
+    speed = float(np.median(speeds))  # one factor for the whole check: a single reference measurement is noisy
     block_errors, plan_errors = [], []
-    for plan, result in zip(plans, results):
-        if not isinstance(result, Measurement):
-            continue
-        predicted = model.block_seconds(plan)
+    for plan, result in measured:
+        predicted = [seconds * speed for seconds in model.block_seconds(plan)]
         block_errors += [p / (b.latency_ms / 1e3) - 1 for p, b in zip(predicted, result.blocks)]
         plan_errors.append(sum(predicted) / (result.latency_ms / 1e3) - 1)
-    return CheckResult(block_errors, plan_errors, model.sources.get("predictor", 0) + model.sources.get("roofline", 0))
+    return CheckResult(block_errors, plan_errors, model.sources.get("predictor", 0) + model.sources.get("roofline", 0),
+                       speeds)
 
 
 def plan_seconds(table: KernelTable, terms: Terms, plan: Plan) -> tuple[float | None, list[float | None]]:
@@ -435,9 +511,8 @@ class KernelCostModel(CostModel):
 
     by_precision = True
 
-    def __init__(self, board, graph: LayerGraph, compressor, table: KernelTable, predictor=None,
-                 factors: dict[tuple[str, str, str], float] | None = None):
-        super().__init__(board, graph, compressor, factors)
+    def __init__(self, board, graph: LayerGraph, compressor, table: KernelTable, predictor=None):
+        super().__init__(board, graph, compressor)
         self.table, self.predictor = table, predictor
         self.terms = Terms(graph, board, compressor)
         self.sources: Counter[str] = Counter()
@@ -454,20 +529,49 @@ class KernelCostModel(CostModel):
             self.sources[self._priced[key][1]] += 1
         return self._priced[key][0]
 
+    def prime(self, problem) -> None:
+        """Predict, in one batch, every term of `problem`'s integer program that the table lacks (the predictor is
+        far faster on many terms at once than on one at a time)."""
+        if self.predictor is None:
+            return
+        wanted: dict[str, TermInfo] = {}
+        states = set()
+        for layer in self.graph.layers:
+            for decision in problem.choices(layer):
+                states.add((decision.placed_processor, decision.precision))
+                key = self.terms.layer(layer.index, decision)
+                if key not in self.table.seconds:
+                    wanted[key] = self.terms.info("layer", layer.index, decision)
+        for index in range(len(self.graph.layers) - 1):
+            for p, a in states:
+                first = Decision(precision=a, processor=p)
+                for q, b in states:
+                    second = Decision(precision=b, processor=q)
+                    if p == q:
+                        needed = [(self.terms.merge(index, first), "merge"), (self.terms.pair(index, first, second), "pair")]
+                    else:
+                        needed = [(self.terms.edge(index, first), "edge")] if b == "int8" else []
+                    for key, kind in needed:
+                        if key not in self.table.seconds:
+                            wanted[key] = self.terms.info(kind, index, first, second)
+        fresh = {k: info for k, info in wanted.items() if k not in self._priced}
+        for key, (seconds, _) in zip(fresh, self.predictor.predict_many(list(fresh.values()))):
+            self._priced[key] = seconds, "predictor"
+            self.sources["predictor"] += 1
+
     def source(self, key: str) -> str | None:
         """Where a priced term's seconds came from: table, predictor or roofline (None: not priced yet)."""
         return self._priced[key][1] if key in self._priced else None
 
     def layer_latency_s(self, layer: Layer, rung: Rung, precision: str, processor_id: str) -> float:
         decision = Decision(rung.method, rung.rank, precision, processor_id)
-        seconds = self._price(self.terms.layer(layer.index, decision), lambda: self.terms.info("layer", layer.index, decision),
-                              lambda: super(KernelCostModel, self).layer_latency_s(layer, rung, precision, processor_id))
-        return seconds * self.factors.get((processor_id, layer.kind, precision), 1.0)
+        return self._price(self.terms.layer(layer.index, decision), lambda: self.terms.info("layer", layer.index, decision),
+                           lambda: super(KernelCostModel, self).layer_latency_s(layer, rung, precision, processor_id))
 
     def boundary(self, index: int, first: Decision, second: Decision) -> tuple[float, float]:
         _, joules = super().boundary(index, first, second)  # the link's energy (the time is in the measured blocks)
         if first.placed_processor == second.placed_processor:
-            seconds = self._price(self.terms.merge(first), lambda: self.terms.info("merge", index, first), lambda: 0.0)
+            seconds = self._price(self.terms.merge(index, first), lambda: self.terms.info("merge", index, first), lambda: 0.0)
             seconds += self._price(self.terms.pair(index, first, second),
                                    lambda: self.terms.info("pair", index, first, second), lambda: 0.0)
         elif second.precision == "int8":
@@ -505,8 +609,10 @@ class KernelCostModel(CostModel):
         return cost, all(self.source(key) == "table" for key in every if self.source(key) is not None)
 
     def calibrated(self, observations: list[tuple[str, str, str, float, float]]) -> KernelCostModel:
-        base = super().calibrated(observations)
-        return KernelCostModel(self.board, self.graph, self.compressor, self.table, self.predictor, base.factors)
+        """Itself: its terms are measured, and the per-(processor, op kind, precision) factors that correct the
+        roofline would scale layer terms against the merge terms they were fitted with (`explorer profile` adds
+        measurements to the table)."""
+        return self
 
     def describe(self) -> str:
         """Where its figures come from, in words (shown with every solve and search on a real device)."""
@@ -555,6 +661,7 @@ def device_cost_model(problem) -> tuple[CostModel, str]:
         if not predictor.knows("layer"):
             predictor = None
     model = KernelCostModel(problem.board, problem.graph, problem.compressor, table, predictor)
+    model.prime(problem)
     note = model.describe()
     if missing:
         share = f"{missing} of the model's {len(wanted)} layer choices are not in the table"

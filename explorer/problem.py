@@ -138,6 +138,7 @@ class Evaluation:
     error: str | None = None  # the measurement failed (a failed trial: infeasible, not cached)
     accuracy_basis: str = ""  # "" (top-1 on labels), accuracy.UNLABELLED_LABEL or accuracy.SYNTHETIC_LABEL
     accuracy_samples: int = 0
+    predicted: bool = False  # latency, energy and memory are a cost model's prediction, not a measurement (explorer.screening)
 
     @property
     def failed(self) -> bool:
@@ -179,11 +180,12 @@ class Problem:
         # int8 quantised so that neither this machine (it scores every plan) nor the measured device saturates
         self.compressor = compressor or Compressor(graph, reduce_range=not (int8_exact() and measurer.int8_exact()))
         self.cost_model: CostModel = CostModel(board, graph, self.compressor)
-        self.cost_model_note = "roofline model" + (" of the simulated board" if measurer.simulated else "")  # what it is
+        self.cost_model_note = "roofline model" + (" of the simulated board" if getattr(measurer, "simulated", False) else "")
         self.use_disk_cache = use_disk_cache
         self.error_bound = error_bound  # without data: max relative reconstruction error per layer (None: no bound)
         self.calibration_inputs, self.calibration_source = calibration_inputs(graph, scorer.dataset)
         self.settings: dict | None = None  # the names it was built from (explorer.api.load_problem), for tracking
+        self.screening = True  # a search on a real device may answer plans with predictions (explorer.screening); False: never
         self.evaluations = 0  # measured (not cached) evaluations
         self._memory_cache: dict[str, Evaluation] = {}
         self._accuracy_cache: dict[str, AccuracyResult] = {}
@@ -366,6 +368,15 @@ class Problem:
             objective=math.nan, measured_by=m.measured_by, blocks=list(m.blocks), excess=excess,
             peak_memory_mb=m.peak_memory_mb, accuracy_basis=accuracy.basis, accuracy_samples=accuracy.samples,
         )
+        return evaluation
+
+    def score(self, plan: Plan, measurement: Measurement, predicted: bool = False) -> Evaluation:
+        """The plan scored on given figures as a measured plan is (its accuracy scored for real, every constraint's
+        excess, feasibility, the objective); `predicted`: the figures are a cost model's prediction, not a measurement
+        (explorer.screening), and the Evaluation says so. Nothing is cached."""
+        evaluation = self._score(plan, plan.digest(), measurement)
+        evaluation.objective = self.objective_value(evaluation)
+        evaluation.predicted = predicted
         return evaluation
 
     def excess(self, latency_ms: float, accuracy_drop: float | None, memory_mb_by_processor: dict[str, float]) -> list[Excess]:

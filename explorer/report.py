@@ -22,6 +22,7 @@ from explorer.graph import LayerGraph
 from explorer.plan import Plan
 from explorer.plots import PlotSettings
 from explorer.problem import Evaluation, Problem
+from explorer.screening import Screen
 from explorer.zoo import ZOO, cached_metrics
 
 #: The command's output (stderr with --json, whose stdout holds the JSON object alone).
@@ -539,7 +540,32 @@ def _solver_accuracy_text(problem: Problem, solution) -> str:
     return f"additive accuracy estimate: {drop}"
 
 
-def solve_json(problem: Problem, result, rows: list[tuple[str, Evaluation]], out: str | None) -> dict:
+def print_solve_confirmation(problem: Problem, result, confirmation) -> None:
+    """The solver's plan confirmed against the reference plans (interleaved), and its prediction against that."""
+    figures = solve_confirmation_json(problem, result, confirmation)
+    console.print(f"confirmed ({confirmation.measured_by}): solver plan {figures['latency_ms']:.3f} ms, predicted "
+                  f"{figures['predicted_latency_ms']:.3f} ms ({100 * figures['prediction_error']:+.1f} %); best reference "
+                  f"{figures['best_reference']} {figures['best_reference_latency_ms']:.3f} ms "
+                  f"({'no worse' if figures['no_worse_than_references'] else '[red]the reference is better[/]'} on "
+                  f"{problem.objective.describe()})", soft_wrap=True)
+
+
+def solve_confirmation_json(problem: Problem, result, confirmation) -> dict:
+    """Confirmed latency of the solver's plan, its prediction error and the best feasible reference plan."""
+    by_digest = {p.plan.digest(): p for p in confirmation.plans}
+    chosen = by_digest[result.plan.digest()]
+    references = [(name, by_digest[plan.digest()]) for name, plan in problem.reference_plans()]
+    feasible = [(name, p) for name, p in references if p.evaluation.feasible] or references
+    name, best = min(feasible, key=lambda item: item[1].ratio)
+    predicted_ms = chosen_solution(result).latency_s * 1e3
+    return {"latency_ms": chosen.latency_ms, "latency_ci_ms": chosen.latency_ci_ms, "predicted_latency_ms": predicted_ms,
+            "prediction_error": predicted_ms / chosen.latency_ms - 1, "best_reference": name,
+            "best_reference_latency_ms": best.latency_ms, "objective_ratio_to_best_reference": chosen.ratio / best.ratio,
+            "no_worse_than_references": chosen.ratio <= best.ratio, "measured_by": confirmation.measured_by}
+
+
+def solve_json(problem: Problem, result, rows: list[tuple[str, Evaluation]], out: str | None,
+               confirmation=None) -> dict:
     """`explorer solve --json`: the plan, the cost model's prediction, the evaluation and the rounds."""
     solution, baseline = chosen_solution(result), problem.baseline()
     return {"command": "solve", "model": problem.graph.source, "board": problem.board.name,
@@ -551,7 +577,8 @@ def solve_json(problem: Problem, result, rows: list[tuple[str, Evaluation]], out
                           "solve_seconds": solution.seconds,
                           "accuracy_drop_points": 100 * solution.accuracy_drop if problem.scorer.measured else None},
             "evaluation": evaluation_json(result.evaluation, baseline),
-            "rows": [{"name": name} | evaluation_json(e, baseline) for name, e in rows], "out": out}
+            "rows": [{"name": name} | evaluation_json(e, baseline) for name, e in rows], "out": out,
+            "confirmed": solve_confirmation_json(problem, result, confirmation) if confirmation is not None else None}
 
 
 def print_zoo_training(path: Path, metrics: dict) -> None:
@@ -590,7 +617,8 @@ class SearchProgress:
                 else "no feasible plan yet")
         failed = sum(t.failed for t in result.trials)
         self.bar.update(self.task, completed=len(result.trials),  # type: ignore[arg-type]  # rich's TaskID is an int
-                        status=f"{best} | feasible {result.feasible_count}" + (f" | failed {failed}" if failed else ""))
+                        status=f"{best} | feasible {result.feasible_count}" + (f" | failed {failed}" if failed else "")
+                        + (f" | predicted {len(result.predicted)}" if result.predicted else ""))
 
     def done(self, completed: int, status: str) -> None:
         self.bar.update(self.task, completed=completed, status=status)  # type: ignore[arg-type]
@@ -604,6 +632,8 @@ def print_interrupted(problem: Problem, result, run_id: str) -> None:
     best = result.best
     err_console.print(f"[yellow]interrupted[/] after {len(result.trials)} evaluations; "
                       f"the MLflow run {run_id} is marked KILLED and keeps every logged trial")
+    if result.predicted:
+        err_console.print(f"{len(result.predicted)} more plans were answered with the kernel table's prediction (screening)")
     if best:
         err_console.print(f"best so far: {problem.objective.describe()} {best.objective:.4g} "
                           f"(latency {best.latency_ms:.3f} ms, energy {best.energy_mj:.3f} mJ)")
@@ -616,6 +646,8 @@ def print_search_figures(problem: Problem, result, rows: list[tuple[str, Evaluat
     print_limits(problem, result.best)
     if found_gains:
         console.print("in the search: " + "; ".join(gain.text(problem) for gain in found_gains))
+    if result.screening:
+        console.print(screening_text(result))
     failed = sum(t.failed for t in result.trials)
     if failed:
         console.print(f"[yellow]{failed} trial(s) failed[/]: no measurement server could measure them "
@@ -649,6 +681,13 @@ def print_best_plan(problem: Problem, result, best_plan, baseline: Evaluation | 
 
 
 # ---- a search's summary ---------------------------------------------------------------------------
+def screening_text(result) -> str:
+    """Both counts of a screened search (explorer.screening): plans measured on the device, plans answered with the
+    kernel table's prediction."""
+    return (f"screening: {len(result.trials)} plans measured on the device, {len(result.predicted)} answered with the "
+            "kernel table's prediction instead (not measured: never best, confirmed or exported)")
+
+
 def summary_markdown(problem: Problem, agent: str, rows: list[tuple[str, Evaluation]], found_gains: list[Gain],
                      headline: str | None, result, baseline: Evaluation | None = None) -> str:
     """The search summary logged to MLflow as summary.md and as the parent run's description."""
@@ -656,6 +695,9 @@ def summary_markdown(problem: Problem, agent: str, rows: list[tuple[str, Evaluat
              f"Objective: minimise {problem.objective.describe()}.",
              f"Accuracy: {problem.scorer.label}.",
              f"{len(result.trials)} measured evaluations, {result.feasible_count} feasible.", ""]
+    if result.screening:
+        lines += [screening_text(result)[0].upper() + screening_text(result)[1:] + ".",
+                  f"The rule: {result.screening}.", ""]
     if headline:
         lines += [headline[0].upper() + headline[1:] + ".", ""]
     if found_gains:
@@ -709,7 +751,9 @@ def search_json(problem: Problem, agent: str, result, baseline: Evaluation | Non
     return {"command": "search", "model": problem.graph.source, "board": problem.board.name, "agent": agent,
             "objective": problem.objective.describe(), "constraints": constraints_json(problem),
             "interrupted": interrupted, "evaluations": len(result.trials), "feasible_evaluations": result.feasible_count,
-            "failed_evaluations": sum(t.failed for t in result.trials), "ended_early": ended, "headline": headline,
+            "failed_evaluations": sum(t.failed for t in result.trials), "predicted_evaluations": len(result.predicted),
+            "screening": f"on: {result.screening}" if result.screening else Screen.setting(problem),
+            "ended_early": ended, "headline": headline,
             "gains": [{"over": gain.reference, "ratio": gain.ratio}
                       for gain in (gains(problem, result) if baseline is not None else [])],
             "confirmed": None if not confirmed else {
@@ -752,7 +796,7 @@ def profile_progress(problem: Problem) -> Iterator:
             raise
 
 
-def print_profile(problem: Problem, result) -> None:
+def print_profile(problem: Problem, result, held_out=None) -> None:
     """What `explorer profile` measured, the table it gives for this model, and where it is kept."""
     counts = result.table.counts()
     console.print(f"measured {result.measured} designed plan(s) ({result.blocks_now} blocks) in {result.seconds:.0f} s"
@@ -762,10 +806,22 @@ def print_profile(problem: Problem, result) -> None:
                   f"{counts['layer']} layer, {counts['merge']} merge, {counts['pair']} pair and {counts['edge']} edge terms "
                   f"fitted to {result.table.blocks} measured blocks (every model profiled on this device)", soft_wrap=True)
     console.print(f"kept in {result.store.path}", soft_wrap=True)
+    if held_out is not None:
+        console.print(f"held-out check, {len(held_out.plan_errors)} random plans ({len(held_out.block_errors)} blocks) "
+                      f"measured now: {100 * held_out.within(held_out.block_errors, 0.10):.0f} % of blocks and "
+                      f"{100 * held_out.within(held_out.plan_errors, 0.10):.0f} % of plans within +/-10 % of the table's "
+                      f"prediction ({100 * held_out.within(held_out.plan_errors, 0.25):.0f} % of plans within +/-25 %; "
+                      f"predictions at the device's speed now, {held_out.speed:.2f}x its typical time during profiling)",
+                      soft_wrap=True)
 
 
-def profile_json(problem: Problem, result) -> dict:
-    return {"command": "profile", "model": problem.graph.source, "board": problem.board.name,
+def profile_json(problem: Problem, result, held_out=None) -> dict:
+    check = None if held_out is None else {
+        "plans": len(held_out.plan_errors), "blocks": len(held_out.block_errors), "speed": held_out.speed,
+        "blocks_within_10": held_out.within(held_out.block_errors, 0.10),
+        "plans_within_10": held_out.within(held_out.plan_errors, 0.10),
+        "plans_within_25": held_out.within(held_out.plan_errors, 0.25)}
+    return {"check": check, "command": "profile", "model": problem.graph.source, "board": problem.board.name,
             "device": result.table.device.fingerprint, "onnxruntime": result.table.device.onnxruntime,
             "plans_measured": result.measured, "plans_before": result.recalled, "plans_failed": result.failed,
             "blocks_measured": result.blocks_now, "seconds": result.seconds, "terms": result.table.counts(),

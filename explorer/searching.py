@@ -2,10 +2,12 @@
 
 An agent proposes plans and learns from their evaluations; the budget counts *measured* evaluations,
 i.e. distinct plans (asking again for a plan already evaluated in this search costs nothing and is not
-a new trial). Every agent goes through `BudgetedProblem.evaluate`, so trials, best-so-far curves and
-the budget are kept in one place. A search's first trials are the problem's reference plans
-(`Problem.reference_plans`: what a user would try anyway), so the best plan a search reports is never
-worse than any of them.
+a new trial). Every agent goes through `BudgetedProblem.evaluate`, so trials, best-so-far curves,
+the budget and screening are kept in one place. Screening (explorer.screening, on a real device with a
+kernel table): a plan the table predicts far from the best is answered with its predicted Evaluation and
+not measured; such answers are counted apart (`SearchResult.predicted`), never trials, never in the
+budget. A search's first trials are the problem's reference plans (`Problem.reference_plans`: what a
+user would try anyway, always measured), so the best plan a search reports is never worse than any of them.
 
 The agents live in agents/ and build on this module; the core (tracking, plots, workers, the CLI)
 reads their results through it and makes them by name (`make_agent`, through `AGENT_REGISTRY`), never
@@ -26,6 +28,7 @@ from explorer.errors import ExplorerError
 from explorer.plan import Plan
 from explorer.problem import Constraints, Evaluation, Objective, Problem
 from explorer.registry import Registry
+from explorer.screening import Screen
 
 if TYPE_CHECKING:
     import optuna
@@ -67,7 +70,10 @@ class Trial:
 
 @dataclass
 class SearchResult:
-    """Every trial, the best feasible plan, and best-so-far against measured evaluations."""
+    """Every trial, the best feasible plan, and best-so-far against measured evaluations.
+
+    `trials` are measured (device measurements, or a simulator's); `predicted` the plans answered with the kernel
+    table's prediction instead (explorer.screening), in the order asked: never best, never on the curve."""
 
     agent: str
     trials: list[Trial] = field(default_factory=list)
@@ -76,6 +82,8 @@ class SearchResult:
     interrupted: bool = False
     seed_plan: Plan | None = None  # the solver's plan the agent started from (None: it used none)
     run_id: str | None = None  # the MLflow parent run of a tracked search (explorer.search)
+    predicted: list[Trial] = field(default_factory=list)  # plans screened: answered with a prediction, not measured
+    screening: str | None = None  # the screening rule with its margin at the end (None: every plan was measured)
 
     @property
     def best_plan(self) -> Plan | None:
@@ -113,7 +121,7 @@ def pareto_front(trials: list[Trial]) -> list[Trial]:
 
 
 class BudgetedProblem:
-    """A Problem seen through a budget: counts distinct plans, records trials and best-so-far.
+    """A Problem seen through a budget: counts distinct plans, records trials and best-so-far, screens.
 
     It offers the Problem's description and design space (graph, board, constraints, choices,
     reference plans...) by name, so code written for a Problem (the solver's measured loop, the
@@ -135,6 +143,10 @@ class BudgetedProblem:
         self._seen: dict[str, Evaluation] = {}
         self._failed_in_batch: dict[str, Evaluation] = {}  # failed plans of the last batch, not yet asked for again
         self._references_pending = references
+        self.screen = Screen.for_problem(problem, budget)  # None: every plan is measured
+        self._predicted: dict[str, Evaluation] = {}  # plans answered with their prediction (asking again is free)
+        if self.screen is not None:
+            self.result.screening = self.screen.describe()
 
     # ---- the Problem's description and design space, as it has them now -------------------------
     @property
@@ -203,14 +215,17 @@ class BudgetedProblem:
         return self.budget - len(self.result.trials)
 
     def has_measured(self, plan: Plan) -> bool:
-        """Whether this search already measured the plan successfully (asking for it again is free)."""
-        return plan.digest() in self._seen
+        """Whether this search already measured the plan successfully or answered it with its prediction (asking
+        for it again is free)."""
+        return plan.digest() in self._seen or plan.digest() in self._predicted
 
     def evaluate(self, plan: Plan, source: str | None = None, study_trial: int | None = None) -> Evaluation:
         """Evaluate a plan; a new plan beyond the budget raises BudgetExhausted."""
         key = plan.digest()
         if key in self._seen:
             return self._seen[key]
+        if key in self._predicted:
+            return self._predicted[key]
         if key in self._failed_in_batch:  # failed moments ago in a batch: that trial stands, no second one
             return self._failed_in_batch.pop(key)
         if self.remaining <= 0:
@@ -224,7 +239,9 @@ class BudgetedProblem:
                       study_trials: list[int | None] | None = None) -> list[Evaluation | None]:
         """Evaluate several plans at once (in parallel where the measurer can); a new plan beyond the
         budget gets None. Plans already evaluated in this search are free (a failed one is not:
-        it is measured again)."""
+        it is measured again). With a screen, each new plan is predicted first, and one the screen skips is
+        answered with its prediction (never a reference plan); the others are measured, and their predictions'
+        errors set the screen's margin."""
         if self._references_pending:
             self._references_pending = False
             references = [plan for _, plan in self.problem.reference_plans()]
@@ -232,21 +249,47 @@ class BudgetedProblem:
         sources = sources or [None] * len(plans)
         study_trials = study_trials or [None] * len(plans)
         new: dict[str, tuple[Plan, str | None, int | None]] = {}
+        guesses: dict[str, tuple[Evaluation, bool]] = {}  # the predictions of the plans measured, and whether sure
+        best = self.result.best_trial.evaluation.objective if self.result.best_trial else None
         for plan, source, number in zip(plans, sources, study_trials):
             key = plan.digest()
-            if key not in self._seen and key not in new and len(new) < self.remaining:
-                new[key] = (plan, source, number)
+            if key in self._seen or key in self._predicted or key in new or len(new) >= self.remaining:
+                continue
+            if self.screen is not None:
+                started = time.perf_counter()
+                guesses[key] = predicted, sure = self.screen.predict(plan)
+                if source != "reference" and self.screen.skips(predicted, sure, best):
+                    self._answer(plan, predicted, source, time.perf_counter() - started, number)
+                    continue
+            new[key] = (plan, source, number)
         started = time.perf_counter()
         evaluations = self.problem.evaluate_many([plan for plan, _, _ in new.values()]) if new else []
         seconds = (time.perf_counter() - started) / max(1, len(new))
         fresh = {}
         for (key, (plan, source, number)), evaluation in zip(new.items(), evaluations):
+            if self.screen is not None:
+                self.screen.learn(*guesses[key], evaluation)
             self._record(plan, evaluation, source, seconds, number)
             fresh[key] = evaluation
+        if self.screen is not None:
+            self.result.screening = self.screen.describe()
         self._failed_in_batch = {key: e for key, e in fresh.items() if e.failed} if len(new) > 1 else {}
-        return [self._seen.get(plan.digest()) or fresh.get(plan.digest()) for plan in plans]
+        return [self._seen.get(plan.digest()) or fresh.get(plan.digest()) or self._predicted.get(plan.digest())
+                for plan in plans]
+
+    def _answer(self, plan: Plan, predicted: Evaluation, source: str | None, seconds: float,
+                study_trial: int | None) -> None:
+        """A plan answered with its prediction: kept (asking again is free) and counted, never a trial. No callback:
+        predictions are not logged as trials (explorer.tracking counts them on the parent run)."""
+        assert self.screen is not None and predicted.predicted
+        self.screen.answered += 1
+        self._predicted[plan.digest()] = predicted
+        self.result.predicted.append(Trial(len(self.result.predicted), plan, predicted, self.result.agent,
+                                           source or self.source, seconds, study_trial))
 
     def _record(self, plan: Plan, evaluation: Evaluation, source: str | None, seconds: float, study_trial: int | None) -> None:
+        if evaluation.predicted:  # never a trial: a trial is what the device (or the simulator) measured
+            raise ValueError(f"plan {plan.digest()[:12]} was predicted, not measured: it cannot be a trial")
         trial = Trial(len(self.result.trials), plan, evaluation, self.result.agent, source or self.source, seconds, study_trial)
         if not evaluation.failed:
             self._seen[plan.digest()] = evaluation

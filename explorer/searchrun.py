@@ -7,10 +7,12 @@ and the benchmarks.
 
 The steps: measure (or recall) the sensitivity table and the fp32 baseline; open the MLflow parent run (or
 reopen an interrupted one: its trials are replayed from the caches, not logged twice); let the agent search,
-logging each trial; then compare with the reference plans, confirm the best plans by interleaved
-re-measurement and log the summary, its metrics and plots. Ctrl-C or SIGTERM (as KeyboardInterrupt) during
-the search ends it with what it has: the parent run is marked KILLED and `--resume RUN_ID` continues it.
-Measurement servers that stay unreachable end it early: what was measured is summarised, the run FAILED.
+logging each trial (on a real device with a kernel table, plans it predicts far from the best are answered with
+the prediction and counted, not measured or logged: explorer.screening); then compare with the reference
+plans, confirm the best plans by interleaved re-measurement and log the summary, its metrics and plots. Ctrl-C
+or SIGTERM (as KeyboardInterrupt) during the search ends it with what it has: the parent run is marked KILLED and
+`--resume RUN_ID` continues it. Measurement servers that stay unreachable end it early: what was measured is
+summarised, the run FAILED.
 `run_agent` is the interrupt-safe core alone, for the benchmarks' untracked searches.
 """
 from __future__ import annotations
@@ -46,6 +48,7 @@ from explorer.report import (
     summary_markdown,
     summary_rows,
 )
+from explorer.screening import Screen
 from explorer.searching import Agent, SearchResult, TrialCallback
 from explorer.sessions import worker_environment
 from explorer.studies import default_storage_url, default_study_name, open_storage
@@ -108,7 +111,7 @@ class SearchRun:
             "agent": agent_name, "budget": budget, "objective_meaning": problem.objective.describe(),
             "measured_by": problem.measurer.label(problem.board),
             "data_source": problem.scorer.dataset.source if problem.scorer.dataset else "none (accuracy not measured)",
-            "accuracy_basis": problem.scorer.label}
+            "accuracy_basis": problem.scorer.label, "screening": Screen.setting(problem)}
         self.run_id: str | None = None
         self.result: SearchResult | None = None
         self.baseline: Evaluation | None = None
@@ -137,6 +140,10 @@ class SearchRun:
             err_console.print(f"[yellow]note:[/] the first {references} evaluations are the reference plans (what you "
                               f"would try without explorer): --budget {self.budget} leaves {self.agent_name} no plan of "
                               f"its own; give more than {references}", soft_wrap=True)
+        if Screen.off_reason(problem) is None:
+            err_console.print("screening: plans the device's kernel table predicts far from the best are answered with "
+                              "the prediction and not measured; the budget counts device measurements (--no-screen "
+                              "measures every plan)", soft_wrap=True)
         with SearchTracker(self.tracking_uri, self.experiment, f"{self.agent_name} seed {self.seed}", self.params,
                            resume_run_id=resume_run_id, tags=self.tags()) as tracker, \
                 search_progress(problem, f"{self.agent_name} search", self.budget) as progress:

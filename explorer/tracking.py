@@ -6,8 +6,11 @@ Layout in the tracking store (any MLflow tracking URI; default SQLite under runs
   EXPERIMENT_NOTE unless a user described it;
 - one **parent run** per search: the settings as params, tags SEARCH_TAGS, the best-so-far objective
   and the feasible count as metric series (step = trial number), the best plan's metrics at the end,
-  artifacts `best_plan.json`, `convergence.png`, `pareto.png`, `summary.md`, and the summary as the
-  run's description;
+  `measured_evaluations` and `predicted_evaluations` (explorer.screening), artifacts `best_plan.json`,
+  `convergence.png`, `pareto.png`, `summary.md`, and the summary as the run's description. Plans a
+  search answered with the kernel table's prediction instead of measuring them are counted there and
+  not logged as child runs: a child run is a measurement (plan sets and `explorer export --run` read
+  them as measured figures), and a search may make many times its budget of predictions;
 - one **child run per trial** ("trial N", tag `mlflow.parentRunId`): three params per decision layer
   (`decision_params`: `conv1_1.rung = spatial:16`, `conv1_1.precision = int8`, `conv1_1.processor =
   gpu`: short values, which MLflow's parallel-coordinates view keeps whole); metrics latency_ms,
@@ -623,7 +626,9 @@ class SearchTracker:
         """
         self.flush()
         best = result.best
-        final: dict[str, float | None] = {"trials": float(self._offset + self._logged)}
+        final: dict[str, float | None] = {"trials": float(self._offset + self._logged),
+                                          "measured_evaluations": float(len(result.trials)),
+                                          "predicted_evaluations": float(len(result.predicted))}
         if best is not None and result.best_trial is not None:
             final |= {"best_objective": best.objective, "best_latency_ms": best.latency_ms,
                       "best_energy_mj": best.energy_mj, "best_memory_mb": best.memory_mb,
