@@ -8,7 +8,8 @@ terms, each measured on the device as ONNX Runtime runs (and fuses) the nodes:
   outputs);
 * a merge term per processor and shape of the tensor between two neighbouring layers: what they save by sharing
   one block (one fixed cost less: a session run, handing that tensor over; negative), and a pair term per two
-  neighbouring layers at two precisions on top of it (the casts and quantize/dequantize pairs that consecutive fp16 or int8 layers share);
+  neighbouring layers at two precisions on top of it (the casts and quantize/dequantize pairs that consecutive
+  fp16 or int8 layers share);
 * an edge term: a block followed by an int8 layer on another processor ends with that layer's QuantizeLinear
   (the crossing travels as uint8: :mod:`explorer.partition`).
 
@@ -55,6 +56,7 @@ _RIDGE = 0.3
 _HUBER = 0.1  # blocks the fit misses by more than this (relative) are weighted down in proportion (robust fit)
 _ROBUST_ROUNDS = 4
 REFERENCE_EVERY = 6  # designed plans measured between two measurements of the reference plan (the device's speed)
+MEASURED_WEIGHT = 3  # a plan the solver chose and then measured counts as this many designed blocks in a refit
 SPEED_WINDOW = 2  # the device's speed at a reference measurement: the median of it and this many on each side
 
 
@@ -176,6 +178,7 @@ class KernelTable:
     infos: dict[str, TermInfo] = field(default_factory=dict)  # features of every term (the predictor's samples)
     blocks: int = 0  # measured blocks fitted
     references: dict[str, float] = field(default_factory=dict)  # model fingerprint -> its reference plan's typical seconds
+    observations: list[tuple[list[str], float]] = field(default_factory=list, repr=False)  # what it was fitted to
 
     def __contains__(self, key: str) -> bool:
         return key in self.seconds
@@ -193,7 +196,8 @@ class KernelTable:
 
 def fit_terms(observations: list[tuple[list[str], float]]) -> tuple[dict[str, float], dict[str, int]]:
     """Seconds per term from measured blocks (terms, seconds), by least squares on relative errors (each block
-    weighted by 1 / its time), pair and edge terms held towards 0 (see _RIDGE)."""
+    weighted by 1 / its time), pair and edge terms held towards 0 (see _RIDGE), then clipped to what each kind can be (layer
+    and edge terms not negative, merge terms not positive)."""
     keys = sorted({key for terms, _ in observations for key in terms})
     if not keys:
         return {}, {}
@@ -213,6 +217,10 @@ def fit_terms(observations: list[tuple[list[str], float]]) -> tuple[dict[str, fl
         solution = lsqr(a, b, atol=1e-14, btol=1e-14, conlim=1e12, iter_lim=50 * len(keys), x0=solution)[0]
         relative = np.abs(rows @ solution * weight - 1.0)
         robust = 1.0 / np.maximum(1.0, relative / _HUBER)
+    # what each kind of term can be: a layer and a QuantizeLinear take time, one fixed cost less saves it
+    lower = np.array([-np.inf if term_kind(key) in ("merge", "pair") else 0.0 for key in keys])
+    upper = np.array([0.0 if term_kind(key) == "merge" else np.inf for key in keys])
+    solution = np.clip(solution, lower, upper)
     return {key: float(solution[column[key]]) for key in keys}, {key: int(counts[column[key]]) for key in keys}
 
 
@@ -272,7 +280,7 @@ class KernelStore:
             observations += [(list(keys), float(seconds) * speed) for keys, seconds in entry["blocks"]]
             infos.update({k: TermInfo(kind, features) for k, (kind, features) in entry["terms"].items()})
         seconds, observed = fit_terms(observations)
-        return KernelTable(self.device, seconds, observed, infos, len(observations), typical)
+        return KernelTable(self.device, seconds, observed, infos, len(observations), typical, observations)
 
 
 # ---- profiling: designed plans measured on the device -------------------------------------------
@@ -607,6 +615,18 @@ class KernelCostModel(CostModel):
         cost = self.plan_cost(plan)
         every = list(self.terms.plan_infos(plan))
         return cost, all(self.source(key) == "table" for key in every if self.source(key) is not None)
+
+    def with_measured(self, measured: list[tuple[Plan, object]]) -> KernelCostModel:
+        """A copy whose table is fitted again with the blocks of these measured plans (Evaluations) added, each
+        counted MEASURED_WEIGHT times: the integer program's plan is where the table errs in its favour, and its
+        measured blocks correct exactly the terms it leaned on (the measured solver's rounds)."""
+        extra = [(keys, report.latency_ms / 1e3) for plan, evaluation in measured
+                 for keys, report in zip(self.terms.blocks(plan), getattr(evaluation, "blocks", []))]
+        observations = self.table.observations + extra * MEASURED_WEIGHT
+        seconds, observed = fit_terms(observations)
+        table = KernelTable(self.table.device, seconds, observed, self.table.infos, len(observations),
+                            self.table.references, observations)
+        return KernelCostModel(self.board, self.graph, self.compressor, table, self.predictor)
 
     def calibrated(self, observations: list[tuple[str, str, str, float, float]]) -> KernelCostModel:
         """Itself: its terms are measured, and the per-(processor, op kind, precision) factors that correct the

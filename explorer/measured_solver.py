@@ -25,6 +25,7 @@ import numpy as np
 from explorer.accuracy import sensitivity_table
 from explorer.cost import CostModel
 from explorer.errors import ExplorerError
+from explorer.kernels import KernelCostModel
 from explorer.milp import Instance, Solution, objective_of, solve
 from explorer.plan import Plan
 from explorer.problem import Evaluation, Problem
@@ -71,12 +72,15 @@ class MeasuredSolver:
         self.time_limit_s = time_limit_s
         self.accuracy_scale = 1.0  # factor on the accuracy limit the program gets
         self._observations: dict[str, list[Observation]] = {}  # by plan digest, since the base model became the base
+        self._measured: dict[str, tuple[Plan, Evaluation]] = {}  # the same, for a kernel table (fitted again with them)
         self._accuracy: dict[str, tuple[float, float]] = {}  # by plan digest: (estimated, measured) accuracy loss
 
     def absorb(self, measured: Iterable[tuple[Plan, Evaluation]]) -> None:
         """Learn from measured plans (a failed measurement teaches nothing): the base model is fitted to their
         blocks and those absorbed before (a median ratio per processor, op kind and precision), their accuracy
-        loss joins `accuracy_pairs`. A plan absorbed again is counted once."""
+        loss joins `accuracy_pairs`. A plan absorbed again is counted once. A kernel table is fitted again with
+        their blocks instead (KernelCostModel.with_measured)."""
+        measured = list(measured)
         for plan, evaluation in measured:
             key = plan.digest()
             if evaluation.failed:
@@ -86,6 +90,11 @@ class MeasuredSolver:
             if self.sensitivity is not None and evaluation.accuracy_drop is not None and key not in self._accuracy:
                 estimate = sum(self.sensitivity.estimate(name, d.method, d.rank, d.precision) for name, d in plan.decisions)
                 self._accuracy[key] = (estimate, evaluation.accuracy_drop)
+        if isinstance(self.base_model, KernelCostModel):  # measured terms: fitted again with these blocks
+            self._measured.update({plan.digest(): (plan, evaluation) for plan, evaluation in measured
+                                   if not evaluation.failed})
+            self.cost_model = self.base_model.with_measured(list(self._measured.values()))
+            return
         self.cost_model = self.base_model.calibrated([o for observations in self._observations.values() for o in observations])
 
     def settle(self) -> None:
@@ -93,6 +102,7 @@ class MeasuredSolver:
         next is fitted from it (each round of `solve` corrects the model that round was solved on)."""
         self.base_model = self.cost_model
         self._observations = {}
+        self._measured = {}
 
     @property
     def accuracy_pairs(self) -> list[tuple[float, float]]:
@@ -152,6 +162,8 @@ class MeasuredSolver:
                 if not history and best_known is None:
                     raise ExplorerError(f"no plan meets the constraints: {solution.message}")
                 break  # the (recalibrated) model predicts nothing better than the best measured plan
+            if any(solution.plan == earlier.plan for earlier, _ in history):
+                break  # the corrected model proposes what it measured already: nothing more to learn
             evaluation = self.evaluate(solution.plan)
             history.append((solution, evaluation))
             self.absorb([(solution.plan, evaluation)])

@@ -5,6 +5,7 @@ interrupted profile resumes, and terms a table lacks fall back to the predictor 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -67,7 +68,7 @@ def quick_predictor(monkeypatch):
 
 class AdditiveDevice(Measurer):
     """A device whose unit blocks take exactly the sum of hidden seconds of their terms: a random positive value per
-    layer term, a negative merge constant per processor, small random pair and edge corrections (times `corrections`).
+    layer term, a negative merge term, small random pair and (positive) edge corrections (times `corrections`).
     Values are drawn the first time a term is met (so identical terms of two models cost the same). Counts every plan
     measure_many is given; `interrupt_at`: the measure_many call (1-based) that raises KeyboardInterrupt (Ctrl-C)."""
 
@@ -103,6 +104,8 @@ class AdditiveDevice(Measurer):
                 self.hidden[key] = float(self.rng.uniform(1e-4, 2e-3))
             elif kind == "merge":
                 self.hidden[key] = -float(self.rng.uniform(2e-5, 5e-5))
+            elif kind == "edge":  # a QuantizeLinear takes time
+                self.hidden[key] = self.corrections * float(self.rng.uniform(0.0, 1e-5))
             else:
                 self.hidden[key] = self.corrections * float(self.rng.uniform(-1e-5, 1e-5))
         return self.hidden[key]
@@ -457,3 +460,23 @@ def test_profile_on_the_simulated_board_is_refused_in_one_line(capsys, tmp_path,
     assert "--measure sim: a simulated board needs no kernel table" in err
     assert not (runs / "cache" / "kernels").exists() or not any((runs / "cache" / "kernels").iterdir())
 
+
+
+def test_a_measured_plan_refits_the_table_towards_its_blocks(board):
+    """The measured solver's feedback on a kernel table: a plan measured slower than the table said is fitted again
+    with its blocks, and the refitted table predicts that plan closer to what was measured (the other plans' terms
+    stay measured)."""
+    device = AdditiveDevice(corrections=0.0)
+    problem = _problem(mlp(), board, device)
+    profile(problem)
+    model, _ = device_cost_model(problem)
+    assert isinstance(model, KernelCostModel)
+    plan = problem.random_plan(np.random.default_rng(3))
+    truth = _truth(device, problem, plan)
+    slower = SimpleNamespace(blocks=[SimpleNamespace(latency_ms=2e3 * seconds) for seconds in truth])
+    refitted = model.with_measured([(plan, slower)])
+    before, after = sum(model.block_seconds(plan)), sum(refitted.block_seconds(plan))
+    assert before == pytest.approx(sum(truth), rel=EXACT)
+    assert sum(truth) < after < 2 * sum(truth)  # pulled towards the measurement, held by the designed blocks
+    assert refitted.table.blocks == model.table.blocks + 3 * len(truth)  # counted MEASURED_WEIGHT times
+    assert model.with_measured([]).block_seconds(plan) == pytest.approx(model.block_seconds(plan), rel=EXACT)
