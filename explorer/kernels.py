@@ -58,6 +58,7 @@ _ROBUST_ROUNDS = 4
 REFERENCE_EVERY = 6  # designed plans measured between two measurements of the reference plan (the device's speed)
 MEASURED_WEIGHT = 3  # a plan the solver chose and then measured counts as this many designed blocks in a refit
 SPEED_WINDOW = 2  # the device's speed at a reference measurement: the median of it and this many on each side
+LONG_BLOCK_PLANS = 4  # designed plans per processor and precision with every layer in one block (random rungs)
 
 
 def term_kind(key: str) -> str:
@@ -289,7 +290,8 @@ def design_plans(problem, seed: int = 0) -> list[Plan]:
     between them (every block one layer) until each layer has had each of its decisions on each processor; the
     same with every other layer int8 (the edge terms); then layers in pairs on one processor (P P Q Q ...) at
     every pair of precisions, at random rungs, so that each neighbouring pair of layers shares a block at each
-    pair of precisions. Deterministic with `seed`."""
+    pair of precisions; and whole plans on one processor at one precision (random rungs), the long blocks where
+    merge and pair terms add up. Deterministic with `seed`."""
     rng = np.random.default_rng(seed)
     graph = problem.graph
     layers = graph.layers
@@ -309,6 +311,14 @@ def design_plans(problem, seed: int = 0) -> list[Plan]:
         plan = Plan.from_dict({layer.name: d for layer, d in zip(layers, decisions)})
         plans.setdefault(plan.digest(), plan)
 
+    for p in processors:  # long blocks: every layer on p at one precision (random rungs), where merges add up
+        for precision in problem.board.processor(p).precisions:
+            for _ in range(LONG_BLOCK_PLANS):
+                decisions = []
+                for i in range(len(layers)):
+                    choices = on(i, p, precision) or on(i, p)
+                    decisions.append(choices[int(rng.integers(len(choices)))] if choices else default(i, p))
+                add(decisions)
     if len(processors) == 1:  # one processor: every plan is one block; whole plans at each precision, random rungs
         p = processors[0]
         for _ in range(3 * max(len(options[layer.index]) for layer in layers)):
