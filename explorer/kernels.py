@@ -43,7 +43,7 @@ from explorer.compress import Rung
 from explorer.cost import CostModel, PlanCost
 from explorer.graph import Layer, LayerGraph
 from explorer.measure import Device, Measurement
-from explorer.partition import BlockBoundary, block_boundaries
+from explorer.partition import block_boundaries
 from explorer.paths import cache_dir
 from explorer.plan import Decision, Plan
 
@@ -114,21 +114,25 @@ class Terms:
         """Layer index ends its block and the next layer, elsewhere, is int8."""
         return "edge:" + digest(self.signatures[index], decision.precision, self._processor(decision))[:32]
 
-    def block(self, plan: Plan, boundary: BlockBoundary, followed_by: Decision | None) -> list[str]:
-        """The terms of one block of `plan` (`followed_by`: the next block's first decision, if any)."""
-        decisions = [plan.decisions[i][1] for i in range(boundary.start, boundary.end)]
-        keys = [self.layer(i, d) for i, d in zip(range(boundary.start, boundary.end), decisions)]
-        for i, a, b in zip(range(boundary.start, boundary.end - 1), decisions, decisions[1:]):
-            keys += [self.merge(i, a), self.pair(i, a, b)]
-        if followed_by is not None and followed_by.precision == "int8":
-            keys.append(self.edge(boundary.end - 1, decisions[-1]))
-        return keys
+    def _each_block(self, plan: Plan) -> list[list[tuple[str, str, int, Decision, Decision | None]]]:
+        """Every block's terms, in order: (key, kind, layer index, its decision, the next layer's decision)."""
+        boundaries = block_boundaries(self.graph, plan)
+        blocks = []
+        for k, b in enumerate(boundaries):
+            decisions = [plan.decisions[i][1] for i in range(b.start, b.end)]
+            terms: list[tuple[str, str, int, Decision, Decision | None]] = [
+                (self.layer(i, d), "layer", i, d, None) for i, d in zip(range(b.start, b.end), decisions)]
+            for i, first, second in zip(range(b.start, b.end - 1), decisions, decisions[1:]):
+                terms += [(self.merge(i, first), "merge", i, first, second),
+                          (self.pair(i, first, second), "pair", i, first, second)]
+            if k + 1 < len(boundaries) and plan.decisions[b.end][1].precision == "int8":  # the next block's first layer
+                terms.append((self.edge(b.end - 1, decisions[-1]), "edge", b.end - 1, decisions[-1], None))
+            blocks.append(terms)
+        return blocks
 
     def blocks(self, plan: Plan) -> list[list[str]]:
         """The terms of every block of `plan`, in order."""
-        boundaries = block_boundaries(self.graph, plan)
-        return [self.block(plan, b, plan.decisions[b.end][1] if k + 1 < len(boundaries) else None)
-                for k, b in enumerate(boundaries)]
+        return [[key for key, *_ in block] for block in self._each_block(plan)]
 
     def info(self, key_kind: str, index: int, first: Decision, second: Decision | None = None) -> TermInfo:
         """Features of a term (what the predictor learns from): sizes, work, precision and processor."""
@@ -154,18 +158,8 @@ class Terms:
 
     def plan_infos(self, plan: Plan) -> dict[str, TermInfo]:
         """Every term of `plan` with its features."""
-        infos: dict[str, TermInfo] = {}
-        boundaries = block_boundaries(self.graph, plan)
-        for k, b in enumerate(boundaries):
-            decisions = [plan.decisions[i][1] for i in range(b.start, b.end)]
-            for i, d in zip(range(b.start, b.end), decisions):
-                infos[self.layer(i, d)] = self.info("layer", i, d)
-            for i, a, c in zip(range(b.start, b.end - 1), decisions, decisions[1:]):
-                infos[self.merge(i, a)] = self.info("merge", i, a)
-                infos[self.pair(i, a, c)] = self.info("pair", i, a, c)
-            if k + 1 < len(boundaries) and plan.decisions[b.end][1].precision == "int8":
-                infos[self.edge(b.end - 1, decisions[-1])] = self.info("edge", b.end - 1, decisions[-1])
-        return infos
+        return {key: self.info(kind, index, first, second)
+                for block in self._each_block(plan) for key, kind, index, first, second in block}
 
 
 # ---- the table: terms fitted to measured blocks --------------------------------------------------
