@@ -123,6 +123,8 @@ def test_a_screened_search_spends_at_most_its_budget_and_reports_no_prediction_a
 
     assert len(device.measured) == len(set(device.measured)) <= budget  # device measurements, each plan once
     assert len(result.trials) <= budget and len(result.best_so_far) == len(result.trials)
+    # screened plans are not stalls: the search goes on until the device budget is spent (predictions are capped)
+    assert len(result.trials) == budget
     assert result.predicted, "the random plans the table predicts far from the best are screened"
     assert all(t.evaluation.predicted and "predicted" in t.evaluation.measured_by for t in result.predicted)
     assert not any(t.evaluation.predicted for t in result.trials)
