@@ -52,7 +52,8 @@ enqueued once, by whoever creates it.
 Duplicates: a sampler may propose a plan already evaluated; the BudgetedProblem returns it free,
 Optuna is still told its values (marked with the user attribute duplicate=True), and it does not
 count. The search stops when the budget is spent, when every plan of the design space has been
-evaluated, or after `asks_per_trial` x budget asks.
+evaluated, or after `asks_per_trial` x budget asks that brought nothing new (a plan screened on a real
+device, answered with the kernel table's prediction, is new: explorer.screening caps those).
 """
 from __future__ import annotations
 
@@ -165,10 +166,12 @@ class _OptunaAgent:
             if not self.shared:
                 self._replay(study, budgeted, space)
             batch = max(1, problem.parallelism)  # plans measured at once (measurement servers)
-            for _ in range(self.asks_per_trial * budget // batch + 1):
-                if len(trials) >= target:
-                    break
+            predicted = budgeted.result.predicted  # plans screened on a real device: new plans too, not stalls
+            stalls, limit = 0, self.asks_per_trial * budget // batch + 1
+            while len(trials) < target and stalls < limit:
+                before = len(trials) + len(predicted)
                 self._step(study, budgeted, space, problem, min(batch, target - len(trials)))
+                stalls += len(trials) + len(predicted) == before  # every ask one evaluated before
         except KeyboardInterrupt:
             budgeted.result.interrupted = True
         return budgeted.result
