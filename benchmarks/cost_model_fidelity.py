@@ -25,7 +25,7 @@ import numpy as np
 
 from benchmarks.common import markdown_table, write_json, zoo_problem
 from explorer.cost import CostModel
-from explorer.kernels import KernelCostModel, KernelStore, check, profile, warm_up
+from explorer.kernels import KernelCostModel, check, profile, warm_up
 from explorer.predictor import KernelPredictor
 from explorer.problem import Problem
 
@@ -82,7 +82,7 @@ def evaluate(models: list[str], plans_count: int, seed: int) -> list[dict]:
         others = {fingerprints[m] for m in models if m != name}
         unseen = store.table(models=others)
         unseen.references[fingerprints[name]] = table.references[fingerprints[name]]  # the device's speed, not kernels
-        predictor = KernelPredictor([(unseen.infos[k], s) for k, s in unseen.seconds.items() if k in unseen.infos])
+        predictor = KernelPredictor.from_table(unseen)
         predicted_model = KernelCostModel(problem.board, problem.graph, problem.compressor, unseen, predictor)
         print(f"{name}: the predictor trained on {', '.join(m for m in models if m != name)}", file=sys.stderr)
         predictor_check = check(problem, predicted_model, plans)
@@ -124,7 +124,8 @@ def main() -> None:
     rows = []
     for r in records:
         for what in ("roofline", "table", "predictor", "repeat"):
-            label = {"repeat": "measured again (floor)", "predictor": f"predictor (trained on {'+'.join(r['predictor']['trained_on'])})"}.get(what, what)
+            trained_on = "+".join(r["predictor"]["trained_on"])
+            label = {"repeat": "measured again (floor)", "predictor": f"predictor (trained on {trained_on})"}.get(what, what)
             rows.append([r["model"], label, r["table"]["blocks"]["n"], cell(r, what, "blocks", "within_10"),
                          cell(r, what, "blocks", "within_25"), cell(r, what, "plans", "within_10"),
                          cell(r, what, "plans", "within_25"), f"{r[what]['plans']['median_ratio']:.2f}"])

@@ -441,7 +441,7 @@ def _least_sure_first(table: KernelTable, terms: Terms, todo: list[tuple[str, Pl
     lacks (adaptive sampling: measure next where it knows least)."""
     from explorer.predictor import KernelPredictor
 
-    predictor = KernelPredictor([(table.infos[k], s) for k, s in table.seconds.items() if k in table.infos])
+    predictor = KernelPredictor.from_table(table)
     unknown = {key: info for _, plan in todo for key, info in terms.plan_infos(plan).items()
                if info.kind == "layer" and key not in table.seconds}
     spreads = dict(zip(unknown, (min(spread, 10.0) for _, spread in predictor.predict_many(list(unknown.values())))))
@@ -674,14 +674,14 @@ def device_cost_model(problem) -> tuple[CostModel, str]:
     terms = Terms(problem.graph, problem.board, problem.compressor)
     wanted = {terms.layer(layer.index, d) for layer in problem.graph.layers for d in problem.choices(layer)}
     missing = len(wanted - set(table.seconds))
-    if missing == len(wanted) and not table.seconds:
+    if not table.seconds:
         return problem.cost_model, (f"roofline model (no kernel table of this device: `{profile_command(problem)}` measures "
                                     "one; predictions on a real device are guesses without it)")
     predictor = None
     if missing:
         from explorer.predictor import KernelPredictor
 
-        predictor = KernelPredictor([(table.infos[k], s) for k, s in table.seconds.items() if k in table.infos])
+        predictor = KernelPredictor.from_table(table)
         if not predictor.knows("layer"):
             predictor = None
     model = KernelCostModel(problem.board, problem.graph, problem.compressor, table, predictor)

@@ -106,6 +106,11 @@ class KernelPredictor:
             members.append(model)
         self.members[kind] = members
 
+    @classmethod
+    def from_table(cls, table, seed: int = 0) -> KernelPredictor:
+        """Fitted to every term of a kernel table (explorer.kernels.KernelTable) whose features it holds."""
+        return cls([(table.infos[key], seconds) for key, seconds in table.seconds.items() if key in table.infos], seed)
+
     def knows(self, kind: str) -> bool:
         """Whether it can predict terms of this kind (enough measured samples)."""
         return kind in self.members or (kind == "layer" and self.samples.get("layer", 0) >= MIN_SAMPLES)
