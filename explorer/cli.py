@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -173,6 +174,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     elif args.parent_run and (not args.study or not args.agent.startswith("optuna")):
         raise ExplorerError("--parent-run makes this process a worker of a distributed search: give the Optuna --agent, "
                             "--study and --storage of that search too")
+    if args.parent_run:  # its supervisor stops it with SIGINT, which a shell's background job inherits ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def search_args(**overrides) -> list[str]:  # this search's arguments, --no-screen kept
         return _search_args(args, **overrides) + (["--no-screen"] if args.no_screen else [])

@@ -2,6 +2,7 @@
 temporary runs folder for the whole session (never the repository's runs/), removed at the end."""
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -13,3 +14,10 @@ os.environ["EXPLORER_RUNS"] = TEST_RUNS
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(TEST_RUNS, ignore_errors=True)
+
+
+def pytest_configure(config) -> None:
+    """Tests press Ctrl-C (SIGINT) on themselves and their searches: a shell that starts pytest in the background
+    hands it SIGINT ignored, and then Ctrl-C would neither stop a search nor reach its workers."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
