@@ -7,13 +7,15 @@ Needs the `host` board (`explorer calibrate`). For each model: its kernel table 
 (`explorer profile`: designed plans, resumed from the store when they were measured before; the profiling time is
 what this run spent), then `--plans` random plans (seeded, never part of the fit) are measured and compared with
 * the roofline model (the board profile's peaks, bandwidths and launch overheads; additive over layers),
-* the kernel table (explorer.kernels: layer, merge, pair and edge terms; at the device's speed of the moment,
-  followed with the model's reference plan),
+* the kernel table (explorer.kernels: layer, merge, pair and edge terms),
 * the predictor (explorer.predictor) fitted only to the tables of the other models (train on two, test on the
-  third); the device's speed followed as for the table,
+  third),
 and measured a second time, the repeatability floor: the share of blocks and plans whose second measurement lies
-within +/-10 % of the first (no model can be surer than the device is repeatable). Reported: the share of blocks
-and of plans within +/-10 % and +/-25 %, and the median of predicted/measured.
+within +/-10 % of the first (no model can be surer than the device is repeatable). Every plan is measured as the
+table's plans are (explorer.kernels.measure_paired): interleaved with the model's reference plan, its blocks' times
+over the reference's in the same rounds, at the reference's typical time; the absolute times' repeatability is
+reported beside it. Reported: the share of blocks and of plans within +/-10 % and +/-25 %, and the median of
+predicted/measured.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from benchmarks.common import markdown_table, write_json, zoo_problem
 from explorer.cost import CostModel
-from explorer.kernels import KernelCostModel, check, profile, warm_up
+from explorer.kernels import KernelCostModel, KernelStore, Paired, check, measure_paired, profile, warm_up
 from explorer.predictor import KernelPredictor
 from explorer.problem import Problem
 
@@ -37,14 +39,18 @@ def shares(errors: list[float]) -> dict[str, float]:
             "median_ratio": float(np.median(np.asarray(errors) + 1.0)) if len(e) else float("nan")}
 
 
-def roofline_errors(problem: Problem, plans, measurements) -> tuple[list[float], list[float]]:
-    """Roofline predictions (blocks: the sum of their layers and of the transfers into them) against measurements."""
+def roofline_errors(problem: Problem, plans, measurements: list, typical: dict[str, float]) -> tuple[list[float], list[float]]:
+    """Roofline predictions (blocks: the sum of their layers and of the transfers into them) against the paired
+    measurements at the device's typical speed (`typical`: the reference plan's typical seconds per processor)."""
     model = CostModel(problem.board, problem.graph, problem.compressor)
     blocks, whole = [], []
     for plan, measured in zip(plans, measurements):
+        if not isinstance(measured, Paired):
+            continue
         predicted_total = model.plan_cost(plan).latency_s
         index = 0
-        for block in measured.blocks:
+        at_typical = measured.blocks_at(typical)
+        for block, measured_s in zip(measured.measurement.blocks, at_typical):
             seconds = 0.0
             for name in block.layers:
                 decision = plan[name]
@@ -54,8 +60,8 @@ def roofline_errors(problem: Problem, plans, measurements) -> tuple[list[float],
                 if index:
                     seconds += model.boundary(index - 1, plan.decisions[index - 1][1], decision)[0]
                 index += 1
-            blocks.append(seconds / (block.latency_ms / 1e3) - 1)
-        whole.append(predicted_total / (measured.latency_ms / 1e3) - 1)
+            blocks.append(seconds / measured_s - 1)
+        whole.append(predicted_total / sum(at_typical) - 1)
     return blocks, whole
 
 
@@ -72,7 +78,7 @@ def evaluate(models: list[str], plans_count: int, seed: int) -> list[dict]:
     records = []
     for name, problem in problems.items():
         result, profile_s = profiled[name]
-        store = result.store
+        store = KernelStore(problem.measurer.device(problem.board))  # read again: every model's profile is in it now
         table = store.table()
         rng = np.random.default_rng(seed + 1000)
         plans = [problem.random_plan(rng) for _ in range(plans_count)]
@@ -88,13 +94,15 @@ def evaluate(models: list[str], plans_count: int, seed: int) -> list[dict]:
         predictor_check = check(problem, predicted_model, plans)
         print(f"{name}: measuring the plans twice (repeatability, roofline)", file=sys.stderr)
         warm_up(problem)
-        first = problem.measurer.measure_many(problem.graph, problem.compressor, problem.board, plans,
-                                              problem.calibration_inputs)
-        second = problem.measurer.measure_many(problem.graph, problem.compressor, problem.board, plans,
-                                               problem.calibration_inputs)
-        repeat_blocks = [a.latency_ms / b.latency_ms - 1 for m, n in zip(first, second) for a, b in zip(m.blocks, n.blocks)]
-        repeat_plans = [m.latency_ms / n.latency_ms - 1 for m, n in zip(first, second)]
-        roof_blocks, roof_plans = roofline_errors(problem, plans, first)
+        first, second = measure_paired(problem, plans), measure_paired(problem, plans)
+        both = [(m, n) for m, n in zip(first, second) if isinstance(m, Paired) and isinstance(n, Paired)]
+        repeat_blocks = [a / b - 1 for m, n in both for a, b in zip(m.block_ratios, n.block_ratios)]
+        typical = table.references[fingerprints[name]]
+        repeat_plans = [sum(m.blocks_at(typical)) / sum(n.blocks_at(typical)) - 1 for m, n in both]
+        raw_blocks = [a.latency_ms / b.latency_ms - 1 for m, n in both
+                      for a, b in zip(m.measurement.blocks, n.measurement.blocks)]
+        raw_plans = [m.measurement.latency_ms / n.measurement.latency_ms - 1 for m, n in both]
+        roof_blocks, roof_plans = roofline_errors(problem, plans, first, typical)
         counts = table.counts()
         records.append({
             "model": name, "plans": plans_count, "profile_seconds": profile_s, "plans_profiled": result.measured,
@@ -105,6 +113,7 @@ def evaluate(models: list[str], plans_count: int, seed: int) -> list[dict]:
             "predictor": {"blocks": shares(predictor_check.block_errors), "plans": shares(predictor_check.plan_errors),
                           "trained_on": [m for m in models if m != name]},
             "repeat": {"blocks": shares(repeat_blocks), "plans": shares(repeat_plans)},
+            "repeat_absolute": {"blocks": shares(raw_blocks), "plans": shares(raw_plans)},
         })
     return records
 
@@ -123,9 +132,10 @@ def main() -> None:
 
     rows = []
     for r in records:
-        for what in ("roofline", "table", "predictor", "repeat"):
+        for what in ("roofline", "table", "predictor", "repeat", "repeat_absolute"):
             trained_on = "+".join(r["predictor"]["trained_on"])
-            label = {"repeat": "measured again (floor)", "predictor": f"predictor (trained on {trained_on})"}.get(what, what)
+            label = {"repeat": "measured again (floor)", "predictor": f"predictor (trained on {trained_on})",
+                     "repeat_absolute": "measured again, absolute times"}.get(what, what)
             rows.append([r["model"], label, r["table"]["blocks"]["n"], cell(r, what, "blocks", "within_10"),
                          cell(r, what, "blocks", "within_25"), cell(r, what, "plans", "within_10"),
                          cell(r, what, "plans", "within_25"), f"{r[what]['plans']['median_ratio']:.2f}"])

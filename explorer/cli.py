@@ -148,20 +148,22 @@ def cmd_solve(args: argparse.Namespace) -> None:
     rows += [(f"solver round {i + 1}" + (" (chosen)" if s.plan == result.plan else ""), e)
              for i, (s, e) in enumerate(result.rounds)]
     report.print_solution(problem, result, rows)
-    confirmation = None
+    confirmation, at_typical = None, None
     if not problem.measurer.simulated:  # the plan against the references again, interleaved: the figures to trust
         from explorer.confirm import confirm
+        from explorer.kernels import at_typical_speed
 
         references = [plan for _, plan in problem.reference_plans()]
         with err_console.status("confirming: the solver's plan and the reference plans measured again, interleaved"):
             confirmation = confirm(problem, [result.plan, *references])
-        report.print_solve_confirmation(problem, result, confirmation)
+            at_typical = at_typical_speed(problem, result.plan)  # against a kernel table's typical speed
+        report.print_solve_confirmation(problem, result, confirmation, at_typical)
     if args.out:
         result.plan.save(Path(args.out))
         console.print(f"wrote {args.out}")
     zoo_note(args.model)
     if args.json:
-        emit_json(report.solve_json(problem, result, rows, args.out, confirmation))
+        emit_json(report.solve_json(problem, result, rows, args.out, confirmation, at_typical))
 
 
 def cmd_search(args: argparse.Namespace) -> None:

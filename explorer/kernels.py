@@ -22,7 +22,9 @@ threads), not by model: identical layers of two models share entries.
 The terms are fitted by least squares (relative errors) to the measured blocks of designed plans: processors
 alternating layer by layer (every block one layer: layer and edge terms), then pairs of layers on one processor
 at every pair of precisions (pair terms). They are measured through the measurer protocol (this machine, or
-measurement servers in parallel), each plan with the measurer's adaptive repeats. Observations are kept per
+measurement servers in parallel) in groups interleaved with the model's reference plan, and kept as times over
+the reference's in the same rounds (scaled to its typical time), so that the device's changing speed does not land
+on the terms measured in a slow or a fast second. Observations are kept per
 device (its fingerprint and ONNX Runtime version: either changing starts a new table) in an append-only file,
 so an interrupted profile resumes where it stopped.
 """
@@ -38,16 +40,17 @@ import onnx
 from scipy.sparse import csr_matrix, diags, vstack
 from scipy.sparse.linalg import lsqr
 
+from explorer.blockrun import AdaptiveRepeats
 from explorer.cache import AppendOnlyCache, digest
 from explorer.compress import Rung
 from explorer.cost import CostModel, PlanCost
 from explorer.graph import Layer, LayerGraph
-from explorer.measure import Device, Measurement
+from explorer.measure import Device, Interleaved, Measurement, MeasurementFailed
 from explorer.partition import block_boundaries
 from explorer.paths import cache_dir
 from explorer.plan import Decision, Plan
 
-TABLE_VERSION = "kernels-v3"
+TABLE_VERSION = "kernels-v4"
 KINDS = ("layer", "merge", "pair", "edge")
 # Pair and edge terms are corrections, each seen in few blocks: they are pulled towards 0 with this weight (a term
 # of the median block's size costs the fit as much as this fraction of that block's relative error), so that a
@@ -55,9 +58,13 @@ KINDS = ("layer", "merge", "pair", "edge")
 _RIDGE = 0.3
 _HUBER = 0.1  # blocks the fit misses by more than this (relative) are weighted down in proportion (robust fit)
 _ROBUST_ROUNDS = 4
-REFERENCE_EVERY = 6  # designed plans measured between two measurements of the reference plan (the device's speed)
+# Plans are measured in groups, interleaved with the model's reference plan, and kept as times over the reference's
+# in the same rounds: a shared machine's speed changes within seconds (by half on this project's 2-core VM), and a
+# time over a reference measured milliseconds apart stays put when absolute times do not.
+PAIRED_GROUP = 6  # plans per interleaved run (with the reference plan)
+PAIRED_REPEATS = AdaptiveRepeats(max_seconds=3.0)  # one run's cap, all its plans together
+PAIRED_REPEATS_PER_ROUND = 2  # each plan's repeats in a round: short rounds pair closely in time
 MEASURED_WEIGHT = 3  # a plan the solver chose and then measured counts as this many designed blocks in a refit
-SPEED_WINDOW = 2  # the device's speed at a reference measurement: the median of it and this many on each side
 LONG_BLOCK_PLANS = 4  # designed plans per processor and precision with every layer in one block (random rungs)
 
 
@@ -172,7 +179,8 @@ class KernelTable:
     observed: dict[str, int] = field(default_factory=dict)
     infos: dict[str, TermInfo] = field(default_factory=dict)  # features of every term (the predictor's samples)
     blocks: int = 0  # measured blocks fitted
-    references: dict[str, float] = field(default_factory=dict)  # model fingerprint -> its reference plan's typical seconds
+    # model fingerprint -> processor -> its reference plan's typical seconds on that processor
+    references: dict[str, dict[str, float]] = field(default_factory=dict)
     observations: list[tuple[list[str], float]] = field(default_factory=list, repr=False)  # what it was fitted to
 
     def __contains__(self, key: str) -> bool:
@@ -235,16 +243,17 @@ class KernelStore:
     def get(self, key: str) -> dict | None:
         return self.cache.get(key)
 
-    def put(self, key: str, terms: Terms, plan: Plan, measurement: Measurement, reference_s: float) -> None:
-        """Keep a measured plan's blocks as (terms, seconds), with every term's features and the reference plan's
-        seconds measured just before (the device's speed then)."""
+    def put(self, key: str, terms: Terms, plan: Plan, paired: Paired) -> None:
+        """Keep a measured plan's blocks as (terms, time over the reference plan's on its processor, processor), with
+        every term's features and the reference plan's seconds per processor meanwhile (the device's speed then)."""
         per_block = terms.blocks(plan)
-        if len(per_block) != len(measurement.blocks):
+        if len(per_block) != len(paired.block_ratios):
             raise ValueError("a measurement's blocks are not the plan's")
         infos = terms.plan_infos(plan)
         self.cache.put(key, {"device": self.device.fingerprint, "onnxruntime": self.device.onnxruntime,
-                             "model": terms.graph.fingerprint(), "plan": plan.digest(), "reference_s": reference_s,
-                             "blocks": [[keys, report.latency_ms / 1e3] for keys, report in zip(per_block, measurement.blocks)],
+                             "model": terms.graph.fingerprint(), "plan": plan.digest(), "reference_s": paired.reference_s,
+                             "blocks": [[keys, ratio, processor] for keys, ratio, processor
+                                        in zip(per_block, paired.block_ratios, paired.processors)],
                              "terms": {k: [info.kind, info.features] for k, info in infos.items()}})
 
     def entries(self) -> list[dict]:
@@ -252,27 +261,23 @@ class KernelStore:
 
     def table(self, models: set[str] | None = None) -> KernelTable:
         """The table fitted to every block measured on this device (of the models with these fingerprints only, when
-        given: e.g. to predict a model the table has not seen), each at the device's typical speed: a plan's
-        blocks scaled by (the median of its model's reference measurements / the reference measured just before
-        it), so that the device's drift over a profile (a shared machine's speed wanders by tens of per cent over
-        minutes) does not land on the terms measured in a slow or a fast minute."""
+        given: e.g. to predict a model the table has not seen), each at the device's typical speed: its time over
+        the reference plan's on its processor (paired in time) times the median of its model's reference
+        measurements on that processor."""
         entries = [e for e in self.entries() if models is None or e["model"] in models]
-        by_model: dict[str, list[float]] = {}
-        position = []  # each entry's reference measurement: its index in its model's list
-        for entry in entries:  # the reference measurements of each model, in the order they were made
-            values = by_model.setdefault(entry["model"], [])
-            if not values or values[-1] != entry["reference_s"]:
-                values.append(float(entry["reference_s"]))
-            position.append((entry["model"], len(values) - 1))
-        typical = {model: float(np.median(values)) for model, values in by_model.items()}
+        measured: dict[str, dict[str, list[float]]] = {}  # model -> processor -> the reference's seconds
+        for entry in entries:
+            for processor, seconds in entry["reference_s"].items():
+                measured.setdefault(entry["model"], {}).setdefault(processor, []).append(float(seconds))
+        typical = {model: {processor: float(np.median(values)) for processor, values in by_processor.items()}
+                   for model, by_processor in measured.items()}
         observations: list[tuple[list[str], float]] = []
         infos: dict[str, TermInfo] = {}
-        for entry, (model, at) in zip(entries, position):
-            values = by_model[model]
-            # one reference measurement is itself noisy: the speed then is the median of its neighbours in time
-            then = float(np.median(values[max(0, at - SPEED_WINDOW):at + SPEED_WINDOW + 1]))
-            speed = typical[model] / then
-            observations += [(list(keys), float(seconds) * speed) for keys, seconds in entry["blocks"]]
+        for entry in entries:
+            speed = typical.get(entry["model"], {})
+            whole = sum(speed.values())
+            observations += [(list(keys), float(ratio) * speed.get(processor, whole))
+                             for keys, ratio, processor in entry["blocks"]]
             infos.update({k: TermInfo(kind, features) for k, (kind, features) in entry["terms"].items()})
         seconds, observed = fit_terms(observations)
         return KernelTable(self.device, seconds, observed, infos, len(observations), typical, observations)
@@ -355,24 +360,82 @@ def design_plans(problem, seed: int = 0) -> list[Plan]:
 
 
 def reference_plan(problem) -> Plan:
-    """The plan a profile measures again and again to follow the device's speed: fp32 at full rank, the layers
-    alternating between the first two processors (a chain of blocks like those it measures), or the baseline."""
+    """The plan a profile measures beside every plan to follow the device's speed on each processor: fp32 at full
+    rank, the layers taking the processors in turn (a chain of blocks like those it measures), or the baseline."""
     processors = list(problem.board.processor_ids)
     if len(processors) < 2:
         return problem.baseline_plan()
     decisions = {}
     for layer in problem.graph.layers:
-        wanted = processors[layer.index % 2]
+        wanted = processors[layer.index % len(processors)]
         options = [d for d in problem.choices(layer) if d.method == "full" and d.precision == "fp32"]
         decisions[layer.name] = next((d for d in options if d.processor == wanted), options[0] if options else
                                      problem.choices(layer)[0])
     return Plan.from_dict(decisions)
 
 
-def reference_seconds(problem) -> float:
-    """The reference plan measured now (seconds): the device's current speed."""
-    return problem.measurer.measure(problem.graph, problem.compressor, problem.board, reference_plan(problem),
-                                    problem.calibration_inputs).latency_ms / 1e3
+@dataclass
+class Paired:
+    """A plan measured interleaved with the model's reference plan. Each block's time is taken over the time of the
+    reference's blocks on the same processor in the same round (a shared machine slows its processors unevenly:
+    two-thread sessions far more than one-thread ones), median over the rounds; the reference's seconds per
+    processor meanwhile (the device's speed then)."""
+
+    block_ratios: list[float]
+    processors: list[str]  # each block's processor
+    reference_s: dict[str, float]  # processor -> the reference plan's blocks on it, seconds (median over the rounds)
+    measurement: Measurement  # the plan's own measurement over all rounds (absolute: the device's speed then)
+
+    def blocks_at(self, typical: dict[str, float]) -> list[float]:
+        """Each block's seconds at the speed whose reference seconds per processor are `typical`."""
+        whole = sum(typical.values())
+        return [ratio * typical.get(processor, whole) for ratio, processor in zip(self.block_ratios, self.processors)]
+
+    def speed(self, typical: dict[str, float]) -> float:
+        """The device's speed during this measurement: the reference's seconds then over `typical` (1: the same)."""
+        return sum(self.reference_s.values()) / sum(typical.get(p, 0.0) for p in self.reference_s)
+
+
+def measure_paired(problem, plans: list[Plan]) -> list[Paired | MeasurementFailed]:
+    """`plans` measured in groups of PAIRED_GROUP, each group interleaved with the reference plan (groups on as many
+    measurement servers at once as the measurer has); a group that fails is measured again plan by plan, so one
+    plan that cannot be measured fails alone."""
+    reference = reference_plan(problem)
+    groups = [plans[i:i + PAIRED_GROUP] for i in range(0, len(plans), PAIRED_GROUP)]
+
+    def run(groups: list[list[Plan]]) -> list[list[Interleaved] | MeasurementFailed]:
+        return problem.measurer.measure_interleaved_many(
+            problem.graph, problem.compressor, problem.board, [[reference, *group] for group in groups],
+            problem.calibration_inputs, PAIRED_REPEATS_PER_ROUND, PAIRED_REPEATS)
+
+    results: list[Paired | MeasurementFailed] = []
+    for group, answer in zip(groups, run(groups)):
+        if isinstance(answer, MeasurementFailed) and len(group) > 1:
+            results += [one for alone in run([[plan] for plan in group]) for one in _paired(alone, 1)]
+        else:
+            results += _paired(answer, len(group))
+    return results
+
+
+def _paired(answer: list[Interleaved] | MeasurementFailed, plans: int) -> list[Paired | MeasurementFailed]:
+    """Each plan of one interleaved run (the reference first) over the reference, round by round and processor by
+    processor (a processor the reference does not use: over the whole reference)."""
+    if isinstance(answer, MeasurementFailed):
+        return [answer] * plans
+    reference, *measured = answer
+    by_processor: dict[str, np.ndarray] = {}  # processor -> the reference's ms on it in each round
+    for j, one_round in enumerate(reference.rounds):
+        for block in one_round.blocks:
+            by_processor.setdefault(block.processor, np.zeros(len(reference.rounds)))[j] += block.latency_ms
+    whole = np.array([r.latency_ms for r in reference.rounds])
+    paired: list[Paired | MeasurementFailed] = []
+    for one in measured:
+        processors = [block.processor for block in one.measurement.blocks]
+        blocks = np.array([[block.latency_ms for block in r.blocks] for r in one.rounds])  # rounds x blocks
+        over = np.stack([by_processor.get(p, whole) for p in processors], axis=1)
+        paired.append(Paired([float(x) for x in np.median(blocks / over, axis=0)], processors,
+                             {p: float(np.median(ms)) / 1e3 for p, ms in by_processor.items()}, one.measurement))
+    return paired
 
 
 @dataclass
@@ -409,8 +472,7 @@ def profile(problem, progress: Callable[[int, int], None] | None = None, seed: i
         progress(recalled, total)
     if todo:
         warm_up(problem)
-    step = max(1, measurer.parallelism)
-    since_reference, reference_s = REFERENCE_EVERY, 0.0
+    step = max(1, measurer.parallelism) * PAIRED_GROUP
     round_size = len(todo) if budget is None else max(step, budget // 4)
     while todo and recalled + measured + failed < total:
         left = total - recalled - measured - failed
@@ -419,16 +481,12 @@ def profile(problem, progress: Callable[[int, int], None] | None = None, seed: i
         chosen, todo = todo[:min(round_size, left)], todo[min(round_size, left):]
         for start in range(0, len(chosen), step):
             chunk = chosen[start:start + step]
-            if since_reference >= REFERENCE_EVERY:
-                reference_s, since_reference = reference_seconds(problem), 0
-            since_reference += len(chunk)
-            results = measurer.measure_many(problem.graph, problem.compressor, problem.board,
-                                            [plan for _, plan in chunk], problem.calibration_inputs)
+            results = measure_paired(problem, [plan for _, plan in chunk])
             for (key, plan), result in zip(chunk, results):
-                if isinstance(result, Measurement):
-                    store.put(key, terms, plan, result, reference_s)
+                if isinstance(result, Paired):
+                    store.put(key, terms, plan, result)
                     measured += 1
-                    blocks_now += len(result.blocks)
+                    blocks_now += len(result.block_ratios)
                 else:
                     failed += 1
             if progress:
@@ -464,7 +522,8 @@ class CheckResult:
 
     @property
     def speed(self) -> float:
-        """The factor the predictions were scaled by: the device's time now over its typical time in the table."""
+        """The device's speed during the check: the reference plan's time then over its typical time in the table
+        (1: as fast as while profiling; measured times are compared over the reference, so it scales nothing)."""
         return float(np.median(self.speeds)) if self.speeds else 1.0
 
     def within(self, errors: list[float], tolerance: float) -> float:
@@ -479,27 +538,47 @@ def warm_up(problem) -> None:
 
 
 def check(problem, model: KernelCostModel, plans: list[Plan]) -> CheckResult:
-    """Measure `plans` (not used in the fit) and compare every block and plan with `model`'s prediction at the
-    device's current speed (the reference plan measured before every few plans, against its typical time in the
-    table: `speeds` keeps each factor)."""
+    """Measure `plans` (not used in the fit) as the table's plans were measured (over the reference plan, paired in
+    time) and compare every block and plan with `model`'s prediction; `speeds` keeps the device's speed during each
+    plan's run (the reference's seconds then over its typical seconds in the table)."""
     warm_up(problem)
-    typical = model.table.references.get(problem.graph.fingerprint())
-    measured: list[tuple[Plan, Measurement]] = []
-    speeds = []
-    for start in range(0, len(plans), REFERENCE_EVERY):
-        chunk = plans[start:start + REFERENCE_EVERY]
-        speeds.append(reference_seconds(problem) / typical if typical else 1.0)
-        results = problem.measurer.measure_many(problem.graph, problem.compressor, problem.board, chunk,
-                                                problem.calibration_inputs)
-        measured += [(plan, result) for plan, result in zip(chunk, results) if isinstance(result, Measurement)]
-    speed = float(np.median(speeds))  # one factor for the whole check: a single reference measurement is noisy
-    block_errors, plan_errors = [], []
-    for plan, result in measured:
-        predicted = [seconds * speed for seconds in model.block_seconds(plan)]
-        block_errors += [p / (b.latency_ms / 1e3) - 1 for p, b in zip(predicted, result.blocks)]
-        plan_errors.append(sum(predicted) / (result.latency_ms / 1e3) - 1)
+    typical = typical_reference_s(problem, model)
+    block_errors, plan_errors, speeds = [], [], []
+    for plan, result in zip(plans, measure_paired(problem, plans)):
+        if not isinstance(result, Paired):
+            continue
+        predicted, measured = model.block_seconds(plan), result.blocks_at(typical)
+        block_errors += [p / m - 1 for p, m in zip(predicted, measured)]
+        plan_errors.append(sum(predicted) / sum(measured) - 1)
+        speeds.append(result.speed(typical))
     return CheckResult(block_errors, plan_errors, model.sources.get("predictor", 0) + model.sources.get("roofline", 0),
                        speeds)
+
+
+def typical_reference_s(problem, model: KernelCostModel) -> dict[str, float]:
+    """The model's reference plan's typical seconds on the device per processor: the median of its measurements
+    while profiling, or (a model the table never measured) its prediction."""
+    typical = model.table.references.get(problem.graph.fingerprint())
+    if typical is not None:
+        return typical
+    plan = reference_plan(problem)
+    predicted: dict[str, float] = {}
+    for boundary, seconds in zip(block_boundaries(problem.graph, plan), model.block_seconds(plan)):
+        predicted[boundary.processor] = predicted.get(boundary.processor, 0.0) + seconds
+    return predicted
+
+
+def at_typical_speed(problem, plan: Plan) -> tuple[float, float] | None:
+    """The plan's seconds at the device's typical speed in the problem's kernel table (measured now, paired with the
+    reference plan) and the device's speed meanwhile; None when the cost model is no kernel table or it failed."""
+    model = problem.cost_model
+    if not isinstance(model, KernelCostModel):
+        return None
+    typical = typical_reference_s(problem, model)
+    result = measure_paired(problem, [plan])[0]
+    if not isinstance(result, Paired):
+        return None
+    return sum(result.blocks_at(typical)), result.speed(typical)
 
 
 def plan_seconds(table: KernelTable, terms: Terms, plan: Plan) -> tuple[float | None, list[float | None]]:

@@ -199,6 +199,20 @@ class Measurer(Protocol):
                 results.append(error)
         return results
 
+    def measure_interleaved_many(self, graph: LayerGraph, compressor: Compressor, board: Board,
+                                 groups: list[list[Plan]], calibration_inputs: np.ndarray | dict[str, np.ndarray] | None,
+                                 repeats: int, adaptive: AdaptiveRepeats) -> list[list[Interleaved] | MeasurementFailed]:
+        """Several interleaved runs, in order (each group as measure_interleaved measures it): each the group's
+        results, or the MeasurementFailed it met. One after the other unless the measurer measures in parallel."""
+        results: list[list[Interleaved] | MeasurementFailed] = []
+        for group in groups:
+            try:
+                results.append(self.measure_interleaved(graph, compressor, board, group, calibration_inputs, repeats,
+                                                        adaptive))
+            except MeasurementFailed as error:
+                results.append(error)
+        return results
+
     def cancel(self) -> None:
         """End the measurer's waits at once (Ctrl-C while it measures in another thread); none by default."""
 

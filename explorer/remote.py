@@ -23,8 +23,10 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from explorer.blockrun import AdaptiveRepeats, BlockTimes
 from explorer.boards import Board
@@ -62,6 +64,8 @@ from explorer.measure import (
 
 log = logging.getLogger(__name__)
 SCHEME = "remote://"
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class ServerError(Exception):
@@ -307,18 +311,28 @@ class RemoteMeasurer:
 
     def measure_many(self, graph, compressor, board, plans, calibration_inputs=None) -> list[Measurement | MeasurementFailed]:
         """Measure plans in parallel, one per server at a time; a plan that fails gives its MeasurementFailed."""
+        return self._in_parallel(lambda plan: self.measure(graph, compressor, board, plan, calibration_inputs), plans)
+
+    def measure_interleaved_many(self, graph, compressor, board, groups, calibration_inputs=None, repeats: int = 5,
+                                 adaptive: AdaptiveRepeats = SEARCH_REPEATS) -> list[list[Interleaved] | MeasurementFailed]:
+        """Interleaved runs in parallel, each group on one server; a group that fails gives its MeasurementFailed."""
+        return self._in_parallel(lambda group: self.measure_interleaved(graph, compressor, board, group,
+                                                                        calibration_inputs, repeats, adaptive), groups)
+
+    def _in_parallel(self, measure: Callable[[T], R], items: list[T]) -> list[R | MeasurementFailed]:
+        """`measure` of every item, as many at once as there are servers, in order (MeasurementFailed kept)."""
         self._connect()
 
-        def one(plan):
+        def one(item: T) -> R | MeasurementFailed:
             try:
-                return self.measure(graph, compressor, board, plan, calibration_inputs)
+                return measure(item)
             except MeasurementFailed as error:
                 return error
 
-        pool = ThreadPoolExecutor(max_workers=max(1, min(len(plans), self.parallelism)))
+        pool = ThreadPoolExecutor(max_workers=max(1, min(len(items), self.parallelism)))
         try:
-            return list(pool.map(one, plans))
-        except KeyboardInterrupt:  # the other plans' waits end now, not at their deadlines
+            return list(pool.map(one, items))
+        except KeyboardInterrupt:  # the other waits end now, not at their deadlines
             self.cancel()
             raise
         finally:

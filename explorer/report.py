@@ -540,32 +540,43 @@ def _solver_accuracy_text(problem: Problem, solution) -> str:
     return f"additive accuracy estimate: {drop}"
 
 
-def print_solve_confirmation(problem: Problem, result, confirmation) -> None:
+def print_solve_confirmation(problem: Problem, result, confirmation, at_typical: tuple[float, float] | None = None) -> None:
     """The solver's plan confirmed against the reference plans (interleaved), and its prediction against that."""
-    figures = solve_confirmation_json(problem, result, confirmation)
+    figures = solve_confirmation_json(problem, result, confirmation, at_typical)
+    typical = ""
+    if figures.get("latency_ms_at_typical_speed") is not None:
+        typical = (f"; at the device's typical speed {figures['latency_ms_at_typical_speed']:.3f} ms "
+                   f"({100 * figures['prediction_error_at_typical_speed']:+.1f} %; measured beside the table's reference "
+                   f"plan, which took {figures['device_speed']:.2f}x its typical time)")
     console.print(f"confirmed ({confirmation.measured_by}): solver plan {figures['latency_ms']:.3f} ms, predicted "
-                  f"{figures['predicted_latency_ms']:.3f} ms ({100 * figures['prediction_error']:+.1f} %); best reference "
+                  f"{figures['predicted_latency_ms']:.3f} ms ({100 * figures['prediction_error']:+.1f} %){typical}; "
+                  f"best reference "
                   f"{figures['best_reference']} {figures['best_reference_latency_ms']:.3f} ms "
                   f"({'no worse' if figures['no_worse_than_references'] else '[red]the reference is better[/]'} on "
                   f"{problem.objective.describe()})", soft_wrap=True)
 
 
-def solve_confirmation_json(problem: Problem, result, confirmation) -> dict:
-    """Confirmed latency of the solver's plan, its prediction error and the best feasible reference plan."""
+def solve_confirmation_json(problem: Problem, result, confirmation, at_typical: tuple[float, float] | None = None) -> dict:
+    """Confirmed latency of the solver's plan, its prediction error and the best feasible reference plan; with
+    `at_typical` (kernels.at_typical_speed: the plan's seconds at the table's typical speed, and the device's speed
+    then), the prediction's error against that too."""
     by_digest = {p.plan.digest(): p for p in confirmation.plans}
     chosen = by_digest[result.plan.digest()]
     references = [(name, by_digest[plan.digest()]) for name, plan in problem.reference_plans()]
     feasible = [(name, p) for name, p in references if p.evaluation.feasible] or references
     name, best = min(feasible, key=lambda item: item[1].ratio)
     predicted_ms = chosen_solution(result).latency_s * 1e3
+    typical_ms, speed = (at_typical[0] * 1e3, at_typical[1]) if at_typical else (None, None)
     return {"latency_ms": chosen.latency_ms, "latency_ci_ms": chosen.latency_ci_ms, "predicted_latency_ms": predicted_ms,
             "prediction_error": predicted_ms / chosen.latency_ms - 1, "best_reference": name,
             "best_reference_latency_ms": best.latency_ms, "objective_ratio_to_best_reference": chosen.ratio / best.ratio,
-            "no_worse_than_references": chosen.ratio <= best.ratio, "measured_by": confirmation.measured_by}
+            "no_worse_than_references": chosen.ratio <= best.ratio, "measured_by": confirmation.measured_by,
+            "latency_ms_at_typical_speed": typical_ms, "device_speed": speed,
+            "prediction_error_at_typical_speed": predicted_ms / typical_ms - 1 if typical_ms else None}
 
 
 def solve_json(problem: Problem, result, rows: list[tuple[str, Evaluation]], out: str | None,
-               confirmation=None) -> dict:
+               confirmation=None, at_typical: tuple[float, float] | None = None) -> dict:
     """`explorer solve --json`: the plan, the cost model's prediction, the evaluation and the rounds."""
     solution, baseline = chosen_solution(result), problem.baseline()
     return {"command": "solve", "model": problem.graph.source, "board": problem.board.name,
@@ -578,7 +589,8 @@ def solve_json(problem: Problem, result, rows: list[tuple[str, Evaluation]], out
                           "accuracy_drop_points": 100 * solution.accuracy_drop if problem.scorer.measured else None},
             "evaluation": evaluation_json(result.evaluation, baseline),
             "rows": [{"name": name} | evaluation_json(e, baseline) for name, e in rows], "out": out,
-            "confirmed": solve_confirmation_json(problem, result, confirmation) if confirmation is not None else None}
+            "confirmed": solve_confirmation_json(problem, result, confirmation, at_typical) if confirmation is not None
+            else None}
 
 
 def print_zoo_training(path: Path, metrics: dict) -> None:
@@ -811,7 +823,8 @@ def print_profile(problem: Problem, result, held_out=None) -> None:
                       f"measured now: {100 * held_out.within(held_out.block_errors, 0.10):.0f} % of blocks and "
                       f"{100 * held_out.within(held_out.plan_errors, 0.10):.0f} % of plans within +/-10 % of the table's "
                       f"prediction ({100 * held_out.within(held_out.plan_errors, 0.25):.0f} % of plans within +/-25 %; "
-                      f"predictions at the device's speed now, {held_out.speed:.2f}x its typical time during profiling)",
+                      f"measured as the table was, beside the reference plan, at the typical speed; the device ran at "
+                      f"{held_out.speed:.2f}x its typical time meanwhile)",
                       soft_wrap=True)
 
 

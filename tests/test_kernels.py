@@ -18,12 +18,15 @@ from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.cli import main
 from explorer.compress import Compressor
+from explorer.confirm import confirm
 from explorer.graph import LayerGraph
 from explorer.kernels import (
     KINDS,
+    PAIRED_GROUP,
     KernelCostModel,
     KernelStore,
     Terms,
+    at_typical_speed,
     check,
     design_plans,
     device_cost_model,
@@ -31,11 +34,13 @@ from explorer.kernels import (
     profile,
     term_kind,
 )
-from explorer.measure import BlockReport, Device, Measurement, Measurer
+from explorer.measure import BlockReport, Device, Interleaved, Measurement, MeasurementFailed, Measurer
+from explorer.measured_solver import solve_measured
 from explorer.milp import picks_for, predicted
 from explorer.partition import block_boundaries
 from explorer.plan import Decision
 from explorer.problem import Constraints, Objective, Problem
+from explorer.report import solve_confirmation_json
 from explorer.solver import instance_for, solve_problem
 
 EXACT = 1e-6  # relative: what "exact" means for sums of floats fitted by least squares
@@ -69,8 +74,9 @@ def quick_predictor(monkeypatch):
 class AdditiveDevice(Measurer):
     """A device whose unit blocks take exactly the sum of hidden seconds of their terms: a random positive value per
     layer term, a negative merge term, small random pair and (positive) edge corrections (times `corrections`).
-    Values are drawn the first time a term is met (so identical terms of two models cost the same). Counts every plan
-    measure_many is given; `interrupt_at`: the measure_many call (1-based) that raises KeyboardInterrupt (Ctrl-C)."""
+    Values are drawn the first time a term is met (so identical terms of two models cost the same). Keeps the plans of
+    every call of measure_interleaved_many (each group's reference plan left out); `interrupt_at`: the call (1-based)
+    that raises KeyboardInterrupt (Ctrl-C)."""
 
     name = "fake"
     simulated = False
@@ -82,8 +88,10 @@ class AdditiveDevice(Measurer):
         self.parallelism = parallelism
         self.fingerprint, self.onnxruntime = fingerprint, onnxruntime
         self.hidden: dict[str, float] = {}
-        self.batches: list[list[str]] = []  # plan digests of each measure_many call
+        self.batches: list[list[str]] = []  # plan digests of each measure_interleaved_many call
         self.interrupt_at: int | None = None
+        self.broken: set[str] = set()  # digests of plans that cannot be measured (MeasurementFailed)
+        self.speed = 1.0  # every time multiplied by this (a device slower than while it was profiled: > 1)
 
     def identity(self, board):
         return f"fake-additive:{self.fingerprint}:{self.onnxruntime}"
@@ -114,16 +122,23 @@ class AdditiveDevice(Measurer):
         return [sum(self.seconds(k) for k in keys) for keys in Terms(graph, board, compressor).blocks(plan)]
 
     def measure(self, graph, compressor, board, plan, calibration_inputs=None) -> Measurement:
-        seconds = self.block_seconds(graph, board, compressor, plan)
+        if plan.digest() in self.broken:
+            raise MeasurementFailed("this plan cannot be measured on the fake device")
+        seconds = [self.speed * s for s in self.block_seconds(graph, board, compressor, plan)]
         blocks = [BlockReport(b, boundary.processor, list(boundary.layer_names), 1e3 * s, 0.0, 0.0, 0.0, 0.0)
                   for b, (boundary, s) in enumerate(zip(block_boundaries(graph, plan), seconds))]
         return Measurement(1e3 * sum(seconds), 0.0, 0.0, "fake", {}, blocks, self.label(board))
 
-    def measure_many(self, graph, compressor, board, plans, calibration_inputs=None):
+    def measure_interleaved(self, graph, compressor, board, plans, calibration_inputs=None, repeats=5, adaptive=None):
+        measured = [self.measure(graph, compressor, board, plan) for plan in plans]
+        return [Interleaved(m, [m]) for m in measured]  # one round: the device never changes speed
+
+    def measure_interleaved_many(self, graph, compressor, board, groups, calibration_inputs=None, repeats=5,
+                                 adaptive=None):
         if self.interrupt_at is not None and len(self.batches) + 1 == self.interrupt_at:
             raise KeyboardInterrupt
-        self.batches.append([plan.digest() for plan in plans])
-        return super().measure_many(graph, compressor, board, plans, calibration_inputs)
+        self.batches.append([plan.digest() for group in groups for plan in group[1:]])  # after each reference plan
+        return super().measure_interleaved_many(graph, compressor, board, groups, calibration_inputs, repeats, adaptive)
 
     def measured(self) -> list[str]:
         return [d for batch in self.batches for d in batch]
@@ -311,25 +326,27 @@ def test_an_interrupted_profile_resumes_where_it_stopped_and_skips_a_torn_line(b
     problem.baseline_plan()  # measured (and kept in memory) before the count starts: the warm-up needs it
     design = design_plans(problem)
     device.batches.clear()
-    device.interrupt_at = 5  # Ctrl-C in the fifth batch of two plans
+    step = 2 * PAIRED_GROUP  # plans per batch: a group on each of two servers
+    device.interrupt_at = 3  # Ctrl-C in the third batch
     with pytest.raises(KeyboardInterrupt):
         profile(problem)
-    assert device.measured() == [plan.digest() for plan in design[:8]]
+    assert len(design) > 3 * step and device.measured() == [plan.digest() for plan in design[:2 * step]]
     store = KernelStore(device.device(board))
     assert [entry["plan"] for entry in store.entries()] == device.measured()  # kept as each batch came back
 
     lines = store.path.read_bytes().splitlines(keepends=True)
-    assert len(lines) == 8
+    assert len(lines) == 2 * step
     store.path.write_bytes(b"".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 2])  # the last write torn
-    assert len(KernelStore(device.device(board)).entries()) == 7
+    assert len(KernelStore(device.device(board)).entries()) == 2 * step - 1
 
     device.batches.clear()
     device.interrupt_at = None
     progress: list[tuple[int, int]] = []
     result = profile(problem, progress=lambda done, total: progress.append((done, total)))
-    assert (result.recalled, result.measured, result.failed) == (7, len(design) - 7, 0)
-    assert device.measured() == [plan.digest() for plan in design[7:]]  # the torn one again, then the rest
-    assert progress[0] == (7, len(design)) and progress[-1] == (len(design), len(design))
+    kept = 2 * step - 1
+    assert (result.recalled, result.measured, result.failed) == (kept, len(design) - kept, 0)
+    assert device.measured() == [plan.digest() for plan in design[kept:]]  # the torn one again, then the rest
+    assert progress[0] == (kept, len(design)) and progress[-1] == (len(design), len(design))
     reread = KernelStore(device.device(board))
     assert sorted(entry["plan"] for entry in reread.entries()) == sorted(plan.digest() for plan in design)
 
@@ -343,6 +360,21 @@ def test_an_interrupted_profile_resumes_where_it_stopped_and_skips_a_torn_line(b
     assert whole.seconds.keys() == result.table.seconds.keys()
     assert [whole.seconds[k] for k in sorted(whole.seconds)] == pytest.approx(
         [result.table.seconds[k] for k in sorted(whole.seconds)], rel=1e-6, abs=1e-12)
+
+
+def test_a_plan_that_cannot_be_measured_fails_alone_and_a_later_profile_tries_it_again(board):
+    device = AdditiveDevice()
+    problem = _problem(mlp(), board, device)
+    design = design_plans(problem)
+    spared = {problem.baseline_plan().digest(), kernels.reference_plan(problem).digest()}  # measured in every run
+    device.broken = {next(plan.digest() for plan in design[1:] if plan.digest() not in spared)}
+    result = profile(problem)
+    assert (result.measured, result.failed) == (len(design) - 1, 1)
+    assert {entry["plan"] for entry in KernelStore(device.device(board)).entries()} == {
+        plan.digest() for plan in design if plan.digest() not in device.broken}
+    device.broken = set()
+    again = profile(problem)
+    assert (again.recalled, again.measured, again.failed) == (len(design) - 1, 1, 0)
 
 
 def test_a_budget_measures_that_many_plans_and_a_later_profile_the_rest(board, quick_predictor):
@@ -460,6 +492,22 @@ def test_profile_on_the_simulated_board_is_refused_in_one_line(capsys, tmp_path,
     assert "--measure sim: a simulated board needs no kernel table" in err
     assert not (runs / "cache" / "kernels").exists() or not any((runs / "cache" / "kernels").iterdir())
 
+
+
+def test_solve_confirms_its_plan_against_the_table_at_the_devices_typical_speed(board):
+    device = AdditiveDevice(corrections=0.0)
+    problem = _problem(small_cnn(), board, device)
+    profile(problem)
+    problem.cost_model, problem.cost_model_note = device_cost_model(problem)
+    result = solve_measured(problem)
+    device.speed = 2.0  # half as fast as while profiling (a busy shared machine)
+    confirmation = confirm(problem, [result.plan, *(plan for _, plan in problem.reference_plans())])
+    figures = solve_confirmation_json(problem, result, confirmation, at_typical_speed(problem, result.plan))
+    assert figures["prediction_error"] == pytest.approx(-0.5, rel=1e-6)  # absolute: the device's speed now
+    assert figures["device_speed"] == pytest.approx(2.0, rel=1e-6)
+    assert figures["latency_ms_at_typical_speed"] == pytest.approx(figures["latency_ms"] / 2, rel=1e-6)
+    assert abs(figures["prediction_error_at_typical_speed"]) < EXACT
+    assert figures["no_worse_than_references"]
 
 
 def test_a_measured_plan_refits_the_table_towards_its_blocks(board):

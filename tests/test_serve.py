@@ -303,6 +303,22 @@ def test_parallel_servers_share_the_plans_and_a_killed_server_means_retry_elsewh
     assert info["measurements"] >= 16 - killed["at"]
 
 
+def test_interleaved_runs_of_a_profile_are_shared_among_servers(two_servers, board, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    measurer = RemoteMeasurer(",".join(["remote://" + two_servers[0].address, two_servers[1].address]), warmup=1,
+                              repeats=3)
+    problem = _problem(board, measurer)
+    plan = problem.uniform_plan("cpu")
+    other = plan.with_decision(problem.graph.layers[2].name, Decision(processor="cpu1"))
+    before = [server.request("GET", "/info")[1]["measurements"] for server in two_servers]
+    groups = [[plan, other], [other, plan]]
+    results = measurer.measure_interleaved_many(problem.graph, problem.compressor, board, groups, None, 2,
+                                                AdaptiveRepeats(max_seconds=0.3))
+    assert [len(r) for r in results] == [2, 2] and all(len(r.rounds) >= 1 for group in results for r in group)
+    after = [server.request("GET", "/info")[1]["measurements"] for server in two_servers]
+    assert [a - b for a, b in zip(after, before)] == [1, 1]  # one run on each server, at once
+
+
 def test_when_no_server_can_measure_the_trial_fails_and_the_search_completes(server, board, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     problem = _problem(board, RemoteMeasurer(f"remote://{server.address}", warmup=1, repeats=3, rest_s=0.1, adaptive=None),
