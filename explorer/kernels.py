@@ -22,9 +22,9 @@ threads), not by model: identical layers of two models share entries.
 The terms are fitted by least squares (relative errors) to the measured blocks of designed plans: processors
 alternating layer by layer (every block one layer: layer and edge terms), then pairs of layers on one processor
 at every pair of precisions (pair terms). They are measured through the measurer protocol (this machine, or
-measurement servers in parallel) in groups interleaved with the model's reference plan, and kept as times over
-the reference's in the same rounds (scaled to its typical time), so that the device's changing speed does not land
-on the terms measured in a slow or a fast second. Observations are kept per
+measurement servers in parallel) in groups interleaved with the model's reference plan, each block kept as its time
+over the reference's blocks on the same processor in the same rounds (scaled to their typical time), so that the
+device's changing speed does not land on the terms measured in a slow or a fast second. Observations are kept per
 device (its fingerprint and ONNX Runtime version: either changing starts a new table) in an append-only file,
 so an interrupted profile resumes where it stopped.
 """
@@ -393,7 +393,8 @@ class Paired:
 
     def speed(self, typical: dict[str, float]) -> float:
         """The device's speed during this measurement: the reference's seconds then over `typical` (1: the same)."""
-        return sum(self.reference_s.values()) / sum(typical.get(p, 0.0) for p in self.reference_s)
+        usual = sum(typical.get(p, 0.0) for p in self.reference_s)
+        return sum(self.reference_s.values()) / usual if usual > 0 else 1.0
 
 
 def measure_paired(problem, plans: list[Plan]) -> list[Paired | MeasurementFailed]:
