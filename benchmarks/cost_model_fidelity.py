@@ -1,7 +1,8 @@
 """Cost-model fidelity on this machine: predicted against measured latency of held-out random plans, per unit block
 and per whole plan, for the roofline model, the measured kernel table and the predictor on a model it never saw.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/cost_model_fidelity.py [--models vgg,dnn,cnn] [--plans 24] [--json F]
+    PYTHONPATH=. .venv/bin/python benchmarks/cost_model_fidelity.py [--models vgg,dnn,cnn] [--plans 24] [--design-seeds 0,1]
+        [--json F]
 
 Needs the `host` board (`explorer calibrate`). For each model: its kernel table is profiled on this machine
 (`explorer profile`: designed plans, resumed from the store when they were measured before; the profiling time is
@@ -65,7 +66,7 @@ def roofline_errors(problem: Problem, plans, measurements: list, typical: dict[s
     return blocks, whole
 
 
-def evaluate(models: list[str], plans_count: int, seed: int) -> list[dict]:
+def evaluate(models: list[str], plans_count: int, seed: int, design_seeds: list[int]) -> list[dict]:
     problems = {name: zoo_problem(name, "host", measure="host", latency_ms=None, max_accuracy_drop_points=None)
                 for name in models}
     fingerprints = {name: problem.graph.fingerprint() for name, problem in problems.items()}
@@ -73,11 +74,11 @@ def evaluate(models: list[str], plans_count: int, seed: int) -> list[dict]:
     for name, problem in problems.items():
         print(f"{name}: profiling (designed plans)", file=sys.stderr)
         started = time.monotonic()
-        result = profile(problem, seed=seed)
-        profiled[name] = (result, time.monotonic() - started)
+        results = [profile(problem, seed=design_seed) for design_seed in design_seeds]
+        profiled[name] = (results, time.monotonic() - started)
     records = []
     for name, problem in problems.items():
-        result, profile_s = profiled[name]
+        results, profile_s = profiled[name]
         store = KernelStore(problem.measurer.device(problem.board))  # read again: every model's profile is in it now
         table = store.table()
         rng = np.random.default_rng(seed + 1000)
@@ -105,8 +106,9 @@ def evaluate(models: list[str], plans_count: int, seed: int) -> list[dict]:
         roof_blocks, roof_plans = roofline_errors(problem, plans, first, typical)
         counts = table.counts()
         records.append({
-            "model": name, "plans": plans_count, "profile_seconds": profile_s, "plans_profiled": result.measured,
-            "plans_recalled": result.recalled, "terms": counts, "fallback_terms_predictor": predictor_check.fallback_terms,
+            "model": name, "plans": plans_count, "profile_seconds": profile_s, "design_seeds": design_seeds,
+            "plans_profiled": sum(r.measured for r in results), "plans_recalled": sum(r.recalled for r in results),
+            "terms": counts, "fallback_terms_predictor": predictor_check.fallback_terms,
             "speeds": table_check.speeds,
             "roofline": {"blocks": shares(roof_blocks), "plans": shares(roof_plans)},
             "table": {"blocks": shares(table_check.block_errors), "plans": shares(table_check.plan_errors)},
@@ -122,10 +124,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vgg,dnn,cnn", help="zoo models (the predictor of each is trained on the others)")
     parser.add_argument("--plans", type=int, default=24, help="held-out random plans per model")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out plans (+1000)")
+    parser.add_argument("--design-seeds", default="0",
+                        help="profile each model with these design seeds (explorer profile --seed): more observations per term")
     parser.add_argument("--json")
     args = parser.parse_args()
-    records = evaluate(args.models.split(","), args.plans, args.seed)
+    records = evaluate(args.models.split(","), args.plans, args.seed, [int(s) for s in args.design_seeds.split(",")])
 
     def cell(r: dict, what: str, level: str, key: str) -> str:
         return f"{100 * r[what][level][key]:.0f}%"
