@@ -66,6 +66,7 @@ PAIRED_REPEATS = AdaptiveRepeats(max_seconds=3.0)  # one run's cap, all its plan
 PAIRED_REPEATS_PER_ROUND = 2  # each plan's repeats in a round: short rounds pair closely in time
 MEASURED_WEIGHT = 3  # a plan the solver chose and then measured counts as this many designed blocks in a refit
 LONG_BLOCK_PLANS = 4  # designed plans per processor and precision with every layer in one block (random rungs)
+MIXED_BLOCK_PLANS = 24  # designed plans of blocks of 1-4 layers at random choices, processors in turn
 
 
 def term_kind(key: str) -> str:
@@ -289,8 +290,9 @@ def design_plans(problem, seed: int = 0) -> list[Plan]:
     between them (every block one layer) until each layer has had each of its decisions on each processor; the
     same with every other layer int8 (the edge terms); then layers in pairs on one processor (P P Q Q ...) at
     every pair of precisions, at random rungs, so that each neighbouring pair of layers shares a block at each
-    pair of precisions; and whole plans on one processor at one precision (random rungs), the long blocks where
-    merge and pair terms add up. Deterministic with `seed`."""
+    pair of precisions; whole plans on one processor at one precision (random rungs), the long blocks where
+    merge and pair terms add up; and plans of blocks of 1-4 layers at random choices, the processors in turn (the
+    neighbours a layer meets inside the blocks of a search's plans). Deterministic with `seed`."""
     rng = np.random.default_rng(seed)
     graph = problem.graph
     layers = graph.layers
@@ -356,6 +358,15 @@ def design_plans(problem, seed: int = 0) -> list[Plan]:
                         choices = on(i, where, precision)
                         decisions.append(choices[int(rng.integers(len(choices)))] if choices else default(i, where))
                     add(decisions)
+    for _ in range(MIXED_BLOCK_PLANS):  # blocks of 1-4 layers at random choices: neighbours as searches meet them
+        decisions, k = [], int(rng.integers(len(processors)))
+        while len(decisions) < len(layers):
+            p = processors[k % len(processors)]
+            for i in range(len(decisions), min(len(decisions) + int(rng.integers(1, 5)), len(layers))):
+                choices = on(i, p)
+                decisions.append(choices[int(rng.integers(len(choices)))] if choices else default(i, p))
+            k += 1
+        add(decisions)
     return list(plans.values())
 
 
