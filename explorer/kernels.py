@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -275,10 +275,9 @@ class KernelStore:
         observations: list[tuple[list[str], float]] = []
         infos: dict[str, TermInfo] = {}
         for entry in entries:
-            speed = typical.get(entry["model"], {})
-            whole = sum(speed.values())
-            observations += [(list(keys), float(ratio) * speed.get(processor, whole))
-                             for keys, ratio, processor in entry["blocks"]]
+            blocks = entry["blocks"]  # [terms, time over the reference on its processor, processor]
+            seconds = seconds_at([b[1] for b in blocks], [b[2] for b in blocks], typical.get(entry["model"], {}))
+            observations += [(list(b[0]), s) for b, s in zip(blocks, seconds)]
             infos.update({k: TermInfo(kind, features) for k, (kind, features) in entry["terms"].items()})
         seconds, observed = fit_terms(observations)
         return KernelTable(self.device, seconds, observed, infos, len(observations), typical, observations)
@@ -399,13 +398,19 @@ class Paired:
 
     def blocks_at(self, typical: dict[str, float]) -> list[float]:
         """Each block's seconds at the speed whose reference seconds per processor are `typical`."""
-        whole = sum(typical.values())
-        return [ratio * typical.get(processor, whole) for ratio, processor in zip(self.block_ratios, self.processors)]
+        return seconds_at(self.block_ratios, self.processors, typical)
 
     def speed(self, typical: dict[str, float]) -> float:
         """The device's speed during this measurement: the reference's seconds then over `typical` (1: the same)."""
         usual = sum(typical.get(p, 0.0) for p in self.reference_s)
         return sum(self.reference_s.values()) / usual if usual > 0 else 1.0
+
+
+def seconds_at(ratios: Sequence[float], processors: Sequence[str], typical: dict[str, float]) -> list[float]:
+    """Blocks' seconds from their times over the reference's blocks on their processor, at the speed whose reference
+    seconds per processor are `typical` (a processor the reference does not use: over the whole reference)."""
+    whole = sum(typical.values())
+    return [float(ratio) * typical.get(processor, whole) for ratio, processor in zip(ratios, processors)]
 
 
 def measure_paired(problem, plans: list[Plan]) -> list[Paired | MeasurementFailed]:
