@@ -64,7 +64,7 @@ _ROBUST_ROUNDS = 4
 PAIRED_GROUP = 6  # plans per interleaved run (with the reference plan)
 PAIRED_REPEATS = AdaptiveRepeats(max_seconds=3.0)  # one run's cap, all its plans together
 PAIRED_REPEATS_PER_ROUND = 2  # each plan's repeats in a round: short rounds pair closely in time
-MEASURED_WEIGHT = 3  # a plan the solver chose and then measured counts as this many designed blocks in a refit
+MEASURED_WEIGHT = 10  # a block of a plan the solver chose and then measured counts as this many designed blocks
 LONG_BLOCK_PLANS = 4  # designed plans per processor and precision with every layer in one block (random rungs)
 MIXED_BLOCK_PLANS = 24  # designed plans of blocks of 1-4 layers at random choices, processors in turn
 
@@ -183,6 +183,9 @@ class KernelTable:
     # model fingerprint -> processor -> its reference plan's typical seconds on that processor
     references: dict[str, dict[str, float]] = field(default_factory=dict)
     observations: list[tuple[list[str], float]] = field(default_factory=list, repr=False)  # what it was fitted to
+    # blocks of plans the solver chose and then measured (KernelCostModel.with_measured), each counted
+    # MEASURED_WEIGHT times and never weighted down as outliers
+    chosen: list[tuple[list[str], float]] = field(default_factory=list, repr=False)
 
     def __contains__(self, key: str) -> bool:
         return key in self.seconds
@@ -198,16 +201,22 @@ class KernelTable:
         return {kind: sum(term_kind(k) == kind for k in self.seconds) for kind in KINDS}
 
 
-def fit_terms(observations: list[tuple[list[str], float]]) -> tuple[dict[str, float], dict[str, int]]:
+def fit_terms(observations: list[tuple[list[str], float]],
+              chosen: Sequence[tuple[list[str], float]] = ()) -> tuple[dict[str, float], dict[str, int]]:
     """Seconds per term from measured blocks (terms, seconds), by least squares on relative errors (each block
-    weighted by 1 / its time), pair and edge terms held towards 0 (see _RIDGE), then clipped to what each kind can be (layer
-    and edge terms not negative, merge terms not positive)."""
+    weighted by 1 / its time), pair and edge terms held towards 0 (see _RIDGE), then clipped to what each kind can be
+    (layer and edge terms not negative, merge terms not positive). `chosen`: blocks of plans the solver chose, each
+    counted MEASURED_WEIGHT times and kept whole by the robust fit (the table errs most where the solver looks)."""
+    trusted = len(observations)
+    observations = [*observations, *chosen]
     keys = sorted({key for terms, _ in observations for key in terms})
     if not keys:
         return {}, {}
     column = {key: j for j, key in enumerate(keys)}
     times = np.array([seconds for _, seconds in observations], dtype=float)
     weight = 1.0 / np.maximum(times, 1e-7)
+    emphasis = np.ones(len(observations))
+    emphasis[trusted:] = np.sqrt(MEASURED_WEIGHT)  # as if each were there MEASURED_WEIGHT times
     entries = [(r, column[key]) for r, (terms, _) in enumerate(observations) for key in terms]
     rows = csr_matrix((np.ones(len(entries)), ([r for r, _ in entries], [c for _, c in entries])),
                       shape=(len(observations), len(keys)))  # a key twice in a block counts twice
@@ -216,11 +225,12 @@ def fit_terms(observations: list[tuple[list[str], float]]) -> tuple[dict[str, fl
     robust = np.ones(len(observations))
     solution = np.zeros(len(keys))
     for _ in range(_ROBUST_ROUNDS):  # Huber weights: a block measured in a burst of load pulls its terms less
-        a = vstack([diags(weight * robust) @ rows, diags(ridge)]).tocsr()
-        b = np.concatenate([robust, np.zeros(len(keys))])
+        a = vstack([diags(weight * robust * emphasis) @ rows, diags(ridge)]).tocsr()
+        b = np.concatenate([robust * emphasis, np.zeros(len(keys))])
         solution = lsqr(a, b, atol=1e-14, btol=1e-14, conlim=1e12, iter_lim=50 * len(keys), x0=solution)[0]
-        relative = np.abs(rows @ solution * weight - 1.0)
+        relative = np.abs(rows @ solution / times - 1.0)
         robust = 1.0 / np.maximum(1.0, relative / _HUBER)
+        robust[trusted:] = 1.0
     # what each kind of term can be: a layer and a QuantizeLinear take time, one fixed cost less saves it
     lower = np.array([-np.inf if term_kind(key) in ("merge", "pair") else 0.0 for key in keys])
     upper = np.array([0.0 if term_kind(key) == "merge" else np.inf for key in keys])
@@ -716,16 +726,16 @@ class KernelCostModel(CostModel):
         every = list(self.terms.plan_infos(plan))
         return cost, all(self.source(key) == "table" for key in every if self.source(key) is not None)
 
-    def with_measured(self, measured: list[tuple[Plan, object]]) -> KernelCostModel:
-        """A copy whose table is fitted again with the blocks of these measured plans (Evaluations) added, each
-        counted MEASURED_WEIGHT times: the integer program's plan is where the table errs in its favour, and its
-        measured blocks correct exactly the terms it leaned on (the measured solver's rounds)."""
-        extra = [(keys, report.latency_ms / 1e3) for plan, evaluation in measured
-                 for keys, report in zip(self.terms.blocks(plan), getattr(evaluation, "blocks", []))]
-        observations = self.table.observations + extra * MEASURED_WEIGHT
-        seconds, observed = fit_terms(observations)
-        table = KernelTable(self.table.device, seconds, observed, self.table.infos, len(observations),
-                            self.table.references, observations)
+    def with_measured(self, measured: list[tuple[Plan, list[float]]]) -> KernelCostModel:
+        """A copy whose table is fitted again with the blocks of these measured plans (each block's seconds) added,
+        each counted MEASURED_WEIGHT times: the integer program's plan is where the table errs in its favour, and
+        its measured blocks correct exactly the terms it leaned on (the measured solver's rounds)."""
+        extra = [(keys, seconds) for plan, blocks in measured for keys, seconds in zip(self.terms.blocks(plan), blocks)]
+        chosen = self.table.chosen + extra
+        seconds, observed = fit_terms(self.table.observations, chosen)
+        table = KernelTable(self.table.device, seconds, observed, self.table.infos,
+                            len(self.table.observations) + len(chosen), self.table.references, self.table.observations,
+                            chosen)
         return KernelCostModel(self.board, self.graph, self.compressor, table, self.predictor)
 
     def calibrated(self, observations: list[tuple[str, str, str, float, float]]) -> KernelCostModel:

@@ -516,6 +516,12 @@ def print_solution(problem: Problem, result, rows: list[tuple[str, Evaluation]])
                   f"energy {solution.energy_j * 1e3:.3f} mJ, weights {solution.weight_bytes / 2**20:.3f} MB, "
                   f"{_solver_accuracy_text(problem, solution)}; {solution.status} in {solution.seconds:.2f} s")
     print_comparison(rows, problem.baseline(), objective_column=problem.objective.single is None)
+    checked = round_predictions(result)
+    if checked:
+        console.print("the rounds' plans measured beside the kernel table's reference plan, at its typical speed: "
+                      + "; ".join(f"round {r['round']} {r['latency_ms_at_typical_speed']:.3f} ms, predicted "
+                                  f"{r['predicted_latency_ms']:.3f} ms ({100 * r['prediction_error']:+.1f} %)"
+                                  for r in checked), soft_wrap=True, highlight=False)
     evaluation = result.evaluation
     print_limits(problem, evaluation if result.feasible else None)
     if not result.feasible:
@@ -524,6 +530,18 @@ def print_solution(problem: Problem, result, rows: list[tuple[str, Evaluation]])
     console.print(f"measured by: {evaluation.measured_by}")
     if not problem.scorer.measured or problem.scorer.synthetic:
         console.print(f"[yellow]{problem.scorer.label}[/]")
+
+
+def round_predictions(result) -> list[dict]:
+    """Each solver round whose plan was measured at the kernel table's typical speed: predicted against measured."""
+    rounds = []
+    for number, (solution, _) in enumerate(result.rounds, 1):
+        error = result.prediction_error(solution)
+        if error is not None:
+            rounds.append({"round": number, "predicted_latency_ms": solution.latency_s * 1e3,
+                           "latency_ms_at_typical_speed": result.typical_s[solution.plan.digest()] * 1e3,
+                           "prediction_error": error})
+    return rounds
 
 
 def chosen_solution(result):
@@ -589,6 +607,7 @@ def solve_json(problem: Problem, result, rows: list[tuple[str, Evaluation]], out
                           "accuracy_drop_points": 100 * solution.accuracy_drop if problem.scorer.measured else None},
             "evaluation": evaluation_json(result.evaluation, baseline),
             "rows": [{"name": name} | evaluation_json(e, baseline) for name, e in rows], "out": out,
+            "round_predictions": round_predictions(result),
             "confirmed": solve_confirmation_json(problem, result, confirmation, at_typical) if confirmation is not None
             else None}
 

@@ -5,7 +5,6 @@ interrupted profile resumes, and terms a table lacks fall back to the predictor 
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -22,6 +21,7 @@ from explorer.confirm import confirm
 from explorer.graph import LayerGraph
 from explorer.kernels import (
     KINDS,
+    MEASURED_WEIGHT,
     PAIRED_GROUP,
     KernelCostModel,
     KernelStore,
@@ -30,12 +30,13 @@ from explorer.kernels import (
     check,
     design_plans,
     device_cost_model,
+    fit_terms,
     plan_seconds,
     profile,
     term_kind,
 )
 from explorer.measure import BlockReport, Device, Interleaved, Measurement, MeasurementFailed, Measurer
-from explorer.measured_solver import solve_measured
+from explorer.measured_solver import MeasuredSolver, solve_measured
 from explorer.milp import picks_for, predicted
 from explorer.partition import block_boundaries
 from explorer.plan import Decision
@@ -521,10 +522,45 @@ def test_a_measured_plan_refits_the_table_towards_its_blocks(board):
     assert isinstance(model, KernelCostModel)
     plan = problem.random_plan(np.random.default_rng(3))
     truth = _truth(device, problem, plan)
-    slower = SimpleNamespace(blocks=[SimpleNamespace(latency_ms=2e3 * seconds) for seconds in truth])
-    refitted = model.with_measured([(plan, slower)])
+    refitted = model.with_measured([(plan, [2 * seconds for seconds in truth])])
     before, after = sum(model.block_seconds(plan)), sum(refitted.block_seconds(plan))
     assert before == pytest.approx(sum(truth), rel=EXACT)
     assert sum(truth) < after < 2 * sum(truth)  # pulled towards the measurement, held by the designed blocks
-    assert refitted.table.blocks == model.table.blocks + 3 * len(truth)  # counted MEASURED_WEIGHT times
+    assert refitted.table.blocks == model.table.blocks + len(truth) and len(refitted.table.chosen) == len(truth)
+    blocks = model.terms.blocks(plan)
+    as_designed, _ = fit_terms(model.table.observations + [(keys, 2 * t) for keys, t in zip(blocks, truth)] * MEASURED_WEIGHT)
+    assert after > sum(as_designed[key] for keys in blocks for key in keys)  # not weighed down as outliers
     assert model.with_measured([]).block_seconds(plan) == pytest.approx(model.block_seconds(plan), rel=EXACT)
+    agreeing = model.with_measured([(plan, truth)])  # measured as the table predicts: nothing to correct
+    assert agreeing.block_seconds(plan) == pytest.approx(truth, rel=1e-4)
+
+
+def test_solve_goes_on_while_its_plans_miss_their_prediction_and_compares_at_the_typical_speed(board):
+    """`explorer solve` on a kernel table: on a device twice as slow as while profiled, an exact table's first plan
+    holds (compared at the typical speed: one round); when the device runs that plan's layers 1.5x slower than
+    the table says, the prediction misses, the table is refitted with its blocks and the rounds go on (the solver agent's
+    rounds, which do not check predictions, stop at the first plan that beats the references)."""
+    device = AdditiveDevice(corrections=0.0)
+    problem = _problem(small_cnn(), board, device)
+    profile(problem)
+    problem.cost_model, problem.cost_model_note = device_cost_model(problem)
+    device.speed = 2.0
+    exact = solve_measured(problem)
+    assert len(exact.rounds) == 1
+    assert exact.prediction_error(exact.rounds[0][0]) == pytest.approx(0.0, abs=EXACT)
+
+    device.speed = 1.0
+    first = exact.plan
+    terms = Terms(problem.graph, problem.board, problem.compressor)
+    for key in {key for block in terms.blocks(first) for key in block if term_kind(key) == "layer"}:
+        device.hidden[key] *= 1.5
+    problem = _problem(small_cnn(), board, device)  # measures afresh (a Problem keeps its evaluations)
+    problem.cost_model, problem.cost_model_note = device_cost_model(problem)
+    assert len(MeasuredSolver(problem).solve().rounds) == 1  # no prediction checked: it still beats the references
+    result = solve_measured(problem)
+    (solution, _), *later = result.rounds
+    assert solution.plan == first and result.prediction_error(solution) < -0.25
+    assert later, "a plan that missed its prediction ended the rounds"
+    assert set(result.typical_s) == {s.plan.digest() for s, _ in result.rounds}
+    assert len({s.plan.digest() for s, _ in result.rounds}) == len(result.rounds)  # a plan measured is not proposed again
+    assert result.typical_s[result.plan.digest()] == min(result.typical_s.values())  # the best round at typical speed
