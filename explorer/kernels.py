@@ -595,17 +595,22 @@ def typical_reference_s(problem, model: KernelCostModel) -> dict[str, float]:
     return predicted
 
 
-def at_typical_speed(problem, plan: Plan) -> tuple[float, float] | None:
-    """The plan's seconds at the device's typical speed in the problem's kernel table (measured now, paired with the
-    reference plan) and the device's speed meanwhile; None when the cost model is no kernel table or it failed."""
-    model = problem.cost_model
-    if not isinstance(model, KernelCostModel):
-        return None
+def blocks_at_typical_speed(problem, model: KernelCostModel, plan: Plan) -> tuple[list[float], float] | None:
+    """The plan's blocks' seconds at the device's typical speed in `model`'s table (measured now, paired with the
+    reference plan) and the device's speed meanwhile; None when the measurement failed."""
     typical = typical_reference_s(problem, model)
     result = measure_paired(problem, [plan])[0]
     if not isinstance(result, Paired):
         return None
-    return sum(result.blocks_at(typical)), result.speed(typical)
+    return result.blocks_at(typical), result.speed(typical)
+
+
+def at_typical_speed(problem, plan: Plan) -> tuple[float, float] | None:
+    """The plan's seconds at the device's typical speed in the problem's kernel table and the device's speed
+    meanwhile (`blocks_at_typical_speed`); None when the cost model is no kernel table or the measurement failed."""
+    model = problem.cost_model
+    measured = blocks_at_typical_speed(problem, model, plan) if isinstance(model, KernelCostModel) else None
+    return None if measured is None else (sum(measured[0]), measured[1])
 
 
 def plan_seconds(table: KernelTable, terms: Terms, plan: Plan) -> tuple[float | None, list[float | None]]:

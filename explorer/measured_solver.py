@@ -25,7 +25,7 @@ import numpy as np
 from explorer.accuracy import sensitivity_table
 from explorer.cost import CostModel
 from explorer.errors import ExplorerError
-from explorer.kernels import KernelCostModel, Paired, measure_paired, typical_reference_s
+from explorer.kernels import KernelCostModel, blocks_at_typical_speed
 from explorer.milp import Instance, Solution, objective_of, picks_for, solve
 from explorer.plan import Plan
 from explorer.problem import Evaluation, Problem
@@ -227,8 +227,8 @@ class MeasuredSolver:
         model's reference plan (kernels.measure_paired), which the table's own measurements were; else None."""
         if not (self.check_predictions and isinstance(self.base_model, KernelCostModel)) or self.problem.measurer.simulated:
             return None
-        result = measure_paired(self.problem, [plan])[0]
-        return result.blocks_at(typical_reference_s(self.problem, self.base_model)) if isinstance(result, Paired) else None
+        measured = blocks_at_typical_speed(self.problem, self.base_model, plan)
+        return None if measured is None else measured[0]
 
 
 def solve_measured(problem: Problem, rounds: int = 6, incumbent: Plan | None = None, cost_model: CostModel | None = None,
