@@ -63,8 +63,10 @@ def corpus_problems(count: int, seed: int) -> list[Problem]:
     problems = []
     for k in range(count):
         path = Path(folder) / f"synthetic-{seed}-{k}.onnx"
-        if not path.exists():
-            onnx.save(synthetic_model(1000 * seed + k), path)
+        if not path.exists():  # written whole or not at all: an interrupted run leaves no broken model
+            partial = path.with_suffix(".partial")
+            onnx.save(synthetic_model(1000 * seed + k), partial)
+            partial.replace(path)
         problems.append(load_problem(str(path), "host", measure="host", latency_ms=None, max_accuracy_drop_points=None))
     return problems
 
@@ -74,7 +76,7 @@ def errors(problem: Problem, store: KernelStore, trained_on: set[str]) -> tuple[
     plans of seed 0 as measured (paired, at its typical speed): relative errors of blocks and of plans."""
     fingerprint = problem.graph.fingerprint()
     table = store.table(models=trained_on)
-    typical = store.table(models={fingerprint}).references[fingerprint]
+    typical = store.references()[fingerprint]
     table.references[fingerprint] = typical  # the device's speed, not kernels
     model = KernelCostModel(problem.board, problem.graph, problem.compressor, table, KernelPredictor.from_table(table))
     model.prime(problem)

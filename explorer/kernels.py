@@ -270,24 +270,29 @@ class KernelStore:
     def entries(self) -> list[dict]:
         return [value for value in self.cache._load().values() if isinstance(value, dict)]
 
+    def references(self, entries: list[dict] | None = None) -> dict[str, dict[str, float]]:
+        """Model fingerprint -> processor -> its reference plan's typical seconds on it: the median over the plans
+        measured beside it (of `entries`, by default every one in the store)."""
+        measured: dict[str, dict[str, list[float]]] = {}
+        for entry in self.entries() if entries is None else entries:
+            for processor, seconds in entry["reference_s"].items():
+                measured.setdefault(entry["model"], {}).setdefault(processor, []).append(float(seconds))
+        return {model: {processor: float(np.median(values)) for processor, values in by_processor.items()}
+                for model, by_processor in measured.items()}
+
     def table(self, models: set[str] | None = None) -> KernelTable:
         """The table fitted to every block measured on this device (of the models with these fingerprints only, when
         given: e.g. to predict a model the table has not seen), each at the device's typical speed: its time over
         the reference plan's on its processor (paired in time) times the median of its model's reference
         measurements on that processor."""
         entries = [e for e in self.entries() if models is None or e["model"] in models]
-        measured: dict[str, dict[str, list[float]]] = {}  # model -> processor -> the reference's seconds
-        for entry in entries:
-            for processor, seconds in entry["reference_s"].items():
-                measured.setdefault(entry["model"], {}).setdefault(processor, []).append(float(seconds))
-        typical = {model: {processor: float(np.median(values)) for processor, values in by_processor.items()}
-                   for model, by_processor in measured.items()}
+        typical = self.references(entries)
         observations: list[tuple[list[str], float]] = []
         infos: dict[str, TermInfo] = {}
         for entry in entries:
             blocks = entry["blocks"]  # [terms, time over the reference on its processor, processor]
-            seconds = seconds_at([b[1] for b in blocks], [b[2] for b in blocks], typical.get(entry["model"], {}))
-            observations += [(list(b[0]), s) for b, s in zip(blocks, seconds)]
+            at_typical = seconds_at([b[1] for b in blocks], [b[2] for b in blocks], typical.get(entry["model"], {}))
+            observations += [(list(b[0]), s) for b, s in zip(blocks, at_typical)]
             infos.update({k: TermInfo(kind, features) for k, (kind, features) in entry["terms"].items()})
         seconds, observed = fit_terms(observations)
         return KernelTable(self.device, seconds, observed, infos, len(observations), typical, observations)

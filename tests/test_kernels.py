@@ -538,8 +538,8 @@ def test_a_measured_plan_refits_the_table_towards_its_blocks(board):
 def test_solve_goes_on_while_its_plans_miss_their_prediction_and_compares_at_the_typical_speed(board):
     """`explorer solve` on a kernel table: on a device twice as slow as while profiled, an exact table's first plan
     holds (compared at the typical speed: one round); when the device runs that plan's layers 1.5x slower than
-    the table says, the prediction misses, the table is refitted with its blocks and the rounds go on (the solver agent's
-    rounds, which do not check predictions, stop at the first plan that beats the references)."""
+    the table says, the prediction misses, the table is refitted with its blocks and the rounds go on (the solver
+    agent's rounds, which do not check predictions, stop at the first plan that beats the references)."""
     device = AdditiveDevice(corrections=0.0)
     problem = _problem(small_cnn(), board, device)
     profile(problem)
