@@ -64,7 +64,8 @@ _ROBUST_ROUNDS = 4
 PAIRED_GROUP = 6  # plans per interleaved run (with the reference plan)
 PAIRED_REPEATS = AdaptiveRepeats(max_seconds=3.0)  # one run's cap, all its plans together
 PAIRED_REPEATS_PER_ROUND = 2  # each plan's repeats in a round: short rounds pair closely in time
-MEASURED_WEIGHT = 10  # a block of a plan the solver chose and then measured counts as this many designed blocks
+MEASURED_WEIGHT = 10  # a block of a plan the solver chose, measured beside the reference plan: this many designed blocks
+SEARCHED_WEIGHT = 3  # a block of a search's trial (measured at the device's speed then): this many designed blocks
 LONG_BLOCK_PLANS = 4  # designed plans per processor and precision with every layer in one block (random rungs)
 MIXED_BLOCK_PLANS = 24  # designed plans of blocks of 1-4 layers at random choices, processors in turn
 
@@ -183,8 +184,8 @@ class KernelTable:
     # model fingerprint -> processor -> its reference plan's typical seconds on that processor
     references: dict[str, dict[str, float]] = field(default_factory=dict)
     observations: list[tuple[list[str], float]] = field(default_factory=list, repr=False)  # what it was fitted to
-    # blocks of plans the solver chose and then measured (KernelCostModel.with_measured), each counted
-    # MEASURED_WEIGHT times and never weighted down as outliers
+    # blocks of plans the solver chose and then measured beside the reference plan (KernelCostModel.with_measured),
+    # each counted MEASURED_WEIGHT times and never weighted down as outliers
     chosen: list[tuple[list[str], float]] = field(default_factory=list, repr=False)
 
     def __contains__(self, key: str) -> bool:
@@ -736,16 +737,22 @@ class KernelCostModel(CostModel):
         every = list(self.terms.plan_infos(plan))
         return cost, all(self.source(key) == "table" for key in every if self.source(key) is not None)
 
-    def with_measured(self, measured: list[tuple[Plan, list[float]]]) -> KernelCostModel:
-        """A copy whose table is fitted again with the blocks of these measured plans (each block's seconds) added,
-        each counted MEASURED_WEIGHT times: the integer program's plan is where the table errs in its favour, and
-        its measured blocks correct exactly the terms it leaned on (the measured solver's rounds)."""
-        extra = [(keys, seconds) for plan, blocks in measured for keys, seconds in zip(self.terms.blocks(plan), blocks)]
-        chosen = self.table.chosen + extra
-        seconds, observed = fit_terms(self.table.observations, chosen)
-        table = KernelTable(self.table.device, seconds, observed, self.table.infos,
-                            len(self.table.observations) + len(chosen), self.table.references, self.table.observations,
-                            chosen)
+    def with_measured(self, measured: list[tuple[Plan, list[float], bool]]) -> KernelCostModel:
+        """A copy whose table is fitted again with the blocks of these measured plans added: (plan, its blocks'
+        seconds, whether at the table's typical speed). The integer program's plan is where the table errs in its
+        favour, and its measured blocks correct exactly the terms it leaned on: blocks at the typical speed (the
+        measured solver's rounds, paired as the table's own) are kept whole, MEASURED_WEIGHT times; blocks at the
+        device's speed then (a search's trials) are fitted as designed blocks are, SEARCHED_WEIGHT times (the robust
+        fit weighs down those of a slow second)."""
+        def blocks(typical: bool) -> list[tuple[list[str], float]]:
+            return [(keys, seconds) for plan, times, at_typical in measured if at_typical == typical
+                    for keys, seconds in zip(self.terms.blocks(plan), times)]
+
+        observations = self.table.observations + blocks(False) * SEARCHED_WEIGHT
+        chosen = self.table.chosen + blocks(True)
+        seconds, observed = fit_terms(observations, chosen)
+        table = KernelTable(self.table.device, seconds, observed, self.table.infos, len(observations) + len(chosen),
+                            self.table.references, observations, chosen)
         return KernelCostModel(self.board, self.graph, self.compressor, table, self.predictor)
 
     def calibrated(self, observations: list[tuple[str, str, str, float, float]]) -> KernelCostModel:

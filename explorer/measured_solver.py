@@ -89,7 +89,8 @@ class MeasuredSolver:
         self.time_limit_s = time_limit_s
         self.accuracy_scale = 1.0  # factor on the accuracy limit the program gets
         self._observations: dict[str, list[Observation]] = {}  # by plan digest, since the base model became the base
-        self._measured: dict[str, tuple[Plan, list[float]]] = {}  # the same, for a kernel table: (plan, blocks' seconds)
+        # the same, for a kernel table: (plan, its blocks' seconds, whether at the table's typical speed)
+        self._measured: dict[str, tuple[Plan, list[float], bool]] = {}
         self._accuracy: dict[str, tuple[float, float]] = {}  # by plan digest: (estimated, measured) accuracy loss
 
     def absorb(self, measured: Iterable[tuple[Plan, Evaluation]], typical_blocks: dict[str, list[float]] | None = None) -> None:
@@ -110,9 +111,12 @@ class MeasuredSolver:
                 self._accuracy[key] = (estimate, evaluation.accuracy_drop)
         if isinstance(self.base_model, KernelCostModel):  # measured terms: fitted again with these blocks
             known = typical_blocks or {}
-            self._measured.update({plan.digest(): (plan, known.get(plan.digest()) or
-                                                   [block.latency_ms / 1e3 for block in evaluation.blocks])
-                                   for plan, evaluation in measured if not evaluation.failed})
+            for plan, evaluation in measured:
+                if evaluation.failed:
+                    continue
+                at_typical = known.get(plan.digest())
+                self._measured[plan.digest()] = (plan, at_typical, True) if at_typical else (
+                    plan, [block.latency_ms / 1e3 for block in evaluation.blocks], False)
             self.cost_model = self.base_model.with_measured(list(self._measured.values()))
             return
         self.cost_model = self.base_model.calibrated([o for observations in self._observations.values() for o in observations])

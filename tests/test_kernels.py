@@ -23,6 +23,7 @@ from explorer.kernels import (
     KINDS,
     MEASURED_WEIGHT,
     PAIRED_GROUP,
+    SEARCHED_WEIGHT,
     KernelCostModel,
     KernelStore,
     Terms,
@@ -522,7 +523,7 @@ def test_a_measured_plan_refits_the_table_towards_its_blocks(board):
     assert isinstance(model, KernelCostModel)
     plan = problem.random_plan(np.random.default_rng(3))
     truth = _truth(device, problem, plan)
-    refitted = model.with_measured([(plan, [2 * seconds for seconds in truth])])
+    refitted = model.with_measured([(plan, [2 * seconds for seconds in truth], True)])
     before, after = sum(model.block_seconds(plan)), sum(refitted.block_seconds(plan))
     assert before == pytest.approx(sum(truth), rel=EXACT)
     assert sum(truth) < after < 2 * sum(truth)  # pulled towards the measurement, held by the designed blocks
@@ -531,8 +532,11 @@ def test_a_measured_plan_refits_the_table_towards_its_blocks(board):
     as_designed, _ = fit_terms(model.table.observations + [(keys, 2 * t) for keys, t in zip(blocks, truth)] * MEASURED_WEIGHT)
     assert after > sum(as_designed[key] for keys in blocks for key in keys)  # not weighed down as outliers
     assert model.with_measured([]).block_seconds(plan) == pytest.approx(model.block_seconds(plan), rel=EXACT)
-    agreeing = model.with_measured([(plan, truth)])  # measured as the table predicts: nothing to correct
+    agreeing = model.with_measured([(plan, truth, True)])  # measured as the table predicts: nothing to correct
     assert agreeing.block_seconds(plan) == pytest.approx(truth, rel=1e-4)
+    searched = model.with_measured([(plan, [2 * seconds for seconds in truth], False)])  # a trial at the device's speed
+    assert len(searched.table.observations) == len(model.table.observations) + SEARCHED_WEIGHT * len(truth)
+    assert not searched.table.chosen and sum(truth) <= sum(searched.block_seconds(plan)) < after  # fitted as designed
 
 
 def test_solve_goes_on_while_its_plans_miss_their_prediction_and_compares_at_the_typical_speed(board):
