@@ -19,20 +19,32 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(argv[1:])
     import signal
 
-    def interrupt(signum, frame):  # SIGTERM while the search stack loads ends as Ctrl-C does
+    signals: list[int] = []
+
+    def interrupt(signum, frame):  # SIGTERM (and Ctrl-C) while the search stack loads: noted, then as Ctrl-C
+        signals.append(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    if ctrl_c is signal.default_int_handler:  # not where it is ignored (a shell's background job)
+        signal.signal(signal.SIGINT, interrupt)
     try:
         from explorer.cli import main as cli_main
     except KeyboardInterrupt:  # Ctrl-C while the search stack loads: nothing started, nothing to keep
         print("explorer: interrupted", file=sys.stderr)
         return 130
     except ImportError as error:
+        if signals:  # an interrupt inside a module's import can surface as an ImportError (a half-imported module)
+            print("explorer: interrupted", file=sys.stderr)
+            return 130
         command = f"`explorer {argv[0]}`" if argv else "explorer"
         print(f"explorer: error: {command} needs the full install (missing {error.name}): pip install 'explorer[full]'; "
               "this install (explorer[server]) runs only `explorer serve`", file=sys.stderr)
         return 2
+    finally:
+        if ctrl_c is signal.default_int_handler:
+            signal.signal(signal.SIGINT, ctrl_c)
     return cli_main(argv)
 
 

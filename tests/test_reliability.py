@@ -187,3 +187,36 @@ def test_two_first_searches_together_both_succeed(tmp_path, small_model):
         assert process.returncode == 0 and "Traceback" not in err, err
         assert "MLflow run:" in out
     assert not list(runs.glob("*.broken-*")) and not list(runs.glob(".*.tmp*"))
+
+
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_an_interrupt_while_the_search_stack_imports_is_not_called_a_missing_install(monkeypatch, capsys, interrupted):
+    """SIGTERM or Ctrl-C inside a module's import can surface as an ImportError (a half-imported module): that ends
+    as interrupted (130), not as a missing install; an ImportError with no interrupt still names the install."""
+    import builtins
+
+    from explorer import entry
+
+    real_import = builtins.__import__
+
+    def importing(name, *args, **kwargs):
+        if name == "explorer.cli":
+            if interrupted:
+                try:
+                    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the signal arrives mid-import
+                except KeyboardInterrupt:
+                    pass
+            raise ImportError("partially initialized module")
+        return real_import(name, *args, **kwargs)
+
+    terminate = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(builtins, "__import__", importing)
+    try:
+        code = entry.main(["search"])
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGTERM, terminate)
+    err = capsys.readouterr().err
+    assert (code, "explorer: interrupted" in err, "full install" in err) == ((130, True, False) if interrupted else
+                                                                           (2, False, True))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C as it was after the import
