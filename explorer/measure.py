@@ -14,8 +14,9 @@ in one run, fresh, until tight or a cap), what explorer/confirm.py confirms a se
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -147,6 +148,21 @@ class MeasurementFailed(ExplorerError):
     """A plan could not be measured (e.g. no measurement server could): the trial fails, the search goes on."""
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def failures_kept(measure: Callable[[T], R]) -> Callable[[T], R | MeasurementFailed]:
+    """`measure`, answering the MeasurementFailed it meets instead of raising it (one item of many fails alone)."""
+    def one(item: T) -> R | MeasurementFailed:
+        try:
+            return measure(item)
+        except MeasurementFailed as error:
+            return error
+
+    return one
+
+
 class ServersUnreachable(ExplorerError):
     """No measurement server can be reached any more (after --wait-for-servers): nothing more can be measured, so
     the search ends with what it measured (summary written, parent run FAILED). Not a MeasurementFailed: a
@@ -191,27 +207,20 @@ class Measurer(Protocol):
                      calibration_inputs: np.ndarray | dict[str, np.ndarray] | None) -> list[Measurement | MeasurementFailed]:
         """Measure several plans, in order: each a Measurement, or the MeasurementFailed it met. One after the
         other unless the measurer measures in parallel (measurement servers)."""
-        results: list[Measurement | MeasurementFailed] = []
-        for plan in plans:
-            try:
-                results.append(self.measure(graph, compressor, board, plan, calibration_inputs))
-            except MeasurementFailed as error:
-                results.append(error)
-        return results
+        def one(plan: Plan) -> Measurement:
+            return self.measure(graph, compressor, board, plan, calibration_inputs)
+
+        return [failures_kept(one)(plan) for plan in plans]
 
     def measure_interleaved_many(self, graph: LayerGraph, compressor: Compressor, board: Board,
                                  groups: list[list[Plan]], calibration_inputs: np.ndarray | dict[str, np.ndarray] | None,
                                  repeats: int, adaptive: AdaptiveRepeats) -> list[list[Interleaved] | MeasurementFailed]:
         """Several interleaved runs, in order (each group as measure_interleaved measures it): each the group's
         results, or the MeasurementFailed it met. One after the other unless the measurer measures in parallel."""
-        results: list[list[Interleaved] | MeasurementFailed] = []
-        for group in groups:
-            try:
-                results.append(self.measure_interleaved(graph, compressor, board, group, calibration_inputs, repeats,
-                                                        adaptive))
-            except MeasurementFailed as error:
-                results.append(error)
-        return results
+        def run(group: list[Plan]) -> list[Interleaved]:
+            return self.measure_interleaved(graph, compressor, board, group, calibration_inputs, repeats, adaptive)
+
+        return [failures_kept(run)(group) for group in groups]
 
     def cancel(self) -> None:
         """End the measurer's waits at once (Ctrl-C while it measures in another thread); none by default."""

@@ -58,6 +58,7 @@ from explorer.measure import (
     ServersUnreachable,
     block_specs,
     board_providers,
+    failures_kept,
     interleaved_from_times,
     measurement_from_times,
 )
@@ -322,16 +323,9 @@ class RemoteMeasurer:
     def _in_parallel(self, measure: Callable[[T], R], items: list[T]) -> list[R | MeasurementFailed]:
         """`measure` of every item, as many at once as there are servers, in order (MeasurementFailed kept)."""
         self._connect()
-
-        def one(item: T) -> R | MeasurementFailed:
-            try:
-                return measure(item)
-            except MeasurementFailed as error:
-                return error
-
         pool = ThreadPoolExecutor(max_workers=max(1, min(len(items), self.parallelism)))
         try:
-            return list(pool.map(one, items))
+            return list(pool.map(failures_kept(measure), items))
         except KeyboardInterrupt:  # the other waits end now, not at their deadlines
             self.cancel()
             raise
