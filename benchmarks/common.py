@@ -1,8 +1,10 @@
-"""Shared pieces of the benchmark scripts: building problems and printing Markdown tables."""
+"""Shared pieces of the benchmark scripts: building problems, summarising prediction errors, printing Markdown tables."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 from explorer.api import load_problem
 from explorer.problem import Problem
@@ -25,3 +27,12 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 def write_json(path: str | None, data) -> None:
     if path:
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def error_shares(errors: list[float]) -> dict[str, float]:
+    """Relative errors (predicted / measured - 1) summarised: how many, the share within +/-10 % and +/-25 %, the
+    median of predicted / measured (nan where there are none)."""
+    e = np.abs(np.asarray(errors, dtype=float))
+    return {"n": int(len(e)), "within_10": float(np.mean(e <= 0.10)) if len(e) else float("nan"),
+            "within_25": float(np.mean(e <= 0.25)) if len(e) else float("nan"),
+            "median_ratio": float(np.median(np.asarray(errors) + 1.0)) if len(e) else float("nan")}

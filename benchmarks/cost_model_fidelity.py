@@ -26,18 +26,11 @@ import time
 
 import numpy as np
 
-from benchmarks.common import markdown_table, write_json, zoo_problem
+from benchmarks.common import error_shares, markdown_table, write_json, zoo_problem
 from explorer.cost import CostModel
 from explorer.kernels import KernelCostModel, KernelStore, Paired, check, measure_paired, profile, warm_up
 from explorer.predictor import KernelPredictor
 from explorer.problem import Problem
-
-
-def shares(errors: list[float]) -> dict[str, float]:
-    e = np.abs(np.asarray(errors, dtype=float))
-    return {"n": int(len(e)), "within_10": float(np.mean(e <= 0.10)) if len(e) else float("nan"),
-            "within_25": float(np.mean(e <= 0.25)) if len(e) else float("nan"),
-            "median_ratio": float(np.median(np.asarray(errors) + 1.0)) if len(e) else float("nan")}
 
 
 def roofline_errors(problem: Problem, plans, measurements: list, typical: dict[str, float]) -> tuple[list[float], list[float]]:
@@ -110,12 +103,12 @@ def evaluate(models: list[str], plans_count: int, seed: int, design_seeds: list[
             "plans_profiled": sum(r.measured for r in results), "plans_recalled": sum(r.recalled for r in results),
             "terms": counts, "fallback_terms_predictor": predictor_check.fallback_terms,
             "speeds": table_check.speeds,
-            "roofline": {"blocks": shares(roof_blocks), "plans": shares(roof_plans)},
-            "table": {"blocks": shares(table_check.block_errors), "plans": shares(table_check.plan_errors)},
-            "predictor": {"blocks": shares(predictor_check.block_errors), "plans": shares(predictor_check.plan_errors),
-                          "trained_on": [m for m in models if m != name]},
-            "repeat": {"blocks": shares(repeat_blocks), "plans": shares(repeat_plans)},
-            "repeat_absolute": {"blocks": shares(raw_blocks), "plans": shares(raw_plans)},
+            "roofline": {"blocks": error_shares(roof_blocks), "plans": error_shares(roof_plans)},
+            "table": {"blocks": error_shares(table_check.block_errors), "plans": error_shares(table_check.plan_errors)},
+            "predictor": {"blocks": error_shares(predictor_check.block_errors),
+                          "plans": error_shares(predictor_check.plan_errors), "trained_on": [m for m in models if m != name]},
+            "repeat": {"blocks": error_shares(repeat_blocks), "plans": error_shares(repeat_plans)},
+            "repeat_absolute": {"blocks": error_shares(raw_blocks), "plans": error_shares(raw_plans)},
         })
     return records
 

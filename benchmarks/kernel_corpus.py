@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from benchmarks.common import markdown_table, write_json, zoo_problem
+from benchmarks.common import error_shares, markdown_table, write_json, zoo_problem
 from explorer.api import load_problem
 from explorer.kernels import KernelCostModel, KernelStore, design_plans, profile, seconds_at
 from explorer.paths import cache_dir
@@ -92,12 +92,6 @@ def errors(problem: Problem, store: KernelStore, trained_on: set[str]) -> tuple[
     return blocks, whole
 
 
-def shares(errors: list[float]) -> dict[str, float]:
-    e = np.asarray(errors, dtype=float)
-    return {"n": int(len(e)), "within_10": float(np.mean(np.abs(e) <= 0.10)),
-            "within_25": float(np.mean(np.abs(e) <= 0.25)), "median_ratio": float(np.median(e + 1.0))}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vgg,dnn,cnn", help="zoo models (each predicted from the others)")
@@ -124,7 +118,7 @@ def main() -> None:
         for label, trained_on in (("other zoo models", others), (with_corpus, others | corpus_prints)):
             print(f"{name}: the predictor trained on the {label}", file=sys.stderr)
             blocks, whole = errors(problem, store, trained_on)
-            records.append({"model": name, "trained_on": label, "blocks": shares(blocks), "plans": shares(whole)})
+            records.append({"model": name, "trained_on": label, "blocks": error_shares(blocks), "plans": error_shares(whole)})
     rows = [[r["model"], r["trained_on"], r["blocks"]["n"], f"{100 * r['blocks']['within_10']:.0f}%",
              f"{100 * r['blocks']['within_25']:.0f}%", f"{100 * r['plans']['within_10']:.0f}%",
              f"{100 * r['plans']['within_25']:.0f}%", f"{r['plans']['median_ratio']:.2f}"] for r in records]
