@@ -4,9 +4,10 @@ and with a corpus of synthetic models profiled on the same device.
 
     PYTHONPATH=. .venv/bin/python benchmarks/kernel_corpus.py [--models vgg,dnn,cnn] [--corpus 8] [--seed 0] [--json F]
 
-Needs the `host` board (`explorer calibrate`). The corpus: `--corpus` VGG-style classifiers with random weights,
-deterministic from `--seed` (1-3 stages of 1-2 3x3 convolutions of 8-128 channels at 16-32 pixels, 1 or 3 input
-channels, 1-2 hidden fully connected layers of 64-512 units; written to runs/cache/corpus/), each profiled as
+Needs the `host` board (`explorer calibrate`). The corpus: `--corpus` classifiers with random weights of three
+families, deterministic from `--seed` (1 or 3 input channels at 16-32 pixels; VGG-style: 1-3 stages of 1-2 3x3
+convolutions of 8-256 channels and 1-2 hidden fully connected layers of 64-2048 units; fully connected: 1-3 hidden
+layers; residual: a stem and 1-4 stages of 1-2 basic blocks; written to runs/cache/corpus/), each profiled as
 `explorer profile` would (designed plans of design seed 0; recalled from the device's store when measured before).
 Each zoo model is profiled too (its designed plans of seed 0 are what the predictions are compared with, measured
 paired at the device's typical speed) but never part of its own predictor's training. Adding the corpus to the
@@ -30,31 +31,65 @@ from explorer.kernels import KernelCostModel, KernelStore, design_plans, profile
 from explorer.paths import cache_dir
 from explorer.predictor import KernelPredictor
 from explorer.problem import Problem
-from explorer.zoo import vgg_onnx
+from explorer.zoo import ResidualBlock, resnet_onnx, vgg_onnx
 
-CHANNELS = (8, 16, 32, 48, 64, 96, 128)
-SIZES = (16, 24, 32)
-HIDDEN = (64, 128, 256, 512)
+CHANNELS = (8, 16, 32, 48, 64, 96, 128, 192, 256)
+SIZES = (16, 24, 28, 32)
+HIDDEN = (64, 128, 256, 512, 1024, 2048)
+FAMILIES = ("vgg", "mlp", "resnet")
+
+
+def _he(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    return (rng.standard_normal(shape) * np.sqrt(2 / fan_in)).astype(np.float32)
+
+
+def _fcs(rng: np.random.Generator, width: int, hidden: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    fcs = []
+    for out in [int(rng.choice(HIDDEN)) for _ in range(hidden)] + [10]:
+        fcs.append((_he(rng, (out, width), width), np.zeros(out, np.float32)))
+        width = out
+    return fcs
 
 
 def synthetic_model(seed: int) -> onnx.ModelProto:
-    """One corpus model: a VGG-style classifier of random shape and He-initialised random weights."""
+    """One corpus model of a random family (VGG-style, fully connected or residual), random shape and He-initialised
+    random weights."""
     rng = np.random.default_rng(seed)
+    family = FAMILIES[int(rng.integers(len(FAMILIES)))]
     size, channels_in = int(rng.choice(SIZES)), int(rng.choice([1, 3]))
+    name = f"synthetic-{seed}"
+    if family == "mlp":  # Flatten, then 1-3 hidden Gemm layers
+        return vgg_onnx([], _fcs(rng, channels_in * size * size, int(rng.integers(1, 4))), (channels_in, size, size),
+                        name, stages=())
+    if family == "resnet":  # stem, 1-4 stages of one or two basic blocks, global pooling, one Gemm
+        stride = int(rng.choice([1, 2]))
+        channels = int(rng.choice(CHANNELS[:4]))
+        stem = (_he(rng, (channels, channels_in, 3, 3), 9 * channels_in), np.zeros(channels, np.float32))
+        stages = []
+        for stage in range(int(rng.integers(1, 5))):
+            out = int(rng.choice([c for c in CHANNELS if c >= channels]))
+            blocks = []
+            for index in range(int(rng.integers(1, 3))):
+                first = index == 0
+                step = 2 if first and stage > 0 else 1
+                shortcut = (_he(rng, (out, channels, 1, 1), channels), np.zeros(out, np.float32)) \
+                    if first and (out != channels or step != 1) else None
+                blocks.append(ResidualBlock((_he(rng, (out, channels, 3, 3), 9 * channels), np.zeros(out, np.float32)),
+                                            (_he(rng, (out, out, 3, 3), 9 * out), np.zeros(out, np.float32)),
+                                            shortcut, step))
+                channels = out
+            stages.append(blocks)
+        fc = (_he(rng, (10, channels), channels), np.zeros(10, np.float32))
+        return resnet_onnx(stem, stages, fc, (channels_in, size, size), name, stem_stride=stride)
     stages = tuple(int(rng.integers(1, 3)) for _ in range(int(rng.integers(1, 4))))
     convs, channels = [], channels_in
     for count in stages:
         out = int(rng.choice(CHANNELS))
         for _ in range(count):
-            weight = rng.standard_normal((out, channels, 3, 3)) * np.sqrt(2 / (9 * channels))
-            convs.append((weight.astype(np.float32), np.zeros(out, np.float32)))
+            convs.append((_he(rng, (out, channels, 3, 3), 9 * channels), np.zeros(out, np.float32)))
             channels = out
     width = channels * (size // 2 ** len(stages)) ** 2
-    fcs = []
-    for out in [int(rng.choice(HIDDEN)) for _ in range(int(rng.integers(1, 3)))] + [10]:
-        fcs.append(((rng.standard_normal((out, width)) * np.sqrt(2 / width)).astype(np.float32), np.zeros(out, np.float32)))
-        width = out
-    return vgg_onnx(convs, fcs, (channels_in, size, size), f"synthetic-{seed}", stages=stages)
+    return vgg_onnx(convs, _fcs(rng, width, int(rng.integers(1, 3))), (channels_in, size, size), name, stages=stages)
 
 
 def corpus_problems(count: int, seed: int) -> list[Problem]:

@@ -27,9 +27,18 @@ over the reference's blocks on the same processor in the same rounds (scaled to 
 device's changing speed does not land on the terms measured in a slow or a fast second. Observations are kept per
 device (its fingerprint and ONNX Runtime version: either changing starts a new table) in an append-only file,
 so an interrupted profile resumes where it stopped.
+
+One effect is not additive: cache pressure. Each block of a plan runs slower the more weight bytes the whole plan
+streams through the caches every inference (its working set; on this project's 2-core VM a 16 MB fully connected
+layer took 441 us in plans of 18 MB and 636 us in plans of 42 MB, and even a 80 kB one 17 vs 29 us). So terms are
+the seconds at no working set, and a plan's blocks are priced times exp(pressure x working set in MB):
+`cache_pressure` measures that slope from the blocks measured in several plans (0 where nothing shows it), and the
+integer program, whose terms cannot see the whole plan, is solved at the working set of the plan it finds
+(:func:`explorer.solver.at_plan_working_set`).
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -43,7 +52,7 @@ from scipy.sparse.linalg import lsqr
 from explorer.blockrun import AdaptiveRepeats
 from explorer.cache import AppendOnlyCache, digest
 from explorer.compress import Rung
-from explorer.cost import CostModel, PlanCost
+from explorer.cost import BYTES_PER_ELEMENT, CostModel, PlanCost
 from explorer.graph import Layer, LayerGraph
 from explorer.measure import Device, Interleaved, Measurement, MeasurementFailed
 from explorer.partition import block_boundaries
@@ -68,6 +77,11 @@ MEASURED_WEIGHT = 10  # a block of a plan the solver chose, measured beside the 
 SEARCHED_WEIGHT = 3  # a block of a search's trial (measured at the device's speed then): this many designed blocks
 LONG_BLOCK_PLANS = 4  # designed plans per processor and precision with every layer in one block (random rungs)
 MIXED_BLOCK_PLANS = 24  # designed plans of blocks of 1-4 layers at random choices, processors in turn
+LONG_MIXED_PLANS = 6  # designed plans per processor with every layer in one block at random precisions and rungs
+
+
+PRESSURE_SETTLED = 0.02  # the integer program is re-solved at its plan's working set until the factor moves less
+SETTLE_SOLVES = 3  # ... at most this many times more
 
 
 def term_kind(key: str) -> str:
@@ -139,6 +153,11 @@ class Terms:
             blocks.append(terms)
         return blocks
 
+    def working_set_mb(self, plan: Plan) -> float:
+        """The plan's weight bytes in MB (what it streams through the caches every inference)."""
+        return sum(self.compressor.rung(name, d.method, d.rank).params * BYTES_PER_ELEMENT[d.precision]
+                   for name, d in plan.decisions) / 1e6
+
     def blocks(self, plan: Plan) -> list[list[str]]:
         """The terms of every block of `plan`, in order."""
         return [[key for key, *_ in block] for block in self._each_block(plan)]
@@ -187,6 +206,12 @@ class KernelTable:
     # blocks of plans the solver chose and then measured beside the reference plan (KernelCostModel.with_measured),
     # each counted MEASURED_WEIGHT times and never weighted down as outliers
     chosen: list[tuple[list[str], float]] = field(default_factory=list, repr=False)
+    pressure: float = 0.0  # d log(block seconds) / d (plan's working set, MB): `cache_pressure`; terms at no working set
+    pressure_cap_mb: float = 0.0  # the largest working set measured: larger ones are priced as this one
+
+    def pressure_factor(self, working_set_mb: float) -> float:
+        """How much slower a plan's blocks run at this working set than at none."""
+        return float(np.exp(self.pressure * min(working_set_mb, self.pressure_cap_mb)))
 
     def __contains__(self, key: str) -> bool:
         return key in self.seconds
@@ -239,6 +264,31 @@ def fit_terms(observations: list[tuple[list[str], float]],
     return {key: float(solution[column[key]]) for key in keys}, {key: int(counts[column[key]]) for key in keys}
 
 
+def entry_working_set_mb(entry: dict) -> float:
+    """The weight bytes (MB) of a stored measured plan: every layer term of its blocks (each layer once)."""
+    layers = [entry["terms"][key][1] for keys, *_ in entry["blocks"] for key in keys if entry["terms"][key][0] == "layer"]
+    return sum(float(f["params"]) * BYTES_PER_ELEMENT[str(f["precision"])] for f in layers) / 1e6
+
+
+def cache_pressure(plans: Sequence[tuple[float, Sequence[tuple[list[str], float]]]]) -> float:
+    """The slope of log(block seconds) in the plan's working set (MB), from (working set, [(block terms, seconds)])
+    per measured plan: within each block made of the same terms, measured in plans of different working sets, so
+    that no term's own time enters it (a pooled within-group regression). 0 when no block was measured in plans of
+    different working sets, or when they do not run slower in larger ones."""
+    groups: dict[tuple[str, ...], list[tuple[float, float]]] = {}
+    for working_set, blocks in plans:
+        for keys, seconds in blocks:
+            if seconds > 0:
+                groups.setdefault(tuple(sorted(keys)), []).append((working_set, float(np.log(seconds))))
+    covariance = variance = 0.0
+    for members in groups.values():
+        if len(members) > 1:
+            x, y = np.array(members).T
+            covariance += float((x - x.mean()) @ (y - y.mean()))
+            variance += float((x - x.mean()) @ (x - x.mean()))
+    return max(0.0, covariance / variance) if variance > 0 else 0.0
+
+
 class KernelStore:
     """One device's measured blocks (every model profiled on it), in an append-only file under
     runs/cache/kernels named by the device's key: a new device or ONNX Runtime version starts a new file."""
@@ -288,15 +338,21 @@ class KernelStore:
         measurements on that processor."""
         entries = [e for e in self.entries() if models is None or e["model"] in models]
         typical = self.references(entries)
-        observations: list[tuple[list[str], float]] = []
+        plans: list[tuple[float, list[tuple[list[str], float]]]] = []
         infos: dict[str, TermInfo] = {}
         for entry in entries:
             blocks = entry["blocks"]  # [terms, time over the reference on its processor, processor]
             at_typical = seconds_at([b[1] for b in blocks], [b[2] for b in blocks], typical.get(entry["model"], {}))
-            observations += [(list(b[0]), s) for b, s in zip(blocks, at_typical)]
+            plans.append((entry_working_set_mb(entry), [(list(b[0]), s) for b, s in zip(blocks, at_typical)]))
             infos.update({k: TermInfo(kind, features) for k, (kind, features) in entry["terms"].items()})
+        pressure = cache_pressure(plans)
+        cap = max((working_set for working_set, _ in plans), default=0.0)
+        table = KernelTable(self.device, pressure=pressure, pressure_cap_mb=cap)
+        observations = [(keys, seconds / table.pressure_factor(working_set))  # at no working set
+                        for working_set, blocks in plans for keys, seconds in blocks]
         seconds, observed = fit_terms(observations)
-        return KernelTable(self.device, seconds, observed, infos, len(observations), typical, observations)
+        return KernelTable(self.device, seconds, observed, infos, len(observations), typical, observations,
+                           pressure=pressure, pressure_cap_mb=cap)
 
 
 # ---- profiling: designed plans measured on the device -------------------------------------------
@@ -306,8 +362,9 @@ def design_plans(problem, seed: int = 0) -> list[Plan]:
     same with every other layer int8 (the edge terms); then layers in pairs on one processor (P P Q Q ...) at
     every pair of precisions, at random rungs, so that each neighbouring pair of layers shares a block at each
     pair of precisions; whole plans on one processor at one precision (random rungs), the long blocks where
-    merge and pair terms add up; and plans of blocks of 1-4 layers at random choices, the processors in turn (the
-    neighbours a layer meets inside the blocks of a search's plans). Deterministic with `seed`."""
+    merge and pair terms add up; plans of blocks of 1-4 layers at random choices, the processors in turn (the
+    neighbours a layer meets inside the blocks of a search's plans); and whole plans on one processor at random
+    precisions and rungs (the long mixed blocks the integer program favours). Deterministic with `seed`."""
     rng = np.random.default_rng(seed)
     graph = problem.graph
     layers = graph.layers
@@ -382,6 +439,18 @@ def design_plans(problem, seed: int = 0) -> list[Plan]:
                 decisions.append(choices[int(rng.integers(len(choices)))] if choices else default(i, p))
             k += 1
         add(decisions)
+    # long blocks at mixed precisions, the integer program's favourites (a pair of precisions inside a long block
+    # saves less than in the short blocks above); their own random stream keeps the plans above as they were
+    mixed = np.random.default_rng([seed, 1])
+    for p in processors:
+        if len(problem.board.processor(p).precisions) < 2:
+            continue
+        for _ in range(LONG_MIXED_PLANS):
+            decisions = []
+            for i in range(len(layers)):
+                choices = on(i, p)
+                decisions.append(choices[int(mixed.integers(len(choices)))] if choices else default(i, p))
+            add(decisions)
     return list(plans.values())
 
 
@@ -620,8 +689,10 @@ def at_typical_speed(problem, plan: Plan) -> tuple[float, float] | None:
 
 
 def plan_seconds(table: KernelTable, terms: Terms, plan: Plan) -> tuple[float | None, list[float | None]]:
-    """A plan's predicted seconds from the table alone and per block (None where a term is missing)."""
-    per_block = [table.block_seconds(keys) for keys in terms.blocks(plan)]
+    """A plan's predicted seconds from the table alone and per block (None where a term is missing), at its working
+    set."""
+    factor = table.pressure_factor(terms.working_set_mb(plan))
+    per_block = [None if b is None else b * factor for b in map(table.block_seconds, terms.blocks(plan))]
     total = None if any(b is None for b in per_block) else float(sum(b for b in per_block if b is not None))
     return total, per_block
 
@@ -636,16 +707,27 @@ class KernelCostModel(CostModel):
     """The cost model on one device's kernel table: a layer's latency is its layer term, the cost between two
     neighbouring layers a pair term (one processor) or an edge term (a cut before an int8 layer); energy follows
     from that latency as in CostModel (the board's powers). A term the table lacks comes from the predictor
-    when there is one, else from the roofline model; `sources` counts which priced what."""
+    when there is one, else from the roofline model; `sources` counts which priced what. A plan's blocks are priced at
+    its working set (`KernelTable.pressure_factor`); the terms the integer program sums, at `working_set_mb`
+    (`at_working_set`)."""
 
     by_precision = True
 
-    def __init__(self, board, graph: LayerGraph, compressor, table: KernelTable, predictor=None):
+    def __init__(self, board, graph: LayerGraph, compressor, table: KernelTable, predictor=None,
+                 working_set_mb: float = 0.0):
         super().__init__(board, graph, compressor)
         self.table, self.predictor = table, predictor
         self.terms = Terms(graph, board, compressor)
         self.sources: Counter[str] = Counter()
-        self._priced: dict[str, tuple[float, str]] = {}
+        self._priced: dict[str, tuple[float, str]] = {}  # seconds at no working set, and where they came from
+        self.working_set_mb = working_set_mb
+        self.scale = table.pressure_factor(working_set_mb)  # on every term the integer program sums
+
+    def at_working_set(self, working_set_mb: float) -> KernelCostModel:
+        """The same table with the integer program's terms priced at this working set (MB)."""
+        model = copy.copy(self)
+        model.working_set_mb, model.scale = working_set_mb, self.table.pressure_factor(working_set_mb)
+        return model
 
     def _price(self, key: str, info: Callable[[], TermInfo], roofline: Callable[[], float]) -> float:
         if key not in self._priced:
@@ -693,12 +775,20 @@ class KernelCostModel(CostModel):
         return self._priced[key][1] if key in self._priced else None
 
     def layer_latency_s(self, layer: Layer, rung: Rung, precision: str, processor_id: str) -> float:
+        return self._layer_s(layer, rung, precision, processor_id) * self.scale
+
+    def _layer_s(self, layer: Layer, rung: Rung, precision: str, processor_id: str) -> float:
         decision = Decision(rung.method, rung.rank, precision, processor_id)
         return self._price(self.terms.layer(layer.index, decision), lambda: self.terms.info("layer", layer.index, decision),
                            lambda: super(KernelCostModel, self).layer_latency_s(layer, rung, precision, processor_id))
 
     def boundary(self, index: int, first: Decision, second: Decision) -> tuple[float, float]:
+        seconds = self._boundary_s(index, first, second) * self.scale
         _, joules = super().boundary(index, first, second)  # the link's energy (the time is in the measured blocks)
+        processor = self.board.processor(first.placed_processor)
+        return seconds, joules + seconds * processor.active_power_w
+
+    def _boundary_s(self, index: int, first: Decision, second: Decision) -> float:
         if first.placed_processor == second.placed_processor:
             seconds = self._price(self.terms.merge(index, first), lambda: self.terms.info("merge", index, first), lambda: 0.0)
             seconds += self._price(self.terms.pair(index, first, second),
@@ -707,8 +797,7 @@ class KernelCostModel(CostModel):
             seconds = self._price(self.terms.edge(index, first), lambda: self.terms.info("edge", index, first), lambda: 0.0)
         else:
             seconds = 0.0
-        processor = self.board.processor(first.placed_processor)
-        return seconds, joules + seconds * processor.active_power_w
+        return seconds
 
     def input_transfer(self, processor_id: str) -> tuple[float, float]:
         return 0.0, super().input_transfer(processor_id)[1]  # feeding the first block is in its measured time
@@ -717,18 +806,30 @@ class KernelCostModel(CostModel):
         return 0.0, super().output_transfer(processor_id)[1]
 
     def block_seconds(self, plan: Plan) -> list[float]:
-        """Each unit block's predicted seconds (table, else predictor, else roofline for each term)."""
+        """Each unit block's predicted seconds (table, else predictor, else roofline for each term) at the plan's
+        working set."""
+        factor = self.table.pressure_factor(self.terms.working_set_mb(plan))
         blocks = []
         for boundary in block_boundaries(self.graph, plan):
             seconds = 0.0
             for i in range(boundary.start, boundary.end):
                 name, decision = plan.decisions[i]
                 rung = self.compressor.rung(name, decision.method, decision.rank)
-                seconds += self.layer_latency_s(self.graph.layers[i], rung, decision.precision, decision.placed_processor)
+                seconds += self._layer_s(self.graph.layers[i], rung, decision.precision, decision.placed_processor)
                 if i + 1 < len(plan.decisions):
-                    seconds += self.boundary(i, decision, plan.decisions[i + 1][1])[0]
-            blocks.append(seconds)
+                    seconds += self._boundary_s(i, decision, plan.decisions[i + 1][1])
+            blocks.append(seconds * factor)
         return blocks
+
+    def plan_cost(self, plan: Plan) -> PlanCost:
+        """The additive totals at the plan's own working set (its time and the energy that follows from it scaled
+        from the integer program's working set)."""
+        cost = super().plan_cost(plan)
+        ratio = self.table.pressure_factor(self.terms.working_set_mb(plan)) / self.scale
+        if ratio == 1.0:
+            return cost
+        return PlanCost(cost.latency_s * ratio, cost.energy_j * ratio, cost.weight_bytes_by_processor,
+                        [seconds * ratio for seconds in cost.layer_latency_s], cost.transfer_latency_s * ratio)
 
     def plan_prediction(self, plan: Plan) -> tuple[PlanCost, bool]:
         """The plan's predicted cost (as the solver sees it) and whether the table priced every term of it (False:
@@ -744,16 +845,17 @@ class KernelCostModel(CostModel):
         measured solver's rounds, paired as the table's own) are kept whole, MEASURED_WEIGHT times; blocks at the
         device's speed then (a search's trials) are fitted as designed blocks are, SEARCHED_WEIGHT times (the robust
         fit weighs down those of a slow second)."""
-        def blocks(typical: bool) -> list[tuple[list[str], float]]:
-            return [(keys, seconds) for plan, times, at_typical in measured if at_typical == typical
+        def blocks(typical: bool) -> list[tuple[list[str], float]]:  # at no working set, as the table's
+            return [(keys, seconds / self.table.pressure_factor(self.terms.working_set_mb(plan)))
+                    for plan, times, at_typical in measured if at_typical == typical
                     for keys, seconds in zip(self.terms.blocks(plan), times)]
 
         observations = self.table.observations + blocks(False) * SEARCHED_WEIGHT
         chosen = self.table.chosen + blocks(True)
         seconds, observed = fit_terms(observations, chosen)
         table = KernelTable(self.table.device, seconds, observed, self.table.infos, len(observations) + len(chosen),
-                            self.table.references, observations, chosen)
-        return KernelCostModel(self.board, self.graph, self.compressor, table, self.predictor)
+                            self.table.references, observations, chosen, self.table.pressure, self.table.pressure_cap_mb)
+        return KernelCostModel(self.board, self.graph, self.compressor, table, self.predictor, self.working_set_mb)
 
     def calibrated(self, observations: list[tuple[str, str, str, float, float]]) -> KernelCostModel:
         """Itself: its terms are measured, and the per-(processor, op kind, precision) factors that correct the
@@ -768,6 +870,9 @@ class KernelCostModel(CostModel):
                 f"({counts['layer']} layer, {counts['merge']} merge, {counts['pair']} pair, {counts['edge']} edge terms "
                 f"from {self.table.blocks} "
                 "measured blocks)")
+        if self.table.pressure > 0:
+            text += (f"; cache pressure: blocks {100 * (np.exp(self.table.pressure) - 1):.1f} % slower per MB of the plan's "
+                     f"weights (measured up to {self.table.pressure_cap_mb:.0f} MB)")
         if self.sources:
             text += "; terms priced: " + ", ".join(f"{n} from the {what}" for what, n in sorted(self.sources.items()))
         if self.sources.get("roofline"):

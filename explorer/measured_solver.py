@@ -29,7 +29,7 @@ from explorer.kernels import KernelCostModel, blocks_at_typical_speed
 from explorer.milp import Instance, Solution, objective_of, picks_for, solve
 from explorer.plan import Plan
 from explorer.problem import Evaluation, Problem
-from explorer.solver import Observation, block_observations, instance_for
+from explorer.solver import Observation, at_plan_working_set, block_observations, instance_for
 
 ACCURACY_SCALE_RANGE = (0.5, 3.0)  # how far measurements may move the accuracy budget (`fit_accuracy`)
 RATIO_QUANTILE = 0.9  # conservative measured/estimated accuracy-loss ratio (`fit_accuracy`)
@@ -142,15 +142,20 @@ class MeasuredSolver:
         """The program's plan (of `instance`, by default `self.instance()`) with the accuracy limit times
         `accuracy_scale`, its objective bounded by the incumbent's predicted one (None: no bound), or, with the
         latency objective and `incumbent_latency_s`, by the incumbent's latency as measured; other than the plans
-        in `exclude`."""
-        scaled = copy.copy(instance or self.instance())
-        if scaled.accuracy_limit is not None:
-            scaled.accuracy_limit *= self.accuracy_scale
-        bound = objective_of(scaled, incumbent) if incumbent is not None else None
-        if bound is not None and incumbent_latency_s is not None and self.problem.objective.single == "latency":
-            bound = incumbent_latency_s
-        cuts = [picks for picks in (picks_for(scaled, plan) for plan in exclude) if picks is not None]
-        return solve(scaled, bound, self.time_limit_s if time_limit_s is None else time_limit_s, exclude=cuts)
+        in `exclude`; on the working set of the plan it finds (`explorer.solver.at_plan_working_set`)."""
+        exclude = list(exclude)
+
+        def solve_on(model: CostModel) -> Solution:
+            scaled = copy.copy(instance or instance_for(self.problem, model, self.sensitivity))
+            if scaled.accuracy_limit is not None:
+                scaled.accuracy_limit *= self.accuracy_scale
+            bound = objective_of(scaled, incumbent) if incumbent is not None else None
+            if bound is not None and incumbent_latency_s is not None and self.problem.objective.single == "latency":
+                bound = incumbent_latency_s
+            cuts = [picks for picks in (picks_for(scaled, plan) for plan in exclude) if picks is not None]
+            return solve(scaled, bound, self.time_limit_s if time_limit_s is None else time_limit_s, exclude=cuts)
+
+        return solve_on(self.cost_model) if instance is not None else at_plan_working_set(self.cost_model, solve_on)
 
     def tighten_accuracy(self, solution: Solution, evaluation: Evaluation) -> None:
         """After a plan broke the accuracy limit when measured: shrink the budget by its estimated/measured

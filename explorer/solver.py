@@ -6,9 +6,12 @@ measurement and re-solving is `explorer.measured_solver`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from explorer.accuracy import SensitivityTable, sensitivity_table
 from explorer.cost import CostModel
 from explorer.errors import ExplorerError
+from explorer.kernels import PRESSURE_SETTLED, SETTLE_SOLVES, KernelCostModel
 from explorer.milp import Choice, Instance, Solution, objective_of, picks_for, predicted, solve
 from explorer.plan import Decision, Plan
 from explorer.problem import Evaluation, Problem
@@ -71,11 +74,31 @@ def solve_problem(problem: Problem, incumbent: Plan | None = None, cost_model: C
 
     Raises ExplorerError with the diagnosis when no plan satisfies the constraints.
     """
-    instance = instance_for(problem, cost_model)
-    bound = objective_of(instance, incumbent) if incumbent is not None else None
-    solution = solve(instance, bound, time_limit_s)
+    def solve_on(model: CostModel | None) -> Solution:
+        instance = instance_for(problem, model)
+        return solve(instance, objective_of(instance, incumbent) if incumbent is not None else None, time_limit_s)
+
+    solution = at_plan_working_set(cost_model or problem.cost_model, solve_on)
     if solution.status == "infeasible":
         raise ExplorerError(f"no plan meets the constraints: {solution.message}")
+    return solution
+
+
+def at_plan_working_set(cost_model: CostModel, solve_on: Callable[[CostModel], Solution]) -> Solution:
+    """`solve_on(cost_model)`; on a kernel table with cache pressure, solved again with the terms priced at the working
+    set of the plan found until its factor moves less than PRESSURE_SETTLED (at most SETTLE_SOLVES more): the
+    program's terms are additive and cannot see the whole plan's working set."""
+    solution = solve_on(cost_model)
+    if not isinstance(cost_model, KernelCostModel) or cost_model.table.pressure <= 0:
+        return solution
+    for _ in range(SETTLE_SOLVES):
+        if solution.plan is None:
+            break
+        working_set = cost_model.terms.working_set_mb(solution.plan)
+        if abs(cost_model.table.pressure_factor(working_set) / cost_model.scale - 1) <= PRESSURE_SETTLED:
+            break
+        cost_model = cost_model.at_working_set(working_set)
+        solution = solve_on(cost_model)
     return solution
 
 

@@ -75,7 +75,8 @@ def quick_predictor(monkeypatch):
 
 class AdditiveDevice(Measurer):
     """A device whose unit blocks take exactly the sum of hidden seconds of their terms: a random positive value per
-    layer term, a negative merge term, small random pair and (positive) edge corrections (times `corrections`).
+    layer term, a negative merge term, small random pair and (positive) edge corrections (times `corrections`), every
+    block of a plan times exp(`pressure` x the plan's working set in MB) (cache pressure).
     Values are drawn the first time a term is met (so identical terms of two models cost the same). Keeps the plans of
     every call of measure_interleaved_many (each group's reference plan left out); `interrupt_at`: the call (1-based)
     that raises KeyboardInterrupt (Ctrl-C)."""
@@ -84,9 +85,9 @@ class AdditiveDevice(Measurer):
     simulated = False
 
     def __init__(self, corrections: float = 1.0, seed: int = 0, parallelism: int = 1,
-                 fingerprint: str = "fake additive device", onnxruntime: str = "1.0-fake"):
+                 fingerprint: str = "fake additive device", onnxruntime: str = "1.0-fake", pressure: float = 0.0):
         self.rng = np.random.default_rng(seed)
-        self.corrections = corrections
+        self.corrections, self.pressure = corrections, pressure
         self.parallelism = parallelism
         self.fingerprint, self.onnxruntime = fingerprint, onnxruntime
         self.hidden: dict[str, float] = {}
@@ -121,7 +122,9 @@ class AdditiveDevice(Measurer):
         return self.hidden[key]
 
     def block_seconds(self, graph, board, compressor, plan) -> list[float]:
-        return [sum(self.seconds(k) for k in keys) for keys in Terms(graph, board, compressor).blocks(plan)]
+        terms = Terms(graph, board, compressor)
+        factor = float(np.exp(self.pressure * terms.working_set_mb(plan)))
+        return [factor * sum(self.seconds(k) for k in keys) for keys in terms.blocks(plan)]
 
     def measure(self, graph, compressor, board, plan, calibration_inputs=None) -> Measurement:
         if plan.digest() in self.broken:
@@ -162,6 +165,41 @@ def _layer_keys(problem: Problem) -> set[str]:
 
 
 # ---- 1. an additive device: the table is exact --------------------------------------------------------
+def test_cache_pressure_is_the_slope_of_log_block_time_in_the_plans_working_set():
+    block = (["layer:a", "layer:b", "merge:ab"], 1e-3)
+    other = (["layer:c"], 2e-4)
+    plans = [(ws, [(block[0], block[1] * np.exp(0.03 * ws)), (other[0], other[1] * np.exp(0.03 * ws))])
+             for ws in (2.0, 10.0, 40.0)]
+    assert kernels.cache_pressure(plans) == pytest.approx(0.03, rel=1e-9)
+    assert kernels.cache_pressure([(ws, [(keys, 1e-3 / (1 + ws))]) for ws, keys in ((1, ["x"]), (5, ["x"]))]) == 0.0
+    assert kernels.cache_pressure([(1.0, [block]), (5.0, [other])]) == 0.0  # no block measured in two plans
+
+
+def test_a_device_under_cache_pressure_is_priced_at_each_plans_working_set(board):
+    device = AdditiveDevice(corrections=0.0, pressure=2.0)  # 2.7x slower per MB: small_cnn's plans hold 0.1-0.5 MB
+    problem = _problem(small_cnn(), board, device)
+    table = profile(problem).table
+    assert table.pressure == pytest.approx(2.0, rel=EXACT)
+    model, note = device_cost_model(problem)
+    assert "cache pressure: blocks 638.9 % slower per MB" in note
+    terms = Terms(problem.graph, problem.board, problem.compressor)
+    rng = np.random.default_rng(5)
+    plans = [plan for plan in (problem.random_plan(rng) for _ in range(60))
+             if terms.working_set_mb(plan) <= table.pressure_cap_mb]
+    assert len(plans) > 20
+    for plan in plans:
+        truth = _truth(device, problem, plan)
+        assert model.block_seconds(plan) == pytest.approx(truth, rel=EXACT)
+        assert model.plan_cost(plan).latency_s == pytest.approx(sum(truth), rel=EXACT)
+        assert plan_seconds(table, terms, plan)[0] == pytest.approx(sum(truth), rel=EXACT)
+    solution = solve_problem(problem, cost_model=model)  # the program at the working set of the plan it finds
+    assert solution.plan is not None
+    assert solution.latency_s == pytest.approx(sum(_truth(device, problem, solution.plan)), rel=kernels.PRESSURE_SETTLED)
+    at_none = instance_for(problem, model)  # terms at no working set: the plan's own time is far from that sum
+    picks = picks_for(at_none, solution.plan)
+    assert picks is not None and predicted(at_none, picks)["latency"] < 0.8 * sum(_truth(device, problem, solution.plan))
+
+
 def test_a_table_profiled_on_an_additive_device_prices_blocks_plans_and_the_solver_exactly(board):
     device = AdditiveDevice(corrections=0.0)  # layer and merge terms (pair and edge terms: 0)
     problem = _problem(small_cnn(), board, device)
@@ -171,6 +209,7 @@ def test_a_table_profiled_on_an_additive_device_prices_blocks_plans_and_the_solv
     assert result.blocks_now == sum(len(block_boundaries(problem.graph, plan)) for plan in design) == result.table.blocks
     table, terms = result.table, Terms(problem.graph, problem.board, problem.compressor)
     assert all(result.table.counts()[kind] > 0 for kind in KINDS)
+    assert table.pressure == pytest.approx(0.0, abs=1e-12)  # blocks run as fast in every plan: no cache pressure
     assert _layer_keys(problem) <= set(table.seconds)  # every layer choice of the model measured
     for key, seconds in table.seconds.items():
         if term_kind(key) in ("layer", "merge"):
