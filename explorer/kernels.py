@@ -78,8 +78,6 @@ SEARCHED_WEIGHT = 3  # a block of a search's trial (measured at the device's spe
 LONG_BLOCK_PLANS = 4  # designed plans per processor and precision with every layer in one block (random rungs)
 MIXED_BLOCK_PLANS = 24  # designed plans of blocks of 1-4 layers at random choices, processors in turn
 LONG_MIXED_PLANS = 6  # designed plans per processor with every layer in one block at random precisions and rungs
-
-
 PRESSURE_SETTLED = 0.02  # the integer program is re-solved at its plan's working set until the factor moves less
 SETTLE_SOLVES = 3  # ... at most this many times more
 
@@ -212,6 +210,13 @@ class KernelTable:
     def pressure_factor(self, working_set_mb: float) -> float:
         """How much slower a plan's blocks run at this working set than at none."""
         return float(np.exp(self.pressure * min(working_set_mb, self.pressure_cap_mb)))
+
+    def pressure_note(self) -> str:
+        """The cache pressure in words."""
+        if self.pressure <= 0:
+            return "no cache pressure measured (blocks as fast in plans of any weight bytes)"
+        return (f"cache pressure: blocks {100 * (np.exp(self.pressure) - 1):.1f} % slower per MB of the plan's weights "
+                f"(measured up to {self.pressure_cap_mb:.0f} MB)")
 
     def __contains__(self, key: str) -> bool:
         return key in self.seconds
@@ -871,8 +876,7 @@ class KernelCostModel(CostModel):
                 f"from {self.table.blocks} "
                 "measured blocks)")
         if self.table.pressure > 0:
-            text += (f"; cache pressure: blocks {100 * (np.exp(self.table.pressure) - 1):.1f} % slower per MB of the plan's "
-                     f"weights (measured up to {self.table.pressure_cap_mb:.0f} MB)")
+            text += f"; {self.table.pressure_note()}"
         if self.sources:
             text += "; terms priced: " + ", ".join(f"{n} from the {what}" for what, n in sorted(self.sources.items()))
         if self.sources.get("roofline"):

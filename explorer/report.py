@@ -835,7 +835,8 @@ def print_profile(problem: Problem, result, held_out=None) -> None:
                   + (f"; [red]{result.failed} failed[/]" if result.failed else ""))
     console.print(f"kernel table of {result.table.device.fingerprint}, ONNX Runtime {result.table.device.onnxruntime}: "
                   f"{counts['layer']} layer, {counts['merge']} merge, {counts['pair']} pair and {counts['edge']} edge terms "
-                  f"fitted to {result.table.blocks} measured blocks (every model profiled on this device)", soft_wrap=True)
+                  f"fitted to {result.table.blocks} measured blocks (every model profiled on this device); "
+                  f"{result.table.pressure_note()}", soft_wrap=True)
     console.print(f"kept in {result.store.path}", soft_wrap=True)
     if held_out is not None:
         console.print(f"held-out check, {len(held_out.plan_errors)} random plans ({len(held_out.block_errors)} blocks) "
@@ -857,4 +858,5 @@ def profile_json(problem: Problem, result, held_out=None) -> dict:
             "device": result.table.device.fingerprint, "onnxruntime": result.table.device.onnxruntime,
             "plans_measured": result.measured, "plans_before": result.recalled, "plans_failed": result.failed,
             "blocks_measured": result.blocks_now, "seconds": result.seconds, "terms": result.table.counts(),
-            "blocks_fitted": result.table.blocks, "store": str(result.store.path)}
+            "blocks_fitted": result.table.blocks, "cache_pressure_per_mb": result.table.pressure,
+            "store": str(result.store.path)}

@@ -12,7 +12,7 @@ import pytest
 from boardbuild import write_board
 from netbuild import mlp, small_cnn
 
-from explorer import kernels
+from explorer import kernels, report
 from explorer.accuracy import AccuracyScorer
 from explorer.boards import load_board
 from explorer.cli import main
@@ -175,10 +175,11 @@ def test_cache_pressure_is_the_slope_of_log_block_time_in_the_plans_working_set(
     assert kernels.cache_pressure([(1.0, [block]), (5.0, [other])]) == 0.0  # no block measured in two plans
 
 
-def test_a_device_under_cache_pressure_is_priced_at_each_plans_working_set(board):
-    device = AdditiveDevice(corrections=0.0, pressure=2.0)  # 2.7x slower per MB: small_cnn's plans hold 0.1-0.5 MB
+def test_a_device_under_cache_pressure_is_priced_at_each_plans_working_set(board, capsys):
+    device = AdditiveDevice(corrections=0.0, pressure=2.0)  # 7.4x slower per MB: small_cnn's plans hold 0.1-0.5 MB
     problem = _problem(small_cnn(), board, device)
-    table = profile(problem).table
+    result = profile(problem)
+    table = result.table
     assert table.pressure == pytest.approx(2.0, rel=EXACT)
     model, note = device_cost_model(problem)
     assert "cache pressure: blocks 638.9 % slower per MB" in note
@@ -192,6 +193,9 @@ def test_a_device_under_cache_pressure_is_priced_at_each_plans_working_set(board
         assert model.block_seconds(plan) == pytest.approx(truth, rel=EXACT)
         assert model.plan_cost(plan).latency_s == pytest.approx(sum(truth), rel=EXACT)
         assert plan_seconds(table, terms, plan)[0] == pytest.approx(sum(truth), rel=EXACT)
+    report.print_profile(problem, result)  # what `explorer profile` says of it
+    assert "cache pressure: blocks 638.9 % slower per MB of the plan's weights" in capsys.readouterr().out
+    assert report.profile_json(problem, result)["cache_pressure_per_mb"] == pytest.approx(2.0, rel=EXACT)
     solution = solve_problem(problem, cost_model=model)  # the program at the working set of the plan it finds
     assert solution.plan is not None
     assert solution.latency_s == pytest.approx(sum(_truth(device, problem, solution.plan)), rel=kernels.PRESSURE_SETTLED)
