@@ -202,6 +202,9 @@ def test_a_device_under_cache_pressure_is_priced_at_each_plans_working_set(board
     at_none = instance_for(problem, model)  # terms at no working set: the plan's own time is far from that sum
     picks = picks_for(at_none, solution.plan)
     assert picks is not None and predicted(at_none, picks)["latency"] < 0.8 * sum(_truth(device, problem, solution.plan))
+    problem.cost_model, problem.cost_model_note = model, note  # `explorer solve`: its rounds' predictions hold
+    measured = solve_measured(problem)
+    assert all(abs(measured.prediction_error(s)) <= kernels.PRESSURE_SETTLED for s, _ in measured.rounds)
 
 
 def test_a_table_profiled_on_an_additive_device_prices_blocks_plans_and_the_solver_exactly(board):
