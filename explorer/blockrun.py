@@ -383,8 +383,8 @@ def time_blocks(blocks: list[BlockSpec], inputs: Inputs, warmup: int, repeats: i
 def time_interleaved(chains: list[tuple[list[BlockSpec], Inputs]], warmup: int, repeats: int,
                      adaptive: AdaptiveRepeats, timeout_s: float | None = None,
                      energy_providers: list[str] | None = None, clock: Clock = time.perf_counter) -> list[BlockTimes]:
-    """Time several chains interleaved in one run: in each round every chain runs `repeats` timed repeats
-    (each the mean of its own `number` passes), the order rotating from round to round (A B C, B C A,
+    """Time several chains interleaved in one run: in each round every chain runs one untimed pass, then `repeats`
+    timed repeats (each the mean of its own `number` passes), the order rotating from round to round (A B C, B C A,
     C A B, ...) so that no chain always follows the same one. Rounds go on until every chain's interval
     of the median and every chain's per-round ratio to the first chain (the reference) are within
     `adaptive`'s target (see :func:`rounds_met`), or its cap (`max_seconds` over all chains, or
@@ -410,6 +410,10 @@ def time_interleaved(chains: list[tuple[list[BlockSpec], Inputs]], warmup: int, 
         while True:
             done = len(seconds[0])
             for i in [(done + k) % len(runs) for k in range(len(runs))]:
+                # one pass untimed: the first after another chain ran is cold (its weights and its threads; a 1 MB
+                # plan on the project's VM timed 25-40 % slower in rounds of two repeats than of eight), and a
+                # plan deployed runs pass after pass
+                runs[i].run_pass()
                 meter.start(runs[i].run_pass)
                 seconds[i].append(runs[i].timed(repeats, numbers[i], clock))
                 energy[i].append(meter.stop(runs[i].run_pass, repeats, numbers[i]))

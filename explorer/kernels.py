@@ -59,7 +59,7 @@ from explorer.partition import block_boundaries
 from explorer.paths import cache_dir
 from explorer.plan import Decision, Plan
 
-TABLE_VERSION = "kernels-v4"
+TABLE_VERSION = "kernels-v5"  # v5: interleaved chains warmed by an untimed pass each round
 KINDS = ("layer", "merge", "pair", "edge")
 # Pair and edge terms are corrections, each seen in few blocks: they are pulled towards 0 with this weight (a term
 # of the median block's size costs the fit as much as this fraction of that block's relative error), so that a

@@ -177,6 +177,20 @@ def test_interleaved_rounds_rotate_and_stop_when_every_interval_and_ratio_is_tig
     assert all(t.peak_memory_mb is None for t in times)  # one process held every chain: no per-plan figure
 
 
+def test_each_chain_runs_one_untimed_pass_before_its_repeats_in_every_round(monkeypatch):
+    """The first pass after another chain ran is cold; a plan deployed runs warm, pass after pass."""
+    events = []
+    run_pass, timed = blockrun._Chain.run_pass, blockrun._Chain.timed
+    monkeypatch.setattr(blockrun._Chain, "run_pass", lambda self: events.append(("pass", id(self))) or run_pass(self))
+    monkeypatch.setattr(blockrun._Chain, "timed", lambda self, *args: events.append(("timed", id(self))) or timed(self, *args))
+    chains = [([BlockSpec(_matmul_block(n))], {"x": np.ones((1, n), np.float32)}) for n in (8, 16)]
+    times = time_interleaved(chains, 0, 5, AdaptiveRepeats(min_repeat_ms=0, max_seconds=86_400, max_repeats=15),
+                             clock=FakeClock(iter(lambda: 1e-3, None)))
+    rounds = times[0].round_count
+    assert [kind for kind, _ in events] == ["pass", "timed"] * (2 * rounds)
+    assert all(events[k][1] == events[k + 1][1] for k in range(0, len(events), 2))  # warmed, then timed: the same chain
+
+
 def test_interleaved_timing_reads_energy_per_chain_and_round(monkeypatch):
     spent = []
 
