@@ -14,9 +14,10 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
-# 2: energy_providers in the request, energy counters (RAPL, NVML) in the fingerprint. Features (below) extend a
-# version with optional fields, so that older clients' requests work unchanged.
-PROTOCOL_VERSION = 2
+# 2: energy_providers in the request, energy counters (RAPL, NVML) in the fingerprint. 3: interleaved timing warms
+# each chain with an untimed pass per round (a server without it would time what a kernel table of version 5 does not
+# hold). Features (below) extend a version with optional fields, so that older clients' requests work unchanged.
+PROTOCOL_VERSION = 3
 
 # ---- authentication: every request carries `Authorization: Bearer TOKEN` (401 without it or with a wrong one) ----
 TOKEN_ENV = "EXPLORER_SERVER_TOKEN"
