@@ -74,7 +74,7 @@ def solve_problem(problem: Problem, incumbent: Plan | None = None, cost_model: C
 
     Raises ExplorerError with the diagnosis when no plan satisfies the constraints.
     """
-    def solve_on(model: CostModel | None) -> Solution:
+    def solve_on(model: CostModel) -> Solution:
         instance = instance_for(problem, model)
         return solve(instance, objective_of(instance, incumbent) if incumbent is not None else None, time_limit_s)
 
