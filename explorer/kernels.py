@@ -209,7 +209,7 @@ class KernelTable:
 
     def pressure_factor(self, working_set_mb: float) -> float:
         """How much slower a plan's blocks run at this working set than at none."""
-        return float(np.exp(self.pressure * min(working_set_mb, self.pressure_cap_mb)))
+        return pressure_factor(self.pressure, self.pressure_cap_mb, working_set_mb)
 
     def pressure_note(self) -> str:
         """The cache pressure in words."""
@@ -267,6 +267,11 @@ def fit_terms(observations: list[tuple[list[str], float]],
     upper = np.array([0.0 if term_kind(key) == "merge" else np.inf for key in keys])
     solution = np.clip(solution, lower, upper)
     return {key: float(solution[column[key]]) for key in keys}, {key: int(counts[column[key]]) for key in keys}
+
+
+def pressure_factor(pressure: float, cap_mb: float, working_set_mb: float) -> float:
+    """exp(pressure x the working set), the working set capped at the largest measured (`cap_mb`)."""
+    return float(np.exp(pressure * min(working_set_mb, cap_mb)))
 
 
 def entry_working_set_mb(entry: dict) -> float:
@@ -352,8 +357,7 @@ class KernelStore:
             infos.update({k: TermInfo(kind, features) for k, (kind, features) in entry["terms"].items()})
         pressure = cache_pressure(plans)
         cap = max((working_set for working_set, _ in plans), default=0.0)
-        table = KernelTable(self.device, pressure=pressure, pressure_cap_mb=cap)
-        observations = [(keys, seconds / table.pressure_factor(working_set))  # at no working set
+        observations = [(keys, seconds / pressure_factor(pressure, cap, working_set))  # at no working set
                         for working_set, blocks in plans for keys, seconds in blocks]
         seconds, observed = fit_terms(observations)
         return KernelTable(self.device, seconds, observed, infos, len(observations), typical, observations,

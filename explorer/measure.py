@@ -210,7 +210,7 @@ class Measurer(Protocol):
         def one(plan: Plan) -> Measurement:
             return self.measure(graph, compressor, board, plan, calibration_inputs)
 
-        return [failures_kept(one)(plan) for plan in plans]
+        return list(map(failures_kept(one), plans))
 
     def measure_interleaved_many(self, graph: LayerGraph, compressor: Compressor, board: Board,
                                  groups: list[list[Plan]], calibration_inputs: np.ndarray | dict[str, np.ndarray] | None,
@@ -220,7 +220,7 @@ class Measurer(Protocol):
         def run(group: list[Plan]) -> list[Interleaved]:
             return self.measure_interleaved(graph, compressor, board, group, calibration_inputs, repeats, adaptive)
 
-        return [failures_kept(run)(group) for group in groups]
+        return list(map(failures_kept(run), groups))
 
     def cancel(self) -> None:
         """End the measurer's waits at once (Ctrl-C while it measures in another thread); none by default."""
